@@ -1,0 +1,51 @@
+"""Frozen settings shared by every stage: the common wavelength grid above all."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The common input grid of the network.
+
+    The paper (Podsztavek et al. 2021, Sect. 2) resamples every spectrum onto 2048 bins,
+    logarithmically spaced between 3839 and 8915 Angstrom (vacuum). ``centers`` are those
+    2048 wavelengths (as ``np.logspace`` gives them); bin edges lie half way between centres
+    in log10(lambda), the outer edges half a step beyond the first and last centre.
+    """
+
+    n_bins: int = 2048
+    wave_min: float = 3839.0
+    wave_max: float = 8915.0
+
+    @cached_property
+    def log_step(self) -> float:
+        return (np.log10(self.wave_max) - np.log10(self.wave_min)) / (self.n_bins - 1)
+
+    @cached_property
+    def centers(self) -> np.ndarray:
+        return np.logspace(np.log10(self.wave_min), np.log10(self.wave_max), self.n_bins)
+
+    @cached_property
+    def edges(self) -> np.ndarray:
+        lo = np.log10(self.wave_min) - 0.5 * self.log_step
+        return 10.0 ** (lo + self.log_step * np.arange(self.n_bins + 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Grid":
+        return cls(n_bins=int(d["n_bins"]), wave_min=float(d["wave_min"]), wave_max=float(d["wave_max"]))
+
+
+DEFAULT_GRID = Grid()
+
+# The paper's SDSS quality cut (authors' code): keep spectra whose coverage includes the grid.
+SDSS_WAVEMIN_MAX = 3839.7244
+SDSS_WAVEMAX_MIN = 8914.597
