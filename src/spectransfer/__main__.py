@@ -1,0 +1,5 @@
+"""Allow `python -m spectransfer ...` (the demo runs its stages this way)."""
+
+from spectransfer.cli import main
+
+main()
