@@ -1,5 +1,29 @@
-"""Survey file readers: one module per format, chosen by sniffing the file's headers."""
+"""Survey file readers: one module per format, chosen by sniffing the file's headers.
 
-from spectransfer.surveys.base import READERS, Reader, SpectrumRecord, register
+``read_spectrum(path)`` is the entry point; importing this package registers every reader.
+"""
 
-__all__ = ["READERS", "Reader", "SpectrumRecord", "register"]
+from spectransfer.surveys.base import (
+    MASK_DTYPE,
+    NONFINITE_BIT,
+    READERS,
+    Reader,
+    SpectrumRecord,
+    covers_grid,
+    iter_spectrum_files,
+    read_spectrum,
+    register,
+)
+from spectransfer.surveys import lamost_coadd, lamost_image, sdss_spec, sdss_spspec  # noqa: F401  (register readers)
+
+__all__ = [
+    "MASK_DTYPE",
+    "NONFINITE_BIT",
+    "READERS",
+    "Reader",
+    "SpectrumRecord",
+    "covers_grid",
+    "iter_spectrum_files",
+    "read_spectrum",
+    "register",
+]

@@ -1,17 +1,35 @@
 """The one record every survey reader returns, and the reader registry that sniffs files.
 
-A reader is registered with a label, an ``identify(path, hdul)`` function that looks at
+A reader is registered with a label, an ``identify(path, fits)`` function that looks at
 headers and column names and answers True/False without raising, and a priority (higher
-wins when two readers claim a file). Adding a format means adding one module.
+wins when two readers claim a file). Adding a format means adding one module. ``fits`` is a
+:class:`spectransfer.surveys.fitsfile.FitsFile` (fast, reads only the HDUs asked for).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from spectransfer.config import DEFAULT_GRID, SDSS_WAVEMAX_MIN, SDSS_WAVEMIN_MAX, Grid
+from spectransfer.errors import SpectrumError
+
+if TYPE_CHECKING:
+    from spectransfer.surveys.fitsfile import FitsFile
+
+log = logging.getLogger(__name__)
+
+# Mask bit the readers set on pixels whose flux or ivar was NaN/inf (their ivar is set to 0).
+# Bit 31 is unused by the SDSS and LAMOST pixel masks.
+NONFINITE_BIT = np.uint32(1 << 31)
+MASK_DTYPE = np.uint32
+SPECTRUM_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fit.gz")
 
 
 @dataclass
@@ -50,8 +68,8 @@ class SpectrumRecord:
 class Reader:
     label: str
     survey: str
-    identify: Callable[[str, Any], bool]  # (path, astropy HDUList) -> bool, never raises
-    read: Callable[[str, Any], SpectrumRecord]  # (path, astropy HDUList) -> record or SpectrumError
+    identify: Callable[[str, Any], bool]  # (path, FitsFile) -> bool, never raises
+    read: Callable[[str, Any], SpectrumRecord]  # (path, FitsFile) -> record or SpectrumError
     priority: int = 0
 
 
@@ -63,3 +81,208 @@ def register(reader: Reader) -> Reader:
     READERS.append(reader)
     READERS.sort(key=lambda r: -r.priority)
     return reader
+
+
+# ---- reading any file ------------------------------------------------------------------------
+
+
+def identify_reader(path: str, fits: "FitsFile") -> Reader | None:
+    """The highest-priority reader whose ``identify`` accepts the file (an exception = no)."""
+    for reader in READERS:
+        try:
+            if reader.identify(path, fits):
+                return reader
+        except Exception:  # identify must never make a file fail; treat as "not mine"
+            log.debug("identify of %s raised on %s", reader.label, path, exc_info=True)
+    return None
+
+
+def read_spectrum(path: str | os.PathLike[str]) -> SpectrumRecord:
+    """Read one survey spectrum file (plain or gzipped), whatever its format.
+
+    Raises :class:`SpectrumError` naming the file and the reason for anything unusable: not
+    FITS, truncated, unknown format, a missing column, no finite flux, all-zero ivar.
+    Whether the spectrum covers the model's grid is not checked here (see :func:`covers_grid`).
+    """
+    from spectransfer.surveys.fitsfile import FitsFile
+
+    path = str(path)
+    with FitsFile(path) as fits:
+        reader = identify_reader(path, fits)
+        if reader is None:
+            raise SpectrumError(path, "unrecognised format (not an SDSS spec/spSpec or LAMOST spectrum file)")
+        try:
+            return reader.read(path, fits)
+        except SpectrumError:
+            raise
+        except Exception as exc:  # a malformed file must give a reason, never a traceback
+            log.debug("reader %s failed on %s", reader.label, path, exc_info=True)
+            raise SpectrumError(path, f"unreadable as {reader.label}: {type(exc).__name__}: {exc}") from exc
+
+
+def iter_spectrum_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Expand files and folders to the candidate spectrum files, in a stable order.
+
+    A folder is searched recursively for ``*.fits, *.fit, *.fits.gz, *.fit.gz`` (any case),
+    sorted; a file named explicitly is kept whatever its name. Duplicates are dropped.
+    A path that does not exist raises SpectrumError.
+    """
+    out: list[Path] = []
+    seen: set[Path] = set()
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            found = sorted(
+                f for f in p.rglob("*") if f.name.lower().endswith(SPECTRUM_SUFFIXES) and f.is_file()
+            )
+        elif p.exists():
+            found = [p]
+        else:
+            raise SpectrumError(p, "no such file or directory")
+        for f in found:
+            if f not in seen:
+                seen.add(f)
+                out.append(f)
+    return out
+
+
+def covers_grid(record: SpectrumRecord, grid: Grid = DEFAULT_GRID) -> bool:
+    """True when the spectrum's wavelength coverage includes the whole grid.
+
+    Uses the pipeline's WAVEMIN/WAVEMAX (``record.extra``) when present, else the range of
+    pixels with ivar > 0. On the default grid the limits are the paper's SDSS cut
+    (WAVEMIN <= 3839.7244, WAVEMAX >= 8914.597); other grids scale them proportionally.
+    """
+    lo = record.extra.get("wavemin")
+    hi = record.extra.get("wavemax")
+    if lo is None or hi is None:
+        good = record.ivar > 0
+        if not good.any():
+            return False
+        lo, hi = float(record.wave[good][0]), float(record.wave[good][-1])
+    lo_limit = grid.wave_min * (SDSS_WAVEMIN_MAX / DEFAULT_GRID.wave_min)
+    hi_limit = grid.wave_max * (SDSS_WAVEMAX_MIN / DEFAULT_GRID.wave_max)
+    return bool(lo <= lo_limit and hi >= hi_limit)
+
+
+# ---- helpers shared by the readers -----------------------------------------------------------
+
+
+def missing_str(value: Any, missing: tuple[str, ...] = ("", "UNKNOWN", "NON", "NULL", "NONE")) -> str | None:
+    """A stripped string, or None when empty or a survey's 'no value' word (case-insensitive)."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    return None if text.upper() in missing else text
+
+
+def missing_float(value: Any, sentinels: tuple[float, ...] = (-9999.0, -999.0)) -> float | None:
+    """A finite float, or None when absent, not a number, non-finite or a sentinel such as -9999."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    if not np.isfinite(v) or v in sentinels:
+        return None
+    return v
+
+
+def missing_int(value: Any, sentinels: tuple[int, ...] = (-9999, -999)) -> int | None:
+    """An int, or None when absent, not a number or a sentinel."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        v = int(value)
+    except (TypeError, ValueError):
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            return None
+        if not np.isfinite(f) or f != int(f):
+            return None
+        v = int(f)
+    return None if v in sentinels else v
+
+
+def valid_mag(value: Any) -> float | None:
+    """A plausible apparent magnitude (0 < m < 40), else None (99 and -999 are 'no data')."""
+    v = missing_float(value)
+    return v if v is not None and 0.0 < v < 40.0 else None
+
+
+def air_to_vacuum(wave_air: np.ndarray) -> np.ndarray:
+    """Air wavelengths (Angstrom) to vacuum, with the refractive index SDSS uses (idlutils airtovac)."""
+    wave_air = np.asarray(wave_air, dtype=np.float64)
+    sigma2 = (1.0e4 / wave_air) ** 2
+    factor = 1.0 + 6.4328e-5 + 2.94981e-2 / (146.0 - sigma2) + 2.5540e-4 / (41.0 - sigma2)
+    return np.where(wave_air >= 2000.0, wave_air * factor, wave_air)
+
+
+def good_range(wave: np.ndarray, ivar: np.ndarray) -> tuple[float | None, float | None]:
+    """First and last wavelength with ivar > 0."""
+    idx = np.flatnonzero(ivar > 0)
+    if idx.size == 0:
+        return None, None
+    return float(wave[idx[0]]), float(wave[idx[-1]])
+
+
+def finish_record(record: SpectrumRecord) -> SpectrumRecord:
+    """Check and clean a reader's arrays in place; raise SpectrumError when unusable.
+
+    Arrays become 1-D: wave float64 ascending (a descending one is flipped), flux and ivar
+    float, mask uint32. NaN/inf flux or ivar and negative ivar get ivar 0 and
+    :data:`NONFINITE_BIT` (negative ivar: ivar 0 only). Fatal: empty or unequal lengths,
+    non-finite or non-monotonic or implausible (not Angstrom) wavelengths, no finite flux,
+    all ivar zero.
+    """
+    path = record.path
+    wave = np.asarray(record.wave, dtype=np.float64).ravel()
+    flux = np.asarray(record.flux).ravel()
+    ivar = np.asarray(record.ivar).ravel()
+    mask = np.asarray(record.mask).ravel()
+    n = flux.size
+    if n == 0:
+        raise SpectrumError(path, "empty spectrum (0 pixels)")
+    if not (wave.size == ivar.size == mask.size == n):
+        raise SpectrumError(
+            path, f"array lengths differ (wave {wave.size}, flux {n}, ivar {ivar.size}, mask {mask.size})"
+        )
+    if flux.dtype.kind != "f":
+        flux = flux.astype(np.float32)
+    if ivar.dtype.kind != "f":
+        ivar = ivar.astype(np.float32)
+    if mask.dtype != MASK_DTYPE:
+        if mask.dtype.kind == "f":
+            mask = np.where(np.isfinite(mask), mask, 0)
+            mask = np.rint(mask).astype(np.int64)
+        mask = mask.astype(MASK_DTYPE)
+    if not np.all(np.isfinite(wave)):
+        raise SpectrumError(path, "wavelength array has NaN/inf values")
+    step = np.diff(wave)
+    if n > 1 and not np.all(step > 0):
+        if np.all(step < 0):
+            wave, flux, ivar, mask = wave[::-1], flux[::-1], ivar[::-1], mask[::-1]
+        else:
+            raise SpectrumError(path, "wavelength array is not monotonic")
+    if wave[0] < 500.0 or wave[-1] > 100000.0:
+        raise SpectrumError(path, f"wavelengths {wave[0]:.4g}-{wave[-1]:.4g} are not plausible Angstroms")
+    finite_flux = np.isfinite(flux)
+    if not finite_flux.any():
+        raise SpectrumError(path, "no finite flux values")
+    bad = ~finite_flux | ~np.isfinite(ivar)
+    if bad.any() or (ivar < 0).any():
+        flux = np.where(finite_flux, flux, 0).astype(flux.dtype, copy=False)
+        ivar = np.where(bad | (ivar < 0), 0, ivar).astype(ivar.dtype, copy=False)
+        mask = np.where(bad, mask | NONFINITE_BIT, mask).astype(MASK_DTYPE, copy=False)
+    if not (ivar > 0).any():
+        raise SpectrumError(path, "all inverse variances are zero (no usable pixel)")
+    record.wave = np.ascontiguousarray(wave)
+    record.flux = np.ascontiguousarray(flux)
+    record.ivar = np.ascontiguousarray(ivar)
+    record.mask = np.ascontiguousarray(mask)
+    if record.extra.get("wavemin") is None or record.extra.get("wavemax") is None:
+        lo, hi = good_range(record.wave, record.ivar)
+        record.extra["wavemin"], record.extra["wavemax"] = lo, hi
+    return record

@@ -1,0 +1,158 @@
+"""LAMOST low-resolution spectra of DR1-DR7: one primary image (5, N), float32 or float64.
+
+The rows are named by the header's EXTEN0: 'Flux, Inverse, Wavelength, Andmask, Ormask' in
+most releases, but the earliest (pipeline v2.6) files carry 'Subcontinuum' in row 2 instead of
+the wavelength; then the wavelength comes from the log-linear COEFF0/COEFF1 keywords.
+LAMOST wavelengths are vacuum and the flux is relative (not absolutely calibrated).
+Header ids: OBSID (absent before DR3), LMJD, PLANID, SPID, FIBERID. CLASS 'Unknown',
+SUBCLASS 'Non' and Z = -9999 are missing values and become None. The header parsing here is
+shared with the DR8+ COADD reader.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+
+from spectransfer.errors import SpectrumError
+from spectransfer.surveys.base import (
+    Reader,
+    SpectrumRecord,
+    air_to_vacuum,
+    finish_record,
+    missing_float,
+    missing_int,
+    missing_str,
+    register,
+    valid_mag,
+)
+from spectransfer.surveys.fitsfile import FitsFile, Header
+
+LABEL = "lamost-image"
+FLUX_UNIT = "relative (LAMOST flux is not absolutely calibrated)"
+DEFAULT_ROWS = ("flux", "inverse", "wavelength", "andmask", "ormask")
+REQUIRED_KEYS = ("LMJD", "PLANID", "SPID", "FIBERID")
+_BANDS = set("ugrizyjhkvUBVRI")
+
+
+def identify(path: str, fits: FitsFile) -> bool:
+    hdr = fits.header(0)
+    if int(hdr.get("NAXIS", 0)) != 2 or int(hdr.get("NAXIS2", 0)) < 3:
+        return False
+    return str(hdr.get("TELESCOP", "")).strip().upper() == "LAMOST" or ("PLANID" in hdr and "LMJD" in hdr)
+
+
+def row_names(hdr: Header, n_rows: int) -> list[str]:
+    """Names of the image rows from EXTEN0, or the usual order when it is absent or odd."""
+    tokens = [t.lower() for t in re.split(r"[,\s]+", str(hdr.get("EXTEN0", ""))) if t]
+    return tokens if len(tokens) == n_rows else list(DEFAULT_ROWS[:n_rows])
+
+
+def read(path: str, fits: FitsFile) -> SpectrumRecord:
+    hdr = fits.header(0)
+    image = fits.image(0)
+    if image.ndim != 2 or image.shape[0] < 3:
+        raise SpectrumError(path, f"primary image has shape {image.shape}, expected (5, n_pixels)")
+    rows = {name: i for i, name in reversed(list(enumerate(row_names(hdr, image.shape[0]))))}
+    for name in ("flux", "inverse"):
+        if name not in rows:
+            raise SpectrumError(path, f"primary image has no '{name}' row (EXTEN0 = {hdr.get('EXTEN0')!r})")
+    n = image.shape[1]
+    wave = None
+    if "wavelength" in rows:
+        wave = image[rows["wavelength"]].astype(np.float64)
+        if not (np.all(np.isfinite(wave)) and np.all(np.diff(wave) > 0) and wave[0] > 1000.0):
+            wave = None  # a damaged wavelength row: fall back to the dispersion keywords
+    if wave is None:
+        if hdr.get("COEFF0") is None or hdr.get("COEFF1") is None:
+            raise SpectrumError(path, "no usable wavelength row and no COEFF0/COEFF1 keywords")
+        wave = 10.0 ** (float(hdr["COEFF0"]) + float(hdr["COEFF1"]) * np.arange(n, dtype=np.float64))
+    mask = image[rows["andmask"]] if "andmask" in rows else np.zeros(n, dtype=np.uint32)
+    return finish_record(
+        lamost_record(path, LABEL, hdr, None, wave, image[rows["flux"]], image[rows["inverse"]], mask)
+    )
+
+
+def lamost_record(
+    path: str,
+    label: str,
+    hdr: Header,
+    fallback: Header | None,
+    wave: np.ndarray,
+    flux: np.ndarray,
+    ivar: np.ndarray,
+    mask: np.ndarray,
+) -> SpectrumRecord:
+    """A record from LAMOST header keywords (``fallback`` is searched for keys ``hdr`` lacks)."""
+
+    def get(key: str) -> Any:
+        value = hdr.get(key)
+        if value is None and fallback is not None:
+            value = fallback.get(key)
+        return value
+
+    for key in REQUIRED_KEYS:
+        if get(key) is None:
+            raise SpectrumError(path, f"header lacks keyword {key}")
+    if get("VACUUM") is False:
+        wave = air_to_vacuum(wave)
+    obsid = missing_int(get("OBSID"))
+    extra: dict[str, Any] = {
+        "wavemin": None,  # LAMOST states no coverage: taken from the good pixels
+        "wavemax": None,
+        "snr": _snr(get),
+        "mag_r": _mag_r(get),
+        "z_err": missing_float(get("Z_ERR")),
+        "designation": missing_str(get("DESIG")),
+        "objtype": missing_str(get("OBJTYPE")),
+        "data_release": missing_str(get("DATA_V")),
+    }
+    return SpectrumRecord(
+        path=path,
+        survey="lamost",
+        format=label,
+        ids={
+            "obsid": obsid if obsid is not None and obsid > 0 else None,
+            "lmjd": int(get("LMJD")),
+            "planid": str(get("PLANID")).strip(),
+            "spid": int(get("SPID")),
+            "fiberid": int(get("FIBERID")),
+        },
+        ra=missing_float(get("RA")),
+        dec=missing_float(get("DEC")),
+        cls=missing_str(get("CLASS")),
+        subclass=missing_str(get("SUBCLASS")),
+        z=missing_float(get("Z")),
+        zwarning=None,  # LAMOST has no redshift warning flags
+        wave=wave,
+        flux=flux,
+        ivar=ivar,
+        mask=mask,
+        flux_unit=FLUX_UNIT,
+        extra=extra,
+    )
+
+
+def _snr(get: Any) -> float | None:
+    """r-band S/N as the pipeline states it (SNRR; SN_R in DR1/DR2, where 99 means none)."""
+    for key in ("SNRR", "SN_R"):
+        v = missing_float(get(key), sentinels=(-9999.0, -999.0, 99.0))
+        if v is not None and v >= 0:
+            return v
+    return None
+
+
+def _mag_r(get: Any) -> float | None:
+    """r-band magnitude from MAG_PS_R (DR8+) or the MAGn key whose MAGTYPE letter is 'r'."""
+    mag = valid_mag(get("MAG_PS_R"))
+    if mag is not None:
+        return mag
+    magtype = str(get("MAGTYPE") or "").strip()
+    if magtype and set(magtype) <= _BANDS and "r" in magtype and len(magtype) <= 7:
+        return valid_mag(get(f"MAG{magtype.index('r') + 1}"))
+    return None
+
+
+register(Reader(label=LABEL, survey="lamost", identify=identify, read=read, priority=5))
