@@ -136,6 +136,239 @@ def fetch_catalog(
     _fetch_run(catalog_items(name.lower(), base_url=base_url), dest, 1, retries, timeout, backoff, checksums, False, quiet)
 
 
+# ---- inspect + verdicts (issue 8) -----------------------------------------------------------
+@app.command("inspect")
+def inspect_cmd(
+    candidates: Path = typer.Argument(..., help="Candidates table from `discover` (FITS, EXTNAME CANDIDATES; the .parquet beside it is used when present)."),
+    store: Optional[Path] = typer.Option(None, "--store", help="Store the candidates were scored from; supplies the resampled spectrum when the original file is unreadable."),
+    db: Optional[Path] = typer.Option(None, "--db", help="SQLite file for the verdicts (created if missing). Default: verdicts.sqlite beside CANDIDATES."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. Anything but loopback requires --token."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on (0 picks a free one)."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="SPECTRANSFER_TOKEN", help="Secret every request must carry (Authorization: Bearer, X-Token or ?token=). Env: SPECTRANSFER_TOKEN."),
+    category: Optional[str] = typer.Option(None, "--category", help="Category the queue starts with: new_candidate, missed_by_model, agree_qso or agree_other (default: all)."),
+) -> None:
+    """Open a local web page to look at candidates and record verdicts (q / n / u)."""
+    from spectransfer.inspect.app import create_app, load_candidates
+    from spectransfer.inspect.server import check_bind, serve
+
+    check_bind(host, token)
+    table = load_candidates(candidates)
+    opened = None
+    if store is not None:
+        from spectransfer.store import open_store
+
+        opened = open_store(store)
+    db_path = db if db is not None else candidates.parent / "verdicts.sqlite"
+    dirs = [candidates.parent] + ([store, store.parent] if store is not None else [])
+    web = create_app(table, opened, db_path, token=token, default_category=category, loopback_only=(host in ("127.0.0.1", "localhost")), search_dirs=dirs)
+
+    def ready(url: str) -> None:
+        typer.echo(f"Inspecting {len(table):,} candidates at {url}  (verdicts -> {db_path}; Ctrl-C to stop)")
+
+    serve(web, host=host, port=port, token=token, on_ready=ready)
+
+
+verdicts_app = typer.Typer(help="Work with the verdicts recorded by `spectransfer inspect`.", no_args_is_help=True)
+app.add_typer(verdicts_app, name="verdicts")
+
+
+@verdicts_app.command("export")
+def verdicts_export(
+    db: Path = typer.Option(..., "--db", help="Verdict database written by `spectransfer inspect`."),
+    out: Path = typer.Option(..., "--out", help="FITS file to write (EXTNAME VERDICTS); written to a temporary name, then renamed."),
+) -> None:
+    """Write every verdict (one row per spectrum and inspector) as a FITS table."""
+    from spectransfer.inspect.verdicts import export_fits
+
+    n = export_fits(db, out)
+    typer.echo(f"wrote {n} verdicts to {out}")
+
+
+@verdicts_app.command("summary")
+def verdicts_summary(
+    db: Path = typer.Option(..., "--db", help="Verdict database written by `spectransfer inspect`."),
+) -> None:
+    """Count verdicts per inspector and kind."""
+    from collections import Counter
+
+    from spectransfer.inspect.verdicts import VERDICTS, VerdictDB
+
+    rows = VerdictDB(db, create=False).rows()
+    per: dict[str, Counter] = {}
+    for r in rows:
+        per.setdefault(r["inspector"], Counter())[r["verdict"]] += 1
+    typer.echo(f"{len(rows)} verdicts on {len({r['spectrum_id'] for r in rows})} spectra by {len(per)} inspector(s)")
+    for who, c in sorted(per.items()):
+        typer.echo(f"  {who}: " + ", ".join(f"{v} {c.get(v, 0)}" for v in VERDICTS))
+
+
+# ---- ingest + stats (issue 4: store and ingest) ---------------------------------------------
+@app.command("ingest")
+def ingest_cmd(
+    inputs: list[Path] = typer.Argument(..., help="Survey FITS files or folders (searched recursively)."),
+    store: Path = typer.Option(..., "--store", help="Store folder; created if missing, appended to otherwise."),
+    survey: str = typer.Option("auto", "--survey", help="sdss, lamost or auto; with sdss/lamost, files of the other survey are rejected."),
+    catalog: list[Path] = typer.Option([], "--catalog", help="Quasar catalogue to label with (repeatable); remembered for later ingests into the store."),
+    workers: int = typer.Option(2, "--workers", help="Worker processes of a local Dask cluster (0 = no Dask, run in this process)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of an existing Dask scheduler (tcp://HOST:PORT); its workers must see the files and the store."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Files per Dask task (rounded up to the store's chunk rows; the chunk size of a new store)."),
+    no_zwarning_filter: bool = typer.Option(False, "--no-zwarning-filter", help="Keep SDSS spectra with ZWARNING != 0."),
+    no_coverage_filter: bool = typer.Option(False, "--no-coverage-filter", help="Keep spectra that do not cover the grid (SDSS WAVEMIN <= 3839.7244, WAVEMAX >= 8914.597)."),
+    split_seed: Optional[int] = typer.Option(None, "--split-seed", help="Seed of the object-level split hash (default: the store's, else 0)."),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Validation fraction for surveys of <= 1M spectra (default 0.1)."),
+    test_fraction: Optional[float] = typer.Option(None, "--test-fraction", help="Test fraction for surveys of <= 1M spectra (default 0.1)."),
+    val_size: Optional[int] = typer.Option(None, "--val-size", help="Validation spectra for surveys of > 1M spectra (default 50000, the paper's)."),
+    test_size: Optional[int] = typer.Option(None, "--test-size", help="Test spectra for surveys of > 1M spectra (default 100000, the paper's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Read survey files, filter, label, resample and append them to a store (Dask, resumable)."""
+    import json as _json
+
+    from spectransfer.ingest import ingest as run_ingest
+    from spectransfer.splits import SplitConfig
+    from spectransfer.store import open_store
+
+    split_config = None
+    overrides = {k: v for k, v in dict(seed=split_seed, val_fraction=val_fraction, test_fraction=test_fraction, val_size=val_size, test_size=test_size).items() if v is not None}
+    if overrides:
+        base: dict = {}
+        if (store / "store.json").exists():
+            base = open_store(store).info.get("splits", {}).get("config", {})
+        try:
+            split_config = SplitConfig.from_dict({**base, **overrides})
+        except ValueError as exc:
+            fail(str(exc))
+    if workers > 0 and scheduler is not None:
+        fail("give --workers or --scheduler, not both")
+    summary = run_ingest(
+        [str(p) for p in inputs],
+        store,
+        survey=survey.lower(),
+        catalogs=[str(c) for c in catalog],
+        workers=0 if scheduler is not None else workers,
+        scheduler=scheduler,
+        batch_size=batch_size,
+        zwarning_filter=not no_zwarning_filter,
+        coverage_filter=not no_coverage_filter,
+        split_config=split_config,
+        quiet=quiet or as_json,
+    )
+    if as_json:
+        typer.echo(_json.dumps(summary.to_dict()))
+        return
+    s = summary
+    typer.echo(f"{s.store}: {s.files_seen} files seen, {s.skipped_unchanged} unchanged skipped, {s.files_processed} read "
+               f"({s.accepted} accepted, {s.rejected} rejected, {s.unchanged_content} same bytes) in {s.seconds:.1f} s "
+               f"({s.spectra_per_s:,.1f} spectra/s)")
+    if s.resumed_batches:
+        typer.echo(f"resumed {s.resumed_batches} unfinished batches of an interrupted ingest")
+    if s.duplicates:
+        typer.echo(f"{s.duplicates} files held a spectrum already in the store (rejected as duplicates)")
+    typer.echo(f"store: {s.live_rows} spectra ({s.rows_allocated} array rows); splits " + ", ".join(f"{k} {v}" for k, v in sorted(s.splits.items())))
+    if s.rejected_by_kind:
+        typer.echo("rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(s.rejected_by_kind.items())))
+    lk = s.leakage
+    if lk:
+        typer.echo(f"object-level split: {lk.get('repeat_spectra', 0)} spectra are repeats ({lk.get('repeat_objects', 0)} objects); "
+                   f"a per-spectrum random split would have leaked {lk.get('leaked_per_spectrum_split', 0)} of them across splits "
+                   f"({lk.get('eval_spectra_with_train_twin', 0)} val/test spectra with a train twin)")
+
+
+def print_store_stats(store_path: Path, as_json: bool = False) -> None:
+    """Print per-survey, class, label-source, split and rejection counts of a store (rich tables)."""
+    import json as _json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from spectransfer.store import open_store, store_stats
+
+    st = store_stats(open_store(store_path))
+    if as_json:
+        typer.echo(_json.dumps(st))
+        return
+    console = Console()
+    console.print(f"[bold]{st['path']}[/bold]  {st['n_live']} spectra, {st['n_rows_allocated']} array rows "
+                  f"({st['n_dead_rows']} not live), {st['n_rejected']} rejected files")
+    for key, title in (("survey", "survey"), ("pipeline_class", "pipeline class"), ("label", "catalogue label"), ("label_source", "label source"), ("rejected", "rejection reason")):
+        table = Table(title=title, title_justify="left")
+        table.add_column(title)
+        table.add_column("count", justify="right")
+        for k, v in st[key].items():
+            table.add_row(k, f"{v:,}")
+        console.print(table)
+    table = Table(title="split", title_justify="left")
+    for col in ("split", "spectra", "objects", "quasars"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for k, v in st["split"].items():
+        table.add_row(k, f"{v['spectra']:,}", f"{v['objects']:,}", f"{v['quasars']:,}")
+    console.print(table)
+    lk = st.get("leakage") or {}
+    if lk:
+        console.print(f"repeat spectra {lk.get('repeat_spectra', 0)} in {lk.get('repeat_objects', 0)} objects; a per-spectrum split "
+                      f"would leak {lk.get('leaked_per_spectrum_split', 0)} across splits")
+
+
+@app.command("stats")
+def stats_cmd(
+    store: Path = typer.Argument(..., help="Store folder written by `spectransfer ingest`."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+) -> None:
+    """Counts per survey, pipeline class, label source, split and rejection reason of a store."""
+    print_store_stats(store, as_json)
+
+
+# ---- info (issue 2: survey readers) ---------------------------------------------------------
+@app.command("info")
+def info(
+    files: list[Path] = typer.Argument(..., help="Spectrum files (FITS, .gz too) or folders searched recursively for *.fits, *.fit, *.fits.gz, *.fit.gz."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line with exactly the keys survey, format, ids, ra, dec, class, subclass, z, zwarning, n_pixels, wave_min, wave_max."),
+) -> None:
+    """Describe survey spectrum files: one line per file.
+
+    A file that cannot be used (not FITS, truncated, missing column, no finite flux, all-zero ivar, unknown format) is reported on stderr as 'error: FILE: reason' and the rest are still shown, so stdout holds only the good files' lines (valid JSON lines with --json). Exit code 1 when any file failed.
+    """
+    import json
+
+    from spectransfer.errors import SpectrumError
+    from spectransfer.surveys import read_spectrum
+    from spectransfer.surveys.base import SPECTRUM_SUFFIXES
+
+    n_failed = 0
+    targets: list[Path] = []
+    for p in files:
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(SPECTRUM_SUFFIXES))
+            if not found:
+                n_failed += 1
+                typer.echo(f"error: {p}: no spectrum files in this folder", err=True)
+            targets.extend(found)
+        else:
+            targets.append(p)  # a missing file is reported as a failed file below
+    for path in targets:
+        try:
+            summary = read_spectrum(path).summary()
+        except SpectrumError as exc:
+            n_failed += 1
+            typer.echo(f"error: {exc}", err=True)
+            continue
+        if as_json:
+            typer.echo(json.dumps(summary))
+        else:
+            ids = " ".join(f"{k}={v}" for k, v in summary["ids"].items())
+            z = "None" if summary["z"] is None else f"{summary['z']:.5f}"
+            ra = "None" if summary["ra"] is None else f"{summary['ra']:.5f}"
+            dec = "None" if summary["dec"] is None else f"{summary['dec']:+.5f}"
+            typer.echo(
+                f"{path}: {summary['survey']} {summary['format']} {ids} ra={ra} dec={dec} "
+                f"class={summary['class']} subclass={summary['subclass']} z={z} zwarning={summary['zwarning']} "
+                f"n_pixels={summary['n_pixels']} wave={summary['wave_min']:.1f}-{summary['wave_max']:.1f} A"
+            )
+    if n_failed:
+        raise typer.Exit(1)
+
+
 # ---- end of commands ------------------------------------------------------------------------
 
 

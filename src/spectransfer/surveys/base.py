@@ -63,6 +63,35 @@ class SpectrumRecord:
     def n_pixels(self) -> int:
         return int(self.flux.shape[0])
 
+    def summary(self) -> dict[str, Any]:
+        """The fields `spectransfer info --json` prints, JSON-ready (missing values are None)."""
+        return {
+            "survey": self.survey,
+            "format": self.format,
+            "ids": {k: _plain(v) for k, v in self.ids.items()},
+            "ra": _plain(self.ra),
+            "dec": _plain(self.dec),
+            "class": self.cls,
+            "subclass": self.subclass,
+            "z": _plain(self.z),
+            "zwarning": _plain(self.zwarning),
+            "n_pixels": self.n_pixels,
+            "wave_min": float(self.wave[0]),
+            "wave_max": float(self.wave[-1]),
+        }
+
+
+INFO_KEYS = ("survey", "format", "ids", "ra", "dec", "class", "subclass", "z", "zwarning", "n_pixels", "wave_min", "wave_max")
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars to Python ones; NaN to None."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
 
 @dataclass(frozen=True)
 class Reader:
@@ -181,7 +210,8 @@ def missing_float(value: Any, sentinels: tuple[float, ...] = (-9999.0, -999.0)) 
     if value is None or isinstance(value, bool):
         return None
     try:
-        v = float(value)
+        # a float32 value becomes the shortest decimal that round-trips (0.0212755, not 0.021275453269...)
+        v = float(str(value)) if isinstance(value, np.floating) and value.dtype.itemsize < 8 else float(value)
     except (TypeError, ValueError):
         return None
     if not np.isfinite(v) or v in sentinels:
