@@ -9,8 +9,10 @@ did, not only what it wrote.
 from __future__ import annotations
 
 import collections
+import gzip
 import hashlib
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -26,6 +28,7 @@ from astropy.table import Table
 from spectransfer.errors import FetchError
 from spectransfer.fetch import (
     CATALOGS,
+    _signature_problem,
     catalog_items,
     fetch,
     lamost_items,
@@ -50,6 +53,7 @@ class SasServer(ThreadingHTTPServer):
         self.max_in_flight = 0
         self.drop_once: set[str] = set()
         self.slow: dict[str, float] = {}
+        self.errors_before_ok: dict[str, int] = {}
         self.corrupt: dict[str, bytes] = {}
         self.ignore_range = False
         self.delay = 0.0
@@ -96,6 +100,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self, srv: SasServer, path: str, query: str) -> None:
         if srv.token is not None and f"token={srv.token}" not in query.split("&"):
             return self._plain(403)
+        if srv.errors_before_ok.get(path, 0) > 0:
+            srv.errors_before_ok[path] -= 1
+            return self._plain(503)
         if path in srv.slow:
             srv.release.wait(srv.slow[path])
         if srv.delay:
@@ -221,6 +228,18 @@ def test_fits_list_with_upper_case_columns_and_run2d(tmp_path: Path) -> None:
         sdss_items(evil)
 
 
+def test_signature_check_reads_fits_and_gzipped_fits(shared_data: Path) -> None:
+    body = (shared_data / "sdss" / "spec-0266-51602-0001.fits").read_bytes()
+    gz_head = gzip.compress(body)[:2880]
+    assert _signature_problem(body[:2880], "fits") is None
+    assert _signature_problem(gz_head, "gz") is None and _signature_problem(gz_head, "any") is None
+    assert "not a FITS file" in _signature_problem(gz_head, "fits")
+    assert "not gzip" in _signature_problem(body[:2880], "gz")
+    assert "does not hold a FITS file" in _signature_problem(gzip.compress(b"<html>" * 500)[:2880], "any")
+    assert "corrupt gzip" in _signature_problem(b"\x1f\x8b" + b"\0" * 200, "any")
+    assert "neither" in _signature_problem(b"<html>", "any")
+
+
 # ---- downloads -----------------------------------------------------------------------------------
 
 
@@ -296,9 +315,21 @@ def test_404_is_recorded_missing_without_retry(server: SasServer, sdss_files: di
     manifest = read_manifest(dest)
     assert manifest["spec-9999-58000-0012.fits"]["status"] == "missing"
     assert manifest["spec-0500-51000-0007.fits"]["status"] == "missing"
-    assert not (dest / "dr16/eboss/spectro/redux/v5_13_0/spectra/lite/9999").exists() or not list(
-        (dest / "dr16/eboss/spectro/redux/v5_13_0/spectra/lite/9999").iterdir()
-    )
+    assert not (dest / "dr16/eboss/spectro/redux/v5_13_0/spectra/lite/9999").exists()
+
+
+def test_5xx_is_retried_then_succeeds(server: SasServer, sdss_files: dict[str, bytes], tmp_path: Path) -> None:
+    path = _smallest(sdss_files, 1)[0]
+    server.errors_before_ok[path] = 2
+    dest = tmp_path / "dest"
+    summary = _run(server, sdss_items(_write_list(tmp_path / "l.csv", [path]), base_url=server.url + "/sas"), dest, retries=3)
+    assert summary.fetched == 1 and summary.results[0].attempts == 3
+    assert server.gets[path] == 3
+    assert (dest / _rel(path)).read_bytes() == sdss_files[path]
+    server.errors_before_ok[path] = 10
+    (dest / _rel(path)).unlink()
+    again = _run(server, sdss_items(_write_list(tmp_path / "l.csv", [path]), base_url=server.url + "/sas"), dest, retries=1)
+    assert again.failed == 1 and "gave up after 2 attempts: HTTP 503" in again.results[0].error
 
 
 def test_slow_server_times_out_with_bounded_retries(server: SasServer, sdss_files: dict[str, bytes], tmp_path: Path) -> None:
@@ -371,7 +402,8 @@ def test_jobs_bound_the_requests_in_flight(server: SasServer, sdss_files: dict[s
     assert 2 <= server.max_in_flight <= 3
 
 
-def test_lamost_by_obsid_with_token_never_recorded(server: SasServer, shared_data: Path, tmp_path: Path) -> None:
+def test_lamost_by_obsid_with_token_never_recorded(server: SasServer, shared_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     lamost = shared_data / "lamost"
     by_obsid = {
         677503031: lamost / "spec-58397-EG014118N254444M01_sp03-031.fits",
@@ -390,6 +422,7 @@ def test_lamost_by_obsid_with_token_never_recorded(server: SasServer, shared_dat
         local = dest / "lamost" / (f"{obsid}.fits.gz" if f.name.endswith(".gz") else f"{obsid}.fits")
         assert local.read_bytes() == f.read_bytes()
     assert "s3cret" not in (dest / "manifest.jsonl").read_text()
+    assert "s3cret" not in caplog.text  # nor in any log line (httpx logs request URLs)
     # a wrong token is an answer (403): failed at once, not retried
     server.reset_counts()
     bad = _run(server, lamost_items(lst, base_url=server.url + "/dr10/v2.0", token="wrong"), tmp_path / "d2", retries=3)

@@ -42,6 +42,8 @@ from typing import Any
 from spectransfer.errors import FetchError
 
 log = logging.getLogger(__name__)
+# httpx logs every request URL at INFO, query string included: that would print a LAMOST token.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 SAS_URL = "https://data.sdss.org/sas"
 # eBOSS run2d folder of each data release (BOSS plates were re-reduced into it).
@@ -93,6 +95,8 @@ class FetchItem:
 
 @dataclass
 class FetchResult:
+    """What happened to one item; ``path`` is relative to DEST, ``error`` says why it failed."""
+
     key: str
     status: str  # fetched | skipped | missing | failed
     url: str | None = None
@@ -105,6 +109,8 @@ class FetchResult:
 
 @dataclass
 class FetchSummary:
+    """All results of one run, with the bytes moved and the time taken."""
+
     results: list[FetchResult] = field(default_factory=list)
     seconds: float = 0.0
     bytes: int = 0
@@ -140,6 +146,12 @@ class FetchSummary:
 
 def _join(base: str, rel: str) -> str:
     return base.rstrip("/") + "/" + rel.lstrip("/")
+
+
+def _is_loopback(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1")
 
 
 def _check_base_url(base_url: str) -> str:
@@ -398,6 +410,13 @@ def _signature_problem(head: bytes, suffix: str) -> str | None:
     return None
 
 
+def _redact(message: str, item: FetchItem) -> str:
+    for _, secret in item.params:
+        if secret:
+            message = message.replace(secret, "***")
+    return message
+
+
 def _gunzip_head(head: bytes) -> bytes:
     return zlib.decompressobj(wbits=31).decompress(head, 80)
 
@@ -572,7 +591,6 @@ class Fetcher:
         last: FetchResult | None = None
         for target in item.targets:
             part = self.dest / (target.path + ".part")
-            part.parent.mkdir(parents=True, exist_ok=True)
             for attempt in range(self.retries + 1):
                 if self._stop.is_set():
                     raise _Stopped()
@@ -591,12 +609,12 @@ class Fetcher:
                 except _Fatal as exc:
                     if part.exists() and part.stat().st_size == 0:
                         part.unlink()
-                    result = FetchResult(item.key, "failed", target.url, target.path, error=str(exc), attempts=attempts)
-                    log.warning("%s: %s", target.url, exc)
+                    result = FetchResult(item.key, "failed", target.url, target.path, error=_redact(str(exc), item), attempts=attempts)
+                    log.warning("%s: %s", target.url, result.error)
                     self._record(result)
                     return result
                 except _Retry as exc:
-                    last = FetchResult(item.key, "failed", target.url, target.path, error=str(exc), attempts=attempts)
+                    last = FetchResult(item.key, "failed", target.url, target.path, error=_redact(str(exc), item), attempts=attempts)
                     if attempt < self.retries:
                         delay = min(_BACKOFF_CAP, self.backoff * 2**attempt) + random.uniform(0, self.backoff)
                         log.debug("%s: %s; retry %d/%d in %.2f s", target.url, exc, attempt + 1, self.retries, delay)
@@ -619,17 +637,31 @@ class Fetcher:
         """Fetch ``items``; ``on_progress(files_done, bytes_done)`` is called from this thread."""
         import httpx
 
+        if self.dest.exists() and not self.dest.is_dir():
+            raise FetchError(f"{self.dest}: destination exists and is not a folder")
         self.dest.mkdir(parents=True, exist_ok=True)
         manifest = read_manifest(self.dest)
         summary = FetchSummary(manifest=self.manifest_path)
         start = time.monotonic()
         limits = httpx.Limits(max_connections=self.jobs, max_keepalive_connections=self.jobs)
         timeout = httpx.Timeout(self.timeout)
-        with httpx.Client(limits=limits, timeout=timeout, follow_redirects=True, trust_env=False) as client, cf.ThreadPoolExecutor(
+        # Proxies from the environment apply, except to a mirror on this machine.
+        trust_env = not all(_is_loopback(t.url) for item in items for t in item.targets)
+        queue = iter(items)
+        with httpx.Client(limits=limits, timeout=timeout, follow_redirects=True, trust_env=trust_env) as client, cf.ThreadPoolExecutor(
             max_workers=self.jobs, thread_name_prefix="fetch"
         ) as pool:
-            pending = {pool.submit(self._fetch_item, client, item, manifest.get(item.key)): item for item in items}
+            pending: dict[cf.Future[FetchResult], FetchItem] = {}
+
+            def top_up() -> None:  # a few items per worker in the queue, not millions of futures
+                while len(pending) < 4 * self.jobs:
+                    item = next(queue, None)
+                    if item is None:
+                        return
+                    pending[pool.submit(self._fetch_item, client, item, manifest.get(item.key))] = item
+
             try:
+                top_up()
                 while pending:
                     done, _ = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_COMPLETED)
                     for fut in done:
@@ -643,6 +675,7 @@ class Fetcher:
                             result = FetchResult(item.key, "failed", error=f"{type(exc).__name__}: {exc}")
                             self._record(result)
                             summary.results.append(result)
+                    top_up()
                     if on_progress is not None:
                         on_progress(len(summary.results), self.bytes_done)
             except BaseException:
@@ -682,5 +715,5 @@ def fetch(
             bar.update(description=f"fetch {nbytes / 1e6:,.1f} MB, {nbytes / 1e6 / elapsed:,.1f} MB/s")
 
         summary = fetcher.run(items, on_progress=on_progress)
-    log.info("%s", summary.line())
+    log.debug("%s", summary.line())
     return summary
