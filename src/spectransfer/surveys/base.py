@@ -116,13 +116,22 @@ def register(reader: Reader) -> Reader:
 
 
 def identify_reader(path: str, fits: "FitsFile") -> Reader | None:
-    """The highest-priority reader whose ``identify`` accepts the file (an exception = no)."""
+    """The highest-priority reader whose ``identify`` accepts the file (an exception = no).
+
+    When no reader accepts it and one of them stopped on a damaged file (SpectrumError:
+    truncated, ...), that error is raised, as it says more than "unrecognised format".
+    """
+    damage: SpectrumError | None = None
     for reader in READERS:
         try:
             if reader.identify(path, fits):
                 return reader
+        except SpectrumError as exc:
+            damage = damage or exc
         except Exception:  # identify must never make a file fail; treat as "not mine"
             log.debug("identify of %s raised on %s", reader.label, path, exc_info=True)
+    if damage is not None:
+        raise damage
     return None
 
 
@@ -137,6 +146,7 @@ def read_spectrum(path: str | os.PathLike[str]) -> SpectrumRecord:
 
     path = str(path)
     with FitsFile(path) as fits:
+        fits.header(0)  # a damaged primary header is reported as such, not as an unknown format
         reader = identify_reader(path, fits)
         if reader is None:
             raise SpectrumError(path, "unrecognised format (not an SDSS spec/spSpec or LAMOST spectrum file)")
@@ -189,8 +199,11 @@ def covers_grid(record: SpectrumRecord, grid: Grid = DEFAULT_GRID) -> bool:
         if not good.any():
             return False
         lo, hi = float(record.wave[good][0]), float(record.wave[good][-1])
-    lo_limit = grid.wave_min * (SDSS_WAVEMIN_MAX / DEFAULT_GRID.wave_min)
-    hi_limit = grid.wave_max * (SDSS_WAVEMAX_MIN / DEFAULT_GRID.wave_max)
+    lo_limit, hi_limit = SDSS_WAVEMIN_MAX, SDSS_WAVEMAX_MIN
+    if grid.wave_min != DEFAULT_GRID.wave_min:
+        lo_limit = grid.wave_min * (SDSS_WAVEMIN_MAX / DEFAULT_GRID.wave_min)
+    if grid.wave_max != DEFAULT_GRID.wave_max:
+        hi_limit = grid.wave_max * (SDSS_WAVEMAX_MIN / DEFAULT_GRID.wave_max)
     return bool(lo <= lo_limit and hi >= hi_limit)
 
 
