@@ -1,0 +1,704 @@
+"""Survey files -> store, as Dask tasks that each own a row range; resumable and idempotent.
+
+How an ingest runs (and why it survives ``kill -9`` at any moment):
+
+1. List the input files and compare each with what the store already holds (by path and a
+   size:mtime stamp). Unchanged files are skipped without being opened.
+2. Group the remaining files into batches. Each batch gets a row range aligned to the
+   arrays' chunk boundaries, so no two tasks ever touch the same chunk. The plan is written
+   to ``STORE/pending.json`` before any task runs, and the arrays are grown to fit it.
+3. Each task (one per batch, on a Dask worker) hashes, reads, filters, resamples and
+   normalises its files, writes its rows into the zarr arrays, and only then writes
+   ``STORE/parts/BATCH.parquet`` (temporary name, then rename). A batch is done iff its part
+   file exists; a rerun after a crash resubmits only the batches without one, to the same
+   rows (writing the same bytes again is harmless).
+4. When every batch is done the parts are consolidated into ``meta.parquet`` and
+   ``rejected.parquet``: the newest record of each file wins (a changed file supersedes its
+   old row, which stays in the arrays as a dead row), catalogue labels and object-level
+   splits are recomputed on the metadata alone, and the parts are removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from spectransfer.config import DEFAULT_GRID, SDSS_WAVEMAX_MIN, SDSS_WAVEMIN_MAX, Grid
+from spectransfer.errors import SpectrumError, StoreError
+from spectransfer.provenance import write_text_atomic
+from spectransfer.splits import SplitConfig, assign_splits
+from spectransfer.store import (
+    META_COLUMNS,
+    META_SCHEMA,
+    REJECTED_SCHEMA,
+    Store,
+    conform,
+    create_store,
+    open_store,
+    read_table,
+    write_table,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 256
+# Test hook: seconds each batch sleeps between writing its rows and writing its part file,
+# so a test can kill an ingest in the middle of a run.
+DELAY_ENV = "SPECTRANSFER_INGEST_BATCH_DELAY"
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """What a batch task needs to know besides its files (pickled to the workers)."""
+
+    survey: str = "auto"  # "sdss" | "lamost" | "auto"
+    zwarning_filter: bool = True
+    coverage_filter: bool = True
+
+
+@dataclass
+class IngestSummary:
+    """What an ingest did; the CLI prints it and store.json keeps it in ``ingests``."""
+
+    store: str
+    files_seen: int = 0
+    skipped_unchanged: int = 0
+    resumed_batches: int = 0
+    batches: int = 0
+    files_processed: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    unchanged_content: int = 0
+    duplicates: int = 0
+    live_rows: int = 0
+    rows_allocated: int = 0
+    rejected_by_kind: dict[str, int] = field(default_factory=dict)
+    leakage: dict[str, int] = field(default_factory=dict)
+    splits: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def spectra_per_s(self) -> float:
+        return self.files_processed / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["spectra_per_s"] = round(self.spectra_per_s, 2)
+        return d
+
+
+# ---- per-file work (runs on the workers) ------------------------------------------------------
+
+
+def file_stamp(path: str) -> str:
+    """Cheap change detector: size and modification time in ns."""
+    st = os.stat(path)
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def spectrum_id(rec: Any) -> str:
+    """Unique id of a spectrum from its survey ids (the store's ``spectrum_id`` column)."""
+    ids = rec.ids
+    if rec.survey == "sdss":
+        return f"sdss-{int(ids['plate']):04d}-{int(ids['mjd']):05d}-{int(ids['fiberid']):04d}"
+    if rec.survey == "lamost":
+        return f"lamost-{int(ids['lmjd'])}-{ids['planid']}-{int(ids['spid']):02d}-{int(ids['fiberid']):03d}"
+    raise SpectrumError(rec.path, f"unknown survey {rec.survey!r}")
+
+
+def reason_kind(reason: str) -> str:
+    """Group a rejection reason for counting: 'fails filter: zwarning=4' -> 'fails filter: zwarning'."""
+    head, _, rest = reason.partition(":")
+    if head == "fails filter":
+        word = rest.strip().replace("=", " ").split(" ")[0]
+        return f"{head}: {word}"
+    return head
+
+
+def _coverage(rec: Any) -> tuple[float, float]:
+    """Wavelength range of the spectrum as its pipeline states it (WAVEMIN/WAVEMAX), else the array's."""
+    extra = rec.extra or {}
+    wmin = extra.get("wavemin")
+    wmax = extra.get("wavemax")
+    wave = np.asarray(rec.wave)
+    if wmin is None or not np.isfinite(wmin):
+        wmin = float(wave.min()) if wave.size else float("nan")
+    if wmax is None or not np.isfinite(wmax):
+        wmax = float(wave.max()) if wave.size else float("nan")
+    return float(wmin), float(wmax)
+
+
+def quality_failure(rec: Any, options: IngestOptions, grid: Grid = DEFAULT_GRID) -> str | None:
+    """The paper's quality cuts; returns the rejection reason or None when the spectrum passes.
+
+    SDSS: WAVEMIN <= 3839.7244, WAVEMAX >= 8914.597 and ZWARNING == 0. LAMOST: the spectrum
+    covers the same range (every LAMOST LRS spectrum should; the cut catches truncated ones).
+    """
+    if options.survey != "auto" and rec.survey != options.survey:
+        return f"wrong survey: {rec.survey} (expected {options.survey})"
+    if rec.survey == "sdss" and options.zwarning_filter:
+        if rec.zwarning is None:
+            return "fails filter: zwarning missing"
+        if int(rec.zwarning) != 0:
+            return f"fails filter: zwarning={int(rec.zwarning)}"
+    if options.coverage_filter:
+        # The paper's SDSS limits on the default grid; other grids scale them proportionally.
+        lo = round(grid.wave_min * SDSS_WAVEMIN_MAX / DEFAULT_GRID.wave_min, 4)
+        hi = round(grid.wave_max * SDSS_WAVEMAX_MIN / DEFAULT_GRID.wave_max, 4)
+        wmin, wmax = _coverage(rec)
+        if not (wmin <= lo):
+            return f"fails filter: wavemin {wmin:.1f} > {lo}"
+        if not (wmax >= hi):
+            return f"fails filter: wavemax {wmax:.1f} < {hi}"
+    return None
+
+
+def _meta_row(rec: Any, snr: float) -> dict[str, Any]:
+    ids = rec.ids or {}
+    extra = rec.extra or {}
+    mag = extra.get("mag_r", extra.get("mag"))
+    return {
+        "spectrum_id": spectrum_id(rec),
+        "survey": rec.survey,
+        "plate": ids.get("plate"),
+        "mjd": ids.get("mjd"),
+        "fiberid": ids.get("fiberid"),
+        "obsid": ids.get("obsid"),
+        "lmjd": ids.get("lmjd"),
+        "planid": None if ids.get("planid") is None else str(ids.get("planid")),
+        "spid": ids.get("spid"),
+        "ra": rec.ra,
+        "dec": rec.dec,
+        "pipeline_class": rec.cls,
+        "pipeline_subclass": rec.subclass,
+        "z": rec.z,
+        "zwarning": rec.zwarning,
+        "snr": snr,
+        "mag": mag,
+    }
+
+
+def _median_snr(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
+    """Median S/N per spectrum over the grid bins that have data (NaN when none do)."""
+    sn = np.where(ivar > 0, np.abs(flux) * np.sqrt(np.clip(ivar, 0, None)), np.nan)
+    with np.errstate(all="ignore"):
+        out = np.nanmedian(sn, axis=1) if sn.size else np.zeros(0)
+    return out
+
+
+def process_batch(task: dict[str, Any]) -> dict[str, Any]:
+    """Read, filter, resample and normalise one batch of files; write its rows, then its part file.
+
+    Never raises for a bad file: each one becomes a rejected record with a reason. Returns
+    counts for the progress bar.
+    """
+    from spectransfer.resample import normalise, resample_batch
+    from spectransfer.surveys import read_spectrum
+
+    t0 = time.perf_counter()
+    store_path = Path(task["store"])
+    part_path = store_path / "parts" / f"{task['batch_id']}.parquet"
+    n_files = len(task["files"])
+    if part_path.exists():  # done by an earlier (killed) run's worker
+        return {"batch_id": task["batch_id"], "n_files": n_files, "accepted": 0, "rejected": 0, "unchanged": 0, "seconds": 0.0, "skipped": True}
+    options = IngestOptions(**task["options"])
+    grid = Grid.from_dict(task["grid"])
+    records: list[dict[str, Any]] = []
+    good: list[tuple[dict[str, Any], Any]] = []
+    for path, stamp, prev_hash in task["files"]:
+        base = {"source_file": path, "file_stamp": stamp, "batch_id": task["batch_id"]}
+        try:
+            with open(path, "rb") as fh:
+                digest = "sha1:" + hashlib.sha1(fh.read()).hexdigest()
+        except OSError as exc:
+            records.append({**base, "status": "rejected", "content_hash": None, "reason": f"unreadable: {exc.strerror or exc}"})
+            continue
+        base["content_hash"] = digest
+        if prev_hash is not None and digest == prev_hash:
+            records.append({**base, "status": "unchanged"})
+            continue
+        try:
+            rec = read_spectrum(path)
+            spectrum_id(rec)
+        except SpectrumError as exc:
+            records.append({**base, "status": "rejected", "reason": f"unreadable: {exc.reason}"})
+            continue
+        except Exception as exc:  # noqa: BLE001 - a reader bug must not lose the other files
+            records.append({**base, "status": "rejected", "reason": f"unreadable: {type(exc).__name__}: {exc}"})
+            continue
+        failure = quality_failure(rec, options, grid)
+        if failure is not None:
+            records.append({**base, "status": "rejected", "reason": failure})
+            continue
+        good.append((base, rec))
+
+    capacity = int(task["capacity"])
+    flux_block = np.zeros((capacity, grid.n_bins), dtype=np.float32)
+    ivar_block = np.zeros((capacity, grid.n_bins), dtype=np.float32)
+    if good:
+        recs = [rec for _, rec in good]
+        try:
+            f, iv = resample_batch([r.wave for r in recs], [r.flux for r in recs], [r.ivar for r in recs], [r.mask for r in recs], grid)
+            snr = _median_snr(f, iv)
+            fn, ivn = normalise(f, iv)
+        except Exception:  # noqa: BLE001 - find the one bad spectrum rather than lose the batch
+            f, iv, fn, ivn, snr, good = _resample_one_by_one(good, records, grid)
+        flux_block[: len(good)] = fn
+        ivar_block[: len(good)] = ivn
+        for i, (base, rec) in enumerate(good):
+            records.append({**base, **_meta_row(rec, float(snr[i])), "status": "accepted", "row": int(task["row_start"]) + i})
+
+    import zarr
+
+    group = zarr.open_group(str(store_path / "spectra.zarr"), mode="r+")
+    sl = slice(int(task["row_start"]), int(task["row_start"]) + capacity)
+    group["flux"][sl] = flux_block
+    group["ivar"][sl] = ivar_block
+
+    delay = float(os.environ.get(DELAY_ENV, "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
+
+    frame = pd.DataFrame(records)
+    _write_part(frame, part_path)
+    counts = frame["status"].value_counts() if len(frame) else pd.Series(dtype=int)
+    return {
+        "batch_id": task["batch_id"],
+        "n_files": n_files,
+        "accepted": int(counts.get("accepted", 0)),
+        "rejected": int(counts.get("rejected", 0)),
+        "unchanged": int(counts.get("unchanged", 0)),
+        "seconds": time.perf_counter() - t0,
+        "skipped": False,
+    }
+
+
+def _resample_one_by_one(good: list, records: list, grid: Grid) -> tuple:
+    from spectransfer.resample import normalise, resample_batch
+
+    kept, fs, ivs = [], [], []
+    for base, rec in good:
+        try:
+            f, iv = resample_batch([rec.wave], [rec.flux], [rec.ivar], [rec.mask], grid)
+        except Exception as exc:  # noqa: BLE001
+            records.append({**base, "status": "rejected", "reason": f"unreadable: cannot resample ({exc})"})
+            continue
+        kept.append((base, rec))
+        fs.append(f[0])
+        ivs.append(iv[0])
+    f = np.array(fs).reshape(-1, grid.n_bins)
+    iv = np.array(ivs).reshape(-1, grid.n_bins)
+    fn, ivn = normalise(f, iv)
+    return f, iv, fn, ivn, _median_snr(f, iv), kept
+
+
+PART_COLUMNS = META_COLUMNS + ["status", "reason"]
+
+
+def _write_part(frame: pd.DataFrame, path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = META_SCHEMA.append(pa.field("status", pa.string())).append(pa.field("reason", pa.string()))
+    if "row" not in frame.columns:
+        frame["row"] = -1
+    frame["row"] = frame["row"].fillna(-1)
+    table = pa.Table.from_pandas(conform(frame, schema), schema=schema, preserve_index=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+# ---- planning and consolidation (main process) ----------------------------------------------
+
+
+def find_files(inputs: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """Absolute paths of the spectrum files named by ``inputs`` (files or folders), sorted, unique."""
+    for p in inputs:
+        if not Path(p).exists():
+            raise StoreError(f"{p}: no such file or folder")
+    from spectransfer.surveys import iter_spectrum_files
+
+    found = {str(Path(p).resolve()) for p in iter_spectrum_files([Path(p) for p in inputs])}
+    return sorted(found)
+
+
+class _Lock:
+    """One ingest per store: a lock file holding host and pid; a dead holder's lock is taken over."""
+
+    def __init__(self, store_path: Path) -> None:
+        self.path = store_path / "ingest.lock"
+        self.held = False
+
+    def __enter__(self) -> "_Lock":
+        me = f"{socket.gethostname()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    host, pid = self.path.read_text().split()
+                except (OSError, ValueError):
+                    host, pid = "", "0"
+                if host == socket.gethostname() and _pid_alive(int(pid)):
+                    raise StoreError(f"{self.path.parent}: another ingest (pid {pid}) is writing to this store") from None
+                if host and host != socket.gethostname():
+                    raise StoreError(f"{self.path.parent}: locked by an ingest on host {host} (pid {pid}); remove {self.path} if it is dead")
+                log.warning("taking over the lock of a dead ingest (pid %s)", pid)
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(me)
+            self.held = True
+            return self
+        raise StoreError(f"{self.path}: cannot take the ingest lock")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_parts(store: Store) -> pd.DataFrame:
+    import pyarrow.parquet as pq
+
+    parts_dir = store.path / "parts"
+    frames = []
+    if parts_dir.is_dir():
+        for p in sorted(parts_dir.glob("*.parquet")):
+            if p.name.startswith("."):
+                continue
+            frames.append(pq.read_table(p).to_pandas())
+    if not frames:
+        return pd.DataFrame(columns=PART_COLUMNS)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _ledger(store: Store) -> pd.DataFrame:
+    """Every record the store knows of, one per file: the newest (by batch id) wins.
+
+    An 'unchanged' record (same bytes, new stamp) refreshes the stamp of the record before it.
+    """
+    meta = store.meta.assign(status="accepted", reason=None)
+    rej = store.rejected.assign(status="rejected")
+    parts = _read_parts(store)
+    frames = [f for f in (meta, rej, parts) if len(f)]
+    if not frames:
+        return pd.DataFrame(columns=PART_COLUMNS + ["reason_kind"])
+    allrec = pd.concat(frames, ignore_index=True)
+    # Rows written by write_store have no file or batch: key them by spectrum id, oldest first.
+    allrec["_key"] = allrec["source_file"].where(allrec["source_file"].notna(), "id:" + allrec["spectrum_id"].astype(str))
+    allrec["_order"] = allrec["batch_id"].fillna("")
+    allrec = allrec.sort_values(["_key", "_order"], kind="stable")
+    latest_stamp = allrec.groupby("_key")["file_stamp"].last()
+    real = allrec[allrec["status"] != "unchanged"]
+    final = real.groupby("_key", sort=False).tail(1).copy()
+    final["file_stamp"] = latest_stamp.reindex(final["_key"]).to_numpy()
+    return final.drop(columns=["_key", "_order"]).reset_index(drop=True)
+
+
+def _plan_path(store: Store) -> Path:
+    return store.path / "pending.json"
+
+
+def _load_plan(store: Store) -> dict[str, Any] | None:
+    p = _plan_path(store)
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise StoreError(f"{p}: cannot read the pending ingest plan ({exc})") from exc
+
+
+def _catalogs(store: Store, new: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """Catalogue paths to label with: those of earlier ingests (if still there) plus the new ones."""
+    paths = [str(Path(p).resolve()) for p in store.info.get("catalogs", [])]
+    for p in new:
+        rp = str(Path(p).resolve())
+        if not Path(rp).exists():
+            raise StoreError(f"{p}: catalogue file does not exist")
+        if rp not in paths:
+            paths.append(rp)
+    present = [p for p in paths if Path(p).exists()]
+    for p in set(paths) - set(present):
+        log.warning("catalogue %s used by an earlier ingest is gone; labels from it are dropped", p)
+    return present
+
+
+def _label(meta: pd.DataFrame, catalog_paths: list[str]) -> pd.DataFrame:
+    if not catalog_paths:
+        meta = meta.copy()
+        meta["label"] = 0
+        meta["label_source"] = "none"
+        meta["catalog_name"] = None
+        meta["catalog_z"] = np.nan
+        return meta
+    from spectransfer.catalogs import label_spectra, load_catalog
+
+    cats = [load_catalog(p) for p in catalog_paths]
+    base = meta.drop(columns=[c for c in ("label", "label_source", "catalog_name", "catalog_z") if c in meta.columns])
+    return label_spectra(base, cats, radius_arcsec=1.5)
+
+
+def consolidate(store: Store, catalog_paths: list[str], split_config: SplitConfig) -> dict[str, Any]:
+    """Fold part files into meta.parquet / rejected.parquet, relabel, re-split; safe to repeat."""
+    ledger = _ledger(store)
+    accepted = ledger[ledger["status"] == "accepted"]
+    accepted = accepted.iloc[np.argsort(accepted["batch_id"].fillna("").to_numpy(), kind="stable")]
+    rejected = ledger[ledger["status"] == "rejected"]
+    # The same spectrum from two files (a copy, a full and a lite file): the first ingested stays.
+    dup = accepted["spectrum_id"].duplicated(keep="first")
+    n_dup = int(dup.sum())
+    if n_dup:
+        first = accepted[~dup].set_index("spectrum_id")["source_file"]
+        dups = accepted[dup].copy()
+        dups["status"] = "rejected"
+        dups["reason"] = [f"duplicate: {sid} already ingested from {first[sid]}" for sid in dups["spectrum_id"]]
+        rejected = pd.concat([rejected, dups], ignore_index=True)
+        accepted = accepted[~dup]
+    accepted = accepted.reset_index(drop=True)
+    meta = _label(accepted, catalog_paths)
+    meta, report = assign_splits(meta, split_config)
+    meta = meta.sort_values("row", kind="stable")
+    rejected = rejected.copy()
+    rejected["reason_kind"] = [reason_kind(str(r)) for r in rejected["reason"]]
+    rejected = rejected.sort_values("source_file", kind="stable")
+
+    # Order matters for crash safety: tables first (each atomic), then store.json, then the
+    # plan and parts go. A crash in between leaves parts that fold in again identically.
+    write_table(meta, store.path / "meta.parquet", META_SCHEMA)
+    write_table(rejected, store.path / "rejected.parquet", REJECTED_SCHEMA)
+    store.info["catalogs"] = catalog_paths
+    store.info["splits"] = report
+    store.info["n_rows"] = store.n_rows
+    store.info["n_live"] = int(len(meta))
+    store.save_info()
+    _plan_path(store).unlink(missing_ok=True)
+    parts_dir = store.path / "parts"
+    if parts_dir.is_dir():
+        for p in parts_dir.iterdir():
+            p.unlink(missing_ok=True)
+    store.reload()
+    return {"duplicates": n_dup, "leakage": report.get("leakage", {}), "splits": meta["split"].value_counts().to_dict()}
+
+
+def _run_tasks(tasks: list[dict[str, Any]], workers: int, scheduler: str | None, quiet: bool) -> list[dict[str, Any]]:
+    from spectransfer.progress import progress_bar
+
+    total = sum(len(t["files"]) for t in tasks)
+    results: list[dict[str, Any]] = []
+    if not tasks:
+        return results
+    with progress_bar("ingest", total=total, unit="spectra", quiet=quiet) as bar:
+        if scheduler is None and workers == 0:
+            for t in tasks:
+                res = process_batch(t)
+                results.append(res)
+                bar.advance(res["n_files"])
+            return results
+        from dask.distributed import Client, LocalCluster, as_completed
+
+        # Dask's INFO chatter (scheduler/nanny start and stop) drowns the progress bar.
+        if not log.isEnabledFor(logging.DEBUG):
+            logging.getLogger("distributed").setLevel(logging.WARNING)
+        cluster = None
+        if scheduler is not None:
+            try:
+                client = Client(scheduler, timeout="20s")
+            except (OSError, TimeoutError) as exc:
+                raise StoreError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
+        else:
+            cluster = LocalCluster(
+                n_workers=workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+            )
+            client = Client(cluster)
+        try:
+            futures = [client.submit(process_batch, t, key=f"ingest-{t['batch_id']}", pure=False) for t in tasks]
+            for fut in as_completed(futures):
+                res = fut.result()
+                results.append(res)
+                bar.advance(res["n_files"])
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    return results
+
+
+def ingest(
+    inputs: Sequence[str | os.PathLike[str]],
+    store_path: str | os.PathLike[str],
+    *,
+    survey: str = "auto",
+    catalogs: Sequence[str | os.PathLike[str]] = (),
+    workers: int = 2,
+    scheduler: str | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    zwarning_filter: bool = True,
+    coverage_filter: bool = True,
+    split_config: SplitConfig | None = None,
+    grid: Grid = DEFAULT_GRID,
+    quiet: bool = False,
+) -> IngestSummary:
+    """Add the spectra in ``inputs`` (files or folders) to the store at ``store_path``.
+
+    Creates the store if needed. Files already in the store with the same size and mtime are
+    skipped; files whose bytes changed are read again and replace their old row. An ingest
+    interrupted in any way is finished by the next call. ``workers=0`` runs in this process
+    (no Dask); ``scheduler`` is the address of an existing Dask cluster whose workers see the
+    same filesystem.
+    """
+    t0 = time.perf_counter()
+    if survey not in ("auto", "sdss", "lamost"):
+        raise StoreError(f"--survey must be sdss, lamost or auto, got {survey!r}")
+    if workers < 0:
+        raise StoreError(f"--workers must be >= 0, got {workers}")
+    if batch_size < 1:
+        raise StoreError(f"batch size must be >= 1, got {batch_size}")
+    files = find_files(inputs)
+    store_path = Path(store_path)
+    if (store_path / "store.json").exists():
+        store = open_store(store_path, mode="r+")
+        if store.grid != grid:
+            raise StoreError(f"{store_path}: store grid {store.grid} differs from the requested {grid}")
+    else:
+        store = create_store(store_path, grid=grid, chunk_rows=batch_size)
+    chunk = store.chunk_rows
+    batch_size = max(chunk, (batch_size + chunk - 1) // chunk * chunk)
+    summary = IngestSummary(store=str(store_path), files_seen=len(files))
+    options = IngestOptions(survey=survey, zwarning_filter=zwarning_filter, coverage_filter=coverage_filter)
+
+    with _Lock(store_path):
+        store.reload()
+        if split_config is None:
+            prior = store.info.get("splits", {}).get("config")
+            split_config = SplitConfig.from_dict(prior) if prior else SplitConfig()
+        catalog_paths = _catalogs(store, catalogs)
+
+        plan = _load_plan(store)
+        parts_dir = store.path / "parts"
+        done = {p.stem for p in parts_dir.glob("*.parquet")} if parts_dir.is_dir() else set()
+        pending = [b for b in (plan or {}).get("batches", []) if b["batch_id"] not in done]
+        summary.resumed_batches = len(pending)
+        in_flight = {f[0] for b in pending for f in b["files"]}
+
+        ledger = _ledger(store)
+        with_file = ledger[ledger["source_file"].notna()]
+        known = with_file.set_index("source_file")[["file_stamp", "content_hash"]]
+        todo: list[list[Any]] = []
+        for path in files:
+            if path in in_flight:
+                continue
+            try:
+                stamp = file_stamp(path)
+            except OSError as exc:
+                raise StoreError(f"{path}: cannot stat ({exc.strerror})") from exc
+            if path in known.index:
+                old_stamp, old_hash = known.at[path, "file_stamp"], known.at[path, "content_hash"]
+                if old_stamp == stamp:
+                    summary.skipped_unchanged += 1
+                    continue
+                todo.append([path, stamp, None if pd.isna(old_hash) else str(old_hash)])
+            else:
+                todo.append([path, stamp, None])
+
+        # New batches go after every row any plan or metadata has ever used.
+        seq = max(int(store.info.get("last_run_seq", 0)), int((plan or {}).get("run_seq", 0))) + 1
+        plan_end = max([b["row_start"] + b["capacity"] for b in (plan or {}).get("batches", [])] + [0])
+        row = max(store.n_rows, plan_end)
+        row = (row + chunk - 1) // chunk * chunk
+        new_batches = []
+        for i in range(0, len(todo), batch_size):
+            files_b = todo[i : i + batch_size]
+            capacity = (len(files_b) + chunk - 1) // chunk * chunk
+            new_batches.append({"batch_id": f"{seq:06d}-{i // batch_size:07d}", "row_start": row, "capacity": capacity, "files": files_b})
+            row += capacity
+        batches = pending + new_batches
+        if new_batches or pending:
+            plan_out = {"run_seq": seq, "batches": batches}
+            write_text_atomic(_plan_path(store), json.dumps(plan_out) + "\n")
+            store.info["last_run_seq"] = seq
+            store.save_info()
+            store.resize(max(b["row_start"] + b["capacity"] for b in batches))
+        summary.batches = len(batches)
+
+        tasks = [
+            {"store": str(store.path.resolve()), "options": asdict(options), "grid": grid.to_dict(), **b}
+            for b in batches
+        ]
+        if pending:
+            log.info("resuming %d unfinished batches of an interrupted ingest", len(pending))
+        t_run = time.perf_counter()
+        results = _run_tasks(tasks, workers=workers, scheduler=scheduler, quiet=quiet)
+        run_seconds = time.perf_counter() - t_run
+        for r in results:
+            summary.files_processed += r["n_files"]
+            summary.accepted += r["accepted"]
+            summary.rejected += r["rejected"]
+            summary.unchanged_content += r["unchanged"]
+
+        needs_consolidation = (
+            bool(batches)
+            or bool(done)
+            or bool(catalogs)
+            or not (store.path / "meta.parquet").exists()
+            or store.info.get("splits", {}).get("config") != split_config.to_dict()
+        )
+        if needs_consolidation:
+            result = consolidate(store, catalog_paths, split_config)
+            summary.duplicates = result["duplicates"]
+        store.reload()
+        summary.live_rows = len(store.meta)
+        summary.rows_allocated = store.n_rows
+        rej = store.rejected
+        summary.rejected_by_kind = {str(k): int(v) for k, v in rej["reason_kind"].value_counts().items()}
+        summary.leakage = store.info.get("splits", {}).get("leakage", {})
+        summary.splits = {str(k): int(v) for k, v in store.meta["split"].value_counts().items()}
+        summary.seconds = time.perf_counter() - t0
+        history = store.info.setdefault("ingests", [])
+        history.append(
+            {
+                "run_seq": seq,
+                "finished": pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds"),
+                "files_seen": summary.files_seen,
+                "files_processed": summary.files_processed,
+                "accepted": summary.accepted,
+                "rejected": summary.rejected,
+                "unchanged_content": summary.unchanged_content,
+                "skipped_unchanged": summary.skipped_unchanged,
+                "workers": workers if scheduler is None else scheduler,
+                "seconds": round(summary.seconds, 3),
+                "read_seconds": round(run_seconds, 3),
+            }
+        )
+        del history[:-50]
+        store.save_info()
+    return summary

@@ -1,0 +1,360 @@
+"""The spectral store: normalised spectra in zarr, one metadata row per spectrum in parquet.
+
+A store is a folder that any number of ingests append to and that training, evaluation and
+discovery read without loading it into memory::
+
+    STORE/store.json        format, grid, versions, creation time, split settings, history
+    STORE/spectra.zarr      zarr v3 group: ``flux`` and ``ivar``, float32 (N, n_bins), row chunks
+    STORE/meta.parquet      one row per live spectrum; ``row`` indexes the arrays
+    STORE/rejected.parquet  one row per rejected file with the reason
+
+The arrays may hold rows no live metadata row points to (a file that was re-read because its
+content changed keeps its old row; files that fail a filter leave their slot of a batch
+empty; an interrupted ingest may leave unused slots). Readers always go through
+``meta.row``; ``stats`` reports how many array rows are dead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from spectransfer.config import DEFAULT_GRID, Grid
+from spectransfer.errors import StoreError
+from spectransfer.provenance import atomic_path, dependency_versions, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+FORMAT = "spectransfer-store"
+FORMAT_VERSION = 1
+DEFAULT_CHUNK_ROWS = 256
+
+# Column order and arrow types of meta.parquet (the contract other modules read).
+META_SCHEMA = pa.schema(
+    [
+        ("row", pa.int64()),
+        ("spectrum_id", pa.string()),
+        ("survey", pa.string()),
+        ("plate", pa.int64()),
+        ("mjd", pa.int64()),
+        ("fiberid", pa.int64()),
+        ("obsid", pa.int64()),
+        ("lmjd", pa.int64()),
+        ("planid", pa.string()),
+        ("spid", pa.int64()),
+        ("ra", pa.float64()),
+        ("dec", pa.float64()),
+        ("pipeline_class", pa.string()),
+        ("pipeline_subclass", pa.string()),
+        ("z", pa.float64()),
+        ("zwarning", pa.int64()),
+        ("snr", pa.float32()),
+        ("mag", pa.float32()),
+        ("label", pa.int8()),
+        ("label_source", pa.string()),
+        ("catalog_name", pa.string()),
+        ("catalog_z", pa.float64()),
+        ("object_id", pa.string()),
+        ("split", pa.string()),
+        ("source_file", pa.string()),
+        ("content_hash", pa.string()),
+        ("file_stamp", pa.string()),
+        ("batch_id", pa.string()),
+    ]
+)
+META_COLUMNS = list(META_SCHEMA.names)
+INT_COLUMNS = [f.name for f in META_SCHEMA if pa.types.is_integer(f.type) and f.name not in ("row", "label")]
+
+REJECTED_SCHEMA = pa.schema(
+    [
+        ("source_file", pa.string()),
+        ("reason", pa.string()),
+        ("reason_kind", pa.string()),
+        ("content_hash", pa.string()),
+        ("file_stamp", pa.string()),
+        ("batch_id", pa.string()),
+    ]
+)
+REJECTED_COLUMNS = list(REJECTED_SCHEMA.names)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def conform(df: pd.DataFrame, schema: pa.Schema) -> pd.DataFrame:
+    """Return ``df`` with exactly the schema's columns (missing ones null), in its order and dtypes.
+
+    Integer columns become pandas nullable ``Int64`` (null where not applicable, e.g. ``plate``
+    of a LAMOST spectrum), strings stay ``object`` with ``None`` for missing.
+    """
+    out = pd.DataFrame(index=df.index)
+    for f in schema:
+        col = df[f.name] if f.name in df.columns else pd.Series([None] * len(df), index=df.index, dtype=object)
+        if pa.types.is_integer(f.type):
+            if f.name in ("row",):
+                out[f.name] = col.astype("int64")
+            elif f.name == "label":
+                out[f.name] = pd.to_numeric(col, errors="coerce").fillna(0).astype("int8")
+            else:
+                out[f.name] = pd.to_numeric(col, errors="coerce").astype("Int64")
+        elif pa.types.is_floating(f.type):
+            dtype = "float32" if f.type == pa.float32() else "float64"
+            out[f.name] = pd.to_numeric(col, errors="coerce").astype(dtype)
+        else:
+            values = [None if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA else str(v) for v in col.tolist()]
+            out[f.name] = pd.Series(values, index=df.index, dtype=object)
+    return out.reset_index(drop=True)
+
+
+def write_table(df: pd.DataFrame, path: Path, schema: pa.Schema) -> None:
+    """Write ``df`` (conformed to ``schema``) as parquet under a temporary name, then rename."""
+    table = pa.Table.from_pandas(conform(df, schema), schema=schema, preserve_index=False)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def read_table(path: Path, schema: pa.Schema) -> pd.DataFrame:
+    """Read a parquet file written by :func:`write_table` (empty frame with the schema if absent)."""
+    if not path.exists():
+        return conform(pd.DataFrame(), schema)
+    try:
+        df = pq.read_table(path).to_pandas()
+    except Exception as exc:  # noqa: BLE001 - any parquet failure means a damaged store
+        raise StoreError(f"{path}: cannot read ({exc})") from exc
+    return conform(df, schema)
+
+
+def _compressor() -> Any:
+    from zarr.codecs import BloscCodec, BloscShuffle
+
+    return BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle)
+
+
+@dataclass
+class Store:
+    """An opened store; arrays are zarr (read lazily), metadata is a pandas DataFrame."""
+
+    path: Path
+    info: dict[str, Any]
+    mode: str = "r"
+    _meta: pd.DataFrame | None = field(default=None, repr=False)
+    _rejected: pd.DataFrame | None = field(default=None, repr=False)
+    _group: Any = field(default=None, repr=False)
+
+    @property
+    def grid(self) -> Grid:
+        return Grid.from_dict(self.info["grid"])
+
+    @property
+    def group(self) -> Any:
+        if self._group is None:
+            import zarr
+
+            self._group = zarr.open_group(str(self.path / "spectra.zarr"), mode=self.mode)
+        return self._group
+
+    @property
+    def flux(self) -> Any:
+        return self.group["flux"]
+
+    @property
+    def ivar(self) -> Any:
+        return self.group["ivar"]
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self.flux.chunks[0])
+
+    @property
+    def n_rows(self) -> int:
+        """Rows allocated in the arrays (live or not)."""
+        return int(self.flux.shape[0])
+
+    @property
+    def meta(self) -> pd.DataFrame:
+        if self._meta is None:
+            self._meta = read_table(self.path / "meta.parquet", META_SCHEMA)
+        return self._meta
+
+    @property
+    def rejected(self) -> pd.DataFrame:
+        if self._rejected is None:
+            self._rejected = read_table(self.path / "rejected.parquet", REJECTED_SCHEMA)
+        return self._rejected
+
+    def rows(self, survey: str | None = None, split: str | None = None) -> np.ndarray:
+        """Sorted array-row indices of the live spectra, optionally of one survey and/or split."""
+        m = self.meta
+        keep = np.ones(len(m), dtype=bool)
+        if survey is not None:
+            keep &= (m["survey"] == survey).to_numpy()
+        if split is not None:
+            keep &= (m["split"] == split).to_numpy()
+        return np.sort(m["row"].to_numpy(dtype=np.int64)[keep])
+
+    def reload(self) -> None:
+        self._meta = None
+        self._rejected = None
+        self._group = None
+        self.info = _read_info(self.path)
+
+    def save_info(self) -> None:
+        write_text_atomic(self.path / "store.json", json.dumps(self.info, indent=2, sort_keys=True) + "\n")
+
+    def resize(self, n_rows: int) -> None:
+        """Grow (never shrink) both arrays to ``n_rows`` rows."""
+        for name in ("flux", "ivar"):
+            arr = self.group[name]
+            if arr.shape[0] < n_rows:
+                arr.resize((n_rows, arr.shape[1]))
+
+
+def _read_info(path: Path) -> dict[str, Any]:
+    info_path = path / "store.json"
+    if not info_path.exists():
+        raise StoreError(f"{path}: not a spectransfer store (no store.json)")
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise StoreError(f"{info_path}: cannot read ({exc})") from exc
+    if info.get("format") != FORMAT:
+        raise StoreError(f"{info_path}: format is {info.get('format')!r}, expected {FORMAT!r}")
+    if int(info.get("format_version", 0)) > FORMAT_VERSION:
+        raise StoreError(f"{info_path}: format_version {info['format_version']} is newer than this program reads ({FORMAT_VERSION})")
+    return info
+
+
+def open_store(path: str | Path, mode: str = "r") -> Store:
+    """Open an existing store (``mode="r+"`` to let ingest write to its arrays)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise StoreError(f"{path}: store folder does not exist")
+    store = Store(path=path, info=_read_info(path), mode=mode)
+    if not (path / "spectra.zarr").is_dir():
+        raise StoreError(f"{path}: store has no spectra.zarr")
+    return store
+
+
+def create_store(path: str | Path, grid: Grid = DEFAULT_GRID, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Store:
+    """Make an empty store folder (arrays of 0 rows); refuses a folder that holds anything else."""
+    import zarr
+
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        raise StoreError(f"{path}: folder exists and is not an empty store")
+    if chunk_rows < 1:
+        raise StoreError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    path.mkdir(parents=True, exist_ok=True)
+    group = zarr.open_group(str(path / "spectra.zarr"), mode="w", zarr_format=3)
+    for name in ("flux", "ivar"):
+        group.create_array(
+            name,
+            shape=(0, grid.n_bins),
+            chunks=(chunk_rows, grid.n_bins),
+            dtype="float32",
+            fill_value=0.0,
+            compressors=_compressor(),
+            dimension_names=("row", "bin"),
+        )
+    info = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "store_id": str(uuid.uuid4()),
+        "grid": grid.to_dict(),
+        "created": _now(),
+        "versions": dependency_versions(),
+    }
+    # store.json last: a folder without it is not a store yet.
+    write_text_atomic(path / "store.json", json.dumps(info, indent=2, sort_keys=True) + "\n")
+    return Store(path=path, info=info, mode="r+")
+
+
+def write_store(
+    path: str | Path,
+    flux: np.ndarray,
+    ivar: np.ndarray,
+    meta: pd.DataFrame,
+    grid: Grid = DEFAULT_GRID,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    seed: int = 0,
+) -> Store:
+    """Write a complete store in one go from arrays (e.g. for tests of the modules that read one).
+
+    ``meta`` needs one row per array row; missing contract columns are filled with nulls,
+    ``row`` with 0..N-1, ``spectrum_id`` with ``"row-i"``, ``label``/``label_source`` with
+    0/'none', and ``object_id``/``split`` by the object-level split of :mod:`spectransfer.splits`.
+    """
+    from spectransfer.splits import SplitConfig, assign_splits
+
+    flux = np.asarray(flux, dtype=np.float32)
+    ivar = np.asarray(ivar, dtype=np.float32)
+    if flux.ndim != 2 or flux.shape != ivar.shape or flux.shape[1] != grid.n_bins:
+        raise StoreError(f"flux and ivar must both be (N, {grid.n_bins}); got {flux.shape} and {ivar.shape}")
+    if len(meta) != flux.shape[0]:
+        raise StoreError(f"meta has {len(meta)} rows but the arrays have {flux.shape[0]}")
+    store = create_store(path, grid=grid, chunk_rows=chunk_rows)
+    n = flux.shape[0]
+    store.resize(n)
+    if n:
+        store.flux[:] = flux
+        store.ivar[:] = ivar
+    meta = meta.copy().reset_index(drop=True)
+    meta["row"] = np.arange(n, dtype=np.int64)
+    if "spectrum_id" not in meta.columns:
+        meta["spectrum_id"] = [f"row-{i}" for i in range(n)]
+    if "label" not in meta.columns:
+        meta["label"] = 0
+    if "label_source" not in meta.columns:
+        meta["label_source"] = "none"
+    report: dict[str, Any] = {}
+    if "split" not in meta.columns or meta["split"].isna().any():
+        meta, report = assign_splits(meta, SplitConfig(seed=seed))
+    elif "object_id" not in meta.columns:
+        meta["object_id"] = meta["spectrum_id"]
+    write_table(meta, store.path / "meta.parquet", META_SCHEMA)
+    write_table(pd.DataFrame(), store.path / "rejected.parquet", REJECTED_SCHEMA)
+    store.info["splits"] = report
+    store.save_info()
+    store.reload()
+    return store
+
+
+def store_stats(store: Store) -> dict[str, Any]:
+    """Counts a person wants before training: per survey, class, label source, split, rejection."""
+    m = store.meta
+    rej = store.rejected
+
+    def counts(series: pd.Series) -> dict[str, int]:
+        s = series.fillna("(missing)").astype(str)
+        return {str(k): int(v) for k, v in s.value_counts().sort_index().items()}
+
+    split_qso = {}
+    if len(m):
+        for split, part in m.groupby(m["split"].fillna("(missing)")):
+            split_qso[str(split)] = {"spectra": int(len(part)), "quasars": int((part["label"] == 1).sum()), "objects": int(part["object_id"].nunique())}
+    return {
+        "path": str(store.path),
+        "store_id": store.info.get("store_id"),
+        "n_live": int(len(m)),
+        "n_rows_allocated": store.n_rows,
+        "n_dead_rows": int(store.n_rows - len(m)),
+        "n_rejected": int(len(rej)),
+        "survey": counts(m["survey"]),
+        "pipeline_class": counts(m["pipeline_class"]),
+        "label": counts(m["label"].map({1: "quasar", 0: "other"})),
+        "label_source": counts(m["label_source"]),
+        "split": split_qso,
+        "rejected": counts(rej["reason_kind"]),
+        "leakage": store.info.get("splits", {}).get("leakage", {}),
+    }
