@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -54,6 +55,7 @@ class SasServer(ThreadingHTTPServer):
         self.drop_once: set[str] = set()
         self.slow: dict[str, float] = {}
         self.errors_before_ok: dict[str, int] = {}
+        self.trickle: set[str] = set()  # paths sent in small pieces, slowly
         self.corrupt: dict[str, bytes] = {}
         self.ignore_range = False
         self.delay = 0.0
@@ -133,6 +135,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(payload[: len(payload) // 2])
             self.wfile.flush()
             self.close_connection = True  # the rest never comes
+            return
+        if path in srv.trickle:
+            for i in range(0, len(payload), 8192):
+                if srv.release.wait(0.05):
+                    return
+                self.wfile.write(payload[i : i + 8192])
+                self.wfile.flush()
             return
         self.wfile.write(payload)
 
@@ -451,6 +460,37 @@ def test_cli_missing_list_is_one_line_exit_2(tmp_path: Path) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "nope.csv" in lines[0] and "not found" in lines[0]
     assert not (tmp_path / "d").exists()
+
+
+def test_cli_interrupt_keeps_part_and_the_next_run_resumes(server: SasServer, sdss_files: dict[str, bytes], tmp_path: Path) -> None:
+    path = max(sdss_files, key=lambda p: len(sdss_files[p]))
+    server.trickle.add(path)
+    lst = _write_list(tmp_path / "l.csv", [path])
+    dest = tmp_path / "dest"
+    part = dest / (_rel(path) + ".part")
+    cmd = [sys.executable, "-m", "spectransfer", "fetch", "sdss", "--list", str(lst), "--dest", str(dest), "--base-url", server.url + "/sas", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(400):  # wait (at most ~40 s) until some bytes have arrived
+            if part.exists() and part.stat().st_size > 0:
+                break
+            time.sleep(0.1)
+        assert part.exists(), "download never started"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err  # the conventional exit status after SIGINT
+    kept = part.stat().st_size
+    assert 0 < kept < len(sdss_files[path])
+    assert not (dest / _rel(path)).exists()
+    server.trickle.clear()
+    server.reset_counts()
+    summary = _run(server, sdss_items(lst, base_url=server.url + "/sas"), dest)
+    assert summary.fetched == 1 and server.ranges == [(path, kept)]
+    assert (dest / _rel(path)).read_bytes() == sdss_files[path]
 
 
 def test_cli_fetch_summary_and_exit_code(server: SasServer, sdss_files: dict[str, bytes], tmp_path: Path) -> None:
