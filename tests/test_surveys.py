@@ -274,7 +274,10 @@ def test_not_fits(tmp_path: Path, shared_data: Path) -> None:
     assert "not a FITS file" in _reason(bad)
     empty = tmp_path / "empty.fits"
     empty.write_bytes(b"")
-    assert "truncated" in _reason(empty)
+    assert "empty file" in _reason(empty)
+    short = tmp_path / "short.fits"
+    short.write_bytes((shared_data / "sdss" / "spec-0266-51602-0001.fits").read_bytes()[:40])
+    assert "truncated" in _reason(short)
     assert "cannot open" in _reason(tmp_path / "absent.fits")
 
 

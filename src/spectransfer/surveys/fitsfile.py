@@ -133,13 +133,23 @@ class FitsFile:
         self._hdus: list[_Hdu] = []
         self._end = False  # True once we know there is no further HDU
         try:
-            first = self._read_exact(0, CARD, what="primary header")
-        except SpectrumError:
+            first = self._fh.read(CARD)
+        except (OSError, EOFError, gzip.BadGzipFile) as exc:
             self.close()
-            raise
-        if not first.startswith(b"SIMPLE  =") or first[29:30] != b"T":
+            raise SpectrumError(self.path, f"truncated or corrupt file while reading the primary header ({exc})") from None
+        self._pos = len(first)
+        reason = None
+        if not first:
+            reason = "empty file (0 bytes)"
+        elif not first.startswith(b"SIMPLE  ="[: len(first)]):
+            reason = "not a FITS file (no SIMPLE = T card)"
+        elif len(first) < CARD:
+            reason = f"truncated file: primary header needs {CARD} bytes, only {len(first)} present"
+        elif first[29:30] != b"T":
+            reason = "not a standard FITS file (SIMPLE is not T)"
+        if reason:
             self.close()
-            raise SpectrumError(self.path, "not a FITS file (no SIMPLE = T card)")
+            raise SpectrumError(self.path, reason)
 
     # -- context manager -------------------------------------------------------------------
     def __enter__(self) -> "FitsFile":
