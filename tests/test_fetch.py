@@ -219,6 +219,13 @@ def test_sdss_urls_follow_the_sas_layout(tmp_path: Path) -> None:
         sdss_items(lst, release="dr99")
 
 
+def test_real_skyserver_row_plans_the_legacy_folders(shared_data: Path) -> None:
+    # astroquery's SkyServer test row: columns plate, mjd, fiberID (mixed case), an SDSS-I plate
+    (item,) = sdss_items(shared_data / "catalogs" / "astroquery_sdss_xid.csv")
+    assert item.key == "spec-0751-52251-0160.fits"
+    assert item.targets[0].path == "dr16/sdss/spectro/redux/26/spectra/lite/0751/spec-0751-52251-0160.fits"
+
+
 def test_fits_list_with_upper_case_columns_and_run2d(tmp_path: Path) -> None:
     lst = tmp_path / "dr16q_cut.fits"
     Table({"PLATE": [266, 7457, 266], "MJD": [51630, 56746, 51630], "FIBERID": [4, 1, 4], "RUN2D": ["103", "v5_13_0", "103"]}).write(lst)
