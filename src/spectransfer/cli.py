@@ -369,6 +369,135 @@ def info(
         raise typer.Exit(1)
 
 
+# ---- train (issue 5: model and training) ----------------------------------------------------
+@app.command("train")
+def train_cmd(
+    store: Path = typer.Option(..., "--store", help="Store folder to train on (rows with split train; val for early stopping)."),
+    out: Path = typer.Option(..., "--out", help="Run folder to write (config.toml, model.safetensors, checkpoints/, metrics.jsonl, tb/)."),
+    survey: Optional[str] = typer.Option(None, "--survey", help="Use only the store rows of this survey (sdss, lamost); default all."),
+    mode: str = typer.Option("scratch", "--mode", help="scratch: fresh Xavier weights. finetune: load all weights from --init, train all layers with a fresh optimizer. freeze-conv: load --init, train only the dense head."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Pretrained run folder for finetune / freeze-conv (same model and grid)."),
+    model: str = typer.Option("vgg-a", "--model", help="Network: vgg-a (the paper's), vgg-b, vgg-d or vgg-e."),
+    input_: str = typer.Option("flux", "--input", help="Network input: flux (the paper's) or flux+ivar (a second channel sqrt(ivar)/max)."),
+    max_epochs: int = typer.Option(50, "--max-epochs", help="Upper bound on passes over the training rows."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Upper bound on optimisation steps (default: no bound)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of weights, data order, dropout and --train-fraction subsets."),
+    devices: int = typer.Option(1, "--devices", help="Processes on this machine (DDP; one per GPU, or CPU processes with gloo). Under torchrun the world comes from torchrun."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Spectra per step and process."),
+    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
+    eval_every: int = typer.Option(1000, "--eval-every", help="Evaluate on the validation rows (and checkpoint) every this many steps."),
+    patience: int = typer.Option(10, "--patience", help="Stop after this many evaluations without improvement."),
+    early_stop: str = typer.Option("f1", "--early-stop", help="Early-stopping metric: f1 (validation F1 at p=0.5) or loss (validation BCE)."),
+    imbalance: str = typer.Option("none", "--imbalance", help="none | pos-weight | balanced. " + "none (the paper): plain BCE. pos-weight: BCE pos_weight = n_neg/n_pos, raises recall at 0.5 and lowers precision, probabilities shift up (calibrate with evaluate). balanced: stream resampled to ~half quasars per batch (positives repeat); same effect on probabilities."),
+    precision: str = typer.Option("auto", "--precision", help="fp32 or bf16 (torch.amp autocast, also on CPU); auto = bf16 on GPU, fp32 on CPU."),
+    train_fraction: Optional[float] = typer.Option(None, "--train-fraction", help="Train on this fraction of the training rows (deterministic subset by --seed)."),
+    train_limit: Optional[int] = typer.Option(None, "--train-limit", help="Train on at most this many training rows (deterministic subset by --seed)."),
+    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes reading the store (0 = read in the training process)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from checkpoints/last.pt with its saved settings."),
+    debug_rows: bool = typer.Option(False, "--debug-rows", help="Log the row ids each process consumed and its final weights to RUN/debug/."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Train the 1-D VGG on a store: pretrain, fine-tune (--init) or the scratch baseline."""
+    from spectransfer.train import TrainConfig, train
+
+    if input_ not in ("flux", "flux+ivar"):
+        fail(f"--input must be flux or flux+ivar, got {input_!r}")
+    cfg = TrainConfig(
+        store=str(store), out=str(out), survey=survey, mode=mode, init=str(init) if init else None, model=model,
+        in_channels=2 if input_ == "flux+ivar" else 1, max_epochs=max_epochs, max_steps=max_steps, seed=seed,
+        devices=devices, device=device, batch_size=batch_size, lr=lr, eval_every=eval_every, patience=patience,
+        early_stop=early_stop, imbalance=imbalance, precision=precision, train_fraction=train_fraction,
+        train_limit=train_limit, num_workers=workers, debug_rows=debug_rows,
+    )
+    summary = train(cfg, resume=resume, quiet=quiet)
+    typer.echo(f"{out}: best {summary['metric']} {summary['best']:.4f} at step {summary['best_step']} "
+               f"({summary['steps']} steps{', stopped early' if summary['stopped_early'] else ''})")
+
+
+# ---- evaluate + learning-curve (issue 6; --verdicts from issue 8) ---------------------------
+@app.command("evaluate")
+def evaluate_cmd(
+    runs: list[Path] = typer.Argument(..., help="Run folders to evaluate and compare on the same spectra (e.g. transfer, scratch, and the pretrained run as zero-shot)."),
+    store: Path = typer.Option(..., "--store", help="Store whose split is scored (its grid must be the runs' grid)."),
+    out: Path = typer.Option(..., "--out", help="Report folder: metrics.json, report.html, RUN-NAME/predictions.parquet and false_positives/negatives.csv."),
+    split: str = typer.Option("test", "--split", help="Split to evaluate: test (default), val or train. Thresholds and temperatures are always fitted on val."),
+    survey: Optional[str] = typer.Option(None, "--survey", help="Evaluate only the spectra of this survey (sdss, lamost); default all."),
+    target_precision: Optional[float] = typer.Option(None, "--target-precision", help="Choose the threshold on val as the lowest one reaching this precision (default: maximum F1)."),
+    target_recall: Optional[float] = typer.Option(None, "--target-recall", help="Choose the threshold on val as the highest one reaching this recall (default: maximum F1)."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% intervals and paired tests (0 = no intervals)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resampling."),
+    verdicts: Optional[Path] = typer.Option(None, "--verdicts", help="Verdicts SQLite from `spectransfer inspect`: also report precision/recall with visually confirmed quasars counted as positives."),
+    learning_curve: Optional[Path] = typer.Option(None, "--learning-curve", help="Folder written by `spectransfer learning-curve`; its curve is added to the report."),
+    gallery: int = typer.Option(6, "--gallery", help="False positives and false negatives per run shown as spectra in the report (0 = none)."),
+    batch_size: int = typer.Option(1024, "--batch-size", help="Spectra per scoring batch."),
+    engine: str = typer.Option("torch", "--engine", help="Scoring engine: torch or onnx."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Score runs on a split: metrics with intervals, calibration, breakdowns, paired tests, HTML report."""
+    from spectransfer.errors import EvaluateError
+    from spectransfer.evaluate import evaluate_runs
+
+    if split not in ("train", "val", "test"):
+        raise EvaluateError(f"--split must be train, val or test, got {split!r}")
+    if engine not in ("torch", "onnx"):
+        raise EvaluateError(f"--engine must be torch or onnx, got {engine!r}")
+    if bootstrap < 0 or batch_size < 1 or gallery < 0:
+        raise EvaluateError("--bootstrap and --gallery must be >= 0, --batch-size >= 1")
+    doc = evaluate_runs(
+        runs, store, out, split=split, survey=survey, target_precision=target_precision, target_recall=target_recall,
+        n_resamples=bootstrap, seed=seed, verdicts_path=verdicts, learning_curve_dir=learning_curve,
+        batch_size=batch_size, engine=engine, gallery=gallery, quiet=quiet,
+    )
+
+    def f(v: object) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    for name, e in doc["runs"].items():
+        typer.echo(f"{name}: P {f(e['precision'])} R {f(e['recall'])} F1 {f(e['f1'])} ROC AUC {f(e['roc_auc'])} "
+                   f"PR AUC {f(e['pr_auc'])} (threshold 0.5, {e['n']} spectra, {e['n_qso']} QSO)")
+        for a in (e.get("verdicts") or {}).get("at", [])[:1]:
+            c = a["verdict_corrected"]
+            typer.echo(f"{name}: with verdicts P {f(c['precision'])} R {f(c['recall'])} F1 {f(c['f1'])}")
+    typer.echo(f"report: {out / 'report.html'}")
+
+
+@app.command("learning-curve")
+def learning_curve_cmd(
+    source_run: Path = typer.Option(..., "--source-run", help="Pretrained run (e.g. on LAMOST) that the finetune cells start from."),
+    store: Path = typer.Option(..., "--store", help="Store holding the target survey's train/val/test splits."),
+    out: Path = typer.Option(..., "--out", help="Folder for learning_curve.json, learning_curve.png and runs/MODE-fF-sS/ (resumable)."),
+    fractions: str = typer.Option("0.001,0.01,0.1,1", "--fractions", help="Comma-separated fractions of the training labels to train on."),
+    seeds: int = typer.Option(3, "--seeds", help="Seeds per fraction and mode (0..N-1): different subsets, weights and data order."),
+    survey: Optional[str] = typer.Option(None, "--survey", help="Target survey (sdss, lamost) whose rows are used; default all rows of the store."),
+    modes: str = typer.Option("finetune,scratch", "--modes", help="Comma-separated training modes: finetune (from --source-run) and/or scratch."),
+    max_epochs: int = typer.Option(50, "--max-epochs", help="Upper bound on epochs per cell."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Upper bound on optimisation steps per cell."),
+    eval_every: int = typer.Option(1000, "--eval-every", help="Validation (early stopping) every this many steps."),
+    patience: int = typer.Option(10, "--patience", help="Stop a cell after this many evaluations without improvement."),
+    train_batch_size: int = typer.Option(256, "--train-batch-size", help="Spectra per training step."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda."),
+    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes per cell (0 = in process)."),
+    batch_size: int = typer.Option(1024, "--batch-size", help="Spectra per scoring batch on the test split."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Fine-tune vs scratch on growing fractions of the labels: test F1 / PR AUC vs number of labels."""
+    from spectransfer.learning_curve import parse_fractions, run_learning_curve
+
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    opts = {"max_epochs": max_epochs, "max_steps": max_steps, "eval_every": eval_every, "patience": patience,
+            "batch_size": train_batch_size, "device": device, "num_workers": workers}
+    doc = run_learning_curve(
+        source_run, store, out, parse_fractions(fractions), seeds, survey=survey, modes=mode_list,
+        train_options=opts, batch_size=batch_size, quiet=quiet,
+    )
+    for s in doc["summary"]:
+        typer.echo(f"{s['mode']:8s} fraction {s['fraction']:<8g} labels {s['n_train_labels']:>10.0f}  "
+                   f"F1 {s['f1_mean'] if s['f1_mean'] is not None else float('nan'):.4f} ± {s['f1_std'] or 0:.4f}  "
+                   f"PR AUC {s['pr_auc_mean'] if s['pr_auc_mean'] is not None else float('nan'):.4f} ± {s['pr_auc_std'] or 0:.4f}")
+    typer.echo(f"learning curve: {out / 'learning_curve.json'}")
+
+
 # ---- end of commands ------------------------------------------------------------------------
 
 

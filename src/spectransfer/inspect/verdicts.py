@@ -136,7 +136,7 @@ def export_fits(db_path: str | os.PathLike[str], out: str | os.PathLike[str], ov
     rows = VerdictDB(db_path, create=False).rows()
 
     def strcol(name: str, key: str) -> fits.Column:
-        # FITS strings are ASCII: other characters (a name like "zoë") become \\x.. escapes.
+        # FITS strings are ASCII: other characters (a name like "zoë") become \x.. escapes.
         values = [r[key].encode("ascii", "backslashreplace") for r in rows]
         width = max([1] + [len(v) for v in values])
         return fits.Column(name=name, format=f"{width}A", array=np.array(values, dtype=f"S{width}"))

@@ -1,0 +1,400 @@
+"""The inspection web application: a static page plus a small JSON API over candidates and verdicts.
+
+Nothing a request sends is ever used as a path: spectra are looked up by a spectrum id that
+must exist in the candidates table, and the file read is the one that table names. Every
+malformed request gets a 4xx with a reason and changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote
+
+import numpy as np
+import pandas as pd
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+from spectransfer import __version__
+from spectransfer.inspect import InspectError
+from spectransfer.inspect.verdicts import VERDICTS, VerdictDB
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+MAX_POINTS = 5000
+MAX_PAGE = 500
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+# Columns of the candidates contract this page uses; the first three are required.
+REQUIRED = ("SPECTRUM_ID", "P_QSO", "CATEGORY")
+OPTIONAL = (
+    "ROW", "SURVEY", "PLATE", "MJD", "FIBERID", "OBSID", "LMJD", "PLANID", "SPID", "RA", "DEC",
+    "CLASS", "SUBCLASS", "Z", "CAT_LABEL", "LABEL_SOURCE", "CATALOG_Z", "PIPE_NOT_QSO", "SOURCE_FILE",
+)
+CATEGORIES = ("new_candidate", "missed_by_model", "agree_qso", "agree_other")
+
+
+# ---- candidates table -------------------------------------------------------------------------
+
+
+def load_candidates(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read a candidates table (the .parquet beside the FITS when present), sorted by P_QSO desc."""
+    path = Path(path)
+    parquet = path.with_suffix(".parquet")
+    try:
+        if path.suffix == ".parquet" or parquet.is_file():
+            src = path if path.suffix == ".parquet" else parquet
+            import pyarrow.parquet as pq
+
+            names = pq.read_schema(src).names
+            upper = {n.upper(): n for n in names}
+            want = [upper[c] for c in REQUIRED + OPTIONAL if c in upper]
+            df = pq.read_table(src, columns=want).to_pandas()
+            df.columns = [c.upper() for c in df.columns]
+        elif path.is_file():
+            from astropy.table import Table
+
+            t = Table.read(path, hdu="CANDIDATES")
+            keep = [c for c in t.colnames if c.upper() in REQUIRED + OPTIONAL]
+            t = t[keep]
+            df = t.to_pandas()
+            df.columns = [c.upper() for c in df.columns]
+        else:
+            raise InspectError(f"{path}: candidates table not found")
+    except InspectError:
+        raise
+    except Exception as exc:  # unreadable file: name it and say why, never a traceback
+        raise InspectError(f"{path}: cannot read candidates table ({type(exc).__name__}: {exc})") from exc
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise InspectError(f"{path}: candidates table lacks column(s) {', '.join(missing)}")
+    return prepare_candidates(df, str(path))
+
+
+def prepare_candidates(df: pd.DataFrame, name: str = "candidates") -> pd.DataFrame:
+    """Normalise types (bytes -> str, blanks -> missing) and sort by P_QSO descending, then id."""
+    df = df.copy()
+    for col in df.columns:
+        if pd.api.types.is_object_dtype(df[col]) or pd.api.types.is_string_dtype(df[col]) or df[col].dtype.kind == "S":
+            df[col] = df[col].astype(object).map(_clean_str)
+    if df["SPECTRUM_ID"].isna().any():
+        raise InspectError(f"{name}: empty SPECTRUM_ID in the candidates table")
+    if df["SPECTRUM_ID"].duplicated().any():
+        dup = df.loc[df["SPECTRUM_ID"].duplicated(), "SPECTRUM_ID"].iloc[0]
+        raise InspectError(f"{name}: SPECTRUM_ID {dup!r} appears more than once")
+    df["P_QSO"] = pd.to_numeric(df["P_QSO"], errors="coerce").astype("f8")
+    df = df.sort_values(["P_QSO", "SPECTRUM_ID"], ascending=[False, True], na_position="last", kind="stable")
+    return df.set_index("SPECTRUM_ID", drop=False)
+
+
+def _clean_str(v: Any) -> Any:
+    if isinstance(v, bytes):
+        v = v.decode("utf-8", "replace")
+    if isinstance(v, str):
+        v = v.strip()
+        return v if v else None
+    return v
+
+
+def _jsonable(v: Any) -> Any:
+    """A table cell as JSON: numpy scalars -> Python, NaN/NA -> None."""
+    if v is None or v is pd.NA or v is pd.NaT:
+        return None
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if isinstance(v, (np.bool_, bool)):
+        return bool(v)
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return float(v) if math.isfinite(v) else None
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    return v
+
+
+def _record(row: pd.Series) -> dict[str, Any]:
+    return {k.lower(): _jsonable(v) for k, v in row.items()}
+
+
+# ---- spectra ------------------------------------------------------------------------------------
+
+
+def downsample(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, max_points: int = MAX_POINTS) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Merge consecutive pixels (ivar-weighted flux, summed ivar) until at most ``max_points`` remain."""
+    n = wave.shape[0]
+    k = max(1, math.ceil(n / max_points))
+    if k == 1:
+        return wave, flux, ivar, 1
+    starts = np.arange(0, n, k)
+    counts = np.diff(np.append(starts, n))
+    w = np.where(ivar > 0, ivar, 0.0)
+    wsum = np.add.reduceat(w, starts)
+    fw = np.add.reduceat(flux * w, starts)
+    fmean = np.add.reduceat(flux, starts) / counts
+    out_flux = np.where(wsum > 0, fw / np.where(wsum > 0, wsum, 1.0), fmean)
+    out_wave = np.add.reduceat(wave, starts) / counts
+    return out_wave, out_flux, wsum, k
+
+
+def _finite_lists(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray) -> tuple[list[float], list[float], list[float]]:
+    wave = np.asarray(wave, dtype="f8")
+    flux = np.asarray(flux, dtype="f8")
+    ivar = np.asarray(ivar, dtype="f8")
+    bad = ~np.isfinite(flux) | ~np.isfinite(ivar) | (ivar < 0)
+    flux = np.where(bad, 0.0, flux)
+    ivar = np.where(bad, 0.0, ivar)
+    good = np.isfinite(wave)
+    # 7 significant digits is far below the noise and halves the JSON.
+    return (
+        np.round(wave[good], 3).tolist(),
+        [float(f"{x:.6g}") for x in flux[good]],
+        [float(f"{x:.6g}") for x in ivar[good]],
+    )
+
+
+# ---- request bodies -----------------------------------------------------------------------------
+
+
+class VerdictIn(BaseModel):
+    """A verdict as the page (or a script) posts it."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    id: str = Field(min_length=1, max_length=200, description="spectrum id from the candidates table")
+    verdict: Literal["qso", "not_qso", "unsure"]
+    z: float | None = Field(default=None, ge=-0.1, le=10.0, allow_inf_nan=False, description="redshift the inspector set")
+    inspector: str = Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")
+
+
+# ---- the application ----------------------------------------------------------------------------
+
+
+def create_app(
+    candidates: pd.DataFrame | str | os.PathLike[str],
+    store: Any,
+    db_path: str | os.PathLike[str],
+    token: str | None = None,
+    default_category: str | None = None,
+    loopback_only: bool = True,
+    search_dirs: list[str | os.PathLike[str]] | None = None,
+) -> FastAPI:
+    """Build the app.
+
+    ``store`` is an opened store (``.flux``, ``.ivar``, ``.grid``) or None (original files only).
+    With ``token`` set every request must carry it (``Authorization: Bearer``, ``X-Token`` or
+    ``?token=``). ``loopback_only`` rejects requests whose Host header is not a loopback name
+    (DNS-rebinding guard for the default 127.0.0.1 binding). ``search_dirs`` are folders in
+    which a relative SOURCE_FILE is looked up (the candidates' and the store's folders).
+    """
+    if isinstance(candidates, pd.DataFrame):
+        table = prepare_candidates(candidates) if candidates.index.name != "SPECTRUM_ID" else candidates
+    else:
+        table = load_candidates(candidates)
+        search_dirs = [Path(candidates).parent, *(search_dirs or [])]
+    if default_category is not None and default_category not in CATEGORIES:
+        raise InspectError(f"--category must be one of {', '.join(CATEGORIES)}, not {default_category!r}")
+    db = VerdictDB(db_path)
+    dirs = [Path(d) for d in (search_dirs or [])]
+    ids = table.index
+    classes = sorted({str(c) for c in table["CLASS"].dropna().unique()}) if "CLASS" in table else []
+    has_store = store is not None
+
+    app = FastAPI(title="spectransfer inspect", version=__version__, docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json")
+    app.state.table = table
+    app.state.db = db
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Say where and why, without echoing the input back (it may not even be valid JSON: NaN).
+        errors = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "invalid"))} for e in exc.errors()]
+        return JSONResponse({"detail": errors or "invalid request"}, status_code=422)
+
+    if loopback_only:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost"])
+
+    if token is not None:
+        if len(token) < 8:
+            raise InspectError("--token must be at least 8 characters")
+
+        @app.middleware("http")
+        async def _require_token(request: Request, call_next: Any) -> Response:
+            given = request.headers.get("x-token") or request.query_params.get("token") or ""
+            auth = request.headers.get("authorization", "")
+            if auth.lower().startswith("bearer "):
+                given = auth[7:].strip()
+            if not secrets.compare_digest(given.encode(), token.encode()):
+                return JSONResponse({"detail": "missing or wrong token (send Authorization: Bearer, X-Token or ?token=)"}, status_code=401)
+            return await call_next(request)
+
+    # -- page --
+    index_html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+    if token is not None:  # the page's own assets load with the token the page was opened with
+        q = "?token=" + quote(token, safe="")
+        index_html = index_html.replace('static/app.js"', f'static/app.js{q}"').replace('static/style.css"', f'static/style.css{q}"')
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index() -> HTMLResponse:
+        return HTMLResponse(index_html, headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    # -- API --
+    @app.get("/api/info")
+    def info() -> dict[str, Any]:
+        counts = table["CATEGORY"].value_counts().to_dict()
+        return {
+            "version": __version__,
+            "n_candidates": int(len(table)),
+            "categories": {c: int(counts.get(c, 0)) for c in CATEGORIES},
+            "pipeline_classes": classes,
+            "default_category": default_category,
+            "verdicts": list(VERDICTS),
+            "has_store": has_store,
+            "max_page": MAX_PAGE,
+        }
+
+    def _split(value: str | None, allowed: list[str] | tuple[str, ...], what: str) -> list[str] | None:
+        if value is None or value == "":
+            return None
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        unknown = [v for v in items if v not in allowed]
+        if unknown:
+            raise HTTPException(422, f"unknown {what} {', '.join(map(repr, unknown))}; known: {', '.join(allowed) or 'none'}")
+        return items
+
+    @app.get("/api/candidates")
+    def list_candidates(
+        category: str | None = Query(None, max_length=200, description="comma-separated categories"),
+        pipeline_class: str | None = Query(None, max_length=200, description="comma-separated pipeline classes; 'none' = missing"),
+        p_min: float = Query(0.0, ge=0.0, le=1.0, allow_inf_nan=False),
+        p_max: float = Query(1.0, ge=0.0, le=1.0, allow_inf_nan=False),
+        status: Literal["all", "todo", "done"] = Query("all", description="with or without a verdict (by `inspector` if given)"),
+        inspector: str | None = Query(None, max_length=64),
+        offset: int = Query(0, ge=0),
+        limit: int = Query(100, ge=1, le=MAX_PAGE),
+    ) -> dict[str, Any]:
+        if p_min > p_max:
+            raise HTTPException(422, f"p_min ({p_min}) is larger than p_max ({p_max})")
+        sel = np.ones(len(table), dtype=bool)
+        cats = _split(category, CATEGORIES, "category")
+        if cats is not None:
+            sel &= table["CATEGORY"].isin(cats).to_numpy()
+        pcs = _split(pipeline_class, [*classes, "none"], "pipeline class")
+        if pcs is not None and "CLASS" in table:
+            cls = table["CLASS"]
+            sel &= (cls.isin(pcs) | (cls.isna() & ("none" in pcs))).to_numpy()
+        p = table["P_QSO"].to_numpy()
+        sel &= (p >= p_min) & (p <= p_max)
+        done = db.latest_by_spectrum(inspector or None)
+        has = ids.isin(list(done)) if done else np.zeros(len(table), dtype=bool)
+        n_inspected = int(np.count_nonzero(sel & has))
+        if status == "todo":
+            sel &= ~has
+        elif status == "done":
+            sel &= has
+        sub = table[sel]
+        page = sub.iloc[offset : offset + limit]
+        items = []
+        for sid, row in page.iterrows():
+            rec = _record(row)
+            rec["id"] = sid
+            rec["verdict"] = done.get(sid)
+            items.append(rec)
+        return {
+            "total": int(len(sub)),
+            "inspected": n_inspected,
+            "offset": offset,
+            "limit": limit,
+            "items": items,
+        }
+
+    def _lookup(spectrum_id: str) -> pd.Series:
+        if spectrum_id not in ids:
+            raise HTTPException(404, f"unknown spectrum id {spectrum_id[:200]!r}")
+        return table.loc[spectrum_id]
+
+    def _source_path(row: pd.Series) -> Path | None:
+        src = _jsonable(row.get("SOURCE_FILE"))
+        if not src:
+            return None
+        p = Path(str(src))
+        if p.is_file():
+            return p
+        if not p.is_absolute():
+            for d in dirs:
+                if (d / p).is_file():
+                    return d / p
+        return None
+
+    @lru_cache(maxsize=64)
+    def _spectrum(spectrum_id: str) -> dict[str, Any]:
+        row = table.loc[spectrum_id]
+        out: dict[str, Any] = {"id": spectrum_id, "candidate": _record(row)}
+        out["candidate"]["id"] = spectrum_id
+        out["z_pipeline"] = out["candidate"].get("z")
+        note = None
+        path = _source_path(row)
+        if path is not None:
+            try:
+                from spectransfer.surveys import read_spectrum  # readers own the formats
+
+                rec = read_spectrum(str(path))
+                ivar = np.where(np.asarray(rec.mask) != 0, 0.0, np.asarray(rec.ivar, dtype="f8"))
+                wave, flux, ivar, k = downsample(np.asarray(rec.wave, "f8"), np.asarray(rec.flux, "f8"), ivar)
+                out.update(source="original", flux_unit=rec.flux_unit, n_pixels=rec.n_pixels, binned_by=k, file=path.name)
+                out["wave"], out["flux"], out["ivar"] = _finite_lists(wave, flux, ivar)
+                return out
+            except Exception as exc:  # unreadable or no reader: fall back to the store, say why
+                note = f"original file unreadable ({type(exc).__name__}: {exc}); showing the resampled spectrum"
+                log.warning("%s: %s", path, note)
+        elif _jsonable(row.get("SOURCE_FILE")):
+            note = "original file not found; showing the resampled spectrum"
+        if store is None or _jsonable(row.get("ROW")) is None:
+            raise HTTPException(404, f"no spectrum available for {spectrum_id!r}" + (f": {note}" if note else ""))
+        r = int(row["ROW"])
+        if not 0 <= r < store.flux.shape[0]:
+            raise HTTPException(404, f"row {r} of {spectrum_id!r} is outside the store ({store.flux.shape[0]} rows)")
+        flux = np.asarray(store.flux[r], dtype="f8")
+        ivar = np.asarray(store.ivar[r], dtype="f8")
+        wave, flux, ivar, k = downsample(np.asarray(store.grid.centers, "f8"), flux, ivar)
+        out.update(source="resampled", flux_unit="normalised", n_pixels=int(store.flux.shape[1]), binned_by=k, note=note)
+        out["wave"], out["flux"], out["ivar"] = _finite_lists(wave, flux, ivar)
+        return out
+
+    @app.get("/api/spectrum/{spectrum_id}")
+    def spectrum(spectrum_id: str) -> dict[str, Any]:
+        _lookup(spectrum_id)
+        out = dict(_spectrum(spectrum_id))
+        out["verdicts"] = db.rows(spectrum_id=spectrum_id)
+        return out
+
+    @app.post("/api/verdicts", status_code=201)
+    def post_verdict(body: VerdictIn, request: Request) -> dict[str, Any]:
+        ctype = request.headers.get("content-type", "")
+        if not ctype.lower().startswith("application/json"):
+            raise HTTPException(415, "send the verdict as application/json")
+        _lookup(body.id)
+        return db.record(body.id, body.verdict, body.inspector, body.z)
+
+    @app.get("/api/verdicts")
+    def get_verdicts(inspector: str | None = Query(None, max_length=64)) -> dict[str, Any]:
+        rows = db.rows(inspector)
+        return {"count": len(rows), "items": rows}
+
+    return app
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
