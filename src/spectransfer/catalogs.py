@@ -1,0 +1,477 @@
+"""Quasar catalogues (SDSS DR14Q/DR16Q, LAMOST DR1Q..DR4&5Q) and labelling of spectra by them.
+
+A spectrum is labelled quasar when its survey ids are in a catalogue (SDSS: plate, mjd,
+fiberid, including DR14Q/DR16Q's duplicate-observation columns, which list other spectra of
+the same quasar; LAMOST: obsid when both sides have it, else lmjd, planid, spid, fiberid),
+and otherwise when a catalogue quasar lies within ``radius_arcsec`` of its position. The
+``label_source`` column says which way each label came ('id', 'position' or 'none'), so a
+user can see how many labels each way gave.
+
+Column names are matched case-insensitively with a few aliases (``z_vi`` for ``z``,
+``fiber`` for ``fiberid`` ...). The LAMOST quasar catalogues give the UTC ``MJD`` of the
+observation, while LAMOST file names and headers use the local ``LMJD``; for a catalogue
+without an LMJD column, ``lmjd = mjd + 1`` (the convention of LAMOST DR3+ headers and of the
+paper authors' code).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from spectransfer.errors import CatalogError
+
+log = logging.getLogger(__name__)
+
+KINDS = ("auto", "sdss", "lamost", "positions")
+_KIND_ALIASES = {"dr14q": "sdss", "dr16q": "sdss", "dr1q": "lamost", "dr2&3q": "lamost", "dr4&5q": "lamost", "dr23q": "lamost", "dr45q": "lamost"}
+
+# canonical name -> accepted column names (lower case), first found wins.
+_ALIASES: dict[str, tuple[str, ...]] = {
+    "ra": ("ra", "ra_deg", "raj2000", "ra_j2000", "radeg"),
+    "dec": ("dec", "dec_deg", "dej2000", "decj2000", "dec_j2000", "dedeg", "decdeg"),
+    "z": ("z", "z_vi", "zvi", "z_pipe", "z_qso", "redshift"),
+    "plate": ("plate",),
+    "mjd": ("mjd",),
+    "fiberid": ("fiberid", "fiber_id", "fiber"),
+    "obsid": ("obsid", "obs_id"),
+    "lmjd": ("lmjd",),
+    "planid": ("planid", "plan_id"),
+    "spid": ("spid", "sp_id"),
+    "filename": ("filename", "file_name", "file"),
+}
+_SDSS_IDS = ("plate", "mjd", "fiberid")
+_LAMOST_KEY = ("lmjd", "planid", "spid", "fiberid")
+_DUP = {"plate": "plate_duplicate", "mjd": "mjd_duplicate", "fiberid": "fiberid_duplicate"}
+
+_SDSS_FILE = re.compile(r"spec-(\d+)-(\d+)-(\d+)\.fits?(\.gz)?$", re.I)
+_LAMOST_FILE = re.compile(r"spec-(\d+)-(.+)_sp(\d+)-(\d+)(?:_\w+)?\.fits?(\.gz)?$", re.I)
+
+
+@dataclass
+class QuasarCatalog:
+    """One quasar catalogue, reduced to what labelling needs.
+
+    ``objects``: one row per catalogue row (quasar) with ra, dec (deg) and z (NaN = missing).
+    ``keys``: survey ids that identify a spectrum of a catalogue quasar, with ``obj`` the
+    row in ``objects`` (SDSS: plate, mjd, fiberid, several rows per quasar when the catalogue
+    lists duplicate observations; LAMOST: obsid (may be <NA>), lmjd, planid, spid, fiberid).
+    ``kind`` is 'sdss', 'lamost' or 'positions' (no ids: label by position only).
+    """
+
+    name: str
+    path: str
+    kind: str
+    objects: pd.DataFrame
+    keys: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.objects)
+
+    def summary(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "quasars": len(self.objects), "id_keys": len(self.keys), "notes": list(self.notes)}
+
+
+# ---- reading --------------------------------------------------------------------------------
+
+
+def _read_columns(path: Path) -> tuple[list[str], Any]:
+    """Column names of the file's table, and a function returning chosen columns as arrays."""
+    name = path.name.lower()
+    if name.endswith((".csv", ".csv.gz", ".txt", ".tsv")):
+        sep = "\t" if name.endswith(".tsv") else ","
+        try:
+            cols = list(pd.read_csv(path, nrows=0, sep=sep).columns)
+        except Exception as exc:  # pandas raises many types for bad text files
+            raise CatalogError(f"{path}: cannot read catalogue as CSV ({exc})") from exc
+
+        def read_csv(wanted: list[str]) -> dict[str, np.ndarray]:
+            try:
+                df = pd.read_csv(path, usecols=wanted, sep=sep, low_memory=False)
+            except Exception as exc:
+                raise CatalogError(f"{path}: cannot read catalogue as CSV ({exc})") from exc
+            return {c: df[c].to_numpy() for c in wanted}
+
+        return cols, read_csv
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        try:
+            cols = list(pq.read_schema(path).names)
+        except Exception as exc:
+            raise CatalogError(f"{path}: cannot read catalogue as Parquet ({exc})") from exc
+
+        def read_parquet(wanted: list[str]) -> dict[str, np.ndarray]:
+            df = pd.read_parquet(path, columns=wanted)
+            return {c: df[c].to_numpy() for c in wanted}
+
+        return cols, read_parquet
+    return _fits_columns(path)
+
+
+def _fits_columns(path: Path) -> tuple[list[str], Any]:
+    import fitsio
+
+    try:
+        fh = fitsio.FITS(str(path))
+    except Exception as exc:
+        raise CatalogError(f"{path}: cannot read catalogue (not a FITS, CSV or Parquet table: {exc})") from exc
+    try:
+        ext = next((i for i in range(len(fh)) if fh[i].get_exttype() in ("BINARY_TBL", "ASCII_TBL")), None)
+        if ext is None:
+            raise CatalogError(f"{path}: FITS file has no table HDU")
+        cols = list(fh[ext].get_colnames())
+    except CatalogError:
+        fh.close()
+        raise
+    except Exception as exc:
+        fh.close()
+        raise CatalogError(f"{path}: cannot read catalogue table ({exc})") from exc
+
+    def read_fits(wanted: list[str]) -> dict[str, np.ndarray]:
+        try:
+            data = fh[ext].read(columns=wanted)
+        except Exception as exc:
+            raise CatalogError(f"{path}: cannot read columns {wanted} ({exc})") from exc
+        finally:
+            fh.close()
+        out = {}
+        for c in wanted:
+            a = np.asarray(data[c])
+            if a.dtype.byteorder not in ("=", "|"):
+                a = a.astype(a.dtype.newbyteorder("="))
+            out[c] = a
+        return out
+
+    return cols, read_fits
+
+
+def _find(cols: Sequence[str], canonical: str) -> str | None:
+    lower = {c.lower(): c for c in cols}
+    for alias in _ALIASES[canonical]:
+        if alias in lower:
+            return lower[alias]
+    return None
+
+
+def _sniff(cols: Sequence[str]) -> str | None:
+    have = {k for k in _ALIASES if _find(cols, k) is not None}
+    if have & {"obsid", "lmjd", "planid", "spid"}:
+        return "lamost"
+    if {"plate", "mjd", "fiberid"} <= have:
+        return "sdss"
+    if "filename" in have:
+        return "filename"
+    return None
+
+
+def _filename_survey(path: Path, read: Any, column: str) -> str:
+    """'sdss' or 'lamost' from a column of spectrum file names (the commoner pattern)."""
+    names = [str(x) for x in _as_str(read([column])[column])]
+    n_sdss = sum(bool(_SDSS_FILE.search(x)) for x in names)
+    n_lamost = sum(bool(_LAMOST_FILE.search(x)) for x in names)
+    if n_sdss == n_lamost == 0:
+        raise CatalogError(f"{path}: column {column!r} holds no SDSS or LAMOST spectrum file names and there are no id columns")
+    return "sdss" if n_sdss > n_lamost else "lamost"
+
+
+def _as_int(a: np.ndarray) -> np.ndarray:
+    """Integer ids from a numeric or text column; unparseable / missing -> -1."""
+    s = pd.to_numeric(pd.Series(_as_str(a) if a.dtype.kind in "SUO" else a), errors="coerce")
+    return s.fillna(-1).to_numpy().astype(np.int64)
+
+
+def _as_str(a: np.ndarray) -> np.ndarray:
+    if a.dtype.kind == "S":
+        a = np.char.decode(a, "ascii", errors="replace")
+    return np.char.strip(np.asarray(a, dtype=str))
+
+
+def _as_float(a: np.ndarray) -> np.ndarray:
+    return np.array(pd.to_numeric(pd.Series(a), errors="coerce"), dtype=np.float64)
+
+
+def load_catalog(path: str | Path, kind: str = "auto") -> QuasarCatalog:
+    """Read a quasar catalogue (FITS, CSV or Parquet) into a ``QuasarCatalog``.
+
+    ``kind``: 'auto' (sniffed from the columns), 'sdss' (DR14Q, DR16Q), 'lamost' (DR1Q,
+    DR2&3Q, DR4&5Q) or 'positions' (any table with ra/dec: positional labels only; 'auto'
+    refuses such a table, because nothing in it says its objects are quasars). Raises
+    ``CatalogError`` naming the file for an unreadable file or missing columns.
+    """
+    path = Path(path)
+    kind = _KIND_ALIASES.get(kind.lower(), kind.lower())
+    if kind not in KINDS:
+        raise CatalogError(f"{path}: unknown catalogue kind {kind!r} (choose from {', '.join(KINDS)})")
+    if not path.is_file():
+        raise CatalogError(f"{path}: catalogue file does not exist")
+    cols, read = _read_columns(path)
+    found = {k: _find(cols, k) for k in _ALIASES}
+    sniffed = _sniff(cols)
+    if kind == "auto":
+        if sniffed is None:
+            pos = "it has ra/dec only; pass kind='positions' to label by position alone" if found["ra"] and found["dec"] else "no ra/dec either"
+            raise CatalogError(
+                f"{path}: not a recognised quasar catalogue: no SDSS (plate, mjd, fiberid) or LAMOST "
+                f"(obsid / lmjd, planid, spid, fiberid) id columns ({pos}); columns are {', '.join(cols[:20])}"
+            )
+        kind = _filename_survey(path, read, found["filename"]) if sniffed == "filename" else sniffed
+        if sniffed == "filename":
+            cols, read = _read_columns(path)  # the sniffing read consumed the reader
+    missing = [k for k in ("ra", "dec") if found[k] is None]
+    if missing:
+        raise CatalogError(f"{path}: catalogue lacks column(s) {', '.join(missing)} (columns: {', '.join(cols[:20])})")
+
+    notes: list[str] = []
+    wanted = [found["ra"], found["dec"]] + ([found["z"]] if found["z"] else [])
+    if kind == "sdss":
+        if sniffed == "filename" and not all(found[k] for k in _SDSS_IDS):
+            wanted.append(found["filename"])
+        else:
+            miss = [k for k in _SDSS_IDS if found[k] is None]
+            if miss:
+                raise CatalogError(f"{path}: SDSS catalogue lacks id column(s) {', '.join(miss)}")
+            wanted += [found[k] for k in _SDSS_IDS]
+            lower = {c.lower(): c for c in cols}
+            dups = [lower[_DUP[k]] for k in _SDSS_IDS if _DUP[k] in lower]
+            if len(dups) == 3:
+                wanted += dups
+    elif kind == "lamost":
+        have_key = all(found[k] for k in ("planid", "spid", "fiberid")) and (found["lmjd"] or found["mjd"])
+        if found["obsid"]:
+            wanted.append(found["obsid"])
+        if have_key:
+            wanted += [found[k] for k in ("planid", "spid", "fiberid")]
+            wanted.append(found["lmjd"] or found["mjd"])
+        elif found["filename"]:
+            wanted.append(found["filename"])
+        elif not found["obsid"]:
+            raise CatalogError(f"{path}: LAMOST catalogue lacks obsid and (lmjd|mjd, planid, spid, fiberid) columns")
+    data = read(list(dict.fromkeys(wanted)))
+
+    objects = pd.DataFrame({"ra": _as_float(data[found["ra"]]), "dec": _as_float(data[found["dec"]])})
+    if found["z"]:
+        z = _as_float(data[found["z"]])
+        z[z <= -1] = np.nan  # -1 / -999 / -9999 are "no redshift"
+        objects["z"] = z
+    else:
+        objects["z"] = np.nan
+    bad_pos = ~np.isfinite(objects["ra"].to_numpy()) | ~np.isfinite(objects["dec"].to_numpy())
+    if bad_pos.any():
+        notes.append(f"{int(bad_pos.sum())} rows without a finite position")
+    n = len(objects)
+    idx = np.arange(n)
+
+    if kind == "sdss":
+        keys = _sdss_keys(data, found, idx, notes)
+    elif kind == "lamost":
+        keys = _lamost_keys(data, found, idx, notes)
+    else:
+        keys = pd.DataFrame({"obj": np.empty(0, dtype=np.int64)})
+    cat = QuasarCatalog(name=path.name, path=str(path), kind=kind, objects=objects, keys=keys, notes=notes)
+    log.info("catalogue %s: %s, %d quasars, %d id keys%s", cat.name, kind, len(cat), len(keys), "; " + "; ".join(notes) if notes else "")
+    return cat
+
+
+def _sdss_keys(data: dict, found: dict, idx: np.ndarray, notes: list[str]) -> pd.DataFrame:
+    if found["plate"] in data:
+        plate, mjd, fib = (_as_int(data[found[k]]) for k in _SDSS_IDS)
+    else:  # ids parsed from spec-PLATE-MJD-FIBER file names
+        parsed = [_SDSS_FILE.search(str(s)) for s in _as_str(data[found["filename"]])]
+        plate = np.array([int(m.group(1)) if m else -1 for m in parsed])
+        mjd = np.array([int(m.group(2)) if m else -1 for m in parsed])
+        fib = np.array([int(m.group(3)) if m else -1 for m in parsed])
+    parts = [pd.DataFrame({"plate": plate, "mjd": mjd, "fiberid": fib, "obj": idx})]
+    dup_cols = [c for c in data if c.lower().endswith("_duplicate")]
+    if len(dup_cols) == 3:
+        by = {c.lower().split("_")[0]: np.asarray(data[c]) for c in dup_cols}
+        dp, dm, df_ = by["plate"], by["mjd"], by["fiberid"]
+        if dp.ndim == 1:
+            dp, dm, df_ = dp[:, None], dm[:, None], df_[:, None]
+        ok = (dp > 0) & (dm > 0) & (df_ > 0)  # empty slots hold -1 (DR14Q) or 0
+        rows, _ = np.nonzero(ok)
+        parts.append(pd.DataFrame({"plate": dp[ok].astype(np.int64), "mjd": dm[ok].astype(np.int64), "fiberid": df_[ok].astype(np.int64), "obj": rows}))
+        notes.append(f"{int(ok.sum())} duplicate-observation keys")
+    keys = pd.concat(parts, ignore_index=True)
+    keys = keys[(keys.plate > 0) & (keys.mjd > 0) & (keys.fiberid > 0)]
+    return keys.drop_duplicates(subset=list(_SDSS_IDS)).reset_index(drop=True)
+
+
+def _lamost_keys(data: dict, found: dict, idx: np.ndarray, notes: list[str]) -> pd.DataFrame:
+    n = idx.size
+    keys = pd.DataFrame({"obj": idx})
+    if found["obsid"] and found["obsid"] in data:
+        obs = _as_int(data[found["obsid"]])
+        keys["obsid"] = pd.array(np.where(obs > 0, obs, 0), dtype="Int64")
+        keys.loc[obs <= 0, "obsid"] = pd.NA
+    else:
+        keys["obsid"] = pd.array([pd.NA] * n, dtype="Int64")
+    if found["planid"] and found["planid"] in data:
+        keys["planid"] = _as_str(data[found["planid"]])
+        keys["spid"] = _as_int(data[found["spid"]])
+        keys["fiberid"] = _as_int(data[found["fiberid"]])
+        if found["lmjd"]:
+            keys["lmjd"] = _as_int(data[found["lmjd"]])
+        else:
+            keys["lmjd"] = _as_int(data[found["mjd"]]) + 1
+            notes.append("lmjd = MJD + 1 (catalogue has MJD only)")
+    elif found["filename"] and found["filename"] in data:
+        parsed = [_LAMOST_FILE.search(str(s)) for s in _as_str(data[found["filename"]])]
+        keys["lmjd"] = np.array([int(m.group(1)) if m else -1 for m in parsed], dtype=np.int64)
+        keys["planid"] = np.array([m.group(2) if m else "" for m in parsed], dtype=object)
+        keys["spid"] = np.array([int(m.group(3)) if m else -1 for m in parsed], dtype=np.int64)
+        keys["fiberid"] = np.array([int(m.group(4)) if m else -1 for m in parsed], dtype=np.int64)
+        notes.append("ids parsed from LAMOST file names")
+    else:
+        keys["lmjd"], keys["planid"], keys["spid"], keys["fiberid"] = -1, "", -1, -1
+    return keys[["obsid", "lmjd", "planid", "spid", "fiberid", "obj"]]
+
+
+# ---- labelling ------------------------------------------------------------------------------
+
+
+def _meta_col(meta: pd.DataFrame, name: str) -> pd.Series:
+    if name in meta.columns:
+        return meta[name]
+    return pd.Series([pd.NA] * len(meta), index=meta.index, dtype="object")
+
+
+def _int_key(s: pd.Series) -> np.ndarray:
+    """Nullable ids as int64 with -1 for missing."""
+    return pd.to_numeric(s, errors="coerce").fillna(-1).to_numpy().astype(np.int64)
+
+
+def _str_key(s: pd.Series) -> np.ndarray:
+    return s.astype("string").str.strip().fillna("").to_numpy(dtype=object)
+
+
+def _id_matches(meta: pd.DataFrame, cat: QuasarCatalog) -> tuple[np.ndarray, np.ndarray]:
+    """(positions in meta, catalogue object index) of spectra whose ids are in ``cat``."""
+    pos = np.arange(len(meta))
+    if cat.kind == "sdss" and len(cat.keys):
+        left = pd.DataFrame({"plate": _int_key(_meta_col(meta, "plate")), "mjd": _int_key(_meta_col(meta, "mjd")),
+                             "fiberid": _int_key(_meta_col(meta, "fiberid")), "pos": pos})
+        if "survey" in meta.columns:
+            left = left[(meta["survey"].astype("string").fillna("sdss") == "sdss").to_numpy()]
+        left = left[(left.plate > 0) & (left.mjd > 0) & (left.fiberid > 0)]
+        m = left.merge(cat.keys, on=list(_SDSS_IDS), how="inner")
+        return m["pos"].to_numpy(), m["obj"].to_numpy()
+    if cat.kind == "lamost" and len(cat.keys):
+        is_lamost = np.ones(len(meta), dtype=bool)
+        if "survey" in meta.columns:
+            is_lamost = (meta["survey"].astype("string").fillna("lamost") == "lamost").to_numpy()
+        obsid = _int_key(_meta_col(meta, "obsid"))
+        out_pos, out_obj = [], []
+        done = np.zeros(len(meta), dtype=bool)
+        ck = cat.keys
+        cat_obs = ck[ck["obsid"].notna()]
+        if len(cat_obs):
+            left = pd.DataFrame({"obsid": obsid, "pos": pos})[is_lamost & (obsid > 0)]
+            right = pd.DataFrame({"obsid": cat_obs["obsid"].astype(np.int64).to_numpy(), "obj": cat_obs["obj"].to_numpy()})
+            m = left.merge(right.drop_duplicates("obsid"), on="obsid", how="inner")
+            out_pos.append(m["pos"].to_numpy())
+            out_obj.append(m["obj"].to_numpy())
+            done[m["pos"].to_numpy()] = True
+        # The 4-tuple for the rest (spectra without obsid, e.g. DR1/DR2 files, or catalogue
+        # rows without one).
+        left = pd.DataFrame({"lmjd": _int_key(_meta_col(meta, "lmjd")), "planid": _str_key(_meta_col(meta, "planid")),
+                             "spid": _int_key(_meta_col(meta, "spid")), "fiberid": _int_key(_meta_col(meta, "fiberid")), "pos": pos})
+        left = left[is_lamost & ~done & (left.lmjd.to_numpy() > 0) & (left.planid.to_numpy() != "")]
+        right = ck[(ck.lmjd > 0) & (ck.planid != "")][list(_LAMOST_KEY) + ["obj"]].drop_duplicates(subset=list(_LAMOST_KEY))
+        right = right.astype({"planid": object})
+        m = left.merge(right, on=list(_LAMOST_KEY), how="inner")
+        out_pos.append(m["pos"].to_numpy())
+        out_obj.append(m["obj"].to_numpy())
+        return np.concatenate(out_pos).astype(np.int64), np.concatenate(out_obj).astype(np.int64)
+    return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+
+
+def _unit_vectors(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+    r, d = np.radians(ra), np.radians(dec)
+    cd = np.cos(d)
+    return np.column_stack((cd * np.cos(r), cd * np.sin(r), np.sin(d)))
+
+
+def label_spectra(meta: pd.DataFrame, catalogs: Sequence[QuasarCatalog], radius_arcsec: float | None = 1.5) -> pd.DataFrame:
+    """Label spectra as quasars (1) or other (0) from quasar catalogues.
+
+    ``meta`` has one row per spectrum with (where known) ``survey``, SDSS ``plate``, ``mjd``,
+    ``fiberid``, LAMOST ``obsid``, ``lmjd``, ``planid``, ``spid``, ``fiberid``, and ``ra``,
+    ``dec`` in degrees. Returns a copy with ``label`` (int8), ``label_source`` ('id' |
+    'position' | 'none'), ``catalog_name`` (the catalogue that gave the label) and
+    ``catalog_z`` (its redshift, NaN if none).
+
+    Exact id matches come first, catalogues in the order given (SDSS catalogues match SDSS
+    spectra, LAMOST catalogues LAMOST spectra). Every spectrum still unmatched is then
+    matched by position to the nearest quasar of any catalogue within ``radius_arcsec``
+    (a KD-tree on unit vectors; ``None`` or 0 turns the fallback off). The counts per
+    source are logged and kept in ``result.attrs['label_counts']``.
+    """
+    n = len(meta)
+    out = meta.copy()
+    label = np.zeros(n, dtype=np.int8)
+    source = np.full(n, "none", dtype=object)
+    cat_name = np.full(n, None, dtype=object)
+    cat_z = np.full(n, np.nan)
+    counts: dict[str, Any] = {"id": 0, "position": 0, "none": 0, "by_catalog": {}}
+
+    for cat in catalogs:
+        pos, obj = _id_matches(meta, cat)
+        new = ~label[pos].astype(bool)
+        pos, obj = pos[new], obj[new]
+        pos, first = np.unique(pos, return_index=True)  # one catalogue row per spectrum
+        obj = obj[first]
+        label[pos] = 1
+        source[pos] = "id"
+        cat_name[pos] = cat.name
+        cat_z[pos] = cat.objects["z"].to_numpy()[obj]
+        counts["by_catalog"][cat.name] = {"id": int(pos.size), "position": 0}
+
+    if radius_arcsec and n and catalogs:
+        ra = pd.to_numeric(_meta_col(meta, "ra"), errors="coerce").to_numpy(dtype=np.float64)
+        dec = pd.to_numeric(_meta_col(meta, "dec"), errors="coerce").to_numpy(dtype=np.float64)
+        todo = np.nonzero((label == 0) & np.isfinite(ra) & np.isfinite(dec))[0]
+        objs = [(ci, c.objects) for ci, c in enumerate(catalogs) if len(c.objects)]
+        if todo.size and objs:
+            from scipy.spatial import cKDTree
+
+            all_ra = np.concatenate([o["ra"].to_numpy() for _, o in objs])
+            all_dec = np.concatenate([o["dec"].to_numpy() for _, o in objs])
+            which = np.concatenate([np.full(len(o), ci) for ci, o in objs])
+            row = np.concatenate([np.arange(len(o)) for _, o in objs])
+            fin = np.isfinite(all_ra) & np.isfinite(all_dec)
+            tree = cKDTree(_unit_vectors(all_ra[fin], all_dec[fin]))
+            which, row = which[fin], row[fin]
+            chord = 2.0 * np.sin(np.radians(radius_arcsec / 3600.0) / 2.0)
+            dist, hit = tree.query(_unit_vectors(ra[todo], dec[todo]), k=1, distance_upper_bound=chord)
+            ok = np.isfinite(dist) & (dist <= chord)
+            pos, hit = todo[ok], hit[ok]
+            label[pos] = 1
+            source[pos] = "position"
+            for ci in np.unique(which[hit]):
+                sel = which[hit] == ci
+                cat = catalogs[ci]
+                cat_name[pos[sel]] = cat.name
+                cat_z[pos[sel]] = cat.objects["z"].to_numpy()[row[hit][sel]]
+                counts["by_catalog"].setdefault(cat.name, {"id": 0, "position": 0})["position"] = int(sel.sum())
+
+    out["label"] = label
+    out["label_source"] = pd.Series(source, index=out.index, dtype="object")
+    out["catalog_name"] = pd.Series(cat_name, index=out.index, dtype="object")
+    out["catalog_z"] = cat_z
+    counts["id"] = int((source == "id").sum())
+    counts["position"] = int((source == "position").sum())
+    counts["none"] = int((source == "none").sum())
+    out.attrs["label_counts"] = counts
+    log.info(
+        "labels: %d quasars by id, %d by position (<= %s arcsec), %d unmatched; per catalogue %s",
+        counts["id"], counts["position"], radius_arcsec, counts["none"], counts["by_catalog"],
+    )
+    return out
