@@ -1,0 +1,249 @@
+"""The 1-D VGG networks (A, B, D, E) and the run-folder weights format that rebuilds them.
+
+VGG Net-A in one dimension is the paper's classifier (Podsztavek et al. 2021): 3-wide
+convolutions with padding 1 and ReLU, a max-pool of 2 after each block, then a dense head
+8192 -> 1024 -> 1024 -> 1 logit with dropout 0.5, no batch norm, Xavier-uniform weights and
+zero biases. The channel widths are the authors' (VGG's divided by four). B, D and E deepen
+the blocks exactly as in Simonyan & Zisserman (2014), tables 1, at the same widths.
+
+A model file alone rebuilds its network: ``model.safetensors`` carries the model config,
+the grid, the package version and the training mode in its metadata (nanoGPT keeps the
+config inside the checkpoint for the same reason).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from spectransfer import __version__
+from spectransfer.config import Grid
+from spectransfer.errors import TrainError
+
+log = logging.getLogger(__name__)
+
+# Convolutions per block for each VGG configuration; widths of the five blocks below.
+_BLOCK_DEPTHS: dict[str, tuple[int, ...]] = {
+    "vgg-a": (1, 1, 2, 2, 2),
+    "vgg-b": (2, 2, 2, 2, 2),
+    "vgg-d": (2, 2, 3, 3, 3),
+    "vgg-e": (2, 2, 4, 4, 4),
+}
+_BLOCK_WIDTHS = (16, 32, 64, 128, 128)
+MODEL_NAMES = tuple(_BLOCK_DEPTHS)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a network: its VGG name, input length and channels.
+
+    ``in_channels`` is 1 for the paper's input (normalised flux only); 2 adds a second
+    channel derived from the inverse variance (see ``spectransfer.dataset.make_input``).
+    """
+
+    name: str = "vgg-a"
+    n_bins: int = 2048
+    in_channels: int = 1
+    dropout: float = 0.5
+    hidden: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.name not in _BLOCK_DEPTHS:
+            raise TrainError(f"unknown model {self.name!r}; choose one of {', '.join(MODEL_NAMES)}")
+        if self.n_bins % 32 != 0:
+            raise TrainError(f"n_bins must be a multiple of 32 (five max-pools of 2), got {self.n_bins}")
+        if self.in_channels not in (1, 2):
+            raise TrainError(f"in_channels must be 1 (flux) or 2 (flux + ivar), got {self.in_channels}")
+
+    @property
+    def flat_features(self) -> int:
+        return _BLOCK_WIDTHS[-1] * (self.n_bins // 32)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        return cls(**{k: d[k] for k in ("name", "n_bins", "in_channels", "dropout", "hidden") if k in d})
+
+
+class VGG1D(nn.Module):
+    """A 1-D VGG network: input (batch, channels, n_bins) -> one logit per spectrum."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        layers: list[nn.Module] = []
+        c_in = config.in_channels
+        for depth, width in zip(_BLOCK_DEPTHS[config.name], _BLOCK_WIDTHS):
+            for _ in range(depth):
+                layers += [nn.Conv1d(c_in, width, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+                c_in = width
+            layers.append(nn.MaxPool1d(2))
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(config.flat_features, config.hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(config.dropout),
+            nn.Linear(config.hidden, config.hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(config.dropout),
+            nn.Linear(config.hidden, 1),
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Glorot & Bengio (2010) uniform weights and zero biases, as the authors' Keras model.
+        for module in self.modules():
+            if isinstance(module, (nn.Conv1d, nn.Linear)):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:  # (batch, n_bins): the one-channel input without its channel axis
+            x = x.unsqueeze(1)
+        return self.head(self.features(x)).squeeze(-1)
+
+
+def build_model(config: ModelConfig) -> VGG1D:
+    """A freshly initialised network for ``config``."""
+    return VGG1D(config)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a run folder says about its model (see ``load_run``)."""
+
+    run_dir: Path
+    model_name: str
+    model_config: ModelConfig
+    grid: Grid
+    config: dict[str, Any]
+    sha256: str
+    temperature: float | None
+    mode: str
+    version: str
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_weights(model: VGG1D, path: str | Path, grid: Grid, mode: str, extra: dict[str, str] | None = None) -> None:
+    """Write the weights as safetensors with the model config, grid, version and mode in
+    the metadata; written to a temporary name in the same folder, then renamed."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in _unwrap(model).state_dict().items()}
+    metadata = {
+        "format": "spectransfer-model",
+        "model_config": json.dumps(_unwrap(model).config.to_dict()),
+        "grid": json.dumps(grid.to_dict()),
+        "spectransfer_version": __version__,
+        "mode": mode,
+        **(extra or {}),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a ``model.safetensors``; TrainError if it is not one."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise TrainError(f"{path}: no such model file")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = dict(fh.metadata() or {})
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise TrainError(f"{path}: not a readable safetensors file ({exc})") from exc
+    if "model_config" not in metadata or "grid" not in metadata:
+        raise TrainError(f"{path}: safetensors file lacks the spectransfer model config/grid metadata")
+    return tensors, metadata
+
+
+def load_weights(path: str | Path) -> tuple[VGG1D, ModelConfig, Grid, dict[str, str]]:
+    """Rebuild the network stored in ``path`` (eval mode)."""
+    tensors, metadata = read_weights(path)
+    try:
+        config = ModelConfig.from_dict(json.loads(metadata["model_config"]))
+        grid = Grid.from_dict(json.loads(metadata["grid"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TrainError(f"{path}: unreadable model metadata ({exc})") from exc
+    model = build_model(config)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise TrainError(f"{path}: weights do not fit model {config.name} ({exc})") from exc
+    model.eval()
+    return model, config, grid, metadata
+
+
+def load_run(run_dir: str | Path) -> tuple[VGG1D, RunInfo]:
+    """The best model of a run folder (eval mode) and what the folder says about it."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise TrainError(f"{run_dir}: not a run folder")
+    weights = run_dir / "model.safetensors"
+    model, mconfig, grid, metadata = load_weights(weights)
+    config: dict[str, Any] = {}
+    if (run_dir / "config.toml").is_file():
+        import tomllib
+
+        with open(run_dir / "config.toml", "rb") as fh:
+            config = tomllib.load(fh)
+    temperature = None
+    calib = run_dir / "calibration.json"
+    if calib.is_file():
+        try:
+            temperature = float(json.loads(calib.read_text())["temperature"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise TrainError(f"{calib}: unreadable calibration ({exc})") from exc
+    info = RunInfo(
+        run_dir=run_dir,
+        model_name=mconfig.name,
+        model_config=mconfig,
+        grid=grid,
+        config=config,
+        sha256=_sha256(weights),
+        temperature=temperature,
+        mode=metadata.get("mode", "unknown"),
+        version=metadata.get("spectransfer_version", "unknown"),
+    )
+    return model, info
+
+
+def _unwrap(model: nn.Module) -> VGG1D:
+    """The VGG1D inside a DistributedDataParallel (or torch.compile) wrapper."""
+    while hasattr(model, "module") and not isinstance(model, VGG1D):
+        model = model.module  # type: ignore[assignment]
+    return model  # type: ignore[return-value]

@@ -1,0 +1,178 @@
+"""The streaming dataset: every selected row once per epoch, deterministic, resumable, bounded."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from spectransfer.config import Grid
+from spectransfer.dataset import ChunkStream, Selection, _round_robin_skips, make_input, select
+from spectransfer.store import open_store, write_store
+
+
+def make_store(path: Path, n: int = 200, pos_frac: float = 0.3, chunk_rows: int = 16, seed: int = 0,
+               surveys: tuple[str, ...] = ("sdss",), splits: tuple[float, float] = (0.6, 0.2),
+               grid: Grid | None = None, signal: float = 0.8):
+    """A small store whose quasars carry broad emission bumps (so a network can learn them).
+
+    ``splits`` are the train and val fractions (the rest is test); rows cycle through ``surveys``.
+    """
+    grid = grid or Grid()
+    rng = np.random.default_rng(seed)
+    label = (rng.random(n) < pos_frac).astype(np.int8)
+    x = np.arange(grid.n_bins)
+    flux = rng.normal(0.0, 0.3, size=(n, grid.n_bins)).astype(np.float32)
+    for i in np.flatnonzero(label):
+        for centre in rng.choice(grid.n_bins - 200, size=3, replace=False) + 100:
+            flux[i] += signal * 3 * np.exp(-0.5 * ((x - centre) / 25.0) ** 2)
+    lo, hi = flux.min(axis=1, keepdims=True), flux.max(axis=1, keepdims=True)
+    flux = (2 * (flux - lo) / (hi - lo) - 1).astype(np.float32)
+    ivar = rng.uniform(0.5, 2.0, size=flux.shape).astype(np.float32)
+    ivar[:, :50] = 0.0
+    u = rng.random(n)
+    split = np.where(u < splits[0], "train", np.where(u < splits[0] + splits[1], "val", "test"))
+    meta = pd.DataFrame({
+        "spectrum_id": [f"sim-{i}" for i in range(n)],
+        "survey": [surveys[i % len(surveys)] for i in range(n)],
+        "ra": rng.uniform(0, 360, n), "dec": rng.uniform(-10, 60, n),
+        "label": label, "label_source": np.where(label == 1, "id", "none"),
+        "object_id": [f"obj-{i}" for i in range(n)], "split": split,
+    })
+    return write_store(path, flux, ivar, meta, grid=grid, chunk_rows=chunk_rows)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("store") / "s", n=300, chunk_rows=16, surveys=("sdss", "lamost"))
+
+
+def _epoch_rows(stream: ChunkStream, num_workers: int) -> list[np.ndarray]:
+    return [r.numpy() for _, _, r in stream.loader(num_workers)]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_every_selected_row_once_per_epoch(store, num_workers):
+    sel = select(store, survey="lamost", split="train")
+    expected = store.meta.query("survey == 'lamost' and split == 'train'")["row"].to_numpy()
+    assert sorted(sel.rows.tolist()) == sorted(expected.tolist())
+    stream = ChunkStream(store.flux, sel, batch_size=7, shuffle=True, seed=3, buffer_chunks=2)
+    batches = _epoch_rows(stream, num_workers)
+    seen = np.concatenate(batches)
+    assert Counter(seen.tolist()) == Counter(expected.tolist())  # exactly once each
+    assert len(batches) == sum(stream.worker_batches())
+    assert not np.array_equal(seen, np.sort(seen))  # shuffled
+
+
+def test_batches_carry_the_right_rows_and_labels(store):
+    sel = select(store, split="val")
+    stream = ChunkStream(store.flux, sel, ivar=store.ivar, in_channels=2, batch_size=9, seed=1)
+    flux = np.asarray(store.flux[:])
+    ivar = np.asarray(store.ivar[:])
+    labels = store.meta.set_index("row")["label"]
+    for x, y, r in stream.loader(0):
+        r = r.numpy()
+        assert x.shape == (len(r), 2, 2048)
+        np.testing.assert_array_equal(x[:, 0].numpy(), flux[r])
+        np.testing.assert_allclose(x[:, 1].numpy(), make_input(flux[r], ivar[r], 2)[:, 1])
+        assert x[:, 1].max() <= 1.0 and (x[:, 1, :50] == 0).all()  # no data -> weight 0
+        np.testing.assert_array_equal(y.numpy(), labels.loc[r].to_numpy(dtype=np.float32))
+
+
+def test_order_is_deterministic_and_changes_with_epoch(store):
+    sel = select(store, split="train")
+    a = ChunkStream(store.flux, sel, batch_size=16, seed=5)
+    b = ChunkStream(store.flux, sel, batch_size=16, seed=5)
+    first = np.concatenate(_epoch_rows(a, 0))
+    np.testing.assert_array_equal(first, np.concatenate(_epoch_rows(b, 0)))
+    a.set_epoch(1)
+    assert not np.array_equal(first, np.concatenate(_epoch_rows(a, 0)))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_start_skips_exactly_the_consumed_batches(store, num_workers):
+    sel = select(store, split="train")
+    stream = ChunkStream(store.flux, sel, batch_size=5, seed=2, buffer_chunks=1)
+    stream.set_epoch(4)
+    full = _epoch_rows(stream, num_workers)
+    stream.set_start(7)
+    rest = _epoch_rows(stream, num_workers)
+    assert len(rest) == len(full) - 7
+    for got, want in zip(rest, full[7:]):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_ranks_get_disjoint_rows_covering_the_selection(store):
+    sel = select(store, split="train")
+    per_rank = []
+    for rank in range(3):
+        s = ChunkStream(store.flux, sel, batch_size=4, seed=0, rank=rank, world_size=3, buffer_chunks=1)
+        per_rank.append(set(np.concatenate(_epoch_rows(s, 0)).tolist()))
+    assert sum(len(r) for r in per_rank) == len(sel)
+    assert set().union(*per_rank) == set(sel.rows.tolist())
+
+
+def test_balanced_stream_is_about_half_positive(store):
+    sel = select(store, split="train")
+    assert 0.15 < sel.labels.mean() < 0.45
+    stream = ChunkStream(store.flux, sel, batch_size=32, seed=0, balanced=True, buffer_chunks=8)
+    ys = np.concatenate([y.numpy() for _, y, _ in stream.loader(0)])
+    assert len(ys) == len(sel)
+    assert 0.4 < ys.mean() < 0.6
+
+
+def test_subset_is_deterministic_and_bounded():
+    sel = Selection(np.arange(1000, dtype=np.int64), np.zeros(1000, np.float32))
+    a = sel.subset(fraction=0.1, seed=1)
+    assert len(a) == 100 and np.array_equal(a.rows, sel.subset(fraction=0.1, seed=1).rows)
+    assert not np.array_equal(a.rows, sel.subset(fraction=0.1, seed=2).rows)
+    assert len(sel.subset(fraction=0.5, limit=30, seed=0)) == 30
+
+
+def test_round_robin_skips_match_a_dataloader_order():
+    # workers yielding 3, 1 and 2 batches, consumed round-robin: w0 w1 w2 w0 w2 w0
+    assert _round_robin_skips([3, 1, 2], 4) == ([2, 1, 1], 1)
+    assert _round_robin_skips([3, 1, 2], 5) == ([2, 1, 2], 0)
+    assert _round_robin_skips([3, 1, 2], 6)[0] == [3, 1, 2]
+    assert _round_robin_skips([3, 1, 2], 0) == ([0, 0, 0], 0)
+
+
+@pytest.mark.slow
+def test_memory_stays_bounded_on_a_store_larger_than_the_budget(tmp_path):
+    """Stream a 1.6 GB (uncompressed) store in a child process and check its peak RSS."""
+    import subprocess
+    import sys
+    import textwrap
+
+    import zarr
+
+    n, chunk = 100_000, 1024
+    path = tmp_path / "big"
+    small = make_store(path, n=chunk, chunk_rows=chunk)
+    # grow the arrays by repeating the first chunk (compressed on disk, 1.6 GB in RAM if loaded)
+    group = zarr.open_group(str(path / "spectra.zarr"), mode="r+")
+    block = np.asarray(group["flux"][:chunk])
+    for name in ("flux", "ivar"):
+        group[name].resize((n, 2048))
+    for lo in range(chunk, n, chunk):
+        group["flux"][lo : lo + chunk] = block[: min(chunk, n - lo)]
+    meta = small.meta
+    big = pd.concat([meta] * (n // chunk + 1), ignore_index=True).iloc[:n].copy()
+    big["row"] = np.arange(n)
+    big["split"] = "train"
+    big.to_parquet(path / "meta.parquet")
+    code = textwrap.dedent(f"""
+        import resource, sys
+        from spectransfer.store import open_store
+        from spectransfer.dataset import ChunkStream, select
+        s = open_store({str(path)!r})
+        stream = ChunkStream(s.flux, select(s, split="train"), batch_size=256, buffer_chunks=4)
+        n = sum(len(r) for _, _, r in stream.loader(0))
+        print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert int(out[0]) == n
+    assert int(out[1]) < 1000  # MiB; loading the flux array alone would take 800 MiB more

@@ -1,0 +1,180 @@
+"""Training: the run folder, transfer modes, resume after SIGKILL, DDP on CPU, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spectransfer.config import Grid
+from spectransfer.errors import TrainError
+from spectransfer.models import load_run, read_weights
+from spectransfer.train import TrainConfig, train
+from test_dataset import make_store
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECTRANSFER = [sys.executable, "-m", "spectransfer"]
+# A short grid keeps VGG-A's arithmetic small enough for the tests (the net is the same).
+SMALL = Grid(n_bins=256, wave_min=3839.0, wave_max=8915.0)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("train") / "store", n=240, chunk_rows=16, grid=SMALL,
+                      surveys=("sdss", "lamost"), splits=(0.6, 0.25))
+
+
+@pytest.fixture(scope="module")
+def scratch_run(store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "scratch"
+    summary = train(TrainConfig(store=str(store.path), out=str(out), batch_size=16, eval_every=5, max_steps=30,
+                                num_workers=0, seed=1, imbalance="pos-weight"))
+    return out, summary
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def test_scratch_run_folder_holds_everything(scratch_run, store):
+    out, summary = scratch_run
+    config = tomllib.loads((out / "config.toml").read_text())
+    assert config["train"]["batch_size"] == 16 and config["train"]["mode"] == "scratch"
+    assert config["store"]["store_id"] == store.info["store_id"]
+    assert config["spectransfer_version"]
+    n_train = int((store.meta["split"] == "train").sum())
+    n_pos = int(((store.meta["split"] == "train") & (store.meta["label"] == 1)).sum())
+    assert config["resolved"]["n_train"] == n_train
+    assert config["resolved"]["pos_weight"] == pytest.approx((n_train - n_pos) / n_pos)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [5, 10, 15, 20, 25, 30]
+    assert {"train_loss", "val_loss", "val_f1", "val_precision", "val_recall"} <= set(lines[0])
+    assert summary["best"] == max(m["val_f1"] for m in lines)
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    assert (out / "checkpoints" / "last.pt").is_file()
+    # the best weights rebuild from the file alone, with the grid and mode in its metadata
+    model, info = load_run(out)
+    assert info.model_name == "vgg-a" and info.grid == SMALL and info.mode == "scratch"
+    assert info.config["train"]["seed"] == 1 and info.temperature is None
+    _, meta = read_weights(out / "model.safetensors")
+    assert meta["step"] == str(summary["best_step"])
+    # the separable toy survey is learnt: the best validation F1 is high
+    assert summary["best"] > 0.8
+
+
+def test_finetune_loads_every_weight_and_freeze_conv_trains_only_the_head(scratch_run, store, tmp_path):
+    init, _ = scratch_run
+    base = _weights(init / "model.safetensors")
+    # lr 0: a fine-tuned run that cannot move must end exactly at the pretrained weights
+    train(TrainConfig(store=str(store.path), out=str(tmp_path / "ft0"), mode="finetune", init=str(init),
+                      batch_size=16, eval_every=3, max_steps=3, lr=0.0, num_workers=0))
+    for k, v in _weights(tmp_path / "ft0" / "model.safetensors").items():
+        torch.testing.assert_close(v, base[k], rtol=0, atol=0)
+    _, info = load_run(tmp_path / "ft0")
+    assert info.mode == "finetune"
+    train(TrainConfig(store=str(store.path), out=str(tmp_path / "fc"), mode="freeze-conv", init=str(init),
+                      batch_size=16, eval_every=4, max_steps=4, num_workers=0, early_stop="loss"))
+    ckpt = torch.load(tmp_path / "fc" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    for k, v in ckpt.items():
+        if k.startswith("features."):
+            torch.testing.assert_close(v, base[k], rtol=0, atol=0)
+        elif k.endswith("weight"):
+            assert not torch.equal(v, base[k]), k
+    config = tomllib.loads((tmp_path / "fc" / "config.toml").read_text())
+    assert config["resolved"]["n_trainable"] < config["resolved"]["n_parameters"]
+
+
+def _run_cli(args: list[str], **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(SPECTRANSFER + args, capture_output=True, text=True, env=env, cwd=ROOT, **kw)
+
+
+def test_resume_after_sigkill_ends_with_the_uninterrupted_weights(store, tmp_path):
+    args = ["train", "--store", str(store.path), "--batch-size", "8", "--eval-every", "3", "--max-steps", "24",
+            "--seed", "3", "--workers", "2", "--quiet"]
+    whole = _run_cli(args + ["--out", str(tmp_path / "whole")])
+    assert whole.returncode == 0, whole.stderr
+    # the same run, killed with SIGKILL once a checkpoint exists, then resumed
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(SPECTRANSFER + args + ["--out", str(tmp_path / "cut")], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpt = tmp_path / "cut" / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its DataLoader workers
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = torch.load(ckpt, weights_only=False)["state"]["step"]
+    assert killed_at < 24
+    resumed = _run_cli(["train", "--store", str(store.path), "--out", str(tmp_path / "cut"), "--resume", "--quiet"])
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=False)
+    b = torch.load(ckpt, weights_only=False)
+    assert a["state"] == b["state"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    wa, wb = _weights(tmp_path / "whole" / "model.safetensors"), _weights(tmp_path / "cut" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(3, 25, 3))  # no duplicated lines from before the kill
+
+
+def test_two_process_ddp_on_cpu_sees_disjoint_data_and_ends_identical(store, tmp_path):
+    out = tmp_path / "ddp"
+    summary = train(TrainConfig(store=str(store.path), out=str(out), batch_size=8, eval_every=4, max_steps=8,
+                                devices=2, num_workers=0, debug_rows=True, seed=2))
+    assert summary["steps"] == 8
+    seen = []
+    for rank in range(2):
+        rows = [line.split()[2:] for line in (out / "debug" / f"rows-rank{rank}.txt").read_text().splitlines()]
+        assert len(rows) == 8  # same number of steps on both ranks
+        seen.append({int(r) for batch in rows for r in batch})
+    assert seen[0] and seen[1] and not (seen[0] & seen[1])
+    train_rows = set(store.meta.loc[store.meta["split"] == "train", "row"].tolist())
+    assert seen[0] | seen[1] <= train_rows
+    w0 = _weights(out / "debug" / "final-rank0.safetensors")
+    w1 = _weights(out / "debug" / "final-rank1.safetensors")
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert tomllib.loads((out / "config.toml").read_text())["resolved"]["world_size"] == 2
+
+
+def test_bad_inputs_refused_before_training(store, scratch_run, tmp_path):
+    init, _ = scratch_run
+    base = dict(store=str(store.path), batch_size=8, max_steps=2, num_workers=0)
+    with pytest.raises(TrainError, match="no spectra of survey 'boss'"):
+        train(TrainConfig(out=str(tmp_path / "a"), survey="boss", **base))
+    with pytest.raises(TrainError, match="incompatible --init"):
+        train(TrainConfig(out=str(tmp_path / "b"), mode="finetune", init=str(init), model="vgg-b", **base))
+    with pytest.raises(TrainError, match="needs --init"):
+        train(TrainConfig(out=str(tmp_path / "c"), mode="finetune", **base))
+    with pytest.raises(TrainError, match="not a run folder"):
+        train(TrainConfig(out=str(tmp_path / "d"), mode="finetune", init=str(tmp_path / "nope"), **base))
+    with pytest.raises(TrainError, match="already holds a run"):
+        train(TrainConfig(out=str(init), **base))
+    # a store on another grid, one without validation rows, one without quasars
+    other = make_store(tmp_path / "other", n=60, grid=Grid(n_bins=256, wave_min=3600.0, wave_max=9000.0))
+    with pytest.raises(TrainError, match="incompatible --init: trained on grid"):
+        train(TrainConfig(**{**base, "store": str(other.path)}, out=str(tmp_path / "e"), mode="finetune", init=str(init)))
+    noval = make_store(tmp_path / "noval", n=60, grid=SMALL, splits=(1.0, 0.0))
+    with pytest.raises(TrainError, match="no validation rows"):
+        train(TrainConfig(**{**base, "store": str(noval.path)}, out=str(tmp_path / "f")))
+    nopos = make_store(tmp_path / "nopos", n=60, grid=SMALL, pos_frac=0.0)
+    with pytest.raises(TrainError, match="no positive"):
+        train(TrainConfig(**{**base, "store": str(nopos.path)}, out=str(tmp_path / "g")))
+    for name in "abcdefg":
+        assert not (tmp_path / name / "checkpoints").exists()
+    # the command line turns them into one line and exit code 2
+    res = _run_cli(["train", "--store", str(nopos.path), "--out", str(tmp_path / "h"), "--quiet"])
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and "no positive" in res.stderr
