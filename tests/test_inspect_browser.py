@@ -1,0 +1,119 @@
+"""The inspection page in a real browser: Debian chromium driven by playwright, keys q / n / u / z."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from spectransfer.inspect.app import create_app
+from spectransfer.inspect.server import running_server
+from spectransfer.store import open_store
+
+from test_inspect_api import REAL_SDSS, build_inputs
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run", "--disable-sync"]
+
+pytestmark = pytest.mark.browser
+
+
+def rows(db: Path) -> dict[str, tuple]:
+    if not db.exists():
+        return {}
+    con = sqlite3.connect(db)
+    try:
+        return {r[0]: r[1:] for r in con.execute("SELECT spectrum_id, verdict, z, inspector FROM verdicts")}
+    finally:
+        con.close()
+
+
+def wait_rows(db: Path, n: int, timeout: float = 30.0) -> dict[str, tuple]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = rows(db)
+        if len(got) >= n:
+            return got
+        time.sleep(0.05)
+    return rows(db)
+
+
+@pytest.fixture
+def browser():
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: run `make browser` (installs Debian chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def test_keys_record_verdicts_in_sqlite(browser, tmp_path, shared_data):
+    cand, store_path, table = build_inputs(tmp_path, n=8, real_file=shared_data / REAL_SDSS)
+    db = tmp_path / "verdicts.sqlite"
+    top = table.sort_values("P_QSO", ascending=False)["SPECTRUM_ID"].tolist()
+    app = create_app(cand, open_store(store_path), db)
+    with running_server(app) as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url + "/")
+        page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+        assert page.text_content("#c-id") == top[0]
+
+        # Without a name the page refuses to record and says so.
+        page.keyboard.press("q")
+        page.wait_for_selector("#toast.show.error")
+        assert rows(db) == {}
+        assert page.text_content("#c-id") == top[0]
+
+        page.fill("#inspector", "playwright")
+        page.press("#inspector", "Enter")  # leaves the field, so keys go to the page again
+        page.wait_for_function("document.querySelector('#c-id').textContent === %r" % top[0])
+        page.wait_for_selector("#c-src >> text=original pixels", timeout=30_000)  # the real SDSS file
+
+        page.keyboard.press("q")
+        page.keyboard.press("n")
+        page.keyboard.press("u")
+        got = wait_rows(db, 3)
+        assert got == {
+            top[0]: ("qso", None, "playwright"),
+            top[1]: ("not_qso", None, "playwright"),
+            top[2]: ("unsure", None, "playwright"),
+        }
+        page.wait_for_function("document.querySelector('#n-done').textContent === '3'")
+        assert page.text_content("#n-total") == str(len(table))
+        assert page.text_content("#c-id") == top[3]
+
+        # z focuses the redshift field; the typed z goes with the next verdict.
+        page.keyboard.press("z")
+        page.fill("#z-user", "1.234")
+        page.press("#z-user", "Enter")
+        page.keyboard.press("q")
+        got = wait_rows(db, 4)
+        assert got[top[3]][0] == "qso" and got[top[3]][1] == pytest.approx(1.234)
+
+        # Arrows move back; a second verdict by the same person replaces the first.
+        for _ in range(4):
+            page.keyboard.press("ArrowLeft")
+        page.wait_for_function("document.querySelector('#c-id').textContent === %r" % top[0])
+        page.click("#b-not")
+        deadline = time.monotonic() + 30
+        while rows(db).get(top[0], ("qso",))[0] != "not_qso" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert rows(db)[top[0]] == ("not_qso", None, "playwright")
+        assert len(rows(db)) == 4
+
+        # The name survives a reload (localStorage) and the queue shows the stored verdicts.
+        page.reload()
+        page.wait_for_selector("body[data-ready='1']")
+        assert page.input_value("#inspector") == "playwright"
+        assert page.get_attribute("#queue li[data-index='1'] .dot", "class") == "dot not_qso"
+        assert page.text_content("#n-done") == "4"
+        assert errors == []
