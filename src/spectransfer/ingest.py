@@ -87,6 +87,7 @@ class IngestSummary:
     leakage: dict[str, int] = field(default_factory=dict)
     splits: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    worker_pids: list[int] = field(default_factory=list)
 
     @property
     def spectra_per_s(self) -> float:
@@ -281,6 +282,7 @@ def process_batch(task: dict[str, Any]) -> dict[str, Any]:
         "unchanged": int(counts.get("unchanged", 0)),
         "seconds": time.perf_counter() - t0,
         "skipped": False,
+        "pid": os.getpid(),
     }
 
 
@@ -664,6 +666,7 @@ def ingest(
             summary.accepted += r["accepted"]
             summary.rejected += r["rejected"]
             summary.unchanged_content += r["unchanged"]
+        summary.worker_pids = sorted({r["pid"] for r in results if "pid" in r})
 
         needs_consolidation = (
             bool(batches)

@@ -1,0 +1,283 @@
+"""Ingest: real files land once each, bad files are quarantined with a reason, reruns add nothing,
+changed files are re-read, a killed ingest finishes on the next run, real Dask gives the same store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from astropy.io import fits
+from typer.testing import CliRunner
+
+from spectransfer.cli import app
+from spectransfer.config import DEFAULT_GRID
+from spectransfer.errors import StoreError
+from spectransfer.ingest import DELAY_ENV, ingest
+from spectransfer.store import open_store
+
+RM_EPOCHS = ("spec-1325-52762-0133.fits", "spec-6717-56397-0534.fits", "spec-7338-57859-0739.fits", "spec-7340-57576-0740.fits")
+ZWARNING_FILES = {"spSpec-51630-0266-633.fit", "spSpec-51630-0266-637.fit", "spSpec-51630-0266-638.fit", "spec-7457-56746-0001.fits"}
+
+
+def _copy(shared_data: Path, dest: Path, names: list[str] | None = None, survey: str = "sdss") -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in sorted((shared_data / survey).iterdir()):
+        if names is None or f.name in names:
+            shutil.copy2(f, dest / f.name)
+    return dest
+
+
+def _by_id(store_path: Path) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """Metadata indexed by spectrum id, and each live spectrum's (flux, ivar) rows."""
+    store = open_store(store_path)
+    meta = store.meta.set_index("spectrum_id")
+    assert meta.index.is_unique
+    assert meta["row"].is_unique
+    flux, ivar = store.flux[:], store.ivar[:]
+    return meta, {sid: np.stack([flux[r], ivar[r]]) for sid, r in meta["row"].items()}
+
+
+def _same_store(a: Path, b: Path) -> None:
+    ma, xa = _by_id(a)
+    mb, xb = _by_id(b)
+    assert set(ma.index) == set(mb.index)
+    for sid in ma.index:
+        np.testing.assert_array_equal(xa[sid], xb[sid])
+    cols = ["survey", "ra", "dec", "z", "pipeline_class", "object_id", "split", "content_hash", "snr"]
+    pd.testing.assert_frame_equal(ma.loc[sorted(ma.index), cols], mb.loc[sorted(ma.index), cols])
+
+
+@pytest.fixture(scope="module")
+def reference_store(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every real SDSS + LAMOST file ingested in-process, uninterrupted: the reference result."""
+    out = tmp_path_factory.mktemp("ref") / "store"
+    ingest([shared_data / "sdss", shared_data / "lamost"], out, workers=0, quiet=True)
+    return out
+
+
+def test_real_files_sdss_and_lamost(reference_store: Path, shared_data: Path) -> None:
+    store = open_store(reference_store)
+    meta, rej = store.meta, store.rejected
+    n_files = len(list((shared_data / "sdss").iterdir())) + len(list((shared_data / "lamost").iterdir()))
+    assert len(meta) + len(rej) == n_files
+    # The four files with ZWARNING != 0 fail the paper's cut, with the value in the reason.
+    zw = rej[rej["reason_kind"] == "fails filter: zwarning"]
+    assert {Path(p).name for p in zw["source_file"]} == ZWARNING_FILES
+    assert any(r == "fails filter: zwarning=5" for r in zw["reason"])
+    # LAMOST spectra whose good pixels start redward of the grid fail coverage.
+    cov = rej[rej["reason_kind"] == "fails filter: wavemin"]
+    assert all(float(r.split()[3]) > 3839.7244 for r in cov["reason"])
+    assert meta["spectrum_id"].is_unique and set(meta["survey"]) == {"sdss", "lamost"}
+
+    # One SDSS file against astropy: ids, position, class, redshift.
+    path = shared_data / "sdss" / "spec-0752-52251-0323.fits"
+    row = meta[meta["source_file"] == str(path.resolve())].iloc[0]
+    with fits.open(path) as hdul:
+        so = hdul[2].data[0]
+        assert row["spectrum_id"] == f"sdss-{so['PLATE']:04d}-{so['MJD']:05d}-{so['FIBERID']:04d}"
+        assert row["pipeline_class"] == so["CLASS"].strip()
+        assert row["z"] == pytest.approx(float(so["Z"]), rel=1e-6)
+        assert row["ra"] == pytest.approx(float(so["PLUG_RA"]), abs=1e-6)
+    assert row["content_hash"].startswith("sha1:")
+
+
+def test_stored_flux_is_min_max_scaled_spectres_resample(reference_store: Path, shared_data: Path) -> None:
+    spectres = pytest.importorskip("spectres").spectres
+    path = shared_data / "sdss" / "spec-0266-51602-0013.fits"
+    store = open_store(reference_store)
+    row = store.meta[store.meta["source_file"] == str(path.resolve())].iloc[0]
+    flux, ivar = store.flux[int(row["row"])], store.ivar[int(row["row"])]
+    with fits.open(path) as hdul:
+        c = hdul[1].data
+        wave = 10.0 ** c["loglam"].astype(float)
+        f, iv, m = c["flux"].astype(float), c["ivar"].astype(float), c["and_mask"]
+    ref = spectres(DEFAULT_GRID.centers, wave, f, fill=np.nan, verbose=False)
+    # Compare on bins inside the spectrum that no bad pixel (ivar 0 or mask bit) touches:
+    # there the store's flux must be an increasing affine map of spectres' resample.
+    bad_bins = np.searchsorted(DEFAULT_GRID.edges, wave[(iv <= 0) | (m != 0)]) - 1
+    ok = np.isfinite(ref) & (ivar > 0)
+    for shift in (-1, 0, 1):
+        ok[np.clip(bad_bins + shift, 0, len(ok) - 1)] = False
+    ok[:5] = ok[-5:] = False
+    assert ok.sum() > 500
+    a, b = np.polyfit(ref[ok], flux[ok], 1)
+    assert a > 0
+    np.testing.assert_allclose(flux[ok], a * ref[ok] + b, atol=2e-3)
+    good_bins = flux[ivar > 0]
+    assert good_bins.min() == pytest.approx(-1.0) and good_bins.max() == pytest.approx(1.0)
+
+
+def test_rm_repeat_epochs_share_object_and_split(reference_store: Path, shared_data: Path) -> None:
+    meta = open_store(reference_store).meta
+    rm = meta[meta["source_file"].map(lambda p: Path(p).name in RM_EPOCHS)]
+    assert len(rm) == 4
+    assert rm["object_id"].nunique() == 1 and rm["split"].nunique() == 1
+    assert (meta["object_id"] == rm["object_id"].iloc[0]).sum() == 4
+    info = open_store(reference_store).info
+    assert info["splits"]["leakage"]["repeat_spectra"] == 4
+
+
+def test_local_dask_cluster_gives_the_same_store(reference_store: Path, shared_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "dask"
+    summary = ingest([shared_data / "sdss", shared_data / "lamost"], out, workers=2, batch_size=8, quiet=True)
+    assert summary.batches >= 6
+    # The batches ran in worker processes, not in this one.
+    assert summary.worker_pids and os.getpid() not in summary.worker_pids
+    _same_store(out, reference_store)
+    # Row ranges of batches are chunk aligned: each batch's rows start on a chunk boundary.
+    store = open_store(out)
+    starts = store.meta.groupby("batch_id")["row"].min()
+    assert (starts % store.chunk_rows == 0).all()
+
+
+def test_corrupt_files_are_quarantined_and_good_files_land(shared_data: Path, tmp_path: Path) -> None:
+    good_names = ["spec-0266-51602-0013.fits", "spec-0752-52251-0323.fits", "spec-3588-55184-0511.fits", "spSpec-51993-0542-631.fit"]
+    folder = _copy(shared_data, tmp_path / "in", good_names)
+    (folder / "notes.fits").write_text("this is not a FITS file\n")
+    (folder / "empty.fits").write_bytes(b"")
+    raw = (shared_data / "sdss" / "spec-0266-51602-0001.fits").read_bytes()
+    (folder / "truncated.fits").write_bytes(raw[: len(raw) // 3])
+    fits.PrimaryHDU(np.zeros((3, 3), dtype=np.float32)).writeto(folder / "image.fits")
+    summary = ingest([folder], tmp_path / "s", workers=0, quiet=True)
+    store = open_store(tmp_path / "s")
+    assert sorted(Path(p).name for p in store.meta["source_file"]) == sorted(good_names)
+    rej = store.rejected.set_index(store.rejected["source_file"].map(lambda p: Path(p).name))
+    assert set(rej.index) == {"notes.fits", "empty.fits", "truncated.fits", "image.fits"}
+    assert (rej["reason_kind"] == "unreadable").all()
+    assert "trunc" in rej.loc["truncated.fits", "reason"].lower()
+    assert "unrecognised format" in rej.loc["image.fits", "reason"]
+    assert summary.rejected == 4 and summary.accepted == 4
+
+
+def test_rerun_adds_nothing_and_changed_file_is_reread(shared_data: Path, tmp_path: Path) -> None:
+    names = ["spec-0266-51602-0013.fits", "spec-0266-51602-0001.fits", "spSpec-51993-0542-631.fit"]
+    folder = _copy(shared_data, tmp_path / "in", names)
+    first = ingest([folder], tmp_path / "s", workers=0, quiet=True)
+    assert first.accepted == 3
+    meta0, x0 = _by_id(tmp_path / "s")
+    n_rows0 = open_store(tmp_path / "s").n_rows
+
+    again = ingest([folder], tmp_path / "s", workers=0, quiet=True)
+    assert again.files_processed == 0 and again.skipped_unchanged == 3
+    meta1, _ = _by_id(tmp_path / "s")
+    pd.testing.assert_frame_equal(meta0, meta1)
+    assert open_store(tmp_path / "s").n_rows == n_rows0
+
+    # Same bytes, new mtime: hashed again, found unchanged, nothing re-read.
+    target = folder / "spec-0266-51602-0013.fits"
+    os.utime(target, ns=(time.time_ns(), time.time_ns() + 10**9))
+    touched = ingest([folder], tmp_path / "s", workers=0, quiet=True)
+    assert touched.files_processed == 1 and touched.unchanged_content == 1 and touched.accepted == 0
+    meta2, _ = _by_id(tmp_path / "s")
+    pd.testing.assert_frame_equal(meta0.drop(columns="file_stamp"), meta2.drop(columns="file_stamp"))
+    assert ingest([folder], tmp_path / "s", workers=0, quiet=True).files_processed == 0
+
+    # New content: the file is read again and its new row replaces the old one.
+    with fits.open(target) as hdul:
+        hdul[1].data["flux"] = hdul[1].data["flux"] + np.linspace(0, 50, len(hdul[1].data))
+        hdul.writeto(tmp_path / "changed.fits")
+    os.replace(tmp_path / "changed.fits", target)
+    changed = ingest([folder], tmp_path / "s", workers=0, quiet=True)
+    assert changed.files_processed == 1 and changed.accepted == 1
+    meta3, x3 = _by_id(tmp_path / "s")
+    assert len(meta3) == 3
+    sid = "sdss-0266-51602-0013"
+    assert meta3.loc[sid, "row"] != meta0.loc[sid, "row"]
+    assert meta3.loc[sid, "content_hash"] != meta0.loc[sid, "content_hash"]
+    assert not np.array_equal(x3[sid], x0[sid])
+    for other in set(meta0.index) - {sid}:
+        np.testing.assert_array_equal(x3[other], x0[other])
+        assert meta3.loc[other, "split"] == meta0.loc[other, "split"]
+
+
+def test_second_ingest_appends_and_keeps_existing_rows(shared_data: Path, tmp_path: Path) -> None:
+    sdss = _copy(shared_data, tmp_path / "sdss", ["spec-0266-51602-0013.fits", "spec-3851-55302-0530.fits"])
+    lamost = _copy(shared_data, tmp_path / "lamost", ["spec-55862-B6212_sp06-003.fits", "spec-59517-EG025613N082253M02_sp08-200.fits.gz"], survey="lamost")
+    ingest([sdss], tmp_path / "s", workers=0, quiet=True, batch_size=4)
+    meta0, x0 = _by_id(tmp_path / "s")
+    rows0 = open_store(tmp_path / "s").n_rows
+    ingest([lamost], tmp_path / "s", workers=0, quiet=True, batch_size=4)
+    meta1, x1 = _by_id(tmp_path / "s")
+    assert open_store(tmp_path / "s").n_rows > rows0
+    assert set(meta1["survey"]) == {"sdss", "lamost"} and len(meta1) == 4
+    for sid in meta0.index:
+        np.testing.assert_array_equal(x1[sid], x0[sid])
+        assert meta1.loc[sid, ["row", "split", "object_id"]].tolist() == meta0.loc[sid, ["row", "split", "object_id"]].tolist()
+
+
+def test_survey_option_filters_and_duplicates(shared_data: Path, tmp_path: Path) -> None:
+    folder = _copy(shared_data, tmp_path / "in", ["spec-0266-51602-0013.fits", "spec-7457-56746-0001.fits"])
+    _copy(shared_data, folder, ["spec-55862-B6212_sp06-003.fits"], survey="lamost")
+    shutil.copy2(folder / "spec-0266-51602-0013.fits", folder / "zz-copy.fits")
+    ingest([folder], tmp_path / "s", survey="sdss", workers=0, quiet=True, zwarning_filter=False)
+    store = open_store(tmp_path / "s")
+    names = {Path(p).name for p in store.meta["source_file"]}
+    assert names == {"spec-0266-51602-0013.fits", "spec-7457-56746-0001.fits"}  # zwarning=5 kept on request
+    rej = store.rejected.set_index(store.rejected["source_file"].map(lambda p: Path(p).name))["reason"]
+    assert rej["spec-55862-B6212_sp06-003.fits"] == "wrong survey: lamost (expected sdss)"
+    assert rej["zz-copy.fits"].startswith("duplicate: sdss-0266-51602-0013 already ingested from ")
+    with pytest.raises(StoreError, match="no such file"):
+        ingest([tmp_path / "missing"], tmp_path / "s", workers=0, quiet=True)
+
+
+def test_killed_ingest_finishes_on_rerun(reference_store: Path, shared_data: Path, tmp_path: Path) -> None:
+    """SIGKILL a real `spectransfer ingest` mid-run (twice), rerun: one row per accepted file."""
+    store = tmp_path / "s"
+    cmd = [sys.executable, "-m", "spectransfer", "ingest", str(shared_data / "sdss"), str(shared_data / "lamost"),
+           "--store", str(store), "--workers", "0", "--batch-size", "4", "--quiet"]
+    env = {**os.environ, DELAY_ENV: "0.4"}
+    for wanted_parts in (2, 5):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline and proc.poll() is None:
+                parts = list((store / "parts").glob("*.parquet")) if (store / "parts").is_dir() else []
+                if len(parts) >= wanted_parts:
+                    break
+                time.sleep(0.05)
+            assert proc.poll() is None, "ingest finished before it could be killed"
+            os.killpg(proc.pid, signal.SIGKILL)
+        finally:
+            proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+        assert (store / "pending.json").exists()  # interrupted for real
+    summary = ingest([shared_data / "sdss", shared_data / "lamost"], store, workers=0, quiet=True)
+    assert summary.resumed_batches > 0
+    assert not (store / "pending.json").exists() and not list((store / "parts").glob("*"))
+    _same_store(store, reference_store)
+    # And once more: nothing left to do.
+    assert ingest([shared_data / "sdss", shared_data / "lamost"], store, workers=0, quiet=True).files_processed == 0
+
+
+def test_cli_ingest_and_stats(shared_data: Path, tmp_path: Path) -> None:
+    import json
+
+    folder = _copy(shared_data, tmp_path / "in", ["spec-0266-51602-0013.fits", "spSpec-51630-0266-633.fit"])
+    runner = CliRunner()
+    res = runner.invoke(app, ["ingest", str(folder), "--store", str(tmp_path / "s"), "--workers", "0", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output.strip().splitlines()[-1])
+    assert summary["accepted"] == 1 and summary["rejected"] == 1
+    res = runner.invoke(app, ["stats", str(tmp_path / "s"), "--json"])
+    assert res.exit_code == 0, res.output
+    st = json.loads(res.output)
+    assert st["survey"] == {"sdss": 1} and st["rejected"] == {"fails filter: zwarning": 1}
+    res = runner.invoke(app, ["stats", str(tmp_path / "s")])
+    assert res.exit_code == 0 and "rejection reason" in res.output and "fails filter: zwarning" in res.output
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "spectransfer", "ingest", str(tmp_path / "nothing"), "--store", str(tmp_path / "s")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "no such file" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "spectransfer", "stats", str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "store folder does not exist" in proc.stderr
