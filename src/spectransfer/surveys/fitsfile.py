@@ -72,17 +72,11 @@ def _parse_value(card: str) -> Any:
         return None
     if text[0] == "'":
         # a string: '' inside is an escaped quote; trailing blanks are not significant
-        out, i = [], 1
-        while i < len(text):
-            if text[i] == "'":
-                if i + 1 < len(text) and text[i + 1] == "'":
-                    out.append("'")
-                    i += 2
-                    continue
-                break
-            out.append(text[i])
-            i += 1
-        return "".join(out).rstrip()
+        end = text.find("'", 1)
+        while 0 < end < len(text) - 1 and text[end + 1] == "'":
+            end = text.find("'", end + 2)
+        body = text[1:end] if end > 0 else text[1:]
+        return body.replace("''", "'").rstrip()
     token = text.split("/", 1)[0].strip()
     if token == "T":
         return True
@@ -99,12 +93,14 @@ def _parse_value(card: str) -> Any:
 
 
 class _Hdu:
-    __slots__ = ("header", "data_offset", "data_size")
+    __slots__ = ("header", "data_offset", "data_size", "layout", "names")
 
     def __init__(self, header: Header, data_offset: int, data_size: int) -> None:
         self.header = header
         self.data_offset = data_offset
         self.data_size = data_size
+        self.layout: dict[str, tuple[int, Any, int, str, int]] | None = None  # binary tables, built once
+        self.names: list[str] | None = None
 
 
 class FitsFile:
@@ -239,8 +235,11 @@ class FitsFile:
     def colnames(self, index: int) -> list[str]:
         """Column names of a binary table HDU, as written (case kept)."""
         hdr = self.header(index)
-        n = int(hdr.get("TFIELDS", 0))
-        return [str(hdr.get(f"TTYPE{i}", f"COL{i}")).strip() for i in range(1, n + 1)]
+        hdu = self._hdus[index]
+        if hdu.names is None:
+            n = int(hdr.get("TFIELDS", 0))
+            hdu.names = [str(hdr.get(f"TTYPE{i}", f"COL{i}")).strip() for i in range(1, n + 1)]
+        return list(hdu.names)
 
     def image(self, index: int) -> np.ndarray:
         """The image of an HDU as a native-endian array (BSCALE/BZERO applied)."""
@@ -270,13 +269,15 @@ class FitsFile:
         hdr = self.header(index)
         if str(hdr.get("XTENSION", "")).strip() != "BINTABLE":
             raise SpectrumError(self.path, f"HDU {index} is not a binary table")
-        layout = _table_layout(hdr)
+        hdu = self._hdus[index]
+        if hdu.layout is None:
+            hdu.layout = _table_layout(hdr)
+        layout = hdu.layout
         row_bytes, n_rows = int(hdr["NAXIS1"]), int(hdr["NAXIS2"])
         first, stop = 0, n_rows
         if rows is not None:
             first, stop, _ = rows.indices(n_rows)
         n = max(stop - first, 0)
-        hdu = self._hdus[index]
         name = self.extname(index) or f"HDU {index}"
         wanted = list(columns)
         for col in wanted:
