@@ -1,0 +1,882 @@
+"""Simulated SDSS-like and LAMOST-like surveys with a known truth, written in native formats.
+
+`simulate_survey` plans a survey (which objects, where on the sky, on which plate/plan and
+fibre, how bright, which repeats, which quasars the catalogue misses), simulates the spectra
+in batches (in a small process pool), writes one FITS file per spectrum in the survey's own
+folder layout, the survey's quasar catalogue at the top, and `truth.parquet`.
+
+Everything is drawn from random streams derived from the seed and the batch number only, so
+the same seed gives the same bytes whatever the number of workers. The whole survey is built
+in a hidden temporary folder beside the target and renamed into place at the end: a failed or
+interrupted run leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import multiprocessing as mp
+
+import numpy as np
+
+from spectransfer.errors import SpectransferError
+from spectransfer.simulate import formats, spectra
+
+log = logging.getLogger(__name__)
+
+SURVEYS = ("sdss", "lamost")
+# Fractions of quasars among all spectra, as in the paper's training sets (Sect. 2):
+# LAMOST 31k of 8.9M (0.35%), SDSS 578k of 4.0M (14%).
+DEFAULT_QSO_FRACTION = {"sdss": 0.14, "lamost": 0.0035}
+# Of the non-quasars: galaxies vs stars (SDSS DR16 specObj ~ 72:28; LAMOST DR5 ~ 2:98).
+GALAXY_SHARE = {"sdss": 0.72, "lamost": 0.02}
+REPEAT_FRACTION = {"sdss": 0.08, "lamost": 0.10}  # share of quasar spectra that re-observe a quasar
+CATALOG_MISSING = 0.03  # share of true quasars the catalogue leaves out
+CATALOG_NAME = {"sdss": "DR16Q-like_quasar_catalog.fits", "lamost": "LAMOST_QSO-like_catalog.fits"}
+BATCH = 256
+
+CLASS_NAMES = np.array(["QSO", "GALAXY", "STAR"])
+QSO, GALAXY, STAR = 0, 1, 2
+
+
+class SimulationError(SpectransferError):
+    """Impossible simulation arguments or an output folder that cannot be written."""
+
+
+@dataclass
+class SimulationResult:
+    """What `simulate_survey` wrote: the folder, its files and a few counts."""
+
+    out: Path
+    survey: str
+    seed: int
+    n_files: int
+    counts: dict[str, int]  # true classes of the spectra written
+    n_repeats: int
+    n_quasar_objects: int
+    n_catalog_missing: int
+    catalog: Path
+    truth: Path
+    files: list[Path] = field(default_factory=list)
+
+
+# ---- planning ---------------------------------------------------------------------------------
+
+
+def _quasar_redshifts(rng: np.random.Generator, survey: str, n: int) -> np.ndarray:
+    """z in [0.1, 5] from a smooth distribution peaking at z ~ 1.5-2.5 (SDSS, as in DR16Q,
+    Lyke et al. 2020, with a low-z tail) or z ~ 1-1.5 (LAMOST quasars are brighter)."""
+    grid = np.linspace(0.1, 5.0, 2000)
+    if survey == "sdss":
+        pdf = 0.30 * np.exp(-0.5 * ((grid - 1.0) / 0.45) ** 2) + 0.55 * np.exp(-0.5 * ((grid - 2.2) / 0.5) ** 2) + 0.15 * np.exp(-0.5 * ((grid - 3.0) / 0.7) ** 2)
+    else:
+        pdf = 0.65 * np.exp(-0.5 * ((grid - 1.2) / 0.5) ** 2) + 0.35 * np.exp(-0.5 * ((grid - 2.2) / 0.6) ** 2)
+    cdf = np.cumsum(pdf)
+    cdf /= cdf[-1]
+    return np.interp(rng.random(n), cdf, grid)
+
+
+STAR_TYPE_P = {
+    "sdss": (0.003, 0.02, 0.17, 0.33, 0.17, 0.17, 0.11, 0.027),
+    "lamost": (0.001, 0.01, 0.10, 0.30, 0.30, 0.22, 0.06, 0.009),
+}
+
+
+def _radec_in_field(rng: np.random.Generator, ra0: np.ndarray, dec0: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    r = radius * np.sqrt(rng.random(ra0.shape[0]))
+    th = rng.uniform(0.0, 2.0 * np.pi, ra0.shape[0])
+    dec = np.clip(dec0 + r * np.sin(th), -89.9, 89.9)
+    ra = np.mod(ra0 + r * np.cos(th) / np.cos(np.radians(dec0)), 360.0)
+    return ra, dec
+
+
+def _field_centres(rng: np.random.Generator, k: int, dec_lo: float, dec_hi: float) -> tuple[np.ndarray, np.ndarray]:
+    ra = rng.uniform(0.0, 360.0, k)
+    s = rng.uniform(np.sin(np.radians(dec_lo)), np.sin(np.radians(dec_hi)), k)
+    return ra, np.degrees(np.arcsin(s))
+
+
+def plan_survey(survey: str, n: int, seed: int, qso_fraction: float) -> dict[str, np.ndarray]:
+    """Decide every file of the survey (one row per file) before any spectrum exists.
+
+    Files are ordered object by object (a repeat follows its first observation) so that a
+    batch always holds every observation of its objects.
+    """
+    rng = np.random.default_rng([seed, 0])
+    p_gal = (1.0 - qso_fraction) * GALAXY_SHARE[survey]
+    p_star = (1.0 - qso_fraction) * (1.0 - GALAXY_SHARE[survey])
+    cls = rng.choice(3, size=n, p=[qso_fraction, p_gal, p_star])
+    # Some quasar spectra are second observations of another quasar.
+    is_rep = (cls == QSO) & (rng.random(n) < REPEAT_FRACTION[survey])
+    q_idx = np.nonzero(cls == QSO)[0]
+    if q_idx.size and is_rep[q_idx].all():
+        is_rep[q_idx[0]] = False
+    originals = np.nonzero((cls == QSO) & ~is_rep)[0]
+    n_obj = int((~is_rep).sum())
+    obj_of_file = np.full(n, -1, dtype=np.int64)
+    obj_of_file[~is_rep] = np.arange(n_obj)
+    rep_files = np.nonzero(is_rep)[0]
+    if rep_files.size:
+        obj_of_file[rep_files] = obj_of_file[rng.choice(originals, size=rep_files.size)]
+    # Object-major order: all observations of an object are consecutive, first one first.
+    order = np.lexsort((is_rep, np.arange(n), obj_of_file))
+    cls, is_rep, obj_of_file = cls[order], is_rep[order], obj_of_file[order]
+
+    # Per-object properties.
+    obj_cls = np.empty(n_obj, dtype=np.int64)
+    obj_cls[obj_of_file[~is_rep]] = cls[~is_rep]
+    z = np.zeros(n_obj)
+    mag = np.zeros(n_obj)
+    temp = np.zeros(n_obj)
+    star_type = np.full(n_obj, "", dtype=object)
+    gal_sf = np.zeros(n_obj, dtype=bool)
+    is_bal = np.zeros(n_obj, dtype=bool)
+    qo = np.nonzero(obj_cls == QSO)[0]
+    go = np.nonzero(obj_cls == GALAXY)[0]
+    so = np.nonzero(obj_cls == STAR)[0]
+    z[qo] = _quasar_redshifts(rng, survey, qo.size)
+    # BAL quasars: ~12% where C IV is observable (z > 1.6), rarer (LoBAL only) below.
+    is_bal[qo] = rng.random(qo.size) < np.where(z[qo] > 1.6, 0.12, 0.015)
+    if survey == "sdss":
+        mag[qo] = np.clip(22.0 - rng.exponential(1.3, qo.size), 16.5, 22.0)
+        lrg = rng.random(go.size) < 0.5
+        z[go] = np.where(lrg, np.clip(rng.normal(0.5, 0.12, go.size), 0.15, 0.8), np.clip(rng.gamma(3.0, 0.035, go.size), 0.005, 0.35))
+        mag[go] = np.where(lrg, rng.uniform(18.5, 20.5, go.size), np.clip(17.77 - rng.exponential(0.9, go.size), 14.0, 17.77))
+        gal_sf[go] = rng.random(go.size) < np.where(lrg, 0.05, 0.55)
+        mag[so] = rng.uniform(15.0, 20.5, so.size)
+    else:
+        mag[qo] = rng.uniform(17.0, 20.0, qo.size)
+        z[go] = np.clip(rng.gamma(3.0, 0.03, go.size), 0.005, 0.8)
+        mag[go] = np.clip(17.8 - rng.exponential(0.6, go.size), 14.5, 17.8)
+        gal_sf[go] = rng.random(go.size) < 0.45
+        mag[so] = np.clip(17.8 - rng.exponential(2.0, so.size), 10.5, 17.8)
+    kinds = [t[0] for t in spectra.STAR_TYPES]
+    k_idx = rng.choice(len(kinds), size=so.size, p=np.array(STAR_TYPE_P[survey]) / np.sum(STAR_TYPE_P[survey]))
+    lo = np.array([t[1] for t in spectra.STAR_TYPES])[k_idx]
+    hi = np.array([t[2] for t in spectra.STAR_TYPES])[k_idx]
+    temp[so] = np.exp(rng.uniform(np.log(lo), np.log(hi)))
+    star_type[so] = np.array(kinds, dtype=object)[k_idx]
+    rv = rng.normal(0.0, 40.0, n_obj)
+    z[so] = rv[so] / spectra.C_KMS
+    in_catalog = (obj_cls == QSO) & (rng.random(n_obj) >= CATALOG_MISSING)
+
+    # Where the objects are: fields (plates / plans) of a few hundred targets.
+    per_field = 640 if survey == "sdss" else 800
+    first_idx = np.nonzero(~is_rep)[0]
+    field_of_obj = np.arange(n_obj) // per_field
+    n_fields = int(field_of_obj.max()) + 1 if n_obj else 0
+    if survey == "sdss":
+        f_ra, f_dec = _field_centres(rng, n_fields, -10.0, 70.0)
+        radius = 1.49
+    else:
+        f_ra, f_dec = _field_centres(rng, n_fields, -5.0, 60.0)
+        radius = 2.5
+    o_ra, o_dec = _radec_in_field(rng, f_ra[field_of_obj], f_dec[field_of_obj], radius)
+
+    files: dict[str, np.ndarray] = {
+        "cls": cls,
+        "is_repeat": is_rep,
+        "object": obj_of_file,
+        "z": z[obj_of_file],
+        "mag": mag[obj_of_file],
+        "temp": temp[obj_of_file],
+        "star_type": star_type[obj_of_file],
+        "gal_sf": gal_sf[obj_of_file],
+        "is_bal": is_bal[obj_of_file],
+        "in_catalog": in_catalog[obj_of_file],
+        "field": field_of_obj[obj_of_file],
+        "field_ra": f_ra[field_of_obj[obj_of_file]] if n_fields else np.zeros(n),
+        "field_dec": f_dec[field_of_obj[obj_of_file]] if n_fields else np.zeros(n),
+        # A repeat is the same object: same position to within 0.1 arcsec.
+        "ra": o_ra[obj_of_file] + np.where(is_rep, rng.normal(0, 0.1 / 3600, n), 0.0),
+        "dec": o_dec[obj_of_file] + np.where(is_rep, rng.normal(0, 0.1 / 3600, n), 0.0),
+        # Quasars vary: a repeat is a little brighter or fainter.
+        "dmag": np.where(is_rep, rng.normal(0.0, 0.15, n), 0.0),
+        "exposure": rng.lognormal(0.0, 0.2 if survey == "sdss" else 0.3, n),
+    }
+    files["n_obs"] = np.bincount(obj_of_file, minlength=n_obj)[obj_of_file]
+    # The first observation of each object, as a file index (for repeat_of).
+    first_of_obj = np.empty(n_obj, dtype=np.int64)
+    first_of_obj[obj_of_file[first_idx]] = first_idx
+    files["first_file"] = first_of_obj[obj_of_file]
+    _assign_ids(rng, survey, files, n_fields)
+    return files
+
+
+def _assign_ids(rng: np.random.Generator, survey: str, f: dict[str, np.ndarray], n_fields: int) -> None:
+    """Plate/MJD/fibre (SDSS) or LMJD/plan/spectrograph/fibre/obsid (LAMOST) for each file.
+
+    A repeat is the same plate or plan observed again on a later night, on another fibre."""
+    n = f["cls"].shape[0]
+    field = f["field"]
+    rep = f["is_repeat"]
+    if survey == "sdss":
+        plates = np.sort(rng.choice(np.arange(3586, 11500), size=max(n_fields, 1), replace=False))
+        mjds = (55176 + (plates - 3586) * 0.4 + rng.integers(0, 60, plates.size)).astype(np.int64)
+        plate = plates[field]
+        mjd = mjds[field].copy()
+        fiber = np.zeros(n, dtype=np.int64)
+        for k in range(n_fields):
+            sel = np.nonzero((field == k) & ~rep)[0]
+            fiber[sel] = rng.choice(1000, size=sel.size, replace=False) + 1
+        used = {(int(plate[i]), int(mjd[i]), int(fiber[i])) for i in np.nonzero(~rep)[0]}
+        for i in np.nonzero(rep)[0]:
+            while True:
+                m = int(mjd[i]) + int(rng.integers(1, 900))
+                fb = int(rng.integers(1, 1001))
+                if (int(plate[i]), m, fb) not in used:
+                    break
+            used.add((int(plate[i]), m, fb))
+            mjd[i], fiber[i] = m, fb
+        f["plate"], f["mjd"], f["fiberid"] = plate, mjd, fiber
+        f["tile"] = plate + 9000
+        f["thing_id"] = 100000000 + f["object"] * 7 + 3
+    else:
+        lmjd_f = np.sort(rng.integers(55859, 57900, size=max(n_fields, 1)))
+        prefix = rng.choice(np.array(["EG", "HD"]), size=max(n_fields, 1))
+        suffix = rng.choice(np.array(["B", "M", "F"]), size=max(n_fields, 1), p=[0.3, 0.45, 0.25])
+        planids = []
+        for k in range(max(n_fields, 1)):
+            ra = f["field_ra"][field == k][0] if np.any(field == k) else 0.0
+            dec = f["field_dec"][field == k][0] if np.any(field == k) else 0.0
+            h = ra / 15.0
+            hh, mm, ss = int(h), int((h * 60) % 60), int((h * 3600) % 60)
+            sgn = "N" if dec >= 0 else "S"
+            ad = abs(dec)
+            dd, dm, ds = int(ad), int((ad * 60) % 60), int((ad * 3600) % 60)
+            planids.append(f"{prefix[k]}{hh:02d}{mm:02d}{ss:02d}{sgn}{dd:02d}{dm:02d}{ds:02d}{suffix[k]}{k % 99 + 1:02d}")
+        planids_a = np.array(planids, dtype=object)
+        lmjd = lmjd_f[field].copy()
+        slot = np.zeros(n, dtype=np.int64)
+        for k in range(n_fields):
+            sel = np.nonzero((field == k) & ~rep)[0]
+            slot[sel] = rng.choice(4000, size=sel.size, replace=False)
+        used = {(int(field[i]), int(lmjd[i]), int(slot[i])) for i in np.nonzero(~rep)[0]}
+        for i in np.nonzero(rep)[0]:
+            while True:
+                m = int(lmjd[i]) + int(rng.integers(1, 700))
+                s = int(rng.integers(0, 4000))
+                if (int(field[i]), m, s) not in used:
+                    break
+            used.add((int(field[i]), m, s))
+            lmjd[i], slot[i] = m, s
+        f["planid"] = planids_a[field]
+        f["lmjd"] = lmjd
+        f["mjd"] = lmjd - 1
+        f["spid"] = slot // 250 + 1
+        f["fiberid"] = slot % 250 + 1
+        # OBSID = observation sequence * 100000 + spid * 1000 + fibre, as in the real files
+        # (e.g. 677503031 is observation 6775, spectrograph 03, fibre 031).
+        keys = sorted({(int(lm), int(fl)) for lm, fl in zip(lmjd, field)})
+        seq = {k: 101 + i for i, k in enumerate(keys)}
+        obs_seq = np.array([seq[(int(lm), int(fl))] for lm, fl in zip(lmjd, field)], dtype=np.int64)
+        f["obsid"] = obs_seq * 100000 + f["spid"] * 1000 + f["fiberid"]
+
+
+def relative_path(survey: str, f: dict[str, np.ndarray], i: int) -> str:
+    """The file's path below the survey folder, in the survey's own layout."""
+    if survey == "sdss":
+        p, m, fb = int(f["plate"][i]), int(f["mjd"][i]), int(f["fiberid"][i])
+        return f"spectra/lite/{p:04d}/spec-{p:04d}-{m}-{fb:04d}.fits"
+    lm, pl, sp, fb = int(f["lmjd"][i]), str(f["planid"][i]), int(f["spid"][i]), int(f["fiberid"][i])
+    return f"fits/{pl}/spec-{lm}-{pl}_sp{sp:02d}-{fb:03d}.fits"
+
+
+def spectrum_id(survey: str, f: dict[str, np.ndarray], i: int) -> str:
+    if survey == "sdss":
+        return f"sdss-{int(f['plate'][i])}-{int(f['mjd'][i])}-{int(f['fiberid'][i])}"
+    return f"lamost-{int(f['lmjd'][i])}-{f['planid'][i]}-{int(f['spid'][i])}-{int(f['fiberid'][i])}"
+
+
+# ---- pipeline answers -------------------------------------------------------------------------
+
+# Line pairs a redshift finder confuses (true line taken for another): (true, assumed).
+_CONFUSIONS = ((2798.75, 3728.48), (1549.06, 2798.75), (2798.75, 4862.68), (1215.67, 1549.06), (1908.73, 2798.75), (4862.68, 6564.61))
+
+
+def _pipeline(rng: np.random.Generator, survey: str, cls: np.ndarray, z: np.ndarray, snr: np.ndarray, star_sub: list[str], gal_sf: np.ndarray, ew_ha: np.ndarray) -> dict[str, Any]:
+    """What the survey pipeline says: class, subclass, z, z error, warning flags.
+
+    Mostly right, but a fraction (more at low S/N) is wrong in class or redshift, so a
+    catalogue label is not a copy of the pipeline class. LAMOST leaves some spectra
+    'Unknown' (SUBCLASS 'Non', Z = -9999) as its pipeline does.
+    """
+    n = cls.shape[0]
+    u = rng.random(n)
+    low = snr < (2.0 if survey == "sdss" else 3.0)
+    mid = (snr >= 2.0) & (snr < 4.0)
+    out_cls = CLASS_NAMES[cls].astype(object)
+    out_z = z.copy()
+    wrong = np.zeros(n, dtype=bool)
+    unknown = np.zeros(n, dtype=bool)
+    if survey == "sdss":
+        p_q = 0.015 + 0.12 * low + 0.04 * mid
+        p_g = 0.006 + 0.03 * low
+        p_s = 0.003 + 0.02 * low
+        to_other = np.where(cls == QSO, u < p_q, np.where(cls == GALAXY, u < p_g, u < p_s))
+    else:
+        p_q = 0.09 + 0.2 * low
+        p_g = 0.04 + 0.08 * low
+        p_s = 0.012 + 0.04 * low
+        to_other = np.where(cls == QSO, u < p_q, np.where(cls == GALAXY, u < p_g, u < p_s))
+    v = rng.random(n)
+    for i in np.nonzero(to_other)[0]:
+        c = cls[i]
+        if survey == "lamost":
+            share_unknown = {QSO: 0.55, GALAXY: 0.6, STAR: 0.85}[int(c)]
+            if v[i] < share_unknown:
+                unknown[i] = True
+                out_cls[i] = "Unknown"
+                continue
+        if c == QSO:
+            new = "GALAXY" if rng.random() < 0.65 else "STAR"
+        elif c == GALAXY:
+            new = "QSO" if rng.random() < (0.6 if survey == "sdss" else 0.4) else "STAR"
+        else:
+            new = "GALAXY" if rng.random() < 0.7 else "QSO"
+        out_cls[i] = new
+        wrong[i] = True
+        if new == "STAR":
+            out_z[i] = rng.normal(0.0, 1.5e-4)
+        elif new == "GALAXY":
+            zz = -1.0
+            if c == QSO:
+                lam_t, lam_a = _CONFUSIONS[int(rng.integers(0, len(_CONFUSIONS)))]
+                zz = (1.0 + z[i]) * lam_t / lam_a - 1.0
+            out_z[i] = zz if 0.0 < zz < 0.9 else rng.uniform(0.02, 0.6)
+        else:
+            out_z[i] = rng.uniform(0.4, 3.2)
+    # Right class, wrong redshift (a line confusion) for a few quasars.
+    zfail = (cls == QSO) & ~to_other & (rng.random(n) < (0.012 + 0.05 * low))
+    for i in np.nonzero(zfail)[0]:
+        lam_t, lam_a = _CONFUSIONS[int(rng.integers(0, len(_CONFUSIONS)))]
+        if rng.random() < 0.5:
+            lam_t, lam_a = lam_a, lam_t
+        zz = (1.0 + z[i]) * lam_t / lam_a - 1.0
+        if 0.05 < zz < 6.0:
+            out_z[i] = zz
+            wrong[i] = True
+    z_err = np.where(out_cls == "QSO", 5e-4 * (1.0 + np.abs(out_z)), np.where(out_cls == "GALAXY", 2.5e-5 * (1 + out_z), 1.2e-5))
+    out_z = np.where(wrong | unknown, out_z, out_z + rng.normal(0.0, 1.0, n) * z_err * 0.5)
+    z_err = z_err * rng.lognormal(0.0, 0.3, n) * (1.0 + 2.0 * low)
+
+    # SDSS ZWARNING: SMALL_DELTA_CHI2 (bit 2 = 4) at low S/N and for some wrong answers,
+    # NEGATIVE_MODEL (bit 3 = 8) now and then. LAMOST has no ZWARNING.
+    zwarn = np.zeros(n, dtype=np.int32)
+    if survey == "sdss":
+        zwarn |= np.where(low & (rng.random(n) < 0.45), 4, 0).astype(np.int32)
+        zwarn |= np.where(wrong & (rng.random(n) < 0.25), 4, 0).astype(np.int32)
+        zwarn |= np.where(rng.random(n) < 0.004, 8, 0).astype(np.int32)
+
+    sub = np.empty(n, dtype=object)
+    for i in range(n):
+        oc = out_cls[i]
+        if survey == "lamost":
+            sub[i] = star_sub[i] if (oc == "STAR" and cls[i] == STAR) else ("Non" if oc in ("Unknown", "QSO", "GALAXY") else "K5")
+            continue
+        if oc == "QSO":
+            sub[i] = "BROADLINE" if (cls[i] == QSO and rng.random() < 0.8) else ""
+        elif oc == "GALAXY":
+            if cls[i] == GALAXY and gal_sf[i]:
+                sub[i] = "STARBURST" if ew_ha[i] > 80 else "STARFORMING"
+            elif cls[i] == QSO:
+                sub[i] = "AGN BROADLINE" if rng.random() < 0.4 else ""
+            else:
+                sub[i] = ""
+        else:
+            sub[i] = star_sub[i] if cls[i] == STAR else str(rng.choice(["M0", "A0", "F9", "K7", "WD"]))
+    pz = np.where(unknown, -9999.0, out_z)
+    z_err = np.where(unknown, -9999.0, z_err)
+    return {"class": out_cls, "subclass": sub, "z": pz, "z_err": z_err, "zwarning": zwarn, "wrong": wrong | unknown}
+
+
+# ---- the worker -------------------------------------------------------------------------------
+
+
+def _simulate_batch(survey: str, seed: int, batch: int, rows: dict[str, np.ndarray], root: str) -> dict[str, np.ndarray]:
+    """Simulate and write the files of one batch; return the per-file pipeline answers."""
+    rng = np.random.default_rng([seed, 1, batch])
+    inst = spectra.INSTRUMENTS[survey]
+    loglam = inst.loglam
+    wave = inst.wave
+    n = rows["cls"].shape[0]
+    p = inst.n_pix
+    cls = rows["cls"]
+    rep = rows["is_repeat"]
+    prim = ~rep
+    model = np.zeros((n, p))
+    ew_ha = np.zeros(n)
+    sig = inst.sigma_inst_log
+    q = np.nonzero(prim & (cls == QSO))[0]
+    if q.size:
+        model[q] = spectra.quasar_model(rng, loglam, rows["z"][q], rows["is_bal"][q], sig)
+    g = np.nonzero(prim & (cls == GALAXY))[0]
+    if g.size:
+        model[g], ew_ha[g] = spectra.galaxy_model(rng, loglam, rows["z"][g], rows["gal_sf"][g], sig)
+    s = np.nonzero(prim & (cls == STAR))[0]
+    if s.size:
+        is_wd = rows["star_type"][s] == "WD"
+        model[s] = spectra.star_model(rng, loglam, rows["temp"][s], is_wd, rows["z"][s] * spectra.C_KMS, sig)
+    model[prim] = spectra.normalise_to_mag(wave, model[prim], rows["mag"][prim])
+    # A repeat is the same spectrum seen again (a little brighter or fainter).
+    local_first = rows["first_file"] - rows["_offset"]
+    for i in np.nonzero(rep)[0]:
+        j = int(local_first[i])
+        model[i] = model[j] * 10.0 ** (-0.4 * rows["dmag"][i])
+        ew_ha[i] = ew_ha[j]
+    true_mags = spectra.synthetic_mags(wave, model)
+    obs = spectra.observe(rng, inst, model, rows["exposure"])
+
+    star_sub = [spectra.star_subclass(str(t), float(tt)) if c == STAR else "" for c, t, tt in zip(cls, rows["star_type"], rows["temp"])]
+    pipe = _pipeline(rng, survey, cls, rows["z"], obs.snr_median, star_sub, rows["gal_sf"], ew_ha)
+    psfmag = true_mags + rng.normal(0.0, 0.03, true_mags.shape)
+
+    root_p = Path(root)
+    made_dirs: set[Path] = set()
+    wavemin = np.zeros(n)
+    wavemax = np.zeros(n)
+    for i in range(n):
+        path = root_p / rows["relpath"][i]
+        if path.parent not in made_dirs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            made_dirs.add(path.parent)
+        if survey == "sdss":
+            data, wavemin[i], wavemax[i] = _sdss_file(rng, inst, rows, i, obs, pipe, psfmag)
+        else:
+            data, wavemin[i], wavemax[i] = _lamost_file(rng, inst, rows, i, obs, pipe, psfmag)
+        with open(path, "wb") as fh:
+            fh.write(data)
+    return {
+        "pipeline_class": pipe["class"],
+        "pipeline_subclass": pipe["subclass"],
+        "pipeline_z": pipe["z"],
+        "zwarning": pipe["zwarning"],
+        "pipeline_wrong": pipe["wrong"],
+        "snr": obs.snr_true,
+        "sn_median_all": obs.snr_median,
+        "mags": psfmag,
+        "wavemin": wavemin,
+        "wavemax": wavemax,
+    }
+
+
+def _objtype(c: int, survey: str) -> str:
+    if survey == "sdss":
+        return {QSO: "QSO", GALAXY: "GALAXY", STAR: "SPECTROPHOTO_STD"}[c] if c != STAR else "NA"
+    return {QSO: "QSO", GALAXY: "gal", STAR: "star"}[c]
+
+
+def _sdss_file(rng, inst, rows, i, obs, pipe, psfmag):  # noqa: ANN001, ANN202
+    a, b = int(obs.first[i]), int(obs.last[i])
+    m = b - a
+    coadd = np.empty(m, dtype=formats.COADD_DTYPE)
+    coadd["flux"] = obs.flux[i, a:b]
+    coadd["loglam"] = inst.loglam[a:b]
+    coadd["ivar"] = obs.ivar[i, a:b]
+    coadd["and_mask"] = obs.and_mask[i, a:b]
+    coadd["or_mask"] = obs.or_mask[i, a:b]
+    # wdisp: dispersion in units of pixels (1e-4 log10 lambda), slowly varying along the chip.
+    coadd["wdisp"] = inst.sigma_inst_log / 1e-4 * (0.92 + 0.16 * (np.arange(a, b) / inst.n_pix))
+    coadd["sky"] = obs.sky[i, a:b]
+    coadd["model"] = obs.model[i, a:b]
+    good = np.nonzero(obs.ivar[i, a:b] > 0)[0]
+    w = inst.wave[a:b]
+    wmin = float(w[good[0]]) if good.size else float(w[0])
+    wmax = float(w[good[-1]]) if good.size else float(w[-1])
+    spall = np.zeros(1, dtype=formats.SPALL_DTYPE)
+    r = spall[0]
+    c = int(rows["cls"][i])
+    r["PROGRAMNAME"] = b"eboss" if rows["plate"][i] >= 7300 else b"boss"
+    r["CHUNK"] = f"eboss{int(rows['plate'][i]) % 30}".encode()
+    r["PLATEQUALITY"] = b"good"
+    r["PLATESN2"] = 10.0 + 10.0 * float(rows["exposure"][i])
+    r["EBOSS_TARGET1"] = (1 << 10) if c == QSO else 0
+    r["SPECPRIMARY"] = 0 if rows["is_repeat"][i] else 1
+    r["NSPECOBS"] = int(rows["n_obs"][i])
+    r["PLATE"], r["TILE"], r["MJD"], r["FIBERID"] = int(rows["plate"][i]), int(rows["tile"][i]), int(rows["mjd"][i]), int(rows["fiberid"][i])
+    r["RUN2D"] = r["RUN1D"] = formats.RUN2D.encode()
+    r["OBJTYPE"] = _objtype(c, "sdss").encode()
+    r["PLUG_RA"], r["PLUG_DEC"] = float(rows["ra"][i]), float(rows["dec"][i])
+    r["CLASS"] = str(pipe["class"][i]).encode()
+    r["SUBCLASS"] = str(pipe["subclass"][i]).encode()
+    r["Z"] = float(pipe["z"][i])
+    r["Z_ERR"] = float(pipe["z_err"][i])
+    r["RCHI2"] = float(rng.normal(1.0, 0.08))
+    r["DOF"] = max(int(good.size) - 10, 0)
+    r["RCHI2DIFF"] = float(rng.exponential(0.05 if pipe["wrong"][i] else 0.3))
+    r["VDISP"] = float(rng.uniform(100, 300)) if pipe["class"][i] == "GALAXY" else 0.0
+    r["WAVEMIN"], r["WAVEMAX"] = wmin, wmax
+    r["WCOVERAGE"] = float(np.log10(wmax) - np.log10(wmin))
+    r["ZWARNING"] = int(pipe["zwarning"][i])
+    r["SN_MEDIAN"] = obs.sn_bands[i]
+    r["SN_MEDIAN_ALL"] = float(obs.snr_median[i])
+    flux_nmgy = 10.0 ** (-0.4 * (psfmag[i] - 22.5))
+    r["SPECTROFLUX"] = flux_nmgy
+    r["SPECTROFLUX_IVAR"] = 1.0 / np.maximum(0.02 * flux_nmgy, 1e-3) ** 2
+    r["SPECTROSYNFLUX"] = flux_nmgy * rng.normal(1.0, 0.03, 5)
+    r["ANYANDMASK"] = int(np.bitwise_or.reduce(obs.and_mask[i, a:b]))
+    r["ANYORMASK"] = int(np.bitwise_or.reduce(obs.or_mask[i, a:b]))
+    r["Z_NOQSO"] = float(pipe["z"][i]) if pipe["class"][i] != "QSO" else float(rng.uniform(0.05, 0.8))
+    r["CLASS_NOQSO"] = (str(pipe["class"][i]) if pipe["class"][i] != "QSO" else "GALAXY").encode()
+    r["SUBCLASS_NOQSO"] = b""
+    r["OBJID"] = f"{1237650000000000000 + int(rows['object'][i]) * 17}".encode()
+    r["RA"], r["DEC"] = float(rows["ra"][i]), float(rows["dec"][i])
+    r["EXTINCTION"] = np.array([0.18, 0.13, 0.09, 0.07, 0.05]) * 0.5
+    r["PSFMAG"] = psfmag[i]
+    r["FIBER2MAG"] = psfmag[i] + (0.6 if c == GALAXY else 0.35)
+    r["THING_ID"] = int(rows["thing_id"][i])
+    spall = spall.astype(formats.SPALL_DTYPE)
+    meta = {
+        "plate": int(rows["plate"][i]), "mjd": int(rows["mjd"][i]), "fiberid": int(rows["fiberid"][i]),
+        "tile": int(rows["tile"][i]), "cartid": int(rows["plate"][i]) % 16 + 1,
+        "plate_ra": float(rows["field_ra"][i]), "plate_dec": float(rows["field_dec"][i]),
+        "exptime": round(900.0 * 4 * float(rows["exposure"][i]), 2), "nexp": 8,
+        "helio_rv": round(float(np.sin(rows["mjd"][i] / 58.1) * 25.0), 6),
+        "sn2_g": round(12.0 * float(rows["exposure"][i]), 4), "sn2_r": round(40.0 * float(rows["exposure"][i]), 4),
+        "sn2_i": round(32.0 * float(rows["exposure"][i]), 4),
+        "coeff0": round(float(inst.loglam[a]), 4), "fbadpix": round(float(np.mean(obs.ivar[i, a:b] == 0)), 5),
+        "ra": float(rows["ra"][i]), "dec": float(rows["dec"][i]), "thing_id": int(rows["thing_id"][i]),
+    }
+    return formats.sdss_file_bytes(formats.sdss_primary_cards(meta), coadd, spall), wmin, wmax
+
+
+def _designation(ra: float, dec: float) -> str:
+    h = ra / 15.0
+    hh = int(h)
+    mm = int((h - hh) * 60)
+    ss = ((h - hh) * 60 - mm) * 60
+    sgn = "+" if dec >= 0 else "-"
+    ad = abs(dec)
+    dd = int(ad)
+    dm = int((ad - dd) * 60)
+    ds = ((ad - dd) * 60 - dm) * 60
+    return f"J{hh:02d}{mm:02d}{min(ss, 59.99):05.2f}{sgn}{dd:02d}{dm:02d}{min(ds, 59.9):04.1f}"
+
+
+def _lamost_file(rng, inst, rows, i, obs, pipe, psfmag):  # noqa: ANN001, ANN202
+    # LAMOST fluxes are relative (not flux-calibrated to absolute units): a per-spectrum scale.
+    scale = float(rows["_lamost_scale"][i])
+    image = np.empty((5, inst.n_pix), dtype=">f4")
+    image[0] = obs.flux[i] * scale
+    image[1] = obs.ivar[i] / scale**2
+    image[2] = inst.wave
+    image[3] = obs.and_mask[i]
+    image[4] = obs.or_mask[i]
+    good = np.nonzero(obs.ivar[i] > 0)[0]
+    wmin = float(inst.wave[good[0]]) if good.size else float(inst.wave[0])
+    wmax = float(inst.wave[good[-1]]) if good.size else float(inst.wave[-1])
+    lmjd = int(rows["lmjd"][i])
+    # Dates follow from LMJD (MJD 40587 = 1970-01-01), so the header is reproducible.
+    import datetime as _dt
+
+    day = _dt.date(1970, 1, 1) + _dt.timedelta(days=lmjd - 40587)
+    made = day + _dt.timedelta(days=400 + lmjd % 97)
+    fname = Path(rows["relpath"][i]).name
+    meta = {
+        "filename": fname, "obsid": int(rows["obsid"][i]),
+        "date": f"{made.isoformat()}T{lmjd % 24:02d}:{lmjd % 60:02d}:{(lmjd * 7) % 60:02d}",
+        "date_obs": f"{day.isoformat()}T16:20:00",
+        "lmjd": lmjd, "mjd": int(rows["mjd"][i]), "planid": str(rows["planid"][i]),
+        "ra": float(rows["ra"][i]), "dec": float(rows["dec"][i]),
+        "desig": "LAMOST " + _designation(float(rows["ra"][i]), float(rows["dec"][i])),
+        "fiberid": int(rows["fiberid"][i]), "spid": int(rows["spid"][i]),
+        "objtype": _objtype(int(rows["cls"][i]), "lamost"),
+        "mags": psfmag[i], "exptime": round(5400.0 * float(rows["exposure"][i]), 2),
+        "plan_ra": float(rows["field_ra"][i]), "plan_dec": float(rows["field_dec"][i]),
+        "helio_rv": round(float(np.sin(lmjd / 58.1) * 25.0), 5), "coeff0": float(inst.loglam0),
+        "class": str(pipe["class"][i]), "subclass": str(pipe["subclass"][i]),
+        "z": round(float(pipe["z"][i]), 8), "z_err": round(float(pipe["z_err"][i]), 8),
+        "snr_bands": obs.sn_bands[i],
+    }
+    return formats.lamost_file_bytes(formats.lamost_primary_cards(meta, inst.n_pix), image), wmin, wmax
+
+
+# ---- catalogues and truth ---------------------------------------------------------------------
+
+
+def _write_catalog(path: Path, survey: str, f: dict[str, np.ndarray], res: dict[str, np.ndarray], seed: int) -> int:
+    """The survey's quasar catalogue in its real form; returns the number of rows."""
+    from astropy.io import fits
+
+    rng = np.random.default_rng([seed, 2])
+    n = f["cls"].shape[0]
+    qso_files = np.nonzero((f["cls"] == QSO) & f["in_catalog"])[0]
+    z_cat_obj: dict[int, float] = {}
+    for i in qso_files:
+        o = int(f["object"][i])
+        if o not in z_cat_obj:
+            # Visual-inspection redshifts: close to the truth, not exact.
+            z_cat_obj[o] = float(f["z"][i] + rng.normal(0.0, 6e-4 * (1.0 + f["z"][i])))
+    if survey == "sdss":
+        firsts = [i for i in qso_files if not f["is_repeat"][i]]
+        k = len(firsts)
+        ndup = 74
+        plate_d = np.full((k, ndup), -1, dtype=np.int32)
+        mjd_d = np.full((k, ndup), -1, dtype=np.int32)
+        fib_d = np.full((k, ndup), -1, dtype=np.int16)
+        nspec = np.zeros(k, dtype=np.int16)
+        row_of_obj = {int(f["object"][i]): r for r, i in enumerate(firsts)}
+        for i in qso_files:
+            if f["is_repeat"][i]:
+                r = row_of_obj[int(f["object"][i])]
+                j = int(nspec[r])
+                if j < ndup:
+                    plate_d[r, j], mjd_d[r, j], fib_d[r, j] = f["plate"][i], f["mjd"][i], f["fiberid"][i]
+                nspec[r] += 1
+        fi = np.array(firsts, dtype=np.int64)
+        zc = np.array([z_cat_obj[int(f["object"][i])] for i in firsts])
+        vi = rng.random(k) < 0.3
+        cols = [
+            fits.Column("SDSS_NAME", "18A", array=np.array([_designation(f["ra"][i], f["dec"][i])[1:] for i in firsts], dtype="S18")),
+            fits.Column("RA", "D", unit="deg", array=f["ra"][fi]),
+            fits.Column("DEC", "D", unit="deg", array=f["dec"][fi]),
+            fits.Column("PLATE", "J", array=f["plate"][fi].astype(np.int32)),
+            fits.Column("MJD", "J", array=f["mjd"][fi].astype(np.int32)),
+            fits.Column("FIBERID", "I", array=f["fiberid"][fi].astype(np.int16)),
+            fits.Column("OBJID", "19A", array=np.array([f"{1237650000000000000 + int(f['object'][i]) * 17}" for i in firsts], dtype="S19")),
+            fits.Column("THING_ID", "J", array=f["thing_id"][fi].astype(np.int32)),
+            fits.Column("Z", "D", array=zc),
+            fits.Column("SOURCE_Z", "12A", array=np.where(vi, "VI", "PIPE").astype("S12")),
+            fits.Column("Z_PIPE", "D", array=res["pipeline_z"][fi].astype(np.float64)),
+            fits.Column("ZWARNING", "J", array=res["zwarning"][fi].astype(np.int32)),
+            fits.Column("Z_VI", "D", array=np.where(vi, zc, -1.0)),
+            fits.Column("IS_QSO_FINAL", "I", array=np.ones(k, dtype=np.int16)),
+            fits.Column("CLASS_PERSON", "I", array=np.where(vi, np.where(f["is_bal"][fi], 30, 3), -1).astype(np.int16)),
+            fits.Column("BAL_PROB", "E", array=np.where(f["is_bal"][fi], rng.uniform(0.8, 1.0, k), rng.uniform(0.0, 0.1, k)).astype(np.float32)),
+            fits.Column("PSFMAG", "5E", array=res["mags"][fi].astype(np.float32)),
+            fits.Column("SN_MEDIAN_ALL", "D", array=res["sn_median_all"][fi].astype(np.float64)),
+            fits.Column("NSPEC", "I", array=nspec),
+            fits.Column("PLATE_DUPLICATE", f"{ndup}J", array=plate_d),
+            fits.Column("MJD_DUPLICATE", f"{ndup}J", array=mjd_d),
+            fits.Column("FIBERID_DUPLICATE", f"{ndup}I", array=fib_d),
+        ]
+        hdu = fits.BinTableHDU.from_columns(cols, name="CATALOG")
+        hdu.header["COMMENT"] = "Simulated DR16Q-like quasar catalogue (spectransfer simulate): one row per quasar,"
+        hdu.header["COMMENT"] = "repeat spectra in PLATE/MJD/FIBERID_DUPLICATE; a few true quasars are left out."
+        nrows = k
+    else:
+        fi = qso_files
+        k = fi.size
+        cols = [
+            fits.Column("OBSID", "K", array=f["obsid"][fi].astype(np.int64)),
+            fits.Column("DESIGNATION", "26A", array=np.array(["LAMOST " + _designation(f["ra"][i], f["dec"][i]) for i in fi], dtype="S26")),
+            fits.Column("RA", "D", unit="deg", array=f["ra"][fi]),
+            fits.Column("DEC", "D", unit="deg", array=f["dec"][fi]),
+            fits.Column("LMJD", "J", array=f["lmjd"][fi].astype(np.int32)),
+            fits.Column("MJD", "J", array=f["mjd"][fi].astype(np.int32)),
+            fits.Column("PLANID", "20A", array=np.array([str(f["planid"][i]) for i in fi], dtype="S20")),
+            fits.Column("SPID", "I", array=f["spid"][fi].astype(np.int16)),
+            fits.Column("FIBERID", "I", array=f["fiberid"][fi].astype(np.int16)),
+            fits.Column("Z", "D", array=np.array([z_cat_obj[int(f["object"][i])] for i in fi])),
+            fits.Column("Z_PIPE", "D", array=res["pipeline_z"][fi].astype(np.float64)),
+            fits.Column("CLASS_PIPE", "7A", array=np.array([str(c) for c in res["pipeline_class"][fi]], dtype="S7")),
+            fits.Column("MAG_G", "E", array=res["mags"][fi, 1].astype(np.float32)),
+            fits.Column("MAG_R", "E", array=res["mags"][fi, 2].astype(np.float32)),
+            fits.Column("MAG_I", "E", array=res["mags"][fi, 3].astype(np.float32)),
+        ]
+        hdu = fits.BinTableHDU.from_columns(cols, name="CATALOG")
+        hdu.header["COMMENT"] = "Simulated LAMOST-quasar-catalogue-like table (spectransfer simulate): one row per"
+        hdu.header["COMMENT"] = "spectrum of a confirmed quasar; a few true quasars are left out."
+        nrows = int(k)
+    fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(path)
+    del n
+    return nrows
+
+
+def _write_truth(path: Path, survey: str, f: dict[str, np.ndarray], res: dict[str, np.ndarray], seed: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = f["cls"].shape[0]
+    ids = [spectrum_id(survey, f, i) for i in range(n)]
+    obj = [f"{survey}-s{seed}-{int(o):07d}" for o in f["object"]]
+    repeat_of = [ids[int(f["first_file"][i])] if f["is_repeat"][i] else None for i in range(n)]
+    true_sub = []
+    for i in range(n):
+        c = int(f["cls"][i])
+        if c == QSO:
+            true_sub.append("BAL" if f["is_bal"][i] else "BROADLINE")
+        elif c == GALAXY:
+            true_sub.append("STARFORMING" if f["gal_sf"][i] else "PASSIVE")
+        else:
+            true_sub.append(spectra.star_subclass(str(f["star_type"][i]), float(f["temp"][i])))
+
+    def nullable_int(key: str) -> pa.Array:
+        if key in f:
+            return pa.array(f[key].astype(np.int64))
+        return pa.nulls(n, pa.int64())
+
+    pz = res["pipeline_z"].astype(np.float64)
+    cols = {
+        "path": pa.array(list(f["relpath"]), pa.string()),
+        "spectrum_id": pa.array(ids, pa.string()),
+        "survey": pa.array([survey] * n, pa.string()),
+        "object_id": pa.array(obj, pa.string()),
+        "plate": nullable_int("plate"),
+        "mjd": nullable_int("mjd"),
+        "fiberid": nullable_int("fiberid"),
+        "obsid": nullable_int("obsid"),
+        "lmjd": nullable_int("lmjd"),
+        "planid": pa.array([str(x) for x in f["planid"]], pa.string()) if "planid" in f else pa.nulls(n, pa.string()),
+        "spid": nullable_int("spid"),
+        "ra": pa.array(f["ra"].astype(np.float64)),
+        "dec": pa.array(f["dec"].astype(np.float64)),
+        "true_class": pa.array(list(CLASS_NAMES[f["cls"]]), pa.string()),
+        "true_subclass": pa.array(true_sub, pa.string()),
+        "true_z": pa.array(f["z"].astype(np.float64)),
+        "snr": pa.array(res["snr"].astype(np.float32)),
+        "sn_median_all": pa.array(res["sn_median_all"].astype(np.float32)),
+        "mag_r": pa.array((f["mag"] + f["dmag"]).astype(np.float32)),
+        "pipeline_class": pa.array([str(c) for c in res["pipeline_class"]], pa.string()),
+        "pipeline_subclass": pa.array([str(c) for c in res["pipeline_subclass"]], pa.string()),
+        "pipeline_z": pa.array(np.where(pz == -9999.0, np.nan, pz), mask=pz == -9999.0),
+        "zwarning": pa.array(res["zwarning"].astype(np.int32)),
+        "pipeline_wrong": pa.array(res["pipeline_wrong"].astype(bool)),
+        "in_catalog": pa.array(f["in_catalog"].astype(bool)),
+        "is_repeat": pa.array(f["is_repeat"].astype(bool)),
+        "repeat_of": pa.array(repeat_of, pa.string()),
+        "n_obs": pa.array(f["n_obs"].astype(np.int32)),
+        "is_bal": pa.array(f["is_bal"].astype(bool)),
+    }
+    table = pa.table(cols)
+    table = table.replace_schema_metadata({"spectransfer": f"simulate survey={survey} seed={seed}"})
+    pq.write_table(table, path, compression="zstd")
+
+
+# ---- the entry point --------------------------------------------------------------------------
+
+
+def check_arguments(survey: str, n: int, qso_fraction: float | None = None, workers: int = 1) -> float:
+    """Validate simulation arguments; return the quasar fraction to use or raise SimulationError."""
+    if survey not in SURVEYS:
+        raise SimulationError(f"unknown survey {survey!r}: choose one of {', '.join(SURVEYS)}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
+        raise SimulationError(f"--n must be a positive number of spectra, got {n!r}")
+    q = DEFAULT_QSO_FRACTION[survey] if qso_fraction is None else qso_fraction
+    if not isinstance(q, (int, float)) or not np.isfinite(q) or not 0.0 <= float(q) <= 1.0:
+        raise SimulationError(f"--qso-fraction must lie in [0, 1], got {qso_fraction!r}")
+    if workers < 1:
+        raise SimulationError(f"--workers must be at least 1, got {workers}")
+    return float(q)
+
+
+def _prepare_target(out: Path, overwrite: bool) -> Path:
+    """Check the target folder and make a hidden temporary folder beside it."""
+    if out.exists() and not out.is_dir():
+        raise SimulationError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise SimulationError(f"{out}: folder is not empty (use --overwrite to replace it)")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.simulating-", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the survey should not be
+    except OSError as exc:
+        raise SimulationError(f"{out}: cannot write there ({exc.strerror or exc})") from None
+    return tmp
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Move the finished survey into place (replacing an old one only once the new one exists)."""
+    old: Path | None = None
+    if out.is_dir():
+        if any(out.iterdir()):
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.rename(out, old)
+        else:
+            out.rmdir()
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def simulate_survey(
+    survey: str,
+    n: int,
+    out: str | os.PathLike[str],
+    seed: int = 0,
+    qso_fraction: float | None = None,
+    workers: int | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> SimulationResult:
+    """Write a simulated ``survey`` ('sdss' | 'lamost') of ``n`` spectra into folder ``out``.
+
+    ``qso_fraction`` defaults to the survey's real share (SDSS 0.14, LAMOST 0.0035).
+    ``progress(k)`` is called with the number of files finished after each batch.
+    Raises `SimulationError` on impossible arguments or an unwritable folder; on any failure
+    nothing is left behind (the survey appears only when complete).
+    """
+    workers = min(2, os.cpu_count() or 1) if workers is None else int(workers)
+    q = check_arguments(survey, n, qso_fraction, workers)
+    out = Path(out)
+    tmp = _prepare_target(out, overwrite)
+    try:
+        f = plan_survey(survey, int(n), int(seed), q)
+        f["relpath"] = np.array([relative_path(survey, f, i) for i in range(n)], dtype=object)
+        if survey == "lamost":
+            f["_lamost_scale"] = np.random.default_rng([seed, 3]).lognormal(np.log(60.0), 0.5, n)
+        bounds = _batch_bounds(f, BATCH)
+        results: list[dict[str, np.ndarray] | None] = [None] * len(bounds)
+
+        def rows_of(a: int, b: int) -> dict[str, np.ndarray]:
+            d = {k: v[a:b] for k, v in f.items()}
+            d["_offset"] = np.full(b - a, a)
+            return d
+
+        if workers == 1 or len(bounds) == 1:
+            for k, (a, b) in enumerate(bounds):
+                results[k] = _simulate_batch(survey, int(seed), k, rows_of(a, b), str(tmp))
+                if progress:
+                    progress(b - a)
+        else:
+            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                futs = [pool.submit(_simulate_batch, survey, int(seed), k, rows_of(a, b), str(tmp)) for k, (a, b) in enumerate(bounds)]
+                for k, fut in enumerate(futs):
+                    results[k] = fut.result()
+                    if progress:
+                        progress(bounds[k][1] - bounds[k][0])
+        res = {key: np.concatenate([r[key] for r in results if r is not None]) for key in results[0]}  # type: ignore[index]
+        catalog = tmp / CATALOG_NAME[survey]
+        _write_catalog(catalog, survey, f, res, int(seed))
+        _write_truth(tmp / "truth.parquet", survey, f, res, int(seed))
+        _install(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    cls = f["cls"]
+    counts = {str(name): int((cls == k).sum()) for k, name in enumerate(CLASS_NAMES)}
+    qobj = {int(o) for o, c in zip(f["object"], cls) if c == QSO}
+    missing = {int(o) for o, c, ic in zip(f["object"], cls, f["in_catalog"]) if c == QSO and not ic}
+    log.info("simulated %d %s spectra (%s) in %s", n, survey, ", ".join(f"{k} {v}" for k, v in counts.items()), out)
+    return SimulationResult(
+        out=out, survey=survey, seed=int(seed), n_files=int(n), counts=counts, n_repeats=int(f["is_repeat"].sum()),
+        n_quasar_objects=len(qobj), n_catalog_missing=len(missing), catalog=out / CATALOG_NAME[survey],
+        truth=out / "truth.parquet", files=[out / p for p in f["relpath"]],
+    )
+
+
+def _batch_bounds(f: dict[str, np.ndarray], size: int) -> list[tuple[int, int]]:
+    """Consecutive [a, b) ranges of about ``size`` files that never split an object."""
+    n = f["cls"].shape[0]
+    obj = f["object"]
+    bounds = []
+    a = 0
+    while a < n:
+        b = min(a + size, n)
+        while b < n and obj[b] == obj[b - 1]:
+            b += 1
+        bounds.append((a, b))
+        a = b
+    return bounds
