@@ -498,6 +498,35 @@ def learning_curve_cmd(
     typer.echo(f"learning curve: {out / 'learning_curve.json'}")
 
 
+# ---- simulate (owner: simulate helper) --------------------------------------------------------
+@app.command("simulate")
+def simulate_cmd(
+    survey: str = typer.Option(..., "--survey", help="Which survey to imitate: sdss (spec-lite files) or lamost (DR5 files)."),
+    n: int = typer.Option(..., "--n", help="Number of spectrum files to write (> 0)."),
+    out: Path = typer.Option(..., "--out", help="Folder to create; spectra go below it in the survey's own layout."),
+    seed: int = typer.Option(0, "--seed", help="Random seed: the same seed writes the same bytes."),
+    qso_fraction: Optional[float] = typer.Option(None, "--qso-fraction", help="Share of quasar spectra in [0, 1] (default: SDSS 0.14, LAMOST 0.0035)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Processes that write files (default: up to 2)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists and is not empty (only once the new survey is complete)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Write a simulated survey: FITS spectra in the native format, a quasar catalogue and truth.parquet."""
+    from spectransfer.progress import progress_bar
+    from spectransfer.simulate import check_arguments, simulate_survey
+
+    check_arguments(survey.lower(), n, qso_fraction, 1 if workers is None else workers)
+    with progress_bar(f"simulate {survey}", total=n, unit="files", quiet=quiet) as bar:
+        result = simulate_survey(
+            survey.lower(), n, out, seed=seed, qso_fraction=qso_fraction, workers=workers, overwrite=overwrite, progress=bar.advance
+        )
+    c = result.counts
+    typer.echo(
+        f"{result.n_files} {result.survey} spectra in {result.out} (QSO {c['QSO']}, GALAXY {c['GALAXY']}, STAR {c['STAR']}; "
+        f"{result.n_repeats} repeats; {result.n_catalog_missing} of {result.n_quasar_objects} quasars left out of "
+        f"{result.catalog.name})"
+    )
+
+
 # ---- end of commands ------------------------------------------------------------------------
 
 
