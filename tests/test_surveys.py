@@ -80,6 +80,9 @@ def _check_arrays(rec: SpectrumRecord) -> None:
     assert np.all(np.isfinite(rec.flux)) and np.all(np.isfinite(rec.ivar))
     assert np.all(rec.ivar >= 0) and np.any(rec.ivar > 0)
     assert rec.wave_unit == "Angstrom"
+    for key in ("wavemin", "wavemax", "snr", "mag_r", "z_err", "objtype"):
+        assert key in rec.extra, key
+    assert rec.extra["wavemin"] < rec.extra["wavemax"]
 
 
 def _check_provenance(rec: SpectrumRecord, name: str) -> None:

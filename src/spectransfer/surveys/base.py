@@ -39,6 +39,15 @@ class SpectrumRecord:
     ``wave`` is vacuum wavelength in Angstrom (ascending). ``ivar`` 0 means no data; ``mask``
     0 means good (any non-zero bit is bad). Missing values (LAMOST 'Unknown' class,
     z = -9999) are ``None``, never sentinel numbers.
+
+    ``extra`` always holds (value or None): ``wavemin``/``wavemax`` (Angstrom; SDSS spec: the
+    specObj row's WAVEMIN/WAVEMAX, otherwise the first/last pixel with ivar > 0), ``snr`` (the
+    pipeline's median S/N: SDSS SN_MEDIAN_ALL or r-band SN_MEDIAN, spSpec SN_R, LAMOST
+    SNRR/SN_R), ``mag_r`` (r magnitude: SDSS PSFMAG r, else from SPECTROFLUX r; spSpec MAG_R;
+    LAMOST MAG_PS_R or the MAGn whose MAGTYPE letter is r), ``z_err`` and ``objtype``.
+    Format-specific: ``mag_r_source`` (SDSS: psfmag | spectroflux | synthetic), ``thing_id``,
+    ``run2d``, ``specobj_hdu`` (sdss-spec); ``spec_cln``, ``spec_cln_name``, ``z_status`` (sdss-spspec); ``designation``,
+    ``data_release`` (LAMOST).
     """
 
     path: str
