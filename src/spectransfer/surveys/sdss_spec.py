@@ -120,8 +120,9 @@ def _mag_r(row: dict[str, Any]) -> tuple[float | None, str | None]:
     """r-band magnitude: PSF magnitude when the row has photometry, else synthetic from the spectrum."""
     if "PSFMAG" in row:
         mags = np.atleast_1d(row["PSFMAG"])
-        if mags.size == 5 and valid_mag(mags[2]) is not None:
-            return float(mags[2]), "psfmag"
+        mag = valid_mag(mags[2]) if mags.size == 5 else None
+        if mag is not None:
+            return mag, "psfmag"
     if "SPECTROFLUX" in row:
         fluxes = np.atleast_1d(row["SPECTROFLUX"])  # nanomaggies
         if fluxes.size == 5 and np.isfinite(fluxes[2]) and fluxes[2] > 0:
