@@ -423,6 +423,9 @@
     for (let i = 0; i < n; i++) if (ivar[i] > 0 && Number.isFinite(flux[i])) good.push(flux[i]);
     good.sort((a, b) => a - b);
     let ylo = quantile(good, 0.005), yhi = quantile(good, 0.995);
+    // Never clip a broad emission line: the top follows the lightly smoothed maximum.
+    const broad = state.smooth >= 5 ? flux : smoothed(spec.flux, ivar, 5);
+    for (let k = 0; k < n; k++) if (ivar[k] > 0 && broad[k] > yhi) yhi = broad[k];
     if (!(yhi > ylo)) { ylo -= 1; yhi += 1; }
     const pad = 0.12 * (yhi - ylo);
     ylo -= pad; yhi += pad;
@@ -470,11 +473,16 @@
     ctx.clip();
 
     // sky lines
-    ctx.fillStyle = COLORS.sky;
+    ctx.font = "10px system-ui, sans-serif";
+    ctx.textAlign = "center";
+    ctx.textBaseline = "bottom";
     for (const s of SKY) {
       if (s < xlo || s > xhi) continue;
-      const x0 = X(s - 5), x1 = X(s + 5);
-      ctx.fillRect(x0, M.t, Math.max(2, x1 - x0), ph);
+      const x0 = X(s - 6), x1 = X(s + 6);
+      ctx.fillStyle = COLORS.sky;
+      ctx.fillRect(x0, M.t, Math.max(3, x1 - x0), ph);
+      ctx.fillStyle = COLORS.axis;
+      if (s !== 6363.8) ctx.fillText("sky", (x0 + x1) / 2 + (s === 6300.3 ? 4 : 0), M.t + ph - 3);
     }
 
     // ±1σ band, broken where there is no data
@@ -543,6 +551,14 @@
     const zp = zPipe();
     if (zp !== null) drawLines(zp, COLORS.pipe, true, true);
     if (state.zUser !== null) drawLines(state.zUser, COLORS.user, false, false);
+    if (state.hoverX !== null && !state.drag) {
+      ctx.strokeStyle = "rgba(28,36,49,0.35)";
+      ctx.lineWidth = 1;
+      ctx.beginPath();
+      ctx.moveTo(Math.round(state.hoverX) + 0.5, M.t);
+      ctx.lineTo(Math.round(state.hoverX) + 0.5, M.t + ph);
+      ctx.stroke();
+    }
     ctx.restore();
 
     // header annotations above the frame
@@ -583,7 +599,8 @@
   });
   canvas.addEventListener("pointermove", (ev) => {
     updateReadout(ev.clientX);
-    if (!state.drag) return;
+    state.hoverX = ev.clientX - canvas.getBoundingClientRect().left;
+    if (!state.drag) { draw(); return; }
     const w = waveAt(ev.clientX);
     if (w === null || w <= 0) return;
     // Moving the cursor from w0 to w stretches every line by w / w0: 1 + z scales the same way.
@@ -592,7 +609,7 @@
   const endDrag = () => { state.drag = null; };
   canvas.addEventListener("pointerup", endDrag);
   canvas.addEventListener("pointercancel", endDrag);
-  canvas.addEventListener("pointerleave", () => { $("readout").textContent = ""; });
+  canvas.addEventListener("pointerleave", () => { $("readout").textContent = ""; state.hoverX = null; draw(); });
 
   // ---- controls ------------------------------------------------------------------------------
   function move(step) {
