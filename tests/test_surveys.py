@@ -412,3 +412,35 @@ def test_fitsfile_agrees_with_astropy_on_every_key_and_column(shared_data: Path,
                         np.testing.assert_array_equal(got[c], np.asarray(want), err_msg=c)
                         assert got[c].shape == np.asarray(want).shape, c
         assert not ff.has_hdu(len(hdul))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["sdss/spec-0266-51602-0013.fits", "sdss/spSpec-51993-0542-631.fit", "lamost/spec-55916-B5591606_sp01-001.fits",
+     "lamost/spec-59522-EG224840N075042B03_sp05-172.fits.gz"],
+)
+def test_damaged_bytes_give_spectrum_error_or_a_record(shared_data: Path, tmp_path: Path, name: str) -> None:
+    """Whatever the damage (bytes overwritten in headers or data, cut anywhere), read_spectrum
+    either returns a checked record or raises SpectrumError: never another exception."""
+    src = (shared_data / name).read_bytes()
+    rng = np.random.default_rng(7)
+    raw = gzip.decompress(src) if name.endswith(".gz") else src
+    outcomes = set()
+    for trial in range(25):
+        data = bytearray(raw)
+        if trial % 3 == 0:
+            data = data[: int(rng.integers(1, len(data)))]
+        else:
+            where = int(rng.integers(0, min(len(data), 3 * 2880))) if trial % 3 == 1 else int(rng.integers(0, len(data)))
+            data[where : where + 8] = rng.choice(list(b"0123456789 -=E'/XTNA"), 8).astype(np.uint8).tobytes()
+        bad = tmp_path / f"t{trial}.fits"
+        bad.write_bytes(gzip.compress(bytes(data), compresslevel=1) if name.endswith(".gz") else bytes(data))
+        try:
+            rec = read_spectrum(bad)
+        except SpectrumError as exc:
+            assert exc.reason
+            outcomes.add("error")
+        else:
+            assert np.all(np.isfinite(rec.flux)) and np.all(rec.ivar >= 0)
+            outcomes.add("read")
+    assert "error" in outcomes

@@ -154,18 +154,21 @@ def read_spectrum(path: str | os.PathLike[str]) -> SpectrumRecord:
     from spectransfer.surveys.fitsfile import FitsFile
 
     path = str(path)
-    with FitsFile(path) as fits:
-        fits.header(0)  # a damaged primary header is reported as such, not as an unknown format
-        reader = identify_reader(path, fits)
-        if reader is None:
-            raise SpectrumError(path, "unrecognised format (not an SDSS spec/spSpec or LAMOST spectrum file)")
-        try:
+    label = None
+    try:
+        with FitsFile(path) as fits:
+            fits.header(0)  # a damaged primary header is reported as such, not as an unknown format
+            reader = identify_reader(path, fits)
+            if reader is None:
+                raise SpectrumError(path, "unrecognised format (not an SDSS spec/spSpec or LAMOST spectrum file)")
+            label = reader.label
             return reader.read(path, fits)
-        except SpectrumError:
-            raise
-        except Exception as exc:  # a malformed file must give a reason, never a traceback
-            log.debug("reader %s failed on %s", reader.label, path, exc_info=True)
-            raise SpectrumError(path, f"unreadable as {reader.label}: {type(exc).__name__}: {exc}") from exc
+    except SpectrumError:
+        raise
+    except Exception as exc:  # a malformed file must give a reason, never a traceback
+        log.debug("reading %s failed", path, exc_info=True)
+        where = f" as {label}" if label else ""
+        raise SpectrumError(path, f"unreadable{where}: {type(exc).__name__}: {exc}") from exc
 
 
 def iter_spectrum_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:

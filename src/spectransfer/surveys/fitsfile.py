@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -123,6 +124,7 @@ class FitsFile:
             raw.close()
             raise SpectrumError(self.path, f"cannot read: {exc}") from None
         self.compressed = magic == _GZIP_MAGIC
+        self._file_size = os.fstat(raw.fileno()).st_size
         self._fh: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb") if self.compressed else raw
         self._raw = raw
         self._pos = 0
@@ -162,10 +164,27 @@ class FitsFile:
 
     # -- low-level reading -----------------------------------------------------------------
     def _read_exact(self, offset: int, size: int, what: str) -> bytes:
+        if size < 0 or offset < 0:
+            raise SpectrumError(self.path, f"corrupt header: negative size for {what}")
+        if not self.compressed and offset + size > self._file_size:
+            have = max(self._file_size - offset, 0)
+            raise SpectrumError(
+                self.path, f"truncated file: {what} needs {size} bytes at offset {offset}, only {have} present"
+            )
         try:
             if offset != self._pos:
                 self._fh.seek(offset)
-            buf = self._fh.read(size)
+            if self.compressed:  # read in pieces: a corrupt size must not allocate gigabytes up front
+                parts, left = [], size
+                while left > 0:
+                    piece = self._fh.read(min(left, 1 << 22))
+                    if not piece:
+                        break
+                    parts.append(piece)
+                    left -= len(piece)
+                buf = b"".join(parts)
+            else:
+                buf = self._fh.read(size)
         except (OSError, EOFError, gzip.BadGzipFile) as exc:
             # gzip raises EOFError on a cut-off stream, BadGzipFile on a damaged one
             raise SpectrumError(self.path, f"truncated or corrupt file while reading {what} ({exc})") from None
@@ -214,7 +233,11 @@ class FitsFile:
             else:
                 offset = 0
             header, data_offset = self._parse_header_at(offset, len(self._hdus))
-            self._hdus.append(_Hdu(header, data_offset, _data_size(header)))
+            try:
+                size = _data_size(header)
+            except (KeyError, ValueError, TypeError) as exc:
+                raise SpectrumError(self.path, f"corrupt header of HDU {len(self._hdus)}: bad NAXIS/BITPIX ({exc})") from None
+            self._hdus.append(_Hdu(header, data_offset, size))
         return True
 
     # -- public API --------------------------------------------------------------------------
