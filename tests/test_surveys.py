@@ -14,6 +14,7 @@ from astropy.io import fits
 
 from conftest import SHARED_DATA
 from spectransfer.config import DEFAULT_GRID, Grid
+from spectransfer.surveys.sdss_spec import SDSS_BAD_PIXEL_BITS
 from spectransfer.errors import SpectrumError
 from spectransfer.surveys import (
     MASK_DTYPE,
@@ -133,7 +134,7 @@ def _check_against_astropy(rec: SpectrumRecord, path: Path) -> None:
             np.testing.assert_allclose(rec.wave, 10.0 ** coadd["loglam"].astype(np.float64), rtol=1e-12)
             np.testing.assert_array_equal(rec.flux, coadd["flux"])
             np.testing.assert_array_equal(rec.ivar, coadd["ivar"])
-            np.testing.assert_array_equal(rec.mask, coadd["and_mask"].astype(np.uint32))
+            np.testing.assert_array_equal(rec.mask, coadd["and_mask"].astype(np.uint32) & SDSS_BAD_PIXEL_BITS)
         elif rec.format == "sdss-spspec":
             assert rec.ids == {"plate": hdr["PLATEID"], "mjd": hdr["MJD"], "fiberid": hdr["FIBERID"]}
             assert rec.cls == SPSPEC_CLASS[hdr["SPEC_CLN"]]

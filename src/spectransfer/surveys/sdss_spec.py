@@ -4,7 +4,9 @@ HDU1 is the COADD table (flux, loglam, ivar, and_mask, ...), HDU2 the one-row sp
 named SPECOBJ in SDSS-I/II files and SPALL in BOSS/eBOSS files, so it is taken by index.
 Per-exposure HDUs of full files come after and are never read. Wavelengths are vacuum
 (``10**loglam``); flux is in 1e-17 erg/s/cm2/A. ``mask`` is ``and_mask`` (redrock's choice:
-a bit set in every exposure marks a bad pixel).
+a bit set in every exposure marks a bad pixel) restricted to the bits that mean the pixel
+holds no usable flux (``SDSS_BAD_PIXEL_BITS``): informational bits such as BRIGHTSKY (23) or
+MANYBADCOLUMNS (4) would otherwise discard 6-46% of the pixels of real BOSS spectra.
 """
 
 from __future__ import annotations
@@ -15,6 +17,13 @@ from typing import Any
 import numpy as np
 
 from spectransfer.errors import SpectrumError
+
+# SDSS pixel mask bits (SDSS data model, SPPIXMASK) that make a pixel unusable: NOPLUG 0,
+# BADTRACE 1, BADFLAT 2, BADARC 3, MANYREJECTED 5, LARGESHIFT 6, FULLREJECT 18, NOSKY 22,
+# NODATA 24, COMBINEREJ 25, BADFLUXFACTOR 26, BADSKYCHI 27. Other bits (NEARBADPIXEL,
+# LOWFLAT, PARTIALREJECT, SCATTEREDLIGHT, CROSSTALK, BRIGHTSKY, REDMONSTER, the SMEAR*
+# and *WHOPPER fibre flags, MANYBADCOLUMNS) describe usable pixels and are not treated as bad.
+SDSS_BAD_PIXEL_BITS = np.uint32(sum(1 << b for b in (0, 1, 2, 3, 5, 6, 18, 22, 24, 25, 26, 27)))
 from spectransfer.surveys.base import (
     Reader,
     SpectrumRecord,
@@ -65,7 +74,7 @@ def read(path: str, fits: FitsFile) -> SpectrumRecord:
     flux = coadd["flux"]
     loglam = coadd["loglam"].astype(np.float64)
     wave = 10.0**loglam
-    mask = coadd["and_mask"] if "and_mask" in coadd else np.zeros(flux.shape, dtype=np.uint32)
+    mask = coadd["and_mask"] & SDSS_BAD_PIXEL_BITS if "and_mask" in coadd else np.zeros(flux.shape, dtype=np.uint32)
 
     primary = fits.header(0)
     ra = missing_float(row.get("PLUG_RA", row.get("RA")))
