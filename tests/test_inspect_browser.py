@@ -110,10 +110,52 @@ def test_keys_record_verdicts_in_sqlite(browser, tmp_path, shared_data):
         assert rows(db)[top[0]] == ("not_qso", None, "playwright")
         assert len(rows(db)) == 4
 
+        # Dragging the plot sideways stretches the lines: 1 + z scales as the wavelength does.
+        page.wait_for_function("document.querySelector('#c-id').textContent === %r" % top[1])  # moved on after the verdict
+        page.wait_for_selector("#plot-msg", state="hidden")
+        z0 = page.evaluate("() => parseFloat(document.querySelector('#c-pipe').textContent.split('z = ')[1])")
+        box = page.locator("#plot").bounding_box()
+        y = box["y"] + box["height"] / 2
+        x0, x1 = box["x"] + box["width"] * 0.4, box["x"] + box["width"] * 0.6
+
+        def wave_at(x: float) -> float:
+            page.mouse.move(x, y)
+            return float(page.text_content("#readout").split()[1])
+
+        w0, w1 = wave_at(x0), wave_at(x1)
+        page.mouse.move(x0, y)
+        page.mouse.down()
+        page.mouse.move(x1, y, steps=5)
+        page.mouse.up()
+        z_dragged = float(page.input_value("#z-user"))
+        assert z_dragged == pytest.approx((1 + z0) * w1 / w0 - 1, abs=2e-4)
+        assert z_dragged > z0
+
         # The name survives a reload (localStorage) and the queue shows the stored verdicts.
         page.reload()
         page.wait_for_selector("body[data-ready='1']")
         assert page.input_value("#inspector") == "playwright"
         assert page.get_attribute("#queue li[data-index='1'] .dot", "class") == "dot not_qso"
         assert page.text_content("#n-done") == "4"
+        assert errors == []
+
+
+def test_page_works_with_a_token(browser, tmp_path):
+    cand, store_path, table = build_inputs(tmp_path, n=5)
+    token = "browser-token-1234"
+    db = tmp_path / "verdicts.sqlite"
+    app = create_app(cand, open_store(store_path), db, token=token)
+    with running_server(app) as url:
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        denied = page.goto(url + "/")
+        assert denied.status == 401
+        page.goto(url + f"/?token={token}")
+        page.wait_for_selector("body[data-ready='1']", timeout=30_000)  # assets and API calls carried it
+        page.fill("#inspector", "tok")
+        page.press("#inspector", "Enter")
+        page.wait_for_selector("#plot-msg", state="hidden")
+        page.keyboard.press("u")
+        assert list(wait_rows(db, 1).values()) == [("unsure", None, "tok")]
         assert errors == []

@@ -304,8 +304,8 @@ def create_app(
             sel &= ~has
         elif status == "done":
             sel &= has
-        sub = table[sel]
-        page = sub.iloc[offset : offset + limit]
+        idx = np.flatnonzero(sel)  # only the page's rows are materialised, however long the table
+        page = table.iloc[idx[offset : offset + limit]]
         items = []
         for sid, row in page.iterrows():
             rec = _record(row)
@@ -313,7 +313,7 @@ def create_app(
             rec["verdict"] = done.get(sid)
             items.append(rec)
         return {
-            "total": int(len(sub)),
+            "total": int(idx.size),
             "inspected": n_inspected,
             "offset": offset,
             "limit": limit,
