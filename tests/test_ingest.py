@@ -226,6 +226,9 @@ def test_survey_option_filters_and_duplicates(shared_data: Path, tmp_path: Path)
     assert rej["zz-copy.fits"].startswith("duplicate: sdss-0266-51602-0013 already ingested from ")
     with pytest.raises(StoreError, match="no such file"):
         ingest([tmp_path / "missing"], tmp_path / "s", workers=0, quiet=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StoreError, match="no spectrum files"):
+        ingest([tmp_path / "empty"], tmp_path / "s", workers=0, quiet=True)
 
 
 @pytest.mark.parametrize("workers", ["0", pytest.param("2", marks=pytest.mark.slow)])

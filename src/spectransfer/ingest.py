@@ -398,6 +398,8 @@ def find_files(inputs: Sequence[str | os.PathLike[str]]) -> list[str]:
     from spectransfer.surveys import iter_spectrum_files
 
     found = {str(Path(p).resolve()) for p in iter_spectrum_files([Path(p) for p in inputs])}
+    if not found:
+        raise StoreError(f"no spectrum files (*.fits, *.fit, *.fits.gz) in {', '.join(str(p) for p in inputs)}")
     return sorted(found)
 
 
