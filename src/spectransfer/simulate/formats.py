@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,7 @@ def _fmt_value(value: Any) -> str:
     raise TypeError(f"unsupported FITS header value {value!r}")
 
 
+@lru_cache(maxsize=8192, typed=True)
 def card(key: str, value: Any = None, comment: str = "") -> str:
     """One 80-character FITS card. ``value=None`` with key COMMENT or '' gives commentary."""
     if key in ("COMMENT", "HISTORY", ""):

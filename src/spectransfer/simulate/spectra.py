@@ -427,13 +427,15 @@ def star_model(rng: np.random.Generator, loglam: np.ndarray, temp: np.ndarray, i
     jump = 0.45 * balmer_strength * ~is_wd
     flux = flux * (1.0 - jump[:, None] * _smoothstep((BALMER_JUMP - rest) / 15.0))
     # TiO bands: sharp heads that recover slowly to the red.
-    tio = np.clip((3950.0 - temp) / 1300.0, 0.0, 1.0)[:, None] * ~is_wd[:, None]
-    if np.any(tio > 0):
-        band = np.zeros_like(flux)
+    tio = np.clip((3950.0 - temp) / 1300.0, 0.0, 1.0) * ~is_wd
+    m_rows = np.nonzero(tio > 0)[0]
+    if m_rows.size:
+        r = rest[m_rows]
+        band = np.zeros_like(r)
         for head, strength in TIO_HEADS:
-            x = rest - head
-            band += strength * np.where(x >= 0.0, np.exp(-np.maximum(x, 0.0) / 180.0), np.exp(np.minimum(x, 0.0) / 4.0) * 0.0)
-        flux = flux * np.exp(-1.2 * tio * band)
+            x = r - head
+            band += strength * (x >= 0.0) * np.exp(-np.maximum(x, 0.0) / 180.0)
+        flux[m_rows] *= np.exp(-1.2 * tio[m_rows, None] * band)
     # Metal-line blanketing (many weak lines, stronger to the blue and in cooler stars).
     blanket = 0.25 * cool[:, None] * _smoothstep((4500.0 - rest) / 300.0)
     flux = flux * (1.0 - blanket * _blanket_pattern(loglam)[None, :])
@@ -580,23 +582,22 @@ def observe(rng: np.random.Generator, inst: Instrument, model: np.ndarray, expos
     sky, sky_lines = inst.sky
     sky_scale = rng.lognormal(0.0, 0.25, (n, 1))
     sky_n = sky[None, :] * sky_scale
-    eff_gain = inst.gain * inst.throughput[None, :] * exposure[:, None]
-    var = (np.maximum(observed, 0.0) + sky_n) / eff_gain + inst.read_var / exposure[:, None]
+    inv_gain = (1.0 / (inst.gain * inst.throughput))[None, :]
+    inv_exp = (1.0 / exposure)[:, None]
+    var = (np.maximum(observed, 0.0) + sky_n) * inv_gain * inv_exp + inst.read_var * inv_exp
     sigma = np.sqrt(var)
-    noise = rng.standard_normal((n, p)) * sigma
+    flux = rng.standard_normal((n, p)) * sigma
+    flux += observed
     # Sky-subtraction residuals: scale error + a sub-pixel wavelength shift of the sky model.
     eps = rng.normal(0.0, 0.02, (n, 1))
     dshift = rng.normal(0.0, 0.04, (n, 1))  # in pixels
     dsky = np.gradient(sky_lines)
-    resid = sky_scale * (eps * sky_lines[None, :] + dshift * dsky[None, :])
-    flux = observed + noise + resid
+    flux += sky_scale * (eps * sky_lines[None, :] + dshift * dsky[None, :])
     ivar = 1.0 / var
 
-    and_mask = np.zeros((n, p), dtype=np.int32)
-    or_mask = np.zeros((n, p), dtype=np.int32)
-    bright = sky_lines[None, :] * sky_scale > 3.0 * inst.sky_continuum
     sky_bit = SDSS_BRIGHTSKY if inst.name == "sdss" else LAMOST_BRIGHTSKY
-    or_mask |= np.where(bright, sky_bit, 0).astype(np.int32)
+    and_mask = np.zeros((n, p), dtype=np.int32)
+    or_mask = (sky_lines[None, :] * sky_scale > 3.0 * inst.sky_continuum).astype(np.int32) * np.int32(sky_bit)
 
     # Rejected pixels: a few short runs per spectrum (cosmic rays, bad columns).
     bad = np.zeros((n, p), dtype=bool)
@@ -612,10 +613,10 @@ def observe(rng: np.random.Generator, inst: Instrument, model: np.ndarray, expos
     for r in np.nonzero(long_bad)[0]:
         s = int(rng.integers(0, p - 400))
         bad[r, s : s + int(rng.integers(50, 350))] = True
-    rej_bit = SDSS_FULLREJECT if inst.name == "sdss" else LAMOST_BADCCD
-    and_mask |= np.where(bad, rej_bit, 0).astype(np.int32)
-    or_mask |= np.where(bad, rej_bit, 0).astype(np.int32)
-    ivar = np.where(bad, 0.0, ivar)
+    rej_bit = np.int32(SDSS_FULLREJECT if inst.name == "sdss" else LAMOST_BADCCD)
+    and_mask |= bad * rej_bit
+    or_mask |= bad * rej_bit
+    ivar[bad] = 0.0
 
     # The ends: SDSS spectra start and stop a few pixels apart (per fibre); LAMOST writes the
     # full grid with zero flux and ivar where the red end has no data.
@@ -626,20 +627,20 @@ def observe(rng: np.random.Generator, inst: Instrument, model: np.ndarray, expos
         nodata_red = rng.integers(0, 12, n)
         col = np.arange(p)[None, :]
         edge = (col < (first + nodata_blue)[:, None]) | (col >= (last - nodata_red)[:, None])
-        and_mask |= np.where(edge, SDSS_NODATA, 0).astype(np.int32)
-        or_mask |= np.where(edge, SDSS_NODATA, 0).astype(np.int32)
-        ivar = np.where(edge, 0.0, ivar)
-        flux = np.where(edge, 0.0, flux)
+        and_mask |= edge * np.int32(SDSS_NODATA)
+        or_mask |= edge * np.int32(SDSS_NODATA)
+        ivar[edge] = 0.0
+        flux[edge] = 0.0
     else:
         first = np.zeros(n, dtype=np.int64)
         last = np.full(n, p, dtype=np.int64)
         nodata_red = rng.integers(2, 30, n)
         col = np.arange(p)[None, :]
         edge = col >= (p - nodata_red)[:, None]
-        and_mask |= np.where(edge, LAMOST_NODATA, 0).astype(np.int32)
-        or_mask |= np.where(edge, LAMOST_NODATA, 0).astype(np.int32)
-        ivar = np.where(edge, 0.0, ivar)
-        flux = np.where(edge | bad, 0.0, flux)
+        and_mask |= edge * np.int32(LAMOST_NODATA)
+        or_mask |= edge * np.int32(LAMOST_NODATA)
+        ivar[edge] = 0.0
+        flux[edge | bad] = 0.0
 
     good = ivar > 0
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -661,11 +662,11 @@ def _masked_median(values: np.ndarray, good: np.ndarray) -> np.ndarray:
 
     Sorting once with the bad pixels pushed to +inf is much faster than nanmedian, which
     falls back to a Python loop over rows."""
-    v = np.where(good, values, np.inf)
+    v = np.where(good, values, np.inf).astype(np.float32)
     v.sort(axis=1)
     k = good.sum(axis=1)
     rows = np.arange(v.shape[0])
     lo = np.clip((k - 1) // 2, 0, v.shape[1] - 1)
     hi = np.clip(k // 2, 0, v.shape[1] - 1)
     med = 0.5 * (v[rows, lo] + v[rows, hi])
-    return np.where(k > 0, med, 0.0)
+    return np.where(k > 0, med.astype(np.float64), 0.0)

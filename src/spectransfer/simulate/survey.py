@@ -439,19 +439,28 @@ def _simulate_batch(survey: str, seed: int, batch: int, rows: dict[str, np.ndarr
     pipe = _pipeline(rng, survey, cls, rows["z"], obs.snr_median, star_sub, rows["gal_sf"], ew_ha)
     psfmag = true_mags + rng.normal(0.0, 0.03, true_mags.shape)
 
+    # Pixels the file keeps, and the first/last good wavelength (WAVEMIN/WAVEMAX).
+    col = np.arange(p)[None, :]
+    kept = (col >= obs.first[:, None]) & (col < obs.last[:, None])
+    good = kept & (obs.ivar > 0)
+    has_good = good.any(axis=1)
+    i_min = np.where(has_good, np.argmax(good, axis=1), obs.first)
+    i_max = np.where(has_good, p - 1 - np.argmax(good[:, ::-1], axis=1), obs.last - 1)
+    wavemin, wavemax = wave[i_min], wave[i_max]
+    spall = _sdss_spall(rng, rows, obs, pipe, psfmag, kept, good, wavemin, wavemax) if survey == "sdss" else None
+
     root_p = Path(root)
     made_dirs: set[Path] = set()
-    wavemin = np.zeros(n)
-    wavemax = np.zeros(n)
     for i in range(n):
         path = root_p / rows["relpath"][i]
         if path.parent not in made_dirs:
             path.parent.mkdir(parents=True, exist_ok=True)
             made_dirs.add(path.parent)
         if survey == "sdss":
-            data, wavemin[i], wavemax[i] = _sdss_file(rng, inst, rows, i, obs, pipe, psfmag)
+            assert spall is not None
+            data = _sdss_file(inst, rows, i, obs, spall[i : i + 1])
         else:
-            data, wavemin[i], wavemax[i] = _lamost_file(rng, inst, rows, i, obs, pipe, psfmag)
+            data = _lamost_file(inst, rows, i, obs, pipe, psfmag)
         with open(path, "wb") as fh:
             fh.write(data)
     return {
@@ -474,78 +483,87 @@ def _objtype(c: int, survey: str) -> str:
     return {QSO: "QSO", GALAXY: "gal", STAR: "star"}[c]
 
 
-def _sdss_file(rng, inst, rows, i, obs, pipe, psfmag):  # noqa: ANN001, ANN202
+def _sdss_spall(rng, rows, obs, pipe, psfmag, kept, good, wavemin, wavemax) -> np.ndarray:  # noqa: ANN001
+    """The HDU2 rows (one per file) of a batch, filled column by column."""
+    n = rows["cls"].shape[0]
+    cls = rows["cls"]
+    pc = pipe["class"]
+    t = np.zeros(n, dtype=formats.SPALL_DTYPE)
+    t["PROGRAMNAME"] = np.where(rows["plate"] >= 7300, b"eboss", b"boss")
+    t["CHUNK"] = np.array([f"eboss{int(p) % 30}".encode() for p in rows["plate"]])
+    t["PLATEQUALITY"] = b"good"
+    t["PLATESN2"] = 10.0 + 10.0 * rows["exposure"]
+    t["EBOSS_TARGET1"] = np.where(cls == QSO, 1 << 10, 0)
+    t["SPECPRIMARY"] = np.where(rows["is_repeat"], 0, 1)
+    t["NSPECOBS"] = rows["n_obs"]
+    t["PLATE"], t["TILE"], t["MJD"], t["FIBERID"] = rows["plate"], rows["tile"], rows["mjd"], rows["fiberid"]
+    t["RUN2D"] = t["RUN1D"] = formats.RUN2D.encode()
+    t["OBJTYPE"] = np.array([_objtype(int(c), "sdss").encode() for c in cls])
+    t["PLUG_RA"], t["PLUG_DEC"] = rows["ra"], rows["dec"]
+    t["CLASS"] = np.array([str(c).encode() for c in pc])
+    t["SUBCLASS"] = np.array([str(c).encode() for c in pipe["subclass"]])
+    t["Z"] = pipe["z"]
+    t["Z_ERR"] = pipe["z_err"]
+    t["RCHI2"] = rng.normal(1.0, 0.08, n)
+    t["DOF"] = np.maximum(good.sum(axis=1) - 10, 0)
+    t["RCHI2DIFF"] = rng.exponential(1.0, n) * np.where(pipe["wrong"], 0.05, 0.3)
+    t["VDISP"] = np.where(pc == "GALAXY", rng.uniform(100, 300, n), 0.0)
+    t["WAVEMIN"], t["WAVEMAX"] = wavemin, wavemax
+    t["WCOVERAGE"] = np.log10(wavemax) - np.log10(wavemin)
+    t["ZWARNING"] = pipe["zwarning"]
+    t["SN_MEDIAN"] = obs.sn_bands
+    t["SN_MEDIAN_ALL"] = obs.snr_median
+    flux_nmgy = 10.0 ** (-0.4 * (psfmag - 22.5))
+    t["SPECTROFLUX"] = flux_nmgy
+    t["SPECTROFLUX_IVAR"] = 1.0 / np.maximum(0.02 * flux_nmgy, 1e-3) ** 2
+    t["SPECTROSYNFLUX"] = flux_nmgy * rng.normal(1.0, 0.03, (n, 5))
+    t["ANYANDMASK"] = np.bitwise_or.reduce(np.where(kept, obs.and_mask, 0), axis=1)
+    t["ANYORMASK"] = np.bitwise_or.reduce(np.where(kept, obs.or_mask, 0), axis=1)
+    not_q = pc != "QSO"
+    t["Z_NOQSO"] = np.where(not_q, pipe["z"], rng.uniform(0.05, 0.8, n))
+    t["CLASS_NOQSO"] = np.where(not_q, t["CLASS"], b"GALAXY")
+    t["OBJID"] = np.array([f"{1237650000000000000 + int(o) * 17}".encode() for o in rows["object"]])
+    t["RA"], t["DEC"] = rows["ra"], rows["dec"]
+    t["EXTINCTION"] = np.array([0.18, 0.13, 0.09, 0.07, 0.05]) * 0.5
+    t["PSFMAG"] = psfmag
+    t["FIBER2MAG"] = psfmag + np.where(cls == GALAXY, 0.6, 0.35)[:, None]
+    t["THING_ID"] = rows["thing_id"]
+    return t
+
+
+def _sdss_file(inst: spectra.Instrument, rows: dict[str, np.ndarray], i: int, obs: spectra.Observation, spall_row: np.ndarray) -> bytes:
     a, b = int(obs.first[i]), int(obs.last[i])
-    m = b - a
-    coadd = np.empty(m, dtype=formats.COADD_DTYPE)
+    coadd = np.empty(b - a, dtype=formats.COADD_DTYPE)
     coadd["flux"] = obs.flux[i, a:b]
     coadd["loglam"] = inst.loglam[a:b]
     coadd["ivar"] = obs.ivar[i, a:b]
     coadd["and_mask"] = obs.and_mask[i, a:b]
     coadd["or_mask"] = obs.or_mask[i, a:b]
     # wdisp: dispersion in units of pixels (1e-4 log10 lambda), slowly varying along the chip.
-    coadd["wdisp"] = inst.sigma_inst_log / 1e-4 * (0.92 + 0.16 * (np.arange(a, b) / inst.n_pix))
+    coadd["wdisp"] = _wdisp(inst)[a:b]
     coadd["sky"] = obs.sky[i, a:b]
     coadd["model"] = obs.model[i, a:b]
-    good = np.nonzero(obs.ivar[i, a:b] > 0)[0]
-    w = inst.wave[a:b]
-    wmin = float(w[good[0]]) if good.size else float(w[0])
-    wmax = float(w[good[-1]]) if good.size else float(w[-1])
-    spall = np.zeros(1, dtype=formats.SPALL_DTYPE)
-    r = spall[0]
-    c = int(rows["cls"][i])
-    r["PROGRAMNAME"] = b"eboss" if rows["plate"][i] >= 7300 else b"boss"
-    r["CHUNK"] = f"eboss{int(rows['plate'][i]) % 30}".encode()
-    r["PLATEQUALITY"] = b"good"
-    r["PLATESN2"] = 10.0 + 10.0 * float(rows["exposure"][i])
-    r["EBOSS_TARGET1"] = (1 << 10) if c == QSO else 0
-    r["SPECPRIMARY"] = 0 if rows["is_repeat"][i] else 1
-    r["NSPECOBS"] = int(rows["n_obs"][i])
-    r["PLATE"], r["TILE"], r["MJD"], r["FIBERID"] = int(rows["plate"][i]), int(rows["tile"][i]), int(rows["mjd"][i]), int(rows["fiberid"][i])
-    r["RUN2D"] = r["RUN1D"] = formats.RUN2D.encode()
-    r["OBJTYPE"] = _objtype(c, "sdss").encode()
-    r["PLUG_RA"], r["PLUG_DEC"] = float(rows["ra"][i]), float(rows["dec"][i])
-    r["CLASS"] = str(pipe["class"][i]).encode()
-    r["SUBCLASS"] = str(pipe["subclass"][i]).encode()
-    r["Z"] = float(pipe["z"][i])
-    r["Z_ERR"] = float(pipe["z_err"][i])
-    r["RCHI2"] = float(rng.normal(1.0, 0.08))
-    r["DOF"] = max(int(good.size) - 10, 0)
-    r["RCHI2DIFF"] = float(rng.exponential(0.05 if pipe["wrong"][i] else 0.3))
-    r["VDISP"] = float(rng.uniform(100, 300)) if pipe["class"][i] == "GALAXY" else 0.0
-    r["WAVEMIN"], r["WAVEMAX"] = wmin, wmax
-    r["WCOVERAGE"] = float(np.log10(wmax) - np.log10(wmin))
-    r["ZWARNING"] = int(pipe["zwarning"][i])
-    r["SN_MEDIAN"] = obs.sn_bands[i]
-    r["SN_MEDIAN_ALL"] = float(obs.snr_median[i])
-    flux_nmgy = 10.0 ** (-0.4 * (psfmag[i] - 22.5))
-    r["SPECTROFLUX"] = flux_nmgy
-    r["SPECTROFLUX_IVAR"] = 1.0 / np.maximum(0.02 * flux_nmgy, 1e-3) ** 2
-    r["SPECTROSYNFLUX"] = flux_nmgy * rng.normal(1.0, 0.03, 5)
-    r["ANYANDMASK"] = int(np.bitwise_or.reduce(obs.and_mask[i, a:b]))
-    r["ANYORMASK"] = int(np.bitwise_or.reduce(obs.or_mask[i, a:b]))
-    r["Z_NOQSO"] = float(pipe["z"][i]) if pipe["class"][i] != "QSO" else float(rng.uniform(0.05, 0.8))
-    r["CLASS_NOQSO"] = (str(pipe["class"][i]) if pipe["class"][i] != "QSO" else "GALAXY").encode()
-    r["SUBCLASS_NOQSO"] = b""
-    r["OBJID"] = f"{1237650000000000000 + int(rows['object'][i]) * 17}".encode()
-    r["RA"], r["DEC"] = float(rows["ra"][i]), float(rows["dec"][i])
-    r["EXTINCTION"] = np.array([0.18, 0.13, 0.09, 0.07, 0.05]) * 0.5
-    r["PSFMAG"] = psfmag[i]
-    r["FIBER2MAG"] = psfmag[i] + (0.6 if c == GALAXY else 0.35)
-    r["THING_ID"] = int(rows["thing_id"][i])
-    spall = spall.astype(formats.SPALL_DTYPE)
+    exposure = float(rows["exposure"][i])
     meta = {
         "plate": int(rows["plate"][i]), "mjd": int(rows["mjd"][i]), "fiberid": int(rows["fiberid"][i]),
         "tile": int(rows["tile"][i]), "cartid": int(rows["plate"][i]) % 16 + 1,
         "plate_ra": float(rows["field_ra"][i]), "plate_dec": float(rows["field_dec"][i]),
-        "exptime": round(900.0 * 4 * float(rows["exposure"][i]), 2), "nexp": 8,
+        "exptime": round(3600.0 * exposure, 2), "nexp": 8,
         "helio_rv": round(float(np.sin(rows["mjd"][i] / 58.1) * 25.0), 6),
-        "sn2_g": round(12.0 * float(rows["exposure"][i]), 4), "sn2_r": round(40.0 * float(rows["exposure"][i]), 4),
-        "sn2_i": round(32.0 * float(rows["exposure"][i]), 4),
+        "sn2_g": round(12.0 * exposure, 4), "sn2_r": round(40.0 * exposure, 4), "sn2_i": round(32.0 * exposure, 4),
         "coeff0": round(float(inst.loglam[a]), 4), "fbadpix": round(float(np.mean(obs.ivar[i, a:b] == 0)), 5),
         "ra": float(rows["ra"][i]), "dec": float(rows["dec"][i]), "thing_id": int(rows["thing_id"][i]),
     }
-    return formats.sdss_file_bytes(formats.sdss_primary_cards(meta), coadd, spall), wmin, wmax
+    return formats.sdss_file_bytes(formats.sdss_primary_cards(meta), coadd, spall_row)
+
+
+_WDISP: dict[str, np.ndarray] = {}
+
+
+def _wdisp(inst: spectra.Instrument) -> np.ndarray:
+    if inst.name not in _WDISP:
+        _WDISP[inst.name] = inst.sigma_inst_log / 1e-4 * (0.92 + 0.16 * np.arange(inst.n_pix) / inst.n_pix)
+    return _WDISP[inst.name]
 
 
 def _designation(ra: float, dec: float) -> str:
@@ -561,7 +579,7 @@ def _designation(ra: float, dec: float) -> str:
     return f"J{hh:02d}{mm:02d}{min(ss, 59.99):05.2f}{sgn}{dd:02d}{dm:02d}{min(ds, 59.9):04.1f}"
 
 
-def _lamost_file(rng, inst, rows, i, obs, pipe, psfmag):  # noqa: ANN001, ANN202
+def _lamost_file(inst, rows, i, obs, pipe, psfmag) -> bytes:  # noqa: ANN001
     # LAMOST fluxes are relative (not flux-calibrated to absolute units): a per-spectrum scale.
     scale = float(rows["_lamost_scale"][i])
     image = np.empty((5, inst.n_pix), dtype=">f4")
@@ -570,9 +588,6 @@ def _lamost_file(rng, inst, rows, i, obs, pipe, psfmag):  # noqa: ANN001, ANN202
     image[2] = inst.wave
     image[3] = obs.and_mask[i]
     image[4] = obs.or_mask[i]
-    good = np.nonzero(obs.ivar[i] > 0)[0]
-    wmin = float(inst.wave[good[0]]) if good.size else float(inst.wave[0])
-    wmax = float(inst.wave[good[-1]]) if good.size else float(inst.wave[-1])
     lmjd = int(rows["lmjd"][i])
     # Dates follow from LMJD (MJD 40587 = 1970-01-01), so the header is reproducible.
     import datetime as _dt
@@ -596,7 +611,7 @@ def _lamost_file(rng, inst, rows, i, obs, pipe, psfmag):  # noqa: ANN001, ANN202
         "z": round(float(pipe["z"][i]), 8), "z_err": round(float(pipe["z_err"][i]), 8),
         "snr_bands": obs.sn_bands[i],
     }
-    return formats.lamost_file_bytes(formats.lamost_primary_cards(meta, inst.n_pix), image), wmin, wmax
+    return formats.lamost_file_bytes(formats.lamost_primary_cards(meta, inst.n_pix), image)
 
 
 # ---- catalogues and truth ---------------------------------------------------------------------

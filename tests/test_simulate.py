@@ -1,0 +1,377 @@
+"""`spectransfer simulate`: native layouts, physics where it can be checked, truth, catalogue,
+determinism and bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from astropy.io import fits
+from scipy.optimize import curve_fit
+
+from spectransfer.simulate import SimulationError, simulate_survey
+from spectransfer.simulate import survey as sim_survey
+from spectransfer.simulate.spectra import LAMOST, SDSS
+
+REAL_SDSS = "sdss/spec-8958-57514-0135.fits"  # DR14-era eBOSS spec file (HDU1 COADD, HDU2 SPALL)
+REAL_LAMOST = "lamost/spec-58397-EG014118N254444M01_sp03-031.fits"  # LAMOST DR7 primary image
+
+
+@pytest.fixture(scope="module")
+def sdss_sim(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sim") / "sdss"
+    simulate_survey("sdss", 400, out, seed=11, qso_fraction=0.3, workers=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lamost_sim(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sim") / "lamost"
+    simulate_survey("lamost", 250, out, seed=12, qso_fraction=0.3, workers=1)
+    return out
+
+
+def _truth(root: Path) -> pd.DataFrame:
+    return pd.read_parquet(root / "truth.parquet")
+
+
+def _digest_tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ---- layouts ----------------------------------------------------------------------------------
+
+
+def test_sdss_files_have_the_spec_lite_layout_of_a_real_file(sdss_sim: Path, shared_data: Path) -> None:
+    real = fits.open(shared_data / REAL_SDSS)
+    truth = _truth(sdss_sim)
+    for rel in truth.path.iloc[:25]:
+        with fits.open(sdss_sim / rel) as h:
+            assert [x.name for x in h[:3]] == ["PRIMARY", "COADD", "SPALL"]
+            assert h[0].header["TELESCOP"] == real[0].header["TELESCOP"]
+            # COADD: the same columns in the same order with the same formats.
+            assert [(c.name, c.format) for c in h[1].columns] == [(c.name, c.format) for c in real[1].columns]
+            # SPALL: every column we write exists in the real table with the same type.
+            real_cols = {c.name: c for c in real[2].columns}
+            for c in h[2].columns:
+                assert c.name in real_cols, c.name
+                rf = real_cols[c.name].format
+                if rf.endswith("A"):
+                    assert c.format.endswith("A"), c.name
+                else:
+                    assert c.format == rf, (c.name, c.format, rf)
+            for need in ("PLATE", "MJD", "FIBERID", "CLASS", "SUBCLASS", "Z", "ZWARNING", "PLUG_RA", "PLUG_DEC", "WAVEMIN", "WAVEMAX", "SN_MEDIAN_ALL", "SPECTROFLUX", "PSFMAG"):
+                assert need in h[2].columns.names
+            row = h[2].data[0]
+            plate, mjd, fiber = int(row["PLATE"]), int(row["MJD"]), int(row["FIBERID"])
+            assert rel == f"spectra/lite/{plate:04d}/spec-{plate:04d}-{mjd}-{fiber:04d}.fits"
+            assert (h[0].header["PLATEID"], h[0].header["MJD"], h[0].header["FIBERID"]) == (plate, mjd, fiber)
+            loglam = h[1].data["loglam"].astype(np.float64)
+            assert np.allclose(np.diff(loglam), 1e-4, atol=2e-6)
+            assert abs(loglam[0] - h[0].header["COEFF0"]) < 1e-4
+            # The paper's coverage cut keeps every simulated spectrum.
+            assert row["WAVEMIN"] <= 3839.7244 and row["WAVEMAX"] >= 8914.597
+            good = h[1].data["ivar"] > 0
+            assert abs(10 ** loglam[good][0] - row["WAVEMIN"]) < 0.01 and abs(10 ** loglam[good][-1] - row["WAVEMAX"]) < 0.01
+
+
+def test_lamost_files_have_the_dr5_image_layout_of_a_real_file(lamost_sim: Path, shared_data: Path) -> None:
+    real = fits.open(shared_data / REAL_LAMOST)
+    real_keys = set(real[0].header.keys())
+    keys = {"OBSID", "LMJD", "MJD", "PLANID", "SPID", "FIBERID", "RA", "DEC", "CLASS", "SUBCLASS", "Z", "Z_ERR", "DATA_V", "COEFF0", "COEFF1", "TELESCOP", "DESIG"}
+    keys |= {f"SNR{b}" for b in "UGRIZ"} | {f"MAG{k}" for k in range(1, 8)}
+    assert keys <= real_keys
+    truth = _truth(lamost_sim)
+    for rel in truth.path.iloc[:25]:
+        with fits.open(lamost_sim / rel) as h:
+            assert len(h) == 1
+            hdr, data = h[0].header, h[0].data
+            assert data.dtype == real[0].data.dtype and data.shape[0] == 5 and data.shape == (5, LAMOST.n_pix)
+            assert keys <= set(hdr.keys())
+            assert hdr["DATA_V"] == "LAMOST DR5" and hdr["TELESCOP"] == "LAMOST"
+            for k in keys:
+                assert type(hdr[k]) is type(real[0].header[k]), k
+            # Wavelength row = 10**(COEFF0 + COEFF1 * i), as in the real files.
+            i = np.arange(data.shape[1])
+            assert np.allclose(data[2], 10 ** (hdr["COEFF0"] + hdr["COEFF1"] * i), rtol=2e-7)
+            name = f"spec-{hdr['LMJD']}-{hdr['PLANID']}_sp{hdr['SPID']:02d}-{hdr['FIBERID']:03d}.fits"
+            assert rel == f"fits/{hdr['PLANID']}/{name}" and hdr["FILENAME"] == name
+            assert hdr["OBSID"] % 100000 == hdr["SPID"] * 1000 + hdr["FIBERID"]
+            assert np.all(data[1] >= 0) and np.all(np.isfinite(data))
+            if hdr["CLASS"] == "Unknown":
+                assert hdr["Z"] == -9999.0 and hdr["SUBCLASS"] == "Non"
+
+
+def test_files_read_back_with_the_package_readers(sdss_sim: Path, lamost_sim: Path) -> None:
+    from spectransfer.surveys import read_spectrum
+
+    for root in (sdss_sim, lamost_sim):
+        truth = _truth(root)
+        for _, t in truth.iloc[::7].iterrows():
+            rec = read_spectrum(root / t.path)
+            assert rec.survey == t.survey
+            if t.survey == "sdss":
+                assert (rec.ids["plate"], rec.ids["mjd"], rec.ids["fiberid"]) == (t.plate, t.mjd, t.fiberid)
+            else:
+                assert (rec.ids["obsid"], rec.ids["lmjd"], rec.ids["planid"], rec.ids["spid"], rec.ids["fiberid"]) == (t.obsid, t.lmjd, t.planid, t.spid, t.fiberid)
+            expected_cls = None if t.pipeline_class == "Unknown" else t.pipeline_class
+            assert rec.cls == expected_cls
+            if pd.isna(t.pipeline_z):
+                assert rec.z is None
+            else:
+                assert rec.z == pytest.approx(t.pipeline_z, abs=1e-5)
+            assert rec.ra == pytest.approx(t.ra, abs=1e-5) and rec.dec == pytest.approx(t.dec, abs=1e-5)
+
+
+def test_catalogues_have_real_columns_and_load_with_the_catalogue_reader(sdss_sim: Path, lamost_sim: Path) -> None:
+    from spectransfer.catalogs import load_catalog
+
+    t = _truth(sdss_sim)
+    with fits.open(sdss_sim / "DR16Q-like_quasar_catalog.fits") as h:
+        cat = h["CATALOG"].data
+        for name in ("SDSS_NAME", "RA", "DEC", "PLATE", "MJD", "FIBERID", "Z", "Z_PIPE", "ZWARNING", "PLATE_DUPLICATE", "MJD_DUPLICATE", "FIBERID_DUPLICATE", "NSPEC"):
+            assert name in cat.columns.names
+        first = t[(t.true_class == "QSO") & ~t.is_repeat & t.in_catalog]
+        assert len(cat) == len(first)
+        assert set(zip(cat["PLATE"], cat["MJD"], cat["FIBERID"])) == set(zip(first.plate, first.mjd, first.fiberid))
+        dup = {(p, m, f) for row in cat for p, m, f in zip(row["PLATE_DUPLICATE"], row["MJD_DUPLICATE"], row["FIBERID_DUPLICATE"]) if p > 0}
+        reps = t[(t.true_class == "QSO") & t.is_repeat & t.in_catalog]
+        assert dup == set(zip(reps.plate, reps.mjd, reps.fiberid))
+        # Visual-inspection-like redshifts: close to the truth.
+        zt = first.set_index(["plate", "mjd", "fiberid"]).true_z
+        zc = {(int(p), int(m), int(f)): float(z) for p, m, f, z in zip(cat["PLATE"], cat["MJD"], cat["FIBERID"], cat["Z"])}
+        assert all(abs(zc[key] - z) < 0.01 for key, z in zt.items())
+    assert load_catalog(sdss_sim / "DR16Q-like_quasar_catalog.fits").kind == "sdss"
+
+    t = _truth(lamost_sim)
+    with fits.open(lamost_sim / "LAMOST_QSO-like_catalog.fits") as h:
+        cat = h["CATALOG"].data
+        want = t[(t.true_class == "QSO") & t.in_catalog]
+        assert sorted(cat["OBSID"]) == sorted(want.obsid)
+    assert load_catalog(lamost_sim / "LAMOST_QSO-like_catalog.fits").kind == "lamost"
+
+
+# ---- physics ----------------------------------------------------------------------------------
+
+
+def _gauss_lin(x: np.ndarray, a: float, mu: float, s: float, c0: float, c1: float) -> np.ndarray:
+    return a * np.exp(-0.5 * ((x - mu) / s) ** 2) + c0 + c1 * x
+
+
+def test_quasar_lines_sit_at_the_redshifted_rest_wavelength(sdss_sim: Path) -> None:
+    """Fit a Gaussian + straight line to each line of the noiseless `model` column: the centre
+    lies within one pixel of (1 + z) * lambda_rest."""
+    t = _truth(sdss_sim)
+    q = t[(t.true_class == "QSO") & ~t.is_bal]
+    lines = {"[OIII]5007": (5008.24, 8), "CIII]": (1908.73, 60), "MgII": (2798.75, 60), "Ha": (6564.61, 60)}  # half-window in pixels
+    offsets: dict[str, list[float]] = {k: [] for k in lines}
+    for _, r in q.iterrows():
+        with fits.open(sdss_sim / r.path) as h:
+            loglam = h[1].data["loglam"].astype(np.float64)
+            model = h[1].data["model"].astype(np.float64)
+        for name, (lam, half) in lines.items():
+            expect = np.log10(lam * (1.0 + r.true_z))
+            pix = (expect - loglam[0]) / 1e-4
+            if pix < half + 5 or pix > loglam.size - half - 5:
+                continue
+            j = int(round(pix))
+            x = np.arange(j - half, j + half + 1, dtype=np.float64)
+            y = model[j - half : j + half + 1]
+            if name == "[OIII]5007":
+                # A narrow line: its peak pixel is the nearest pixel to the centre.
+                offsets[name].append(float(x[np.argmax(y)] - pix))
+                continue
+            p0 = (y.max() - np.median(y), pix, 20.0, float(np.min(y)), 0.0)
+            try:
+                popt, _ = curve_fit(_gauss_lin, x, y, p0=p0, maxfev=4000)
+            except RuntimeError:
+                continue
+            if popt[0] > 0 and 3 < abs(popt[2]) < 120:
+                offsets[name].append(float(popt[1] - pix))
+    for name, off in offsets.items():
+        assert len(off) >= 3, f"too few quasars with {name} in range"
+        off_a = np.abs(np.array(off))
+        assert np.median(off_a) < 0.5, (name, np.median(off_a))
+        assert np.quantile(off_a, 0.9) <= 1.0, (name, sorted(off_a)[-5:])
+
+
+def test_lyman_alpha_forest_transmission_follows_tau_eff(tmp_path: Path) -> None:
+    """Mean flux / unabsorbed continuum blueward of Lya ~ exp(-0.0018 (1+z)^3.92)."""
+    from spectransfer.simulate import spectra
+
+    rng = np.random.default_rng(0)
+    z = np.full(300, 3.0)
+    loglam = SDSS.loglam
+    absorbed = spectra.quasar_model(np.random.default_rng(1), loglam, z, np.zeros(300, bool), SDSS.sigma_inst_log)
+    # The same draws without the forest: rest-frame window 1070-1160 A has no emission lines.
+    wave = 10**loglam
+    rest = wave / 4.0
+    sel = (rest > 1080) & (rest < 1150)
+    z_abs = wave[sel] / spectra.LYA - 1.0
+    expected = np.mean(np.exp(-spectra.lya_tau_eff(z_abs)))
+    # Unabsorbed continuum: the power law extrapolated from just redward of Lya + N V.
+    red = (rest > 1280) & (rest < 1350)
+    ratio = np.mean(absorbed[:, sel], axis=1) / np.mean(absorbed[:, red], axis=1)
+    powerlaw = np.mean((rest[sel] / 1315.0) ** -1.56)
+    got = np.median(ratio) / powerlaw
+    assert got == pytest.approx(expected, rel=0.12)
+    del rng
+
+
+def test_noise_matches_ivar_and_pipeline_snr(sdss_sim: Path) -> None:
+    t = _truth(sdss_sim)
+    chis = []
+    for rel, sn in zip(t.path.iloc[:40], t.sn_median_all.iloc[:40]):
+        with fits.open(sdss_sim / rel) as h:
+            d = h[1].data
+            good = (d["ivar"] > 0) & (d["or_mask"] & (1 << 23) == 0)
+            chis.append(((d["flux"] - d["model"]) * np.sqrt(d["ivar"]))[good])
+            med = np.median((d["flux"] * np.sqrt(d["ivar"]))[d["ivar"] > 0])
+            assert h[2].data["SN_MEDIAN_ALL"][0] == pytest.approx(med, rel=1e-3, abs=1e-4)
+            assert sn == pytest.approx(med, rel=1e-3, abs=1e-4)
+    chi = np.concatenate(chis)
+    assert np.std(chi) == pytest.approx(1.0, abs=0.05)
+    assert abs(np.mean(chi)) < 0.05
+
+
+def test_snr_follows_magnitude_and_lamost_is_noisier(sdss_sim: Path, lamost_sim: Path) -> None:
+    fits_ = {}
+    for name, root in (("sdss", sdss_sim), ("lamost", lamost_sim)):
+        t = _truth(root)
+        s = t[(t.true_class == "STAR") & (t.snr > 0)]
+        rho = pd.Series(s.mag_r.values).corr(pd.Series(np.log(s.snr.values)), method="spearman")
+        assert rho < -0.7, (name, rho)
+        fits_[name] = np.polyfit(s.mag_r.values, np.log10(s.snr.values), 1)
+    at17 = {k: 10 ** np.polyval(v, 17.0) for k, v in fits_.items()}
+    assert at17["lamost"] < at17["sdss"] / 1.5
+
+
+def test_class_fractions_match_what_was_asked(sdss_sim: Path) -> None:
+    t = _truth(sdss_sim)
+    n, q = len(t), 0.3
+    k = int((t.true_class == "QSO").sum())
+    assert abs(k - n * q) < 4 * np.sqrt(n * q * (1 - q))
+    # The defaults (plans only: no spectra needed to count classes).
+    for survey, q in (("sdss", 0.14), ("lamost", 0.0035)):
+        n = 40000
+        plan = sim_survey.plan_survey(survey, n, seed=3, qso_fraction=q)
+        k = int((plan["cls"] == sim_survey.QSO).sum())
+        assert abs(k - n * q) < 4 * np.sqrt(n * q * (1 - q)), (survey, k)
+        g = int((plan["cls"] == sim_survey.GALAXY).sum())
+        pg = (1 - q) * sim_survey.GALAXY_SHARE[survey]
+        assert abs(g - n * pg) < 4 * np.sqrt(n * pg * (1 - pg))
+    # Redshift ranges: quasars 0.1-5 peaking at 1.5-2.5 (SDSS), galaxies 0-0.8.
+    plan = sim_survey.plan_survey("sdss", 20000, seed=4, qso_fraction=0.5)
+    zq = plan["z"][plan["cls"] == sim_survey.QSO]
+    zg = plan["z"][plan["cls"] == sim_survey.GALAXY]
+    assert zq.min() >= 0.1 and zq.max() <= 5.0 and 1.5 <= np.median(zq) <= 2.5
+    assert zg.min() >= 0.0 and zg.max() <= 0.8
+
+
+def test_truth_records_repeats_wrong_pipeline_answers_and_catalogue_gaps(sdss_sim: Path) -> None:
+    t = _truth(sdss_sim)
+    assert t.spectrum_id.is_unique and t.path.is_unique
+    reps = t[t.is_repeat]
+    assert len(reps) > 0 and (reps.true_class == "QSO").all()
+    first = t.set_index("spectrum_id")
+    for _, r in reps.iterrows():
+        f = first.loc[r.repeat_of]
+        assert f.object_id == r.object_id and f.true_z == r.true_z
+        assert (f.plate, f.mjd, f.fiberid) != (r.plate, r.mjd, r.fiberid)
+        assert abs(f.ra - r.ra) * 3600 * np.cos(np.radians(r.dec)) < 0.5 and abs(f.dec - r.dec) * 3600 < 0.5
+    # The pipeline is sometimes wrong, and the truth says where.
+    wrong = t[t.pipeline_wrong]
+    assert len(wrong) > 0
+    assert ((wrong.pipeline_class != wrong.true_class) | ((wrong.pipeline_z - wrong.true_z).abs() > 0.05)).all()
+    right = t[~t.pipeline_wrong]
+    assert (right.pipeline_class == right.true_class).all()
+    # A few per cent of true quasars are missing from the catalogue, whole objects at a time.
+    q = t[t.true_class == "QSO"]
+    by_obj = q.groupby("object_id").in_catalog.agg(["min", "max"])
+    assert (by_obj["min"] == by_obj["max"]).all()
+    assert (t[t.true_class != "QSO"].in_catalog == False).all()  # noqa: E712
+
+
+# ---- determinism and bad input ----------------------------------------------------------------
+
+
+def test_same_seed_same_bytes_whatever_the_number_of_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sim_survey, "BATCH", 24)
+    a = simulate_survey("lamost", 60, tmp_path / "a", seed=7, qso_fraction=0.2, workers=1)
+    b = simulate_survey("lamost", 60, tmp_path / "b", seed=7, qso_fraction=0.2, workers=2)
+    c = simulate_survey("lamost", 60, tmp_path / "c", seed=8, qso_fraction=0.2, workers=1)
+    da, db, dc = _digest_tree(a.out), _digest_tree(b.out), _digest_tree(c.out)
+    assert len(da) == 60 + 2 and da == db
+    assert da["truth.parquet"] != dc["truth.parquet"]
+    s1 = simulate_survey("sdss", 30, tmp_path / "s1", seed=7, workers=1)
+    s2 = simulate_survey("sdss", 30, tmp_path / "s2", seed=7, workers=1)
+    assert _digest_tree(s1.out) == _digest_tree(s2.out)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"n": 0}, "--n must be a positive"),
+        ({"n": -5}, "--n must be a positive"),
+        ({"qso_fraction": 1.5}, "--qso-fraction must lie in"),
+        ({"qso_fraction": -0.01}, "--qso-fraction must lie in"),
+        ({"qso_fraction": float("nan")}, "--qso-fraction must lie in"),
+        ({"survey": "desi"}, "unknown survey"),
+    ],
+)
+def test_impossible_arguments_are_refused_before_writing(tmp_path: Path, kwargs: dict, message: str) -> None:
+    args = {"survey": "sdss", "n": 10, "qso_fraction": None} | kwargs
+    with pytest.raises(SimulationError, match=message):
+        simulate_survey(args["survey"], args["n"], tmp_path / "out", qso_fraction=args["qso_fraction"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_or_occupied_folder_leaves_nothing(tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SimulationError, match="cannot write there"):
+        simulate_survey("sdss", 5, blocker / "survey")
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("precious")
+    with pytest.raises(SimulationError, match="not empty"):
+        simulate_survey("sdss", 5, occupied)
+    assert (occupied / "keep.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "occupied"]
+
+
+def test_interrupted_run_leaves_nothing_and_overwrite_replaces_only_when_done(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sim_survey, "BATCH", 10)
+    calls = []
+
+    def stop(k: int) -> None:
+        calls.append(k)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        simulate_survey("sdss", 40, tmp_path / "s", seed=1, workers=1, progress=stop)
+    assert calls and list(tmp_path.iterdir()) == []
+    target = tmp_path / "s"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    res = simulate_survey("sdss", 12, target, seed=1, workers=1, overwrite=True)
+    assert not (target / "old.txt").exists() and (target / "truth.parquet").is_file()
+    assert len(list(target.rglob("spec-*.fits"))) == res.n_files == 12
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def test_cli_bad_input_exits_non_zero_with_one_line(tmp_path: Path) -> None:
+    for args, needle in (
+        (["--survey", "sdss", "--n", "0", "--out", str(tmp_path / "x")], "--n must be a positive"),
+        (["--survey", "lamost", "--n", "5", "--qso-fraction", "2", "--out", str(tmp_path / "x")], "--qso-fraction"),
+    ):
+        res = subprocess.run([sys.executable, "-m", "spectransfer", "simulate", *args, "--quiet"], capture_output=True, text=True)
+        assert res.returncode != 0
+        lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+        assert len(lines) == 1 and needle in lines[0], res.stderr
+    assert not (tmp_path / "x").exists()
