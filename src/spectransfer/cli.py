@@ -209,7 +209,7 @@ def ingest_cmd(
     store: Path = typer.Option(..., "--store", help="Store folder; created if missing, appended to otherwise."),
     survey: str = typer.Option("auto", "--survey", help="sdss, lamost or auto; with sdss/lamost, files of the other survey are rejected."),
     catalog: list[Path] = typer.Option([], "--catalog", help="Quasar catalogue to label with (repeatable); remembered for later ingests into the store."),
-    workers: int = typer.Option(2, "--workers", help="Worker processes of a local Dask cluster (0 = no Dask, run in this process)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes of a local Dask cluster (default 2; 0 = no Dask, run in this process)."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of an existing Dask scheduler (tcp://HOST:PORT); its workers must see the files and the store."),
     batch_size: int = typer.Option(256, "--batch-size", help="Files per Dask task (rounded up to the store's chunk rows; the chunk size of a new store)."),
     no_zwarning_filter: bool = typer.Option(False, "--no-zwarning-filter", help="Keep SDSS spectra with ZWARNING != 0."),
@@ -239,14 +239,14 @@ def ingest_cmd(
             split_config = SplitConfig.from_dict({**base, **overrides})
         except ValueError as exc:
             fail(str(exc))
-    if workers > 0 and scheduler is not None:
+    if workers is not None and scheduler is not None:
         fail("give --workers or --scheduler, not both")
     summary = run_ingest(
         [str(p) for p in inputs],
         store,
         survey=survey.lower(),
         catalogs=[str(c) for c in catalog],
-        workers=0 if scheduler is not None else workers,
+        workers=0 if scheduler is not None else (2 if workers is None else workers),
         scheduler=scheduler,
         batch_size=batch_size,
         zwarning_filter=not no_zwarning_filter,
@@ -525,6 +525,75 @@ def simulate_cmd(
         f"{result.n_repeats} repeats; {result.n_catalog_missing} of {result.n_quasar_objects} quasars left out of "
         f"{result.catalog.name})"
     )
+
+
+# ---- discover + demo (issue 7) ----------------------------------------------------------------
+@app.command("discover")
+def discover_cmd(
+    run: Path = typer.Argument(..., help="Run folder to score with (its calibration.json, written by evaluate, calibrates P_QSO)."),
+    store: Path = typer.Option(..., "--store", help="Store whose every spectrum is scored."),
+    out: Path = typer.Option(..., "--out", help="Candidate catalogue CANDIDATES.fits (EXTNAME CANDIDATES); CANDIDATES.parquet is written beside it."),
+    threshold: float = typer.Option(0.5, "--threshold", help="P_QSO at or above which a spectrum counts as a quasar."),
+    engine: str = typer.Option("onnx-int8", "--engine", help="torch (eager fp32), onnx (onnxruntime fp32) or onnx-int8 (int8 calibrated on this store; fastest, see bench/discover.py)."),
+    workers: int = typer.Option(0, "--workers", help="Processes of a local Dask cluster scoring blocks in parallel (0 or 1 = score in this process with all cores)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of an existing Dask scheduler (tcp://HOST:PORT); its workers must see the run, the store and the output folder."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads per scoring process (default: the cores divided among the workers)."),
+    batch_size: int = typer.Option(512, "--batch-size", help="Spectra per network call."),
+    block_size: int = typer.Option(16384, "--block-size", help="Spectra per resumable block (one task; saved under OUT.parts/ when done)."),
+    survey: Optional[str] = typer.Option(None, "--survey", help="Score only the spectra of this survey (sdss, lamost); default all."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Score every spectrum of a store; write the candidate catalogue (resumable: rerun after a kill)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from spectransfer.discover import CATEGORIES, discover
+
+    if engine not in ("torch", "onnx", "onnx-int8"):
+        fail(f"--engine must be torch, onnx or onnx-int8, got {engine!r}")
+    if workers < 0 or batch_size < 1 or block_size < 1 or (threads is not None and threads < 1):
+        fail("--workers must be >= 0; --batch-size, --block-size and --threads >= 1")
+    if workers > 1 and scheduler is not None:
+        fail("give --workers or --scheduler, not both")
+    res = discover(run, store, out, threshold=threshold, engine=engine, batch_size=batch_size, block_size=block_size,
+                   workers=workers, scheduler=scheduler, threads=threads, survey=survey, quiet=quiet)
+    meaning = {
+        "new_candidate": "model says quasar, catalogue does not",
+        "missed_by_model": "catalogue quasar the model rejects",
+        "agree_qso": "both say quasar",
+        "agree_other": "both say not a quasar",
+    }
+    table = Table(title=f"{res.n_spectra:,} spectra scored (P_QSO >= {res.threshold:g}"
+                        f"{', calibrated' if res.calibrated else ''}; engine {res.engine})", title_justify="left")
+    for col, just in (("category", "left"), ("spectra", "right"), ("share", "right"), ("meaning", "left")):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for c in CATEGORIES:
+        n = res.counts[c]
+        table.add_row(c, f"{n:,}", f"{n / max(res.n_spectra, 1):.2%}", meaning[c])
+    console = Console()
+    console.print(table)
+    by = res.pipe_not_qso_by_class
+    console.print(f"new candidates the pipeline calls STAR: {by.get('STAR', 0):,}, GALAXY: {by.get('GALAXY', 0):,} "
+                  f"(PIPE_NOT_QSO, all positives: {res.n_pipe_not_qso:,})")
+    if res.resumed_spectra:
+        console.print(f"resumed: {res.resumed_spectra:,} spectra were already scored by an interrupted run")
+    console.print(f"{res.seconds:.1f} s ({res.spectra_per_s:,.0f} spectra/s)")
+    typer.echo(f"candidates: {res.fits_path}")
+    typer.echo(f"candidates: {res.parquet_path}")
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Path = typer.Option(Path("demo-output"), "--out", help="Folder for everything the demo writes (surveys/, stores/, runs/, report/, candidates.fits); a new or earlier demo folder."),
+    quick: bool = typer.Option(False, "--quick", help="Small surveys and short training (about 3 minutes on 2 cores) instead of the full demo (about 15)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the simulated surveys and of training."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars in the stages."),
+) -> None:
+    """Simulate LAMOST- and SDSS-like surveys, ingest, pretrain, fine-tune, train from scratch, evaluate, discover."""
+    from spectransfer.demo import print_summary, run_demo
+
+    summary = run_demo(out, quick=quick, seed=seed, quiet=quiet)
+    print_summary(summary)
 
 
 # ---- end of commands ------------------------------------------------------------------------

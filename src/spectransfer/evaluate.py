@@ -124,17 +124,18 @@ def _ranking_from_groups(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, 
     counted half (equal to the trapezoidal ROC area); AP is sum_n (R_n - R_{n-1}) P_n over
     thresholds in descending order, as scikit-learn defines it.
     """
-    P = pos.sum(axis=1)
-    N = neg.sum(axis=1)
-    neg_below = np.cumsum(neg, axis=1) - neg
+    cp = np.cumsum(pos, axis=1)
+    cn = np.cumsum(neg, axis=1)
+    P = cp[:, -1].copy()
+    N = cn[:, -1].copy()
     with np.errstate(invalid="ignore", divide="ignore"):
-        auc = (pos * (neg_below + 0.5 * neg)).sum(axis=1) / (P * N)
-        tp = np.cumsum(pos[:, ::-1], axis=1)
-        fp = np.cumsum(neg[:, ::-1], axis=1)
-        called = tp + fp
-        precision = np.where(called > 0, tp / np.where(called > 0, called, 1), 0.0)
-        recall_step = pos[:, ::-1] / P[:, None]
-        ap = (recall_step * precision).sum(axis=1)
+        # Negatives strictly below each positive's score, ties counted half.
+        auc = np.einsum("ij,ij->i", pos, cn - 0.5 * neg) / (P * N)
+        # Called positive at threshold s_k: every row with score >= s_k.
+        tp = P[:, None] - cp + pos
+        called = tp + (N[:, None] - cn + neg)
+        # Groups without positives add nothing (and may have called == 0 under resampling).
+        ap = np.einsum("ij,ij->i", pos, tp / np.maximum(called, 1e-300)) / P
     auc = np.where((P > 0) & (N > 0), auc, np.nan)
     ap = np.where(P > 0, ap, np.nan)
     return auc, ap
@@ -248,8 +249,12 @@ def _stats_under_weights(
     w: np.ndarray, ys: np.ndarray, starts: np.ndarray, preds: Sequence[np.ndarray]
 ) -> dict[str, np.ndarray]:
     """Metrics of every resample; ``w``, ``ys`` and ``preds`` are all in ascending-score order."""
-    pos = np.add.reduceat(w * ys, starts, axis=1)
-    neg = np.add.reduceat(w * ~ys, starts, axis=1)
+    pos_rows = w * ys
+    if starts.size == ys.size:  # no tied scores: every row is its own threshold group
+        pos, neg = pos_rows, w - pos_rows
+    else:
+        pos = np.add.reduceat(pos_rows, starts, axis=1)
+        neg = np.add.reduceat(w, starts, axis=1) - pos
     auc, ap = _ranking_from_groups(pos, neg)
     out: dict[str, np.ndarray] = {"roc_auc": auc, "pr_auc": ap}
     for k, pred in enumerate(preds):
@@ -964,7 +969,6 @@ def evaluate_runs(
 ) -> dict[str, Any]:
     """Score every run on ``split`` of the store and write metrics.json, predictions and report.html."""
     from spectransfer.progress import progress_bar
-    from spectransfer.score import score_store
     from spectransfer.store import open_store
 
     if not run_dirs:
@@ -992,6 +996,8 @@ def evaluate_runs(
         if not Path(r).is_dir():
             raise EvaluateError(f"{r}: run folder not found")
         infos.append(check_run_matches_store(Path(r), store))
+    from spectransfer.score import score_store
+
     scored: list[RunScores] = []
     total = len(run_dirs) * (rows.size + val_rows.size)
     with progress_bar("scoring", total=total, quiet=quiet) as bar:
