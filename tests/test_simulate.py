@@ -200,11 +200,10 @@ def test_quasar_lines_sit_at_the_redshifted_rest_wavelength(sdss_sim: Path) -> N
         assert np.quantile(off_a, 0.9) <= 1.0, (name, sorted(off_a)[-5:])
 
 
-def test_lyman_alpha_forest_transmission_follows_tau_eff(tmp_path: Path) -> None:
+def test_lyman_alpha_forest_transmission_follows_tau_eff() -> None:
     """Mean flux / unabsorbed continuum blueward of Lya ~ exp(-0.0018 (1+z)^3.92)."""
     from spectransfer.simulate import spectra
 
-    rng = np.random.default_rng(0)
     z = np.full(300, 3.0)
     loglam = SDSS.loglam
     absorbed = spectra.quasar_model(np.random.default_rng(1), loglam, z, np.zeros(300, bool), SDSS.sigma_inst_log)
@@ -220,7 +219,6 @@ def test_lyman_alpha_forest_transmission_follows_tau_eff(tmp_path: Path) -> None
     powerlaw = np.mean((rest[sel] / 1315.0) ** -1.56)
     got = np.median(ratio) / powerlaw
     assert got == pytest.approx(expected, rel=0.12)
-    del rng
 
 
 def test_noise_matches_ivar_and_pipeline_snr(sdss_sim: Path) -> None:

@@ -13,7 +13,9 @@ interrupted run leaves nothing half-written.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import multiprocessing as mp
 import os
 import shutil
 import tempfile
@@ -23,11 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import multiprocessing as mp
-
 import numpy as np
 
 from spectransfer.errors import SpectransferError
+from spectransfer.provenance import provenance_cards
 from spectransfer.simulate import formats, spectra
 
 log = logging.getLogger(__name__)
@@ -478,12 +479,16 @@ def _simulate_batch(survey: str, seed: int, batch: int, rows: dict[str, np.ndarr
 
 
 def _objtype(c: int, survey: str) -> str:
+    """The target type the survey's input catalogue gave the object (OBJTYPE)."""
     if survey == "sdss":
-        return {QSO: "QSO", GALAXY: "GALAXY", STAR: "SPECTROPHOTO_STD"}[c] if c != STAR else "NA"
+        return {QSO: "QSO", GALAXY: "GALAXY", STAR: "NA"}[c]
     return {QSO: "QSO", GALAXY: "gal", STAR: "star"}[c]
 
 
-def _sdss_spall(rng, rows, obs, pipe, psfmag, kept, good, wavemin, wavemax) -> np.ndarray:  # noqa: ANN001
+def _sdss_spall(
+    rng: np.random.Generator, rows: dict[str, np.ndarray], obs: spectra.Observation, pipe: dict[str, Any], psfmag: np.ndarray,
+    kept: np.ndarray, good: np.ndarray, wavemin: np.ndarray, wavemax: np.ndarray,
+) -> np.ndarray:
     """The HDU2 rows (one per file) of a batch, filled column by column."""
     n = rows["cls"].shape[0]
     cls = rows["cls"]
@@ -579,7 +584,9 @@ def _designation(ra: float, dec: float) -> str:
     return f"J{hh:02d}{mm:02d}{min(ss, 59.99):05.2f}{sgn}{dd:02d}{dm:02d}{min(ds, 59.9):04.1f}"
 
 
-def _lamost_file(inst, rows, i, obs, pipe, psfmag) -> bytes:  # noqa: ANN001
+def _lamost_file(
+    inst: spectra.Instrument, rows: dict[str, np.ndarray], i: int, obs: spectra.Observation, pipe: dict[str, Any], psfmag: np.ndarray
+) -> bytes:
     # LAMOST fluxes are relative (not flux-calibrated to absolute units): a per-spectrum scale.
     scale = float(rows["_lamost_scale"][i])
     image = np.empty((5, inst.n_pix), dtype=">f4")
@@ -590,10 +597,8 @@ def _lamost_file(inst, rows, i, obs, pipe, psfmag) -> bytes:  # noqa: ANN001
     image[4] = obs.or_mask[i]
     lmjd = int(rows["lmjd"][i])
     # Dates follow from LMJD (MJD 40587 = 1970-01-01), so the header is reproducible.
-    import datetime as _dt
-
-    day = _dt.date(1970, 1, 1) + _dt.timedelta(days=lmjd - 40587)
-    made = day + _dt.timedelta(days=400 + lmjd % 97)
+    day = dt.date(1970, 1, 1) + dt.timedelta(days=lmjd - 40587)
+    made = day + dt.timedelta(days=400 + lmjd % 97)
     fname = Path(rows["relpath"][i]).name
     meta = {
         "filename": fname, "obsid": int(rows["obsid"][i]),
@@ -622,7 +627,6 @@ def _write_catalog(path: Path, survey: str, f: dict[str, np.ndarray], res: dict[
     from astropy.io import fits
 
     rng = np.random.default_rng([seed, 2])
-    n = f["cls"].shape[0]
     qso_files = np.nonzero((f["cls"] == QSO) & f["in_catalog"])[0]
     z_cat_obj: dict[int, float] = {}
     for i in qso_files:
@@ -701,8 +705,12 @@ def _write_catalog(path: Path, survey: str, f: dict[str, np.ndarray], res: dict[
         hdu.header["COMMENT"] = "Simulated LAMOST-quasar-catalogue-like table (spectransfer simulate): one row per"
         hdu.header["COMMENT"] = "spectrum of a confirmed quasar; a few true quasars are left out."
         nrows = int(k)
-    fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(path)
-    del n
+    primary = fits.PrimaryHDU()
+    primary.header["SIMSURV"] = (survey, "simulated survey (spectransfer simulate)")
+    primary.header["SIMSEED"] = (seed, "random seed of the simulation")
+    for key, value, comment in provenance_cards():
+        primary.header[key] = (value, comment)
+    fits.HDUList([primary, hdu]).writeto(path)
     return nrows
 
 
