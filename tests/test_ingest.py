@@ -336,3 +336,22 @@ def test_quality_cuts_and_their_reasons() -> None:
     assert reason_kind("fails filter: zwarning=4") == "fails filter: zwarning"
     assert reason_kind("fails filter: wavemin 3850.1 > 3839.7244") == "fails filter: wavemin"
     assert reason_kind("unreadable: truncated file") == "unreadable"
+
+
+@pytest.mark.slow
+def test_existing_dask_scheduler_by_address(reference_store: Path, shared_data: Path, tmp_path: Path) -> None:
+    """`--scheduler tcp://...` sends the batches to a cluster started elsewhere (here: by the test)."""
+    import logging
+
+    from dask.distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR) as cluster:
+        res = CliRunner().invoke(app, ["ingest", str(shared_data / "sdss"), str(shared_data / "lamost"), "--store", str(tmp_path / "s"),
+                                       "--scheduler", cluster.scheduler_address, "--batch-size", "8", "--json"])
+    assert res.exit_code == 0, res.output
+    _same_store(tmp_path / "s", reference_store)
+
+
+def test_cli_workers_and_scheduler_exclusive(tmp_path: Path, shared_data: Path) -> None:
+    res = CliRunner().invoke(app, ["ingest", str(shared_data / "sdss"), "--store", str(tmp_path / "s"), "--workers", "2", "--scheduler", "tcp://127.0.0.1:1"])
+    assert res.exit_code == 2 and "not both" in res.output
