@@ -464,7 +464,7 @@
     ctx.save();
     ctx.translate(14, M.t + ph / 2);
     ctx.rotate(-Math.PI / 2);
-    ctx.fillText(spec.source === "original" ? `flux (${spec.flux_unit || ""})` : "normalised flux", 0, 0);
+    ctx.fillText(spec.source === "original" ? fluxLabel(spec.flux_unit) : "normalised flux", 0, 0);
     ctx.restore();
 
     ctx.save();
@@ -574,6 +574,12 @@
     ctx.textAlign = "right";
     ctx.fillStyle = COLORS.axis;
     ctx.fillText(spec.source === "original" ? "original pixels" : "resampled (store)", M.l + pw, M.t - 8);
+  }
+
+  function fluxLabel(unit) {
+    if (!unit) return "flux";
+    if (/^1e-17 erg/.test(unit)) return "flux (10⁻¹⁷ erg s⁻¹ cm⁻² Å⁻¹)";
+    return `flux (${unit})`;
   }
 
   function waveAt(clientX) {
