@@ -52,6 +52,7 @@ def test_sdss_files_have_the_spec_lite_layout_of_a_real_file(sdss_sim: Path, sha
     truth = _truth(sdss_sim)
     for rel in truth.path.iloc[:25]:
         with fits.open(sdss_sim / rel) as h:
+            h.verify("exception")  # standard-conforming cards and structure
             assert [x.name for x in h[:3]] == ["PRIMARY", "COADD", "SPALL"]
             assert h[0].header["TELESCOP"] == real[0].header["TELESCOP"]
             # COADD: the same columns in the same order with the same formats.
@@ -89,6 +90,7 @@ def test_lamost_files_have_the_dr5_image_layout_of_a_real_file(lamost_sim: Path,
     truth = _truth(lamost_sim)
     for rel in truth.path.iloc[:25]:
         with fits.open(lamost_sim / rel) as h:
+            h.verify("exception")
             assert len(h) == 1
             hdr, data = h[0].header, h[0].data
             assert data.dtype == real[0].data.dtype and data.shape[0] == 5 and data.shape == (5, LAMOST.n_pix)
@@ -221,6 +223,27 @@ def test_lyman_alpha_forest_transmission_follows_tau_eff() -> None:
     assert got == pytest.approx(expected, rel=0.12)
 
 
+def test_lamost_has_an_arm_join_and_worse_calibration_than_sdss() -> None:
+    """A flat source seen by each instrument: LAMOST's red/blue flux ratio across 5900 A jumps
+    from spectrum to spectrum (arm join + calibration), SDSS's barely."""
+    from spectransfer.simulate import spectra
+
+    spread = {}
+    for inst in (SDSS, LAMOST):
+        n = 200
+        model = np.full((n, inst.n_pix), 50.0)
+        obs = spectra.observe(np.random.default_rng(5), inst, model, np.full(n, 1e4))
+        w = inst.wave
+        blue = (w > 5700) & (w < 5800)
+        red = (w > 6000) & (w < 6100)
+        ratio = np.median(obs.model[:, red], axis=1) / np.median(obs.model[:, blue], axis=1)
+        spread[inst.name] = float(np.std(ratio))
+        # What the instrument records is not the source: a smooth distortion of a few per cent.
+        assert np.std(obs.model / 50.0) > 0.005
+    assert spread["lamost"] > 0.04 and spread["sdss"] < 0.02
+    assert spread["lamost"] > 3 * spread["sdss"]
+
+
 def test_noise_matches_ivar_and_pipeline_snr(sdss_sim: Path) -> None:
     t = _truth(sdss_sim)
     chis = []
@@ -293,6 +316,15 @@ def test_truth_records_repeats_wrong_pipeline_answers_and_catalogue_gaps(sdss_si
     by_obj = q.groupby("object_id").in_catalog.agg(["min", "max"])
     assert (by_obj["min"] == by_obj["max"]).all()
     assert (t[t.true_class != "QSO"].in_catalog == False).all()  # noqa: E712
+
+
+def test_no_quasars_gives_an_empty_but_valid_catalogue(tmp_path: Path) -> None:
+    res = simulate_survey("lamost", 15, tmp_path / "l", seed=3, qso_fraction=0.0, workers=1)
+    assert res.counts["QSO"] == 0
+    with fits.open(res.catalog) as h:
+        h.verify("exception")
+        assert len(h["CATALOG"].data) == 0 and "OBSID" in h["CATALOG"].columns.names
+    assert (_truth(res.out).true_class != "QSO").all()
 
 
 # ---- determinism and bad input ----------------------------------------------------------------

@@ -85,8 +85,8 @@ def _tform(dt: np.dtype) -> str:
     return f"{count}{code}" if count != 1 else code
 
 
-def bintable_header(dtype: np.dtype, n_rows: int, extname: str, extra: Sequence[str] = ()) -> list[str]:
-    """Cards of a BINTABLE extension for a big-endian structured ``dtype``."""
+def bintable_header(dtype: np.dtype, n_rows: int, extname: str, extra: Sequence[str] = (), units: dict[str, str] | None = None) -> list[str]:
+    """Cards of a BINTABLE extension for a big-endian structured ``dtype`` (TUNITn from ``units``)."""
     cards = [
         card("XTENSION", "BINTABLE", "binary table extension"),
         card("BITPIX", 8, "array data type"),
@@ -100,6 +100,8 @@ def bintable_header(dtype: np.dtype, n_rows: int, extname: str, extra: Sequence[
     for i, name in enumerate(dtype.names or (), start=1):
         cards.append(card(f"TTYPE{i}", name))
         cards.append(card(f"TFORM{i}", _tform(dtype.fields[name][0])))
+        if units and name in units:
+            cards.append(card(f"TUNIT{i}", units[name]))
     cards.append(card("EXTNAME", extname, "extension name"))
     cards.extend(extra)
     return cards
@@ -238,6 +240,60 @@ def sdss_file_bytes(primary: list[str], coadd: np.ndarray, spall_row: np.ndarray
             pad_data(spall_row.tobytes()),
         )
     )
+
+
+# ---- quasar catalogues -----------------------------------------------------------------------
+
+# DR16Q (Lyke et al. 2020; DR16Q_v4.fits) columns we fill, with the catalogue's types; the
+# *_DUPLICATE arrays hold the other spectra of the same quasar (-1 padded).
+DR16Q_DTYPE = np.dtype(
+    [
+        ("SDSS_NAME", "S18"),
+        ("RA", ">f8"),
+        ("DEC", ">f8"),
+        ("PLATE", ">i4"),
+        ("MJD", ">i4"),
+        ("FIBERID", ">i2"),
+        ("OBJID", "S19"),
+        ("THING_ID", ">i4"),
+        ("Z", ">f8"),
+        ("SOURCE_Z", "S12"),
+        ("Z_PIPE", ">f8"),
+        ("ZWARNING", ">i4"),
+        ("Z_VI", ">f8"),
+        ("IS_QSO_FINAL", ">i2"),
+        ("CLASS_PERSON", ">i2"),
+        ("BAL_PROB", ">f4"),
+        ("PSFMAG", ">f4", (5,)),
+        ("SN_MEDIAN_ALL", ">f8"),
+        ("NSPEC", ">i2"),
+        ("PLATE_DUPLICATE", ">i4", (74,)),
+        ("MJD_DUPLICATE", ">i4", (74,)),
+        ("FIBERID_DUPLICATE", ">i2", (74,)),
+    ]
+)
+
+# LAMOST quasar catalogues (DR1Q Ai et al. 2016; DR2&3Q Dong et al. 2018; DR4&5Q Yao et al.
+# 2019) identify each spectrum by OBSID and LMJD/PLANID/SPID/FIBERID.
+LAMOST_QSO_DTYPE = np.dtype(
+    [
+        ("OBSID", ">i8"),
+        ("DESIGNATION", "S26"),
+        ("RA", ">f8"),
+        ("DEC", ">f8"),
+        ("LMJD", ">i4"),
+        ("MJD", ">i4"),
+        ("PLANID", "S20"),
+        ("SPID", ">i2"),
+        ("FIBERID", ">i2"),
+        ("Z", ">f8"),
+        ("Z_PIPE", ">f8"),
+        ("CLASS_PIPE", "S7"),
+        ("MAG_G", ">f4"),
+        ("MAG_R", ">f4"),
+        ("MAG_I", ">f4"),
+    ]
+)
 
 
 # ---- LAMOST DR5 -------------------------------------------------------------------------------

@@ -623,9 +623,9 @@ def _lamost_file(
 
 
 def _write_catalog(path: Path, survey: str, f: dict[str, np.ndarray], res: dict[str, np.ndarray], seed: int) -> int:
-    """The survey's quasar catalogue in its real form; returns the number of rows."""
-    from astropy.io import fits
-
+    """The survey's quasar catalogue in its real form (DR16Q-like: one row per quasar with
+    its repeats in the *_DUPLICATE columns; LAMOST-like: one row per quasar spectrum).
+    Returns the number of rows."""
     rng = np.random.default_rng([seed, 2])
     qso_files = np.nonzero((f["cls"] == QSO) & f["in_catalog"])[0]
     z_cat_obj: dict[int, float] = {}
@@ -635,83 +635,71 @@ def _write_catalog(path: Path, survey: str, f: dict[str, np.ndarray], res: dict[
             # Visual-inspection redshifts: close to the truth, not exact.
             z_cat_obj[o] = float(f["z"][i] + rng.normal(0.0, 6e-4 * (1.0 + f["z"][i])))
     if survey == "sdss":
-        firsts = [i for i in qso_files if not f["is_repeat"][i]]
-        k = len(firsts)
+        fi = np.array([i for i in qso_files if not f["is_repeat"][i]], dtype=np.int64)
+        k = fi.size
         ndup = 74
-        plate_d = np.full((k, ndup), -1, dtype=np.int32)
-        mjd_d = np.full((k, ndup), -1, dtype=np.int32)
-        fib_d = np.full((k, ndup), -1, dtype=np.int16)
-        nspec = np.zeros(k, dtype=np.int16)
-        row_of_obj = {int(f["object"][i]): r for r, i in enumerate(firsts)}
+        t = np.zeros(k, dtype=formats.DR16Q_DTYPE)
+        t["PLATE_DUPLICATE"] = t["MJD_DUPLICATE"] = t["FIBERID_DUPLICATE"] = -1
+        row_of_obj = {int(f["object"][i]): r for r, i in enumerate(fi)}
         for i in qso_files:
             if f["is_repeat"][i]:
                 r = row_of_obj[int(f["object"][i])]
-                j = int(nspec[r])
+                j = int(t["NSPEC"][r])
                 if j < ndup:
-                    plate_d[r, j], mjd_d[r, j], fib_d[r, j] = f["plate"][i], f["mjd"][i], f["fiberid"][i]
-                nspec[r] += 1
-        fi = np.array(firsts, dtype=np.int64)
-        zc = np.array([z_cat_obj[int(f["object"][i])] for i in firsts])
+                    t["PLATE_DUPLICATE"][r, j], t["MJD_DUPLICATE"][r, j], t["FIBERID_DUPLICATE"][r, j] = f["plate"][i], f["mjd"][i], f["fiberid"][i]
+                t["NSPEC"][r] += 1
+        zc = np.array([z_cat_obj[int(f["object"][i])] for i in fi])
         vi = rng.random(k) < 0.3
-        cols = [
-            fits.Column("SDSS_NAME", "18A", array=np.array([_designation(f["ra"][i], f["dec"][i])[1:] for i in firsts], dtype="S18")),
-            fits.Column("RA", "D", unit="deg", array=f["ra"][fi]),
-            fits.Column("DEC", "D", unit="deg", array=f["dec"][fi]),
-            fits.Column("PLATE", "J", array=f["plate"][fi].astype(np.int32)),
-            fits.Column("MJD", "J", array=f["mjd"][fi].astype(np.int32)),
-            fits.Column("FIBERID", "I", array=f["fiberid"][fi].astype(np.int16)),
-            fits.Column("OBJID", "19A", array=np.array([f"{1237650000000000000 + int(f['object'][i]) * 17}" for i in firsts], dtype="S19")),
-            fits.Column("THING_ID", "J", array=f["thing_id"][fi].astype(np.int32)),
-            fits.Column("Z", "D", array=zc),
-            fits.Column("SOURCE_Z", "12A", array=np.where(vi, "VI", "PIPE").astype("S12")),
-            fits.Column("Z_PIPE", "D", array=res["pipeline_z"][fi].astype(np.float64)),
-            fits.Column("ZWARNING", "J", array=res["zwarning"][fi].astype(np.int32)),
-            fits.Column("Z_VI", "D", array=np.where(vi, zc, -1.0)),
-            fits.Column("IS_QSO_FINAL", "I", array=np.ones(k, dtype=np.int16)),
-            fits.Column("CLASS_PERSON", "I", array=np.where(vi, np.where(f["is_bal"][fi], 30, 3), -1).astype(np.int16)),
-            fits.Column("BAL_PROB", "E", array=np.where(f["is_bal"][fi], rng.uniform(0.8, 1.0, k), rng.uniform(0.0, 0.1, k)).astype(np.float32)),
-            fits.Column("PSFMAG", "5E", array=res["mags"][fi].astype(np.float32)),
-            fits.Column("SN_MEDIAN_ALL", "D", array=res["sn_median_all"][fi].astype(np.float64)),
-            fits.Column("NSPEC", "I", array=nspec),
-            fits.Column("PLATE_DUPLICATE", f"{ndup}J", array=plate_d),
-            fits.Column("MJD_DUPLICATE", f"{ndup}J", array=mjd_d),
-            fits.Column("FIBERID_DUPLICATE", f"{ndup}I", array=fib_d),
+        t["SDSS_NAME"] = [_designation(f["ra"][i], f["dec"][i])[1:].encode() for i in fi]
+        t["RA"], t["DEC"] = f["ra"][fi], f["dec"][fi]
+        t["PLATE"], t["MJD"], t["FIBERID"] = f["plate"][fi], f["mjd"][fi], f["fiberid"][fi]
+        t["OBJID"] = [f"{1237650000000000000 + int(f['object'][i]) * 17}".encode() for i in fi]
+        t["THING_ID"] = f["thing_id"][fi]
+        t["Z"] = zc
+        t["SOURCE_Z"] = np.where(vi, b"VI", b"PIPE")
+        t["Z_PIPE"] = res["pipeline_z"][fi]
+        t["ZWARNING"] = res["zwarning"][fi]
+        t["Z_VI"] = np.where(vi, zc, -1.0)
+        t["IS_QSO_FINAL"] = 1
+        t["CLASS_PERSON"] = np.where(vi, np.where(f["is_bal"][fi], 30, 3), -1)
+        t["BAL_PROB"] = np.where(f["is_bal"][fi], rng.uniform(0.8, 1.0, k), rng.uniform(0.0, 0.1, k))
+        t["PSFMAG"] = res["mags"][fi]
+        t["SN_MEDIAN_ALL"] = res["sn_median_all"][fi]
+        notes = [
+            "Simulated DR16Q-like quasar catalogue (spectransfer simulate): one row per quasar,",
+            "repeat spectra in PLATE/MJD/FIBERID_DUPLICATE; a few true quasars are left out.",
         ]
-        hdu = fits.BinTableHDU.from_columns(cols, name="CATALOG")
-        hdu.header["COMMENT"] = "Simulated DR16Q-like quasar catalogue (spectransfer simulate): one row per quasar,"
-        hdu.header["COMMENT"] = "repeat spectra in PLATE/MJD/FIBERID_DUPLICATE; a few true quasars are left out."
-        nrows = k
     else:
         fi = qso_files
         k = fi.size
-        cols = [
-            fits.Column("OBSID", "K", array=f["obsid"][fi].astype(np.int64)),
-            fits.Column("DESIGNATION", "26A", array=np.array(["LAMOST " + _designation(f["ra"][i], f["dec"][i]) for i in fi], dtype="S26")),
-            fits.Column("RA", "D", unit="deg", array=f["ra"][fi]),
-            fits.Column("DEC", "D", unit="deg", array=f["dec"][fi]),
-            fits.Column("LMJD", "J", array=f["lmjd"][fi].astype(np.int32)),
-            fits.Column("MJD", "J", array=f["mjd"][fi].astype(np.int32)),
-            fits.Column("PLANID", "20A", array=np.array([str(f["planid"][i]) for i in fi], dtype="S20")),
-            fits.Column("SPID", "I", array=f["spid"][fi].astype(np.int16)),
-            fits.Column("FIBERID", "I", array=f["fiberid"][fi].astype(np.int16)),
-            fits.Column("Z", "D", array=np.array([z_cat_obj[int(f["object"][i])] for i in fi])),
-            fits.Column("Z_PIPE", "D", array=res["pipeline_z"][fi].astype(np.float64)),
-            fits.Column("CLASS_PIPE", "7A", array=np.array([str(c) for c in res["pipeline_class"][fi]], dtype="S7")),
-            fits.Column("MAG_G", "E", array=res["mags"][fi, 1].astype(np.float32)),
-            fits.Column("MAG_R", "E", array=res["mags"][fi, 2].astype(np.float32)),
-            fits.Column("MAG_I", "E", array=res["mags"][fi, 3].astype(np.float32)),
+        t = np.zeros(k, dtype=formats.LAMOST_QSO_DTYPE)
+        t["OBSID"] = f["obsid"][fi]
+        t["DESIGNATION"] = [("LAMOST " + _designation(f["ra"][i], f["dec"][i])).encode() for i in fi]
+        t["RA"], t["DEC"] = f["ra"][fi], f["dec"][fi]
+        t["LMJD"], t["MJD"] = f["lmjd"][fi], f["mjd"][fi]
+        t["PLANID"] = [str(f["planid"][i]).encode() for i in fi]
+        t["SPID"], t["FIBERID"] = f["spid"][fi], f["fiberid"][fi]
+        t["Z"] = [z_cat_obj[int(f["object"][i])] for i in fi]
+        t["Z_PIPE"] = res["pipeline_z"][fi]
+        t["CLASS_PIPE"] = [str(c).encode() for c in res["pipeline_class"][fi]]
+        t["MAG_G"], t["MAG_R"], t["MAG_I"] = res["mags"][fi, 1], res["mags"][fi, 2], res["mags"][fi, 3]
+        notes = [
+            "Simulated LAMOST-quasar-catalogue-like table (spectransfer simulate): one row per",
+            "spectrum of a confirmed quasar; a few true quasars are left out.",
         ]
-        hdu = fits.BinTableHDU.from_columns(cols, name="CATALOG")
-        hdu.header["COMMENT"] = "Simulated LAMOST-quasar-catalogue-like table (spectransfer simulate): one row per"
-        hdu.header["COMMENT"] = "spectrum of a confirmed quasar; a few true quasars are left out."
-        nrows = int(k)
-    primary = fits.PrimaryHDU()
-    primary.header["SIMSURV"] = (survey, "simulated survey (spectransfer simulate)")
-    primary.header["SIMSEED"] = (seed, "random seed of the simulation")
-    for key, value, comment in provenance_cards():
-        primary.header[key] = (value, comment)
-    fits.HDUList([primary, hdu]).writeto(path)
-    return nrows
+    primary = [
+        formats.card("SIMPLE", True, "conforms to FITS standard"),
+        formats.card("BITPIX", 8, "array data type"),
+        formats.card("NAXIS", 0, "number of array dimensions"),
+        formats.card("EXTEND", True),
+        formats.card("SIMSURV", survey, "simulated survey (spectransfer simulate)"),
+        formats.card("SIMSEED", int(seed), "random seed of the simulation"),
+        *[formats.card(key, value, comment) for key, value, comment in provenance_cards()],
+    ]
+    units = {"RA": "deg", "DEC": "deg"}
+    ext = formats.bintable_header(t.dtype, k, "CATALOG", units=units, extra=[formats.card("COMMENT", comment=c) for c in notes])
+    path.write_bytes(formats.header_bytes(primary) + formats.header_bytes(ext) + formats.pad_data(t.tobytes()))
+    return int(k)
 
 
 def _write_truth(path: Path, survey: str, f: dict[str, np.ndarray], res: dict[str, np.ndarray], seed: int) -> None:
