@@ -41,6 +41,8 @@ REQUIRED = ("SPECTRUM_ID", "P_QSO", "CATEGORY")
 OPTIONAL = (
     "ROW", "SURVEY", "PLATE", "MJD", "FIBERID", "OBSID", "LMJD", "PLANID", "SPID", "RA", "DEC",
     "CLASS", "SUBCLASS", "Z", "CAT_LABEL", "LABEL_SOURCE", "CATALOG_Z", "PIPE_NOT_QSO", "SOURCE_FILE",
+    # written by `discover` beyond the minimal contract; shown when present
+    "ZWARNING", "CATALOG_NAME", "SNR", "MAG", "QUALITY",
 )
 CATEGORIES = ("new_candidate", "missed_by_model", "agree_qso", "agree_other")
 
@@ -211,7 +213,8 @@ def create_app(
     classes = sorted({str(c) for c in table["CLASS"].dropna().unique()}) if "CLASS" in table else []
     has_store = store is not None
 
-    app = FastAPI(title="spectransfer inspect", version=__version__, docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json")
+    # No Swagger page: it would load its assets from a CDN. The schema stays for scripts.
+    app = FastAPI(title="spectransfer inspect", version=__version__, docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     app.state.table = table
     app.state.db = db
 
@@ -263,6 +266,7 @@ def create_app(
             "verdicts": list(VERDICTS),
             "has_store": has_store,
             "max_page": MAX_PAGE,
+            "quality_bits": _quality_bits(),
         }
 
     def _split(value: str | None, allowed: list[str] | tuple[str, ...], what: str) -> list[str] | None:
@@ -394,6 +398,15 @@ def create_app(
         return {"count": len(rows), "items": rows}
 
     return app
+
+
+def _quality_bits() -> dict[str, int]:
+    """Names of the QUALITY bits `discover` sets, so the page can spell them out."""
+    try:
+        from spectransfer.discover import QUALITY_BITS
+    except Exception:  # discover unavailable: the page shows the raw number
+        return {}
+    return {str(k): int(v) for k, v in QUALITY_BITS.items()}
 
 
 def is_loopback(host: str) -> bool:

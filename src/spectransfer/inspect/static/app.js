@@ -25,7 +25,7 @@
   const state = {
     items: [], total: 0, inspected: 0, index: -1, status: "all",
     spec: null, zUser: null, smooth: 5, drag: null, hoverX: null, loadingMore: false,
-    cache: new Map(),
+    cache: new Map(), qualityBits: {},
   };
 
   // ---- HTTP ----------------------------------------------------------------------------------
@@ -240,6 +240,12 @@
     return `${sign}${pad(a, 2)}${hours ? "h" : "°"}${pad(b, 2)}${hours ? "m" : "′"}${cs}${hours ? "s" : "″"}`;
   }
 
+  function qualityNames(q) {
+    if (!q) return "";
+    const names = Object.entries(state.qualityBits).filter(([, bit]) => (q >> bit) & 1).map(([name]) => name);
+    return names.length ? names.join(", ") : `0x${q.toString(16)}`;
+  }
+
   function surveyIds(c) {
     if (c.survey === "sdss") return `plate ${c.plate} · mjd ${c.mjd} · fiber ${c.fiberid}`;
     if (c.survey === "lamost") return `lmjd ${c.lmjd} · ${c.planid} · sp ${c.spid} · fiber ${c.fiberid}` + (c.obsid ? ` · obsid ${c.obsid}` : "");
@@ -275,12 +281,13 @@
     setText("c-pos", c.ra !== null && c.ra !== undefined
       ? `${fmt(c.ra, 5)}, ${fmt(c.dec, 5)}  (${sexagesimal(c.ra, true)} ${sexagesimal(c.dec, false)})` : "–");
     setText("c-ids", surveyIds(c));
-    const pipe = [c["class"] || "no class", c.subclass, c.z !== null && c.z !== undefined ? `z = ${fmt(c.z, 4)}` : "no z"]
-      .filter(Boolean).join(" · ") + (c.pipe_not_qso ? "  (pipeline: not a quasar)" : "");
-    setText("c-pipe", pipe);
+    const pipe = [c["class"] || "no class", c.subclass, c.z !== null && c.z !== undefined ? `z = ${fmt(c.z, 4)}` : "no z",
+      c.zwarning ? `zwarning ${c.zwarning}` : null].filter(Boolean).join(" · ");
+    const flags = qualityNames(c.quality);
+    setText("c-pipe", pipe + (flags ? ` · flags: ${flags}` : ""), c.zwarning || flags ? "warn" : "");
     if (c.cat_label === 1 || c.cat_label === true) {
       const how = c.label_source === "position" ? "matched by position" : c.label_source === "id" ? "matched by id" : "";
-      setText("c-cat", ["known quasar", how, c.catalog_z !== null && c.catalog_z !== undefined ? `z = ${fmt(c.catalog_z, 4)}` : null]
+      setText("c-cat", ["known quasar", c.catalog_name, how, c.catalog_z !== null && c.catalog_z !== undefined ? `z = ${fmt(c.catalog_z, 4)}` : null]
         .filter(Boolean).join(" · "), "yes");
     } else if (c.cat_label === 0 || c.cat_label === false) {
       setText("c-cat", "not in the quasar catalogues", "no");
@@ -288,11 +295,13 @@
       setText("c-cat", "unknown");
     }
     if (spec) {
-      const src = spec.source === "original"
-        ? `original pixels · ${spec.n_pixels} px${spec.binned_by > 1 ? ` (binned ×${spec.binned_by})` : ""} · ${spec.file || ""}`
-        : `resampled grid · ${spec.n_pixels} bins (normalised)`;
+      const extra = [c.snr !== null && c.snr !== undefined ? `S/N ${fmt(c.snr, 1)}` : null,
+        c.mag !== null && c.mag !== undefined ? `mag ${fmt(c.mag, 2)}` : null].filter(Boolean);
+      const src = (spec.source === "original"
+        ? `original pixels · ${spec.n_pixels} px${spec.binned_by > 1 ? ` (binned ×${spec.binned_by})` : ""}`
+        : `resampled grid · ${spec.n_pixels} bins`) + (extra.length ? ` · ${extra.join(" · ")}` : "");
       setText("c-src", src, spec.note ? "warn" : "");
-      if (spec.note) $("c-src").title = spec.note;
+      $("c-src").title = spec.note || spec.file || src;
       const vs = (spec.verdicts || []).map((v) => `${v.inspector}: ${VERDICT_LABEL[v.verdict] || v.verdict}${v.z !== null ? ` (z ${fmt(v.z, 3)})` : ""}`);
       setText("c-verdicts", vs.length ? vs.join(" · ") : "none yet");
     } else {
@@ -690,6 +699,7 @@
   async function start() {
     try {
       const info = await api("api/info");
+      state.qualityBits = info.quality_bits || {};
       const sel = $("f-class");
       for (const c of info.pipeline_classes) {
         const o = document.createElement("option");
