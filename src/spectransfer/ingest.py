@@ -88,6 +88,8 @@ class IngestSummary:
     splits: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0  # end to end, cluster start and consolidation included
     compute_seconds: float = 0.0  # first task submitted to last result
+    task_seconds: float = 0.0  # sum over tasks of their wall time
+    task_cpu_seconds: float = 0.0  # sum over tasks of their CPU time (low vs wall = waiting for a core or I/O)
     worker_pids: list[int] = field(default_factory=list)
 
     @property
@@ -209,6 +211,7 @@ def process_batch(task: dict[str, Any]) -> dict[str, Any]:
     from spectransfer.surveys import read_spectrum
 
     t0 = time.perf_counter()
+    c0 = time.process_time()
     store_path = Path(task["store"])
     part_path = store_path / "parts" / f"{task['batch_id']}.parquet"
     n_files = len(task["files"])
@@ -282,6 +285,7 @@ def process_batch(task: dict[str, Any]) -> dict[str, Any]:
         "rejected": int(counts.get("rejected", 0)),
         "unchanged": int(counts.get("unchanged", 0)),
         "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
         "skipped": False,
         "pid": os.getpid(),
     }
@@ -739,6 +743,8 @@ def ingest(
             summary.accepted += r["accepted"]
             summary.rejected += r["rejected"]
             summary.unchanged_content += r["unchanged"]
+            summary.task_seconds += r.get("seconds", 0.0)
+            summary.task_cpu_seconds += r.get("cpu_seconds", 0.0)
         summary.worker_pids = sorted({r["pid"] for r in results if "pid" in r})
 
         needs_consolidation = (
