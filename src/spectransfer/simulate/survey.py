@@ -30,22 +30,24 @@ import numpy as np
 from spectransfer.errors import SpectransferError
 from spectransfer.provenance import provenance_cards
 from spectransfer.simulate import formats, spectra
+from spectransfer.simulate.plan import (
+    CLASS_NAMES,
+    DEFAULT_QSO_FRACTION,
+    GALAXY,
+    GALAXY_SHARE,
+    QSO,
+    STAR,
+    SURVEYS,
+    pipeline_answers,
+    plan_survey,
+    relative_path,
+    spectrum_id,
+)
 
 log = logging.getLogger(__name__)
 
-SURVEYS = ("sdss", "lamost")
-# Fractions of quasars among all spectra, as in the paper's training sets (Sect. 2):
-# LAMOST 31k of 8.9M (0.35%), SDSS 578k of 4.0M (14%).
-DEFAULT_QSO_FRACTION = {"sdss": 0.14, "lamost": 0.0035}
-# Of the non-quasars: galaxies vs stars (SDSS DR16 specObj ~ 72:28; LAMOST DR5 ~ 2:98).
-GALAXY_SHARE = {"sdss": 0.72, "lamost": 0.02}
-REPEAT_FRACTION = {"sdss": 0.08, "lamost": 0.10}  # share of quasar spectra that re-observe a quasar
-CATALOG_MISSING = 0.03  # share of true quasars the catalogue leaves out
 CATALOG_NAME = {"sdss": "DR16Q-like_quasar_catalog.fits", "lamost": "LAMOST_QSO-like_catalog.fits"}
-BATCH = 256
-
-CLASS_NAMES = np.array(["QSO", "GALAXY", "STAR"])
-QSO, GALAXY, STAR = 0, 1, 2
+BATCH = 256  # spectra simulated together (one task of the process pool)
 
 
 class SimulationError(SpectransferError):
@@ -67,336 +69,6 @@ class SimulationResult:
     catalog: Path
     truth: Path
     files: list[Path] = field(default_factory=list)
-
-
-# ---- planning ---------------------------------------------------------------------------------
-
-
-def _quasar_redshifts(rng: np.random.Generator, survey: str, n: int) -> np.ndarray:
-    """z in [0.1, 5] from a smooth distribution peaking at z ~ 1.5-2.5 (SDSS, as in DR16Q,
-    Lyke et al. 2020, with a low-z tail) or z ~ 1-1.5 (LAMOST quasars are brighter)."""
-    grid = np.linspace(0.1, 5.0, 2000)
-    if survey == "sdss":
-        pdf = 0.30 * np.exp(-0.5 * ((grid - 1.0) / 0.45) ** 2) + 0.55 * np.exp(-0.5 * ((grid - 2.2) / 0.5) ** 2) + 0.15 * np.exp(-0.5 * ((grid - 3.0) / 0.7) ** 2)
-    else:
-        pdf = 0.65 * np.exp(-0.5 * ((grid - 1.2) / 0.5) ** 2) + 0.35 * np.exp(-0.5 * ((grid - 2.2) / 0.6) ** 2)
-    cdf = np.cumsum(pdf)
-    cdf /= cdf[-1]
-    return np.interp(rng.random(n), cdf, grid)
-
-
-STAR_TYPE_P = {
-    "sdss": (0.003, 0.02, 0.17, 0.33, 0.17, 0.17, 0.11, 0.027),
-    "lamost": (0.001, 0.01, 0.10, 0.30, 0.30, 0.22, 0.06, 0.009),
-}
-
-
-def _radec_in_field(rng: np.random.Generator, ra0: np.ndarray, dec0: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
-    r = radius * np.sqrt(rng.random(ra0.shape[0]))
-    th = rng.uniform(0.0, 2.0 * np.pi, ra0.shape[0])
-    dec = np.clip(dec0 + r * np.sin(th), -89.9, 89.9)
-    ra = np.mod(ra0 + r * np.cos(th) / np.cos(np.radians(dec0)), 360.0)
-    return ra, dec
-
-
-def _field_centres(rng: np.random.Generator, k: int, dec_lo: float, dec_hi: float) -> tuple[np.ndarray, np.ndarray]:
-    ra = rng.uniform(0.0, 360.0, k)
-    s = rng.uniform(np.sin(np.radians(dec_lo)), np.sin(np.radians(dec_hi)), k)
-    return ra, np.degrees(np.arcsin(s))
-
-
-def plan_survey(survey: str, n: int, seed: int, qso_fraction: float) -> dict[str, np.ndarray]:
-    """Decide every file of the survey (one row per file) before any spectrum exists.
-
-    Files are ordered object by object (a repeat follows its first observation) so that a
-    batch always holds every observation of its objects.
-    """
-    rng = np.random.default_rng([seed, 0])
-    p_gal = (1.0 - qso_fraction) * GALAXY_SHARE[survey]
-    p_star = (1.0 - qso_fraction) * (1.0 - GALAXY_SHARE[survey])
-    cls = rng.choice(3, size=n, p=[qso_fraction, p_gal, p_star])
-    # Some quasar spectra are second observations of another quasar.
-    is_rep = (cls == QSO) & (rng.random(n) < REPEAT_FRACTION[survey])
-    q_idx = np.nonzero(cls == QSO)[0]
-    if q_idx.size and is_rep[q_idx].all():
-        is_rep[q_idx[0]] = False
-    originals = np.nonzero((cls == QSO) & ~is_rep)[0]
-    n_obj = int((~is_rep).sum())
-    obj_of_file = np.full(n, -1, dtype=np.int64)
-    obj_of_file[~is_rep] = np.arange(n_obj)
-    rep_files = np.nonzero(is_rep)[0]
-    if rep_files.size:
-        obj_of_file[rep_files] = obj_of_file[rng.choice(originals, size=rep_files.size)]
-    # Object-major order: all observations of an object are consecutive, first one first.
-    order = np.lexsort((is_rep, np.arange(n), obj_of_file))
-    cls, is_rep, obj_of_file = cls[order], is_rep[order], obj_of_file[order]
-
-    # Per-object properties.
-    obj_cls = np.empty(n_obj, dtype=np.int64)
-    obj_cls[obj_of_file[~is_rep]] = cls[~is_rep]
-    z = np.zeros(n_obj)
-    mag = np.zeros(n_obj)
-    temp = np.zeros(n_obj)
-    star_type = np.full(n_obj, "", dtype=object)
-    gal_sf = np.zeros(n_obj, dtype=bool)
-    is_bal = np.zeros(n_obj, dtype=bool)
-    qo = np.nonzero(obj_cls == QSO)[0]
-    go = np.nonzero(obj_cls == GALAXY)[0]
-    so = np.nonzero(obj_cls == STAR)[0]
-    z[qo] = _quasar_redshifts(rng, survey, qo.size)
-    # BAL quasars: ~12% where C IV is observable (z > 1.6), rarer (LoBAL only) below.
-    is_bal[qo] = rng.random(qo.size) < np.where(z[qo] > 1.6, 0.12, 0.015)
-    if survey == "sdss":
-        mag[qo] = np.clip(22.0 - rng.exponential(1.3, qo.size), 16.5, 22.0)
-        lrg = rng.random(go.size) < 0.5
-        z[go] = np.where(lrg, np.clip(rng.normal(0.5, 0.12, go.size), 0.15, 0.8), np.clip(rng.gamma(3.0, 0.035, go.size), 0.005, 0.35))
-        mag[go] = np.where(lrg, rng.uniform(18.5, 20.5, go.size), np.clip(17.77 - rng.exponential(0.9, go.size), 14.0, 17.77))
-        gal_sf[go] = rng.random(go.size) < np.where(lrg, 0.05, 0.55)
-        mag[so] = rng.uniform(15.0, 20.5, so.size)
-    else:
-        mag[qo] = rng.uniform(17.0, 20.0, qo.size)
-        z[go] = np.clip(rng.gamma(3.0, 0.03, go.size), 0.005, 0.8)
-        mag[go] = np.clip(17.8 - rng.exponential(0.6, go.size), 14.5, 17.8)
-        gal_sf[go] = rng.random(go.size) < 0.45
-        mag[so] = np.clip(17.8 - rng.exponential(2.0, so.size), 10.5, 17.8)
-    kinds = [t[0] for t in spectra.STAR_TYPES]
-    k_idx = rng.choice(len(kinds), size=so.size, p=np.array(STAR_TYPE_P[survey]) / np.sum(STAR_TYPE_P[survey]))
-    lo = np.array([t[1] for t in spectra.STAR_TYPES])[k_idx]
-    hi = np.array([t[2] for t in spectra.STAR_TYPES])[k_idx]
-    temp[so] = np.exp(rng.uniform(np.log(lo), np.log(hi)))
-    star_type[so] = np.array(kinds, dtype=object)[k_idx]
-    rv = rng.normal(0.0, 40.0, n_obj)
-    z[so] = rv[so] / spectra.C_KMS
-    in_catalog = (obj_cls == QSO) & (rng.random(n_obj) >= CATALOG_MISSING)
-
-    # Where the objects are: fields (plates / plans) of a few hundred targets.
-    per_field = 640 if survey == "sdss" else 800
-    first_idx = np.nonzero(~is_rep)[0]
-    field_of_obj = np.arange(n_obj) // per_field
-    n_fields = int(field_of_obj.max()) + 1 if n_obj else 0
-    if survey == "sdss":
-        f_ra, f_dec = _field_centres(rng, n_fields, -10.0, 70.0)
-        radius = 1.49
-    else:
-        f_ra, f_dec = _field_centres(rng, n_fields, -5.0, 60.0)
-        radius = 2.5
-    o_ra, o_dec = _radec_in_field(rng, f_ra[field_of_obj], f_dec[field_of_obj], radius)
-
-    files: dict[str, np.ndarray] = {
-        "cls": cls,
-        "is_repeat": is_rep,
-        "object": obj_of_file,
-        "z": z[obj_of_file],
-        "mag": mag[obj_of_file],
-        "temp": temp[obj_of_file],
-        "star_type": star_type[obj_of_file],
-        "gal_sf": gal_sf[obj_of_file],
-        "is_bal": is_bal[obj_of_file],
-        "in_catalog": in_catalog[obj_of_file],
-        "field": field_of_obj[obj_of_file],
-        "field_ra": f_ra[field_of_obj[obj_of_file]] if n_fields else np.zeros(n),
-        "field_dec": f_dec[field_of_obj[obj_of_file]] if n_fields else np.zeros(n),
-        # A repeat is the same object: same position to within 0.1 arcsec.
-        "ra": o_ra[obj_of_file] + np.where(is_rep, rng.normal(0, 0.1 / 3600, n), 0.0),
-        "dec": o_dec[obj_of_file] + np.where(is_rep, rng.normal(0, 0.1 / 3600, n), 0.0),
-        # Quasars vary: a repeat is a little brighter or fainter.
-        "dmag": np.where(is_rep, rng.normal(0.0, 0.15, n), 0.0),
-        "exposure": rng.lognormal(0.0, 0.2 if survey == "sdss" else 0.3, n),
-    }
-    files["n_obs"] = np.bincount(obj_of_file, minlength=n_obj)[obj_of_file]
-    # The first observation of each object, as a file index (for repeat_of).
-    first_of_obj = np.empty(n_obj, dtype=np.int64)
-    first_of_obj[obj_of_file[first_idx]] = first_idx
-    files["first_file"] = first_of_obj[obj_of_file]
-    _assign_ids(rng, survey, files, n_fields)
-    return files
-
-
-def _assign_ids(rng: np.random.Generator, survey: str, f: dict[str, np.ndarray], n_fields: int) -> None:
-    """Plate/MJD/fibre (SDSS) or LMJD/plan/spectrograph/fibre/obsid (LAMOST) for each file.
-
-    A repeat is the same plate or plan observed again on a later night, on another fibre."""
-    n = f["cls"].shape[0]
-    field = f["field"]
-    rep = f["is_repeat"]
-    if survey == "sdss":
-        plates = np.sort(rng.choice(np.arange(3586, 11500), size=max(n_fields, 1), replace=False))
-        mjds = (55176 + (plates - 3586) * 0.4 + rng.integers(0, 60, plates.size)).astype(np.int64)
-        plate = plates[field]
-        mjd = mjds[field].copy()
-        fiber = np.zeros(n, dtype=np.int64)
-        for k in range(n_fields):
-            sel = np.nonzero((field == k) & ~rep)[0]
-            fiber[sel] = rng.choice(1000, size=sel.size, replace=False) + 1
-        used = {(int(plate[i]), int(mjd[i]), int(fiber[i])) for i in np.nonzero(~rep)[0]}
-        for i in np.nonzero(rep)[0]:
-            while True:
-                m = int(mjd[i]) + int(rng.integers(1, 900))
-                fb = int(rng.integers(1, 1001))
-                if (int(plate[i]), m, fb) not in used:
-                    break
-            used.add((int(plate[i]), m, fb))
-            mjd[i], fiber[i] = m, fb
-        f["plate"], f["mjd"], f["fiberid"] = plate, mjd, fiber
-        f["tile"] = plate + 9000
-        f["thing_id"] = 100000000 + f["object"] * 7 + 3
-    else:
-        lmjd_f = np.sort(rng.integers(55859, 57900, size=max(n_fields, 1)))
-        prefix = rng.choice(np.array(["EG", "HD"]), size=max(n_fields, 1))
-        suffix = rng.choice(np.array(["B", "M", "F"]), size=max(n_fields, 1), p=[0.3, 0.45, 0.25])
-        planids = []
-        for k in range(max(n_fields, 1)):
-            ra = f["field_ra"][field == k][0] if np.any(field == k) else 0.0
-            dec = f["field_dec"][field == k][0] if np.any(field == k) else 0.0
-            h = ra / 15.0
-            hh, mm, ss = int(h), int((h * 60) % 60), int((h * 3600) % 60)
-            sgn = "N" if dec >= 0 else "S"
-            ad = abs(dec)
-            dd, dm, ds = int(ad), int((ad * 60) % 60), int((ad * 3600) % 60)
-            planids.append(f"{prefix[k]}{hh:02d}{mm:02d}{ss:02d}{sgn}{dd:02d}{dm:02d}{ds:02d}{suffix[k]}{k % 99 + 1:02d}")
-        planids_a = np.array(planids, dtype=object)
-        lmjd = lmjd_f[field].copy()
-        slot = np.zeros(n, dtype=np.int64)
-        for k in range(n_fields):
-            sel = np.nonzero((field == k) & ~rep)[0]
-            slot[sel] = rng.choice(4000, size=sel.size, replace=False)
-        used = {(int(field[i]), int(lmjd[i]), int(slot[i])) for i in np.nonzero(~rep)[0]}
-        for i in np.nonzero(rep)[0]:
-            while True:
-                m = int(lmjd[i]) + int(rng.integers(1, 700))
-                s = int(rng.integers(0, 4000))
-                if (int(field[i]), m, s) not in used:
-                    break
-            used.add((int(field[i]), m, s))
-            lmjd[i], slot[i] = m, s
-        f["planid"] = planids_a[field]
-        f["lmjd"] = lmjd
-        f["mjd"] = lmjd - 1
-        f["spid"] = slot // 250 + 1
-        f["fiberid"] = slot % 250 + 1
-        # OBSID = observation sequence * 100000 + spid * 1000 + fibre, as in the real files
-        # (e.g. 677503031 is observation 6775, spectrograph 03, fibre 031).
-        keys = sorted({(int(lm), int(fl)) for lm, fl in zip(lmjd, field)})
-        seq = {k: 101 + i for i, k in enumerate(keys)}
-        obs_seq = np.array([seq[(int(lm), int(fl))] for lm, fl in zip(lmjd, field)], dtype=np.int64)
-        f["obsid"] = obs_seq * 100000 + f["spid"] * 1000 + f["fiberid"]
-
-
-def relative_path(survey: str, f: dict[str, np.ndarray], i: int) -> str:
-    """The file's path below the survey folder, in the survey's own layout."""
-    if survey == "sdss":
-        p, m, fb = int(f["plate"][i]), int(f["mjd"][i]), int(f["fiberid"][i])
-        return f"spectra/lite/{p:04d}/spec-{p:04d}-{m}-{fb:04d}.fits"
-    lm, pl, sp, fb = int(f["lmjd"][i]), str(f["planid"][i]), int(f["spid"][i]), int(f["fiberid"][i])
-    return f"fits/{pl}/spec-{lm}-{pl}_sp{sp:02d}-{fb:03d}.fits"
-
-
-def spectrum_id(survey: str, f: dict[str, np.ndarray], i: int) -> str:
-    if survey == "sdss":
-        return f"sdss-{int(f['plate'][i])}-{int(f['mjd'][i])}-{int(f['fiberid'][i])}"
-    return f"lamost-{int(f['lmjd'][i])}-{f['planid'][i]}-{int(f['spid'][i])}-{int(f['fiberid'][i])}"
-
-
-# ---- pipeline answers -------------------------------------------------------------------------
-
-# Line pairs a redshift finder confuses (true line taken for another): (true, assumed).
-_CONFUSIONS = ((2798.75, 3728.48), (1549.06, 2798.75), (2798.75, 4862.68), (1215.67, 1549.06), (1908.73, 2798.75), (4862.68, 6564.61))
-
-
-def _pipeline(rng: np.random.Generator, survey: str, cls: np.ndarray, z: np.ndarray, snr: np.ndarray, star_sub: list[str], gal_sf: np.ndarray, ew_ha: np.ndarray) -> dict[str, Any]:
-    """What the survey pipeline says: class, subclass, z, z error, warning flags.
-
-    Mostly right, but a fraction (more at low S/N) is wrong in class or redshift, so a
-    catalogue label is not a copy of the pipeline class. LAMOST leaves some spectra
-    'Unknown' (SUBCLASS 'Non', Z = -9999) as its pipeline does.
-    """
-    n = cls.shape[0]
-    u = rng.random(n)
-    low = snr < (2.0 if survey == "sdss" else 3.0)
-    mid = (snr >= 2.0) & (snr < 4.0)
-    out_cls = CLASS_NAMES[cls].astype(object)
-    out_z = z.copy()
-    wrong = np.zeros(n, dtype=bool)
-    unknown = np.zeros(n, dtype=bool)
-    if survey == "sdss":
-        p_q = 0.015 + 0.12 * low + 0.04 * mid
-        p_g = 0.006 + 0.03 * low
-        p_s = 0.003 + 0.02 * low
-        to_other = np.where(cls == QSO, u < p_q, np.where(cls == GALAXY, u < p_g, u < p_s))
-    else:
-        p_q = 0.09 + 0.2 * low
-        p_g = 0.04 + 0.08 * low
-        p_s = 0.012 + 0.04 * low
-        to_other = np.where(cls == QSO, u < p_q, np.where(cls == GALAXY, u < p_g, u < p_s))
-    v = rng.random(n)
-    for i in np.nonzero(to_other)[0]:
-        c = cls[i]
-        if survey == "lamost":
-            share_unknown = {QSO: 0.55, GALAXY: 0.6, STAR: 0.85}[int(c)]
-            if v[i] < share_unknown:
-                unknown[i] = True
-                out_cls[i] = "Unknown"
-                continue
-        if c == QSO:
-            new = "GALAXY" if rng.random() < 0.65 else "STAR"
-        elif c == GALAXY:
-            new = "QSO" if rng.random() < (0.6 if survey == "sdss" else 0.4) else "STAR"
-        else:
-            new = "GALAXY" if rng.random() < 0.7 else "QSO"
-        out_cls[i] = new
-        wrong[i] = True
-        if new == "STAR":
-            out_z[i] = rng.normal(0.0, 1.5e-4)
-        elif new == "GALAXY":
-            zz = -1.0
-            if c == QSO:
-                lam_t, lam_a = _CONFUSIONS[int(rng.integers(0, len(_CONFUSIONS)))]
-                zz = (1.0 + z[i]) * lam_t / lam_a - 1.0
-            out_z[i] = zz if 0.0 < zz < 0.9 else rng.uniform(0.02, 0.6)
-        else:
-            out_z[i] = rng.uniform(0.4, 3.2)
-    # Right class, wrong redshift (a line confusion) for a few quasars.
-    zfail = (cls == QSO) & ~to_other & (rng.random(n) < (0.012 + 0.05 * low))
-    for i in np.nonzero(zfail)[0]:
-        lam_t, lam_a = _CONFUSIONS[int(rng.integers(0, len(_CONFUSIONS)))]
-        if rng.random() < 0.5:
-            lam_t, lam_a = lam_a, lam_t
-        zz = (1.0 + z[i]) * lam_t / lam_a - 1.0
-        if 0.05 < zz < 6.0:
-            out_z[i] = zz
-            wrong[i] = True
-    z_err = np.where(out_cls == "QSO", 5e-4 * (1.0 + np.abs(out_z)), np.where(out_cls == "GALAXY", 2.5e-5 * (1 + out_z), 1.2e-5))
-    out_z = np.where(wrong | unknown, out_z, out_z + rng.normal(0.0, 1.0, n) * z_err * 0.5)
-    z_err = z_err * rng.lognormal(0.0, 0.3, n) * (1.0 + 2.0 * low)
-
-    # SDSS ZWARNING: SMALL_DELTA_CHI2 (bit 2 = 4) at low S/N and for some wrong answers,
-    # NEGATIVE_MODEL (bit 3 = 8) now and then. LAMOST has no ZWARNING.
-    zwarn = np.zeros(n, dtype=np.int32)
-    if survey == "sdss":
-        zwarn |= np.where(low & (rng.random(n) < 0.45), 4, 0).astype(np.int32)
-        zwarn |= np.where(wrong & (rng.random(n) < 0.25), 4, 0).astype(np.int32)
-        zwarn |= np.where(rng.random(n) < 0.004, 8, 0).astype(np.int32)
-
-    sub = np.empty(n, dtype=object)
-    for i in range(n):
-        oc = out_cls[i]
-        if survey == "lamost":
-            sub[i] = star_sub[i] if (oc == "STAR" and cls[i] == STAR) else ("Non" if oc in ("Unknown", "QSO", "GALAXY") else "K5")
-            continue
-        if oc == "QSO":
-            sub[i] = "BROADLINE" if (cls[i] == QSO and rng.random() < 0.8) else ""
-        elif oc == "GALAXY":
-            if cls[i] == GALAXY and gal_sf[i]:
-                sub[i] = "STARBURST" if ew_ha[i] > 80 else "STARFORMING"
-            elif cls[i] == QSO:
-                sub[i] = "AGN BROADLINE" if rng.random() < 0.4 else ""
-            else:
-                sub[i] = ""
-        else:
-            sub[i] = star_sub[i] if cls[i] == STAR else str(rng.choice(["M0", "A0", "F9", "K7", "WD"]))
-    pz = np.where(unknown, -9999.0, out_z)
-    z_err = np.where(unknown, -9999.0, z_err)
-    return {"class": out_cls, "subclass": sub, "z": pz, "z_err": z_err, "zwarning": zwarn, "wrong": wrong | unknown}
 
 
 # ---- the worker -------------------------------------------------------------------------------
@@ -437,7 +109,7 @@ def _simulate_batch(survey: str, seed: int, batch: int, rows: dict[str, np.ndarr
     obs = spectra.observe(rng, inst, model, rows["exposure"])
 
     star_sub = [spectra.star_subclass(str(t), float(tt)) if c == STAR else "" for c, t, tt in zip(cls, rows["star_type"], rows["temp"])]
-    pipe = _pipeline(rng, survey, cls, rows["z"], obs.snr_median, star_sub, rows["gal_sf"], ew_ha)
+    pipe = pipeline_answers(rng, survey, cls, rows["z"], obs.snr_median, star_sub, rows["gal_sf"], ew_ha)
     psfmag = true_mags + rng.normal(0.0, 0.03, true_mags.shape)
 
     # Pixels the file keeps, and the first/last good wavelength (WAVEMIN/WAVEMAX).
