@@ -621,7 +621,10 @@ def _run_tasks(tasks: list[dict[str, Any]], workers: int, scheduler: str | None,
             t0 = time.perf_counter()
             futures = [client.submit(process_batch, t, key=f"ingest-{t['batch_id']}", pure=False) for t in tasks]
             for fut in as_completed(futures):
-                res = fut.result()
+                try:
+                    res = fut.result()
+                except Exception as exc:  # noqa: BLE001 - e.g. KilledWorker: the finished batches stay done
+                    raise StoreError(f"ingest task {fut.key} failed ({type(exc).__name__}: {exc}); run the same command again to resume") from exc
                 results.append(res)
                 bar.advance(res["n_files"])
             compute = time.perf_counter() - t0
