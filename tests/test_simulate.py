@@ -383,9 +383,10 @@ def test_interrupted_run_leaves_nothing_and_overwrite_replaces_only_when_done(tm
         calls.append(k)
         raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        simulate_survey("sdss", 40, tmp_path / "s", seed=1, workers=1, progress=stop)
-    assert calls and list(tmp_path.iterdir()) == []
+    for workers in (1, 2):
+        with pytest.raises(KeyboardInterrupt):
+            simulate_survey("sdss", 60, tmp_path / "s", seed=1, workers=workers, progress=stop)
+        assert calls and list(tmp_path.iterdir()) == []
     target = tmp_path / "s"
     target.mkdir()
     (target / "old.txt").write_text("old")

@@ -526,17 +526,25 @@ def simulate_survey(
                     progress(b - a)
         else:
             ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+            try:
                 futs = [pool.submit(_simulate_batch, survey, int(seed), k, rows_of(a, b), str(tmp)) for k, (a, b) in enumerate(bounds)]
                 for k, fut in enumerate(futs):
                     results[k] = fut.result()
                     if progress:
                         progress(bounds[k][1] - bounds[k][0])
+            finally:
+                # On failure or Ctrl-C: drop the batches not started, let running ones end,
+                # and only then remove the temporary folder.
+                pool.shutdown(wait=True, cancel_futures=True)
         res = {key: np.concatenate([r[key] for r in results if r is not None]) for key in results[0]}  # type: ignore[index]
         catalog = tmp / CATALOG_NAME[survey]
         _write_catalog(catalog, survey, f, res, int(seed))
         _write_truth(tmp / "truth.parquet", survey, f, res, int(seed))
         _install(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SimulationError(f"{out}: writing the survey failed ({exc.strerror or exc}); nothing was kept") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
