@@ -393,6 +393,8 @@ def paired_bootstrap(
         sb = _stats_under_weights(w[:, a_to_b], ys_b, starts_b, [predb])
         d_f1.append(sa["f1@0"] - sb["f1@0"])
         d_ap.append(sa["pr_auc"] - sb["pr_auc"])
+    if not d_f1:  # no resamples asked for: observed deltas only
+        d_f1, d_ap = [np.zeros(0)], [np.zeros(0)]
     observed_f1 = _diff(threshold_metrics(y, pa, threshold_a)["f1"], threshold_metrics(y, pb, threshold_b)["f1"])
     observed_ap = _diff(ranking_metrics(y, pa)["pr_auc"], ranking_metrics(y, pb)["pr_auc"])
     return {

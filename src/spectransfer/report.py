@@ -181,7 +181,8 @@ def plot_learning_curve(lc: dict[str, Any]) -> Any:
     for k, mode in enumerate(modes):
         rows = sorted((s for s in summary if s["mode"] == mode), key=lambda s: s["n_train_labels"])
         color, marker, label = styles.get(mode, (_COLORS[k % len(_COLORS)], "^", mode))
-        n = np.array([s["n_train_labels"] for s in rows], dtype=float)
+        # Modes side by side at each x (a few per cent apart on the log axis) so bars stay visible.
+        n = np.array([s["n_train_labels"] for s in rows], dtype=float) * (1 + 0.05 * (k - (len(modes) - 1) / 2))
         for ax, key in zip(axes, ("f1", "pr_auc")):
             mean = np.array([np.nan if s.get(f"{key}_mean") is None else s[f"{key}_mean"] for s in rows], dtype=float)
             std = np.array([0.0 if s.get(f"{key}_std") is None else s[f"{key}_std"] for s in rows], dtype=float)
@@ -190,9 +191,11 @@ def plot_learning_curve(lc: dict[str, Any]) -> Any:
         if cell.get("status") != "done":
             continue
         color = styles.get(cell["mode"], ("grey",))[0]
+        k = modes.index(cell["mode"]) if cell["mode"] in modes else 0
+        x = cell["n_train_labels"] * (1 + 0.05 * (k - (len(modes) - 1) / 2))
         for ax, key in zip(axes, ("f1", "pr_auc")):
             if cell.get(key) is not None:
-                ax.plot([cell["n_train_labels"]], [cell[key]], ".", color=color, alpha=0.35, ms=4)
+                ax.plot([x], [cell[key]], ".", color=color, alpha=0.35, ms=4)
     zs = lc.get("zero_shot")
     if zs:
         for ax, key in zip(axes, ("f1", "pr_auc")):
@@ -213,7 +216,7 @@ def plot_spectrum(
 ) -> Any:
     """One resampled spectrum with quasar emission lines marked at redshift ``z``."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 2.5))
+    fig, ax = plt.subplots(figsize=(7.2, 2.6))
     f = np.asarray(flux, dtype=float)
     if ivar is not None:
         bad = np.asarray(ivar) <= 0
@@ -222,11 +225,16 @@ def plot_spectrum(
             ax.fill_between(wave, -1.05, 1.05, where=bad, color="0.85", step="mid", lw=0, label="no data")
     ax.plot(wave, f, lw=0.6, color="k")
     if z is not None and np.isfinite(z):
+        last, row = 1e-30, 0
+        span = np.log10(wave[-1] / wave[0])
         for name, rest in QSO_LINES:
             obs = rest * (1 + z)
             if wave[0] <= obs <= wave[-1]:
                 ax.axvline(obs, color="#d62728", lw=0.8, ls="--", alpha=0.8)
-                ax.text(obs, 1.01, name, color="#d62728", fontsize=7, ha="center", va="bottom",
+                # Lines closer than ~4% of the axis (Hβ / [O III]) get their labels on two rows.
+                row = 1 - row if np.log10(obs / last) < 0.04 * span else 0
+                last = obs
+                ax.text(obs, 1.01 + 0.09 * row, name, color="#d62728", fontsize=7, ha="center", va="bottom",
                         transform=ax.get_xaxis_transform())
     ax.set_xlim(wave[0], wave[-1])
     ax.set_ylim(-1.08, 1.08)
