@@ -110,6 +110,7 @@ def test_lamost_files_have_the_dr5_image_layout_of_a_real_file(lamost_sim: Path,
 
 
 def test_files_read_back_with_the_package_readers(sdss_sim: Path, lamost_sim: Path) -> None:
+    from spectransfer.ingest import spectrum_id
     from spectransfer.surveys import read_spectrum
 
     for root in (sdss_sim, lamost_sim):
@@ -117,6 +118,7 @@ def test_files_read_back_with_the_package_readers(sdss_sim: Path, lamost_sim: Pa
         for _, t in truth.iloc[::7].iterrows():
             rec = read_spectrum(root / t.path)
             assert rec.survey == t.survey
+            assert spectrum_id(rec) == t.spectrum_id  # truth joins the store on this id
             if t.survey == "sdss":
                 assert (rec.ids["plate"], rec.ids["mjd"], rec.ids["fiberid"]) == (t.plate, t.mjd, t.fiberid)
             else:
