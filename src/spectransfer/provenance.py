@@ -17,6 +17,9 @@ from pathlib import Path
 
 from spectransfer import __version__
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 DEPENDENCIES = ("numpy", "astropy", "pyarrow", "zarr", "torch", "onnxruntime", "dask")
 
 
@@ -56,6 +59,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
     tmp_path = Path(tmp)
     try:
         yield tmp_path
