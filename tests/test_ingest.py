@@ -355,3 +355,22 @@ def test_existing_dask_scheduler_by_address(reference_store: Path, shared_data: 
 def test_cli_workers_and_scheduler_exclusive(tmp_path: Path, shared_data: Path) -> None:
     res = CliRunner().invoke(app, ["ingest", str(shared_data / "sdss"), "--store", str(tmp_path / "s"), "--workers", "2", "--scheduler", "tcp://127.0.0.1:1"])
     assert res.exit_code == 2 and "not both" in res.output
+
+
+def test_catalogue_beside_the_spectra_is_not_rejected_as_a_spectrum(tmp_path: Path) -> None:
+    from spectransfer.simulate import simulate_survey
+
+    sim = tmp_path / "sim"
+    simulate_survey("sdss", 40, sim, seed=3, qso_fraction=0.3, workers=1)
+    catalog = next(p for p in sim.iterdir() if "catalog" in p.name.lower())
+    summary = ingest([sim], tmp_path / "store", catalogs=[catalog], workers=0, quiet=True)
+    store = open_store(tmp_path / "store")
+    rejected = pd.read_parquet(tmp_path / "store" / "rejected.parquet") if (tmp_path / "store" / "rejected.parquet").exists() else pd.DataFrame(columns=["source_file"])
+    assert str(catalog.resolve()) not in set(rejected["source_file"])
+    assert len(store.meta) + len(rejected) == 40
+    assert summary.files_seen == 40
+    truth = pd.read_parquet(sim / "truth.parquet")
+    # labels come from the catalogue: every labelled spectrum is a true quasar in the catalogue
+    labelled = set(store.meta.loc[store.meta["label"] == 1, "spectrum_id"])
+    in_cat = set(truth.loc[truth["in_catalog"], "spectrum_id"])
+    assert labelled and labelled <= in_cat

@@ -665,7 +665,10 @@ def ingest(
         raise StoreError(f"--workers must be >= 0, got {workers}")
     if batch_size < 1:
         raise StoreError(f"batch size must be >= 1, got {batch_size}")
-    files = find_files(inputs)
+    # A catalogue often sits beside the spectra (the simulator puts it at the top of the
+    # survey folder): it is an input of labelling, not a spectrum to reject.
+    catalog_files = {str(Path(c).resolve()) for c in catalogs}
+    files = [f for f in find_files(inputs) if str(Path(f).resolve()) not in catalog_files]
     store_path = Path(store_path)
     if (store_path / "store.json").exists():
         store = open_store(store_path, mode="r+")
