@@ -6,8 +6,8 @@ Figures (spectra per second, all measured in this run on the same model):
   pipeline_ratio = store / memory (target >= 0.9: the input pipeline is not the bottleneck);
 - train_bf16_memory: the step under torch.amp bf16 autocast; bf16_speedup = bf16 / fp32;
 - infer_eager, infer_onnx: scoring in eager torch (inference_mode) and in onnxruntime after
-  ONNX export (graph optimisation ALL, 2 intra-op threads); onnx_speedup = onnx / eager
-  (target >= 2).
+  ONNX export (graph optimisation ALL, 2 intra-op threads), each at batches of 256 and
+  1024 spectra; onnx_speedup = best onnx / best eager (target >= 2).
 Last line: one JSON object with the figures. Usage: python bench/train.py [--steps N]
 """
 
@@ -66,11 +66,24 @@ def train_rate(model: torch.nn.Module, batches, steps: int, bf16: bool = False) 
     return n / (time.perf_counter() - t0)
 
 
+def infer_rate(run, x: np.ndarray, batch: int, n: int) -> float:
+    """Spectra/s scoring ``n`` spectra from ``x`` in batches of ``batch`` (after a warm-up)."""
+    run(x[:batch])
+    t = time.perf_counter()
+    done = 0
+    while done < n:
+        for i in range(0, len(x), batch):
+            run(x[i : i + batch])
+            done += len(x[i : i + batch])
+    return done / (time.perf_counter() - t)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=4, help="timed training steps per measurement")
     ap.add_argument("--bf16-steps", type=int, default=2, help="timed bf16 training steps")
-    ap.add_argument("--infer", type=int, default=4096, help="spectra scored per inference measurement")
+    ap.add_argument("--bf16-batch", type=int, default=64, help="batch of the bf16 measurement (emulated bf16 is slow)")
+    ap.add_argument("--infer", type=int, default=2048, help="spectra scored per inference measurement")
     ap.add_argument("--workers", type=int, default=1, help="DataLoader workers for the store-fed run")
     args = ap.parse_args()
     threads = torch.get_num_threads()
@@ -100,30 +113,33 @@ def main() -> None:
         memory = 0.5 * (memory + train_rate(model, forever, args.steps))
         print(f"train fp32, tensors in RAM (mean of before and after): {memory:8.1f} spectra/s")
         # bf16 autocast is emulated (slow) on CPUs without AVX512-BF16/AMX: time fewer steps
-        bf16 = train_rate(model, forever, args.bf16_steps, bf16=True)
-        print(f"train bf16 autocast, in RAM:     {bf16:8.1f} spectra/s")
+        x16, y16 = x_mem[: args.bf16_batch], y_mem[: args.bf16_batch]
+        bf16 = train_rate(model, iter(lambda: (x16, y16), None), args.bf16_steps, bf16=True)
+        print(f"train bf16 autocast, in RAM:     {bf16:8.1f} spectra/s (batch {args.bf16_batch})")
 
         model.eval()
         x_inf = torch.from_numpy(np.asarray(store.flux[: min(1024, n_rows)]))[:, None, :]
-        reps = max(1, args.infer // len(x_inf))
-        with torch.inference_mode():
-            model(x_inf[:64])
-            t = time.perf_counter()
-            for _ in range(reps):
-                model(x_inf)
-            eager = reps * len(x_inf) / (time.perf_counter() - t)
-        print(f"inference eager torch:           {eager:8.1f} spectra/s")
+        xn = x_inf.numpy()
         t = time.perf_counter()
         onnx_path = export_onnx(model, Path(tmp) / "model.onnx")
         export_s = time.perf_counter() - t
         session = onnx_session(onnx_path, threads=2)
-        xn = x_inf.numpy()
-        session.run(None, {"flux": xn[:64]})
-        t = time.perf_counter()
-        for _ in range(reps):
-            session.run(None, {"flux": xn})
-        onnx = reps * len(x_inf) / (time.perf_counter() - t)
-        print(f"inference onnxruntime:           {onnx:8.1f} spectra/s (export took {export_s:.1f} s)")
+
+        def eager_run(a: np.ndarray) -> None:
+            with torch.inference_mode():
+                model(torch.from_numpy(a))
+
+        def onnx_run(a: np.ndarray) -> None:
+            session.run(None, {"flux": a})
+
+        # each engine at batches of 256 and 1024 spectra; the ratio takes each at its best
+        eager_by_batch, onnx_by_batch = {}, {}
+        for bs in (256, 1024):
+            eager_by_batch[bs] = infer_rate(eager_run, xn, bs, args.infer)
+            onnx_by_batch[bs] = infer_rate(onnx_run, xn, bs, args.infer)
+            print(f"inference batch {bs:4d}: eager torch {eager_by_batch[bs]:7.1f}, onnxruntime {onnx_by_batch[bs]:7.1f} spectra/s")
+        eager, onnx = max(eager_by_batch.values()), max(onnx_by_batch.values())
+        print(f"ONNX export took {export_s:.1f} s")
 
     figures = {
         "train_fp32_memory": round(memory, 1),
@@ -132,6 +148,8 @@ def main() -> None:
         "train_bf16_memory": round(bf16, 1),
         "bf16_speedup": round(bf16 / memory, 2),
         "infer_eager": round(eager, 1),
+        "infer_eager_by_batch": {str(k): round(v, 1) for k, v in eager_by_batch.items()},
+        "infer_onnx_by_batch": {str(k): round(v, 1) for k, v in onnx_by_batch.items()},
         "infer_onnx": round(onnx, 1),
         "onnx_speedup": round(onnx / eager, 2),
         "threads": threads,
