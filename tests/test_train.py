@@ -77,7 +77,11 @@ def test_finetune_loads_every_weight_and_freeze_conv_trains_only_the_head(scratc
     base = _weights(init / "model.safetensors")
     # lr 0: a fine-tuned run that cannot move must end exactly at the pretrained weights
     train(TrainConfig(store=str(store.path), out=str(tmp_path / "ft0"), mode="finetune", init=str(init),
-                      batch_size=16, eval_every=3, max_steps=3, lr=0.0, num_workers=0))
+                      batch_size=16, eval_every=3, max_steps=3, lr=0.0, num_workers=0, survey="sdss"))
+    resolved = tomllib.loads((tmp_path / "ft0" / "config.toml").read_text())["resolved"]
+    m = store.meta
+    assert resolved["n_train"] == int(((m["survey"] == "sdss") & (m["split"] == "train")).sum())
+    assert resolved["n_val"] == int(((m["survey"] == "sdss") & (m["split"] == "val")).sum())
     for k, v in _weights(tmp_path / "ft0" / "model.safetensors").items():
         torch.testing.assert_close(v, base[k], rtol=0, atol=0)
     _, info = load_run(tmp_path / "ft0")
