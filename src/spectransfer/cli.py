@@ -399,6 +399,8 @@ def train_cmd(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Train the 1-D VGG on a store: pretrain, fine-tune (--init) or the scratch baseline."""
+    import os
+
     from spectransfer.train import TrainConfig, train
 
     if input_ not in ("flux", "flux+ivar"):
@@ -411,6 +413,8 @@ def train_cmd(
         train_limit=train_limit, num_workers=workers, debug_rows=debug_rows,
     )
     summary = train(cfg, resume=resume, quiet=quiet)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return
     typer.echo(f"{out}: best {summary['metric']} {summary['best']:.4f} at step {summary['best_step']} "
                f"({summary['steps']} steps{', stopped early' if summary['stopped_early'] else ''})")
 
