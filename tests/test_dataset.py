@@ -11,7 +11,7 @@ import pytest
 
 from spectransfer.config import Grid
 from spectransfer.dataset import ChunkStream, Selection, _round_robin_skips, make_input, select
-from spectransfer.store import open_store, write_store
+from spectransfer.store import write_store
 
 
 def make_store(path: Path, n: int = 200, pos_frac: float = 0.3, chunk_rows: int = 16, seed: int = 0,

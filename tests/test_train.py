@@ -11,7 +11,6 @@ import time
 import tomllib
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -182,3 +181,11 @@ def test_bad_inputs_refused_before_training(store, scratch_run, tmp_path):
     res = _run_cli(["train", "--store", str(nopos.path), "--out", str(tmp_path / "h"), "--quiet"])
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "no positive" in res.stderr
+
+
+def test_help_documents_the_imbalance_options():
+    res = _run_cli(["train", "--help"], timeout=60)
+    assert res.returncode == 0
+    text = " ".join(res.stdout.split())
+    for word in ("pos-weight", "balanced", "n_neg/n_pos", "--train-fraction", "--resume", "--precision"):
+        assert word in text, word

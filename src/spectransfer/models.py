@@ -153,10 +153,10 @@ def save_weights(model: VGG1D, path: str | Path, grid: Grid, mode: str, extra: d
     from safetensors.torch import save_file
 
     path = Path(path)
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in _unwrap(model).state_dict().items()}
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in unwrap(model).state_dict().items()}
     metadata = {
         "format": "spectransfer-model",
-        "model_config": json.dumps(_unwrap(model).config.to_dict()),
+        "model_config": json.dumps(unwrap(model).config.to_dict()),
         "grid": json.dumps(grid.to_dict()),
         "spectransfer_version": __version__,
         "mode": mode,
@@ -242,7 +242,7 @@ def load_run(run_dir: str | Path) -> tuple[VGG1D, RunInfo]:
     return model, info
 
 
-def _unwrap(model: nn.Module) -> VGG1D:
+def unwrap(model: nn.Module) -> VGG1D:
     """The VGG1D inside a DistributedDataParallel (or torch.compile) wrapper."""
     while hasattr(model, "module") and not isinstance(model, VGG1D):
         model = model.module  # type: ignore[assignment]

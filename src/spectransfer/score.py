@@ -21,14 +21,14 @@ import torch
 
 from spectransfer.dataset import ChunkStream, Selection
 from spectransfer.errors import EvaluateError
-from spectransfer.models import VGG1D, _unwrap, load_run
+from spectransfer.models import VGG1D, unwrap, load_run
 
 log = logging.getLogger(__name__)
 
 
 def export_onnx(model: torch.nn.Module, path: str | Path, opset: int = 17) -> Path:
     """Write ``model`` as ONNX with a dynamic batch axis (input ``flux``, output ``logit``)."""
-    net = _unwrap(model).eval()
+    net = unwrap(model).eval()
     cfg = net.config
     path = Path(path)
     example = torch.zeros(2, cfg.in_channels, cfg.n_bins)
@@ -87,7 +87,7 @@ def score_store(
     if not isinstance(store, Store):
         store = open_store(store)
     if isinstance(run_or_model, torch.nn.Module):
-        model = _unwrap(run_or_model)
+        model = unwrap(run_or_model)
     else:
         model, info = load_run(run_or_model)
         if info.grid != store.grid:

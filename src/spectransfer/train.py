@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import socket
 import tempfile
@@ -31,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -39,7 +37,7 @@ from torch import nn
 from spectransfer import __version__
 from spectransfer.dataset import ChunkStream, Selection, select
 from spectransfer.errors import TrainError
-from spectransfer.models import ModelConfig, build_model, count_parameters, load_run, save_weights, _unwrap
+from spectransfer.models import ModelConfig, build_model, count_parameters, load_run, save_weights, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -445,7 +443,7 @@ def _checkpoint(path: Path, model: nn.Module, optimizer: Any, state: dict, world
         dist.all_gather_object(rngs, rng)
     if not master:
         return
-    ckpt = {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "state": dict(state),
+    ckpt = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "state": dict(state),
             "rng": rngs, "world_size": world, "version": __version__}
     fd, tmp = tempfile.mkstemp(prefix="last.pt.", suffix=".tmp", dir=path.parent)
     os.close(fd)
