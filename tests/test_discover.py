@@ -83,10 +83,10 @@ def test_sigmoid_is_stable_and_matches_the_formula() -> None:
 
 # ---- a tiny store and an untrained run -----------------------------------------------------------
 
-def _spectra(rng: np.random.Generator, n: int) -> np.ndarray:
+def _spectra(rng: np.random.Generator, n: int, grid: Grid = GRID) -> np.ndarray:
     """Smooth spectra with a few bumps, min-max scaled to [-1, 1] as the store holds them."""
-    x = np.linspace(0, 1, GRID.n_bins)
-    f = rng.normal(0, 0.05, (n, GRID.n_bins)) + rng.uniform(-1, 1, (n, 1)) * x
+    x = np.linspace(0, 1, grid.n_bins)
+    f = rng.normal(0, 0.05, (n, grid.n_bins)) + rng.uniform(-1, 1, (n, 1)) * x
     for _ in range(3):
         c, w, a = rng.uniform(0, 1, (n, 1)), rng.uniform(0.005, 0.05, (n, 1)), rng.normal(0, 1, (n, 1))
         f += a * np.exp(-0.5 * ((x - c) / w) ** 2)
@@ -94,7 +94,7 @@ def _spectra(rng: np.random.Generator, n: int) -> np.ndarray:
     return (2 * (f - lo) / (hi - lo) - 1).astype(np.float32)
 
 
-def _store(path: Path, n: int = 300, seed: int = 0, chunk_rows: int = 64):
+def _store(path: Path, n: int = 300, seed: int = 0, chunk_rows: int = 64, grid: Grid = GRID):
     from spectransfer.store import write_store
 
     rng = np.random.default_rng(seed)
@@ -113,17 +113,17 @@ def _store(path: Path, n: int = 300, seed: int = 0, chunk_rows: int = 64):
         "split": np.array(["train", "val", "test"])[np.arange(n) % 3], "object_id": [f"o{i}" for i in range(n)],
         "source_file": [f"spec-{i}.fits" for i in range(n)],
     })
-    return write_store(path, _spectra(rng, n), np.ones((n, GRID.n_bins), np.float32), meta, grid=GRID, chunk_rows=chunk_rows)
+    return write_store(path, _spectra(rng, n, grid), np.ones((n, grid.n_bins), np.float32), meta, grid=grid, chunk_rows=chunk_rows)
 
 
-def _run(path: Path, seed: int = 0, temperature: float | None = None) -> Path:
+def _run(path: Path, seed: int = 0, temperature: float | None = None, grid: Grid = GRID) -> Path:
     import torch
 
     from spectransfer.models import ModelConfig, build_model, save_weights
 
     torch.manual_seed(seed)
-    model = build_model(ModelConfig(name="vgg-a", n_bins=GRID.n_bins))
-    save_weights(model, path / "model.safetensors", GRID, mode="scratch")
+    model = build_model(ModelConfig(name="vgg-a", n_bins=grid.n_bins))
+    save_weights(model, path / "model.safetensors", grid, mode="scratch")
     if temperature is not None:
         (path / "calibration.json").write_text(json.dumps({"temperature": temperature}))
     return path
@@ -259,9 +259,12 @@ def test_cli_prints_summary_and_refuses_bad_input(tiny: dict, tmp_path: Path) ->
 
 
 def test_discover_resumes_after_sigkill(tmp_path: Path) -> None:
+    # the paper's 2048-bin network: slow enough (~5 s on one core) for the kill to land part way
+    from spectransfer.config import DEFAULT_GRID
+
     store = tmp_path / "store"
-    _store(store, n=1200, seed=5, chunk_rows=64)
-    run = _run(tmp_path / "run", seed=2)
+    _store(store, n=1200, seed=5, chunk_rows=64, grid=DEFAULT_GRID)
+    run = _run(tmp_path / "run", seed=2, grid=DEFAULT_GRID)
     ref_out = tmp_path / "ref.fits"
     discover(run, store, ref_out, engine="torch", block_size=40, batch_size=40, quiet=True)
     ref = pd.read_parquet(ref_out.with_suffix(".parquet"))
@@ -276,7 +279,7 @@ def test_discover_resumes_after_sigkill(tmp_path: Path) -> None:
         while time.monotonic() < deadline and proc.poll() is None:
             if len(list(parts.glob("block-*.npy"))) >= 3:
                 break
-            time.sleep(0.05)
+            time.sleep(0.01)
         assert proc.poll() is None, "discover finished before it could be killed: " + proc.stderr.read().decode()
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
