@@ -70,12 +70,16 @@
   // ---- queue ---------------------------------------------------------------------------------
   function inspector() { return $("inspector").value.trim(); }
 
-  async function loadQueue(keepId = null) {
+  // keep === true keeps whichever candidate is selected when the answer arrives (the user may
+  // have moved on meanwhile, e.g. pressed q right after typing their name); an id keeps that one.
+  async function loadQueue(keep = null) {
     const p = filterParams();
     p.set("offset", "0");
     p.set("limit", String(PAGE));
+    let current = null;
     try {
       const data = await api(`api/candidates?${p}`);
+      current = state.items[state.index] || null;
       state.items = data.items;
       state.total = data.total;
       state.inspected = data.inspected;
@@ -83,6 +87,7 @@
       toast(`Could not load candidates: ${e.message}`, true);
       return;
     }
+    const keepId = keep === true ? (current ? current.id : null) : keep;
     renderQueue();
     renderProgress();
     let idx = 0;
@@ -656,7 +661,7 @@
   });
   $("smooth").addEventListener("change", (ev) => { state.smooth = Number(ev.target.value); draw(); });
 
-  const filtersChanged = () => loadQueue(state.items[state.index] ? state.items[state.index].id : null);
+  const filtersChanged = () => loadQueue(true);
   for (const id of ["f-category", "f-class"]) $(id).addEventListener("change", filtersChanged);
   for (const id of ["f-pmin", "f-pmax"]) $(id).addEventListener("change", filtersChanged);
   for (const b of document.querySelectorAll("#f-status button")) {
