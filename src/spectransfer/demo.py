@@ -49,10 +49,11 @@ class DemoSize:
 
 # Training dominates both (fp32; bf16 autocast is emulated, hence slower, on AVX2-only CPUs).
 # QUICK measured at 317 CPU s for 1500 + 1200 spectra and 134 steps on 2 shared cores, cut to
-# ~82 steps here; FULL is sized from ~85 training spectrum-steps per CPU second at batch 256.
+# ~82 steps here. FULL with 3 pretraining epochs took 1391 s wall / 1673 CPU s on 2 shared
+# cores (pretraining 609 CPU s of it, best at step 60); 2 epochs keep it near 1470 CPU s.
 # Both use --imbalance pos-weight: with a few dozen to a few hundred steps (not the paper's
 # 4M-spectrum epochs) plain BCE keeps every probability below 0.5 and finds nothing.
-FULL = DemoSize(n_lamost=12000, n_sdss=6000, lamost_qso_fraction=0.02, pretrain_epochs=3, finetune_epochs=5,
+FULL = DemoSize(n_lamost=12000, n_sdss=6000, lamost_qso_fraction=0.02, pretrain_epochs=2, finetune_epochs=5,
                 eval_every=20, patience=6, bootstrap=300, ingest_workers=2, train_batch=256, early_stop="f1",
                 sdss_imbalance="pos-weight")
 QUICK = DemoSize(n_lamost=1200, n_sdss=1000, lamost_qso_fraction=0.05, pretrain_epochs=2, finetune_epochs=2,

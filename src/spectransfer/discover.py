@@ -482,6 +482,7 @@ def discover(
     if resumed and done_rows:
         log.info("resuming: %d of %d spectra already scored in %s", done_rows, rows.shape[0], parts)
 
+    t_score = time.perf_counter()
     with progress_bar("discover", total=rows.shape[0], unit="spectra", quiet=quiet) as bar:
         bar.advance(done_rows)
         if todo and use_dask:
@@ -499,6 +500,7 @@ def discover(
             for i in todo:
                 bar.advance(_score_block(spec, str(store_path), blocks[i], str(part_files[i]), batch_size))
 
+    score_s = time.perf_counter() - t_score
     logits = np.concatenate([np.load(f) for f in part_files])
     if logits.shape[0] != rows.shape[0] or not np.isfinite(logits).all():
         raise EvaluateError(f"{parts}: scored blocks are inconsistent (delete the folder and run again)")
@@ -547,7 +549,7 @@ def discover(
         calibrated=bool(temperature),
         resumed_spectra=done_rows if resumed else 0,
         seconds=time.perf_counter() - t0,
-        extra={"prepare_s": prepare_s},
+        extra={"prepare_s": prepare_s, "score_s": score_s},
     )
 
 
