@@ -422,9 +422,6 @@ def discover(
     """
     import time
 
-    from spectransfer.models import load_run
-    from spectransfer.store import open_store
-
     t0 = time.perf_counter()
     run_dir, store_path, out = Path(run_dir), Path(store_path), Path(out)
     if out.suffix.lower() not in (".fits", ".fit"):
@@ -439,6 +436,9 @@ def discover(
         raise EvaluateError(f"--workers must be >= 0, got {workers}")
     if workers and scheduler:
         raise EvaluateError("give --workers or --scheduler, not both")
+    from spectransfer.models import load_run  # torch: imported once the arguments are known good
+    from spectransfer.store import open_store
+
     store = open_store(store_path)
     model, info = load_run(run_dir)
     if info.grid != store.grid:
