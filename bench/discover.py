@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 SDSS_SPECTRA = 4_000_000
 
@@ -112,7 +113,7 @@ def main() -> None:
                 prep[engine] = res.extra["prepare_s"]
             rates[engine] = n / sec
             steady[engine] = n / sec_score
-            logits[engine] = __import__("pandas").read_parquet(out.with_suffix(".parquet"), columns=["LOGIT"])["LOGIT"].to_numpy(np.float64)
+            logits[engine] = pd.read_parquet(out.with_suffix(".parquet"), columns=["LOGIT"])["LOGIT"].to_numpy(np.float64)
             print(f"{engine:10s} batch {bs:5d}: {rates[engine]:8,.0f} spectra/s end to end, {steady[engine]:8,.0f} scoring loop alone"
                   + (f"  (one-time preparation {prep[engine]:.1f} s, not included)" if engine in prep else ""))
 

@@ -80,11 +80,13 @@ def test_candidates_cover_every_store_spectrum_once(demo: dict) -> None:
 
 
 def test_categories_follow_probability_threshold_and_catalogue(demo: dict) -> None:
+    from astropy.io import fits
+
     from spectransfer.store import open_store
 
     out = demo["out"]
     cand = pd.read_parquet(out / "candidates.parquet")
-    with __import__("astropy.io.fits").io.fits.open(out / "candidates.fits") as hdul:
+    with fits.open(out / "candidates.fits") as hdul:
         thresh = hdul["CANDIDATES"].header["THRESH"]
         temper = hdul["CANDIDATES"].header["TEMPER"]
     counts = cand["CATEGORY"].value_counts().to_dict()
