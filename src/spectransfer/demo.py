@@ -263,7 +263,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"(recall {'n/a' if rec is None else f'{rec:.1%}'}; new-candidate rate among true non-quasars "
         f"{'n/a' if summary['new_candidate_rate_true_non_qso'] is None else format(summary['new_candidate_rate_true_non_qso'], '.2%')})"
     )
-    console.print(f"new candidates by true class: " + ", ".join(f"{k} {v}" for k, v in summary["new_candidates_by_true_class"].items()))
+    console.print("new candidates by true class: " + ", ".join(f"{k} {v}" for k, v in summary["new_candidates_by_true_class"].items()))
     if "total_s" in summary:
         console.print(f"demo finished in {summary['total_s']:.0f} s ({sum(summary.get('cpu_s', {}).values()):.0f} CPU s): "
                       + ", ".join(f"{k} {v:.0f} s" for k, v in summary["timings_s"].items()))

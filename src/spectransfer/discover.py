@@ -18,11 +18,10 @@ import json
 import logging
 import os
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -336,31 +335,6 @@ def _score_block(spec: EngineSpec, store_path: str, rows: np.ndarray, out_file: 
     return int(rows.shape[0])
 
 
-@contextmanager
-def dask_client(workers: int | None = None, scheduler: str | None = None) -> Iterator[Any]:
-    """A Dask client on ``scheduler`` or on a LocalCluster of ``workers`` one-thread processes."""
-    from dask.distributed import Client, LocalCluster
-
-    if not log.isEnabledFor(logging.DEBUG):
-        logging.getLogger("distributed").setLevel(logging.WARNING)
-    cluster = None
-    if scheduler is not None:
-        try:
-            client = Client(scheduler, timeout="20s")
-        except (OSError, TimeoutError) as exc:
-            raise StoreError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
-    else:
-        cluster = LocalCluster(n_workers=int(workers or 1), threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=logging.ERROR)
-        client = Client(cluster)
-    try:
-        yield client
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
-
-
 # ---- resumable parts ---------------------------------------------------------------------------
 
 
@@ -487,6 +461,8 @@ def discover(
         bar.advance(done_rows)
         if todo and use_dask:
             from dask.distributed import as_completed
+
+            from spectransfer.cluster import dask_client
 
             with dask_client(workers=workers, scheduler=scheduler) as client:
                 futures = [

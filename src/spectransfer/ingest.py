@@ -46,7 +46,6 @@ from spectransfer.store import (
     conform,
     create_store,
     open_store,
-    read_table,
     write_table,
 )
 
@@ -594,30 +593,11 @@ def _run_tasks(tasks: list[dict[str, Any]], workers: int, scheduler: str | None,
                 results.append(res)
                 bar.advance(res["n_files"])
             return results, time.perf_counter() - t0
-        from dask.distributed import Client, LocalCluster, as_completed
+        from dask.distributed import as_completed
 
-        # Dask's INFO chatter (scheduler/nanny start and stop) drowns the progress bar.
-        if not log.isEnabledFor(logging.DEBUG):
-            logging.getLogger("distributed").setLevel(logging.WARNING)
-        cluster = None
-        if scheduler is not None:
-            try:
-                client = Client(scheduler, timeout="20s")
-            except (OSError, TimeoutError) as exc:
-                raise StoreError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
-        else:
-            try:
-                cluster = LocalCluster(
-                    n_workers=workers,
-                    threads_per_worker=1,
-                    processes=True,
-                    dashboard_address=None,
-                    silence_logs=logging.ERROR,
-                )
-            except (OSError, RuntimeError, TimeoutError) as exc:
-                raise StoreError(f"cannot start a local Dask cluster of {workers} workers: {exc}") from exc
-            client = Client(cluster)
-        try:
+        from spectransfer.cluster import dask_client
+
+        with dask_client(workers=workers, scheduler=scheduler) as client:
             t0 = time.perf_counter()
             futures = [client.submit(process_batch, t, key=f"ingest-{t['batch_id']}", pure=False) for t in tasks]
             for fut in as_completed(futures):
@@ -628,10 +608,6 @@ def _run_tasks(tasks: list[dict[str, Any]], workers: int, scheduler: str | None,
                 results.append(res)
                 bar.advance(res["n_files"])
             compute = time.perf_counter() - t0
-        finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
     return results, compute
 
 

@@ -34,7 +34,6 @@ from spectransfer.simulate.plan import (
     CLASS_NAMES,
     DEFAULT_QSO_FRACTION,
     GALAXY,
-    GALAXY_SHARE,
     QSO,
     STAR,
     SURVEYS,
