@@ -58,7 +58,7 @@ fetch_app = typer.Typer(
     help="Download SDSS/LAMOST spectra and quasar catalogues: concurrent, resumable, verified (manifest DEST/manifest.jsonl).",
     no_args_is_help=True,
 )
-app.add_typer(fetch_app, name="fetch")
+app.add_typer(fetch_app, name="fetch", rich_help_panel="1. Data")
 
 _FETCH_JOBS = typer.Option(8, "--jobs", "-j", help="Parallel downloads (also the bound on open connections).")
 _FETCH_RETRIES = typer.Option(5, "--retries", help="Retries per file after 5xx, timeouts or dropped connections (404 is never retried).")
@@ -137,7 +137,7 @@ def fetch_catalog(
 
 
 # ---- inspect + verdicts (issue 8) -----------------------------------------------------------
-@app.command("inspect")
+@app.command("inspect", rich_help_panel="3. Find and confirm quasars")
 def inspect_cmd(
     candidates: Path = typer.Argument(..., help="Candidates table from `discover` (FITS, EXTNAME CANDIDATES; the .parquet beside it is used when present)."),
     store: Optional[Path] = typer.Option(None, "--store", help="Store the candidates were scored from; supplies the resampled spectrum when the original file is unreadable."),
@@ -169,7 +169,7 @@ def inspect_cmd(
 
 
 verdicts_app = typer.Typer(help="Work with the verdicts recorded by `spectransfer inspect`.", no_args_is_help=True)
-app.add_typer(verdicts_app, name="verdicts")
+app.add_typer(verdicts_app, name="verdicts", rich_help_panel="3. Find and confirm quasars")
 
 
 @verdicts_app.command("export")
@@ -203,7 +203,7 @@ def verdicts_summary(
 
 
 # ---- ingest + stats (issue 4: store and ingest) ---------------------------------------------
-@app.command("ingest")
+@app.command("ingest", rich_help_panel="1. Data")
 def ingest_cmd(
     inputs: list[Path] = typer.Argument(..., help="Survey FITS files or folders (searched recursively)."),
     store: Path = typer.Option(..., "--store", help="Store folder; created if missing, appended to otherwise."),
@@ -310,7 +310,7 @@ def print_store_stats(store_path: Path, as_json: bool = False) -> None:
                       f"would leak {lk.get('leaked_per_spectrum_split', 0)} across splits")
 
 
-@app.command("stats")
+@app.command("stats", rich_help_panel="1. Data")
 def stats_cmd(
     store: Path = typer.Argument(..., help="Store folder written by `spectransfer ingest`."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
@@ -320,7 +320,7 @@ def stats_cmd(
 
 
 # ---- info (issue 2: survey readers) ---------------------------------------------------------
-@app.command("info")
+@app.command("info", rich_help_panel="1. Data")
 def info(
     files: list[Path] = typer.Argument(..., help="Spectrum files (FITS, .gz too) or folders searched recursively for *.fits, *.fit, *.fits.gz, *.fit.gz."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line with exactly the keys survey, format, ids, ra, dec, class, subclass, z, zwarning, n_pixels, wave_min, wave_max."),
@@ -370,7 +370,7 @@ def info(
 
 
 # ---- train (issue 5: model and training) ----------------------------------------------------
-@app.command("train")
+@app.command("train", rich_help_panel="2. Train and evaluate")
 def train_cmd(
     store: Path = typer.Option(..., "--store", help="Store folder to train on (rows with split train; val for early stopping)."),
     out: Path = typer.Option(..., "--out", help="Run folder to write (config.toml, model.safetensors, checkpoints/, metrics.jsonl, tb/)."),
@@ -420,7 +420,7 @@ def train_cmd(
 
 
 # ---- evaluate + learning-curve (issue 6; --verdicts from issue 8) ---------------------------
-@app.command("evaluate")
+@app.command("evaluate", rich_help_panel="2. Train and evaluate")
 def evaluate_cmd(
     runs: list[Path] = typer.Argument(..., help="Run folders to evaluate and compare on the same spectra (e.g. transfer, scratch, and the pretrained run as zero-shot)."),
     store: Path = typer.Option(..., "--store", help="Store whose split is scored (its grid must be the runs' grid)."),
@@ -466,7 +466,7 @@ def evaluate_cmd(
     typer.echo(f"report: {out / 'report.html'}")
 
 
-@app.command("learning-curve")
+@app.command("learning-curve", rich_help_panel="2. Train and evaluate")
 def learning_curve_cmd(
     source_run: Path = typer.Option(..., "--source-run", help="Pretrained run (e.g. on LAMOST) that the finetune cells start from."),
     store: Path = typer.Option(..., "--store", help="Store holding the target survey's train/val/test splits."),
@@ -503,7 +503,7 @@ def learning_curve_cmd(
 
 
 # ---- simulate (owner: simulate helper) --------------------------------------------------------
-@app.command("simulate")
+@app.command("simulate", rich_help_panel="1. Data")
 def simulate_cmd(
     survey: str = typer.Option(..., "--survey", help="Which survey to imitate: sdss (spec-lite files) or lamost (DR5 files)."),
     n: int = typer.Option(..., "--n", help="Number of spectrum files to write (> 0)."),
@@ -532,7 +532,7 @@ def simulate_cmd(
 
 
 # ---- discover + demo (issue 7) ----------------------------------------------------------------
-@app.command("discover")
+@app.command("discover", rich_help_panel="3. Find and confirm quasars")
 def discover_cmd(
     run: Path = typer.Argument(..., help="Run folder to score with (its calibration.json, written by evaluate, calibrates P_QSO)."),
     store: Path = typer.Option(..., "--store", help="Store whose every spectrum is scored."),
@@ -586,7 +586,7 @@ def discover_cmd(
     typer.echo(f"candidates: {res.parquet_path}")
 
 
-@app.command("demo")
+@app.command("demo", rich_help_panel="0. Start here")
 def demo_cmd(
     out: Path = typer.Option(Path("demo-output"), "--out", help="Folder for everything the demo writes (surveys/, stores/, runs/, report/, candidates.fits); a new or earlier demo folder."),
     quick: bool = typer.Option(False, "--quick", help="Small surveys and short training (about 3 minutes on 2 cores) instead of the full demo (about 15)."),
@@ -601,6 +601,12 @@ def demo_cmd(
 
 
 # ---- end of commands ------------------------------------------------------------------------
+
+
+# --help lists the commands in the order of the workflow, panel by panel.
+_ORDER = ["demo", "fetch", "info", "simulate", "ingest", "stats", "train", "evaluate", "learning-curve",
+          "discover", "inspect", "verdicts"]
+app.registered_commands.sort(key=lambda c: _ORDER.index(c.name) if c.name in _ORDER else len(_ORDER))
 
 
 def main() -> None:
