@@ -16,6 +16,7 @@ from scipy.optimize import curve_fit
 
 from spectransfer.simulate import SimulationError, simulate_survey
 from spectransfer.simulate import survey as sim_survey
+from spectransfer.simulate.plan import GALAXY_SHARE
 from spectransfer.simulate.spectra import LAMOST, SDSS
 
 REAL_SDSS = "sdss/spec-8958-57514-0135.fits"  # DR14-era eBOSS spec file (HDU1 COADD, HDU2 SPALL)
@@ -286,7 +287,7 @@ def test_class_fractions_match_what_was_asked(sdss_sim: Path) -> None:
         k = int((plan["cls"] == sim_survey.QSO).sum())
         assert abs(k - n * q) < 4 * np.sqrt(n * q * (1 - q)), (survey, k)
         g = int((plan["cls"] == sim_survey.GALAXY).sum())
-        pg = (1 - q) * sim_survey.GALAXY_SHARE[survey]
+        pg = (1 - q) * GALAXY_SHARE[survey]
         assert abs(g - n * pg) < 4 * np.sqrt(n * pg * (1 - pg))
     # Redshift ranges: quasars 0.1-5 peaking at 1.5-2.5 (SDSS), galaxies 0-0.8.
     plan = sim_survey.plan_survey("sdss", 20000, seed=4, qso_fraction=0.5)
