@@ -36,7 +36,7 @@ import pandas as pd
 
 from spectransfer.config import DEFAULT_GRID, SDSS_WAVEMAX_MIN, SDSS_WAVEMIN_MAX, Grid
 from spectransfer.errors import SpectrumError, StoreError
-from spectransfer.provenance import write_text_atomic
+from spectransfer.provenance import atomic_path, write_text_atomic
 from spectransfer.splits import SplitConfig, assign_splits
 from spectransfer.store import (
     META_COLUMNS,
@@ -384,10 +384,8 @@ def _write_part(frame: pd.DataFrame, path: Path) -> None:
         frame["row"] = -1
     frame["row"] = frame["row"].fillna(-1)
     table = pa.Table.from_pandas(conform(frame, schema), schema=schema, preserve_index=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 # ---- planning and consolidation (main process) ----------------------------------------------

@@ -10,7 +10,6 @@ several times faster than eager torch on a CPU (see bench/train.py).
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from spectransfer.provenance import atomic_path
 from spectransfer.dataset import ChunkStream, Selection
 from spectransfer.errors import EvaluateError
 from spectransfer.models import VGG1D, unwrap, load_run
@@ -33,9 +33,7 @@ def export_onnx(model: torch.nn.Module, path: str | Path, opset: int = 17) -> Pa
     path = Path(path)
     example = torch.zeros(2, cfg.in_channels, cfg.n_bins)
     names = dict(input_names=["flux"], output_names=["logit"])
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         try:
             # The TorchScript exporter takes seconds for this plain feed-forward net; the
             # torch.export one takes ~10x longer and gives the same graph.
@@ -47,10 +45,6 @@ def export_onnx(model: torch.nn.Module, path: str | Path, opset: int = 17) -> Pa
             log.info("TorchScript ONNX export unavailable (%s); using torch.export", exc)
             torch.onnx.export(net, (example,), tmp, dynamo=True,
                               dynamic_shapes=({0: torch.export.Dim("batch")},), **names)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

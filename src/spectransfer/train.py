@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from spectransfer.provenance import atomic_path, write_text_atomic
 from spectransfer import __version__
 from spectransfer.dataset import ChunkStream, Selection, select
 from spectransfer.errors import TrainError
@@ -445,14 +445,8 @@ def _checkpoint(path: Path, model: nn.Module, optimizer: Any, state: dict, world
         return
     ckpt = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "state": dict(state),
             "rng": rngs, "world_size": world, "version": __version__}
-    fd, tmp = tempfile.mkstemp(prefix="last.pt.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _write_config(out: Path, cfg: TrainConfig, p: Plan, precision: str, world: int, pos_weight: float | None, model: nn.Module) -> None:
@@ -476,9 +470,7 @@ def _write_config(out: Path, cfg: TrainConfig, p: Plan, precision: str, world: i
         "spectransfer_version": __version__,
         "torch_version": torch.__version__,
     }
-    tmp = out / "config.toml.tmp"
-    tmp.write_text(tomli_w.dumps(doc))
-    os.replace(tmp, out / "config.toml")
+    write_text_atomic(out / "config.toml", tomli_w.dumps(doc))
 
 
 def _log_metrics(out: Path, tb: Any, metrics: dict[str, Any]) -> None:
@@ -498,15 +490,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _free_port() -> int:
