@@ -53,7 +53,7 @@ def timed_discover(run: Path, store: Path, out: Path, engine: str, batch_size: i
     """Best-of-``repeat`` seconds for `discover` with ``engine`` (without the one-time ONNX
     preparation), and for its scoring loop alone (read + model, without loading the run and
     writing the catalogue: the part that grows with the survey)."""
-    from spectransfer import discover as D
+    from spectransfer.candidates import discover as D
 
     best, best_score = float("inf"), float("inf")
     res = None
@@ -75,8 +75,8 @@ def main() -> None:
 
     from sklearn.metrics import roc_auc_score
 
-    from spectransfer import discover as D
-    from spectransfer.store import open_store
+    from spectransfer.candidates import discover as D
+    from spectransfer.data.store import open_store
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

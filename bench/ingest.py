@@ -54,7 +54,7 @@ def naive_reference(files: list[Path]) -> tuple[float, float]:
 
 def run_ingest(folder: Path, store: Path, workers: int, batch_size: int) -> tuple[float, float, int, float]:
     """(end-to-end s, task-phase s, files, CPU share of the tasks' wall time) of one ingest into a fresh store."""
-    from spectransfer.ingest import ingest
+    from spectransfer.data.ingest import ingest
 
     shutil.rmtree(store, ignore_errors=True)
     t0 = time.perf_counter()
@@ -68,7 +68,7 @@ def split_cost(n: int) -> float:
     """Seconds to group n spectra into objects and split them (the metadata-only consolidation step)."""
     import pandas as pd
 
-    from spectransfer.splits import assign_splits
+    from spectransfer.data.splits import assign_splits
 
     rng = np.random.default_rng(0)
     meta = pd.DataFrame(

@@ -1,4 +1,4 @@
-"""Benchmark: spectransfer.resample vs spectres on SDSS-like spectra, measured in one run.
+"""Benchmark: spectransfer.data.resample vs spectres on SDSS-like spectra, measured in one run.
 
 spectres is timed two ways: called once per spectrum in a loop (as the paper's code does
 per file; a subset is timed and scaled to the full count) and called once on the 2-D batch
@@ -19,7 +19,7 @@ import numpy as np
 from spectres import spectres
 
 from spectransfer.config import DEFAULT_GRID
-from spectransfer.resample import resample_batch
+from spectransfer.data.resample import resample_batch
 
 
 def sdss_like(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -25,10 +25,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from spectransfer.dataset import ChunkStream, select
-from spectransfer.models import ModelConfig, build_model
-from spectransfer.score import export_onnx, onnx_session
-from spectransfer.store import write_store
+from spectransfer.ml.dataset import ChunkStream, select
+from spectransfer.ml.models import ModelConfig, build_model
+from spectransfer.ml.score import export_onnx, onnx_session
+from spectransfer.data.store import write_store
 
 BATCH = 256
 

@@ -9,7 +9,7 @@ from astropy import units as u
 from astropy.coordinates import SkyCoord, match_coordinates_sky
 from astropy.table import Table
 
-from spectransfer.catalogs import label_spectra, load_catalog
+from spectransfer.data.catalogs import label_spectra, load_catalog
 from spectransfer.errors import CatalogError
 
 ARCSEC = 1 / 3600

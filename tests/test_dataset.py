@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from spectransfer.config import Grid
-from spectransfer.dataset import ChunkStream, Selection, _round_robin_skips, make_input, select
-from spectransfer.store import write_store
+from spectransfer.ml.dataset import ChunkStream, Selection, _round_robin_skips, make_input, select
+from spectransfer.data.store import write_store
 
 
 def make_store(path: Path, n: int = 200, pos_frac: float = 0.3, chunk_rows: int = 16, seed: int = 0,
@@ -165,8 +165,8 @@ def test_memory_stays_bounded_on_a_store_larger_than_the_budget(tmp_path):
     big.to_parquet(path / "meta.parquet")
     code = textwrap.dedent(f"""
         import resource
-        from spectransfer.store import open_store
-        from spectransfer.dataset import ChunkStream, select
+        from spectransfer.data.store import open_store
+        from spectransfer.ml.dataset import ChunkStream, select
         s = open_store({str(path)!r})
         stream = ChunkStream(s.flux, select(s, split="train"), batch_size=256, buffer_chunks=4)
         n = sum(len(r) for _, _, r in stream.loader(0))

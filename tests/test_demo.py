@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spectransfer.discover import CATEGORIES, QUALITY_BITS
+from spectransfer.candidates.discover import CATEGORIES, QUALITY_BITS
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_candidates_cover_every_store_spectrum_once(demo: dict) -> None:
     import fitsio
     from astropy.table import Table
 
-    from spectransfer.store import open_store
+    from spectransfer.data.store import open_store
 
     out = demo["out"]
     meta = open_store(out / "stores" / "sdss").meta
@@ -73,7 +73,7 @@ def test_candidates_cover_every_store_spectrum_once(demo: dict) -> None:
         assert key in h, key
     assert h["EXTNAME"].strip() == "CANDIDATES"
     assert h["STOREID"] == open_store(out / "stores" / "sdss").info["store_id"]
-    from spectransfer.models import load_run
+    from spectransfer.ml.models import load_run
 
     assert h["MODELSHA"] == load_run(out / "runs" / "finetune")[1].sha256
     assert h["GRIDN"] == 2048 and h["CALIBR"] is True
@@ -82,7 +82,7 @@ def test_candidates_cover_every_store_spectrum_once(demo: dict) -> None:
 def test_categories_follow_probability_threshold_and_catalogue(demo: dict) -> None:
     from astropy.io import fits
 
-    from spectransfer.store import open_store
+    from spectransfer.data.store import open_store
 
     out = demo["out"]
     cand = pd.read_parquet(out / "candidates.parquet")
@@ -109,8 +109,8 @@ def test_categories_follow_probability_threshold_and_catalogue(demo: dict) -> No
 
 def test_int8_catalogue_agrees_with_fp32_torch(demo: dict) -> None:
     """The demo scores with the int8 engine; torch fp32 must put (nearly) every spectrum on the same side."""
-    from spectransfer.score import score_store
-    from spectransfer.store import open_store
+    from spectransfer.ml.score import score_store
+    from spectransfer.data.store import open_store
 
     out = demo["out"]
     cand = pd.read_parquet(out / "candidates.parquet")

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from spectransfer.config import Grid
-from spectransfer.discover import (
+from spectransfer.candidates.discover import (
     CATEGORIES,
     QUALITY_BITS,
     categorise,
@@ -95,7 +95,7 @@ def _spectra(rng: np.random.Generator, n: int, grid: Grid = GRID) -> np.ndarray:
 
 
 def _store(path: Path, n: int = 300, seed: int = 0, chunk_rows: int = 64, grid: Grid = GRID):
-    from spectransfer.store import write_store
+    from spectransfer.data.store import write_store
 
     rng = np.random.default_rng(seed)
     label = (rng.random(n) < 0.3).astype(np.int8)
@@ -119,7 +119,7 @@ def _store(path: Path, n: int = 300, seed: int = 0, chunk_rows: int = 64, grid: 
 def _run(path: Path, seed: int = 0, temperature: float | None = None, grid: Grid = GRID) -> Path:
     import torch
 
-    from spectransfer.models import ModelConfig, build_model, save_weights
+    from spectransfer.ml.models import ModelConfig, build_model, save_weights
 
     torch.manual_seed(seed)
     model = build_model(ModelConfig(name="vgg-a", n_bins=grid.n_bins))
@@ -138,8 +138,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def _torch_logits(run: Path, store_path: Path) -> np.ndarray:
-    from spectransfer.score import score_store
-    from spectransfer.store import open_store
+    from spectransfer.ml.score import score_store
+    from spectransfer.data.store import open_store
 
     st = open_store(store_path)
     return np.asarray(score_store(run, st, st.rows(), engine="torch"), dtype=np.float64)
@@ -179,8 +179,8 @@ def test_catalogue_has_every_spectrum_calibrated_probabilities_and_provenance(ti
         h = hdul["CANDIDATES"].header
         for key in ("STVER", "DEPNAM00", "DEPVER00", "MODELSHA", "THRESH", "STOREID", "GRIDN", "GRIDMIN", "GRIDMAX", "DATE", "TEMPER"):
             assert key in h, key
-        from spectransfer.models import load_run
-        from spectransfer.store import open_store
+        from spectransfer.ml.models import load_run
+        from spectransfer.data.store import open_store
 
         assert h["MODELSHA"] == load_run(tiny["run"])[1].sha256
         assert h["STOREID"] == open_store(tiny["store"]).info["store_id"]
@@ -251,7 +251,7 @@ def test_cli_prints_summary_and_refuses_bad_input(tiny: dict, tmp_path: Path) ->
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
     other = _run(tmp_path / "wide", seed=1)
     (other / "model.safetensors").unlink()
-    from spectransfer.models import ModelConfig, build_model, save_weights
+    from spectransfer.ml.models import ModelConfig, build_model, save_weights
 
     save_weights(build_model(ModelConfig(n_bins=256)), other / "model.safetensors", Grid(n_bins=256), mode="scratch")
     r = _cli("discover", str(other), "--store", str(tiny["store"]), "--out", str(out), "--quiet")
@@ -302,7 +302,7 @@ def test_discover_resumes_after_sigkill(tmp_path: Path) -> None:
 
 
 def open_meta(store: Path) -> pd.DataFrame:
-    from spectransfer.store import open_store
+    from spectransfer.data.store import open_store
 
     return open_store(store).meta
 

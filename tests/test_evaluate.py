@@ -15,7 +15,7 @@ import pytest
 from scipy import stats
 from sklearn import metrics as skm
 
-from spectransfer import evaluate as E
+from spectransfer.evaluation import runner as E
 from spectransfer.errors import EvaluateError
 
 
@@ -275,7 +275,7 @@ def test_evaluate_predictions_writes_predictions_and_calibration(tmp_path: Path)
 # ---- end to end through the CLI on a tiny store ------------------------------------------------
 
 def _tiny_store(path: Path, grid, n: int = 120, seed: int = 0):
-    from spectransfer.store import write_store
+    from spectransfer.data.store import write_store
 
     rng = np.random.default_rng(seed)
     y = (rng.random(n) < 0.4).astype(np.int8)
@@ -291,7 +291,7 @@ def _tiny_store(path: Path, grid, n: int = 120, seed: int = 0):
 def _untrained_run(path: Path, grid, seed: int = 0) -> Path:
     import torch
 
-    from spectransfer.models import ModelConfig, build_model, save_weights
+    from spectransfer.ml.models import ModelConfig, build_model, save_weights
 
     torch.manual_seed(seed)
     model = build_model(ModelConfig(name="vgg-a", n_bins=grid.n_bins))
@@ -304,10 +304,10 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_evaluate_end_to_end(tmp_path: Path) -> None:
-    pytest.importorskip("spectransfer.score")
+    pytest.importorskip("spectransfer.ml.score")
     from spectransfer.config import Grid
-    from spectransfer.score import score_store
-    from spectransfer.store import open_store
+    from spectransfer.ml.score import score_store
+    from spectransfer.data.store import open_store
 
     grid = Grid(n_bins=128)
     _tiny_store(tmp_path / "store", grid)
@@ -346,7 +346,7 @@ def test_cli_refuses_a_run_on_another_grid(tmp_path: Path) -> None:
 
 def test_cli_refuses_an_empty_split(tmp_path: Path) -> None:
     from spectransfer.config import Grid
-    from spectransfer.store import write_store
+    from spectransfer.data.store import write_store
 
     grid = Grid(n_bins=128)
     meta = pd.DataFrame({"spectrum_id": ["x1", "x2"], "survey": "sdss", "label": [0, 1], "split": ["train", "val"], "object_id": ["o1", "o2"]})

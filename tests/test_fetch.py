@@ -27,7 +27,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 from spectransfer.errors import FetchError
-from spectransfer.fetch import (
+from spectransfer.data.fetch import (
     CATALOGS,
     _signature_problem,
     catalog_items,

@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 from spectransfer.cli import app
 from spectransfer.config import DEFAULT_GRID
 from spectransfer.errors import StoreError
-from spectransfer.ingest import DELAY_ENV, ingest
-from spectransfer.store import open_store
+from spectransfer.data.ingest import DELAY_ENV, ingest
+from spectransfer.data.store import open_store
 
 RM_EPOCHS = ("spec-1325-52762-0133.fits", "spec-6717-56397-0534.fits", "spec-7338-57859-0739.fits", "spec-7340-57576-0740.fits")
 ZWARNING_FILES = {"spSpec-51630-0266-633.fit", "spSpec-51630-0266-637.fit", "spSpec-51630-0266-638.fit", "spec-7457-56746-0001.fits"}
@@ -290,8 +290,8 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
 def test_shared_log_grid_window_matches_per_file_resampling(shared_data: Path) -> None:
     """The batch path (spectra placed on one 1e-4 log-lambda window) equals per-file resampling
     up to the float32 rounding of the files' own wavelengths (< 0.5% of the flux scale)."""
-    from spectransfer.ingest import _aligned_index, resample_records
-    from spectransfer.resample import resample_batch
+    from spectransfer.data.ingest import _aligned_index, resample_records
+    from spectransfer.data.resample import resample_batch
     from spectransfer.surveys import read_spectrum
 
     recs = [read_spectrum(p) for p in sorted((shared_data / "sdss").glob("spec-*.fits"))]
@@ -314,7 +314,7 @@ def test_shared_log_grid_window_matches_per_file_resampling(shared_data: Path) -
 
 
 def test_quality_cuts_and_their_reasons() -> None:
-    from spectransfer.ingest import IngestOptions, quality_failure, reason_kind
+    from spectransfer.data.ingest import IngestOptions, quality_failure, reason_kind
     from spectransfer.surveys import SpectrumRecord
 
     def rec(survey: str, wmin: float, wmax: float, zwarning: int | None = 0) -> SpectrumRecord:

@@ -20,7 +20,7 @@ from spectransfer.config import DEFAULT_GRID
 from spectransfer.inspect import InspectError
 from spectransfer.inspect.app import MAX_POINTS, create_app, downsample, load_candidates
 from spectransfer.inspect.server import check_bind, running_server
-from spectransfer.store import open_store, write_store
+from spectransfer.data.store import open_store, write_store
 
 REAL_SDSS = "sdss/spec-3851-55302-0530.fits"  # BOSS quasar, z = 2.70, 4603 pixels
 CATEGORIES = ["new_candidate", "missed_by_model", "agree_qso", "agree_other"]

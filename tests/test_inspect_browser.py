@@ -10,7 +10,7 @@ import pytest
 
 from spectransfer.inspect.app import create_app
 from spectransfer.inspect.server import running_server
-from spectransfer.store import open_store
+from spectransfer.data.store import open_store
 
 from test_inspect_api import REAL_SDSS, build_inputs
 

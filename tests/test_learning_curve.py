@@ -13,7 +13,7 @@ import pytest
 
 from spectransfer.config import Grid
 from spectransfer.errors import EvaluateError
-from spectransfer.learning_curve import parse_fractions, summarise
+from spectransfer.evaluation.learning_curve import parse_fractions, summarise
 
 GRID = Grid(n_bins=64)
 
@@ -39,7 +39,7 @@ def test_summary_mean_and_sample_std() -> None:
 
 
 def _store(path: Path) -> None:
-    from spectransfer.store import write_store
+    from spectransfer.data.store import write_store
 
     rng = np.random.default_rng(0)
     n = 240
@@ -58,7 +58,7 @@ def _store(path: Path) -> None:
 def _source_run(path: Path) -> Path:
     import torch
 
-    from spectransfer.models import ModelConfig, build_model, save_weights
+    from spectransfer.ml.models import ModelConfig, build_model, save_weights
 
     torch.manual_seed(0)
     save_weights(build_model(ModelConfig(n_bins=GRID.n_bins)), path / "model.safetensors", GRID, mode="pretrain")

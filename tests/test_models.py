@@ -11,8 +11,8 @@ from torch import nn
 
 from spectransfer.config import DEFAULT_GRID, Grid
 from spectransfer.errors import EvaluateError, TrainError
-from spectransfer.models import MODEL_NAMES, ModelConfig, build_model, count_parameters, load_run, read_weights, save_weights
-from spectransfer.score import score_store
+from spectransfer.ml.models import MODEL_NAMES, ModelConfig, build_model, count_parameters, load_run, read_weights, save_weights
+from spectransfer.ml.score import score_store
 from test_dataset import make_store
 
 

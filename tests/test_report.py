@@ -9,15 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spectransfer import evaluate as E
+from spectransfer.evaluation import runner as E
 from spectransfer.config import Grid
-from spectransfer.report import QSO_LINES, write_report
+from spectransfer.evaluation.report import QSO_LINES, write_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 
 
 def _report(tmp_path: Path) -> Path:
-    from spectransfer.store import open_store, write_store
+    from spectransfer.data.store import open_store, write_store
 
     grid = Grid(n_bins=256)
     rng = np.random.default_rng(0)

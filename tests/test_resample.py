@@ -13,7 +13,7 @@ from spectres import spectres
 from spectres.spectral_resampling import make_bins
 
 from spectransfer.config import DEFAULT_GRID, Grid
-from spectransfer.resample import normalise, overlap_matrix, pixel_edges, resample_batch, resample_record
+from spectransfer.data.resample import normalise, overlap_matrix, pixel_edges, resample_batch, resample_record
 from spectransfer.surveys.base import SpectrumRecord
 
 

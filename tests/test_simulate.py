@@ -111,7 +111,7 @@ def test_lamost_files_have_the_dr5_image_layout_of_a_real_file(lamost_sim: Path,
 
 
 def test_files_read_back_with_the_package_readers(sdss_sim: Path, lamost_sim: Path) -> None:
-    from spectransfer.ingest import spectrum_id
+    from spectransfer.data.ingest import spectrum_id
     from spectransfer.surveys import read_spectrum
 
     for root in (sdss_sim, lamost_sim):
@@ -134,7 +134,7 @@ def test_files_read_back_with_the_package_readers(sdss_sim: Path, lamost_sim: Pa
 
 
 def test_catalogues_have_real_columns_and_load_with_the_catalogue_reader(sdss_sim: Path, lamost_sim: Path) -> None:
-    from spectransfer.catalogs import load_catalog
+    from spectransfer.data.catalogs import load_catalog
 
     t = _truth(sdss_sim)
     with fits.open(sdss_sim / "DR16Q-like_quasar_catalog.fits") as h:

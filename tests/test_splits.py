@@ -10,7 +10,7 @@ from astropy.coordinates import SkyCoord, search_around_sky
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from spectransfer.splits import SplitConfig, assign_splits, group_objects, leakage_report
+from spectransfer.data.splits import SplitConfig, assign_splits, group_objects, leakage_report
 
 
 def _sky(n_objects: int, seed: int, max_repeats: int = 4, jitter_arcsec: float = 0.25) -> pd.DataFrame:
@@ -136,7 +136,7 @@ def test_leakage_report_counts_by_brute_force() -> None:
     cfg = SplitConfig()
     rep = leakage_report(out, cfg)
     # Recompute the per-spectrum split with the same hash and count by hand.
-    from spectransfer.splits import _split_by_fraction, unit_hash
+    from spectransfer.data.splits import _split_by_fraction, unit_hash
 
     per = _split_by_fraction(unit_hash(list(out["spectrum_id"]), cfg.seed, salt="spectrum"), 0.1, 0.1)
     leaked = 0

@@ -12,7 +12,7 @@ import zarr
 
 from spectransfer.config import DEFAULT_GRID
 from spectransfer.errors import StoreError
-from spectransfer.store import META_COLUMNS, create_store, open_store, store_stats, write_store
+from spectransfer.data.store import META_COLUMNS, create_store, open_store, store_stats, write_store
 
 
 def _arrays(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from spectransfer.config import Grid
 from spectransfer.errors import TrainError
-from spectransfer.models import load_run, read_weights
-from spectransfer.train import TrainConfig, train
+from spectransfer.ml.models import load_run, read_weights
+from spectransfer.ml.train import TrainConfig, train
 from test_dataset import make_store
 
 ROOT = Path(__file__).resolve().parents[1]

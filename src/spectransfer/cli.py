@@ -70,7 +70,7 @@ _FETCH_QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 
 
 def _fetch_run(items: list, dest: Path, jobs: int, retries: int, timeout: float, backoff: float, checksums: Optional[Path], quick_skip: bool, quiet: bool) -> None:
-    from spectransfer.fetch import fetch
+    from spectransfer.data.fetch import fetch
 
     summary = fetch(items, dest, jobs=jobs, retries=retries, timeout=timeout, backoff=backoff, checksums=checksums, quick_skip=quick_skip, quiet=quiet)
     typer.echo(summary.line())
@@ -93,7 +93,7 @@ def fetch_sdss(
     quiet: bool = _FETCH_QUIET,
 ) -> None:
     """Fetch SDSS spec-lite files (spec-PLATE-MJD-FIBER.fits) listed in a table. Exit 1 if any failed."""
-    from spectransfer.fetch import sdss_items
+    from spectransfer.data.fetch import sdss_items
 
     _fetch_run(sdss_items(list_path, release=release, base_url=base_url), dest, jobs, retries, timeout, backoff, checksums, quick_skip, quiet)
 
@@ -114,7 +114,7 @@ def fetch_lamost(
     quiet: bool = _FETCH_QUIET,
 ) -> None:
     """Fetch LAMOST low-resolution spectra by obsid. Exit 1 if any failed."""
-    from spectransfer.fetch import lamost_items
+    from spectransfer.data.fetch import lamost_items
 
     _fetch_run(lamost_items(list_path, base_url=base_url, token=token), dest, jobs, retries, timeout, backoff, checksums, quick_skip, quiet)
 
@@ -131,7 +131,7 @@ def fetch_catalog(
     quiet: bool = _FETCH_QUIET,
 ) -> None:
     """Fetch a quasar or spectroscopic catalogue (large: DR16Q ~1.7 GB, specObj-dr16 several GB; resumable)."""
-    from spectransfer.fetch import catalog_items
+    from spectransfer.data.fetch import catalog_items
 
     _fetch_run(catalog_items(name.lower(), base_url=base_url), dest, 1, retries, timeout, backoff, checksums, False, quiet)
 
@@ -155,7 +155,7 @@ def inspect_cmd(
     table = load_candidates(candidates)
     opened = None
     if store is not None:
-        from spectransfer.store import open_store
+        from spectransfer.data.store import open_store
 
         opened = open_store(store)
     db_path = db if db is not None else candidates.parent / "verdicts.sqlite"
@@ -225,9 +225,9 @@ def ingest_cmd(
     """Read survey files, filter, label, resample and append them to a store (Dask, resumable)."""
     import json as _json
 
-    from spectransfer.ingest import ingest as run_ingest
-    from spectransfer.splits import SplitConfig
-    from spectransfer.store import open_store
+    from spectransfer.data.ingest import ingest as run_ingest
+    from spectransfer.data.splits import SplitConfig
+    from spectransfer.data.store import open_store
 
     split_config = None
     overrides = {k: v for k, v in dict(seed=split_seed, val_fraction=val_fraction, test_fraction=test_fraction, val_size=val_size, test_size=test_size).items() if v is not None}
@@ -282,7 +282,7 @@ def print_store_stats(store_path: Path, as_json: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from spectransfer.store import open_store, store_stats
+    from spectransfer.data.store import open_store, store_stats
 
     st = store_stats(open_store(store_path))
     if as_json:
@@ -401,7 +401,7 @@ def train_cmd(
     """Train the 1-D VGG on a store: pretrain, fine-tune (--init) or the scratch baseline."""
     import os
 
-    from spectransfer.train import TrainConfig, train
+    from spectransfer.ml.train import TrainConfig, train
 
     if input_ not in ("flux", "flux+ivar"):
         fail(f"--input must be flux or flux+ivar, got {input_!r}")
@@ -440,7 +440,7 @@ def evaluate_cmd(
 ) -> None:
     """Score runs on a split: metrics with intervals, calibration, breakdowns, paired tests, HTML report."""
     from spectransfer.errors import EvaluateError
-    from spectransfer.evaluate import evaluate_runs
+    from spectransfer.evaluation.runner import evaluate_runs
 
     if split not in ("train", "val", "test"):
         raise EvaluateError(f"--split must be train, val or test, got {split!r}")
@@ -486,7 +486,7 @@ def learning_curve_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Fine-tune vs scratch on growing fractions of the labels: test F1 / PR AUC vs number of labels."""
-    from spectransfer.learning_curve import parse_fractions, run_learning_curve
+    from spectransfer.evaluation.learning_curve import parse_fractions, run_learning_curve
 
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
     opts = {"max_epochs": max_epochs, "max_steps": max_steps, "eval_every": eval_every, "patience": patience,
@@ -551,7 +551,7 @@ def discover_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from spectransfer.discover import CATEGORIES, discover
+    from spectransfer.candidates.discover import CATEGORIES, discover
 
     if engine not in ("torch", "onnx", "onnx-int8"):
         fail(f"--engine must be torch, onnx or onnx-int8, got {engine!r}")

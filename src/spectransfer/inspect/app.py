@@ -403,7 +403,7 @@ def create_app(
 def _quality_bits() -> dict[str, int]:
     """Names of the QUALITY bits `discover` sets, so the page can spell them out."""
     try:
-        from spectransfer.discover import QUALITY_BITS
+        from spectransfer.candidates.discover import QUALITY_BITS
     except Exception:  # discover unavailable: the page shows the raw number
         return {}
     return {str(k): int(v) for k, v in QUALITY_BITS.items()}

@@ -250,7 +250,7 @@ def relative_path(survey: str, f: dict[str, np.ndarray], i: int) -> str:
 
 
 def spectrum_id(survey: str, f: dict[str, np.ndarray], i: int) -> str:
-    """The store's ``spectrum_id`` of the file (same zero padding as `spectransfer.ingest`)."""
+    """The store's ``spectrum_id`` of the file (same zero padding as `spectransfer.data.ingest`)."""
     if survey == "sdss":
         return f"sdss-{int(f['plate'][i]):04d}-{int(f['mjd'][i]):05d}-{int(f['fiberid'][i]):04d}"
     return f"lamost-{int(f['lmjd'][i])}-{f['planid'][i]}-{int(f['spid'][i]):02d}-{int(f['fiberid'][i]):03d}"

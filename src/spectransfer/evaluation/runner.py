@@ -925,7 +925,7 @@ def _meta_for(store: Any, rows: np.ndarray) -> pd.DataFrame:
 
 def check_run_matches_store(run_dir: Path, store: Any) -> dict[str, Any]:
     """Load the run's description and refuse it when its grid differs from the store's."""
-    from spectransfer.models import load_run
+    from spectransfer.ml.models import load_run
 
     try:
         _model, info = load_run(run_dir)
@@ -971,7 +971,7 @@ def evaluate_runs(
 ) -> dict[str, Any]:
     """Score every run on ``split`` of the store and write metrics.json, predictions and report.html."""
     from spectransfer.progress import progress_bar
-    from spectransfer.store import open_store
+    from spectransfer.data.store import open_store
 
     if not run_dirs:
         raise EvaluateError("give at least one run folder")
@@ -998,7 +998,7 @@ def evaluate_runs(
         if not Path(r).is_dir():
             raise EvaluateError(f"{r}: run folder not found")
         infos.append(check_run_matches_store(Path(r), store))
-    from spectransfer.score import score_store
+    from spectransfer.ml.score import score_store
 
     scored: list[RunScores] = []
     total = len(run_dirs) * (rows.size + val_rows.size)
@@ -1022,7 +1022,7 @@ def evaluate_runs(
     )
     atomic_write_text(out / "metrics.json", json.dumps(doc, indent=2) + "\n")
     if write_report:
-        from spectransfer.report import write_report as _write_report
+        from spectransfer.evaluation.report import write_report as _write_report
 
         lc = None
         if learning_curve_dir is not None:

@@ -293,9 +293,9 @@ def write_store(
 
     ``meta`` needs one row per array row; missing contract columns are filled with nulls,
     ``row`` with 0..N-1, ``spectrum_id`` with ``"row-i"``, ``label``/``label_source`` with
-    0/'none', and ``object_id``/``split`` by the object-level split of :mod:`spectransfer.splits`.
+    0/'none', and ``object_id``/``split`` by the object-level split of :mod:`spectransfer.data.splits`.
     """
-    from spectransfer.splits import SplitConfig, assign_splits
+    from spectransfer.data.splits import SplitConfig, assign_splits
 
     flux = np.asarray(flux, dtype=np.float32)
     ivar = np.asarray(ivar, dtype=np.float32)

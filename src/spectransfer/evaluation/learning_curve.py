@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from spectransfer.errors import EvaluateError, TrainError
-from spectransfer.evaluate import ranking_metrics, sigmoid, threshold_metrics
+from spectransfer.evaluation.runner import ranking_metrics, sigmoid, threshold_metrics
 from spectransfer.provenance import atomic_path, dependency_versions, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def cell_name(mode: str, fraction: float, seed: int) -> str:
 
 
 def _test_metrics(run_dir: Path, store: Any, rows: np.ndarray, labels: np.ndarray, batch_size: int, engine: str) -> dict[str, Any]:
-    from spectransfer.score import score_store
+    from spectransfer.ml.score import score_store
 
     logits = np.asarray(score_store(run_dir, store, rows, batch_size=batch_size, engine=engine), dtype=np.float64)
     p = sigmoid(logits)
@@ -94,11 +94,11 @@ def run_learning_curve(
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Train and score every (mode, fraction, seed) cell not yet done; write DIR/learning_curve.json + .png."""
-    from spectransfer.dataset import select
+    from spectransfer.ml.dataset import select
     from spectransfer.progress import progress_bar
-    from spectransfer.report import figure_png, plot_learning_curve
-    from spectransfer.store import open_store
-    from spectransfer.train import TrainConfig, train
+    from spectransfer.evaluation.report import figure_png, plot_learning_curve
+    from spectransfer.data.store import open_store
+    from spectransfer.ml.train import TrainConfig, train
 
     out = Path(out_dir)
     source = Path(source_run)
@@ -111,7 +111,7 @@ def run_learning_curve(
         raise EvaluateError(f"{source}: not a run folder (no model.safetensors)")
     store = open_store(store_path)
     if "finetune" in modes:
-        from spectransfer.evaluate import check_run_matches_store
+        from spectransfer.evaluation.runner import check_run_matches_store
 
         check_run_matches_store(source, store)
     test_rows = np.asarray(store.rows(survey=survey, split="test"), dtype=np.int64)

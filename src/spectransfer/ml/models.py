@@ -46,7 +46,7 @@ class ModelConfig:
     """Everything needed to rebuild a network: its VGG name, input length and channels.
 
     ``in_channels`` is 1 for the paper's input (normalised flux only); 2 adds a second
-    channel derived from the inverse variance (see ``spectransfer.dataset.make_input``).
+    channel derived from the inverse variance (see ``spectransfer.ml.dataset.make_input``).
     """
 
     name: str = "vgg-a"

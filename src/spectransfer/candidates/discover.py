@@ -185,7 +185,7 @@ def read_block(store: Any, rows: np.ndarray, in_channels: int = 1) -> np.ndarray
 
 def _read_rows(flux: Any, ivar: Any, rows: np.ndarray, in_channels: int) -> np.ndarray:
     # ``flux``/``ivar`` are the opened zarr arrays: opening them costs far more than a chunk read.
-    from spectransfer.dataset import make_input
+    from spectransfer.ml.dataset import make_input
 
     rows = np.asarray(rows, dtype=np.int64)
     chunk = int(flux.chunks[0])
@@ -206,7 +206,7 @@ def build_scorer(spec: EngineSpec) -> Callable[[np.ndarray], np.ndarray]:
     if spec.engine == "torch":
         import torch
 
-        from spectransfer.models import load_run
+        from spectransfer.ml.models import load_run
 
         torch.set_num_threads(spec.threads)
         model, _info = load_run(spec.run_dir)
@@ -217,7 +217,7 @@ def build_scorer(spec: EngineSpec) -> Callable[[np.ndarray], np.ndarray]:
 
         return run_torch
     if spec.engine in ("onnx", "onnx-int8"):
-        from spectransfer.score import onnx_session
+        from spectransfer.ml.score import onnx_session
 
         if spec.onnx_path is None or not Path(spec.onnx_path).is_file():
             raise EvaluateError(f"engine {spec.engine}: prepared ONNX file {spec.onnx_path} is missing")
@@ -250,8 +250,8 @@ def prepare_onnx(run_dir: str | Path, engine: str, target: str | Path, store: An
     quantised, -0.001 without, on a simulated survey); so does the 1024 -> 1 output layer.
     Both are ~0.2% of the network's multiply-adds.
     """
-    from spectransfer.models import load_run
-    from spectransfer.score import export_onnx
+    from spectransfer.ml.models import load_run
+    from spectransfer.ml.score import export_onnx
 
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -322,7 +322,7 @@ _SCORERS: dict[EngineSpec, Callable[[np.ndarray], np.ndarray]] = {}
 
 def _score_block(spec: EngineSpec, store_path: str, rows: np.ndarray, out_file: str, batch_size: int) -> int:
     """Score one block of rows and save its logits atomically; the scorer is cached per process."""
-    from spectransfer.store import open_store
+    from spectransfer.data.store import open_store
 
     scorer = _SCORERS.get(spec)
     if scorer is None:
@@ -410,8 +410,8 @@ def discover(
         raise EvaluateError(f"--workers must be >= 0, got {workers}")
     if workers and scheduler:
         raise EvaluateError("give --workers or --scheduler, not both")
-    from spectransfer.models import load_run  # torch: imported once the arguments are known good
-    from spectransfer.store import open_store
+    from spectransfer.ml.models import load_run  # torch: imported once the arguments are known good
+    from spectransfer.data.store import open_store
 
     store = open_store(store_path)
     model, info = load_run(run_dir)

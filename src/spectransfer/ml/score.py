@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from spectransfer.provenance import atomic_path
-from spectransfer.dataset import ChunkStream, Selection
+from spectransfer.ml.dataset import ChunkStream, Selection
 from spectransfer.errors import EvaluateError
-from spectransfer.models import VGG1D, unwrap, load_run
+from spectransfer.ml.models import VGG1D, unwrap, load_run
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def score_store(
     ``run_or_model`` is a run folder or a network; ``store`` a Store or its path. ``progress``
     is an optional object with ``advance(n)`` (a ``progress_bar``) told of every batch.
     """
-    from spectransfer.store import Store, open_store
+    from spectransfer.data.store import Store, open_store
 
     if engine not in ("torch", "onnx"):
         raise EvaluateError(f"engine must be torch or onnx, got {engine!r}")

@@ -71,7 +71,7 @@ def _thin(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def plot_roc_pr(curves: dict[str, tuple[np.ndarray, np.ndarray]], doc: dict[str, Any]) -> Any:
     """ROC (left) and precision-recall (right) curves of every run, overlaid."""
-    from spectransfer.evaluate import pr_curve_points, roc_curve_points
+    from spectransfer.evaluation.runner import pr_curve_points, roc_curve_points
 
     plt = _plt()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.6))

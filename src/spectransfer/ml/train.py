@@ -35,9 +35,9 @@ from torch import nn
 
 from spectransfer.provenance import atomic_path, write_text_atomic
 from spectransfer import __version__
-from spectransfer.dataset import ChunkStream, Selection, select
+from spectransfer.ml.dataset import ChunkStream, Selection, select
 from spectransfer.errors import TrainError
-from spectransfer.models import ModelConfig, build_model, count_parameters, load_run, save_weights, unwrap
+from spectransfer.ml.models import ModelConfig, build_model, count_parameters, load_run, save_weights, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class Plan:
 
 def plan(cfg: TrainConfig) -> Plan:
     """Open the store and check everything a run needs; TrainError names what is wrong."""
-    from spectransfer.store import open_store
+    from spectransfer.data.store import open_store
 
     if cfg.mode not in MODES:
         raise TrainError(f"--mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
@@ -238,7 +238,7 @@ def _run(cfg: TrainConfig, resume: bool, quiet: bool, checked: Plan | None = Non
         torch.manual_seed(cfg.seed)
         model = build_model(p.model_config)
         if p.init_weights is not None:
-            from spectransfer.models import read_weights
+            from spectransfer.ml.models import read_weights
 
             model.load_state_dict(read_weights(p.init_weights)[0])
         if cfg.mode == "freeze-conv":

@@ -37,8 +37,8 @@ import pandas as pd
 from spectransfer.config import DEFAULT_GRID, SDSS_WAVEMAX_MIN, SDSS_WAVEMIN_MAX, Grid
 from spectransfer.errors import SpectrumError, StoreError
 from spectransfer.provenance import atomic_path, write_text_atomic
-from spectransfer.splits import SplitConfig, assign_splits
-from spectransfer.store import (
+from spectransfer.data.splits import SplitConfig, assign_splits
+from spectransfer.data.store import (
     META_COLUMNS,
     META_SCHEMA,
     REJECTED_SCHEMA,
@@ -206,7 +206,7 @@ def process_batch(task: dict[str, Any]) -> dict[str, Any]:
     Never raises for a bad file: each one becomes a rejected record with a reason. Returns
     counts for the progress bar.
     """
-    from spectransfer.resample import normalise
+    from spectransfer.data.resample import normalise
     from spectransfer.surveys import read_spectrum
 
     t0 = time.perf_counter()
@@ -320,7 +320,7 @@ def _aligned_index(wave: np.ndarray) -> int | None:
 
 def resample_records(recs: list[Any], grid: Grid = DEFAULT_GRID) -> tuple[np.ndarray, np.ndarray]:
     """Resample records onto ``grid``: log-grid ones through one shared window, others one by one."""
-    from spectransfer.resample import resample_batch
+    from spectransfer.data.resample import resample_batch
 
     n = len(recs)
     out_f = np.zeros((n, grid.n_bins))
@@ -354,7 +354,7 @@ def resample_records(recs: list[Any], grid: Grid = DEFAULT_GRID) -> tuple[np.nda
 
 
 def _resample_one_by_one(good: list, records: list, grid: Grid) -> tuple:
-    from spectransfer.resample import normalise, resample_batch
+    from spectransfer.data.resample import normalise, resample_batch
 
     kept, fs, ivs = [], [], []
     for base, rec in good:
@@ -526,7 +526,7 @@ def _label(meta: pd.DataFrame, catalog_paths: list[str]) -> pd.DataFrame:
         meta["catalog_name"] = None
         meta["catalog_z"] = np.nan
         return meta
-    from spectransfer.catalogs import label_spectra, load_catalog
+    from spectransfer.data.catalogs import label_spectra, load_catalog
 
     cats = [load_catalog(p) for p in catalog_paths]
     base = meta.drop(columns=[c for c in ("label", "label_source", "catalog_name", "catalog_z") if c in meta.columns])

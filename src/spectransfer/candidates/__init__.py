@@ -1,0 +1,1 @@
+"""Candidate catalogues: scoring whole surveys (discover) and single files (classify)."""

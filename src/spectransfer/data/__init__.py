@@ -1,0 +1,1 @@
+"""Survey data: catalogues, resampling, the store, splits, ingest and fetch."""

@@ -1,0 +1,1 @@
+"""Honest evaluation: metrics, the runner that scores runs, the report, learning curves."""

@@ -1,0 +1,1 @@
+"""The network: model, streaming dataset, training and scoring."""
