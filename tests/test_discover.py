@@ -297,7 +297,9 @@ def test_discover_resumes_after_sigkill(tmp_path: Path) -> None:
     got = pd.read_parquet(out.with_suffix(".parquet"))
     assert got["SPECTRUM_ID"].is_unique and len(got) == 800
     assert sorted(got["SPECTRUM_ID"]) == sorted(open_meta(store)["spectrum_id"])
-    pd.testing.assert_frame_equal(got, ref)
+    # the killed run scores with --threads 1, the reference with the default threads: oneDNN's
+    # AVX-512 kernels sum in another order, so logits near 0 differ in the 7th decimal
+    pd.testing.assert_frame_equal(got, ref, check_exact=False, atol=1e-6)
     assert not parts.exists()
 
 
