@@ -349,14 +349,15 @@ def stats_cmd(
 @app.command("info", rich_help_panel="1. Data")
 def info(
     files: list[Path] = typer.Argument(..., help="Spectrum files (FITS, .gz too) or folders searched recursively for *.fits, *.fit, *.fits.gz, *.fit.gz."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per line with exactly the keys survey, format, ids, ra, dec, class, subclass, z, zwarning, n_pixels, wave_min, wave_max."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line with the keys survey, format, ids, ra, dec, class, subclass, z, zwarning, n_pixels, wave_min, wave_max and cuts ({pass, reason}: whether `ingest` would keep it)."),
 ) -> None:
-    """Describe survey spectrum files: one line per file.
+    """Describe survey spectrum files: one line per file, ending with whether ingest's quality cuts keep it and why not.
 
     A file that cannot be used (not FITS, truncated, missing column, no finite flux, all-zero ivar, unknown format) is reported on stderr as 'error: FILE: reason' and the rest are still shown, so stdout holds only the good files' lines (valid JSON lines with --json). Exit code 1 when any file failed.
     """
     import json
 
+    from spectransfer.data.ingest import passes_cuts
     from spectransfer.errors import SpectrumError
     from spectransfer.surveys import read_spectrum
     from spectransfer.surveys.base import SPECTRUM_SUFFIXES
@@ -374,13 +375,15 @@ def info(
             targets.append(p)  # a missing file is reported as a failed file below
     for path in targets:
         try:
-            summary = read_spectrum(path).summary()
+            rec = read_spectrum(path)
+            summary = rec.summary()
         except SpectrumError as exc:
             n_failed += 1
             typer.echo(f"error: {exc}", err=True)
             continue
+        ok, why = passes_cuts(rec)
         if as_json:
-            typer.echo(json.dumps(summary))
+            typer.echo(json.dumps({**summary, "cuts": {"pass": ok, "reason": why}}))
         else:
             ids = " ".join(f"{k}={v}" for k, v in summary["ids"].items())
             z = "None" if summary["z"] is None else f"{summary['z']:.5f}"
@@ -389,7 +392,8 @@ def info(
             typer.echo(
                 f"{path}: {summary['survey']} {summary['format']} {ids} ra={ra} dec={dec} "
                 f"class={summary['class']} subclass={summary['subclass']} z={z} zwarning={summary['zwarning']} "
-                f"n_pixels={summary['n_pixels']} wave={summary['wave_min']:.1f}-{summary['wave_max']:.1f} A"
+                f"n_pixels={summary['n_pixels']} wave={summary['wave_min']:.1f}-{summary['wave_max']:.1f} A "
+                f"cuts: {why}"
             )
     if n_failed:
         raise typer.Exit(1)

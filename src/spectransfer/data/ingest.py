@@ -173,6 +173,18 @@ def quality_failure(rec: Any, options: IngestOptions, grid: Grid = DEFAULT_GRID)
     return None
 
 
+def passes_cuts(rec: Any, options: IngestOptions | None = None, grid: Grid = DEFAULT_GRID) -> tuple[bool, str]:
+    """(passes, why) for one record under the ingest cuts: :func:`quality_failure` itself, plus the
+    coverage it judged (pipeline WAVEMIN/WAVEMAX where stated, else the pixels with data), so
+    ``info`` and ``ingest`` can never disagree."""
+    failure = quality_failure(rec, options or IngestOptions(), grid)
+    wmin, wmax = _coverage(rec)
+    cov = f"data cover {wmin:.1f}-{wmax:.1f} A"
+    if failure is None:
+        return True, f"passes; {cov}"
+    return False, f"{failure}; {cov}"
+
+
 def _meta_row(rec: Any, snr: float) -> dict[str, Any]:
     ids = rec.ids or {}
     extra = rec.extra or {}
