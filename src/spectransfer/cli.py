@@ -175,12 +175,13 @@ app.add_typer(verdicts_app, name="verdicts", rich_help_panel="3. Find and confir
 @verdicts_app.command("export")
 def verdicts_export(
     db: Path = typer.Option(..., "--db", help="Verdict database written by `spectransfer inspect`."),
-    out: Path = typer.Option(..., "--out", help="FITS file to write (EXTNAME VERDICTS); written to a temporary name, then renamed."),
+    out: Path = typer.Option(..., "--out", help="Table to write, in the format its name says: .fits (EXTNAME VERDICTS), .parquet, .csv (ECSV: units and provenance in '#' lines) or .vot; written to a temporary name, then renamed."),
+    candidates: Optional[Path] = typer.Option(None, "--candidates", help="Candidates table from `discover` (FITS or Parquet): adds each spectrum's RA, DEC, P_QSO and CATEGORY."),
 ) -> None:
-    """Write every verdict (one row per spectrum and inspector) as a FITS table."""
-    from spectransfer.inspect.verdicts import export_fits
+    """Write every verdict (one row per spectrum and inspector) as a table with units, descriptions and provenance."""
+    from spectransfer.inspect.verdicts import export_table
 
-    n = export_fits(db, out)
+    n = export_table(db, out, candidates=candidates)
     typer.echo(f"wrote {n} verdicts to {out}")
 
 
