@@ -487,3 +487,14 @@ def test_no_usable_spectrum_is_an_error_and_a_new_store_is_removed(shared_data: 
     with pytest.raises(StoreError, match="none of the 4 spectrum files"):
         ingest([bad], tmp_path / "s", workers=0, quiet=True)
     assert len(open_store(tmp_path / "s").meta) == 1
+
+
+def test_label_mode_of_stores_written_in_one_go(tmp_path: Path) -> None:
+    from spectransfer.data.store import label_mode, write_store
+
+    n = DEFAULT_GRID.n_bins
+    flux = np.zeros((3, n), dtype=np.float32)
+    meta = pd.DataFrame({"survey": "sdss", "ra": [1.0, 2.0, 3.0], "dec": [0.0, 0.0, 0.0]})
+    assert label_mode(write_store(tmp_path / "a", flux, flux, meta)) == "none"
+    assert label_mode(write_store(tmp_path / "b", flux, flux, meta.assign(label=[1, 0, 0], label_source=["id", "none", "none"]))) == "catalog"
+    assert label_mode(write_store(tmp_path / "c", flux, flux, meta.assign(label=[1, 0, 0], label_source="pipeline"))) == "pipeline"

@@ -345,6 +345,8 @@ def write_store(
     write_table(meta, store.path / "meta.parquet", META_SCHEMA)
     write_table(pd.DataFrame(), store.path / "rejected.parquet", REJECTED_SCHEMA)
     store.info["splits"] = report
+    sources = set(meta["label_source"].dropna().astype(str))
+    store.info["labels"] = {"mode": "pipeline" if "pipeline" in sources else "catalog" if (meta["label"] == 1).any() else "none"}
     store.save_info()
     store.reload()
     return store
