@@ -59,8 +59,9 @@ def dr14q(tmp_path):
 
 @pytest.fixture()
 def dr16q(tmp_path):
+    """DR16Q-like: SOURCE_Z and IS_QSO_FINAL as in DR16Q_v4 (every row of the quasar catalogue is 1)."""
     t = Table({"RA": [15.0, 200.0], "DEC": [10.0, 45.0], "PLATE": [3851, 8000], "MJD": [55302, 57000],
-               "FIBERID": [530, 100], "Z": [2.7012, 0.3]})
+               "FIBERID": [530, 100], "Z": [2.7012, 0.3], "SOURCE_Z": ["VI", "PIPE"], "IS_QSO_FINAL": np.array([1, 1], dtype=np.int16)})
     path = tmp_path / "DR16Q_v4.fits"
     t.write(path)
     return path
@@ -144,9 +145,9 @@ def test_lamost_obsid_then_lmjd_key_then_position(lamost_q):
 def test_lamost_csv_with_lmjd_and_lower_case_aliases(tmp_path):
     path = tmp_path / "dr1q.csv"
     pd.DataFrame({"obsid": [0], "lmjd": [55862], "planid": ["B6212"], "spid": [6], "fiberid": [3],
-                  "ra": [99.5], "dec": [27.3], "z": [0.5]}).to_csv(path, index=False)
+                  "ra": [99.5], "dec": [27.3], "z_vi": [0.5]}).to_csv(path, index=False)
     cat = load_catalog(path)
-    assert cat.kind == "lamost" and not cat.notes
+    assert cat.kind == "lamost" and not cat.notes and cat.rule == "quasar catalogue"
     meta = _meta([{"survey": "lamost", "lmjd": 55862, "planid": "B6212", "spid": 6, "fiberid": 3, "ra": 0.0, "dec": 0.0},
                   {"survey": "sdss", "plate": 55862, "mjd": 6, "fiberid": 3, "ra": 0.0, "dec": 0.0}])
     out = label_spectra(meta, [cat])
@@ -162,7 +163,7 @@ def test_sdss_ids_do_not_match_lamost_spectra(dr16q):
 def test_positional_fallback_radius(tmp_path, ra, dec):
     path = tmp_path / "q.fits"
     Table({"RA": [ra], "DEC": [dec], "PLATE": [1], "MJD": [2], "FIBERID": [3], "Z": [2.0]}).write(path)
-    cat = load_catalog(path)
+    cat = load_catalog(path, all_quasars=True)
     inside = _offset(ra, dec, 1.4, pa_deg=100)
     outside = _offset(ra, dec, 1.6, pa_deg=250)
     meta = _meta([{"survey": "sdss", "plate": 9, "mjd": 9, "fiberid": 9, "ra": inside[0], "dec": inside[1]},
@@ -184,7 +185,7 @@ def test_positional_matches_agree_with_astropy_at_scale(tmp_path):
     path = tmp_path / "q.fits"
     Table({"RA": ra_c, "DEC": dec_c, "PLATE": np.arange(n_cat) + 1, "MJD": np.full(n_cat, 55000), "FIBERID": np.full(n_cat, 1),
            "Z": rng.uniform(0, 4, n_cat)}).write(path)
-    cat = load_catalog(path)
+    cat = load_catalog(path, all_quasars=True)
     # Half the spectra sit 0-3 arcsec from a catalogue quasar, half at random places; a tenth
     # of the near ones carry the quasar's own ids.
     near = rng.integers(0, n_cat, n_spec // 2)
@@ -214,30 +215,94 @@ def test_positional_matches_agree_with_astropy_at_scale(tmp_path):
 
 def test_real_catalogue_files(shared_data):
     cats = shared_data / "catalogs"
-    # An SDSS SkyServer row (astroquery test data): SDSS ids, case-insensitive 'fiberID'.
+    # An SDSS SkyServer row (astroquery test data): SDSS ids, case-insensitive 'fiberID', and
+    # the DR7 numeric specClass (3 = QSO) that says the row is a quasar.
     xid = load_catalog(cats / "astroquery_sdss_xid.csv")
     assert xid.kind == "sdss" and xid.keys[["plate", "mjd", "fiberid"]].iloc[0].tolist() == [751, 52251, 160]
-    # LAMOST emission-line candidates: ids only in the file names (spec-LMJD-PLANID_spSS-FFF).
-    cand = load_catalog(cats / "spectraml_candidates-catalogue.csv")
-    assert cand.kind == "lamost" and len(cand) == 10
+    assert xid.rule == "class column" and xid.class_counts == {"QSO": 1} and len(xid) == 1
+    # LAMOST emission-line candidates: ids only in the file names (spec-LMJD-PLANID_spSS-FFF),
+    # and nothing says they are quasars (they are emission-line stars): refused unless vouched for.
+    with pytest.raises(CatalogError, match="candidates-catalogue.csv: cannot tell which rows are quasars.*--qso-catalog"):
+        load_catalog(cats / "spectraml_candidates-catalogue.csv")
+    cand = load_catalog(cats / "spectraml_candidates-catalogue.csv", all_quasars=True)
+    assert cand.kind == "lamost" and len(cand) == 10 and cand.rule == "all rows (asked)"
     assert cand.keys.iloc[0][["lmjd", "planid", "spid", "fiberid"]].tolist() == [55960, "GAC_101N09_V2", 10, 57]
-    # Hou et al. list: designation and position only. Not recognised as a quasar catalogue
-    # (its objects are HII regions and other emission-line sources) unless asked for.
-    with pytest.raises(CatalogError, match="hou-catalogue.csv.*kind='positions'"):
-        load_catalog(cats / "spectraml_hou-catalogue.csv")
-    hou = load_catalog(cats / "spectraml_hou-catalogue.csv", kind="positions")
-    assert hou.kind == "positions" and len(hou) == 10 and hou.objects["z"].isna().all()
+    # Hou et al. list: position only, with its objtype columns: ten HII regions, no quasar.
+    hou = load_catalog(cats / "spectraml_hou-catalogue.csv")
     table = pd.read_csv(cats / "spectraml_hou-catalogue.csv")
+    assert hou.kind == "positions" and len(hou) == 0 and hou.rows == len(table) == 10
+    assert hou.class_counts == table["objtype_Hou"].value_counts().to_dict() == {"HII-region": 10}
+    hou_all = load_catalog(cats / "spectraml_hou-catalogue.csv", kind="positions", all_quasars=True)
+    assert len(hou_all) == 10 and hou_all.objects["z"].isna().all()
     ra, dec = _offset(table["ra"][3], table["dec"][3], 0.5)
     meta = _meta([
         {"survey": "sdss", "plate": 751, "mjd": 52251, "fiberid": 160, "ra": 0.0, "dec": 0.0},
         {"survey": "lamost", "lmjd": 55960, "planid": "GAC_101N09_V2", "spid": 10, "fiberid": 57, "ra": 0.0, "dec": 0.0},
         {"survey": "lamost", "lmjd": 1, "planid": "P", "spid": 1, "fiberid": 1, "ra": ra, "dec": dec},
     ])
-    out = label_spectra(meta, [xid, cand, hou])
+    assert label_spectra(meta, [xid, cand, hou])["label_source"].tolist() == ["id", "id", "none"]
+    out = label_spectra(meta, [xid, cand, hou_all])
     assert out["label_source"].tolist() == ["id", "id", "position"]
     assert out["catalog_name"].tolist() == ["astroquery_sdss_xid.csv", "spectraml_candidates-catalogue.csv", "spectraml_hou-catalogue.csv"]
     assert out["catalog_z"].iloc[0] == pytest.approx(0.04541)
+
+
+def _specobj_table(shared_data) -> Table:
+    """A specObj-style table (PLATE, MJD, FIBERID, RA, DEC, CLASS, Z) built from the real files' own HDU2 rows."""
+    from astropy.io import fits
+
+    rows = []
+    for path in sorted((shared_data / "sdss").glob("spec-*.fits")):
+        with fits.open(path) as hdul:
+            r = hdul[2].data[0]
+            rows.append((int(r["PLATE"]), int(r["MJD"]), int(r["FIBERID"]), float(r["PLUG_RA"]), float(r["PLUG_DEC"]),
+                         str(r["CLASS"]).strip(), float(r["Z"])))
+    return Table(rows=rows, names=["PLATE", "MJD", "FIBERID", "RA", "DEC", "CLASS", "Z"])
+
+
+@pytest.mark.parametrize("ext", ["fits", "csv"])
+def test_specobj_table_labels_only_its_qso_rows(shared_data, tmp_path, ext):
+    t = _specobj_table(shared_data)
+    path = tmp_path / f"specObj-excerpt.{ext}"
+    t.write(path)
+    cat = load_catalog(path)
+    classes = list(t["CLASS"])
+    assert cat.rule == "class column" and cat.rows == len(t)
+    assert cat.class_counts == {c: classes.count(c) for c in set(classes)}
+    assert {"GALAXY", "STAR", "QSO"} <= set(classes)
+    assert len(cat) == classes.count("QSO")
+    meta = _meta([{"survey": "sdss", "plate": int(r["PLATE"]), "mjd": int(r["MJD"]), "fiberid": int(r["FIBERID"]),
+                   "ra": float(r["RA"]), "dec": float(r["DEC"])} for r in t])
+    out = label_spectra(meta, [cat])
+    assert out["label"].tolist() == [int(c == "QSO") for c in classes]
+
+
+def test_table_without_a_class_column_is_refused_unless_vouched_for(tmp_path):
+    path = tmp_path / "my_list.fits"
+    Table({"RA": [1.0, 2.0], "DEC": [3.0, 4.0], "PLATE": [1, 2], "MJD": [55000, 55001], "FIBERID": [1, 2]}).write(path)
+    with pytest.raises(CatalogError, match="my_list.fits: cannot tell which rows are quasars.*--qso-catalog"):
+        load_catalog(path)
+    assert len(load_catalog(path, all_quasars=True)) == 2
+
+
+def test_dr16q_superset_keeps_is_qso_final_1_and_ignores_class_person(tmp_path):
+    path = tmp_path / "DR16Q_Superset_v3.fits"
+    Table({"RA": [1.0, 2.0, 3.0], "DEC": [0.0] * 3, "PLATE": [1, 2, 3], "MJD": [55000] * 3, "FIBERID": [1, 2, 3],
+           "Z": [1.0, 2.0, 0.1], "CLASS_PERSON": np.array([3, -1, 4], dtype=np.int16),
+           "IS_QSO_FINAL": np.array([1, 1, -1], dtype=np.int16)}).write(path)
+    cat = load_catalog(path)
+    assert cat.rule == "is_qso_final" and len(cat) == 2 and cat.keys["plate"].tolist() == [1, 2]
+    assert cat.class_counts == {"IS_QSO_FINAL=1": 2, "IS_QSO_FINAL=-1": 1}
+
+
+def test_simulated_catalogues_are_recognised_as_quasar_catalogues(tmp_path):
+    from spectransfer.simulate import simulate_survey
+
+    for survey in ("sdss", "lamost"):
+        res = simulate_survey(survey, 40, tmp_path / survey, seed=1, qso_fraction=0.5)
+        cat = load_catalog(res.catalog)
+        assert cat.kind == survey and cat.rule in ("quasar catalogue", "is_qso_final")
+        assert len(cat) > 0 and len(cat) == cat.rows
 
 
 def test_bad_catalogues_raise_catalog_error_naming_the_file(tmp_path):
@@ -253,6 +318,10 @@ def test_bad_catalogues_raise_catalog_error_naming_the_file(tmp_path):
         load_catalog(no_ra)
     no_ids = tmp_path / "no_ids.csv"
     pd.DataFrame({"ra": [1.0], "dec": [2.0], "z": [1.0]}).to_csv(no_ids, index=False)
+    numeric = tmp_path / "numeric.csv"
+    pd.DataFrame({"ra": [1.0], "dec": [2.0], "plate": [1], "mjd": [2], "fiberid": [3], "class": [7]}).to_csv(numeric, index=False)
+    with pytest.raises(CatalogError, match="numeric.csv: class column 'class' is numeric"):
+        load_catalog(numeric)
     with pytest.raises(CatalogError, match="no_ids.csv.*not a recognised quasar catalogue"):
         load_catalog(no_ids)
     with pytest.raises(CatalogError, match="no_ids.csv.*lacks id column"):

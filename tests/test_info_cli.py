@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from spectransfer.cli import app
 from spectransfer.surveys import read_spectrum
 
-KEYS = ["survey", "format", "ids", "ra", "dec", "class", "subclass", "z", "zwarning", "n_pixels", "wave_min", "wave_max"]
+KEYS = ["survey", "format", "ids", "ra", "dec", "class", "subclass", "z", "zwarning", "n_pixels", "wave_min", "wave_max", "cuts"]
 
 
 def _real_files(shared_data: Path) -> list[Path]:
@@ -83,3 +83,32 @@ def test_info_entry_point(shared_data: Path, tmp_path: Path) -> None:
     obj = json.loads(proc.stdout)
     assert obj["format"] == "sdss-spspec" and obj["class"] == "QSO" and obj["z"] == pytest.approx(2.2319)
     assert "missing.fits" in proc.stderr and "cannot open" in proc.stderr
+
+
+def test_info_and_ingest_agree_on_the_cuts_of_every_real_file(shared_data: Path, tmp_path: Path) -> None:
+    """info's verdict per file is ingest's: kept files land in meta, the others carry the same reason."""
+    from spectransfer.data.ingest import ingest
+    from spectransfer.data.store import open_store
+
+    files = _real_files(shared_data)
+    result = CliRunner().invoke(app, ["info", "--json", *map(str, files)])
+    assert result.exit_code == 0, result.stderr
+    cuts = {str(p.resolve()): json.loads(line)["cuts"] for p, line in zip(files, result.stdout.splitlines())}
+    ingest([str(p) for p in files], tmp_path / "store", workers=0, quiet=True)
+    store = open_store(tmp_path / "store")
+    kept = set(store.meta["source_file"])
+    reasons = dict(zip(store.rejected["source_file"], store.rejected["reason"]))
+    assert kept | set(reasons) == set(cuts)
+    for path, c in cuts.items():
+        assert c["pass"] == (path in kept), (path, c)
+        if not c["pass"]:
+            assert c["reason"].split("; data cover")[0] == reasons[path]
+    # The LAMOST files whose first pixels carry no data fail on coverage, and info says so.
+    lamost_fail = [c["reason"] for p, c in cuts.items() if "/lamost/" in p and not c["pass"]]
+    assert lamost_fail and all(r.startswith("fails filter: wavemin") for r in lamost_fail)
+
+
+def test_info_human_line_ends_with_the_cuts(shared_data: Path) -> None:
+    path = shared_data / "sdss" / "spec-7457-56746-0001.fits"  # ZWARNING 5
+    result = CliRunner().invoke(app, ["info", str(path)])
+    assert result.stdout.rstrip().endswith("A") and "cuts: fails filter: zwarning=5; data cover " in result.stdout

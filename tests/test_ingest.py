@@ -374,3 +374,127 @@ def test_catalogue_beside_the_spectra_is_not_rejected_as_a_spectrum(tmp_path: Pa
     labelled = set(store.meta.loc[store.meta["label"] == 1, "spectrum_id"])
     in_cat = set(truth.loc[truth["in_catalog"], "spectrum_id"])
     assert labelled and labelled <= in_cat
+
+
+def _specobj(shared_data: Path, path: Path) -> Path:
+    """A specObj-style table (PLATE, MJD, FIBERID, RA, DEC, CLASS, Z) from the real spec files' own HDU2 rows."""
+    from astropy.table import Table
+
+    rows = []
+    for f in sorted((shared_data / "sdss").glob("spec-*.fits")):
+        with fits.open(f) as hdul:
+            r = hdul[2].data[0]
+            rows.append((int(r["PLATE"]), int(r["MJD"]), int(r["FIBERID"]), float(r["PLUG_RA"]), float(r["PLUG_DEC"]), str(r["CLASS"]).strip(), float(r["Z"])))
+    Table(rows=rows, names=["PLATE", "MJD", "FIBERID", "RA", "DEC", "CLASS", "Z"]).write(path)
+    return path
+
+
+def test_specobj_catalogue_labels_only_its_qso_rows_and_says_how_many_of_each(shared_data: Path, tmp_path: Path) -> None:
+    from astropy.table import Table
+
+    cat = _specobj(shared_data, tmp_path / "specObj-excerpt.fits")
+    res = CliRunner().invoke(app, ["ingest", str(shared_data / "sdss"), "--store", str(tmp_path / "s"), "--catalog", str(cat), "--workers", "0", "-q"])
+    assert res.exit_code == 0, res.output
+    meta = open_store(tmp_path / "s").meta
+    assert (meta["label"] == 1).sum() > 0 and (meta["pipeline_class"] != "QSO").sum() > 0
+    by_id = meta[meta["label_source"] == "id"]
+    assert np.array_equal(meta["label"].to_numpy() == 1, (meta["label_source"] == "id").to_numpy())
+    assert set(by_id["pipeline_class"]) == {"QSO"}  # the GALAXY and STAR rows of the table label nothing
+    t = Table.read(cat)
+    counts = {c: list(t["CLASS"]).count(c) for c in set(t["CLASS"])}
+    assert f"specObj-excerpt.fits: {len(t)} rows, {counts['QSO']} quasars (class column: " in res.output
+    assert all(f"{c} {n}" in res.output for c, n in counts.items())
+    info = open_store(tmp_path / "s").info["labels"]
+    assert info["mode"] == "catalog" and info["catalogs"][0]["class_counts"] == counts
+
+
+def test_table_that_cannot_say_which_rows_are_quasars_is_refused_and_leaves_no_store(shared_data: Path, tmp_path: Path) -> None:
+    cand = shared_data / "catalogs" / "spectraml_candidates-catalogue.csv"  # emission-line stars, no class column
+    proc = subprocess.run([sys.executable, "-m", "spectransfer", "ingest", str(shared_data / "lamost"), "--store", str(tmp_path / "s"),
+                           "--catalog", str(cand), "--workers", "0", "-q"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert "cannot tell which rows are quasars" in proc.stderr and "--qso-catalog" in proc.stderr
+    assert not (tmp_path / "s").exists()
+    summary = ingest([shared_data / "lamost"], tmp_path / "s", qso_catalogs=[cand], workers=0, quiet=True)
+    assert summary.labels["catalogs"][0]["rule"] == "all rows (asked)"
+    assert open_store(tmp_path / "s").info["qso_catalogs"] == [str(cand.resolve())]
+
+
+def test_labels_pipeline_labels_by_the_survey_class(shared_data: Path, tmp_path: Path) -> None:
+    from spectransfer.data.store import LABEL_REFERENCE, label_mode
+
+    names = ["spec-0266-51602-0013.fits", "spec-0752-52251-0323.fits", "spec-3851-55302-0531.fits", "spec-3851-55302-0542.fits", "spec-4055-55359-0027.fits"]
+    folder = _copy(shared_data, tmp_path / "in", names)
+    summary = ingest([folder], tmp_path / "s", labels="pipeline", workers=0, quiet=True)
+    store = open_store(tmp_path / "s")
+    assert set(store.meta["pipeline_class"]) == {"QSO", "GALAXY", "STAR"}
+    assert store.meta["label"].tolist() == [int(c == "QSO") for c in store.meta["pipeline_class"]]
+    assert set(store.meta["label_source"]) == {"pipeline"}
+    assert summary.labels == {"mode": "pipeline", "quasars": 2, "class_counts": {"GALAXY": 2, "QSO": 2, "STAR": 1}}
+    assert label_mode(store) == "pipeline" and "pipeline" in LABEL_REFERENCE["pipeline"]
+    ingest([folder], tmp_path / "s", workers=0, quiet=True)  # no --labels: the store's mode stays
+    assert label_mode(open_store(tmp_path / "s")) == "pipeline"
+    ingest([folder], tmp_path / "s", labels="catalog", workers=0, quiet=True)  # no catalogue: no labels, and it says so
+    store = open_store(tmp_path / "s")
+    assert label_mode(store) == "none" and store.meta["label"].sum() == 0
+    with pytest.raises(StoreError, match="--labels must be"):
+        ingest([folder], tmp_path / "s", labels="truth", workers=0, quiet=True)
+
+
+def test_changing_split_settings_needs_resplit(shared_data: Path, tmp_path: Path) -> None:
+    from spectransfer.data.splits import SplitConfig
+
+    folder = _copy(shared_data, tmp_path / "in", [f.name for f in sorted((shared_data / "sdss").glob("spec-*.fits"))[:8]])
+    ingest([folder], tmp_path / "s", workers=0, quiet=True)
+    before = open_store(tmp_path / "s").meta.set_index("spectrum_id")["split"]
+    with pytest.raises(StoreError, match=r"split settings differ.*val_fraction 0.1 -> 0.3.*--resplit"):
+        ingest([folder], tmp_path / "s", split_config=SplitConfig(val_fraction=0.3), workers=0, quiet=True)
+    assert open_store(tmp_path / "s").meta.set_index("spectrum_id")["split"].equals(before)
+    res = CliRunner().invoke(app, ["ingest", str(folder), "--store", str(tmp_path / "s"), "--workers", "0", "--val-fraction", "0.3", "-q"])
+    assert res.exit_code != 0
+    summary = ingest([folder], tmp_path / "s", split_config=SplitConfig(val_fraction=0.3), resplit=True, workers=0, quiet=True)
+    after = open_store(tmp_path / "s").meta.set_index("spectrum_id")["split"]
+    assert summary.resplit_moved == int((after.reindex(before.index) != before).sum())
+    assert open_store(tmp_path / "s").info["splits"]["config"]["val_fraction"] == 0.3
+
+
+def test_small_store_warns_of_an_empty_split_and_names_the_option(shared_data: Path, tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["ingest", str(shared_data / "sdss"), "--store", str(tmp_path / "s"), "--workers", "0", "-q"])
+    assert res.exit_code == 0, res.output
+    warn = [line for line in res.stderr.splitlines() if line.startswith("warning: sdss: split")]
+    assert len(warn) == 1 and "is empty" in warn[0] and "--resplit --val-fraction" in warn[0]
+    fraction = warn[0].split("--val-fraction ")[1].split()[0].rstrip(",")
+    res = CliRunner().invoke(app, ["ingest", str(shared_data / "sdss"), "--store", str(tmp_path / "s"), "--workers", "0", "-q",
+                                   "--resplit", "--val-fraction", fraction])
+    assert res.exit_code == 0 and "warning: sdss: split" not in res.stderr
+    assert {"train", "val", "test"} <= set(open_store(tmp_path / "s").meta["split"])
+
+
+def test_no_usable_spectrum_is_an_error_and_a_new_store_is_removed(shared_data: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(3):
+        (bad / f"spec-{i}.fits").write_bytes(b"not a fits file\n" * 10)
+    shutil.copy2(shared_data / "sdss" / "spec-7457-56746-0001.fits", bad)  # readable, but ZWARNING 5
+    proc = subprocess.run([sys.executable, "-m", "spectransfer", "ingest", str(bad), "--store", str(tmp_path / "s"), "--workers", "0", "-q"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert "none of the 4 spectrum files read could be used (unreadable 3, fails filter: zwarning 1)" in proc.stderr
+    assert not (tmp_path / "s").exists()
+    # Into an existing store: an error too, but the store and its spectra stay.
+    good = _copy(shared_data, tmp_path / "good", ["spec-0266-51602-0013.fits"])
+    ingest([good], tmp_path / "s", workers=0, quiet=True)
+    with pytest.raises(StoreError, match="none of the 4 spectrum files"):
+        ingest([bad], tmp_path / "s", workers=0, quiet=True)
+    assert len(open_store(tmp_path / "s").meta) == 1
+
+
+def test_label_mode_of_stores_written_in_one_go(tmp_path: Path) -> None:
+    from spectransfer.data.store import label_mode, write_store
+
+    n = DEFAULT_GRID.n_bins
+    flux = np.zeros((3, n), dtype=np.float32)
+    meta = pd.DataFrame({"survey": "sdss", "ra": [1.0, 2.0, 3.0], "dec": [0.0, 0.0, 0.0]})
+    assert label_mode(write_store(tmp_path / "a", flux, flux, meta)) == "none"
+    assert label_mode(write_store(tmp_path / "b", flux, flux, meta.assign(label=[1, 0, 0], label_source=["id", "none", "none"]))) == "catalog"
+    assert label_mode(write_store(tmp_path / "c", flux, flux, meta.assign(label=[1, 0, 0], label_source="pipeline"))) == "pipeline"

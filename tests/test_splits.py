@@ -150,3 +150,38 @@ def test_leakage_report_counts_by_brute_force() -> None:
     assert rep["leaked_per_spectrum_split"] == leaked
     assert rep["eval_spectra_with_train_twin"] == twins
     assert rep["repeat_spectra"] == int((out.groupby("object_id")["spectrum_id"].transform("size") > 1).sum())
+
+
+def _suggested(warning: str, option: str) -> float | None:
+    if option not in warning:
+        return None
+    return float(warning.split(option + " ")[1].split()[0].rstrip(","))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_twenty_spectra_empty_split_warning_names_the_option_that_fills_it(seed: int) -> None:
+    meta = _sky(20, seed=seed, max_repeats=1)
+    cfg = SplitConfig(seed=seed, val_fraction=0.01, test_fraction=0.01)
+    out, report = assign_splits(meta, cfg)
+    empty = [s for s in ("train", "val", "test") if s not in set(out["split"])]
+    warnings = report.get("warnings", [])
+    if not empty:
+        assert warnings == []
+        return
+    assert len(warnings) == 1 and warnings[0].startswith("sdss: split ")
+    assert all(s in warnings[0].split(" is")[0].split(" are")[0] for s in empty) and "--resplit" in warnings[0]
+    fixed = SplitConfig(seed=seed, val_fraction=_suggested(warnings[0], "--val-fraction") or cfg.val_fraction,
+                        test_fraction=_suggested(warnings[0], "--test-fraction") or cfg.test_fraction)
+    out2, report2 = assign_splits(meta, fixed)
+    assert set(out2["split"]) == {"train", "val", "test"} and "warnings" not in report2
+    # The suggestion is the smallest 0.01 step that does it: one step less leaves a split empty.
+    for name in ("val_fraction", "test_fraction"):
+        if getattr(fixed, name) != getattr(cfg, name):
+            less = SplitConfig(**{**fixed.to_dict(), name: round(getattr(fixed, name) - 0.01, 6)})
+            assert "warnings" in assign_splits(meta, less)[1]
+
+
+def test_fewer_than_three_objects_cannot_fill_three_splits() -> None:
+    meta = _sky(2, seed=0, max_repeats=1)
+    _, report = assign_splits(meta, SplitConfig())
+    assert len(report["warnings"]) == 1 and "at least 3 objects" in report["warnings"][0]

@@ -445,3 +445,33 @@ def test_damaged_bytes_give_spectrum_error_or_a_record(shared_data: Path, tmp_pa
             assert np.all(np.isfinite(rec.flux)) and np.all(rec.ivar >= 0)
             outcomes.add("read")
     assert "error" in outcomes
+
+
+def test_to_specutils_units_uncertainty_and_masked_pixels() -> None:
+    specutils = pytest.importorskip("specutils")
+    from astropy import units as u
+    from astropy.nddata import InverseVariance
+
+    spectrum_cls = getattr(specutils, "Spectrum", None) or specutils.Spectrum1D
+    sdss = SHARED_DATA / "sdss" / "spec-3851-55302-0530.fits"
+    rec = read_spectrum(sdss)
+    spec = rec.to_specutils()
+    assert isinstance(spec, spectrum_cls) and isinstance(spec.uncertainty, InverseVariance)
+    assert spec.flux.unit == u.Unit("1e-17 erg / (s cm2 Angstrom)") and spec.spectral_axis.unit == u.AA
+    assert spec.uncertainty.unit == spec.flux.unit**-2
+    with fits.open(sdss) as hdul:  # the file itself, read by astropy, is the reference
+        coadd = hdul[1].data
+        np.testing.assert_allclose(spec.spectral_axis.value, 10.0 ** coadd["loglam"].astype(np.float64), rtol=1e-7)
+        np.testing.assert_allclose(spec.flux.value, coadd["flux"], rtol=1e-6)
+        np.testing.assert_allclose(spec.uncertainty.array, coadd["ivar"], rtol=1e-6)
+        no_data = coadd["ivar"] == 0
+    assert spec.mask.dtype == bool and spec.mask[no_data].all()  # True = bad, specutils' convention
+    assert np.array_equal(spec.mask, (rec.mask != 0) | (rec.ivar <= 0)) and 0 < spec.mask.sum() < spec.mask.size
+    assert spec.meta["ids"] == {"plate": 3851, "mjd": 55302, "fiberid": 530}
+
+    lamost = SHARED_DATA / "lamost" / "spec-55859-F5902_sp01-001_dr7.fits.gz"  # rows flux, ivar, wavelength, ...
+    lspec = read_spectrum(lamost).to_specutils()
+    assert lspec.flux.unit == u.dimensionless_unscaled  # LAMOST flux is relative
+    with fits.open(lamost) as hdul:
+        np.testing.assert_allclose(lspec.spectral_axis.value, hdul[0].data[2].astype(np.float64), rtol=1e-7)
+        assert lspec.mask[hdul[0].data[1] == 0].all()

@@ -8,10 +8,11 @@ import sys
 
 import numpy as np
 import pytest
-from astropy.io import fits
+from astropy.io import fits, votable
+from astropy.table import Table
 
 from spectransfer.inspect import InspectError
-from spectransfer.inspect.verdicts import VerdictDB, export_fits
+from spectransfer.inspect.verdicts import VerdictDB, export_fits, export_table
 
 
 def dump(path) -> list[tuple]:
@@ -150,3 +151,94 @@ def test_cli_verdicts_export_and_error_line(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "none.sqlite" in bad.stderr
     assert not (tmp_path / "x.fits").exists()
+
+
+@pytest.fixture()
+def db_and_candidates(tmp_path):
+    db = VerdictDB(tmp_path / "v.sqlite")
+    db.record("sdss-0266-51602-0001", "qso", "ann", z=2.25)
+    db.record("lamost-55859-F5902-01-001", "not_qso", "zoë")
+    db.record("not-a-candidate", "unsure", "bob")
+    cand = Table({"SPECTRUM_ID": ["lamost-55859-F5902-01-001", "sdss-0266-51602-0001", "sdss-9999-99999-0001"],
+                  "RA": [332.2022, 146.71420, 1.0], "DEC": [-2.0568, -1.04128, 2.0],
+                  "P_QSO": np.array([0.1, 0.93, 0.5], dtype="f4"), "CATEGORY": ["agree_other", "new_candidate", "agree_other"]})
+    cand.meta["EXTNAME"] = "CANDIDATES"
+    path = tmp_path / "candidates.fits"
+    cand.write(path)
+    return tmp_path / "v.sqlite", path
+
+
+def _read_back(out):
+    """The exported table through astropy, and (unit, description) per column from the file's own metadata."""
+    if out.suffix == ".fits":
+        t = Table.read(out, hdu="VERDICTS")
+        h = fits.getheader(out, "VERDICTS")
+        n = h["TFIELDS"]
+        docs = {h[f"TTYPE{i}"]: (h.get(f"TUNIT{i}"), h.get(f"TCOMM{i}")) for i in range(1, n + 1)}
+        meta = dict(h)
+    elif out.suffix == ".vot":
+        t = Table.read(out)
+        docs = {c: (None if t[c].unit is None else str(t[c].unit), t[c].description) for c in t.colnames}
+        meta = {i.name: i.value for i in votable.parse(out).get_first_table().infos}
+    else:
+        t = Table.read(out, format="ascii.ecsv") if out.suffix == ".csv" else Table.read(out)
+        docs = {c: (None if t[c].unit is None else str(t[c].unit), t[c].description) for c in t.colnames}
+        meta = dict(t.meta)
+    return t, docs, meta
+
+
+@pytest.mark.parametrize("ext", ["fits", "parquet", "csv", "vot"])
+def test_export_each_format_round_trips_with_units_descriptions_and_candidates(db_and_candidates, tmp_path, ext):
+    db, cand = db_and_candidates
+    out = tmp_path / f"verdicts.{ext}"
+    assert export_table(db, out, candidates=cand) == 3
+    if ext == "csv":
+        assert out.read_text().startswith("# %ECSV")  # a CSV with its metadata in '#' lines
+    if ext == "parquet":
+        import pyarrow.parquet as pq
+
+        assert pq.read_table(out).num_rows == 3
+    t, docs, meta = _read_back(out)
+    assert t.colnames == ["SPECTRUM_ID", "VERDICT", "Z", "INSPECTOR", "CREATED_AT", "RA", "DEC", "P_QSO", "CATEGORY"]
+    assert all(doc for _, doc in docs.values())  # a description (TCOMMn) on every column
+    assert docs["RA"][0] == docs["DEC"][0] == "deg"
+    assert meta["NVERDICT"] in (3, "3") and meta["SRCCAND"] == "candidates.fits" and meta["STVER"]
+    assert any(k.startswith("DEPNAM") for k in meta)
+    ref = Table.read(cand)
+    by_id = {str(r["SPECTRUM_ID"]): r for r in ref}
+    for row in t:
+        sid = str(row["SPECTRUM_ID"]).strip()
+        if sid in by_id:
+            assert row["RA"] == pytest.approx(by_id[sid]["RA"]) and row["DEC"] == pytest.approx(by_id[sid]["DEC"])
+            assert row["P_QSO"] == pytest.approx(by_id[sid]["P_QSO"]) and str(row["CATEGORY"]).strip() == by_id[sid]["CATEGORY"]
+        else:
+            # NaN = not in the candidates (astropy reads FITS/VOTable NaN back as masked)
+            assert all(np.ma.is_masked(row[c]) or np.isnan(row[c]) for c in ("RA", "DEC", "P_QSO"))
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_export_unknown_extension_is_one_line_error_and_writes_nothing(db_and_candidates, tmp_path):
+    db, _ = db_and_candidates
+    with pytest.raises(InspectError, match=r"verdicts.txt: unknown table format '.txt'"):
+        export_table(db, tmp_path / "verdicts.txt")
+    bad = subprocess.run(
+        [sys.executable, "-m", "spectransfer", "verdicts", "export", "--db", str(db), "--out", str(tmp_path / "verdicts.xlsx")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "unknown table format" in bad.stderr
+    assert not (tmp_path / "verdicts.xlsx").exists()
+
+
+def test_cli_export_csv_is_not_fits(db_and_candidates, tmp_path):
+    db, cand = db_and_candidates
+    out = tmp_path / "verdicts.csv"
+    ok = subprocess.run(
+        [sys.executable, "-m", "spectransfer", "verdicts", "export", "--db", str(db), "--out", str(out), "--candidates", str(cand)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert not out.read_bytes().startswith(b"SIMPLE")
+    import pandas as pd
+
+    df = pd.read_csv(out, comment="#")
+    assert sorted(df["VERDICT"]) == ["not_qso", "qso", "unsure"] and df["RA"].notna().sum() == 2

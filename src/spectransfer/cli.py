@@ -175,12 +175,13 @@ app.add_typer(verdicts_app, name="verdicts", rich_help_panel="3. Find and confir
 @verdicts_app.command("export")
 def verdicts_export(
     db: Path = typer.Option(..., "--db", help="Verdict database written by `spectransfer inspect`."),
-    out: Path = typer.Option(..., "--out", help="FITS file to write (EXTNAME VERDICTS); written to a temporary name, then renamed."),
+    out: Path = typer.Option(..., "--out", help="Table to write, in the format its name says: .fits (EXTNAME VERDICTS), .parquet, .csv (ECSV: units and provenance in '#' lines) or .vot; written to a temporary name, then renamed."),
+    candidates: Optional[Path] = typer.Option(None, "--candidates", help="Candidates table from `discover` (FITS or Parquet): adds each spectrum's RA, DEC, P_QSO and CATEGORY."),
 ) -> None:
-    """Write every verdict (one row per spectrum and inspector) as a FITS table."""
-    from spectransfer.inspect.verdicts import export_fits
+    """Write every verdict (one row per spectrum and inspector) as a table with units, descriptions and provenance."""
+    from spectransfer.inspect.verdicts import export_table
 
-    n = export_fits(db, out)
+    n = export_table(db, out, candidates=candidates)
     typer.echo(f"wrote {n} verdicts to {out}")
 
 
@@ -208,7 +209,9 @@ def ingest_cmd(
     inputs: list[Path] = typer.Argument(..., help="Survey FITS files or folders (searched recursively)."),
     store: Path = typer.Option(..., "--store", help="Store folder; created if missing, appended to otherwise."),
     survey: str = typer.Option("auto", "--survey", help="sdss, lamost or auto; with sdss/lamost, files of the other survey are rejected."),
-    catalog: list[Path] = typer.Option([], "--catalog", help="Quasar catalogue to label with (repeatable); remembered for later ingests into the store."),
+    catalog: list[Path] = typer.Option([], "--catalog", help="Catalogue to label with (repeatable; remembered for later ingests): a quasar catalogue (DR14Q, DR16Q, LAMOST DR*Q, known by their columns) labels all its rows, a table with a class column (specObj CLASS, specClass, objtype...) only its QSO rows; any other table is refused (see --qso-catalog)."),
+    qso_catalog: list[Path] = typer.Option([], "--qso-catalog", help="A table every row of which is a quasar, though nothing in its columns says so (repeatable; remembered)."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="catalog: label by the catalogues (default); pipeline: label by the survey pipeline's own CLASS == QSO (label_source 'pipeline'). Default: the store's mode."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes of a local Dask cluster (default 2; 0 = no Dask, run in this process)."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of an existing Dask scheduler (tcp://HOST:PORT); its workers must see the files and the store."),
     batch_size: int = typer.Option(256, "--batch-size", help="Files per Dask task (rounded up to the store's chunk rows; the chunk size of a new store)."),
@@ -219,6 +222,7 @@ def ingest_cmd(
     test_fraction: Optional[float] = typer.Option(None, "--test-fraction", help="Test fraction for surveys of <= 1M spectra (default 0.1)."),
     val_size: Optional[int] = typer.Option(None, "--val-size", help="Validation spectra for surveys of > 1M spectra (default 50000, the paper's)."),
     test_size: Optional[int] = typer.Option(None, "--test-size", help="Test spectra for surveys of > 1M spectra (default 100000, the paper's)."),
+    resplit: bool = typer.Option(False, "--resplit", help="Allow split settings that differ from the store's (moves spectra between train, val and test)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -246,6 +250,9 @@ def ingest_cmd(
         store,
         survey=survey.lower(),
         catalogs=[str(c) for c in catalog],
+        qso_catalogs=[str(c) for c in qso_catalog],
+        labels=None if labels is None else labels.lower(),
+        resplit=resplit,
         workers=0 if scheduler is not None else (2 if workers is None else workers),
         scheduler=scheduler,
         batch_size=batch_size,
@@ -268,11 +275,31 @@ def ingest_cmd(
     typer.echo(f"store: {s.live_rows} spectra ({s.rows_allocated} array rows); splits " + ", ".join(f"{k} {v}" for k, v in sorted(s.splits.items())))
     if s.rejected_by_kind:
         typer.echo("rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(s.rejected_by_kind.items())))
+    _echo_labels(s.labels)
+    if s.resplit_moved:
+        typer.echo(f"re-split: {s.resplit_moved} spectra changed split")
+    for w in s.split_warnings:
+        typer.echo(f"warning: {w}", err=True)
     lk = s.leakage
     if lk:
         typer.echo(f"object-level split: {lk.get('repeat_spectra', 0)} spectra are repeats ({lk.get('repeat_objects', 0)} objects); "
                    f"a per-spectrum random split would have leaked {lk.get('leaked_per_spectrum_split', 0)} of them across splits "
                    f"({lk.get('eval_spectra_with_train_twin', 0)} val/test spectra with a train twin)")
+
+
+def _echo_labels(labels: dict) -> None:
+    """One line on how the labels were made, and per catalogue its rows per class."""
+    mode = labels.get("mode")
+    if mode == "pipeline":
+        typer.echo(f"labels: pipeline CLASS, {labels.get('quasars', 0)} quasars (" + ", ".join(f"{k} {v}" for k, v in labels.get("class_counts", {}).items()) + ")")
+    elif mode == "none":
+        typer.echo("labels: none (no --catalog; every spectrum is 'other'; give --catalog FILE or --labels pipeline)")
+    elif mode == "catalog":
+        c = labels.get("counts", {})
+        typer.echo(f"labels: catalogues, {c.get('id', 0)} quasars by id, {c.get('position', 0)} by position")
+        for cat in labels.get("catalogs", []):
+            per = ", ".join(f"{k} {v}" for k, v in cat.get("class_counts", {}).items())
+            typer.echo(f"  {cat['name']}: {cat.get('rows', 0)} rows, {cat['quasars']} quasars ({cat.get('rule')}{': ' + per if per else ''})")
 
 
 def print_store_stats(store_path: Path, as_json: bool = False) -> None:
@@ -323,14 +350,15 @@ def stats_cmd(
 @app.command("info", rich_help_panel="1. Data")
 def info(
     files: list[Path] = typer.Argument(..., help="Spectrum files (FITS, .gz too) or folders searched recursively for *.fits, *.fit, *.fits.gz, *.fit.gz."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per line with exactly the keys survey, format, ids, ra, dec, class, subclass, z, zwarning, n_pixels, wave_min, wave_max."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line with the keys survey, format, ids, ra, dec, class, subclass, z, zwarning, n_pixels, wave_min, wave_max and cuts ({pass, reason}: whether `ingest` would keep it)."),
 ) -> None:
-    """Describe survey spectrum files: one line per file.
+    """Describe survey spectrum files: one line per file, ending with whether ingest's quality cuts keep it and why not.
 
     A file that cannot be used (not FITS, truncated, missing column, no finite flux, all-zero ivar, unknown format) is reported on stderr as 'error: FILE: reason' and the rest are still shown, so stdout holds only the good files' lines (valid JSON lines with --json). Exit code 1 when any file failed.
     """
     import json
 
+    from spectransfer.data.ingest import passes_cuts
     from spectransfer.errors import SpectrumError
     from spectransfer.surveys import read_spectrum
     from spectransfer.surveys.base import SPECTRUM_SUFFIXES
@@ -348,13 +376,15 @@ def info(
             targets.append(p)  # a missing file is reported as a failed file below
     for path in targets:
         try:
-            summary = read_spectrum(path).summary()
+            rec = read_spectrum(path)
+            summary = rec.summary()
         except SpectrumError as exc:
             n_failed += 1
             typer.echo(f"error: {exc}", err=True)
             continue
+        ok, why = passes_cuts(rec)
         if as_json:
-            typer.echo(json.dumps(summary))
+            typer.echo(json.dumps({**summary, "cuts": {"pass": ok, "reason": why}}))
         else:
             ids = " ".join(f"{k}={v}" for k, v in summary["ids"].items())
             z = "None" if summary["z"] is None else f"{summary['z']:.5f}"
@@ -363,7 +393,8 @@ def info(
             typer.echo(
                 f"{path}: {summary['survey']} {summary['format']} {ids} ra={ra} dec={dec} "
                 f"class={summary['class']} subclass={summary['subclass']} z={z} zwarning={summary['zwarning']} "
-                f"n_pixels={summary['n_pixels']} wave={summary['wave_min']:.1f}-{summary['wave_max']:.1f} A"
+                f"n_pixels={summary['n_pixels']} wave={summary['wave_min']:.1f}-{summary['wave_max']:.1f} A "
+                f"cuts: {why}"
             )
     if n_failed:
         raise typer.Exit(1)

@@ -71,12 +71,16 @@ class QuasarCatalog:
     objects: pd.DataFrame
     keys: pd.DataFrame
     notes: list[str] = field(default_factory=list)
+    rule: str = "quasar catalogue"  # how its quasar rows were chosen (see ``quasar_rule``)
+    rows: int = 0  # rows in the file, quasars or not
+    class_counts: dict[str, int] = field(default_factory=dict)  # rows per class value, when chosen by a class column
 
     def __len__(self) -> int:
         return len(self.objects)
 
     def summary(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "quasars": len(self.objects), "id_keys": len(self.keys), "notes": list(self.notes)}
+        return {"name": self.name, "kind": self.kind, "quasars": len(self.objects), "id_keys": len(self.keys), "notes": list(self.notes),
+                "rule": self.rule, "rows": self.rows, "class_counts": dict(self.class_counts)}
 
 
 # ---- reading --------------------------------------------------------------------------------
@@ -198,12 +202,15 @@ def _as_float(a: np.ndarray) -> np.ndarray:
     return np.array(pd.to_numeric(pd.Series(a), errors="coerce"), dtype=np.float64)
 
 
-def load_catalog(path: str | Path, kind: str = "auto") -> QuasarCatalog:
+def load_catalog(path: str | Path, kind: str = "auto", all_quasars: bool = False) -> QuasarCatalog:
     """Read a quasar catalogue (FITS, CSV or Parquet) into a ``QuasarCatalog``.
 
     ``kind``: 'auto' (sniffed from the columns), 'sdss' (DR14Q, DR16Q), 'lamost' (DR1Q,
     DR2&3Q, DR4&5Q) or 'positions' (any table with ra/dec: positional labels only; 'auto'
-    refuses such a table, because nothing in it says its objects are quasars). Raises
+    refuses such a table unless ``all_quasars``, because nothing in it says its objects are
+    quasars). Which rows are quasars follows :func:`quasar_rule`: all rows of a recognised
+    quasar catalogue, the QSO rows of a table with a class column (specObj CLASS, specClass,
+    objtype ...), every row of any other table only when ``all_quasars`` is given. Raises
     ``CatalogError`` naming the file for an unreadable file or missing columns.
     """
     path = Path(path)
@@ -216,13 +223,16 @@ def load_catalog(path: str | Path, kind: str = "auto") -> QuasarCatalog:
     found = {k: _find(cols, k) for k in _ALIASES}
     sniffed = _sniff(cols)
     if kind == "auto":
-        if sniffed is None:
-            pos = "it has ra/dec only; pass kind='positions' to label by position alone" if found["ra"] and found["dec"] else "no ra/dec either"
+        if sniffed is None and not ((all_quasars or _class_column(cols)) and found["ra"] and found["dec"]):
+            pos = "it has ra/dec only; pass it with --qso-catalog (kind='positions', all_quasars=True) if every row is a quasar" if found["ra"] and found["dec"] else "no ra/dec either"
             raise CatalogError(
                 f"{path}: not a recognised quasar catalogue: no SDSS (plate, mjd, fiberid) or LAMOST "
                 f"(obsid / lmjd, planid, spid, fiberid) id columns ({pos}); columns are {', '.join(cols[:20])}"
             )
-        kind = _filename_survey(path, read, found["filename"]) if sniffed == "filename" else sniffed
+        if sniffed is None:  # ra/dec only: a class column or the caller says which rows are quasars
+            kind = "positions"
+        else:
+            kind = _filename_survey(path, read, found["filename"]) if sniffed == "filename" else sniffed
         if sniffed == "filename":
             cols, read = _read_columns(path)  # the sniffing read consumed the reader
     missing = [k for k in ("ra", "dec") if found[k] is None]
@@ -254,7 +264,18 @@ def load_catalog(path: str | Path, kind: str = "auto") -> QuasarCatalog:
             wanted.append(found["filename"])
         elif not found["obsid"]:
             raise CatalogError(f"{path}: LAMOST catalogue lacks obsid and (lmjd|mjd, planid, spid, fiberid) columns")
+    rule, class_col = quasar_rule(path, cols, all_quasars)
+    if class_col:
+        wanted.append(class_col)
     data = read(list(dict.fromkeys(wanted)))
+    n_rows = len(next(iter(data.values()))) if data else 0
+    class_counts: dict[str, int] = {}
+    if class_col:
+        is_qso, class_counts = quasar_rows(path, class_col, data.pop(class_col))
+        data = {k: v[is_qso] for k, v in data.items()}
+        notes.append(f"{int(is_qso.sum())} of {n_rows} rows are quasars by {class_col}")
+    elif rule == "all rows (asked)":
+        notes.append(f"all {n_rows} rows taken as quasars, as asked")
 
     objects = pd.DataFrame({"ra": _as_float(data[found["ra"]]), "dec": _as_float(data[found["dec"]])})
     if found["z"]:
@@ -275,9 +296,82 @@ def load_catalog(path: str | Path, kind: str = "auto") -> QuasarCatalog:
         keys = _lamost_keys(data, found, idx, notes)
     else:
         keys = pd.DataFrame({"obj": np.empty(0, dtype=np.int64)})
-    cat = QuasarCatalog(name=path.name, path=str(path), kind=kind, objects=objects, keys=keys, notes=notes)
+    cat = QuasarCatalog(name=path.name, path=str(path), kind=kind, objects=objects, keys=keys, notes=notes,
+                        rule=rule, rows=n_rows, class_counts=class_counts)
+    if class_counts:
+        log.info("catalogue %s: rows per %s: %s", cat.name, class_col, ", ".join(f"{k} {v}" for k, v in class_counts.items()))
     log.info("catalogue %s: %s, %d quasars, %d id keys%s", cat.name, kind, len(cat), len(keys), "; " + "; ".join(notes) if notes else "")
     return cat
+
+
+# ---- which rows are quasars ------------------------------------------------------------------
+
+# Columns that only quasar catalogues carry: SDSS DR12Q/DR14Q/DR16Q (visual-inspection and PCA
+# redshifts, the source of Z, duplicate observations, BAL measures) and the LAMOST quasar
+# catalogues (visual-inspection redshift beside the pipeline's class and redshift). A table
+# with one of them lists quasars; CLASS_PIPE / CLASS_PERSON there are not a row filter.
+QSO_CATALOG_COLUMNS = ("z_vi", "source_z", "is_qso_final", "plate_duplicate", "z_pca", "z_mgii", "bal_prob", "bi_civ",
+                       "class_pipe", "z_pipe", "z_qso")
+# Columns that give each row's class, most specific first: specObj/spAll CLASS, SkyServer DR7
+# specClass and spSpec SPEC_CLN (numeric codes), SIMBAD otype, target types (objtype, objtype_*).
+CLASS_COLUMNS = ("class", "specclass", "spec_cln", "objclass", "main_type", "otype", "objtype")
+# DR7 specClass / SPEC_CLN codes (SDSS DR7 schema): 3 QSO and 4 HIZ_QSO are quasars.
+_SPEC_CLN = {0: "UNKNOWN", 1: "STAR", 2: "GALAXY", 3: "QSO", 4: "HIZ_QSO", 5: "SKY", 6: "STAR_LATE", 7: "GAL_EM"}
+_NUMERIC_CLASS = ("specclass", "spec_cln")
+
+
+def _class_column(cols: Sequence[str]) -> str | None:
+    lower = {c.lower(): c for c in cols}
+    for name in CLASS_COLUMNS:
+        if name in lower:
+            return lower[name]
+    typed = sorted(c for c in cols if c.lower().startswith("objtype_"))
+    return typed[0] if typed else None
+
+
+def quasar_rule(path: Path, cols: Sequence[str], all_quasars: bool = False) -> tuple[str, str | None]:
+    """(rule, column) saying which rows of a catalogue are quasars; ``CatalogError`` when nothing can tell.
+
+    'quasar catalogue': a recognised quasar catalogue, every row (DR16Q's superset keeps only
+    IS_QSO_FINAL == 1: rule 'is_qso_final', column IS_QSO_FINAL). 'all rows (asked)': the
+    caller vouches for every row. 'class column': the rows whose class is QSO.
+    """
+    lower = {c.lower(): c for c in cols}
+    if all_quasars:
+        return "all rows (asked)", None
+    if any(c in lower for c in QSO_CATALOG_COLUMNS):
+        if "is_qso_final" in lower:
+            return "is_qso_final", lower["is_qso_final"]
+        return "quasar catalogue", None
+    col = _class_column(cols)
+    if col is not None:
+        return "class column", col
+    raise CatalogError(
+        f"{path}: cannot tell which rows are quasars: no class column ({', '.join(CLASS_COLUMNS)}, objtype_*) and none of the "
+        f"quasar-catalogue columns ({', '.join(QSO_CATALOG_COLUMNS)}); if every row is a quasar, pass it with --qso-catalog"
+    )
+
+
+def quasar_rows(path: Path, column: str, values: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+    """(is-quasar mask, rows per class value) from a class column (text, or DR7 numeric codes)."""
+    name = column.lower()
+    if name == "is_qso_final":
+        v = _as_int(np.asarray(values))
+        names = np.array([f"IS_QSO_FINAL={x}" for x in v], dtype=object)
+        is_qso = v == 1
+    elif np.asarray(values).dtype.kind in "iuf" or name in _NUMERIC_CLASS:
+        if name not in _NUMERIC_CLASS:
+            raise CatalogError(f"{path}: class column {column!r} is numeric and its codes are unknown; pass the file with --qso-catalog if every row is a quasar")
+        v = _as_int(np.asarray(values))
+        names = np.array([_SPEC_CLN.get(int(x), f"code {int(x)}") for x in v], dtype=object)
+        is_qso = np.isin(v, (3, 4))
+    else:
+        raw = _as_str(np.asarray(values))
+        text = np.char.upper(raw)
+        names = np.where(np.isin(text, ("", "-", "NAN", "NONE")), "(none)", raw).astype(object)
+        is_qso = np.array([t in ("QSO", "QUASAR", "HIZ_QSO") or t.startswith("QSO_") for t in text], dtype=bool)
+    counts = pd.Series(names).value_counts()
+    return is_qso, {str(k): int(c) for k, c in counts.items()}
 
 
 def _sdss_keys(data: dict, found: dict, idx: np.ndarray, notes: list[str]) -> pd.DataFrame:

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 from collections.abc import Sequence
@@ -39,12 +40,14 @@ from spectransfer.errors import SpectrumError, StoreError
 from spectransfer.provenance import atomic_path, write_text_atomic
 from spectransfer.data.splits import SplitConfig, assign_splits
 from spectransfer.data.store import (
+    LABEL_MODES,
     META_COLUMNS,
     META_SCHEMA,
     REJECTED_SCHEMA,
     Store,
     conform,
     create_store,
+    label_mode as label_mode_of,
     open_store,
     write_table,
 )
@@ -84,6 +87,9 @@ class IngestSummary:
     rows_allocated: int = 0
     rejected_by_kind: dict[str, int] = field(default_factory=dict)
     leakage: dict[str, int] = field(default_factory=dict)
+    labels: dict[str, Any] = field(default_factory=dict)  # label mode, and per catalogue its rows per class
+    split_warnings: list[str] = field(default_factory=list)
+    resplit_moved: int = 0  # spectra whose split changed because of --resplit
     splits: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0  # end to end, cluster start and consolidation included
     compute_seconds: float = 0.0  # first task submitted to last result
@@ -165,6 +171,18 @@ def quality_failure(rec: Any, options: IngestOptions, grid: Grid = DEFAULT_GRID)
         if not (wmax >= hi):
             return f"fails filter: wavemax {wmax:.1f} < {hi}"
     return None
+
+
+def passes_cuts(rec: Any, options: IngestOptions | None = None, grid: Grid = DEFAULT_GRID) -> tuple[bool, str]:
+    """(passes, why) for one record under the ingest cuts: :func:`quality_failure` itself, plus the
+    coverage it judged (pipeline WAVEMIN/WAVEMAX where stated, else the pixels with data), so
+    ``info`` and ``ingest`` can never disagree."""
+    failure = quality_failure(rec, options or IngestOptions(), grid)
+    wmin, wmax = _coverage(rec)
+    cov = f"data cover {wmin:.1f}-{wmax:.1f} A"
+    if failure is None:
+        return True, f"passes; {cov}"
+    return False, f"{failure}; {cov}"
 
 
 def _meta_row(rec: Any, snr: float) -> dict[str, Any]:
@@ -503,9 +521,9 @@ def _load_plan(store: Store) -> dict[str, Any] | None:
         raise StoreError(f"{p}: cannot read the pending ingest plan ({exc})") from exc
 
 
-def _catalogs(store: Store, new: Sequence[str | os.PathLike[str]]) -> list[str]:
+def _catalogs(store: Store, new: Sequence[str | os.PathLike[str]], key: str = "catalogs") -> list[str]:
     """Catalogue paths to label with: those of earlier ingests (if still there) plus the new ones."""
-    paths = [str(Path(p).resolve()) for p in store.info.get("catalogs", [])]
+    paths = [str(Path(p).resolve()) for p in store.info.get(key, [])]
     for p in new:
         rp = str(Path(p).resolve())
         if not Path(rp).exists():
@@ -518,22 +536,60 @@ def _catalogs(store: Store, new: Sequence[str | os.PathLike[str]]) -> list[str]:
     return present
 
 
-def _label(meta: pd.DataFrame, catalog_paths: list[str]) -> pd.DataFrame:
+def _label(meta: pd.DataFrame, catalog_paths: list[str], mode: str = "catalog", qso_paths: Sequence[str] = (),
+           loaded: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Labels by ``mode``; ``result.attrs['label_report']`` says how (what store.json keeps under 'labels')."""
+    if mode == "pipeline":
+        return _pipeline_labels(meta)
     if not catalog_paths:
         meta = meta.copy()
         meta["label"] = 0
         meta["label_source"] = "none"
         meta["catalog_name"] = None
         meta["catalog_z"] = np.nan
+        if len(meta):
+            log.warning("no quasar catalogue: every spectrum is labelled 'other'; give --catalog FILE or --labels pipeline")
+        meta.attrs["label_report"] = {"mode": "none"}
         return meta
-    from spectransfer.data.catalogs import label_spectra, load_catalog
+    from spectransfer.data.catalogs import label_spectra
 
-    cats = [load_catalog(p) for p in catalog_paths]
+    cats = _load_catalogs(catalog_paths, qso_paths, loaded)
     base = meta.drop(columns=[c for c in ("label", "label_source", "catalog_name", "catalog_z") if c in meta.columns])
-    return label_spectra(base, cats, radius_arcsec=1.5)
+    out = label_spectra(base, cats, radius_arcsec=1.5)
+    out.attrs["label_report"] = {"mode": "catalog", "catalogs": [c.summary() for c in cats], "counts": out.attrs.get("label_counts", {})}
+    return out
 
 
-def consolidate(store: Store, catalog_paths: list[str], split_config: SplitConfig) -> dict[str, Any]:
+def _load_catalogs(paths: Sequence[str], qso_paths: Sequence[str] = (), loaded: dict[str, Any] | None = None) -> list[Any]:
+    """The catalogues at ``paths`` (those in ``qso_paths`` taken as all quasars), reusing ``loaded`` ones."""
+    from spectransfer.data.catalogs import load_catalog
+
+    qso = {str(Path(p).resolve()) for p in qso_paths}
+    loaded = loaded or {}
+    return [loaded.get(p) or load_catalog(p, all_quasars=str(Path(p).resolve()) in qso) for p in paths]
+
+
+PIPELINE_CATALOG_NAME = "pipeline CLASS"
+
+
+def _pipeline_labels(meta: pd.DataFrame) -> pd.DataFrame:
+    """Label by the survey pipeline's own class: QSO -> 1 (label_source 'pipeline'); no class -> 'none'."""
+    out = meta.copy()
+    cls = out["pipeline_class"].astype("string").str.strip().str.upper()
+    is_qso = (cls == "QSO").fillna(False).to_numpy(dtype=bool)
+    known = cls.notna().to_numpy()
+    out["label"] = is_qso.astype(np.int8)
+    out["label_source"] = np.where(known, "pipeline", "none").astype(object)
+    out["catalog_name"] = np.where(is_qso, PIPELINE_CATALOG_NAME, None).astype(object)
+    out["catalog_z"] = np.where(is_qso, pd.to_numeric(out["z"], errors="coerce").to_numpy(dtype=np.float64), np.nan)
+    counts = {str(k): int(v) for k, v in cls.fillna("(none)").value_counts().items()}
+    log.info("labels from the pipeline's CLASS: %d quasars; rows per class %s", int(is_qso.sum()), counts)
+    out.attrs["label_report"] = {"mode": "pipeline", "quasars": int(is_qso.sum()), "class_counts": counts}
+    return out
+
+
+def consolidate(store: Store, catalog_paths: list[str], split_config: SplitConfig, *, label_mode: str = "catalog",
+                qso_paths: Sequence[str] = (), loaded: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fold part files into meta.parquet / rejected.parquet, relabel, re-split; safe to repeat."""
     ledger = _ledger(store)
     accepted = ledger[ledger["status"] == "accepted"]
@@ -550,7 +606,9 @@ def consolidate(store: Store, catalog_paths: list[str], split_config: SplitConfi
         rejected = pd.concat([rejected, dups], ignore_index=True)
         accepted = accepted[~dup]
     accepted = accepted.reset_index(drop=True)
-    meta = _label(accepted, catalog_paths)
+    meta = _label(accepted, catalog_paths, label_mode, qso_paths, loaded)
+    label_report = meta.attrs.get("label_report", {})
+    old_split = store.meta.set_index("spectrum_id")["split"] if len(store.meta) else pd.Series(dtype=object)
     meta, report = assign_splits(meta, split_config)
     meta = meta.sort_values("row", kind="stable")
     rejected = rejected.copy()
@@ -562,6 +620,8 @@ def consolidate(store: Store, catalog_paths: list[str], split_config: SplitConfi
     write_table(meta, store.path / "meta.parquet", META_SCHEMA)
     write_table(rejected, store.path / "rejected.parquet", REJECTED_SCHEMA)
     store.info["catalogs"] = catalog_paths
+    store.info["qso_catalogs"] = [p for p in catalog_paths if p in set(qso_paths)]
+    store.info["labels"] = label_report
     store.info["splits"] = report
     store.info["n_rows"] = store.n_rows
     store.info["n_live"] = int(len(meta))
@@ -572,7 +632,10 @@ def consolidate(store: Store, catalog_paths: list[str], split_config: SplitConfi
         for p in parts_dir.iterdir():
             p.unlink(missing_ok=True)
     store.reload()
-    return {"duplicates": n_dup, "leakage": report.get("leakage", {}), "splits": meta["split"].value_counts().to_dict()}
+    common = old_split.index.intersection(pd.Index(meta["spectrum_id"]))
+    moved = int((old_split.reindex(common).to_numpy() != meta.set_index("spectrum_id")["split"].reindex(common).to_numpy()).sum())
+    return {"duplicates": n_dup, "leakage": report.get("leakage", {}), "splits": meta["split"].value_counts().to_dict(),
+            "labels": label_report, "split_warnings": report.get("warnings", []), "moved": moved}
 
 
 def _run_tasks(tasks: list[dict[str, Any]], workers: int, scheduler: str | None, quiet: bool) -> tuple[list[dict[str, Any]], float]:
@@ -609,12 +672,16 @@ def _run_tasks(tasks: list[dict[str, Any]], workers: int, scheduler: str | None,
     return results, compute
 
 
-def ingest(
+def _ingest_unguarded(
     inputs: Sequence[str | os.PathLike[str]],
     store_path: str | os.PathLike[str],
     *,
     survey: str = "auto",
     catalogs: Sequence[str | os.PathLike[str]] = (),
+    qso_catalogs: Sequence[str | os.PathLike[str]] = (),
+    labels: str | None = None,
+    resplit: bool = False,
+    loaded_catalogs: dict[str, Any] | None = None,
     workers: int = 2,
     scheduler: str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -648,6 +715,7 @@ def ingest(
         store = open_store(store_path, mode="r+")
         if store.grid != grid:
             raise StoreError(f"{store_path}: store grid {store.grid} differs from the requested {grid}")
+        _check_resplit(store, split_config, resplit)
     else:
         store = create_store(store_path, grid=grid, chunk_rows=batch_size)
     chunk = store.chunk_rows
@@ -660,7 +728,10 @@ def ingest(
         if split_config is None:
             prior = store.info.get("splits", {}).get("config")
             split_config = SplitConfig.from_dict(prior) if prior else SplitConfig()
-        catalog_paths = _catalogs(store, catalogs)
+        catalog_paths = _catalogs(store, [*catalogs, *qso_catalogs])
+        qso_paths = _catalogs(store, qso_catalogs, key="qso_catalogs")
+        label_mode = labels or store.info.get("labels", {}).get("mode") or "catalog"
+        label_mode = "catalog" if label_mode == "none" else label_mode
 
         plan = _load_plan(store)
         parts_dir = store.path / "parts"
@@ -731,18 +802,25 @@ def ingest(
             bool(batches)
             or bool(done)
             or bool(catalogs)
+            or bool(qso_catalogs)
+            or _effective_mode(label_mode, catalog_paths) != label_mode_of(store)
             or not (store.path / "meta.parquet").exists()
             or store.info.get("splits", {}).get("config") != split_config.to_dict()
         )
         if needs_consolidation:
-            result = consolidate(store, catalog_paths, split_config)
+            result = consolidate(store, catalog_paths, split_config, label_mode=label_mode, qso_paths=qso_paths, loaded=loaded_catalogs)
             summary.duplicates = result["duplicates"]
+            summary.split_warnings = result["split_warnings"]
+            summary.resplit_moved = result["moved"]
         store.reload()
         summary.live_rows = len(store.meta)
         summary.rows_allocated = store.n_rows
         rej = store.rejected
         summary.rejected_by_kind = {str(k): int(v) for k, v in rej["reason_kind"].value_counts().items()}
         summary.leakage = store.info.get("splits", {}).get("leakage", {})
+        summary.labels = store.info.get("labels", {})
+        if not summary.split_warnings:
+            summary.split_warnings = list(store.info.get("splits", {}).get("warnings", []))
         summary.splits = {str(k): int(v) for k, v in store.meta["split"].value_counts().items()}
         summary.seconds = time.perf_counter() - t0
         history = store.info.setdefault("ingests", [])
@@ -764,4 +842,88 @@ def ingest(
         )
         del history[:-50]
         store.save_info()
+        _check_some_readable(store, summary, seq)
     return summary
+
+
+def _effective_mode(mode: str, catalog_paths: Sequence[str]) -> str:
+    return "none" if mode == "catalog" and not catalog_paths else mode
+
+
+def _check_resplit(store: Store, split_config: SplitConfig | None, resplit: bool) -> None:
+    """Refuse split settings that differ from the store's unless ``resplit``: a re-split moves spectra between splits."""
+    prior = store.info.get("splits", {}).get("config")
+    if split_config is None or not prior or SplitConfig.from_dict(prior) == split_config or resplit:
+        return
+    old = SplitConfig.from_dict(prior).to_dict()
+    diff = ", ".join(f"{k} {old[k]} -> {v}" for k, v in split_config.to_dict().items() if old.get(k) != v)
+    raise StoreError(f"{store.path}: the split settings differ from the store's ({diff}); re-splitting moves spectra between "
+                     "train, val and test: add --resplit to do it")
+
+
+def _check_some_readable(store: Store, summary: IngestSummary, seq: int) -> None:
+    """An ingest that read files but could use none of them is an error (the reasons, counted, in one line)."""
+    if summary.files_processed == 0 or summary.accepted > 0 or summary.unchanged_content > 0:
+        return
+    rej = store.rejected
+    mine = rej[rej["batch_id"].fillna("").str.startswith(f"{seq:06d}-")]
+    kinds = mine["reason_kind"].value_counts()
+    why = ", ".join(f"{k} {v}" for k, v in kinds.items()) or "no reason recorded"
+    example = f"; e.g. {mine['source_file'].iloc[0]}: {mine['reason'].iloc[0]}" if len(mine) else ""
+    raise StoreError(f"{store.path}: none of the {summary.files_processed} spectrum files read could be used ({why}){example}")
+
+
+def _useful(store_path: Path) -> bool:
+    """Whether a store holds work worth keeping: live spectra, or finished batches of a resumable ingest."""
+    parts = store_path / "parts"
+    if parts.is_dir() and any(p.suffix == ".parquet" for p in parts.iterdir()):
+        return True
+    try:
+        return len(open_store(store_path).meta) > 0
+    except StoreError:
+        return False
+
+
+def _remove_created(store_path: Path, existed: bool) -> None:
+    """Remove what an ingest that created ``store_path`` wrote (the folder too unless it was there before)."""
+    if not store_path.is_dir():
+        return
+    if not existed:
+        shutil.rmtree(store_path, ignore_errors=True)
+        return
+    for p in store_path.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def ingest(inputs: Sequence[str | os.PathLike[str]], store_path: str | os.PathLike[str], **options: Any) -> IngestSummary:
+    """Add the spectra in ``inputs`` (files or folders) to the store at ``store_path``.
+
+    Options are those of :func:`_ingest_unguarded` (survey, catalogs, qso_catalogs, labels,
+    workers, scheduler, batch_size, zwarning_filter, coverage_filter, split_config, resplit,
+    grid, quiet). ``labels``: 'catalog' (quasar catalogues; the default) or 'pipeline' (the
+    survey pipeline's CLASS == QSO); None keeps the store's. ``qso_catalogs``: tables every row
+    of which is a quasar (no class column needed). Catalogues are read before anything is
+    written, so a bad one leaves no store behind; when this call created the store and fails
+    before any batch finished (or read files but could use none), what it created is removed.
+    """
+    labels = options.get("labels")
+    if labels is not None and labels not in LABEL_MODES:
+        raise StoreError(f"--labels must be {' or '.join(LABEL_MODES)}, got {labels!r}")
+    store_path = Path(store_path)
+    new_cats = [str(Path(c).resolve()) for c in options.get("catalogs", ())]
+    new_qso = [str(Path(c).resolve()) for c in options.get("qso_catalogs", ())]
+    for c in new_cats + new_qso:
+        if not Path(c).is_file():
+            raise StoreError(f"{c}: catalogue file does not exist")
+    loaded = {p: c for p, c in zip(new_cats + new_qso, _load_catalogs(new_cats + new_qso, new_qso))}
+    existed = store_path.exists()
+    created = not (store_path / "store.json").exists()
+    try:
+        return _ingest_unguarded(inputs, store_path, loaded_catalogs=loaded, **options)
+    except Exception:
+        if created and not _useful(store_path):
+            _remove_created(store_path, existed)
+        raise

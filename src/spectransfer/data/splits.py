@@ -193,12 +193,48 @@ def assign_splits(meta: pd.DataFrame, cfg: SplitConfig = SplitConfig()) -> tuple
             obj_split = pd.Series(_split_by_fraction(u_obj.to_numpy(), fv, ft), index=u_obj.index)
         meta.loc[idx, "split"] = obj_split.reindex(part["object_id"]).to_numpy()
         report["by_survey"][str(name)] = {"mode": "sizes" if use_sizes else "fractions", "val_fraction": fv, "test_fraction": ft}
+        warning = empty_split_warning(str(name), len(part), obj_split, u_obj, fv, ft)
+        if warning:
+            log.warning("%s", warning)
+            report.setdefault("warnings", []).append(warning)
 
     report["leakage"] = leakage_report(meta, cfg)
     straddling = int((meta.groupby("object_id")["split"].nunique() > 1).sum())
     if straddling:  # cannot happen by construction; guard the invariant loudly
         raise AssertionError(f"{straddling} objects straddle splits")
     return meta, report
+
+
+def _next_step_above(x: float, step: float = 0.01) -> float:
+    """The smallest multiple of ``step`` strictly above ``x``."""
+    return round((np.floor(x / step + 1e-9) + 1) * step, 6)
+
+
+def empty_split_warning(survey: str, n_spectra: int, obj_split: pd.Series, u_obj: pd.Series, fv: float, ft: float) -> str | None:
+    """One line naming the empty splits of a survey and the options that fill them, or None.
+
+    ``train`` needs val spectra (early stopping) and ``evaluate`` test spectra. The suggested
+    fractions are the smallest multiples of 0.01 that put at least one object of this survey's
+    hashes in test and in val (test is taken first, val is the next window of the hash).
+    """
+    have = set(obj_split.to_numpy())
+    empty = [s for s in SPLITS if s not in have]
+    if not empty:
+        return None
+    n_obj = len(obj_split)
+    head = f"{survey}: split {', '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty ({n_spectra} spectra in {n_obj} objects, val fraction {fv:g}, test fraction {ft:g})"
+    if n_obj < 3:
+        return f"{head}; three splits need at least 3 objects: add spectra"
+    if "train" in empty:
+        return f"{head}; lower --val-fraction / --test-fraction (ingest again with --resplit), or add spectra"
+    u = np.sort(u_obj.to_numpy())
+    new_ft = ft if "test" not in empty else _next_step_above(u[0])
+    above = u[u >= new_ft]
+    new_fv = fv if (above.size and above[0] < new_ft + fv) else (_next_step_above(above[0] - new_ft) if above.size else 1.0)
+    if new_ft + new_fv >= 1 or (u >= new_ft + new_fv).sum() == 0:
+        return f"{head}; too few objects for three splits at any fractions: add spectra"
+    opts = [f"--test-fraction {new_ft:g}"] * bool(new_ft != ft) + [f"--val-fraction {new_fv:g}"] * bool(new_fv != fv)
+    return f"{head}; `train` needs val and `evaluate` test spectra: ingest again with --resplit {' '.join(opts)}, or add spectra"
 
 
 def leakage_report(meta: pd.DataFrame, cfg: SplitConfig) -> dict[str, int]:

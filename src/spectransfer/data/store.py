@@ -88,6 +88,26 @@ REJECTED_SCHEMA = pa.schema(
 REJECTED_COLUMNS = list(REJECTED_SCHEMA.names)
 
 
+# How labels were made (store.json "labels" -> "mode"): from quasar catalogues, from the survey
+# pipeline's own CLASS, or none at all (no catalogue given). Pages and summaries say what a
+# label means with LABEL_REFERENCE[mode] ("not a quasar in {reference}").
+LABEL_MODES = ("catalog", "pipeline")
+LABEL_REFERENCE = {
+    "catalog": "the quasar catalogues",
+    "pipeline": "the survey pipeline's CLASS",
+    "none": "no labels (ingested without a quasar catalogue)",
+}
+
+
+def label_mode(store: "Store | dict[str, Any]") -> str:
+    """'catalog', 'pipeline' or 'none': how the store's labels were made (older stores: by their catalogues)."""
+    info = store if isinstance(store, dict) else store.info
+    mode = (info.get("labels") or {}).get("mode")
+    if mode in LABEL_REFERENCE:
+        return str(mode)
+    return "catalog" if info.get("catalogs") else "none"
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -325,6 +345,8 @@ def write_store(
     write_table(meta, store.path / "meta.parquet", META_SCHEMA)
     write_table(pd.DataFrame(), store.path / "rejected.parquet", REJECTED_SCHEMA)
     store.info["splits"] = report
+    sources = set(meta["label_source"].dropna().astype(str))
+    store.info["labels"] = {"mode": "pipeline" if "pipeline" in sources else "catalog" if (meta["label"] == 1).any() else "none"}
     store.save_info()
     store.reload()
     return store
@@ -357,4 +379,5 @@ def store_stats(store: Store) -> dict[str, Any]:
         "split": split_qso,
         "rejected": counts(rej["reason_kind"]),
         "leakage": store.info.get("splits", {}).get("leakage", {}),
+        "label_mode": label_mode(store),
     }

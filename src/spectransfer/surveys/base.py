@@ -90,6 +90,37 @@ class SpectrumRecord:
         }
 
 
+    def to_specutils(self) -> Any:
+        """This spectrum as a specutils ``Spectrum`` (``Spectrum1D`` before specutils 2.0).
+
+        Spectral axis in Angstrom (vacuum); flux in ``flux_unit`` (SDSS 1e-17 erg/(s cm2
+        Angstrom); LAMOST's relative flux is dimensionless); ``InverseVariance`` uncertainty in
+        the inverse square of the flux unit; boolean mask True (= bad, specutils' convention)
+        where the survey mask is non-zero or ivar is 0. ``meta`` holds the file path and the
+        fields of :meth:`summary`. specutils is optional: ``pip install spectransfer[specutils]``.
+        """
+        try:
+            import specutils
+            from astropy import units as u
+            from astropy.nddata import InverseVariance
+        except ImportError as exc:
+            raise ImportError("to_specutils needs specutils: pip install 'spectransfer[specutils]'") from exc
+        spectrum_cls = getattr(specutils, "Spectrum", None) or specutils.Spectrum1D
+        try:
+            flux_unit = u.Unit(self.flux_unit)
+        except ValueError:  # a description, not a unit: LAMOST's "relative (... not absolutely calibrated)"
+            flux_unit = u.dimensionless_unscaled
+        ivar = np.asarray(self.ivar, dtype=np.float64)
+        bad = (np.asarray(self.mask) != 0) | ~(ivar > 0)
+        return spectrum_cls(
+            flux=np.asarray(self.flux, dtype=np.float64) * flux_unit,
+            spectral_axis=np.asarray(self.wave, dtype=np.float64) * u.Unit(self.wave_unit),
+            uncertainty=InverseVariance(ivar, unit=flux_unit**-2),
+            mask=bad,
+            meta={"path": self.path, **self.summary()},
+        )
+
+
 INFO_KEYS = ("survey", "format", "ids", "ra", "dec", "class", "subclass", "z", "zwarning", "n_pixels", "wave_min", "wave_max")
 
 
