@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from spectransfer.errors import FetchError
+from spectransfer.loopback import url_is_loopback
 
 log = logging.getLogger(__name__)
 # httpx logs every request URL at INFO, query string included: that would print a LAMOST token.
@@ -146,12 +147,6 @@ class FetchSummary:
 
 def _join(base: str, rel: str) -> str:
     return base.rstrip("/") + "/" + rel.lstrip("/")
-
-
-def _is_loopback(url: str) -> bool:
-    from urllib.parse import urlsplit
-
-    return urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1")
 
 
 def _check_base_url(base_url: str) -> str:
@@ -410,6 +405,88 @@ def _signature_problem(head: bytes, suffix: str) -> str | None:
     return None
 
 
+_BLOCK = 2880  # FITS headers and data come in blocks of 2880 bytes
+
+
+def _header_ints(block: bytes) -> tuple[dict[str, int], bool]:
+    """Integer cards of one header block, and whether the block holds the END card."""
+    cards: dict[str, int] = {}
+    for i in range(0, len(block), 80):
+        card = block[i : i + 80].decode("ascii", "replace")
+        key = card[:8].strip()
+        if key == "END":
+            return cards, True
+        if card[8:10] == "= ":
+            value = card[10:].split("/", 1)[0].strip()
+            if value.lstrip("+-").isdigit():
+                cards[key] = int(value)
+            elif value in ("T", "F") and key == "GROUPS":
+                cards[key] = int(value == "T")
+    return cards, False
+
+
+def _hdu_data_size(cards: dict[str, int]) -> int:
+    """Bytes of an HDU's data without padding (FITS standard 4.0, sections 4.4.1 and 6)."""
+    naxis = cards.get("NAXIS", 0)
+    dims = [cards.get(f"NAXIS{i}", 0) for i in range(1, naxis + 1)]
+    if cards.get("GROUPS") and dims and dims[0] == 0:  # random groups: NAXIS1 = 0 is not a size
+        dims = dims[1:]
+    n = 1
+    for d in dims:
+        n *= d
+    if naxis == 0:
+        n = 0
+    return abs(cards.get("BITPIX", 8)) // 8 * cards.get("GCOUNT", 1) * (cards.get("PCOUNT", 0) + n)
+
+
+def fits_truncation(fh: Any) -> str | None:
+    """Why the FITS stream ``fh`` is shorter than its own headers say (None when it is whole).
+
+    Walks the HDUs: each header (blocks up to END) is followed by its data, whose size comes
+    from BITPIX, NAXISn, PCOUNT and GCOUNT. A body cut off mid-transfer without a
+    Content-Length is caught here. The standard's padding to whole blocks is required.
+    """
+    offset = 0
+    while True:
+        block = fh.read(_BLOCK)
+        if not block and offset:
+            return None  # a clean end after the last HDU
+        cards: dict[str, int] = {}
+        ended = False
+        while True:
+            if len(block) < _BLOCK:
+                return f"file ends inside the header of the HDU at byte {offset} ({offset + len(block)} bytes)"
+            more, ended = _header_ints(block)
+            cards.update(more)
+            offset += _BLOCK
+            if ended:
+                break
+            block = fh.read(_BLOCK)
+        need = _hdu_data_size(cards)
+        padded = -(-need // _BLOCK) * _BLOCK
+        got = 0
+        while got < padded:
+            chunk = fh.read(min(1 << 20, padded - got))
+            if not chunk:
+                break
+            got += len(chunk)
+        if got < padded:
+            return f"file ends at byte {offset + got}, but its headers need {offset + padded} bytes"
+        offset += got
+
+
+def _truncation(path: Path, gz: bool) -> str | None:
+    import gzip
+
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as fh:
+            return fits_truncation(fh)
+    except EOFError:
+        return "gzip stream ends before its end marker"
+    except (OSError, zlib.error) as exc:
+        return f"corrupt gzip data ({exc})"
+
+
 def _redact(message: str, item: FetchItem) -> str:
     for _, secret in item.params:
         if secret:
@@ -573,6 +650,10 @@ class Fetcher:
         else:
             suffix = "gz" if rel.endswith(".gz") else "fits"
         problem = _signature_problem(head, suffix)
+        if problem is None:
+            short = _truncation(part, head.startswith(_GZIP_MAGIC))
+            if short is not None:  # keep the .part: the next attempt resumes it with a Range request
+                raise _Retry(f"incomplete body: {short}")
         if problem is None and expected and digest != expected:
             problem = f"sha256 {digest[:16]}... differs from the expected {expected[:16]}..."
         if problem is not None:
@@ -646,7 +727,7 @@ class Fetcher:
         limits = httpx.Limits(max_connections=self.jobs, max_keepalive_connections=self.jobs)
         timeout = httpx.Timeout(self.timeout)
         # Proxies from the environment apply, except to a mirror on this machine.
-        trust_env = not all(_is_loopback(t.url) for item in items for t in item.targets)
+        trust_env = not all(url_is_loopback(t.url) for item in items for t in item.targets)
         queue = iter(items)
         with httpx.Client(limits=limits, timeout=timeout, follow_redirects=True, trust_env=trust_env) as client, cf.ThreadPoolExecutor(
             max_workers=self.jobs, thread_name_prefix="fetch"
