@@ -393,6 +393,13 @@ def test_interrupted_run_leaves_nothing_and_overwrite_replaces_only_when_done(tm
     target = tmp_path / "s"
     target.mkdir()
     (target / "old.txt").write_text("old")
+    with pytest.raises(SimulationError, match="not written by"):  # a folder simulate did not make stays
+        simulate_survey("sdss", 12, target, seed=1, workers=1, overwrite=True)
+    assert (target / "old.txt").read_text() == "old"
+    (target / "old.txt").unlink()
+    target.rmdir()
+    simulate_survey("sdss", 5, target, seed=2, workers=1)
+    (target / "old.txt").write_text("old")
     res = simulate_survey("sdss", 12, target, seed=1, workers=1, overwrite=True)
     assert not (target / "old.txt").exists() and (target / "truth.parquet").is_file()
     assert len(list(target.rglob("spec-*.fits"))) == res.n_files == 12

@@ -153,12 +153,17 @@ _FETCH_QUICK = typer.Option(False, "--quick-skip", help="Skip files whose size m
 _FETCH_QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 
 
-def _fetch_run(items: list, dest: Path, jobs: int, retries: int, timeout: float, backoff: float, checksums: Optional[Path], quick_skip: bool, quiet: bool) -> None:
+def _fetch_run(items: list, dest: Path, jobs: int, retries: int, timeout: float, backoff: float, checksums: Optional[Path], quick_skip: bool, quiet: bool,
+               missing_fails: bool = False) -> None:
+    """Fetch and print the summary; exit 1 when a file failed (or, for one named file, was missing)."""
     from spectransfer.data.fetch import fetch
 
     summary = fetch(items, dest, jobs=jobs, retries=retries, timeout=timeout, backoff=backoff, checksums=checksums, quick_skip=quick_skip, quiet=quiet)
     typer.echo(summary.line())
-    if summary.failed:
+    if summary.failed or (missing_fails and summary.missing):
+        for r in summary.results:
+            if r.status in ("failed", "missing"):
+                typer.echo(f"error: {r.url or r.key}: {r.status} ({r.error})", err=True)
         raise typer.Exit(1)
 
 
@@ -217,7 +222,7 @@ def fetch_catalog(
     """Fetch a quasar or spectroscopic catalogue (large: DR16Q ~1.7 GB, specObj-dr16 several GB; resumable)."""
     from spectransfer.data.fetch import catalog_items
 
-    _fetch_run(catalog_items(name.lower(), base_url=base_url), dest, 1, retries, timeout, backoff, checksums, False, quiet)
+    _fetch_run(catalog_items(name.lower(), base_url=base_url), dest, 1, retries, timeout, backoff, checksums, False, quiet, missing_fails=True)
 
 
 # ---- inspect + verdicts (issue 8) -----------------------------------------------------------
@@ -408,7 +413,7 @@ def stats_cmd(
 @app.command("info", rich_help_panel="1. Data")
 def info(
     files: list[Path] = typer.Argument(..., help="Spectrum files (FITS, .gz too) or folders searched recursively for *.fits, *.fit, *.fits.gz, *.fit.gz."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per line with exactly the keys survey, format, ids, ra, dec, class, subclass, z, zwarning, n_pixels, wave_min, wave_max."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line with exactly the keys path, survey, format, ids, ra, dec, class, subclass, z, zwarning, n_pixels, wave_min, wave_max."),
 ) -> None:
     """Describe survey spectrum files: one line per file.
 
@@ -417,21 +422,17 @@ def info(
     import json
 
     from spectransfer.errors import SpectrumError
-    from spectransfer.surveys import read_spectrum
-    from spectransfer.surveys.base import SPECTRUM_SUFFIXES
+    from spectransfer.surveys import read_spectrum, walk_spectrum_files
 
-    n_failed = 0
-    targets: list[Path] = []
+    walk = walk_spectrum_files(files)
+    n_failed = len(walk.skipped)
+    for path, reason in walk.skipped:
+        typer.echo(f"error: {path}: {reason}", err=True)
     for p in files:
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(SPECTRUM_SUFFIXES))
-            if not found:
-                n_failed += 1
-                typer.echo(f"error: {p}: no spectrum files in this folder", err=True)
-            targets.extend(found)
-        else:
-            targets.append(p)  # a missing file is reported as a failed file below
-    for path in targets:
+        if p.is_dir() and not any(f.is_relative_to(p) for f in walk.files):
+            n_failed += 1
+            typer.echo(f"error: {p}: no spectrum files in this folder", err=True)
+    for path in walk.files:
         try:
             summary = read_spectrum(path).summary()
         except SpectrumError as exc:
@@ -439,7 +440,7 @@ def info(
             typer.echo(f"error: {exc}", err=True)
             continue
         if as_json:
-            typer.echo(json.dumps(summary))
+            typer.echo(json.dumps({"path": str(path), **summary}))
         else:
             ids = " ".join(f"{k}={v}" for k, v in summary["ids"].items())
             z = "None" if summary["z"] is None else f"{summary['z']:.5f}"
@@ -644,8 +645,11 @@ def discover_cmd(
         fail("--workers must be >= 0; --batch-size, --block-size and --threads >= 1")
     if workers > 1 and scheduler is not None:
         fail("give --workers or --scheduler, not both")
-    res = discover(run, store, out, threshold=threshold, engine=engine, batch_size=batch_size, block_size=block_size,
-                   workers=workers, scheduler=scheduler, threads=threads, survey=survey, quiet=quiet)
+    from spectransfer.locks import OutputLock
+
+    with OutputLock(out.parent / f".{out.name}.lock", "a discover run"):  # one discover per catalogue
+        res = discover(run, store, out, threshold=threshold, engine=engine, batch_size=batch_size, block_size=block_size,
+                       workers=workers, scheduler=scheduler, threads=threads, survey=survey, quiet=quiet)
     meaning = {
         "new_candidate": "model says quasar, catalogue does not",
         "missed_by_model": "catalogue quasar the model rejects",

@@ -400,6 +400,8 @@ def find_files(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[str], lis
         if not os.path.lexists(p):
             raise StoreError(f"{printable_path(p)}: no such file or folder")
     walk = walk_spectrum_files([Path(p) for p in inputs])
+    for path, reason in walk.skipped:
+        log.warning("%s: %s; recorded as rejected", path, reason)
     found = {str(Path(p).resolve()) for p in walk.files}
     if not found and not walk.skipped:
         raise StoreError(f"no spectrum files (*.fits, *.fit, *.fits.gz) in {', '.join(printable_path(p) for p in inputs)}")

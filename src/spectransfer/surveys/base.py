@@ -186,6 +186,9 @@ def _utf8(path: str | os.PathLike[str]) -> bool:
     return True
 
 
+MISSING = "cannot open (no such file or directory)"
+
+
 @dataclass
 class FileWalk:
     """What a folder walk found: the spectrum files, and every entry it passed over with why."""
@@ -195,7 +198,7 @@ class FileWalk:
 
     def skip(self, path: str | os.PathLike[str], reason: str) -> None:
         self.skipped.append((printable_path(path), reason))
-        log.warning("skipped %s: %s", printable_path(path), reason)
+        log.debug("skipped %s: %s", printable_path(path), reason)
 
 
 def _not_a_file(path: str) -> str:
@@ -258,7 +261,7 @@ def walk_spectrum_files(paths: Iterable[str | os.PathLike[str]]) -> FileWalk:
         elif os.path.lexists(p):
             walk.skip(p, _not_a_file(str(p)))
         else:
-            walk.skip(p, "no such file or directory")
+            walk.skip(p, MISSING)
     unique = list(dict.fromkeys(walk.files))
     walk.files = unique
     return walk
@@ -271,8 +274,9 @@ def iter_spectrum_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     """
     walk = walk_spectrum_files(paths)
     for path, reason in walk.skipped:
-        if reason == "no such file or directory":
+        if reason == MISSING:
             raise SpectrumError(path, reason)
+        log.warning("skipped %s: %s", path, reason)
     return walk.files
 
 
