@@ -118,7 +118,7 @@ def writable_file(param: typer.CallbackParam, value: Optional[Path]) -> Optional
 
 def existing_file(param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
     if value is not None and not value.is_file():
-        fail(f"{param.opts[0]} {value}: {'is not a file' if value.exists() else 'no such file'}")
+        fail(f"{param.opts[0]} {value}: {'is not a file' if value.exists() else 'not found'}")
     return value
 
 
