@@ -200,10 +200,6 @@ async def _send_json(send: Any, status: int, detail: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 class Guards:
     """ASGI middleware in front of the app: security headers on every response, request bodies
     capped at ``max_body`` bytes (by Content-Length and by bytes actually received, before the
@@ -219,9 +215,12 @@ class Guards:
             await self.app(scope, receive, send)
             return
         started = False
+        refused = False  # a 413 went out while the app was reading: drop whatever it answers
 
         async def send_secured(message: dict[str, Any]) -> None:
             nonlocal started
+            if refused:
+                return
             if message["type"] == "http.response.start":
                 started = True
                 names = {k.lower() for k, _ in message.get("headers", [])}
@@ -239,20 +238,21 @@ class Guards:
         received = 0
 
         async def receive_limited() -> dict[str, Any]:
-            nonlocal received
+            # A body without Content-Length (chunked) is counted as it arrives; past the cap the
+            # client gets its 413 and the app sees a disconnect, so it never holds the whole body.
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body:
-                    raise _BodyTooLarge()
+                if received > self.max_body and not started:
+                    await _send_json(send_secured, 413, f"request body larger than {self.max_body} bytes")
+                    refused = True
+                    return {"type": "http.disconnect"}
             return message
 
-        try:
-            await self.app(scope, receive_limited, send_secured)
-        except _BodyTooLarge:
-            if started:
-                raise
-            await _send_json(send_secured, 413, f"request body larger than {self.max_body} bytes")
+        await self.app(scope, receive_limited, send_secured)
 
 
 def _token_guard(token: str) -> Any:
