@@ -41,6 +41,7 @@ from typing import Any
 
 from spectransfer.errors import FetchError
 from spectransfer.loopback import url_is_loopback
+from spectransfer.provenance import output_target
 
 log = logging.getLogger(__name__)
 # httpx logs every request URL at INFO, query string included: that would print a LAMOST token.
@@ -487,6 +488,11 @@ def _truncation(path: Path, gz: bool) -> str | None:
         return f"corrupt gzip data ({exc})"
 
 
+def _drop_if_empty(part: Path) -> None:
+    if part.exists() and part.stat().st_size == 0:
+        part.unlink()
+
+
 def _redact(message: str, item: FetchItem) -> str:
     for _, secret in item.params:
         if secret:
@@ -659,60 +665,64 @@ class Fetcher:
         if problem is not None:
             part.unlink(missing_ok=True)
             raise _Fatal(f"corrupt body, not kept: {problem}")
-        final = self.dest / rel
+        final = output_target(self.dest / rel)  # a symlink's target; never a device or folder
         os.replace(part, final)
         return FetchResult(item.key, "fetched", target.url, rel, size, digest)
 
     def _fetch_item(self, client: Any, item: FetchItem, prior: dict[str, Any] | None) -> FetchResult:
+        """Skip a complete file, else try each candidate URL in turn; the outcome goes to the manifest."""
         expected = self._expected_sha(item, prior)
         done = self._already_complete(item, prior, expected)
         if done is not None:
             return done
-        attempts = 0
-        last: FetchResult | None = None
+        attempts = [0]  # counted over every URL of the item
+        result: FetchResult | None = None
         for target in item.targets:
-            part = self.dest / (target.path + ".part")
-            for attempt in range(self.retries + 1):
-                if self._stop.is_set():
-                    raise _Stopped()
-                attempts += 1
-                try:
-                    size, digest = self._download_once(client, item, target, part)
-                    result = self._finish(item, target, part, size, digest, expected)
-                    result.attempts = attempts
-                    self._record(result)
-                    return result
-                except _Missing as exc:
-                    log.debug("%s: %s", target.url, exc)
-                    part.unlink(missing_ok=True)
-                    last = FetchResult(item.key, "missing", target.url, target.path, error=str(exc), attempts=attempts)
-                    break  # a 404 is an answer: no retry, try the next folder if any
-                except _Fatal as exc:
-                    if part.exists() and part.stat().st_size == 0:
-                        part.unlink()
-                    result = FetchResult(item.key, "failed", target.url, target.path, error=_redact(str(exc), item), attempts=attempts)
-                    log.warning("%s: %s", target.url, result.error)
-                    self._record(result)
-                    return result
-                except _Retry as exc:
-                    last = FetchResult(item.key, "failed", target.url, target.path, error=_redact(str(exc), item), attempts=attempts)
-                    if attempt < self.retries:
-                        delay = min(_BACKOFF_CAP, self.backoff * 2**attempt) + random.uniform(0, self.backoff)
-                        log.debug("%s: %s; retry %d/%d in %.2f s", target.url, exc, attempt + 1, self.retries, delay)
-                        if self._stop.wait(delay):
-                            raise _Stopped() from None
-            else:
-                # every attempt on this target failed: keep the .part for a later resume
-                if part.exists() and part.stat().st_size == 0:
-                    part.unlink()
-                assert last is not None
-                last.error = f"gave up after {self.retries + 1} attempts: {last.error}"
-                log.warning("%s: %s", target.url, last.error)
-                self._record(last)
-                return last
+            result = self._fetch_target(client, item, target, expected, attempts)
+            if result.status != "missing":
+                break  # fetched or failed; a 404 moves on to the next folder
+        assert result is not None
+        self._record(result)
+        return result
+
+    def _fetch_target(self, client: Any, item: FetchItem, target: Target, expected: str | None, attempts: list[int]) -> FetchResult:
+        """Every attempt at one URL: retried after 5xx, timeouts and short bodies, never after 404."""
+        part = self.dest / (target.path + ".part")
+        last: FetchResult | None = None
+        for attempt in range(self.retries + 1):
+            if self._stop.is_set():
+                raise _Stopped()
+            attempts[0] += 1
+            try:
+                size, digest = self._download_once(client, item, target, part)
+                result = self._finish(item, target, part, size, digest, expected)
+                result.attempts = attempts[0]
+                return result
+            except _Missing as exc:
+                log.debug("%s: %s", target.url, exc)
+                part.unlink(missing_ok=True)
+                return FetchResult(item.key, "missing", target.url, target.path, error=str(exc), attempts=attempts[0])
+            except _Fatal as exc:
+                _drop_if_empty(part)
+                result = FetchResult(item.key, "failed", target.url, target.path, error=_redact(str(exc), item), attempts=attempts[0])
+                log.warning("%s: %s", target.url, result.error)
+                return result
+            except _Retry as exc:
+                last = FetchResult(item.key, "failed", target.url, target.path, error=_redact(str(exc), item), attempts=attempts[0])
+                if attempt < self.retries:
+                    self._wait_before_retry(attempt, target, exc)
+        _drop_if_empty(part)  # a non-empty .part stays for a later resume
         assert last is not None
-        self._record(last)
+        last.error = f"gave up after {self.retries + 1} attempts: {last.error}"
+        log.warning("%s: %s", target.url, last.error)
         return last
+
+    def _wait_before_retry(self, attempt: int, target: Target, why: Exception) -> None:
+        """Exponential backoff with jitter; raises _Stopped when the run is being stopped."""
+        delay = min(_BACKOFF_CAP, self.backoff * 2**attempt) + random.uniform(0, self.backoff)
+        log.debug("%s: %s; retry %d/%d in %.2f s", target.url, why, attempt + 1, self.retries, delay)
+        if self._stop.wait(delay):
+            raise _Stopped() from None
 
     def run(self, items: Sequence[FetchItem], on_progress: Callable[[int, int], None] | None = None) -> FetchSummary:
         """Fetch ``items``; ``on_progress(files_done, bytes_done)`` is called from this thread."""
