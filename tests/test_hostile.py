@@ -402,3 +402,13 @@ def test_simulate_overwrite_refuses_a_folder_it_did_not_write(tmp_path: Path) ->
     result = _invoke("simulate", "--survey", "sdss", "--n", "3", "--out", str(sim), "--overwrite", "-q")
     assert result.exit_code == 0, result.stderr
     assert len(list(sim.rglob("spec-*.fits"))) == 3
+
+
+def test_torch_checkpoint_on_a_full_disk_is_one_line(full_dir: Path) -> None:
+    """torch.save reports a full disk as a bare RuntimeError; the writer still names the cause."""
+    import torch
+
+    with pytest.raises(OutputError, match="No space left on device"):
+        with atomic_path(full_dir / "last.pt") as tmp:
+            torch.save({"w": torch.zeros(100_000)}, tmp)
+    assert sorted(p.name for p in full_dir.iterdir()) == ["filler"]

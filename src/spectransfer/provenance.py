@@ -140,7 +140,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         except Exception as exc:
             # Writers in other languages (safetensors, onnx) report a full disk in their own
             # exception types; the message still carries the C library's text.
-            if os.strerror(errno.ENOSPC) in str(exc):
+            if os.strerror(errno.ENOSPC) in str(exc) or _disk_full(real.parent):
                 raise OutputError(f"{target}: cannot write ({os.strerror(errno.ENOSPC)})") from exc
             raise
         try:
@@ -150,6 +150,15 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _disk_full(folder: Path) -> bool:
+    """True when the file system holding ``folder`` has no block left (torch.save only says 'write failed')."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail == 0
 
 
 def write_text_atomic(target: str | os.PathLike[str], text: str) -> None:
