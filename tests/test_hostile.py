@@ -412,3 +412,9 @@ def test_torch_checkpoint_on_a_full_disk_is_one_line(full_dir: Path) -> None:
         with atomic_path(full_dir / "last.pt") as tmp:
             torch.save({"w": torch.zeros(100_000)}, tmp)
     assert sorted(p.name for p in full_dir.iterdir()) == ["filler"]
+
+
+def test_a_refused_train_leaves_no_folder(tmp_path: Path) -> None:
+    result = _invoke("train", "--store", str(tmp_path / "no-store"), "--out", str(tmp_path / "run"))
+    assert result.exit_code != 0
+    assert not (tmp_path / "run").exists()

@@ -102,10 +102,12 @@ class OutputLock:
         self.path = Path(path)
         self.what = what
         self.held = False
+        self.made_folder = False
 
     def __enter__(self) -> "OutputLock":
         me = LockOwner.me(self.what)
         try:
+            self.made_folder = not self.path.parent.exists()
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"{self.path.parent}: cannot write here ({exc.strerror or exc})") from exc
@@ -139,3 +141,8 @@ class OutputLock:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+            if self.made_folder:  # a run refused before it wrote anything leaves no empty folder
+                try:
+                    self.path.parent.rmdir()
+                except OSError:
+                    pass
