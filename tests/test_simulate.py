@@ -339,7 +339,7 @@ def test_same_seed_same_bytes_whatever_the_number_of_workers(tmp_path: Path, mon
     b = simulate_survey("lamost", 60, tmp_path / "b", seed=7, qso_fraction=0.2, workers=2)
     c = simulate_survey("lamost", 60, tmp_path / "c", seed=8, qso_fraction=0.2, workers=1)
     da, db, dc = _digest_tree(a.out), _digest_tree(b.out), _digest_tree(c.out)
-    assert len(da) == 60 + 2 and da == db
+    assert len(da) == 60 + 3 and da == db  # the spectra, catalogue, truth.parquet and the simulate marker
     assert da["truth.parquet"] != dc["truth.parquet"]
     s1 = simulate_survey("sdss", 30, tmp_path / "s1", seed=7, workers=1)
     s2 = simulate_survey("sdss", 30, tmp_path / "s2", seed=7, workers=1)
