@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
@@ -75,44 +73,27 @@ non_negative_float = _checked(lambda v: math.isfinite(v) and v >= 0, "a finite n
 fraction = _checked(lambda v: math.isfinite(v) and 0 < v <= 1, "a number in (0, 1]")
 
 
-def _nearest_existing(path: Path) -> Path:
-    p = path.absolute()
-    while not os.path.lexists(p) and p != p.parent:
-        p = p.parent
-    return p
-
-
-def _probe_folder(option: str, path: Path, folder: Path) -> None:
-    """Fail unless a file can be created in ``folder`` (read-only, immutable and /proc fail here)."""
-    if not folder.is_dir():
-        fail(f"{option} {path}: {folder} is not a folder")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        fail(f"{option} {path}: cannot write in {folder} ({exc.strerror or exc})")
-
-
 def writable_dir(param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
     """An output folder: existing and writable, or creatable below a writable folder. Creates nothing."""
+    from spectransfer.provenance import check_writable_dir
+
     if value is not None:
-        if value.exists() and not value.is_dir():
-            fail(f"{param.opts[0]} {value}: exists and is not a folder")
-        _probe_folder(param.opts[0], value, _nearest_existing(value))
+        try:
+            check_writable_dir(value)
+        except SpectransferError as exc:
+            fail(f"{param.opts[0]} {exc}")
     return value
 
 
 def writable_file(param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
     """An output file: a regular file or a new name (a symlink counts as its target), in a writable folder."""
-    if value is not None:
-        from spectransfer.provenance import output_target
+    from spectransfer.provenance import check_writable_file
 
+    if value is not None:
         try:
-            real = output_target(value)
+            check_writable_file(value)
         except SpectransferError as exc:
-            fail(str(exc))
-        _probe_folder(param.opts[0], value, _nearest_existing(real.parent))
+            fail(f"{param.opts[0]} {exc}")
     return value
 
 

@@ -87,29 +87,39 @@ def _kind(mode: int) -> str:
     return "a special file"
 
 
-def writable_dir(folder: str | os.PathLike[str]) -> Path:
-    """Create ``folder`` if needed and prove a file can be made in it; OutputError if not.
+def check_writable_dir(folder: str | os.PathLike[str]) -> Path:
+    """OutputError unless ``folder`` is, or could be made as, a folder where files can be written.
 
-    Called before expensive work, so a read-only, immutable or /proc folder (or one below a
-    regular file) fails in a second rather than after an hour of scoring.
+    Creates nothing: the nearest existing ancestor must be a folder that accepts a new file
+    (probed with a temporary file, removed at once). Called before expensive work, so a
+    read-only, immutable or /proc folder, or one below a regular file, fails in a second
+    rather than after an hour of scoring.
     """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder}: exists and is not a folder")
+    base = folder.absolute()
+    while not os.path.lexists(base) and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise OutputError(f"{folder}: {base} is not a folder")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=base)
         os.close(fd)
         os.unlink(probe)
-    except FileExistsError as exc:
-        raise OutputError(f"{folder}: exists and is not a folder") from exc
     except OSError as exc:
-        raise OutputError(f"{folder}: cannot write here ({exc.strerror or exc})") from exc
+        raise OutputError(f"{folder}: cannot write in {base} ({exc.strerror or exc})") from exc
     return folder
 
 
-def writable_file(target: str | os.PathLike[str]) -> Path:
-    """Check early that ``target`` can be written atomically: a regular or new file in a writable folder."""
+def check_writable_file(target: str | os.PathLike[str]) -> Path:
+    """OutputError unless ``target`` can be written atomically: a regular file or a new name
+    (a symlink counts as its target) in a writable folder. Returns the real target."""
     path = output_target(target)
-    writable_dir(path.parent)
+    try:
+        check_writable_dir(path.parent)
+    except OutputError as exc:
+        raise OutputError(f"{target}: {str(exc).split(': ', 1)[1]}") from exc
     return path
 
 
