@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import gzip
 import hashlib
+import io
 import json
 import logging
 import re
@@ -32,6 +33,7 @@ from spectransfer.data.fetch import (
     _signature_problem,
     catalog_items,
     fetch,
+    fits_truncation,
     lamost_items,
     read_manifest,
     sdss_items,
@@ -57,6 +59,7 @@ class SasServer(ThreadingHTTPServer):
         self.errors_before_ok: dict[str, int] = {}
         self.trickle: set[str] = set()  # paths sent in small pieces, slowly
         self.corrupt: dict[str, bytes] = {}
+        self.short: dict[str, list] = {}  # path -> [mode 'close'|'chunked', times]: a short body, no length
         self.ignore_range = False
         self.delay = 0.0
         self.token: str | None = None
@@ -123,6 +126,10 @@ class _Handler(BaseHTTPRequestHandler):
             if start >= len(body):
                 return self._plain(416)
         payload = body[start:]
+        short = srv.short.get(path)
+        if short is not None and short[1] > 0:
+            short[1] -= 1
+            return self._short_body(short[0], start, body, payload)
         self.send_response(206 if start else 200)
         self.send_header("Content-Type", "application/fits")
         self.send_header("Content-Length", str(len(payload)))
@@ -144,6 +151,25 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
             return
         self.wfile.write(payload)
+
+
+    def _short_body(self, mode: str, start: int, body: bytes, payload: bytes) -> None:
+        """Half the payload and no Content-Length: closed early, or a well-formed but short chunked body."""
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Type", "application/fits")
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        half = payload[: len(payload) // 2]
+        if mode == "chunked":
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(f"{len(half):x}\r\n".encode() + half + b"\r\n0\r\n\r\n")
+        else:
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(half)
+        self.wfile.flush()
+        self.close_connection = True
 
 
 @pytest.fixture(scope="module")
@@ -289,6 +315,54 @@ def test_dropped_connection_completes_on_resume(server: SasServer, sdss_files: d
     assert server.gets[path] == 2
     # the second request asked only for what was missing
     assert len(server.ranges) == 1 and 0 < server.ranges[0][1] < len(sdss_files[path])
+
+
+@pytest.mark.parametrize("mode", ["close", "chunked"])
+def test_short_body_without_length_is_never_kept(server: SasServer, sdss_files: dict[str, bytes], tmp_path: Path, mode: str) -> None:
+    """A body cut short with no Content-Length is caught by the FITS headers' own size."""
+    path = max(sdss_files, key=lambda p: len(sdss_files[p]))
+    server.short[path] = [mode, 99]
+    lst = _write_list(tmp_path / "list.csv", [path])
+    dest = tmp_path / "dest"
+    summary = _run(server, sdss_items(lst, base_url=server.url + "/sas"), dest, retries=0)
+    assert summary.fetched == 0 and summary.failed == 1
+    assert "incomplete body" in summary.results[0].error and "headers need" in summary.results[0].error
+    assert not (dest / _rel(path)).exists()
+    assert all(r["status"] != "fetched" for r in read_manifest(dest).values())
+    # The same server now sends whole bodies: the rerun fetches the file instead of skipping it.
+    server.short.clear()
+    summary = _run(server, sdss_items(lst, base_url=server.url + "/sas"), dest)
+    assert summary.fetched == 1
+    assert (dest / _rel(path)).read_bytes() == sdss_files[path]
+
+
+def test_short_body_once_is_resumed_to_the_whole_file(server: SasServer, sdss_files: dict[str, bytes], tmp_path: Path) -> None:
+    path = max(sdss_files, key=lambda p: len(sdss_files[p]))
+    server.short[path] = ["close", 1]
+    lst = _write_list(tmp_path / "list.csv", [path])
+    summary = _run(server, sdss_items(lst, base_url=server.url + "/sas"), tmp_path / "dest")
+    assert summary.fetched == 1 and summary.results[0].attempts == 2
+    assert (tmp_path / "dest" / _rel(path)).read_bytes() == sdss_files[path]
+    assert len(server.ranges) == 1 and server.ranges[0][1] == len(sdss_files[path]) // 2
+
+
+def test_fits_truncation_matches_astropy_on_real_files(shared_data: Path) -> None:
+    """Whole real files pass; every cut is found; the size walked equals astropy's HDU layout."""
+    for f in sorted((shared_data / "sdss").glob("*.fit*")) + sorted((shared_data / "lamost").glob("*.fits")):
+        data = f.read_bytes()
+        with fits.open(f) as hdul:
+            info = hdul.fileinfo(len(hdul) - 1)
+            end = info["datLoc"] + -(-hdul[-1]._data_size // 2880) * 2880
+        assert end == len(data), f.name
+        assert fits_truncation(io.BytesIO(data)) is None, f.name
+        for cut in (100, 2880, len(data) // 2, len(data) - 1):
+            assert fits_truncation(io.BytesIO(data[:cut])) is not None, (f.name, cut)
+
+
+def test_cli_catalog_404_exits_1(server: SasServer, tmp_path: Path) -> None:
+    proc = _cli("fetch", "catalog", "dr16q", "--base-url", server.url + "/sas", "--dest", str(tmp_path / "c"), "--retries", "0", "--quiet")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "missing" in proc.stderr and "HTTP 404" in proc.stderr
 
 
 def test_part_file_from_an_earlier_run_continues_with_range(server: SasServer, sdss_files: dict[str, bytes], tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from spectransfer.cli import app
 from spectransfer.surveys import read_spectrum
 
-KEYS = ["survey", "format", "ids", "ra", "dec", "class", "subclass", "z", "zwarning", "n_pixels", "wave_min", "wave_max", "cuts"]
+KEYS = ["path", "survey", "format", "ids", "ra", "dec", "class", "subclass", "z", "zwarning", "n_pixels", "wave_min", "wave_max", "cuts"]
 
 
 def _real_files(shared_data: Path) -> list[Path]:
@@ -29,7 +29,7 @@ def test_info_json_has_exactly_the_contract_keys(shared_data: Path) -> None:
     assert len(lines) == len(files)
     for path, line in zip(files, lines):
         obj = json.loads(line)
-        assert list(obj) == KEYS
+        assert list(obj) == KEYS and obj["path"] == str(path)
         rec = read_spectrum(path)
         assert obj["ids"] == rec.ids
         assert obj["class"] == rec.cls and obj["z"] == rec.z and obj["zwarning"] == rec.zwarning

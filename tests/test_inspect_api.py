@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -18,9 +19,10 @@ from astropy.table import Table
 
 from spectransfer.config import DEFAULT_GRID
 from spectransfer.inspect import InspectError
-from spectransfer.inspect.app import MAX_POINTS, create_app, downsample, load_candidates
+from spectransfer.inspect.app import MAX_BODY, MAX_POINTS, create_app, downsample, load_candidates
 from spectransfer.inspect.server import check_bind, running_server
 from spectransfer.data.store import open_store, write_store
+from spectransfer.loopback import is_loopback
 
 REAL_SDSS = "sdss/spec-3851-55302-0530.fits"  # BOSS quasar, z = 2.70, 4603 pixels
 CATEGORIES = ["new_candidate", "missed_by_model", "agree_qso", "agree_other"]
@@ -385,3 +387,85 @@ def test_cli_inspect_serves_and_refuses_open_bind(inputs, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# ---- hardening: every loopback address guarded, headers, body size, ids with '/' ---------------
+
+
+def test_one_loopback_check_covers_every_loopback_address():
+    yes = ["127.0.0.1", "127.0.0.2", "127.255.255.254", "localhost", "LOCALHOST.", "::1", "[::1]", "::ffff:127.0.0.1"]
+    no = ["0.0.0.0", "10.0.0.1", "::", "128.0.0.1", "localhost.example.com", "attacker.example", "", "1.2.3.4"]
+    assert all(is_loopback(h) for h in yes)
+    assert not any(is_loopback(h) for h in no)
+    for host in ("127.0.0.2", "::1"):
+        check_bind(host, None)  # loopback: no token needed ...
+
+
+def _free_on(host: str) -> bool:
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("host", ["127.0.0.2", "::1"])
+def test_cli_on_any_loopback_address_refuses_a_forged_host(inputs, tmp_path, host):
+    """... but then the DNS-rebinding guard must hold there too (it once covered 127.0.0.1 only)."""
+    if not _free_on(host):
+        pytest.skip(f"cannot bind {host} here")
+    cand, store_path, _ = inputs
+    env = {k: v for k, v in os.environ.items() if k != "SPECTRANSFER_TOKEN"}
+    cmd = [sys.executable, "-m", "spectransfer", "inspect", str(cand), "--db", str(tmp_path / "v.sqlite"), "--host", host, "--port", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert "http://" in line, proc.stderr.read() if proc.poll() is not None else line
+        url = line.split("at ", 1)[1].split()[0]
+        assert httpx.get(url + "api/info", timeout=30).status_code == 200
+        forged = httpx.get(url + "api/info", headers={"Host": "attacker.example"}, timeout=30)
+        assert forged.status_code == 400 and "Host" in forged.json()["detail"]
+        assert forged.headers["x-content-type-options"] == "nosniff"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_security_headers_on_every_response(server):
+    client, _, _ = server
+    for r in (client.get("/"), client.get("/api/info"), client.get("/static/app.js"), client.get("/api/spectrum/nope"),
+              client.get("/api/info", headers={"Host": "attacker.example"}), client.post("/api/verdicts", json={})):
+        assert r.headers["x-content-type-options"] == "nosniff", r.url
+        assert r.headers["x-frame-options"] == "DENY"
+        csp = r.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in csp and "default-src 'self'" in csp
+
+
+def test_large_bodies_are_refused_before_they_are_read(server):
+    client, db, _ = server
+    before = dump(db)
+    big = b'{"id": "' + b"x" * (MAX_BODY + 10) + b'"}'
+    r = client.post("/api/verdicts", content=big, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+
+    def stream():  # no Content-Length: chunked, counted as it arrives
+        yield b'{"id": "'
+        for _ in range(40):
+            yield b"y" * 65536
+        yield b'"}'
+
+    r = client.post("/api/verdicts", content=stream(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "larger than" in r.json()["detail"]
+    assert dump(db) == before
+
+
+def test_ids_with_a_slash_can_be_opened(tmp_path):
+    table = pd.DataFrame({"SPECTRUM_ID": ["lamost-1/2", "plain"], "P_QSO": [0.9, 0.1], "CATEGORY": ["new_candidate", "agree_other"]})
+    app = create_app(table, None, tmp_path / "v.sqlite")
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        r = client.get("/api/spectrum/lamost-1%2F2")
+        assert r.status_code == 404 and "no spectrum available for 'lamost-1/2'" in r.json()["detail"]
+        r = client.post("/api/verdicts", json={"id": "lamost-1/2", "verdict": "qso", "inspector": "ann"})
+        assert r.status_code == 201
+        assert client.get("/api/spectrum/unknown%2Fid").json()["detail"].startswith("unknown spectrum id")

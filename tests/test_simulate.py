@@ -339,7 +339,7 @@ def test_same_seed_same_bytes_whatever_the_number_of_workers(tmp_path: Path, mon
     b = simulate_survey("lamost", 60, tmp_path / "b", seed=7, qso_fraction=0.2, workers=2)
     c = simulate_survey("lamost", 60, tmp_path / "c", seed=8, qso_fraction=0.2, workers=1)
     da, db, dc = _digest_tree(a.out), _digest_tree(b.out), _digest_tree(c.out)
-    assert len(da) == 60 + 2 and da == db
+    assert len(da) == 60 + 3 and da == db  # the spectra, catalogue, truth.parquet and the simulate marker
     assert da["truth.parquet"] != dc["truth.parquet"]
     s1 = simulate_survey("sdss", 30, tmp_path / "s1", seed=7, workers=1)
     s2 = simulate_survey("sdss", 30, tmp_path / "s2", seed=7, workers=1)
@@ -392,6 +392,13 @@ def test_interrupted_run_leaves_nothing_and_overwrite_replaces_only_when_done(tm
         assert calls and list(tmp_path.iterdir()) == []
     target = tmp_path / "s"
     target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(SimulationError, match="not written by"):  # a folder simulate did not make stays
+        simulate_survey("sdss", 12, target, seed=1, workers=1, overwrite=True)
+    assert (target / "old.txt").read_text() == "old"
+    (target / "old.txt").unlink()
+    target.rmdir()
+    simulate_survey("sdss", 5, target, seed=2, workers=1)
     (target / "old.txt").write_text("old")
     res = simulate_survey("sdss", 12, target, seed=1, workers=1, overwrite=True)
     assert not (target / "old.txt").exists() and (target / "truth.parquet").is_file()

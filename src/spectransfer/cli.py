@@ -8,9 +8,11 @@ code 2 (bad input) or 1 (some inputs failed), never a traceback.
 from __future__ import annotations
 
 import logging
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -50,6 +52,69 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+# ---- option validation ------------------------------------------------------------------------
+# Typer callbacks shared by every command: each checks one kind of value and answers with one
+# line naming the option (never click's boxed usage message, never a traceback later on).
+
+
+def _checked(test: Callable[[Any], bool], wants: str) -> Callable[..., Any]:
+    def callback(param: typer.CallbackParam, value: Any) -> Any:
+        if value is not None and not test(value):
+            fail(f"{param.opts[0]} must be {wants}, got {value}")
+        return value
+
+    return callback
+
+
+positive_int = _checked(lambda v: v >= 1, "an integer >= 1")
+non_negative_int = _checked(lambda v: v >= 0, "an integer >= 0")
+positive_float = _checked(lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+non_negative_float = _checked(lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+fraction = _checked(lambda v: math.isfinite(v) and 0 < v <= 1, "a number in (0, 1]")
+
+
+def writable_dir(param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
+    """An output folder: existing and writable, or creatable below a writable folder. Creates nothing."""
+    from spectransfer.provenance import check_writable_dir
+
+    if value is not None:
+        try:
+            check_writable_dir(value)
+        except SpectransferError as exc:
+            fail(f"{param.opts[0]} {exc}")
+    return value
+
+
+def writable_file(param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
+    """An output file: a regular file or a new name (a symlink counts as its target), in a writable folder."""
+    from spectransfer.provenance import check_writable_file
+
+    if value is not None:
+        try:
+            check_writable_file(value)
+        except SpectransferError as exc:
+            fail(f"{param.opts[0]} {exc}")
+    return value
+
+
+def existing_file(param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
+    if value is not None and not value.is_file():
+        fail(f"{param.opts[0]} {value}: {'is not a file' if value.exists() else 'not found'}")
+    return value
+
+
+def available_device(param: typer.CallbackParam, value: str) -> str:
+    """auto, cpu or cuda; cuda only where torch sees a CUDA device."""
+    if value not in ("auto", "cpu", "cuda"):
+        fail(f"{param.opts[0]} must be auto, cpu or cuda, got {value!r}")
+    if value == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            fail(f"{param.opts[0]} cuda: no CUDA device is available to torch {torch.__version__} here (use auto or cpu)")
+    return value
+
+
 # ---- commands -------------------------------------------------------------------------------
 # Each command lives in its own block below; keep heavy imports inside the function body.
 
@@ -60,28 +125,33 @@ fetch_app = typer.Typer(
 )
 app.add_typer(fetch_app, name="fetch", rich_help_panel="1. Data")
 
-_FETCH_JOBS = typer.Option(8, "--jobs", "-j", help="Parallel downloads (also the bound on open connections).")
-_FETCH_RETRIES = typer.Option(5, "--retries", help="Retries per file after 5xx, timeouts or dropped connections (404 is never retried).")
-_FETCH_TIMEOUT = typer.Option(60.0, "--timeout", help="Seconds to wait for a connection or for the next bytes before retrying.")
-_FETCH_BACKOFF = typer.Option(1.0, "--backoff", help="Base of the exponential backoff between retries, in seconds (plus random jitter).")
-_FETCH_CHECKSUMS = typer.Option(None, "--checksums", help="sha256sum-style file ('SHA256  PATH' lines); downloads must match it.")
+_FETCH_JOBS = typer.Option(8, "--jobs", "-j", callback=positive_int, help="Parallel downloads (also the bound on open connections).")
+_FETCH_RETRIES = typer.Option(5, "--retries", callback=non_negative_int, help="Retries per file after 5xx, timeouts or dropped connections (404 is never retried).")
+_FETCH_TIMEOUT = typer.Option(60.0, "--timeout", callback=positive_float, help="Seconds to wait for a connection or for the next bytes before retrying.")
+_FETCH_BACKOFF = typer.Option(1.0, "--backoff", callback=non_negative_float, help="Base of the exponential backoff between retries, in seconds (plus random jitter).")
+_FETCH_CHECKSUMS = typer.Option(None, "--checksums", callback=existing_file, help="sha256sum-style file ('SHA256  PATH' lines); downloads must match it.")
 _FETCH_QUICK = typer.Option(False, "--quick-skip", help="Skip files whose size matches the manifest without re-hashing them.")
 _FETCH_QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 
 
-def _fetch_run(items: list, dest: Path, jobs: int, retries: int, timeout: float, backoff: float, checksums: Optional[Path], quick_skip: bool, quiet: bool) -> None:
+def _fetch_run(items: list, dest: Path, jobs: int, retries: int, timeout: float, backoff: float, checksums: Optional[Path], quick_skip: bool, quiet: bool,
+               missing_fails: bool = False) -> None:
+    """Fetch and print the summary; exit 1 when a file failed (or, for one named file, was missing)."""
     from spectransfer.data.fetch import fetch
 
     summary = fetch(items, dest, jobs=jobs, retries=retries, timeout=timeout, backoff=backoff, checksums=checksums, quick_skip=quick_skip, quiet=quiet)
     typer.echo(summary.line())
-    if summary.failed:
+    if summary.failed or (missing_fails and summary.missing):
+        for r in summary.results:
+            if r.status in ("failed", "missing"):
+                typer.echo(f"error: {r.url or r.key}: {r.status} ({r.error})", err=True)
         raise typer.Exit(1)
 
 
 @fetch_app.command("sdss")
 def fetch_sdss(
-    list_path: Path = typer.Option(..., "--list", help="CSV/FITS/Parquet table with plate, mjd, fiberid columns (any case; RUN2D used when present), e.g. a DR16Q or specObj cut."),
-    dest: Path = typer.Option(..., "--dest", help="Folder that receives the files in the SAS layout (RELEASE/eboss|sdss/spectro/redux/RUN2D/spectra/lite/PLATE/...)."),
+    list_path: Path = typer.Option(..., "--list", callback=existing_file, help="CSV/FITS/Parquet table with plate, mjd, fiberid columns (any case; RUN2D used when present), e.g. a DR16Q or specObj cut."),
+    dest: Path = typer.Option(..., "--dest", callback=writable_dir, help="Folder that receives the files in the SAS layout (RELEASE/eboss|sdss/spectro/redux/RUN2D/spectra/lite/PLATE/...)."),
     release: str = typer.Option("dr16", "--release", help="SDSS data release: dr14 (eBOSS run2d v5_10_0), dr16 (v5_13_0) or dr17 (v5_13_2); SDSS-I/II plates use run2d 26 (then 103, 104)."),
     base_url: str = typer.Option("https://data.sdss.org/sas", "--base-url", help="Root of the Science Archive Server or of a mirror with the same tree below 'sas/'."),
     jobs: int = _FETCH_JOBS,
@@ -100,8 +170,8 @@ def fetch_sdss(
 
 @fetch_app.command("lamost")
 def fetch_lamost(
-    list_path: Path = typer.Option(..., "--list", help="CSV/FITS/Parquet table with an obsid column, or a text file of bare obsids."),
-    dest: Path = typer.Option(..., "--dest", help="Folder that receives DEST/lamost/OBSID.fits (or .fits.gz when the body is gzip)."),
+    list_path: Path = typer.Option(..., "--list", callback=existing_file, help="CSV/FITS/Parquet table with an obsid column, or a text file of bare obsids."),
+    dest: Path = typer.Option(..., "--dest", callback=writable_dir, help="Folder that receives DEST/lamost/OBSID.fits (or .fits.gz when the body is gzip)."),
     base_url: str = typer.Option(..., "--base-url", help="LAMOST release root, files at BASE/spectrum/fits/OBSID (or a URL template with {obsid}). "
         "Per the pylamost client: DR6+ https://www.lamost.org/drN/vX.Y, DR4-5 http://drN.lamost.org/vX; not verified against the live site here."),
     token: Optional[str] = typer.Option(None, "--token", envvar="LAMOST_TOKEN", help="LAMOST access token (registration required), sent as ?token=; default env LAMOST_TOKEN. Never written to the manifest."),
@@ -122,7 +192,7 @@ def fetch_lamost(
 @fetch_app.command("catalog")
 def fetch_catalog(
     name: str = typer.Argument(..., help="dr16q (DR16Q_v4.fits), dr14q (DR14Q_v4_4.fits) or specobj (specObj-dr16.fits)."),
-    dest: Path = typer.Option(..., "--dest", help="Folder that receives the file in the SAS layout (e.g. dr16/eboss/qso/DR16Q/DR16Q_v4.fits)."),
+    dest: Path = typer.Option(..., "--dest", callback=writable_dir, help="Folder that receives the file in the SAS layout (e.g. dr16/eboss/qso/DR16Q/DR16Q_v4.fits)."),
     base_url: str = typer.Option("https://data.sdss.org/sas", "--base-url", help="Root of the Science Archive Server or of a mirror with the same tree."),
     retries: int = _FETCH_RETRIES,
     timeout: float = _FETCH_TIMEOUT,
@@ -133,7 +203,7 @@ def fetch_catalog(
     """Fetch a quasar or spectroscopic catalogue (large: DR16Q ~1.7 GB, specObj-dr16 several GB; resumable)."""
     from spectransfer.data.fetch import catalog_items
 
-    _fetch_run(catalog_items(name.lower(), base_url=base_url), dest, 1, retries, timeout, backoff, checksums, False, quiet)
+    _fetch_run(catalog_items(name.lower(), base_url=base_url), dest, 1, retries, timeout, backoff, checksums, False, quiet, missing_fails=True)
 
 
 # ---- inspect + verdicts (issue 8) -----------------------------------------------------------
@@ -150,6 +220,7 @@ def inspect_cmd(
     """Open a local web page to look at candidates and record verdicts (q / n / u)."""
     from spectransfer.inspect.app import create_app, load_candidates
     from spectransfer.inspect.server import check_bind, serve
+    from spectransfer.loopback import is_loopback
 
     check_bind(host, token)
     table = load_candidates(candidates)
@@ -160,7 +231,7 @@ def inspect_cmd(
         opened = open_store(store)
     db_path = db if db is not None else candidates.parent / "verdicts.sqlite"
     dirs = [candidates.parent] + ([store, store.parent] if store is not None else [])
-    web = create_app(table, opened, db_path, token=token, default_category=category, loopback_only=(host in ("127.0.0.1", "localhost")), search_dirs=dirs)
+    web = create_app(table, opened, db_path, token=token, default_category=category, loopback_only=is_loopback(host), search_dirs=dirs)
 
     def ready(url: str) -> None:
         typer.echo(f"Inspecting {len(table):,} candidates at {url}  (verdicts -> {db_path}; Ctrl-C to stop)")
@@ -174,9 +245,9 @@ app.add_typer(verdicts_app, name="verdicts", rich_help_panel="3. Find and confir
 
 @verdicts_app.command("export")
 def verdicts_export(
-    db: Path = typer.Option(..., "--db", help="Verdict database written by `spectransfer inspect`."),
-    out: Path = typer.Option(..., "--out", help="Table to write, in the format its name says: .fits (EXTNAME VERDICTS), .parquet, .csv (ECSV: units and provenance in '#' lines) or .vot; written to a temporary name, then renamed."),
-    candidates: Optional[Path] = typer.Option(None, "--candidates", help="Candidates table from `discover` (FITS or Parquet): adds each spectrum's RA, DEC, P_QSO and CATEGORY."),
+    db: Path = typer.Option(..., "--db", callback=existing_file, help="Verdict database written by `spectransfer inspect`."),
+    out: Path = typer.Option(..., "--out", callback=writable_file, help="Table to write, in the format its name says: .fits (EXTNAME VERDICTS), .parquet, .csv (ECSV: units and provenance in '#' lines) or .vot; written to a temporary name, then renamed."),
+    candidates: Optional[Path] = typer.Option(None, "--candidates", callback=existing_file, help="Candidates table from `discover` (FITS or Parquet): adds each spectrum's RA, DEC, P_QSO and CATEGORY."),
 ) -> None:
     """Write every verdict (one row per spectrum and inspector) as a table with units, descriptions and provenance."""
     from spectransfer.inspect.verdicts import export_table
@@ -187,7 +258,7 @@ def verdicts_export(
 
 @verdicts_app.command("summary")
 def verdicts_summary(
-    db: Path = typer.Option(..., "--db", help="Verdict database written by `spectransfer inspect`."),
+    db: Path = typer.Option(..., "--db", callback=existing_file, help="Verdict database written by `spectransfer inspect`."),
 ) -> None:
     """Count verdicts per inspector and kind."""
     from collections import Counter
@@ -207,14 +278,14 @@ def verdicts_summary(
 @app.command("ingest", rich_help_panel="1. Data")
 def ingest_cmd(
     inputs: list[Path] = typer.Argument(..., help="Survey FITS files or folders (searched recursively)."),
-    store: Path = typer.Option(..., "--store", help="Store folder; created if missing, appended to otherwise."),
+    store: Path = typer.Option(..., "--store", callback=writable_dir, help="Store folder; created if missing, appended to otherwise."),
     survey: str = typer.Option("auto", "--survey", help="sdss, lamost or auto; with sdss/lamost, files of the other survey are rejected."),
     catalog: list[Path] = typer.Option([], "--catalog", help="Catalogue to label with (repeatable; remembered for later ingests): a quasar catalogue (DR14Q, DR16Q, LAMOST DR*Q, known by their columns) labels all its rows, a table with a class column (specObj CLASS, specClass, objtype...) only its QSO rows; any other table is refused (see --qso-catalog)."),
     qso_catalog: list[Path] = typer.Option([], "--qso-catalog", help="A table every row of which is a quasar, though nothing in its columns says so (repeatable; remembered)."),
     labels: Optional[str] = typer.Option(None, "--labels", help="catalog: label by the catalogues (default); pipeline: label by the survey pipeline's own CLASS == QSO (label_source 'pipeline'). Default: the store's mode."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes of a local Dask cluster (default 2; 0 = no Dask, run in this process)."),
+    workers: Optional[int] = typer.Option(None, "--workers", callback=non_negative_int, help="Worker processes of a local Dask cluster (default 2; 0 = no Dask, run in this process)."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of an existing Dask scheduler (tcp://HOST:PORT); its workers must see the files and the store."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Files per Dask task (rounded up to the store's chunk rows; the chunk size of a new store)."),
+    batch_size: int = typer.Option(256, "--batch-size", callback=positive_int, help="Files per Dask task (rounded up to the store's chunk rows; the chunk size of a new store)."),
     no_zwarning_filter: bool = typer.Option(False, "--no-zwarning-filter", help="Keep SDSS spectra with ZWARNING != 0."),
     no_coverage_filter: bool = typer.Option(False, "--no-coverage-filter", help="Keep spectra that do not cover the grid (SDSS WAVEMIN <= 3839.7244, WAVEMAX >= 8914.597)."),
     split_seed: Optional[int] = typer.Option(None, "--split-seed", help="Seed of the object-level split hash (default: the store's, else 0)."),
@@ -350,7 +421,7 @@ def stats_cmd(
 @app.command("info", rich_help_panel="1. Data")
 def info(
     files: list[Path] = typer.Argument(..., help="Spectrum files (FITS, .gz too) or folders searched recursively for *.fits, *.fit, *.fits.gz, *.fit.gz."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per line with the keys survey, format, ids, ra, dec, class, subclass, z, zwarning, n_pixels, wave_min, wave_max and cuts ({pass, reason}: whether `ingest` would keep it)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line with the keys path, survey, format, ids, ra, dec, class, subclass, z, zwarning, n_pixels, wave_min, wave_max and cuts ({pass, reason}: whether `ingest` would keep it)."),
 ) -> None:
     """Describe survey spectrum files: one line per file, ending with whether ingest's quality cuts keep it and why not.
 
@@ -360,21 +431,17 @@ def info(
 
     from spectransfer.data.ingest import passes_cuts
     from spectransfer.errors import SpectrumError
-    from spectransfer.surveys import read_spectrum
-    from spectransfer.surveys.base import SPECTRUM_SUFFIXES
+    from spectransfer.surveys import read_spectrum, walk_spectrum_files
 
-    n_failed = 0
-    targets: list[Path] = []
+    walk = walk_spectrum_files(files)
+    n_failed = len(walk.skipped)
+    for path, reason in walk.skipped:
+        typer.echo(f"error: {path}: {reason}", err=True)
     for p in files:
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(SPECTRUM_SUFFIXES))
-            if not found:
-                n_failed += 1
-                typer.echo(f"error: {p}: no spectrum files in this folder", err=True)
-            targets.extend(found)
-        else:
-            targets.append(p)  # a missing file is reported as a failed file below
-    for path in targets:
+        if p.is_dir() and not any(f.is_relative_to(p) for f in walk.files):
+            n_failed += 1
+            typer.echo(f"error: {p}: no spectrum files in this folder", err=True)
+    for path in walk.files:
         try:
             rec = read_spectrum(path)
             summary = rec.summary()
@@ -384,7 +451,7 @@ def info(
             continue
         ok, why = passes_cuts(rec)
         if as_json:
-            typer.echo(json.dumps({**summary, "cuts": {"pass": ok, "reason": why}}))
+            typer.echo(json.dumps({"path": str(path), **summary, "cuts": {"pass": ok, "reason": why}}))
         else:
             ids = " ".join(f"{k}={v}" for k, v in summary["ids"].items())
             z = "None" if summary["z"] is None else f"{summary['z']:.5f}"
@@ -404,27 +471,27 @@ def info(
 @app.command("train", rich_help_panel="2. Train and evaluate")
 def train_cmd(
     store: Path = typer.Option(..., "--store", help="Store folder to train on (rows with split train; val for early stopping)."),
-    out: Path = typer.Option(..., "--out", help="Run folder to write (config.toml, model.safetensors, checkpoints/, metrics.jsonl, tb/)."),
+    out: Path = typer.Option(..., "--out", callback=writable_dir, help="Run folder to write (config.toml, model.safetensors, checkpoints/, metrics.jsonl, tb/)."),
     survey: Optional[str] = typer.Option(None, "--survey", help="Use only the store rows of this survey (sdss, lamost); default all."),
     mode: str = typer.Option("scratch", "--mode", help="scratch: fresh Xavier weights. finetune: load all weights from --init, train all layers with a fresh optimizer. freeze-conv: load --init, train only the dense head."),
     init: Optional[Path] = typer.Option(None, "--init", help="Pretrained run folder for finetune / freeze-conv (same model and grid)."),
     model: str = typer.Option("vgg-a", "--model", help="Network: vgg-a (the paper's), vgg-b, vgg-d or vgg-e."),
     input_: str = typer.Option("flux", "--input", help="Network input: flux (the paper's) or flux+ivar (a second channel sqrt(ivar)/max)."),
-    max_epochs: int = typer.Option(50, "--max-epochs", help="Upper bound on passes over the training rows."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Upper bound on optimisation steps (default: no bound)."),
+    max_epochs: int = typer.Option(50, "--max-epochs", callback=positive_int, help="Upper bound on passes over the training rows."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", callback=positive_int, help="Upper bound on optimisation steps (default: no bound)."),
     seed: int = typer.Option(0, "--seed", help="Seed of weights, data order, dropout and --train-fraction subsets."),
-    devices: int = typer.Option(1, "--devices", help="Processes on this machine (DDP; one per GPU, or CPU processes with gloo). Under torchrun the world comes from torchrun."),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Spectra per step and process."),
-    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
-    eval_every: int = typer.Option(1000, "--eval-every", help="Evaluate on the validation rows (and checkpoint) every this many steps."),
-    patience: int = typer.Option(10, "--patience", help="Stop after this many evaluations without improvement."),
+    devices: int = typer.Option(1, "--devices", callback=positive_int, help="Processes on this machine (DDP; one per GPU, or CPU processes with gloo). Under torchrun the world comes from torchrun."),
+    device: str = typer.Option("auto", "--device", callback=available_device, help="auto (CUDA when present), cpu or cuda."),
+    batch_size: int = typer.Option(256, "--batch-size", callback=positive_int, help="Spectra per step and process."),
+    lr: float = typer.Option(1e-3, "--lr", callback=positive_float, help="Adam learning rate."),
+    eval_every: int = typer.Option(1000, "--eval-every", callback=positive_int, help="Evaluate on the validation rows (and checkpoint) every this many steps."),
+    patience: int = typer.Option(10, "--patience", callback=non_negative_int, help="Stop after this many evaluations without improvement."),
     early_stop: str = typer.Option("f1", "--early-stop", help="Early-stopping metric: f1 (validation F1 at p=0.5) or loss (validation BCE)."),
     imbalance: str = typer.Option("none", "--imbalance", help="none | pos-weight | balanced. " + "none (the paper): plain BCE. pos-weight: BCE pos_weight = n_neg/n_pos, raises recall at 0.5 and lowers precision, probabilities shift up (calibrate with evaluate). balanced: stream resampled to ~half quasars per batch (positives repeat); same effect on probabilities."),
     precision: str = typer.Option("auto", "--precision", help="fp32 or bf16 (torch.amp autocast, also on CPU); auto = bf16 on GPU, fp32 on CPU."),
-    train_fraction: Optional[float] = typer.Option(None, "--train-fraction", help="Train on this fraction of the training rows (deterministic subset by --seed)."),
-    train_limit: Optional[int] = typer.Option(None, "--train-limit", help="Train on at most this many training rows (deterministic subset by --seed)."),
-    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes reading the store (0 = read in the training process)."),
+    train_fraction: Optional[float] = typer.Option(None, "--train-fraction", callback=fraction, help="Train on this fraction of the training rows (deterministic subset by --seed)."),
+    train_limit: Optional[int] = typer.Option(None, "--train-limit", callback=positive_int, help="Train on at most this many training rows (deterministic subset by --seed)."),
+    workers: int = typer.Option(2, "--workers", callback=non_negative_int, help="DataLoader worker processes reading the store (0 = read in the training process)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from checkpoints/last.pt with its saved settings."),
     debug_rows: bool = typer.Option(False, "--debug-rows", help="Log the row ids each process consumed and its final weights to RUN/debug/."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
@@ -455,7 +522,7 @@ def train_cmd(
 def evaluate_cmd(
     runs: list[Path] = typer.Argument(..., help="Run folders to evaluate and compare on the same spectra (e.g. transfer, scratch, and the pretrained run as zero-shot)."),
     store: Path = typer.Option(..., "--store", help="Store whose split is scored (its grid must be the runs' grid)."),
-    out: Path = typer.Option(..., "--out", help="Report folder: metrics.json, report.html, RUN-NAME/predictions.parquet and false_positives/negatives.csv."),
+    out: Path = typer.Option(..., "--out", callback=writable_dir, help="Report folder: metrics.json, report.html, RUN-NAME/predictions.parquet and false_positives/negatives.csv."),
     split: str = typer.Option("test", "--split", help="Split to evaluate: test (default), val or train. Thresholds and temperatures are always fitted on val."),
     survey: Optional[str] = typer.Option(None, "--survey", help="Evaluate only the spectra of this survey (sdss, lamost); default all."),
     target_precision: Optional[float] = typer.Option(None, "--target-precision", help="Choose the threshold on val as the lowest one reaching this precision (default: maximum F1)."),
@@ -501,18 +568,18 @@ def evaluate_cmd(
 def learning_curve_cmd(
     source_run: Path = typer.Option(..., "--source-run", help="Pretrained run (e.g. on LAMOST) that the finetune cells start from."),
     store: Path = typer.Option(..., "--store", help="Store holding the target survey's train/val/test splits."),
-    out: Path = typer.Option(..., "--out", help="Folder for learning_curve.json, learning_curve.png and runs/MODE-fF-sS/ (resumable)."),
+    out: Path = typer.Option(..., "--out", callback=writable_dir, help="Folder for learning_curve.json, learning_curve.png and runs/MODE-fF-sS/ (resumable)."),
     fractions: str = typer.Option("0.001,0.01,0.1,1", "--fractions", help="Comma-separated fractions of the training labels to train on."),
     seeds: int = typer.Option(3, "--seeds", help="Seeds per fraction and mode (0..N-1): different subsets, weights and data order."),
     survey: Optional[str] = typer.Option(None, "--survey", help="Target survey (sdss, lamost) whose rows are used; default all rows of the store."),
     modes: str = typer.Option("finetune,scratch", "--modes", help="Comma-separated training modes: finetune (from --source-run) and/or scratch."),
-    max_epochs: int = typer.Option(50, "--max-epochs", help="Upper bound on epochs per cell."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Upper bound on optimisation steps per cell."),
-    eval_every: int = typer.Option(1000, "--eval-every", help="Validation (early stopping) every this many steps."),
-    patience: int = typer.Option(10, "--patience", help="Stop a cell after this many evaluations without improvement."),
+    max_epochs: int = typer.Option(50, "--max-epochs", callback=positive_int, help="Upper bound on epochs per cell."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", callback=positive_int, help="Upper bound on optimisation steps per cell."),
+    eval_every: int = typer.Option(1000, "--eval-every", callback=positive_int, help="Validation (early stopping) every this many steps."),
+    patience: int = typer.Option(10, "--patience", callback=non_negative_int, help="Stop a cell after this many evaluations without improvement."),
     train_batch_size: int = typer.Option(256, "--train-batch-size", help="Spectra per training step."),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda."),
-    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes per cell (0 = in process)."),
+    device: str = typer.Option("auto", "--device", callback=available_device, help="auto (CUDA when present), cpu or cuda."),
+    workers: int = typer.Option(2, "--workers", callback=non_negative_int, help="DataLoader worker processes per cell (0 = in process)."),
     batch_size: int = typer.Option(1024, "--batch-size", help="Spectra per scoring batch on the test split."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -538,7 +605,7 @@ def learning_curve_cmd(
 def simulate_cmd(
     survey: str = typer.Option(..., "--survey", help="Which survey to imitate: sdss (spec-lite files) or lamost (DR5 files)."),
     n: int = typer.Option(..., "--n", help="Number of spectrum files to write (> 0)."),
-    out: Path = typer.Option(..., "--out", help="Folder to create; spectra go below it in the survey's own layout."),
+    out: Path = typer.Option(..., "--out", callback=writable_dir, help="Folder to create; spectra go below it in the survey's own layout."),
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed writes the same bytes."),
     qso_fraction: Optional[float] = typer.Option(None, "--qso-fraction", help="Share of quasar spectra in [0, 1] (default: SDSS 0.14, LAMOST 0.0035)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Processes that write files (default: up to 2)."),
@@ -567,7 +634,7 @@ def simulate_cmd(
 def discover_cmd(
     run: Path = typer.Argument(..., help="Run folder to score with (its calibration.json, written by evaluate, calibrates P_QSO)."),
     store: Path = typer.Option(..., "--store", help="Store whose every spectrum is scored."),
-    out: Path = typer.Option(..., "--out", help="Candidate catalogue CANDIDATES.fits (EXTNAME CANDIDATES); CANDIDATES.parquet is written beside it."),
+    out: Path = typer.Option(..., "--out", callback=writable_file, help="Candidate catalogue CANDIDATES.fits (EXTNAME CANDIDATES); CANDIDATES.parquet is written beside it."),
     threshold: float = typer.Option(0.5, "--threshold", help="P_QSO at or above which a spectrum counts as a quasar."),
     engine: str = typer.Option("onnx-int8", "--engine", help="torch (eager fp32), onnx (onnxruntime fp32) or onnx-int8 (int8 calibrated on this store; fastest, see bench/discover.py)."),
     workers: int = typer.Option(0, "--workers", help="Processes of a local Dask cluster scoring blocks in parallel (0 or 1 = score in this process with all cores)."),
@@ -590,8 +657,11 @@ def discover_cmd(
         fail("--workers must be >= 0; --batch-size, --block-size and --threads >= 1")
     if workers > 1 and scheduler is not None:
         fail("give --workers or --scheduler, not both")
-    res = discover(run, store, out, threshold=threshold, engine=engine, batch_size=batch_size, block_size=block_size,
-                   workers=workers, scheduler=scheduler, threads=threads, survey=survey, quiet=quiet)
+    from spectransfer.locks import OutputLock
+
+    with OutputLock(out.parent / f".{out.name}.lock", "a discover run"):  # one discover per catalogue
+        res = discover(run, store, out, threshold=threshold, engine=engine, batch_size=batch_size, block_size=block_size,
+                       workers=workers, scheduler=scheduler, threads=threads, survey=survey, quiet=quiet)
     meaning = {
         "new_candidate": "model says quasar, catalogue does not",
         "missed_by_model": "catalogue quasar the model rejects",
@@ -619,7 +689,7 @@ def discover_cmd(
 
 @app.command("demo", rich_help_panel="0. Start here")
 def demo_cmd(
-    out: Path = typer.Option(Path("demo-output"), "--out", help="Folder for everything the demo writes (surveys/, stores/, runs/, report/, candidates.fits); a new or earlier demo folder."),
+    out: Path = typer.Option(Path("demo-output"), "--out", callback=writable_dir, help="Folder for everything the demo writes (surveys/, stores/, runs/, report/, candidates.fits); a new or earlier demo folder."),
     quick: bool = typer.Option(False, "--quick", help="Small surveys and short training (about 3 minutes on 2 cores) instead of the full demo (about 15)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the simulated surveys and of training."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars in the stages."),
@@ -645,6 +715,10 @@ def main() -> None:
         app()
     except SpectransferError as exc:
         typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except OSError as exc:  # a read-only folder, a full disk, ... met where no layer expected it
+        where = exc.filename if exc.filename is not None else "output"
+        typer.echo(f"error: {where}: {exc.strerror or exc}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

@@ -34,3 +34,7 @@ class EvaluateError(SpectransferError):
 
 class FetchError(SpectransferError):
     """A download cannot be planned or completed."""
+
+
+class OutputError(SpectransferError):
+    """An output path cannot be written (not a regular file, read-only, disk full, in use)."""

@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from spectransfer.errors import FetchError
+from spectransfer.loopback import url_is_loopback
+from spectransfer.provenance import output_target
 
 log = logging.getLogger(__name__)
 # httpx logs every request URL at INFO, query string included: that would print a LAMOST token.
@@ -146,12 +148,6 @@ class FetchSummary:
 
 def _join(base: str, rel: str) -> str:
     return base.rstrip("/") + "/" + rel.lstrip("/")
-
-
-def _is_loopback(url: str) -> bool:
-    from urllib.parse import urlsplit
-
-    return urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1")
 
 
 def _check_base_url(base_url: str) -> str:
@@ -410,6 +406,93 @@ def _signature_problem(head: bytes, suffix: str) -> str | None:
     return None
 
 
+_BLOCK = 2880  # FITS headers and data come in blocks of 2880 bytes
+
+
+def _header_ints(block: bytes) -> tuple[dict[str, int], bool]:
+    """Integer cards of one header block, and whether the block holds the END card."""
+    cards: dict[str, int] = {}
+    for i in range(0, len(block), 80):
+        card = block[i : i + 80].decode("ascii", "replace")
+        key = card[:8].strip()
+        if key == "END":
+            return cards, True
+        if card[8:10] == "= ":
+            value = card[10:].split("/", 1)[0].strip()
+            if value.lstrip("+-").isdigit():
+                cards[key] = int(value)
+            elif value in ("T", "F") and key == "GROUPS":
+                cards[key] = int(value == "T")
+    return cards, False
+
+
+def _hdu_data_size(cards: dict[str, int]) -> int:
+    """Bytes of an HDU's data without padding (FITS standard 4.0, sections 4.4.1 and 6)."""
+    naxis = cards.get("NAXIS", 0)
+    dims = [cards.get(f"NAXIS{i}", 0) for i in range(1, naxis + 1)]
+    if cards.get("GROUPS") and dims and dims[0] == 0:  # random groups: NAXIS1 = 0 is not a size
+        dims = dims[1:]
+    n = 1
+    for d in dims:
+        n *= d
+    if naxis == 0:
+        n = 0
+    return abs(cards.get("BITPIX", 8)) // 8 * cards.get("GCOUNT", 1) * (cards.get("PCOUNT", 0) + n)
+
+
+def fits_truncation(fh: Any) -> str | None:
+    """Why the FITS stream ``fh`` is shorter than its own headers say (None when it is whole).
+
+    Walks the HDUs: each header (blocks up to END) is followed by its data, whose size comes
+    from BITPIX, NAXISn, PCOUNT and GCOUNT. A body cut off mid-transfer without a
+    Content-Length is caught here. The standard's padding to whole blocks is required.
+    """
+    offset = 0
+    while True:
+        block = fh.read(_BLOCK)
+        if not block and offset:
+            return None  # a clean end after the last HDU
+        cards: dict[str, int] = {}
+        ended = False
+        while True:
+            if len(block) < _BLOCK:
+                return f"file ends inside the header of the HDU at byte {offset} ({offset + len(block)} bytes)"
+            more, ended = _header_ints(block)
+            cards.update(more)
+            offset += _BLOCK
+            if ended:
+                break
+            block = fh.read(_BLOCK)
+        need = _hdu_data_size(cards)
+        padded = -(-need // _BLOCK) * _BLOCK
+        got = 0
+        while got < padded:
+            chunk = fh.read(min(1 << 20, padded - got))
+            if not chunk:
+                break
+            got += len(chunk)
+        if got < padded:
+            return f"file ends at byte {offset + got}, but its headers need {offset + padded} bytes"
+        offset += got
+
+
+def _truncation(path: Path, gz: bool) -> str | None:
+    import gzip
+
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as fh:
+            return fits_truncation(fh)
+    except EOFError:
+        return "gzip stream ends before its end marker"
+    except (OSError, zlib.error) as exc:
+        return f"corrupt gzip data ({exc})"
+
+
+def _drop_if_empty(part: Path) -> None:
+    if part.exists() and part.stat().st_size == 0:
+        part.unlink()
+
+
 def _redact(message: str, item: FetchItem) -> str:
     for _, secret in item.params:
         if secret:
@@ -573,65 +656,73 @@ class Fetcher:
         else:
             suffix = "gz" if rel.endswith(".gz") else "fits"
         problem = _signature_problem(head, suffix)
+        if problem is None:
+            short = _truncation(part, head.startswith(_GZIP_MAGIC))
+            if short is not None:  # keep the .part: the next attempt resumes it with a Range request
+                raise _Retry(f"incomplete body: {short}")
         if problem is None and expected and digest != expected:
             problem = f"sha256 {digest[:16]}... differs from the expected {expected[:16]}..."
         if problem is not None:
             part.unlink(missing_ok=True)
             raise _Fatal(f"corrupt body, not kept: {problem}")
-        final = self.dest / rel
+        final = output_target(self.dest / rel)  # a symlink's target; never a device or folder
         os.replace(part, final)
         return FetchResult(item.key, "fetched", target.url, rel, size, digest)
 
     def _fetch_item(self, client: Any, item: FetchItem, prior: dict[str, Any] | None) -> FetchResult:
+        """Skip a complete file, else try each candidate URL in turn; the outcome goes to the manifest."""
         expected = self._expected_sha(item, prior)
         done = self._already_complete(item, prior, expected)
         if done is not None:
             return done
-        attempts = 0
-        last: FetchResult | None = None
+        attempts = [0]  # counted over every URL of the item
+        result: FetchResult | None = None
         for target in item.targets:
-            part = self.dest / (target.path + ".part")
-            for attempt in range(self.retries + 1):
-                if self._stop.is_set():
-                    raise _Stopped()
-                attempts += 1
-                try:
-                    size, digest = self._download_once(client, item, target, part)
-                    result = self._finish(item, target, part, size, digest, expected)
-                    result.attempts = attempts
-                    self._record(result)
-                    return result
-                except _Missing as exc:
-                    log.debug("%s: %s", target.url, exc)
-                    part.unlink(missing_ok=True)
-                    last = FetchResult(item.key, "missing", target.url, target.path, error=str(exc), attempts=attempts)
-                    break  # a 404 is an answer: no retry, try the next folder if any
-                except _Fatal as exc:
-                    if part.exists() and part.stat().st_size == 0:
-                        part.unlink()
-                    result = FetchResult(item.key, "failed", target.url, target.path, error=_redact(str(exc), item), attempts=attempts)
-                    log.warning("%s: %s", target.url, result.error)
-                    self._record(result)
-                    return result
-                except _Retry as exc:
-                    last = FetchResult(item.key, "failed", target.url, target.path, error=_redact(str(exc), item), attempts=attempts)
-                    if attempt < self.retries:
-                        delay = min(_BACKOFF_CAP, self.backoff * 2**attempt) + random.uniform(0, self.backoff)
-                        log.debug("%s: %s; retry %d/%d in %.2f s", target.url, exc, attempt + 1, self.retries, delay)
-                        if self._stop.wait(delay):
-                            raise _Stopped() from None
-            else:
-                # every attempt on this target failed: keep the .part for a later resume
-                if part.exists() and part.stat().st_size == 0:
-                    part.unlink()
-                assert last is not None
-                last.error = f"gave up after {self.retries + 1} attempts: {last.error}"
-                log.warning("%s: %s", target.url, last.error)
-                self._record(last)
-                return last
+            result = self._fetch_target(client, item, target, expected, attempts)
+            if result.status != "missing":
+                break  # fetched or failed; a 404 moves on to the next folder
+        assert result is not None
+        self._record(result)
+        return result
+
+    def _fetch_target(self, client: Any, item: FetchItem, target: Target, expected: str | None, attempts: list[int]) -> FetchResult:
+        """Every attempt at one URL: retried after 5xx, timeouts and short bodies, never after 404."""
+        part = self.dest / (target.path + ".part")
+        last: FetchResult | None = None
+        for attempt in range(self.retries + 1):
+            if self._stop.is_set():
+                raise _Stopped()
+            attempts[0] += 1
+            try:
+                size, digest = self._download_once(client, item, target, part)
+                result = self._finish(item, target, part, size, digest, expected)
+                result.attempts = attempts[0]
+                return result
+            except _Missing as exc:
+                log.debug("%s: %s", target.url, exc)
+                part.unlink(missing_ok=True)
+                return FetchResult(item.key, "missing", target.url, target.path, error=str(exc), attempts=attempts[0])
+            except _Fatal as exc:
+                _drop_if_empty(part)
+                result = FetchResult(item.key, "failed", target.url, target.path, error=_redact(str(exc), item), attempts=attempts[0])
+                log.warning("%s: %s", target.url, result.error)
+                return result
+            except _Retry as exc:
+                last = FetchResult(item.key, "failed", target.url, target.path, error=_redact(str(exc), item), attempts=attempts[0])
+                if attempt < self.retries:
+                    self._wait_before_retry(attempt, target, exc)
+        _drop_if_empty(part)  # a non-empty .part stays for a later resume
         assert last is not None
-        self._record(last)
+        last.error = f"gave up after {self.retries + 1} attempts: {last.error}"
+        log.warning("%s: %s", target.url, last.error)
         return last
+
+    def _wait_before_retry(self, attempt: int, target: Target, why: Exception) -> None:
+        """Exponential backoff with jitter; raises _Stopped when the run is being stopped."""
+        delay = min(_BACKOFF_CAP, self.backoff * 2**attempt) + random.uniform(0, self.backoff)
+        log.debug("%s: %s; retry %d/%d in %.2f s", target.url, why, attempt + 1, self.retries, delay)
+        if self._stop.wait(delay):
+            raise _Stopped() from None
 
     def run(self, items: Sequence[FetchItem], on_progress: Callable[[int, int], None] | None = None) -> FetchSummary:
         """Fetch ``items``; ``on_progress(files_done, bytes_done)`` is called from this thread."""
@@ -646,7 +737,7 @@ class Fetcher:
         limits = httpx.Limits(max_connections=self.jobs, max_keepalive_connections=self.jobs)
         timeout = httpx.Timeout(self.timeout)
         # Proxies from the environment apply, except to a mirror on this machine.
-        trust_env = not all(_is_loopback(t.url) for item in items for t in item.targets)
+        trust_env = not all(url_is_loopback(t.url) for item in items for t in item.targets)
         queue = iter(items)
         with httpx.Client(limits=limits, timeout=timeout, follow_redirects=True, trust_env=trust_env) as client, cf.ThreadPoolExecutor(
             max_workers=self.jobs, thread_name_prefix="fetch"

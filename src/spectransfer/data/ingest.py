@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,6 +36,8 @@ import pandas as pd
 
 from spectransfer.config import DEFAULT_GRID, SDSS_WAVEMAX_MIN, SDSS_WAVEMIN_MAX, Grid
 from spectransfer.errors import SpectrumError, StoreError
+from spectransfer.locks import OutputLock
+from spectransfer.surveys import printable_path, walk_spectrum_files
 from spectransfer.provenance import atomic_path, write_text_atomic
 from spectransfer.data.splits import SplitConfig, assign_splits
 from spectransfer.data.store import (
@@ -409,64 +410,39 @@ def _write_part(frame: pd.DataFrame, path: Path) -> None:
 # ---- planning and consolidation (main process) ----------------------------------------------
 
 
-def find_files(inputs: Sequence[str | os.PathLike[str]]) -> list[str]:
-    """Absolute paths of the spectrum files named by ``inputs`` (files or folders), sorted, unique."""
+def find_files(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Absolute paths of the spectrum files named by ``inputs`` (files or folders), sorted, unique;
+    and the entries the walk passed over, each with its reason (a name that is not UTF-8, a
+    broken link, an unlistable folder, ...)."""
     for p in inputs:
-        if not Path(p).exists():
-            raise StoreError(f"{p}: no such file or folder")
-    from spectransfer.surveys import iter_spectrum_files
-
-    found = {str(Path(p).resolve()) for p in iter_spectrum_files([Path(p) for p in inputs])}
-    if not found:
-        raise StoreError(f"no spectrum files (*.fits, *.fit, *.fits.gz) in {', '.join(str(p) for p in inputs)}")
-    return sorted(found)
-
-
-class _Lock:
-    """One ingest per store: a lock file holding host and pid; a dead holder's lock is taken over."""
-
-    def __init__(self, store_path: Path) -> None:
-        self.path = store_path / "ingest.lock"
-        self.held = False
-
-    def __enter__(self) -> "_Lock":
-        me = f"{socket.gethostname()} {os.getpid()}"
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    host, pid = self.path.read_text().split()
-                except (OSError, ValueError):
-                    host, pid = "", "0"
-                if host == socket.gethostname() and _pid_alive(int(pid)):
-                    raise StoreError(f"{self.path.parent}: another ingest (pid {pid}) is writing to this store") from None
-                if host and host != socket.gethostname():
-                    raise StoreError(f"{self.path.parent}: locked by an ingest on host {host} (pid {pid}); remove {self.path} if it is dead")
-                log.warning("taking over the lock of a dead ingest (pid %s)", pid)
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(me)
-            self.held = True
-            return self
-        raise StoreError(f"{self.path}: cannot take the ingest lock")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
+        if not os.path.lexists(p):
+            raise StoreError(f"{printable_path(p)}: no such file or folder")
+    walk = walk_spectrum_files([Path(p) for p in inputs])
+    for path, reason in walk.skipped:
+        log.warning("%s: %s; recorded as rejected", path, reason)
+    found = {str(Path(p).resolve()) for p in walk.files}
+    if not found and not walk.skipped:
+        raise StoreError(f"no spectrum files (*.fits, *.fit, *.fits.gz) in {', '.join(printable_path(p) for p in inputs)}")
+    return sorted(found), walk.skipped
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _record_skipped(store: Store, batch_id: str, skipped: list[tuple[str, str]]) -> None:
+    """Entries the walk passed over become rejected records (a part file like a batch's)."""
+    rows = [{"source_file": path, "file_stamp": None, "batch_id": batch_id, "status": "rejected", "content_hash": None,
+             "reason": f"unreadable: {reason}"} for path, reason in skipped]
+    _write_part(pd.DataFrame(rows, columns=PART_COLUMNS), store.path / "parts" / f"{batch_id}.parquet")
+
+
+def _drop_unencodable(batches: list[dict[str, Any]], skipped: list[tuple[str, str]]) -> None:
+    """Take files whose names cannot be written to the metadata out of pending batches.
+
+    A plan written before such names were caught would otherwise fail on every rerun.
+    """
+    for b in batches:
+        bad = [f for f in b["files"] if printable_path(f[0]) != f[0]]
+        for f in bad:
+            skipped.append((printable_path(f[0]), "file name is not valid UTF-8 (rename it)"))
+        b["files"] = [f for f in b["files"] if printable_path(f[0]) == f[0]]
 
 
 def _read_parts(store: Store) -> pd.DataFrame:
@@ -706,10 +682,7 @@ def _ingest_unguarded(
         raise StoreError(f"--workers must be >= 0, got {workers}")
     if batch_size < 1:
         raise StoreError(f"batch size must be >= 1, got {batch_size}")
-    # A catalogue often sits beside the spectra (the simulator puts it at the top of the
-    # survey folder): it is an input of labelling, not a spectrum to reject.
-    catalog_files = {str(Path(c).resolve()) for c in catalogs}
-    files = [f for f in find_files(inputs) if str(Path(f).resolve()) not in catalog_files]
+    found, skipped = find_files(inputs)
     store_path = Path(store_path)
     if (store_path / "store.json").exists():
         store = open_store(store_path, mode="r+")
@@ -718,12 +691,17 @@ def _ingest_unguarded(
         _check_resplit(store, split_config, resplit)
     else:
         store = create_store(store_path, grid=grid, chunk_rows=batch_size)
+    # A catalogue often sits beside the spectra (the simulator puts it at the top of the
+    # survey folder): it is an input of labelling, not a spectrum to reject -- also when the
+    # store remembers it from an earlier ingest and this one does not name it.
+    catalog_files = {str(Path(c).resolve()) for c in [*catalogs, *qso_catalogs, *store.info.get("catalogs", [])]}
+    files = [f for f in found if f not in catalog_files]
     chunk = store.chunk_rows
     batch_size = max(chunk, (batch_size + chunk - 1) // chunk * chunk)
-    summary = IngestSummary(store=str(store_path), files_seen=len(files))
+    summary = IngestSummary(store=str(store_path), files_seen=len(files) + len(skipped), rejected=len(skipped))
     options = IngestOptions(survey=survey, zwarning_filter=zwarning_filter, coverage_filter=coverage_filter)
 
-    with _Lock(store_path):
+    with OutputLock(store_path / "ingest.lock", "an ingest"):
         store.reload()
         if split_config is None:
             prior = store.info.get("splits", {}).get("config")
@@ -737,6 +715,7 @@ def _ingest_unguarded(
         parts_dir = store.path / "parts"
         done = {p.stem for p in parts_dir.glob("*.parquet")} if parts_dir.is_dir() else set()
         pending = [b for b in (plan or {}).get("batches", []) if b["batch_id"] not in done]
+        _drop_unencodable(pending, skipped)
         summary.resumed_batches = len(pending)
         in_flight = {f[0] for b in pending for f in b["files"]}
 
@@ -779,6 +758,8 @@ def _ingest_unguarded(
             store.save_info()
             store.resize(max(b["row_start"] + b["capacity"] for b in batches))
         summary.batches = len(batches)
+        if skipped:
+            _record_skipped(store, f"{seq:06d}-skipped", skipped)
 
         tasks = [
             {"store": str(store.path.resolve()), "options": asdict(options), "grid": grid.to_dict(), **b}
@@ -800,6 +781,7 @@ def _ingest_unguarded(
 
         needs_consolidation = (
             bool(batches)
+            or bool(skipped)
             or bool(done)
             or bool(catalogs)
             or bool(qso_catalogs)

@@ -258,6 +258,8 @@ def _read_info(path: Path) -> dict[str, Any]:
 def open_store(path: str | Path, mode: str = "r") -> Store:
     """Open an existing store (``mode="r+"`` to let ingest write to its arrays)."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{path}: is a file, not a store (a store is the folder that ingest writes)")
     if not path.is_dir():
         raise StoreError(f"{path}: store folder does not exist")
     store = Store(path=path, info=_read_info(path), mode=mode)

@@ -7,10 +7,12 @@ malformed request gets a 4xx with a reason and changes nothing.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import secrets
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -18,23 +20,22 @@ from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from spectransfer import __version__
 from spectransfer.inspect import InspectError
 from spectransfer.inspect.verdicts import VERDICTS, VerdictDB
+from spectransfer.loopback import host_header_name, is_loopback
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_POINTS = 5000
 MAX_PAGE = 500
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 # Columns of the candidates contract this page uses; the first three are required.
 REQUIRED = ("SPECTRUM_ID", "P_QSO", "CATEGORY")
@@ -180,7 +181,304 @@ class VerdictIn(BaseModel):
     inspector: str = Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")
 
 
+# ---- guards every response passes through ------------------------------------------------------
+
+MAX_BODY = 1 << 20  # a verdict is ~100 bytes; anything near a megabyte is not one
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"content-security-policy", b"default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+                                 b"form-action 'none'; frame-ancestors 'none'"),
+]
+
+
+async def _send_json(send: Any, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Guards:
+    """ASGI middleware in front of the app: security headers on every response, request bodies
+    capped at ``max_body`` bytes (by Content-Length and by bytes actually received, before the
+    body is parsed), and with ``loopback_only`` a Host header that must name a loopback address
+    (DNS-rebinding guard: a page on evil.example resolving to 127.0.0.1 sends Host: evil.example).
+    """
+
+    def __init__(self, app: Any, loopback_only: bool = True, max_body: int = MAX_BODY) -> None:
+        self.app, self.loopback_only, self.max_body = app, loopback_only, max_body
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+        refused = False  # a 413 went out while the app was reading: drop whatever it answers
+
+        async def send_secured(message: dict[str, Any]) -> None:
+            nonlocal started
+            if refused:
+                return
+            if message["type"] == "http.response.start":
+                started = True
+                names = {k.lower() for k, _ in message.get("headers", [])}
+                message = {**message, "headers": [*message.get("headers", []), *(h for h in SECURITY_HEADERS if h[0] not in names)]}
+            await send(message)
+
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        if self.loopback_only and not is_loopback(host_header_name(headers.get(b"host", b"").decode("latin-1"))):
+            await _send_json(send_secured, 400, "invalid Host header: this page answers only to loopback names")
+            return
+        length = headers.get(b"content-length")
+        if length is not None and (not length.strip().isdigit() or int(length) > self.max_body):
+            await _send_json(send_secured, 413, f"request body larger than {self.max_body} bytes")
+            return
+        received = 0
+
+        async def receive_limited() -> dict[str, Any]:
+            # A body without Content-Length (chunked) is counted as it arrives; past the cap the
+            # client gets its 413 and the app sees a disconnect, so it never holds the whole body.
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body and not started:
+                    await _send_json(send_secured, 413, f"request body larger than {self.max_body} bytes")
+                    refused = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        await self.app(scope, receive_limited, send_secured)
+
+
+def _token_guard(token: str) -> Any:
+    """HTTP middleware: every request must carry ``token`` (Bearer, X-Token or ?token=)."""
+    if len(token) < 8:
+        raise InspectError("--token must be at least 8 characters")
+
+    async def require_token(request: Request, call_next: Any) -> Response:
+        given = request.headers.get("x-token") or request.query_params.get("token") or ""
+        auth = request.headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        if not secrets.compare_digest(given.encode(), token.encode()):
+            return JSONResponse({"detail": "missing or wrong token (send Authorization: Bearer, X-Token or ?token=)"}, status_code=401)
+        return await call_next(request)
+
+    return require_token
+
+
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """Say where and why, without echoing the input back (it may not even be valid JSON: NaN)."""
+    errors = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "invalid"))} for e in exc.errors()]
+    return JSONResponse({"detail": errors or "invalid request"}, status_code=422)
+
+
+# ---- what the routes share ----------------------------------------------------------------------
+
+
+@dataclass
+class InspectState:
+    """Everything a request handler needs: the candidates, the store, the verdicts, the options."""
+
+    table: pd.DataFrame
+    store: Any
+    db: VerdictDB
+    dirs: list[Path]
+    default_category: str | None
+    classes: list[str] = field(default_factory=list)
+    index_html: str = ""
+
+    def __post_init__(self) -> None:
+        self.classes = sorted({str(c) for c in self.table["CLASS"].dropna().unique()}) if "CLASS" in self.table else []
+        self.spectrum = lru_cache(maxsize=64)(self._load_spectrum)
+
+    def lookup(self, spectrum_id: str) -> pd.Series:
+        if spectrum_id not in self.table.index:
+            raise HTTPException(404, f"unknown spectrum id {spectrum_id[:200]!r}")
+        return self.table.loc[spectrum_id]
+
+    def source_path(self, row: pd.Series) -> Path | None:
+        """The original file of a row: its SOURCE_FILE, or that name below one of ``dirs``."""
+        src = _jsonable(row.get("SOURCE_FILE"))
+        if not src:
+            return None
+        p = Path(str(src))
+        if p.is_file():
+            return p
+        if not p.is_absolute():
+            for d in self.dirs:
+                if (d / p).is_file():
+                    return d / p
+        return None
+
+    def _load_spectrum(self, spectrum_id: str) -> dict[str, Any]:
+        row = self.table.loc[spectrum_id]
+        out: dict[str, Any] = {"id": spectrum_id, "candidate": _record(row)}
+        out["candidate"]["id"] = spectrum_id
+        out["z_pipeline"] = out["candidate"].get("z")
+        note = None
+        path = self.source_path(row)
+        if path is not None:
+            try:
+                return {**out, **_original_spectrum(path)}
+            except Exception as exc:  # unreadable or no reader: fall back to the store, say why
+                note = f"original file unreadable ({type(exc).__name__}: {exc}); showing the resampled spectrum"
+                log.warning("%s: %s", path, note)
+        elif _jsonable(row.get("SOURCE_FILE")):
+            note = "original file not found; showing the resampled spectrum"
+        return {**out, **self._resampled_spectrum(spectrum_id, row, note)}
+
+    def _resampled_spectrum(self, spectrum_id: str, row: pd.Series, note: str | None) -> dict[str, Any]:
+        store = self.store
+        if store is None or _jsonable(row.get("ROW")) is None:
+            raise HTTPException(404, f"no spectrum available for {spectrum_id!r}" + (f": {note}" if note else ""))
+        r = int(row["ROW"])
+        if not 0 <= r < store.flux.shape[0]:
+            raise HTTPException(404, f"row {r} of {spectrum_id!r} is outside the store ({store.flux.shape[0]} rows)")
+        flux = np.asarray(store.flux[r], dtype="f8")
+        ivar = np.asarray(store.ivar[r], dtype="f8")
+        wave, flux, ivar, k = downsample(np.asarray(store.grid.centers, "f8"), flux, ivar)
+        out: dict[str, Any] = dict(source="resampled", flux_unit="normalised", n_pixels=int(store.flux.shape[1]), binned_by=k, note=note)
+        out["wave"], out["flux"], out["ivar"] = _finite_lists(wave, flux, ivar)
+        return out
+
+
+def _original_spectrum(path: Path) -> dict[str, Any]:
+    from spectransfer.surveys import read_spectrum  # readers own the formats
+
+    rec = read_spectrum(str(path))
+    ivar = np.where(np.asarray(rec.mask) != 0, 0.0, np.asarray(rec.ivar, dtype="f8"))
+    wave, flux, ivar, k = downsample(np.asarray(rec.wave, "f8"), np.asarray(rec.flux, "f8"), ivar)
+    out: dict[str, Any] = dict(source="original", flux_unit=rec.flux_unit, n_pixels=rec.n_pixels, binned_by=k, file=path.name)
+    out["wave"], out["flux"], out["ivar"] = _finite_lists(wave, flux, ivar)
+    return out
+
+
+def _state(request: Request) -> InspectState:
+    return request.app.state.inspect
+
+
+def _split(value: str | None, allowed: list[str] | tuple[str, ...], what: str) -> list[str] | None:
+    if value is None or value == "":
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in items if v not in allowed]
+    if unknown:
+        raise HTTPException(422, f"unknown {what} {', '.join(map(repr, unknown))}; known: {', '.join(allowed) or 'none'}")
+    return items
+
+
+# ---- routes -------------------------------------------------------------------------------------
+
+router = APIRouter()
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+def index(st: InspectState = Depends(_state)) -> HTMLResponse:
+    return HTMLResponse(st.index_html, headers={"Cache-Control": "no-store"})
+
+
+@router.get("/api/info")
+def info(st: InspectState = Depends(_state)) -> dict[str, Any]:
+    counts = st.table["CATEGORY"].value_counts().to_dict()
+    return {
+        "version": __version__,
+        "n_candidates": int(len(st.table)),
+        "categories": {c: int(counts.get(c, 0)) for c in CATEGORIES},
+        "pipeline_classes": st.classes,
+        "default_category": st.default_category,
+        "verdicts": list(VERDICTS),
+        "has_store": st.store is not None,
+        "max_page": MAX_PAGE,
+        "quality_bits": _quality_bits(),
+    }
+
+
+def _selection(st: InspectState, category: str | None, pipeline_class: str | None, p_min: float, p_max: float) -> np.ndarray:
+    """Rows of the table that pass the category, class and P_QSO filters."""
+    table = st.table
+    if p_min > p_max:
+        raise HTTPException(422, f"p_min ({p_min}) is larger than p_max ({p_max})")
+    sel = np.ones(len(table), dtype=bool)
+    cats = _split(category, CATEGORIES, "category")
+    if cats is not None:
+        sel &= table["CATEGORY"].isin(cats).to_numpy()
+    pcs = _split(pipeline_class, [*st.classes, "none"], "pipeline class")
+    if pcs is not None and "CLASS" in table:
+        cls = table["CLASS"]
+        sel &= (cls.isin(pcs) | (cls.isna() & ("none" in pcs))).to_numpy()
+    p = table["P_QSO"].to_numpy()
+    return sel & (p >= p_min) & (p <= p_max)
+
+
+@router.get("/api/candidates")
+def list_candidates(
+    st: InspectState = Depends(_state),
+    category: str | None = Query(None, max_length=200, description="comma-separated categories"),
+    pipeline_class: str | None = Query(None, max_length=200, description="comma-separated pipeline classes; 'none' = missing"),
+    p_min: float = Query(0.0, ge=0.0, le=1.0, allow_inf_nan=False),
+    p_max: float = Query(1.0, ge=0.0, le=1.0, allow_inf_nan=False),
+    status: Literal["all", "todo", "done"] = Query("all", description="with or without a verdict (by `inspector` if given)"),
+    inspector: str | None = Query(None, max_length=64),
+    offset: int = Query(0, ge=0),
+    limit: int = Query(100, ge=1, le=MAX_PAGE),
+) -> dict[str, Any]:
+    sel = _selection(st, category, pipeline_class, p_min, p_max)
+    done = st.db.latest_by_spectrum(inspector or None)
+    has = st.table.index.isin(list(done)) if done else np.zeros(len(st.table), dtype=bool)
+    n_inspected = int(np.count_nonzero(sel & has))
+    if status == "todo":
+        sel &= ~has
+    elif status == "done":
+        sel &= has
+    idx = np.flatnonzero(sel)  # only the page's rows are materialised, however long the table
+    items = []
+    for sid, row in st.table.iloc[idx[offset : offset + limit]].iterrows():
+        rec = _record(row)
+        rec["id"] = sid
+        rec["verdict"] = done.get(sid)
+        items.append(rec)
+    return {"total": int(idx.size), "inspected": n_inspected, "offset": offset, "limit": limit, "items": items}
+
+
+# ``:path`` because survey ids may hold '/', which the page sends %2F-encoded and the router decodes.
+@router.get("/api/spectrum/{spectrum_id:path}")
+def spectrum(spectrum_id: str, st: InspectState = Depends(_state)) -> dict[str, Any]:
+    st.lookup(spectrum_id)
+    out = dict(st.spectrum(spectrum_id))
+    out["verdicts"] = st.db.rows(spectrum_id=spectrum_id)
+    return out
+
+
+@router.post("/api/verdicts", status_code=201)
+def post_verdict(body: VerdictIn, request: Request, st: InspectState = Depends(_state)) -> dict[str, Any]:
+    ctype = request.headers.get("content-type", "")
+    if not ctype.lower().startswith("application/json"):
+        raise HTTPException(415, "send the verdict as application/json")
+    st.lookup(body.id)
+    return st.db.record(body.id, body.verdict, body.inspector, body.z)
+
+
+@router.get("/api/verdicts")
+def get_verdicts(inspector: str | None = Query(None, max_length=64), st: InspectState = Depends(_state)) -> dict[str, Any]:
+    rows = st.db.rows(inspector)
+    return {"count": len(rows), "items": rows}
+
+
 # ---- the application ----------------------------------------------------------------------------
+
+
+def _index_html(token: str | None) -> str:
+    html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+    if token is not None:  # the page's own assets load with the token the page was opened with
+        q = "?token=" + quote(token, safe="")
+        html = html.replace('static/app.js"', f'static/app.js{q}"').replace('static/style.css"', f'static/style.css{q}"')
+    return html
 
 
 def create_app(
@@ -197,8 +495,8 @@ def create_app(
     ``store`` is an opened store (``.flux``, ``.ivar``, ``.grid``) or None (original files only).
     With ``token`` set every request must carry it (``Authorization: Bearer``, ``X-Token`` or
     ``?token=``). ``loopback_only`` rejects requests whose Host header is not a loopback name
-    (DNS-rebinding guard for the default 127.0.0.1 binding). ``search_dirs`` are folders in
-    which a relative SOURCE_FILE is looked up (the candidates' and the store's folders).
+    (DNS-rebinding guard for a loopback binding). ``search_dirs`` are folders in which a
+    relative SOURCE_FILE is looked up (the candidates' and the store's folders).
     """
     if isinstance(candidates, pd.DataFrame):
         table = prepare_candidates(candidates) if candidates.index.name != "SPECTRUM_ID" else candidates
@@ -207,196 +505,19 @@ def create_app(
         search_dirs = [Path(candidates).parent, *(search_dirs or [])]
     if default_category is not None and default_category not in CATEGORIES:
         raise InspectError(f"--category must be one of {', '.join(CATEGORIES)}, not {default_category!r}")
-    db = VerdictDB(db_path)
-    dirs = [Path(d) for d in (search_dirs or [])]
-    ids = table.index
-    classes = sorted({str(c) for c in table["CLASS"].dropna().unique()}) if "CLASS" in table else []
-    has_store = store is not None
+    state = InspectState(table, store, VerdictDB(db_path), [Path(d) for d in (search_dirs or [])], default_category, index_html=_index_html(token))
 
     # No Swagger page: it would load its assets from a CDN. The schema stays for scripts.
     app = FastAPI(title="spectransfer inspect", version=__version__, docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
+    app.state.inspect = state
     app.state.table = table
-    app.state.db = db
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # Say where and why, without echoing the input back (it may not even be valid JSON: NaN).
-        errors = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "invalid"))} for e in exc.errors()]
-        return JSONResponse({"detail": errors or "invalid request"}, status_code=422)
-
-    if loopback_only:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost"])
-
+    app.state.db = state.db
+    app.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]
     if token is not None:
-        if len(token) < 8:
-            raise InspectError("--token must be at least 8 characters")
-
-        @app.middleware("http")
-        async def _require_token(request: Request, call_next: Any) -> Response:
-            given = request.headers.get("x-token") or request.query_params.get("token") or ""
-            auth = request.headers.get("authorization", "")
-            if auth.lower().startswith("bearer "):
-                given = auth[7:].strip()
-            if not secrets.compare_digest(given.encode(), token.encode()):
-                return JSONResponse({"detail": "missing or wrong token (send Authorization: Bearer, X-Token or ?token=)"}, status_code=401)
-            return await call_next(request)
-
-    # -- page --
-    index_html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
-    if token is not None:  # the page's own assets load with the token the page was opened with
-        q = "?token=" + quote(token, safe="")
-        index_html = index_html.replace('static/app.js"', f'static/app.js{q}"').replace('static/style.css"', f'static/style.css{q}"')
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def index() -> HTMLResponse:
-        return HTMLResponse(index_html, headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
-
+        app.middleware("http")(_token_guard(token))
+    app.add_middleware(Guards, loopback_only=loopback_only)  # added last = outermost
+    app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-
-    # -- API --
-    @app.get("/api/info")
-    def info() -> dict[str, Any]:
-        counts = table["CATEGORY"].value_counts().to_dict()
-        return {
-            "version": __version__,
-            "n_candidates": int(len(table)),
-            "categories": {c: int(counts.get(c, 0)) for c in CATEGORIES},
-            "pipeline_classes": classes,
-            "default_category": default_category,
-            "verdicts": list(VERDICTS),
-            "has_store": has_store,
-            "max_page": MAX_PAGE,
-            "quality_bits": _quality_bits(),
-        }
-
-    def _split(value: str | None, allowed: list[str] | tuple[str, ...], what: str) -> list[str] | None:
-        if value is None or value == "":
-            return None
-        items = [v.strip() for v in value.split(",") if v.strip()]
-        unknown = [v for v in items if v not in allowed]
-        if unknown:
-            raise HTTPException(422, f"unknown {what} {', '.join(map(repr, unknown))}; known: {', '.join(allowed) or 'none'}")
-        return items
-
-    @app.get("/api/candidates")
-    def list_candidates(
-        category: str | None = Query(None, max_length=200, description="comma-separated categories"),
-        pipeline_class: str | None = Query(None, max_length=200, description="comma-separated pipeline classes; 'none' = missing"),
-        p_min: float = Query(0.0, ge=0.0, le=1.0, allow_inf_nan=False),
-        p_max: float = Query(1.0, ge=0.0, le=1.0, allow_inf_nan=False),
-        status: Literal["all", "todo", "done"] = Query("all", description="with or without a verdict (by `inspector` if given)"),
-        inspector: str | None = Query(None, max_length=64),
-        offset: int = Query(0, ge=0),
-        limit: int = Query(100, ge=1, le=MAX_PAGE),
-    ) -> dict[str, Any]:
-        if p_min > p_max:
-            raise HTTPException(422, f"p_min ({p_min}) is larger than p_max ({p_max})")
-        sel = np.ones(len(table), dtype=bool)
-        cats = _split(category, CATEGORIES, "category")
-        if cats is not None:
-            sel &= table["CATEGORY"].isin(cats).to_numpy()
-        pcs = _split(pipeline_class, [*classes, "none"], "pipeline class")
-        if pcs is not None and "CLASS" in table:
-            cls = table["CLASS"]
-            sel &= (cls.isin(pcs) | (cls.isna() & ("none" in pcs))).to_numpy()
-        p = table["P_QSO"].to_numpy()
-        sel &= (p >= p_min) & (p <= p_max)
-        done = db.latest_by_spectrum(inspector or None)
-        has = ids.isin(list(done)) if done else np.zeros(len(table), dtype=bool)
-        n_inspected = int(np.count_nonzero(sel & has))
-        if status == "todo":
-            sel &= ~has
-        elif status == "done":
-            sel &= has
-        idx = np.flatnonzero(sel)  # only the page's rows are materialised, however long the table
-        page = table.iloc[idx[offset : offset + limit]]
-        items = []
-        for sid, row in page.iterrows():
-            rec = _record(row)
-            rec["id"] = sid
-            rec["verdict"] = done.get(sid)
-            items.append(rec)
-        return {
-            "total": int(idx.size),
-            "inspected": n_inspected,
-            "offset": offset,
-            "limit": limit,
-            "items": items,
-        }
-
-    def _lookup(spectrum_id: str) -> pd.Series:
-        if spectrum_id not in ids:
-            raise HTTPException(404, f"unknown spectrum id {spectrum_id[:200]!r}")
-        return table.loc[spectrum_id]
-
-    def _source_path(row: pd.Series) -> Path | None:
-        src = _jsonable(row.get("SOURCE_FILE"))
-        if not src:
-            return None
-        p = Path(str(src))
-        if p.is_file():
-            return p
-        if not p.is_absolute():
-            for d in dirs:
-                if (d / p).is_file():
-                    return d / p
-        return None
-
-    @lru_cache(maxsize=64)
-    def _spectrum(spectrum_id: str) -> dict[str, Any]:
-        row = table.loc[spectrum_id]
-        out: dict[str, Any] = {"id": spectrum_id, "candidate": _record(row)}
-        out["candidate"]["id"] = spectrum_id
-        out["z_pipeline"] = out["candidate"].get("z")
-        note = None
-        path = _source_path(row)
-        if path is not None:
-            try:
-                from spectransfer.surveys import read_spectrum  # readers own the formats
-
-                rec = read_spectrum(str(path))
-                ivar = np.where(np.asarray(rec.mask) != 0, 0.0, np.asarray(rec.ivar, dtype="f8"))
-                wave, flux, ivar, k = downsample(np.asarray(rec.wave, "f8"), np.asarray(rec.flux, "f8"), ivar)
-                out.update(source="original", flux_unit=rec.flux_unit, n_pixels=rec.n_pixels, binned_by=k, file=path.name)
-                out["wave"], out["flux"], out["ivar"] = _finite_lists(wave, flux, ivar)
-                return out
-            except Exception as exc:  # unreadable or no reader: fall back to the store, say why
-                note = f"original file unreadable ({type(exc).__name__}: {exc}); showing the resampled spectrum"
-                log.warning("%s: %s", path, note)
-        elif _jsonable(row.get("SOURCE_FILE")):
-            note = "original file not found; showing the resampled spectrum"
-        if store is None or _jsonable(row.get("ROW")) is None:
-            raise HTTPException(404, f"no spectrum available for {spectrum_id!r}" + (f": {note}" if note else ""))
-        r = int(row["ROW"])
-        if not 0 <= r < store.flux.shape[0]:
-            raise HTTPException(404, f"row {r} of {spectrum_id!r} is outside the store ({store.flux.shape[0]} rows)")
-        flux = np.asarray(store.flux[r], dtype="f8")
-        ivar = np.asarray(store.ivar[r], dtype="f8")
-        wave, flux, ivar, k = downsample(np.asarray(store.grid.centers, "f8"), flux, ivar)
-        out.update(source="resampled", flux_unit="normalised", n_pixels=int(store.flux.shape[1]), binned_by=k, note=note)
-        out["wave"], out["flux"], out["ivar"] = _finite_lists(wave, flux, ivar)
-        return out
-
-    @app.get("/api/spectrum/{spectrum_id}")
-    def spectrum(spectrum_id: str) -> dict[str, Any]:
-        _lookup(spectrum_id)
-        out = dict(_spectrum(spectrum_id))
-        out["verdicts"] = db.rows(spectrum_id=spectrum_id)
-        return out
-
-    @app.post("/api/verdicts", status_code=201)
-    def post_verdict(body: VerdictIn, request: Request) -> dict[str, Any]:
-        ctype = request.headers.get("content-type", "")
-        if not ctype.lower().startswith("application/json"):
-            raise HTTPException(415, "send the verdict as application/json")
-        _lookup(body.id)
-        return db.record(body.id, body.verdict, body.inspector, body.z)
-
-    @app.get("/api/verdicts")
-    def get_verdicts(inspector: str | None = Query(None, max_length=64)) -> dict[str, Any]:
-        rows = db.rows(inspector)
-        return {"count": len(rows), "items": rows}
-
     return app
 
 
@@ -407,7 +528,3 @@ def _quality_bits() -> dict[str, int]:
     except Exception:  # discover unavailable: the page shows the raw number
         return {}
     return {str(k): int(v) for k, v in QUALITY_BITS.items()}
-
-
-def is_loopback(host: str) -> bool:
-    return host in LOOPBACK_HOSTS or host.startswith("127.")

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from spectransfer.inspect import InspectError
-from spectransfer.inspect.app import is_loopback
+from spectransfer.loopback import is_loopback
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -37,6 +38,7 @@ from spectransfer.provenance import atomic_path, write_text_atomic
 from spectransfer import __version__
 from spectransfer.ml.dataset import ChunkStream, Selection, select
 from spectransfer.errors import TrainError
+from spectransfer.locks import OutputLock
 from spectransfer.ml.models import ModelConfig, build_model, count_parameters, load_run, save_weights, unwrap
 
 log = logging.getLogger(__name__)
@@ -171,8 +173,19 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = True) -> dict[st
     """Train (or resume) the run ``cfg.out``; returns a summary of the best evaluation.
 
     ``devices > 1`` outside torchrun spawns that many local processes (DDP). Under torchrun
-    the world comes from its environment variables.
+    the world comes from its environment variables. One run per folder: a second train into
+    the same ``--out`` is refused while the first runs (RUN/run.lock, held by rank 0).
     """
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise TrainError(f"--lr must be a finite number > 0, got {cfg.lr}")
+    if (cfg.max_steps is not None and cfg.max_steps < 1) or cfg.num_workers < 0:
+        raise TrainError(f"--max-steps must be >= 1 and --workers >= 0, got {cfg.max_steps} and {cfg.num_workers}")
+    rank0 = os.environ.get("RANK", "0") == "0"
+    with OutputLock(Path(cfg.out) / "run.lock", "a train run") if rank0 else nullcontext():
+        return _train(cfg, resume, quiet)
+
+
+def _train(cfg: TrainConfig, resume: bool, quiet: bool) -> dict[str, Any]:
     out = Path(cfg.out)
     if resume:
         cfg = _resume_config(cfg)

@@ -450,12 +450,21 @@ def check_arguments(survey: str, n: int, qso_fraction: float | None = None, work
     return float(q)
 
 
+# Written into every simulated survey: --overwrite replaces only folders that carry it, never
+# a folder of real data that happens to be named as the output.
+MARKER = ".spectransfer-simulate"
+
+
 def _prepare_target(out: Path, overwrite: bool) -> Path:
     """Check the target folder and make a hidden temporary folder beside it."""
     if out.exists() and not out.is_dir():
         raise SimulationError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise SimulationError(f"{out}: folder is not empty (use --overwrite to replace it)")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise SimulationError(f"{out}: folder is not empty (use --overwrite to replace it)")
+        if not (out / MARKER).is_file():
+            raise SimulationError(f"{out}: folder is not empty and was not written by `spectransfer simulate` "
+                                  f"(no {MARKER}); --overwrite replaces only simulated surveys")
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -463,6 +472,7 @@ def _prepare_target(out: Path, overwrite: bool) -> Path:
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the survey should not be
+        (tmp / MARKER).write_text("folder written by `spectransfer simulate`; --overwrite may replace it\n")
     except OSError as exc:
         raise SimulationError(f"{out}: cannot write there ({exc.strerror or exc})") from None
     return tmp

@@ -10,9 +10,12 @@ from spectransfer.surveys.base import (
     Reader,
     SpectrumRecord,
     covers_grid,
+    FileWalk,
     iter_spectrum_files,
+    printable_path,
     read_spectrum,
     register,
+    walk_spectrum_files,
 )
 from spectransfer.surveys import lamost_coadd, lamost_image, sdss_spec, sdss_spspec  # noqa: F401  (register readers)
 
@@ -23,7 +26,10 @@ __all__ = [
     "Reader",
     "SpectrumRecord",
     "covers_grid",
+    "FileWalk",
     "iter_spectrum_files",
+    "printable_path",
     "read_spectrum",
     "register",
+    "walk_spectrum_files",
 ]

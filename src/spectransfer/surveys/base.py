@@ -8,8 +8,10 @@ wins when two readers claim a file). Adding a format means adding one module. ``
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,30 +204,111 @@ def read_spectrum(path: str | os.PathLike[str]) -> SpectrumRecord:
         raise SpectrumError(path, f"unreadable{where}: {type(exc).__name__}: {exc}") from exc
 
 
-def iter_spectrum_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """Expand files and folders to the candidate spectrum files, in a stable order.
+def printable_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as valid UTF-8 text: undecodable bytes of a file name become ``\\xff`` escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
-    A folder is searched recursively for ``*.fits, *.fit, *.fits.gz, *.fit.gz`` (any case),
-    sorted; a file named explicitly is kept whatever its name. Duplicates are dropped.
-    A path that does not exist raises SpectrumError.
+
+def _utf8(path: str | os.PathLike[str]) -> bool:
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+MISSING = "cannot open (no such file or directory)"
+
+
+@dataclass
+class FileWalk:
+    """What a folder walk found: the spectrum files, and every entry it passed over with why."""
+
+    files: list[Path] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (printable path, reason)
+
+    def skip(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.skipped.append((printable_path(path), reason))
+        log.debug("skipped %s: %s", printable_path(path), reason)
+
+
+def _not_a_file(path: str) -> str:
+    """Why an entry with a spectrum's name is not a readable regular file."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        if os.path.islink(path):
+            return "symbolic link loop" if exc.errno == errno.ELOOP else "broken symbolic link"
+        return f"cannot stat ({exc.strerror})"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    return "unreadable (permission denied)"
+
+
+def _walk_folder(top: Path, walk: FileWalk) -> None:
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for root, dirs, names in os.walk(top, followlinks=True, onerror=lambda e: walk.skip(e.filename or top, f"cannot list folder ({e.strerror})")):
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen:  # a symlink back to a folder already walked
+            walk.skip(root, "symbolic link loop (folder already searched)")
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        for d in [d for d in dirs if not _utf8(d)]:
+            walk.skip(os.path.join(root, d), "folder name is not valid UTF-8 (rename it)")
+            dirs.remove(d)
+        dirs.sort()
+        for name in names:
+            if not name.lower().endswith(SPECTRUM_SUFFIXES):
+                continue
+            full = os.path.join(root, name)
+            if not _utf8(name):
+                walk.skip(full, "file name is not valid UTF-8 (rename it)")
+            elif os.path.isfile(full) and os.access(full, os.R_OK):
+                found.append(Path(full))
+            else:
+                walk.skip(full, _not_a_file(full))
+    walk.files.extend(sorted(found))
+
+
+def walk_spectrum_files(paths: Iterable[str | os.PathLike[str]]) -> FileWalk:
+    """Expand files and folders to the candidate spectrum files, recording what is passed over.
+
+    A folder is searched recursively (symlinked folders followed once) for ``*.fits, *.fit,
+    *.fits.gz, *.fit.gz`` (any case), sorted; a file named explicitly is kept whatever its
+    name. Names that are not valid UTF-8, broken or looping links, unlistable folders,
+    non-regular files and missing paths land in ``skipped`` with the reason, never silently.
     """
-    out: list[Path] = []
-    seen: set[Path] = set()
+    walk = FileWalk()
     for p in paths:
         p = Path(p)
-        if p.is_dir():
-            found = sorted(
-                f for f in p.rglob("*") if f.name.lower().endswith(SPECTRUM_SUFFIXES) and f.is_file()
-            )
-        elif p.exists():
-            found = [p]
+        if not _utf8(p):
+            walk.skip(p, "file name is not valid UTF-8 (rename it)")
+        elif p.is_dir():
+            _walk_folder(p, walk)
+        elif p.is_file() and os.access(p, os.R_OK):
+            walk.files.append(p)
+        elif os.path.lexists(p):
+            walk.skip(p, _not_a_file(str(p)))
         else:
-            raise SpectrumError(p, "no such file or directory")
-        for f in found:
-            if f not in seen:
-                seen.add(f)
-                out.append(f)
-    return out
+            walk.skip(p, MISSING)
+    unique = list(dict.fromkeys(walk.files))
+    walk.files = unique
+    return walk
+
+
+def iter_spectrum_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """The spectrum files of :func:`walk_spectrum_files`; a missing path raises SpectrumError.
+
+    What else it skipped is logged.
+    """
+    walk = walk_spectrum_files(paths)
+    for path, reason in walk.skipped:
+        if reason == MISSING:
+            raise SpectrumError(path, reason)
+        log.warning("skipped %s: %s", path, reason)
+    return walk.files
 
 
 def covers_grid(record: SpectrumRecord, grid: Grid = DEFAULT_GRID) -> bool:
