@@ -212,8 +212,8 @@ def test_positional_matches_agree_with_astropy_at_scale(tmp_path):
     assert out.attrs["label_counts"]["position"] == int(expect_pos.sum()) > 10000
 
 
-def test_real_catalogue_files(shared_data):
-    cats = shared_data / "catalogs"
+def test_real_catalogue_files(real_data):
+    cats = real_data / "catalogs"
     # An SDSS SkyServer row (astroquery test data): SDSS ids, case-insensitive 'fiberID'.
     xid = load_catalog(cats / "astroquery_sdss_xid.csv")
     assert xid.kind == "sdss" and xid.keys[["plate", "mjd", "fiberid"]].iloc[0].tolist() == [751, 52251, 160]
