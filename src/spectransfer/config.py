@@ -54,6 +54,7 @@ class Grid:
 
 DEFAULT_GRID = Grid()
 
-# The paper's SDSS quality cut (authors' code): keep spectra whose coverage includes the grid.
-SDSS_WAVEMIN_MAX = 3839.7244
-SDSS_WAVEMAX_MIN = 8914.597
+# The paper's SDSS quality cut (authors' code): keep spectra whose coverage includes the grid,
+# WAVEMIN <= 3839.7244 and WAVEMAX >= 8914.597 Angstrom. A survey declares its own pair
+# (spectransfer.surveys.Survey.coverage); this is the default.
+PAPER_COVERAGE = (3839.7244, 8914.597)

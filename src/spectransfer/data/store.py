@@ -28,10 +28,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
 
 from spectransfer.config import DEFAULT_GRID, Grid
+from spectransfer.data.splits import SplitConfig, assign_splits
 from spectransfer.errors import StoreError
 from spectransfer.provenance import atomic_path, dependency_versions, write_text_atomic
+from spectransfer.surveys import id_columns
 
 log = logging.getLogger(__name__)
 
@@ -39,41 +43,45 @@ FORMAT = "spectransfer-store"
 FORMAT_VERSION = 1
 DEFAULT_CHUNK_ROWS = 256
 
-# Column order and arrow types of meta.parquet (the contract other modules read).
-META_SCHEMA = pa.schema(
-    [
-        ("row", pa.int64()),
-        ("spectrum_id", pa.string()),
-        ("survey", pa.string()),
-        ("plate", pa.int64()),
-        ("mjd", pa.int64()),
-        ("fiberid", pa.int64()),
-        ("obsid", pa.int64()),
-        ("lmjd", pa.int64()),
-        ("planid", pa.string()),
-        ("spid", pa.int64()),
-        ("ra", pa.float64()),
-        ("dec", pa.float64()),
-        ("pipeline_class", pa.string()),
-        ("pipeline_subclass", pa.string()),
-        ("z", pa.float64()),
-        ("zwarning", pa.int64()),
-        ("snr", pa.float32()),
-        ("mag", pa.float32()),
-        ("label", pa.int8()),
-        ("label_source", pa.string()),
-        ("catalog_name", pa.string()),
-        ("catalog_z", pa.float64()),
-        ("object_id", pa.string()),
-        ("split", pa.string()),
-        ("source_file", pa.string()),
-        ("content_hash", pa.string()),
-        ("file_stamp", pa.string()),
-        ("batch_id", pa.string()),
-    ]
-)
-META_COLUMNS = list(META_SCHEMA.names)
-INT_COLUMNS = [f.name for f in META_SCHEMA if pa.types.is_integer(f.type) and f.name not in ("row", "label")]
+_ARROW_TYPES = {"int64": pa.int64(), "string": pa.string()}
+# meta.parquet's own columns, before and after the survey id columns (which the surveys declare).
+_HEAD_COLUMNS = [("row", pa.int64()), ("spectrum_id", pa.string()), ("survey", pa.string())]
+_TAIL_COLUMNS = [
+    ("ra", pa.float64()),
+    ("dec", pa.float64()),
+    ("pipeline_class", pa.string()),
+    ("pipeline_subclass", pa.string()),
+    ("z", pa.float64()),
+    ("zwarning", pa.int64()),
+    ("snr", pa.float32()),
+    ("mag", pa.float32()),
+    ("label", pa.int8()),
+    ("label_source", pa.string()),
+    ("catalog_name", pa.string()),
+    ("catalog_z", pa.float64()),
+    ("object_id", pa.string()),
+    ("split", pa.string()),
+    ("source_file", pa.string()),
+    ("content_hash", pa.string()),
+    ("file_stamp", pa.string()),
+    ("batch_id", pa.string()),
+]
+
+
+def meta_schema() -> pa.Schema:
+    """Column order and arrow types of meta.parquet (the contract other modules read).
+
+    The id columns between ``survey`` and ``ra`` are those every registered survey declares
+    (:func:`spectransfer.surveys.id_columns`: SDSS plate, mjd, fiberid; LAMOST obsid, lmjd,
+    planid, spid, ...), so a new survey adds its columns without an edit here.
+    """
+    ids = [(name, _ARROW_TYPES[dtype]) for name, dtype in id_columns()]
+    return pa.schema(_HEAD_COLUMNS + ids + _TAIL_COLUMNS)
+
+
+def meta_columns() -> list[str]:
+    return list(meta_schema().names)
+
 
 REJECTED_SCHEMA = pa.schema(
     [
@@ -136,8 +144,6 @@ def read_table(path: Path, schema: pa.Schema) -> pd.DataFrame:
 
 
 def _compressor() -> Any:
-    from zarr.codecs import BloscCodec, BloscShuffle
-
     return BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle)
 
 
@@ -159,8 +165,6 @@ class Store:
     @property
     def group(self) -> Any:
         if self._group is None:
-            import zarr
-
             self._group = zarr.open_group(str(self.path / "spectra.zarr"), mode=self.mode)
         return self._group
 
@@ -184,7 +188,7 @@ class Store:
     @property
     def meta(self) -> pd.DataFrame:
         if self._meta is None:
-            self._meta = read_table(self.path / "meta.parquet", META_SCHEMA)
+            self._meta = read_table(self.path / "meta.parquet", meta_schema())
         return self._meta
 
     @property
@@ -248,8 +252,6 @@ def open_store(path: str | Path, mode: str = "r") -> Store:
 
 def create_store(path: str | Path, grid: Grid = DEFAULT_GRID, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Store:
     """Make an empty store folder (arrays of 0 rows); refuses a folder that holds anything else."""
-    import zarr
-
     path = Path(path)
     if path.exists() and any(path.iterdir()):
         raise StoreError(f"{path}: folder exists and is not an empty store")
@@ -295,8 +297,6 @@ def write_store(
     ``row`` with 0..N-1, ``spectrum_id`` with ``"row-i"``, ``label``/``label_source`` with
     0/'none', and ``object_id``/``split`` by the object-level split of :mod:`spectransfer.data.splits`.
     """
-    from spectransfer.data.splits import SplitConfig, assign_splits
-
     flux = np.asarray(flux, dtype=np.float32)
     ivar = np.asarray(ivar, dtype=np.float32)
     if flux.ndim != 2 or flux.shape != ivar.shape or flux.shape[1] != grid.n_bins:
@@ -322,7 +322,7 @@ def write_store(
         meta, report = assign_splits(meta, SplitConfig(seed=seed))
     elif "object_id" not in meta.columns:
         meta["object_id"] = meta["spectrum_id"]
-    write_table(meta, store.path / "meta.parquet", META_SCHEMA)
+    write_table(meta, store.path / "meta.parquet", meta_schema())
     write_table(pd.DataFrame(), store.path / "rejected.parquet", REJECTED_SCHEMA)
     store.info["splits"] = report
     store.save_info()
