@@ -384,11 +384,11 @@ def _key_column(s: pd.Series, dtype: str) -> np.ndarray:
 
 
 def _valid(frame: pd.DataFrame, key: tuple[str, ...], dtypes: dict[str, str]) -> np.ndarray:
-    """Rows whose every key column holds a value (ints > 0, strings not empty)."""
+    """Rows whose every key column holds a value (ints >= 0: missing ones are -1; strings not empty)."""
     ok = np.ones(len(frame), dtype=bool)
     for c in key:
         v = frame[c].to_numpy()
-        ok &= (v > 0) if dtypes[c] == "int64" else (v != "")
+        ok &= (v >= 0) if dtypes[c] == "int64" else (v != "")
     return ok
 
 
