@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from spectransfer.config import DEFAULT_GRID, Grid
+from spectransfer.config import DEFAULT_GRID, LOGLAM_STEP, Grid
 from spectransfer.data.catalogs import label_spectra, load_catalog
 from spectransfer.data.resample import normalise, resample_batch
 from spectransfer.data.splits import SplitConfig, assign_splits
@@ -274,11 +274,10 @@ def process_batch(task: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-# Survey spectra on a logarithmic wavelength grid with steps of 1e-4 in log10(lambda) (SDSS,
-# most LAMOST files) are all subsets of one global grid. Placing each on a common window of
-# it (ivar 0 where a spectrum has no pixel) lets a whole batch share one overlap matrix: one
-# sparse product per batch instead of one matrix build per file.
-LOGLAM_STEP = 1e-4
+# Survey spectra on a logarithmic wavelength grid with steps of LOGLAM_STEP = 1e-4 in
+# log10(lambda) (SDSS, most LAMOST files) are all subsets of one global grid. Placing each on
+# a common window of it (ivar 0 where a spectrum has no pixel) lets a whole batch share one
+# overlap matrix: one sparse product per batch instead of one matrix build per file.
 _ALIGN_TOL = 0.02  # in pixels: float32 loglam columns round the ideal grid by < 0.003 pixel
 
 

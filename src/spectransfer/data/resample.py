@@ -30,15 +30,11 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
 import numpy as np
 import scipy.sparse as sp
 
-from spectransfer.config import DEFAULT_GRID, Grid
-
-if TYPE_CHECKING:
-    from spectransfer.surveys.base import SpectrumRecord
+from spectransfer.config import DEFAULT_GRID, Grid, centre_edges
+from spectransfer.surveys.base import SpectrumRecord
 
 log = logging.getLogger(__name__)
 
@@ -52,21 +48,14 @@ _cache_lock = threading.Lock()
 
 
 def pixel_edges(wave: np.ndarray) -> np.ndarray:
-    """Edges (n+1,) of pixels centred on ``wave``: midpoints, outer edges half a step out.
-
-    The arithmetic is written exactly as ``spectres.make_bins`` does it, so both agree to
-    the last bit.
-    """
+    """Edges (n+1,) of pixels centred on ``wave`` (:func:`spectransfer.config.centre_edges`,
+    the construction of the grid's bin edges), after checking the array."""
     wave = np.asarray(wave, dtype=np.float64)
     if wave.ndim != 1 or wave.shape[0] < 2:
         raise ValueError(f"wavelength array must be 1-D with at least 2 pixels, got shape {wave.shape}")
     if not np.all(np.isfinite(wave)) or np.any(np.diff(wave) <= 0):
         raise ValueError("wavelength array must be finite and strictly increasing")
-    edges = np.empty(wave.shape[0] + 1)
-    edges[0] = wave[0] - (wave[1] - wave[0]) / 2
-    edges[-1] = wave[-1] + (wave[-1] - wave[-2]) / 2
-    edges[1:-1] = (wave[1:] + wave[:-1]) / 2
-    return edges
+    return centre_edges(wave)
 
 
 class _Weights:
@@ -257,7 +246,7 @@ def _group_rows(waves: Sequence[np.ndarray]) -> list[list[int]]:
     return list(groups.values())
 
 
-def resample_record(record: "SpectrumRecord", grid: Grid = DEFAULT_GRID) -> tuple[np.ndarray, np.ndarray]:
+def resample_record(record: SpectrumRecord, grid: Grid = DEFAULT_GRID) -> tuple[np.ndarray, np.ndarray]:
     """Resample one ``SpectrumRecord``; returns (flux (n_bins,), ivar (n_bins,)) float64."""
     f, iv = resample_batch(record.wave, record.flux[None, :], record.ivar[None, :], record.mask[None, :], grid)
     return f[0], iv[0]
