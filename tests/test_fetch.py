@@ -26,8 +26,6 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from conftest import real_files
-from spectransfer.errors import FetchError
 from spectransfer.data.fetch import (
     CATALOGS,
     _signature_problem,
@@ -38,6 +36,9 @@ from spectransfer.data.fetch import (
     sdss_items,
     sdss_spectrum_path,
 )
+from spectransfer.errors import FetchError
+
+from conftest import real_files
 
 SPEC_NAME = re.compile(r"spec-(\d{4})-(\d{5})-(\d{4})\.fits$")
 

@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 
 from spectransfer.cli import app
 from spectransfer.config import DEFAULT_GRID
-from spectransfer.errors import StoreError
 from spectransfer.data.ingest import DELAY_ENV, ingest
 from spectransfer.data.store import open_store
+from spectransfer.errors import StoreError
 
 # Three epochs of SDSS-RM 017 in tests/data (the fourth, spec-6717-56397-0534, is in ../shared/data only).
 RM_EPOCHS = ("spec-1325-52762-0133.fits", "spec-7338-57859-0739.fits", "spec-7340-57576-0740.fits")

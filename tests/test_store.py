@@ -11,8 +11,8 @@ import pytest
 import zarr
 
 from spectransfer.config import DEFAULT_GRID
-from spectransfer.errors import StoreError
 from spectransfer.data.store import create_store, meta_columns, open_store, store_stats, write_store
+from spectransfer.errors import StoreError
 
 
 def _arrays(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:

@@ -13,9 +13,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from conftest import FULL_DATA, REAL_DATA, full_data_present, real_files
 from spectransfer.config import DEFAULT_GRID, Grid
-from spectransfer.surveys.sdss_spec import SDSS_BAD_PIXEL_BITS
 from spectransfer.errors import SpectrumError
 from spectransfer.surveys import (
     MASK_DTYPE,
@@ -27,6 +25,9 @@ from spectransfer.surveys import (
 )
 from spectransfer.surveys.base import INFO_KEYS, SpectrumRecord
 from spectransfer.surveys.fitsfile import FitsFile
+from spectransfer.surveys.sdss_spec import SDSS_BAD_PIXEL_BITS
+
+from conftest import FULL_DATA, REAL_DATA, full_data_present, real_files
 
 SDSS_FILES = real_files("sdss")
 LAMOST_FILES = real_files("lamost")

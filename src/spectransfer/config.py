@@ -41,7 +41,7 @@ class Grid:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Grid":
+    def from_dict(cls, d: dict[str, Any]) -> Grid:
         return cls(n_bins=int(d["n_bins"]), wave_min=float(d["wave_min"]), wave_max=float(d["wave_max"]))
 
 

@@ -53,7 +53,15 @@ from spectransfer.data.store import (
 from spectransfer.errors import SpectrumError, StoreError
 from spectransfer.progress import progress_bar
 from spectransfer.provenance import atomic_path, sha256_file, write_text_atomic
-from spectransfer.surveys import coverage_limits, get_survey, id_columns, iter_spectrum_files, read_spectrum, record_coverage, survey_names
+from spectransfer.surveys import (
+    coverage_limits,
+    get_survey,
+    id_columns,
+    iter_spectrum_files,
+    read_spectrum,
+    record_coverage,
+    survey_names,
+)
 
 log = logging.getLogger(__name__)
 
@@ -251,8 +259,8 @@ def process_batch(task: dict[str, Any]) -> dict[str, Any]:
 
     group = zarr.open_group(str(store_path / "spectra.zarr"), mode="r+")
     sl = slice(int(task["row_start"]), int(task["row_start"]) + capacity)
-    group["flux"][sl] = flux_block
-    group["ivar"][sl] = ivar_block
+    group["flux"][sl] = flux_block  # type: ignore[index]  # a zarr Array (Group.__getitem__ may also give a Group)
+    group["ivar"][sl] = ivar_block  # type: ignore[index]
 
     delay = float(os.environ.get(DELAY_ENV, "0") or 0)
     if delay > 0:
@@ -387,7 +395,7 @@ class _Lock:
         self.path = store_path / "ingest.lock"
         self.held = False
 
-    def __enter__(self) -> "_Lock":
+    def __enter__(self) -> _Lock:
         me = f"{socket.gethostname()} {os.getpid()}"
         for _ in range(2):
             try:
@@ -400,7 +408,7 @@ class _Lock:
                 if host == socket.gethostname() and _pid_alive(int(pid)):
                     raise StoreError(f"{self.path.parent}: another ingest (pid {pid}) is writing to this store") from None
                 if host and host != socket.gethostname():
-                    raise StoreError(f"{self.path.parent}: locked by an ingest on host {host} (pid {pid}); remove {self.path} if it is dead")
+                    raise StoreError(f"{self.path.parent}: locked by an ingest on host {host} (pid {pid}); remove {self.path} if it is dead") from None
                 log.warning("taking over the lock of a dead ingest (pid %s)", pid)
                 self.path.unlink(missing_ok=True)
                 continue

@@ -30,6 +30,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 # fastest on a 1 MiB-L2 EPYC; 1024 rows was three times slower).
 CHUNK_ROWS = 32
 _CACHE_SIZE = 64
-_cache: OrderedDict[tuple[str, Grid], "_Weights"] = OrderedDict()
+_cache: OrderedDict[tuple[str, Grid], _Weights] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
@@ -190,8 +191,8 @@ def resample_batch(
     """
     if isinstance(flux, np.ndarray) and flux.ndim in (1, 2):
         f2 = _as_2d(flux, "flux")
-        iv2 = _as_2d(ivar, "ivar")
-        m2 = None if mask is None else _as_2d(mask, "mask")
+        iv2 = _as_2d(np.asarray(ivar), "ivar")
+        m2 = None if mask is None else _as_2d(np.asarray(mask), "mask")
         if iv2.shape != f2.shape or (m2 is not None and m2.shape != f2.shape):
             raise ValueError(f"flux {f2.shape}, ivar {iv2.shape} and mask shapes differ")
         w = np.asarray(wave, dtype=np.float64)
@@ -214,7 +215,7 @@ def resample_batch(
         return out_f, out_iv
 
     # Ragged input: sequences of 1-D arrays.
-    waves = [np.asarray(x, dtype=np.float64) for x in wave]  # type: ignore[union-attr]
+    waves = [np.asarray(x, dtype=np.float64) for x in wave]
     fluxes = [np.asarray(x) for x in flux]
     ivars = [np.asarray(x) for x in ivar]
     masks = None if mask is None else [np.asarray(x) for x in mask]

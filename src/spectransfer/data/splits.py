@@ -51,7 +51,7 @@ class SplitConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SplitConfig":
+    def from_dict(cls, d: dict[str, Any]) -> SplitConfig:
         names = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in names})
 

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 FORMAT = "spectransfer-store"
 FORMAT_VERSION = 1
 DEFAULT_CHUNK_ROWS = 256
+StoreMode = Literal["r", "r+"]  # read only; r+: ingest writes to the arrays
 
 _ARROW_TYPES = {"int64": pa.int64(), "string": pa.string()}
 # meta.parquet's own columns, before and after the survey id columns (which the surveys declare).
@@ -97,7 +99,7 @@ REJECTED_COLUMNS = list(REJECTED_SCHEMA.names)
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def conform(df: pd.DataFrame, schema: pa.Schema) -> pd.DataFrame:
@@ -153,7 +155,7 @@ class Store:
 
     path: Path
     info: dict[str, Any]
-    mode: str = "r"
+    mode: StoreMode = "r"
     _meta: pd.DataFrame | None = field(default=None, repr=False)
     _rejected: pd.DataFrame | None = field(default=None, repr=False)
     _group: Any = field(default=None, repr=False)
@@ -239,7 +241,7 @@ def _read_info(path: Path) -> dict[str, Any]:
     return info
 
 
-def open_store(path: str | Path, mode: str = "r") -> Store:
+def open_store(path: str | os.PathLike[str], mode: StoreMode = "r") -> Store:
     """Open an existing store (``mode="r+"`` to let ingest write to its arrays)."""
     path = Path(path)
     if not path.is_dir():
@@ -250,7 +252,7 @@ def open_store(path: str | Path, mode: str = "r") -> Store:
     return store
 
 
-def create_store(path: str | Path, grid: Grid = DEFAULT_GRID, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Store:
+def create_store(path: str | os.PathLike[str], grid: Grid = DEFAULT_GRID, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Store:
     """Make an empty store folder (arrays of 0 rows); refuses a folder that holds anything else."""
     path = Path(path)
     if path.exists() and any(path.iterdir()):

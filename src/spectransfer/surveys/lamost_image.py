@@ -20,12 +20,12 @@ from spectransfer.errors import SpectrumError
 from spectransfer.surveys.base import (
     Reader,
     SpectrumRecord,
+    Survey,
     air_to_vacuum,
     finish_record,
     missing_float,
     missing_int,
     missing_str,
-    Survey,
     register,
     register_survey,
     valid_mag,
