@@ -19,6 +19,7 @@ from spectransfer.config import Grid
 from spectransfer.data.catalogs import load_catalog
 from spectransfer.data.ingest import ingest
 from spectransfer.data.store import meta_columns, open_store
+from spectransfer.errors import CatalogError
 from spectransfer.ml.train import TrainConfig, train
 from spectransfer.surveys import (
     READERS,
@@ -131,6 +132,19 @@ def test_toy_survey_goes_through_ingest_train_discover(toy: Survey, tmp_path: Pa
         table = hdul["CANDIDATES"].data
         assert sorted(table["SPECTRUM_ID"]) == meta["spectrum_id"].tolist()
         assert np.all((table["P_QSO"] >= 0) & (table["P_QSO"] <= 1))
+
+    # The store remembers its id columns: opened where the toy survey is not registered it
+    # keeps them; an ingest there skips the unchanged files; one that must relabel stops on the
+    # catalogue it cannot read, changing nothing.
+    unregister_survey("toy")
+    assert "exposure" not in meta_columns()
+    again = open_store(tmp_path / "store")
+    assert again.info["id_columns"][-2:] == [["exposure", "int64"], ["slit", "int64"]]
+    assert again.meta.sort_values("spectrum_id")["exposure"].tolist() == meta["exposure"].tolist()
+    assert ingest([tmp_path / "toy"], tmp_path / "store", workers=0, grid=SMALL, quiet=True).skipped_unchanged == 60
+    with pytest.raises(CatalogError, match="toy_quasars.csv: not a recognised quasar catalogue"):
+        ingest([tmp_path / "toy"], tmp_path / "store", catalogs=[catalogue], workers=0, grid=SMALL, quiet=True)
+    assert open_store(tmp_path / "store").meta.sort_values("spectrum_id")["slit"].tolist() == meta["slit"].tolist()
 
 
 def test_quality_cuts_come_from_the_survey(toy: Survey, tmp_path: Path) -> None:

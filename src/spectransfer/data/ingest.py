@@ -539,7 +539,7 @@ def consolidate(store: Store, catalog_paths: list[str], split_config: SplitConfi
 
     # Order matters for crash safety: tables first (each atomic), then store.json, then the
     # plan and parts go. A crash in between leaves parts that fold in again identically.
-    write_table(meta, store.path / "meta.parquet", meta_schema())
+    store.write_meta(meta)
     write_table(rejected, store.path / "rejected.parquet", REJECTED_SCHEMA)
     store.info["catalogs"] = catalog_paths
     store.info["splits"] = report

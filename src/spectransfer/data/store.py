@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -70,15 +71,25 @@ _TAIL_COLUMNS = [
 ]
 
 
-def meta_schema() -> pa.Schema:
+def meta_schema(store_ids: Sequence[Sequence[str]] = ()) -> pa.Schema:
     """Column order and arrow types of meta.parquet (the contract other modules read).
 
     The id columns between ``survey`` and ``ra`` are those every registered survey declares
     (:func:`spectransfer.surveys.id_columns`: SDSS plate, mjd, fiberid; LAMOST obsid, lmjd,
-    planid, spid, ...), so a new survey adds its columns without an edit here.
+    planid, spid, ...), so a new survey adds its columns without an edit here; then any
+    ``store_ids`` ((name, dtype) a store was written with, :attr:`Store.schema`) that no
+    registered survey declares now, so rewriting a store never drops a column.
     """
-    ids = [(name, _ARROW_TYPES[dtype]) for name, dtype in id_columns()]
-    return pa.schema(_HEAD_COLUMNS + ids + _TAIL_COLUMNS)
+    ids = dict(id_columns())
+    for name, dtype in store_ids:
+        ids.setdefault(str(name), str(dtype))
+    return pa.schema(_HEAD_COLUMNS + [(name, _ARROW_TYPES[dtype]) for name, dtype in ids.items()] + _TAIL_COLUMNS)
+
+
+def schema_id_columns(schema: pa.Schema) -> list[list[str]]:
+    """[name, dtype] of a meta schema's id columns (what store.json keeps as ``id_columns``)."""
+    names = schema.names[len(_HEAD_COLUMNS) : len(schema) - len(_TAIL_COLUMNS)]
+    return [[n, "int64" if pa.types.is_integer(schema.field(n).type) else "string"] for n in names]
 
 
 def meta_columns() -> list[str]:
@@ -188,9 +199,20 @@ class Store:
         return int(self.flux.shape[0])
 
     @property
+    def schema(self) -> pa.Schema:
+        """meta.parquet's schema: the registered surveys' id columns and those the store was written with."""
+        return meta_schema(self.info.get("id_columns", ()))
+
+    def write_meta(self, meta: pd.DataFrame) -> None:
+        """Write meta.parquet (atomically) and remember its id columns in the info (save_info writes it)."""
+        schema = self.schema
+        write_table(meta, self.path / "meta.parquet", schema)
+        self.info["id_columns"] = schema_id_columns(schema)
+
+    @property
     def meta(self) -> pd.DataFrame:
         if self._meta is None:
-            self._meta = read_table(self.path / "meta.parquet", meta_schema())
+            self._meta = read_table(self.path / "meta.parquet", self.schema)
         return self._meta
 
     @property
@@ -324,7 +346,7 @@ def write_store(
         meta, report = assign_splits(meta, SplitConfig(seed=seed))
     elif "object_id" not in meta.columns:
         meta["object_id"] = meta["spectrum_id"]
-    write_table(meta, store.path / "meta.parquet", meta_schema())
+    store.write_meta(meta)
     write_table(pd.DataFrame(), store.path / "rejected.parquet", REJECTED_SCHEMA)
     store.info["splits"] = report
     store.save_info()
