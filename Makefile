@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-output
 
-.PHONY: setup browser test test-slow demo bench clean
+.PHONY: setup browser test test-slow lint demo bench clean
 
 # The virtual environment is rebuilt only when pyproject.toml changes. torch is installed first
 # as torch==2.13.0, the CPU build on these machines: a plain `torch` would pull a multi-GB CUDA build.
@@ -29,6 +29,11 @@ test: setup browser
 
 test-slow: setup browser
 	$(PY) -m pytest -q -m slow
+
+# ruff (lint rules in pyproject.toml [tool.ruff]) and mypy on the package ([tool.mypy]).
+lint: setup
+	$(PY) -m ruff check src tests bench scripts
+	$(PY) -m mypy
 
 demo: setup
 	$(VENV)/bin/spectransfer demo --out $(DEMO_DIR)

@@ -1,6 +1,6 @@
 """Speed of `read_spectrum` against the same extraction done with astropy and with fitsio.
 
-For every real file in ../shared/data (or the folder given as the first argument) each method
+For every real file in ../shared/data, else tests/data (or the folder given as the first argument) each method
 pulls what a reader needs: the spectrum arrays and the ids/class/z keys (SDSS spec: HDU1
 columns + HDU2 row; spSpec and LAMOST DR1-7: primary image + header; LAMOST DR8+: HDU1 row +
 primary header). Ratios are measured in the same run; the last line is one JSON object.
@@ -66,7 +66,8 @@ def timed(fn, files: list[Path], repeat: int) -> float:
 def main() -> None:
     here = Path(__file__).resolve().parents[1]
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("data", nargs="?", default=str(here.parent / "shared" / "data"))
+    shared = here.parent / "shared" / "data"
+    ap.add_argument("data", nargs="?", default=str(shared if shared.is_dir() else here / "tests" / "data"))
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     files = [p for p in iter_spectrum_files([Path(args.data)])]

@@ -213,8 +213,8 @@ def test_positional_matches_agree_with_astropy_at_scale(tmp_path):
     assert out.attrs["label_counts"]["position"] == int(expect_pos.sum()) > 10000
 
 
-def test_real_catalogue_files(shared_data):
-    cats = shared_data / "catalogs"
+def test_real_catalogue_files(real_data):
+    cats = real_data / "catalogs"
     # An SDSS SkyServer row (astroquery test data): SDSS ids, case-insensitive 'fiberID', and
     # the DR7 numeric specClass (3 = QSO) that says the row is a quasar.
     xid = load_catalog(cats / "astroquery_sdss_xid.csv")

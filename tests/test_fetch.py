@@ -1,4 +1,4 @@
-"""spectransfer fetch against a real HTTP server on 127.0.0.1 serving the shared SDSS/LAMOST files.
+"""spectransfer fetch against a real HTTP server on 127.0.0.1 serving real SDSS/LAMOST files (tests/data).
 
 The server (http.server, Range support written here) can drop a connection half way, answer
 slowly, serve a corrupt body, ignore Range requests and require a token; it counts GETs per
@@ -27,7 +27,6 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from spectransfer.errors import FetchError
 from spectransfer.data.fetch import (
     CATALOGS,
     _signature_problem,
@@ -39,6 +38,9 @@ from spectransfer.data.fetch import (
     sdss_items,
     sdss_spectrum_path,
 )
+from spectransfer.errors import FetchError
+
+from conftest import real_files
 
 SPEC_NAME = re.compile(r"spec-(\d{4})-(\d{5})-(\d{4})\.fits$")
 
@@ -173,13 +175,23 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def sdss_files(shared_data: Path) -> dict[str, bytes]:
-    """URL path -> bytes of every spec-lite file in shared_data/sdss, in the dr16 SAS layout."""
+def sdss_files() -> dict[str, bytes]:
+    """URL path -> bytes of every real spec file (tests/data, plus ../shared/data when present), in the
+    dr16 SAS layout. With the in-repo files alone (7) each is also served as further fibres of its
+    plate, so there are 15 paths: a download checks size, signature and sha256, not the ids inside."""
+    real = [f for f in real_files("sdss") if SPEC_NAME.search(f.name)]
     files = {}
-    for f in sorted((shared_data / "sdss").glob("spec-*.fits")):
-        plate, mjd, fiber = (int(x) for x in SPEC_NAME.search(f.name).groups())
+
+    def add(f: Path, plate: int, mjd: int, fiber: int) -> None:
         run2d = "26" if plate < 3500 else "v5_13_0"
         files["/sas/" + sdss_spectrum_path("dr16", plate, mjd, fiber, run2d)] = f.read_bytes()
+
+    for f in real:
+        add(f, *(int(x) for x in SPEC_NAME.search(f.name).groups()))
+    for k in range(15 - len(files)):
+        f = real[k % len(real)]
+        plate, mjd, _ = (int(x) for x in SPEC_NAME.search(f.name).groups())
+        add(f, plate, mjd, 600 + k)
     assert len(files) >= 15
     return files
 
@@ -245,9 +257,9 @@ def test_sdss_urls_follow_the_sas_layout(tmp_path: Path) -> None:
         sdss_items(lst, release="dr99")
 
 
-def test_real_skyserver_row_plans_the_legacy_folders(shared_data: Path) -> None:
+def test_real_skyserver_row_plans_the_legacy_folders(real_data: Path) -> None:
     # astroquery's SkyServer test row: columns plate, mjd, fiberID (mixed case), an SDSS-I plate
-    (item,) = sdss_items(shared_data / "catalogs" / "astroquery_sdss_xid.csv")
+    (item,) = sdss_items(real_data / "catalogs" / "astroquery_sdss_xid.csv")
     assert item.key == "spec-0751-52251-0160.fits"
     assert item.targets[0].path == "dr16/sdss/spectro/redux/26/spectra/lite/0751/spec-0751-52251-0160.fits"
 
@@ -270,8 +282,8 @@ def test_fits_list_with_upper_case_columns_and_run2d(tmp_path: Path) -> None:
         sdss_items(evil)
 
 
-def test_signature_check_reads_fits_and_gzipped_fits(shared_data: Path) -> None:
-    body = (shared_data / "sdss" / "spec-0266-51602-0001.fits").read_bytes()
+def test_signature_check_reads_fits_and_gzipped_fits(real_data: Path) -> None:
+    body = (real_data / "sdss" / "spec-0266-51602-0001.fits").read_bytes()
     gz_head = gzip.compress(body)[:2880]
     assert _signature_problem(body[:2880], "fits") is None
     assert _signature_problem(gz_head, "gz") is None and _signature_problem(gz_head, "any") is None
@@ -492,9 +504,9 @@ def test_jobs_bound_the_requests_in_flight(server: SasServer, sdss_files: dict[s
     assert 2 <= server.max_in_flight <= 3
 
 
-def test_lamost_by_obsid_with_token_never_recorded(server: SasServer, shared_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_lamost_by_obsid_with_token_never_recorded(server: SasServer, real_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    lamost = shared_data / "lamost"
+    lamost = real_data / "lamost"
     by_obsid = {
         677503031: lamost / "spec-58397-EG014118N254444M01_sp03-031.fits",
         937808200: lamost / "spec-59517-EG025613N082253M02_sp08-200.fits.gz",

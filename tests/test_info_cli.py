@@ -17,12 +17,12 @@ from spectransfer.surveys import read_spectrum
 KEYS = ["path", "survey", "format", "ids", "ra", "dec", "class", "subclass", "z", "zwarning", "n_pixels", "wave_min", "wave_max", "cuts"]
 
 
-def _real_files(shared_data: Path) -> list[Path]:
-    return sorted((shared_data / "sdss").glob("*")) + sorted((shared_data / "lamost").glob("*"))
+def _real_files(real_data: Path) -> list[Path]:
+    return sorted((real_data / "sdss").glob("*")) + sorted((real_data / "lamost").glob("*"))
 
 
-def test_info_json_has_exactly_the_contract_keys(shared_data: Path) -> None:
-    files = _real_files(shared_data)
+def test_info_json_has_exactly_the_contract_keys(real_data: Path) -> None:
+    files = _real_files(real_data)
     result = CliRunner().invoke(app, ["info", "--json", *map(str, files)])
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -38,8 +38,8 @@ def test_info_json_has_exactly_the_contract_keys(shared_data: Path) -> None:
         assert obj["survey"] == path.parent.name
 
 
-def test_info_json_missing_values_are_null(shared_data: Path) -> None:
-    path = shared_data / "lamost" / "spec-55919-B5591903_sp01-001.fits"  # CLASS 'Unknown', Z -9999
+def test_info_json_missing_values_are_null(real_data: Path) -> None:
+    path = real_data / "lamost" / "spec-55919-B5591903_sp01-001.fits"  # CLASS 'Unknown', Z -9999
     result = CliRunner().invoke(app, ["info", "--json", str(path)])
     obj = json.loads(result.stdout)
     assert obj["class"] is None and obj["subclass"] is None and obj["z"] is None
@@ -47,9 +47,9 @@ def test_info_json_missing_values_are_null(shared_data: Path) -> None:
     assert '"z": null' in result.stdout
 
 
-def test_info_goes_on_after_a_bad_file_and_exits_1(shared_data: Path, tmp_path: Path) -> None:
-    good1 = shared_data / "sdss" / "spec-0752-52251-0323.fits"
-    good2 = shared_data / "lamost" / "spec-59517-EG025613N082253M02_sp08-200.fits.gz"
+def test_info_goes_on_after_a_bad_file_and_exits_1(real_data: Path, tmp_path: Path) -> None:
+    good1 = real_data / "sdss" / "spec-0752-52251-0323.fits"
+    good2 = real_data / "lamost" / "spec-59517-EG025613N082253M02_sp08-200.fits.gz"
     bad = tmp_path / "spec-9999-99999-0001.fits"
     bad.write_bytes(good1.read_bytes()[:5000])  # truncated
     result = CliRunner().invoke(app, ["info", "--json", str(good1), str(bad), str(good2)])
@@ -59,22 +59,22 @@ def test_info_goes_on_after_a_bad_file_and_exits_1(shared_data: Path, tmp_path: 
     assert str(bad) in result.stderr and "truncated" in result.stderr
 
 
-def test_info_human_lines_and_folders(shared_data: Path, tmp_path: Path) -> None:
+def test_info_human_lines_and_folders(real_data: Path, tmp_path: Path) -> None:
     (tmp_path / "notes.fits").write_text("not a fits file\n")
-    result = CliRunner().invoke(app, ["info", str(shared_data / "lamost"), str(tmp_path / "notes.fits")])
+    result = CliRunner().invoke(app, ["info", str(real_data / "lamost"), str(tmp_path / "notes.fits")])
     assert result.exit_code == 1
     lines = result.stdout.splitlines()
-    assert len(lines) == len(list((shared_data / "lamost").glob("*")))
+    assert len(lines) == len(list((real_data / "lamost").glob("*")))
     assert all(": lamost lamost-" in line for line in lines)
     assert "spec-55859-F5902_sp01-013_dr8.fits.gz: lamost lamost-coadd obsid=101013" in result.stdout
     assert "not a FITS file" in result.stderr
 
 
-def test_info_entry_point(shared_data: Path, tmp_path: Path) -> None:
+def test_info_entry_point(real_data: Path, tmp_path: Path) -> None:
     """The installed command, as a script would call it: JSON on stdout, reasons on stderr, exit 1."""
     exe = Path(sys.executable).with_name("spectransfer")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "spectransfer.cli"]
-    spspec = shared_data / "sdss" / "spSpec-51993-0542-631.fit"
+    spspec = real_data / "sdss" / "spSpec-51993-0542-631.fit"
     proc = subprocess.run(
         [*cmd, "info", "--json", str(spspec), str(tmp_path / "missing.fits")],
         capture_output=True, text=True, timeout=120, env={**os.environ, "NO_COLOR": "1"},

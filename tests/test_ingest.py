@@ -3,6 +3,7 @@ changed files are re-read, a killed ingest finishes on the next run, real Dask g
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -19,17 +20,18 @@ from typer.testing import CliRunner
 
 from spectransfer.cli import app
 from spectransfer.config import DEFAULT_GRID
-from spectransfer.errors import StoreError
 from spectransfer.data.ingest import DELAY_ENV, ingest
 from spectransfer.data.store import open_store
+from spectransfer.errors import StoreError
 
-RM_EPOCHS = ("spec-1325-52762-0133.fits", "spec-6717-56397-0534.fits", "spec-7338-57859-0739.fits", "spec-7340-57576-0740.fits")
+# Three epochs of SDSS-RM 017 in tests/data (the fourth, spec-6717-56397-0534, is in ../shared/data only).
+RM_EPOCHS = ("spec-1325-52762-0133.fits", "spec-7338-57859-0739.fits", "spec-7340-57576-0740.fits")
 ZWARNING_FILES = {"spSpec-51630-0266-633.fit", "spSpec-51630-0266-637.fit", "spSpec-51630-0266-638.fit", "spec-7457-56746-0001.fits"}
 
 
-def _copy(shared_data: Path, dest: Path, names: list[str] | None = None, survey: str = "sdss") -> Path:
+def _copy(real_data: Path, dest: Path, names: list[str] | None = None, survey: str = "sdss") -> Path:
     dest.mkdir(parents=True, exist_ok=True)
-    for f in sorted((shared_data / survey).iterdir()):
+    for f in sorted((real_data / survey).iterdir()):
         if names is None or f.name in names:
             shutil.copy2(f, dest / f.name)
     return dest
@@ -56,17 +58,17 @@ def _same_store(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference_store(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def reference_store(real_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every real SDSS + LAMOST file ingested in-process, uninterrupted: the reference result."""
     out = tmp_path_factory.mktemp("ref") / "store"
-    ingest([shared_data / "sdss", shared_data / "lamost"], out, workers=0, quiet=True)
+    ingest([real_data / "sdss", real_data / "lamost"], out, workers=0, quiet=True)
     return out
 
 
-def test_real_files_sdss_and_lamost(reference_store: Path, shared_data: Path) -> None:
+def test_real_files_sdss_and_lamost(reference_store: Path, real_data: Path) -> None:
     store = open_store(reference_store)
     meta, rej = store.meta, store.rejected
-    n_files = len(list((shared_data / "sdss").iterdir())) + len(list((shared_data / "lamost").iterdir()))
+    n_files = len(list((real_data / "sdss").iterdir())) + len(list((real_data / "lamost").iterdir()))
     assert len(meta) + len(rej) == n_files
     # The four files with ZWARNING != 0 fail the paper's cut, with the value in the reason.
     zw = rej[rej["reason_kind"] == "fails filter: zwarning"]
@@ -78,7 +80,7 @@ def test_real_files_sdss_and_lamost(reference_store: Path, shared_data: Path) ->
     assert meta["spectrum_id"].is_unique and set(meta["survey"]) == {"sdss", "lamost"}
 
     # One SDSS file against astropy: ids, position, class, redshift.
-    path = shared_data / "sdss" / "spec-0752-52251-0323.fits"
+    path = real_data / "sdss" / "spec-0752-52251-0323.fits"
     row = meta[meta["source_file"] == str(path.resolve())].iloc[0]
     with fits.open(path) as hdul:
         so = hdul[2].data[0]
@@ -86,12 +88,12 @@ def test_real_files_sdss_and_lamost(reference_store: Path, shared_data: Path) ->
         assert row["pipeline_class"] == so["CLASS"].strip()
         assert row["z"] == pytest.approx(float(so["Z"]), rel=1e-6)
         assert row["ra"] == pytest.approx(float(so["PLUG_RA"]), abs=1e-6)
-    assert row["content_hash"].startswith("sha1:")
+    assert row["content_hash"] == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_stored_flux_is_min_max_scaled_spectres_resample(reference_store: Path, shared_data: Path) -> None:
+def test_stored_flux_is_min_max_scaled_spectres_resample(reference_store: Path, real_data: Path) -> None:
     spectres = pytest.importorskip("spectres").spectres
-    path = shared_data / "sdss" / "spec-0266-51602-0013.fits"
+    path = real_data / "sdss" / "spec-0266-51602-0013.fits"
     store = open_store(reference_store)
     row = store.meta[store.meta["source_file"] == str(path.resolve())].iloc[0]
     flux, ivar = store.flux[int(row["row"])], store.ivar[int(row["row"])]
@@ -115,19 +117,19 @@ def test_stored_flux_is_min_max_scaled_spectres_resample(reference_store: Path, 
     assert good_bins.min() == pytest.approx(-1.0) and good_bins.max() == pytest.approx(1.0)
 
 
-def test_rm_repeat_epochs_share_object_and_split(reference_store: Path, shared_data: Path) -> None:
+def test_rm_repeat_epochs_share_object_and_split(reference_store: Path, real_data: Path) -> None:
     meta = open_store(reference_store).meta
     rm = meta[meta["source_file"].map(lambda p: Path(p).name in RM_EPOCHS)]
-    assert len(rm) == 4
+    assert len(rm) == 3
     assert rm["object_id"].nunique() == 1 and rm["split"].nunique() == 1
-    assert (meta["object_id"] == rm["object_id"].iloc[0]).sum() == 4
+    assert (meta["object_id"] == rm["object_id"].iloc[0]).sum() == 3
     info = open_store(reference_store).info
-    assert info["splits"]["leakage"]["repeat_spectra"] == 4
+    assert info["splits"]["leakage"]["repeat_spectra"] == 3
 
 
-def test_local_dask_cluster_gives_the_same_store(reference_store: Path, shared_data: Path, tmp_path: Path) -> None:
+def test_local_dask_cluster_gives_the_same_store(reference_store: Path, real_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "dask"
-    summary = ingest([shared_data / "sdss", shared_data / "lamost"], out, workers=2, batch_size=8, quiet=True)
+    summary = ingest([real_data / "sdss", real_data / "lamost"], out, workers=2, batch_size=4, quiet=True)
     assert summary.batches >= 6
     # The batches ran in worker processes, not in this one.
     assert summary.worker_pids and os.getpid() not in summary.worker_pids
@@ -138,12 +140,12 @@ def test_local_dask_cluster_gives_the_same_store(reference_store: Path, shared_d
     assert (starts % store.chunk_rows == 0).all()
 
 
-def test_corrupt_files_are_quarantined_and_good_files_land(shared_data: Path, tmp_path: Path) -> None:
-    good_names = ["spec-0266-51602-0013.fits", "spec-0752-52251-0323.fits", "spec-3588-55184-0511.fits", "spSpec-51993-0542-631.fit"]
-    folder = _copy(shared_data, tmp_path / "in", good_names)
+def test_corrupt_files_are_quarantined_and_good_files_land(real_data: Path, tmp_path: Path) -> None:
+    good_names = ["spec-0266-51602-0013.fits", "spec-0752-52251-0323.fits", "spec-7338-57859-0739.fits", "spSpec-51993-0542-631.fit"]
+    folder = _copy(real_data, tmp_path / "in", good_names)
     (folder / "notes.fits").write_text("this is not a FITS file\n")
     (folder / "empty.fits").write_bytes(b"")
-    raw = (shared_data / "sdss" / "spec-0266-51602-0001.fits").read_bytes()
+    raw = (real_data / "sdss" / "spec-0266-51602-0001.fits").read_bytes()
     (folder / "truncated.fits").write_bytes(raw[: len(raw) // 3])
     fits.PrimaryHDU(np.zeros((3, 3), dtype=np.float32)).writeto(folder / "image.fits")
     summary = ingest([folder], tmp_path / "s", workers=0, quiet=True)
@@ -157,9 +159,9 @@ def test_corrupt_files_are_quarantined_and_good_files_land(shared_data: Path, tm
     assert summary.rejected == 4 and summary.accepted == 4
 
 
-def test_rerun_adds_nothing_and_changed_file_is_reread(shared_data: Path, tmp_path: Path) -> None:
+def test_rerun_adds_nothing_and_changed_file_is_reread(real_data: Path, tmp_path: Path) -> None:
     names = ["spec-0266-51602-0013.fits", "spec-0266-51602-0001.fits", "spSpec-51993-0542-631.fit"]
-    folder = _copy(shared_data, tmp_path / "in", names)
+    folder = _copy(real_data, tmp_path / "in", names)
     first = ingest([folder], tmp_path / "s", workers=0, quiet=True)
     assert first.accepted == 3
     meta0, x0 = _by_id(tmp_path / "s")
@@ -198,9 +200,9 @@ def test_rerun_adds_nothing_and_changed_file_is_reread(shared_data: Path, tmp_pa
         assert meta3.loc[other, "split"] == meta0.loc[other, "split"]
 
 
-def test_second_ingest_appends_and_keeps_existing_rows(shared_data: Path, tmp_path: Path) -> None:
-    sdss = _copy(shared_data, tmp_path / "sdss", ["spec-0266-51602-0013.fits", "spec-3851-55302-0530.fits"])
-    lamost = _copy(shared_data, tmp_path / "lamost", ["spec-55862-B6212_sp06-003.fits", "spec-59517-EG025613N082253M02_sp08-200.fits.gz"], survey="lamost")
+def test_second_ingest_appends_and_keeps_existing_rows(real_data: Path, tmp_path: Path) -> None:
+    sdss = _copy(real_data, tmp_path / "sdss", ["spec-0266-51602-0013.fits", "spec-7340-57576-0740.fits"])
+    lamost = _copy(real_data, tmp_path / "lamost", ["spec-55862-B6212_sp06-003.fits", "spec-59517-EG025613N082253M02_sp08-200.fits.gz"], survey="lamost")
     ingest([sdss], tmp_path / "s", workers=0, quiet=True, batch_size=4)
     meta0, x0 = _by_id(tmp_path / "s")
     rows0 = open_store(tmp_path / "s").n_rows
@@ -213,9 +215,9 @@ def test_second_ingest_appends_and_keeps_existing_rows(shared_data: Path, tmp_pa
         assert meta1.loc[sid, ["row", "split", "object_id"]].tolist() == meta0.loc[sid, ["row", "split", "object_id"]].tolist()
 
 
-def test_survey_option_filters_and_duplicates(shared_data: Path, tmp_path: Path) -> None:
-    folder = _copy(shared_data, tmp_path / "in", ["spec-0266-51602-0013.fits", "spec-7457-56746-0001.fits"])
-    _copy(shared_data, folder, ["spec-55862-B6212_sp06-003.fits"], survey="lamost")
+def test_survey_option_filters_and_duplicates(real_data: Path, tmp_path: Path) -> None:
+    folder = _copy(real_data, tmp_path / "in", ["spec-0266-51602-0013.fits", "spec-7457-56746-0001.fits"])
+    _copy(real_data, folder, ["spec-55862-B6212_sp06-003.fits"], survey="lamost")
     shutil.copy2(folder / "spec-0266-51602-0013.fits", folder / "zz-copy.fits")
     ingest([folder], tmp_path / "s", survey="sdss", workers=0, quiet=True, zwarning_filter=False)
     store = open_store(tmp_path / "s")
@@ -232,10 +234,10 @@ def test_survey_option_filters_and_duplicates(shared_data: Path, tmp_path: Path)
 
 
 @pytest.mark.parametrize("workers", ["0", pytest.param("2", marks=pytest.mark.slow)])
-def test_killed_ingest_finishes_on_rerun(reference_store: Path, shared_data: Path, tmp_path: Path, workers: str) -> None:
+def test_killed_ingest_finishes_on_rerun(reference_store: Path, real_data: Path, tmp_path: Path, workers: str) -> None:
     """SIGKILL a real `spectransfer ingest` (and its Dask workers) mid-run, twice; rerun: one row per accepted file."""
     store = tmp_path / "s"
-    cmd = [sys.executable, "-m", "spectransfer", "ingest", str(shared_data / "sdss"), str(shared_data / "lamost"),
+    cmd = [sys.executable, "-m", "spectransfer", "ingest", str(real_data / "sdss"), str(real_data / "lamost"),
            "--store", str(store), "--workers", workers, "--batch-size", "4", "--quiet"]
     env = {**os.environ, DELAY_ENV: "0.4"}
     for wanted_parts in (2, 5):
@@ -253,18 +255,18 @@ def test_killed_ingest_finishes_on_rerun(reference_store: Path, shared_data: Pat
             proc.wait(timeout=30)
         assert proc.returncode == -signal.SIGKILL
         assert (store / "pending.json").exists()  # interrupted for real
-    summary = ingest([shared_data / "sdss", shared_data / "lamost"], store, workers=0, quiet=True)
+    summary = ingest([real_data / "sdss", real_data / "lamost"], store, workers=0, quiet=True)
     assert summary.resumed_batches > 0
     assert not (store / "pending.json").exists() and not list((store / "parts").glob("*"))
     _same_store(store, reference_store)
     # And once more: nothing left to do.
-    assert ingest([shared_data / "sdss", shared_data / "lamost"], store, workers=0, quiet=True).files_processed == 0
+    assert ingest([real_data / "sdss", real_data / "lamost"], store, workers=0, quiet=True).files_processed == 0
 
 
-def test_cli_ingest_and_stats(shared_data: Path, tmp_path: Path) -> None:
+def test_cli_ingest_and_stats(real_data: Path, tmp_path: Path) -> None:
     import json
 
-    folder = _copy(shared_data, tmp_path / "in", ["spec-0266-51602-0013.fits", "spSpec-51630-0266-633.fit"])
+    folder = _copy(real_data, tmp_path / "in", ["spec-0266-51602-0013.fits", "spSpec-51630-0266-633.fit"])
     runner = CliRunner()
     res = runner.invoke(app, ["ingest", str(folder), "--store", str(tmp_path / "s"), "--workers", "0", "--json"])
     assert res.exit_code == 0, res.output
@@ -287,15 +289,15 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "store folder does not exist" in proc.stderr
 
 
-def test_shared_log_grid_window_matches_per_file_resampling(shared_data: Path) -> None:
+def test_shared_log_grid_window_matches_per_file_resampling(real_data: Path) -> None:
     """The batch path (spectra placed on one 1e-4 log-lambda window) equals per-file resampling
     up to the float32 rounding of the files' own wavelengths (< 0.5% of the flux scale)."""
     from spectransfer.data.ingest import _aligned_index, resample_records
     from spectransfer.data.resample import resample_batch
     from spectransfer.surveys import read_spectrum
 
-    recs = [read_spectrum(p) for p in sorted((shared_data / "sdss").glob("spec-*.fits"))]
-    recs += [read_spectrum(p) for p in sorted((shared_data / "lamost").glob("spec-5586*"))]
+    recs = [read_spectrum(p) for p in sorted((real_data / "sdss").glob("spec-*.fits"))]
+    recs += [read_spectrum(p) for p in sorted((real_data / "lamost").glob("spec-5586*"))]
     assert all(_aligned_index(r.wave) is not None for r in recs)
     fa, ia = resample_records(recs)
     fb, ib = resample_batch([r.wave for r in recs], [r.flux for r in recs], [r.ivar for r in recs], [r.mask for r in recs])
@@ -339,21 +341,21 @@ def test_quality_cuts_and_their_reasons() -> None:
 
 
 @pytest.mark.slow
-def test_existing_dask_scheduler_by_address(reference_store: Path, shared_data: Path, tmp_path: Path) -> None:
+def test_existing_dask_scheduler_by_address(reference_store: Path, real_data: Path, tmp_path: Path) -> None:
     """`--scheduler tcp://...` sends the batches to a cluster started elsewhere (here: by the test)."""
     import logging
 
     from dask.distributed import LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR) as cluster:
-        res = CliRunner().invoke(app, ["ingest", str(shared_data / "sdss"), str(shared_data / "lamost"), "--store", str(tmp_path / "s"),
+        res = CliRunner().invoke(app, ["ingest", str(real_data / "sdss"), str(real_data / "lamost"), "--store", str(tmp_path / "s"),
                                        "--scheduler", cluster.scheduler_address, "--batch-size", "8", "--json"])
     assert res.exit_code == 0, res.output
     _same_store(tmp_path / "s", reference_store)
 
 
-def test_cli_workers_and_scheduler_exclusive(tmp_path: Path, shared_data: Path) -> None:
-    res = CliRunner().invoke(app, ["ingest", str(shared_data / "sdss"), "--store", str(tmp_path / "s"), "--workers", "2", "--scheduler", "tcp://127.0.0.1:1"])
+def test_cli_workers_and_scheduler_exclusive(tmp_path: Path, real_data: Path) -> None:
+    res = CliRunner().invoke(app, ["ingest", str(real_data / "sdss"), "--store", str(tmp_path / "s"), "--workers", "2", "--scheduler", "tcp://127.0.0.1:1"])
     assert res.exit_code == 2 and "not both" in res.output
 
 
@@ -498,3 +500,17 @@ def test_label_mode_of_stores_written_in_one_go(tmp_path: Path) -> None:
     assert label_mode(write_store(tmp_path / "a", flux, flux, meta)) == "none"
     assert label_mode(write_store(tmp_path / "b", flux, flux, meta.assign(label=[1, 0, 0], label_source=["id", "none", "none"]))) == "catalog"
     assert label_mode(write_store(tmp_path / "c", flux, flux, meta.assign(label=[1, 0, 0], label_source="pipeline"))) == "pipeline"
+
+
+def test_fuller_set_lands_whole(full_data: Path, tmp_path: Path) -> None:
+    """The fuller ../shared/data set (where present): every file lands or is rejected with a
+    reason, and all four SDSS-RM 017 epochs form one object in one split."""
+    ingest([full_data / "sdss", full_data / "lamost"], tmp_path / "s", workers=0, quiet=True)
+    store = open_store(tmp_path / "s")
+    meta, rej = store.meta, store.rejected
+    n_files = len(list((full_data / "sdss").iterdir())) + len(list((full_data / "lamost").iterdir()))
+    assert len(meta) + len(rej) == n_files and rej["reason"].notna().all()
+    assert ZWARNING_FILES <= {Path(p).name for p in rej["source_file"]}
+    epochs = (*RM_EPOCHS, "spec-6717-56397-0534.fits")
+    rm = meta[meta["source_file"].map(lambda p: Path(p).name in epochs)]
+    assert len(rm) == 4 and rm["object_id"].nunique() == 1 and rm["split"].nunique() == 1

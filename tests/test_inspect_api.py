@@ -24,7 +24,7 @@ from spectransfer.inspect.server import check_bind, running_server
 from spectransfer.data.store import open_store, write_store
 from spectransfer.loopback import is_loopback
 
-REAL_SDSS = "sdss/spec-3851-55302-0530.fits"  # BOSS quasar, z = 2.70, 4603 pixels
+REAL_SDSS = "sdss/spec-7338-57859-0739.fits"  # BOSS quasar (SDSS-RM), z = 0.456, 4565 pixels
 CATEGORIES = ["new_candidate", "missed_by_model", "agree_qso", "agree_other"]
 CLASSES = ["GALAXY", "STAR", "QSO", None]
 
@@ -69,7 +69,7 @@ def build_inputs(folder: Path, n: int = 30, real_file: Path | None = None, seed:
         }
     )
     if real_file is not None:
-        table.loc[0, ["PLATE", "MJD", "FIBERID", "CLASS", "Z"]] = [3851, 55302, 530, "QSO", 2.701]
+        table.loc[0, ["PLATE", "MJD", "FIBERID", "CLASS", "Z"]] = [7338, 57859, 739, "QSO", 0.4565]
     cand = folder / "candidates.fits"
     t = Table.from_pandas(table)
     t.meta["EXTNAME"] = "CANDIDATES"
@@ -91,9 +91,9 @@ def dump(db: Path) -> list[tuple]:
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory, shared_data):
+def inputs(tmp_path_factory, real_data):
     folder = tmp_path_factory.mktemp("inspect")
-    return build_inputs(folder, real_file=shared_data / REAL_SDSS)
+    return build_inputs(folder, real_file=real_data / REAL_SDSS)
 
 
 @pytest.fixture(scope="module")
@@ -180,14 +180,14 @@ def test_candidates_from_fits_alone_match_the_parquet(inputs, tmp_path):
 # ---- spectra -----------------------------------------------------------------------------------
 
 
-def test_spectrum_from_the_original_file_matches_astropy(server, shared_data):
+def test_spectrum_from_the_original_file_matches_astropy(server, real_data):
     client, _, table = server
     r = client.get(f"/api/spectrum/{table['SPECTRUM_ID'][0]}")
     assert r.status_code == 200
     s = r.json()
     assert s["source"] == "original"
-    assert s["z_pipeline"] == pytest.approx(2.701)
-    with fits.open(shared_data / REAL_SDSS) as hdul:
+    assert s["z_pipeline"] == pytest.approx(0.4565)
+    with fits.open(real_data / REAL_SDSS) as hdul:
         coadd = hdul[1].data
         wave = 10.0 ** coadd["loglam"].astype("f8")
         flux = coadd["flux"].astype("f8")

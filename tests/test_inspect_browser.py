@@ -54,8 +54,8 @@ def browser():
             b.close()
 
 
-def test_keys_record_verdicts_in_sqlite(browser, tmp_path, shared_data):
-    cand, store_path, table = build_inputs(tmp_path, n=8, real_file=shared_data / REAL_SDSS)
+def test_keys_record_verdicts_in_sqlite(browser, tmp_path, real_data):
+    cand, store_path, table = build_inputs(tmp_path, n=8, real_file=real_data / REAL_SDSS)
     db = tmp_path / "verdicts.sqlite"
     top = table.sort_values("P_QSO", ascending=False)["SPECTRUM_ID"].tolist()
     app = create_app(cand, open_store(store_path), db)

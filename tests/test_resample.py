@@ -229,8 +229,8 @@ def test_bad_wavelength_arrays_are_rejected():
         resample_batch(np.arange(5.0), np.ones((1, 4)), np.ones((1, 4)))
 
 
-def test_resample_record_on_a_real_boss_file(shared_data):
-    path = shared_data / "sdss" / "spec-3851-55302-0530.fits"
+def test_resample_record_on_a_real_boss_file(real_data):
+    path = real_data / "sdss" / "spec-7340-57576-0740.fits"
     with fits.open(path) as hdul:
         coadd = hdul[1].data
         wave = 10.0 ** coadd["loglam"].astype(np.float64)

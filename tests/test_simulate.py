@@ -19,7 +19,7 @@ from spectransfer.simulate import survey as sim_survey
 from spectransfer.simulate.plan import GALAXY_SHARE
 from spectransfer.simulate.spectra import LAMOST, SDSS
 
-REAL_SDSS = "sdss/spec-8958-57514-0135.fits"  # DR14-era eBOSS spec file (HDU1 COADD, HDU2 SPALL)
+REAL_SDSS = "sdss/spec-7338-57859-0739.fits"  # eBOSS-era BOSS spec file (HDU1 COADD, HDU2 SPALL)
 REAL_LAMOST = "lamost/spec-58397-EG014118N254444M01_sp03-031.fits"  # LAMOST DR7 primary image
 
 
@@ -48,8 +48,8 @@ def _digest_tree(root: Path) -> dict[str, str]:
 # ---- layouts ----------------------------------------------------------------------------------
 
 
-def test_sdss_files_have_the_spec_lite_layout_of_a_real_file(sdss_sim: Path, shared_data: Path) -> None:
-    real = fits.open(shared_data / REAL_SDSS)
+def test_sdss_files_have_the_spec_lite_layout_of_a_real_file(sdss_sim: Path, real_data: Path) -> None:
+    real = fits.open(real_data / REAL_SDSS)
     truth = _truth(sdss_sim)
     for rel in truth.path.iloc[:25]:
         with fits.open(sdss_sim / rel) as h:
@@ -82,8 +82,8 @@ def test_sdss_files_have_the_spec_lite_layout_of_a_real_file(sdss_sim: Path, sha
             assert abs(10 ** loglam[good][0] - row["WAVEMIN"]) < 0.01 and abs(10 ** loglam[good][-1] - row["WAVEMAX"]) < 0.01
 
 
-def test_lamost_files_have_the_dr5_image_layout_of_a_real_file(lamost_sim: Path, shared_data: Path) -> None:
-    real = fits.open(shared_data / REAL_LAMOST)
+def test_lamost_files_have_the_dr5_image_layout_of_a_real_file(lamost_sim: Path, real_data: Path) -> None:
+    real = fits.open(real_data / REAL_LAMOST)
     real_keys = set(real[0].header.keys())
     keys = {"OBSID", "LMJD", "MJD", "PLANID", "SPID", "FIBERID", "RA", "DEC", "CLASS", "SUBCLASS", "Z", "Z_ERR", "DATA_V", "COEFF0", "COEFF1", "TELESCOP", "DESIG"}
     keys |= {f"SNR{b}" for b in "UGRIZ"} | {f"MAG{k}" for k in range(1, 8)}

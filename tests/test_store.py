@@ -11,8 +11,8 @@ import pytest
 import zarr
 
 from spectransfer.config import DEFAULT_GRID
+from spectransfer.data.store import create_store, meta_columns, open_store, store_stats, write_store
 from spectransfer.errors import StoreError
-from spectransfer.data.store import META_COLUMNS, create_store, open_store, store_stats, write_store
 
 
 def _arrays(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
@@ -42,7 +42,7 @@ def test_write_store_round_trip(tmp_path) -> None:
     assert again.flux.dtype == np.float32 and again.flux.chunks == (256, 2048)
     assert again.grid == DEFAULT_GRID
     m = again.meta
-    assert list(m.columns) == META_COLUMNS
+    assert list(m.columns) == meta_columns()
     assert m["row"].tolist() == list(range(700))
     assert m["spectrum_id"].is_unique
     assert set(m["split"]) <= {"train", "val", "test"}

@@ -35,25 +35,35 @@ class Grid:
 
     @cached_property
     def edges(self) -> np.ndarray:
-        # Written exactly as spectres.make_bins computes bin edges from centres, so the
-        # resampler equals spectres(new_wavs=centers, ...) to the last bit of the weights.
-        c = self.centers
-        e = np.empty(self.n_bins + 1)
-        e[0] = c[0] - (c[1] - c[0]) / 2
-        e[-1] = c[-1] + (c[-1] - c[-2]) / 2
-        e[1:-1] = (c[1:] + c[:-1]) / 2
-        return e
+        return centre_edges(self.centers)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Grid":
+    def from_dict(cls, d: dict[str, Any]) -> Grid:
         return cls(n_bins=int(d["n_bins"]), wave_min=float(d["wave_min"]), wave_max=float(d["wave_max"]))
+
+
+def centre_edges(centres: np.ndarray) -> np.ndarray:
+    """Edges (n+1,) of bins or pixels centred on ``centres``: midpoints, outer edges half a
+    neighbour spacing out. Written exactly as ``spectres.make_bins`` computes them, so the
+    resampler equals spectres to the last bit of the weights; used for the grid's bins and
+    for every input spectrum's pixels."""
+    c = np.asarray(centres, dtype=np.float64)
+    e = np.empty(c.shape[0] + 1)
+    e[0] = c[0] - (c[1] - c[0]) / 2
+    e[-1] = c[-1] + (c[-1] - c[-2]) / 2
+    e[1:-1] = (c[1:] + c[:-1]) / 2
+    return e
 
 
 DEFAULT_GRID = Grid()
 
-# The paper's SDSS quality cut (authors' code): keep spectra whose coverage includes the grid.
-SDSS_WAVEMIN_MAX = 3839.7244
-SDSS_WAVEMAX_MIN = 8914.597
+# SDSS and most LAMOST files sample log10(wavelength) in steps of 1e-4 (69 km/s pixels).
+LOGLAM_STEP = 1e-4
+
+# The paper's SDSS quality cut (authors' code): keep spectra whose coverage includes the grid,
+# WAVEMIN <= 3839.7244 and WAVEMAX >= 8914.597 Angstrom. A survey declares its own pair
+# (spectransfer.surveys.Survey.coverage); this is the default.
+PAPER_COVERAGE = (3839.7244, 8914.597)

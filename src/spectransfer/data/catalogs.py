@@ -18,18 +18,24 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
+from astropy.io import fits
+from scipy.spatial import cKDTree
 
+from spectransfer.data.splits import chord_length, unit_vectors
 from spectransfer.errors import CatalogError
+from spectransfer.surveys import SURVEYS, get_survey, survey_names
 
 log = logging.getLogger(__name__)
 
-KINDS = ("auto", "sdss", "lamost", "positions")
+FIXED_KINDS = ("auto", "positions")  # besides the registered surveys' names
 _KIND_ALIASES = {"dr14q": "sdss", "dr16q": "sdss", "dr1q": "lamost", "dr2&3q": "lamost", "dr4&5q": "lamost", "dr23q": "lamost", "dr45q": "lamost"}
 
 # canonical name -> accepted column names (lower case), first found wins.
@@ -46,8 +52,7 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "spid": ("spid", "sp_id"),
     "filename": ("filename", "file_name", "file"),
 }
-_SDSS_IDS = ("plate", "mjd", "fiberid")
-_LAMOST_KEY = ("lmjd", "planid", "spid", "fiberid")
+_SDSS_IDS = get_survey("sdss").catalogue_keys[0]  # plate, mjd, fiberid: the DR14Q/DR16Q columns
 _DUP = {"plate": "plate_duplicate", "mjd": "mjd_duplicate", "fiberid": "fiberid_duplicate"}
 
 _SDSS_FILE = re.compile(r"spec-(\d+)-(\d+)-(\d+)\.fits?(\.gz)?$", re.I)
@@ -105,8 +110,6 @@ def _read_columns(path: Path) -> tuple[list[str], Any]:
 
         return cols, read_csv
     if name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
         try:
             cols = list(pq.read_schema(path).names)
         except Exception as exc:
@@ -121,38 +124,38 @@ def _read_columns(path: Path) -> tuple[list[str], Any]:
 
 
 def _fits_columns(path: Path) -> tuple[list[str], Any]:
-    import fitsio
-
+    """Columns of the first table HDU of a FITS catalogue; the file is memory-mapped, so only
+    the columns asked for are read (DR16Q is 1.7 GB)."""
     try:
-        fh = fitsio.FITS(str(path))
+        hdul = fits.open(path, memmap=True)
     except Exception as exc:
         raise CatalogError(f"{path}: cannot read catalogue (not a FITS, CSV or Parquet table: {exc})") from exc
     try:
-        ext = next((i for i in range(len(fh)) if fh[i].get_exttype() in ("BINARY_TBL", "ASCII_TBL")), None)
+        ext = next((i for i, h in enumerate(hdul) if isinstance(h, (fits.BinTableHDU, fits.TableHDU))), None)
         if ext is None:
             raise CatalogError(f"{path}: FITS file has no table HDU")
-        cols = list(fh[ext].get_colnames())
+        cols = list(hdul[ext].columns.names)
     except CatalogError:
-        fh.close()
+        hdul.close()
         raise
     except Exception as exc:
-        fh.close()
+        hdul.close()
         raise CatalogError(f"{path}: cannot read catalogue table ({exc})") from exc
 
     def read_fits(wanted: list[str]) -> dict[str, np.ndarray]:
         try:
-            data = fh[ext].read(columns=wanted)
+            data = hdul[ext].data
+            out = {}
+            for c in wanted:
+                a = np.array(data[c])  # a copy: the memory map closes below
+                if a.dtype.byteorder not in ("=", "|"):
+                    a = a.astype(a.dtype.newbyteorder("="))
+                out[c] = a
+            return out
         except Exception as exc:
             raise CatalogError(f"{path}: cannot read columns {wanted} ({exc})") from exc
         finally:
-            fh.close()
-        out = {}
-        for c in wanted:
-            a = np.asarray(data[c])
-            if a.dtype.byteorder not in ("=", "|"):
-                a = a.astype(a.dtype.newbyteorder("="))
-            out[c] = a
-        return out
+            hdul.close()
 
     return cols, read_fits
 
@@ -173,6 +176,10 @@ def _sniff(cols: Sequence[str]) -> str | None:
         return "sdss"
     if "filename" in have:
         return "filename"
+    lower = {c.lower() for c in cols}
+    for survey in SURVEYS.values():  # any other registered survey: its id columns by name
+        if survey.name not in ("sdss", "lamost") and any(set(key) <= lower for key in survey.catalogue_keys):
+            return survey.name
     return None
 
 
@@ -215,8 +222,9 @@ def load_catalog(path: str | Path, kind: str = "auto", all_quasars: bool = False
     """
     path = Path(path)
     kind = _KIND_ALIASES.get(kind.lower(), kind.lower())
-    if kind not in KINDS:
-        raise CatalogError(f"{path}: unknown catalogue kind {kind!r} (choose from {', '.join(KINDS)})")
+    kinds = (FIXED_KINDS[0], *survey_names(), *FIXED_KINDS[1:])
+    if kind not in kinds:
+        raise CatalogError(f"{path}: unknown catalogue kind {kind!r} (choose from {', '.join(kinds)})")
     if not path.is_file():
         raise CatalogError(f"{path}: catalogue file does not exist")
     cols, read = _read_columns(path)
@@ -224,15 +232,16 @@ def load_catalog(path: str | Path, kind: str = "auto", all_quasars: bool = False
     sniffed = _sniff(cols)
     if kind == "auto":
         if sniffed is None and not ((all_quasars or _class_column(cols)) and found["ra"] and found["dec"]):
-            pos = "it has ra/dec only; pass it with --qso-catalog (kind='positions', all_quasars=True) if every row is a quasar" if found["ra"] and found["dec"] else "no ra/dec either"
+            pos = "it has ra/dec only; pass it with --qso-catalog if every row is a quasar" if found["ra"] and found["dec"] else "no ra/dec either"
+            keys = "; ".join(f"{s.name}: {' / '.join(', '.join(k) for k in s.catalogue_keys)}" for s in SURVEYS.values())
             raise CatalogError(
-                f"{path}: not a recognised quasar catalogue: no SDSS (plate, mjd, fiberid) or LAMOST "
-                f"(obsid / lmjd, planid, spid, fiberid) id columns ({pos}); columns are {', '.join(cols[:20])}"
+                f"{path}: not a recognised quasar catalogue: no id columns of a survey ({keys}) "
+                f"({pos}); columns are {', '.join(cols[:20])}"
             )
         if sniffed is None:  # ra/dec only: a class column or the caller says which rows are quasars
             kind = "positions"
         else:
-            kind = _filename_survey(path, read, found["filename"]) if sniffed == "filename" else sniffed
+            kind = _filename_survey(path, read, str(found["filename"])) if sniffed == "filename" else sniffed
         if sniffed == "filename":
             cols, read = _read_columns(path)  # the sniffing read consumed the reader
     missing = [k for k in ("ra", "dec") if found[k] is None]
@@ -264,6 +273,8 @@ def load_catalog(path: str | Path, kind: str = "auto", all_quasars: bool = False
             wanted.append(found["filename"])
         elif not found["obsid"]:
             raise CatalogError(f"{path}: LAMOST catalogue lacks obsid and (lmjd|mjd, planid, spid, fiberid) columns")
+    elif kind != "positions":
+        wanted += _survey_id_columns(path, cols, kind)
     rule, class_col = quasar_rule(path, cols, all_quasars)
     if class_col:
         wanted.append(class_col)
@@ -294,6 +305,8 @@ def load_catalog(path: str | Path, kind: str = "auto", all_quasars: bool = False
         keys = _sdss_keys(data, found, idx, notes)
     elif kind == "lamost":
         keys = _lamost_keys(data, found, idx, notes)
+    elif kind != "positions":
+        keys = _survey_keys(data, cols, kind, idx)
     else:
         keys = pd.DataFrame({"obj": np.empty(0, dtype=np.int64)})
     cat = QuasarCatalog(name=path.name, path=str(path), kind=kind, objects=objects, keys=keys, notes=notes,
@@ -398,6 +411,24 @@ def _sdss_keys(data: dict, found: dict, idx: np.ndarray, notes: list[str]) -> pd
     return keys.drop_duplicates(subset=list(_SDSS_IDS)).reset_index(drop=True)
 
 
+def _survey_id_columns(path: Path, cols: Sequence[str], kind: str) -> list[str]:
+    """Columns of a catalogue of another registered survey: its id columns, by name (any case)."""
+    lower = {c.lower(): c for c in cols}
+    ids = [c for c, _ in get_survey(kind).id_columns if c in lower]
+    if not any(set(key) <= set(ids) for key in get_survey(kind).catalogue_keys):
+        raise CatalogError(f"{path}: {kind} catalogue lacks the id columns of any of {get_survey(kind).catalogue_keys}")
+    return [lower[c] for c in ids]
+
+
+def _survey_keys(data: dict, cols: Sequence[str], kind: str, idx: np.ndarray) -> pd.DataFrame:
+    lower = {c.lower(): c for c in cols}
+    keys = pd.DataFrame({"obj": idx})
+    for col, dtype in get_survey(kind).id_columns:
+        if col in lower:
+            keys[col] = _as_int(data[lower[col]]) if dtype == "int64" else _as_str(data[lower[col]])
+    return keys
+
+
 def _lamost_keys(data: dict, found: dict, idx: np.ndarray, notes: list[str]) -> pd.DataFrame:
     n = idx.size
     keys = pd.DataFrame({"obj": idx})
@@ -446,51 +477,49 @@ def _str_key(s: pd.Series) -> np.ndarray:
     return s.astype("string").str.strip().fillna("").to_numpy(dtype=object)
 
 
+def _key_column(s: pd.Series, dtype: str) -> np.ndarray:
+    return _int_key(s) if dtype == "int64" else _str_key(s)
+
+
+def _valid(frame: pd.DataFrame, key: tuple[str, ...], dtypes: dict[str, str]) -> np.ndarray:
+    """Rows whose every key column holds a value (ints >= 0: missing ones are -1; strings not empty)."""
+    ok = np.ones(len(frame), dtype=bool)
+    for c in key:
+        v = frame[c].to_numpy()
+        ok &= (v >= 0) if dtypes[c] == "int64" else (v != "")
+    return ok
+
+
 def _id_matches(meta: pd.DataFrame, cat: QuasarCatalog) -> tuple[np.ndarray, np.ndarray]:
-    """(positions in meta, catalogue object index) of spectra whose ids are in ``cat``."""
-    pos = np.arange(len(meta))
-    if cat.kind == "sdss" and len(cat.keys):
-        left = pd.DataFrame({"plate": _int_key(_meta_col(meta, "plate")), "mjd": _int_key(_meta_col(meta, "mjd")),
-                             "fiberid": _int_key(_meta_col(meta, "fiberid")), "pos": pos})
-        if "survey" in meta.columns:
-            left = left[(meta["survey"].astype("string").fillna("sdss") == "sdss").to_numpy()]
-        left = left[(left.plate > 0) & (left.mjd > 0) & (left.fiberid > 0)]
-        m = left.merge(cat.keys, on=list(_SDSS_IDS), how="inner")
-        return m["pos"].to_numpy(), m["obj"].to_numpy()
-    if cat.kind == "lamost" and len(cat.keys):
-        is_lamost = np.ones(len(meta), dtype=bool)
-        if "survey" in meta.columns:
-            is_lamost = (meta["survey"].astype("string").fillna("lamost") == "lamost").to_numpy()
-        obsid = _int_key(_meta_col(meta, "obsid"))
-        out_pos, out_obj = [], []
-        done = np.zeros(len(meta), dtype=bool)
-        ck = cat.keys
-        cat_obs = ck[ck["obsid"].notna()]
-        if len(cat_obs):
-            left = pd.DataFrame({"obsid": obsid, "pos": pos})[is_lamost & (obsid > 0)]
-            right = pd.DataFrame({"obsid": cat_obs["obsid"].astype(np.int64).to_numpy(), "obj": cat_obs["obj"].to_numpy()})
-            m = left.merge(right.drop_duplicates("obsid"), on="obsid", how="inner")
-            out_pos.append(m["pos"].to_numpy())
-            out_obj.append(m["obj"].to_numpy())
-            done[m["pos"].to_numpy()] = True
-        # The 4-tuple for the rest (spectra without obsid, e.g. DR1/DR2 files, or catalogue
-        # rows without one).
-        left = pd.DataFrame({"lmjd": _int_key(_meta_col(meta, "lmjd")), "planid": _str_key(_meta_col(meta, "planid")),
-                             "spid": _int_key(_meta_col(meta, "spid")), "fiberid": _int_key(_meta_col(meta, "fiberid")), "pos": pos})
-        left = left[is_lamost & ~done & (left.lmjd.to_numpy() > 0) & (left.planid.to_numpy() != "")]
-        right = ck[(ck.lmjd > 0) & (ck.planid != "")][list(_LAMOST_KEY) + ["obj"]].drop_duplicates(subset=list(_LAMOST_KEY))
-        right = right.astype({"planid": object})
-        m = left.merge(right, on=list(_LAMOST_KEY), how="inner")
+    """(positions in meta, catalogue object index) of spectra whose ids are in ``cat``.
+
+    A catalogue of a registered survey matches that survey's spectra on the id tuples the
+    survey declares (``Survey.catalogue_keys``), in order: a spectrum matched by one tuple
+    (LAMOST: obsid) is not tried with the next (the 4-tuple, for spectra or rows without one).
+    """
+    if cat.kind not in SURVEYS or not len(cat.keys):
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    survey = get_survey(cat.kind)
+    dtypes = dict(survey.id_columns)
+    mine = np.ones(len(meta), dtype=bool)
+    if "survey" in meta.columns:
+        mine = (meta["survey"].astype("string").fillna(survey.name) == survey.name).to_numpy()
+    done = np.zeros(len(meta), dtype=bool)
+    out_pos, out_obj = [np.empty(0, dtype=np.int64)], [np.empty(0, dtype=np.int64)]
+    for key in survey.catalogue_keys:
+        if not set(key) <= set(cat.keys.columns):
+            continue
+        left = pd.DataFrame({c: _key_column(_meta_col(meta, c), dtypes[c]) for c in key})
+        left["pos"] = np.arange(len(meta))
+        left = left[mine & ~done & _valid(left, key, dtypes)]
+        right = pd.DataFrame({c: _key_column(cat.keys[c], dtypes[c]) for c in key})
+        right["obj"] = cat.keys["obj"].to_numpy()
+        right = right[_valid(right, key, dtypes)].drop_duplicates(subset=list(key))
+        m = left.merge(right, on=list(key), how="inner")
         out_pos.append(m["pos"].to_numpy())
         out_obj.append(m["obj"].to_numpy())
-        return np.concatenate(out_pos).astype(np.int64), np.concatenate(out_obj).astype(np.int64)
-    return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
-
-
-def _unit_vectors(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
-    r, d = np.radians(ra), np.radians(dec)
-    cd = np.cos(d)
-    return np.column_stack((cd * np.cos(r), cd * np.sin(r), np.sin(d)))
+        done[m["pos"].to_numpy()] = True
+    return np.concatenate(out_pos).astype(np.int64), np.concatenate(out_obj).astype(np.int64)
 
 
 def label_spectra(meta: pd.DataFrame, catalogs: Sequence[QuasarCatalog], radius_arcsec: float | None = 1.5) -> pd.DataFrame:
@@ -534,17 +563,15 @@ def label_spectra(meta: pd.DataFrame, catalogs: Sequence[QuasarCatalog], radius_
         todo = np.nonzero((label == 0) & np.isfinite(ra) & np.isfinite(dec))[0]
         objs = [(ci, c.objects) for ci, c in enumerate(catalogs) if len(c.objects)]
         if todo.size and objs:
-            from scipy.spatial import cKDTree
-
             all_ra = np.concatenate([o["ra"].to_numpy() for _, o in objs])
             all_dec = np.concatenate([o["dec"].to_numpy() for _, o in objs])
             which = np.concatenate([np.full(len(o), ci) for ci, o in objs])
             row = np.concatenate([np.arange(len(o)) for _, o in objs])
             fin = np.isfinite(all_ra) & np.isfinite(all_dec)
-            tree = cKDTree(_unit_vectors(all_ra[fin], all_dec[fin]))
+            tree = cKDTree(unit_vectors(all_ra[fin], all_dec[fin]))
             which, row = which[fin], row[fin]
-            chord = 2.0 * np.sin(np.radians(radius_arcsec / 3600.0) / 2.0)
-            dist, hit = tree.query(_unit_vectors(ra[todo], dec[todo]), k=1, distance_upper_bound=chord)
+            chord = chord_length(radius_arcsec)
+            dist, hit = tree.query(unit_vectors(ra[todo], dec[todo]), k=1, distance_upper_bound=chord)
             ok = np.isfinite(dist) & (dist <= chord)
             pos, hit = todo[ok], hit[ok]
             label[pos] = 1

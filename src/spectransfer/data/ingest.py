@@ -20,7 +20,6 @@ How an ingest runs (and why it survives ``kill -9`` at any moment):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,24 +32,39 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
 
-from spectransfer.config import DEFAULT_GRID, SDSS_WAVEMAX_MIN, SDSS_WAVEMIN_MAX, Grid
-from spectransfer.errors import SpectrumError, StoreError
-from spectransfer.locks import OutputLock
-from spectransfer.surveys import printable_path, walk_spectrum_files
-from spectransfer.provenance import atomic_path, write_text_atomic
+from spectransfer.config import DEFAULT_GRID, LOGLAM_STEP, Grid
+from spectransfer.data.catalogs import label_spectra, load_catalog
+from spectransfer.data.resample import normalise, resample_batch
 from spectransfer.data.splits import SplitConfig, assign_splits
 from spectransfer.data.store import (
     LABEL_MODES,
-    META_COLUMNS,
-    META_SCHEMA,
     REJECTED_SCHEMA,
     Store,
     conform,
     create_store,
     label_mode as label_mode_of,
+    meta_columns,
+    meta_schema,
     open_store,
     write_table,
+)
+from spectransfer.errors import SpectrumError, StoreError
+from spectransfer.progress import progress_bar
+from spectransfer.provenance import atomic_path, sha256_file, write_text_atomic
+from spectransfer.locks import OutputLock
+from spectransfer.surveys import (
+    coverage_limits,
+    get_survey,
+    id_columns,
+    printable_path,
+    read_spectrum,
+    record_coverage,
+    survey_names,
+    walk_spectrum_files,
 )
 
 log = logging.getLogger(__name__)
@@ -65,7 +79,7 @@ DELAY_ENV = "SPECTRANSFER_INGEST_BATCH_DELAY"
 class IngestOptions:
     """What a batch task needs to know besides its files (pickled to the workers)."""
 
-    survey: str = "auto"  # "sdss" | "lamost" | "auto"
+    survey: str = "auto"  # a registered survey's name, or "auto"
     zwarning_filter: bool = True
     coverage_filter: bool = True
 
@@ -118,13 +132,16 @@ def file_stamp(path: str) -> str:
 
 
 def spectrum_id(rec: Any) -> str:
-    """Unique id of a spectrum from its survey ids (the store's ``spectrum_id`` column)."""
-    ids = rec.ids
-    if rec.survey == "sdss":
-        return f"sdss-{int(ids['plate']):04d}-{int(ids['mjd']):05d}-{int(ids['fiberid']):04d}"
-    if rec.survey == "lamost":
-        return f"lamost-{int(ids['lmjd'])}-{ids['planid']}-{int(ids['spid']):02d}-{int(ids['fiberid']):03d}"
-    raise SpectrumError(rec.path, f"unknown survey {rec.survey!r}")
+    """Unique id of a spectrum from its survey ids (the store's ``spectrum_id`` column),
+    built by the survey's declared pattern (:class:`spectransfer.surveys.Survey`)."""
+    try:
+        survey = get_survey(rec.survey)
+    except KeyError as exc:
+        raise SpectrumError(rec.path, str(exc.args[0])) from None
+    try:
+        return survey.format_id(rec.ids or {})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SpectrumError(rec.path, f"cannot build a {rec.survey} spectrum id from ids {rec.ids} ({exc})") from None
 
 
 def reason_kind(reason: str) -> str:
@@ -136,37 +153,24 @@ def reason_kind(reason: str) -> str:
     return head
 
 
-def _coverage(rec: Any) -> tuple[float, float]:
-    """Wavelength range of the spectrum as its pipeline states it (WAVEMIN/WAVEMAX), else the array's."""
-    extra = rec.extra or {}
-    wmin = extra.get("wavemin")
-    wmax = extra.get("wavemax")
-    wave = np.asarray(rec.wave)
-    if wmin is None or not np.isfinite(wmin):
-        wmin = float(wave.min()) if wave.size else float("nan")
-    if wmax is None or not np.isfinite(wmax):
-        wmax = float(wave.max()) if wave.size else float("nan")
-    return float(wmin), float(wmax)
-
-
 def quality_failure(rec: Any, options: IngestOptions, grid: Grid = DEFAULT_GRID) -> str | None:
-    """The paper's quality cuts; returns the rejection reason or None when the spectrum passes.
+    """The paper's quality cuts, as the record's survey declares them; returns the rejection
+    reason or None when the spectrum passes.
 
     SDSS: WAVEMIN <= 3839.7244, WAVEMAX >= 8914.597 and ZWARNING == 0. LAMOST: the spectrum
     covers the same range (every LAMOST LRS spectrum should; the cut catches truncated ones).
     """
     if options.survey != "auto" and rec.survey != options.survey:
         return f"wrong survey: {rec.survey} (expected {options.survey})"
-    if rec.survey == "sdss" and options.zwarning_filter:
+    survey = get_survey(rec.survey)
+    if survey.zwarning_cut and options.zwarning_filter:
         if rec.zwarning is None:
             return "fails filter: zwarning missing"
         if int(rec.zwarning) != 0:
             return f"fails filter: zwarning={int(rec.zwarning)}"
     if options.coverage_filter:
-        # The paper's SDSS limits on the default grid; other grids scale them proportionally.
-        lo = round(grid.wave_min * SDSS_WAVEMIN_MAX / DEFAULT_GRID.wave_min, 4)
-        hi = round(grid.wave_max * SDSS_WAVEMAX_MIN / DEFAULT_GRID.wave_max, 4)
-        wmin, wmax = _coverage(rec)
+        lo, hi = coverage_limits(survey.name, grid)
+        wmin, wmax = record_coverage(rec)
         if not (wmin <= lo):
             return f"fails filter: wavemin {wmin:.1f} > {lo}"
         if not (wmax >= hi):
@@ -193,13 +197,7 @@ def _meta_row(rec: Any, snr: float) -> dict[str, Any]:
     return {
         "spectrum_id": spectrum_id(rec),
         "survey": rec.survey,
-        "plate": ids.get("plate"),
-        "mjd": ids.get("mjd"),
-        "fiberid": ids.get("fiberid"),
-        "obsid": ids.get("obsid"),
-        "lmjd": ids.get("lmjd"),
-        "planid": None if ids.get("planid") is None else str(ids.get("planid")),
-        "spid": ids.get("spid"),
+        **{col: ids.get(col) for col, _ in id_columns()},
         "ra": rec.ra,
         "dec": rec.dec,
         "pipeline_class": rec.cls,
@@ -225,9 +223,6 @@ def process_batch(task: dict[str, Any]) -> dict[str, Any]:
     Never raises for a bad file: each one becomes a rejected record with a reason. Returns
     counts for the progress bar.
     """
-    from spectransfer.data.resample import normalise
-    from spectransfer.surveys import read_spectrum
-
     t0 = time.perf_counter()
     c0 = time.process_time()
     store_path = Path(task["store"])
@@ -242,8 +237,7 @@ def process_batch(task: dict[str, Any]) -> dict[str, Any]:
     for path, stamp, prev_hash in task["files"]:
         base = {"source_file": path, "file_stamp": stamp, "batch_id": task["batch_id"]}
         try:
-            with open(path, "rb") as fh:
-                digest = "sha1:" + hashlib.sha1(fh.read()).hexdigest()
+            digest = "sha256:" + sha256_file(path)
         except OSError as exc:
             records.append({**base, "status": "rejected", "content_hash": None, "reason": f"unreadable: {exc.strerror or exc}"})
             continue
@@ -282,12 +276,10 @@ def process_batch(task: dict[str, Any]) -> dict[str, Any]:
         for i, (base, rec) in enumerate(good):
             records.append({**base, **_meta_row(rec, float(snr[i])), "status": "accepted", "row": int(task["row_start"]) + i})
 
-    import zarr
-
     group = zarr.open_group(str(store_path / "spectra.zarr"), mode="r+")
     sl = slice(int(task["row_start"]), int(task["row_start"]) + capacity)
-    group["flux"][sl] = flux_block
-    group["ivar"][sl] = ivar_block
+    group["flux"][sl] = flux_block  # type: ignore[index]  # a zarr Array (Group.__getitem__ may also give a Group)
+    group["ivar"][sl] = ivar_block  # type: ignore[index]
 
     delay = float(os.environ.get(DELAY_ENV, "0") or 0)
     if delay > 0:
@@ -309,11 +301,10 @@ def process_batch(task: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-# Survey spectra on a logarithmic wavelength grid with steps of 1e-4 in log10(lambda) (SDSS,
-# most LAMOST files) are all subsets of one global grid. Placing each on a common window of
-# it (ivar 0 where a spectrum has no pixel) lets a whole batch share one overlap matrix: one
-# sparse product per batch instead of one matrix build per file.
-LOGLAM_STEP = 1e-4
+# Survey spectra on a logarithmic wavelength grid with steps of LOGLAM_STEP = 1e-4 in
+# log10(lambda) (SDSS, most LAMOST files) are all subsets of one global grid. Placing each on
+# a common window of it (ivar 0 where a spectrum has no pixel) lets a whole batch share one
+# overlap matrix: one sparse product per batch instead of one matrix build per file.
 _ALIGN_TOL = 0.02  # in pixels: float32 loglam columns round the ideal grid by < 0.003 pixel
 
 
@@ -339,8 +330,6 @@ def _aligned_index(wave: np.ndarray) -> int | None:
 
 def resample_records(recs: list[Any], grid: Grid = DEFAULT_GRID) -> tuple[np.ndarray, np.ndarray]:
     """Resample records onto ``grid``: log-grid ones through one shared window, others one by one."""
-    from spectransfer.data.resample import resample_batch
-
     n = len(recs)
     out_f = np.zeros((n, grid.n_bins))
     out_iv = np.zeros((n, grid.n_bins))
@@ -373,8 +362,6 @@ def resample_records(recs: list[Any], grid: Grid = DEFAULT_GRID) -> tuple[np.nda
 
 
 def _resample_one_by_one(good: list, records: list, grid: Grid) -> tuple:
-    from spectransfer.data.resample import normalise, resample_batch
-
     kept, fs, ivs = [], [], []
     for base, rec in good:
         try:
@@ -391,14 +378,13 @@ def _resample_one_by_one(good: list, records: list, grid: Grid) -> tuple:
     return f, iv, fn, ivn, _median_snr(f, iv), kept
 
 
-PART_COLUMNS = META_COLUMNS + ["status", "reason"]
+def part_columns() -> list[str]:
+    """Columns of a batch's part file: the metadata's, then status and reason."""
+    return meta_columns() + ["status", "reason"]
 
 
 def _write_part(frame: pd.DataFrame, path: Path) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    schema = META_SCHEMA.append(pa.field("status", pa.string())).append(pa.field("reason", pa.string()))
+    schema = meta_schema().append(pa.field("status", pa.string())).append(pa.field("reason", pa.string()))
     if "row" not in frame.columns:
         frame["row"] = -1
     frame["row"] = frame["row"].fillna(-1)
@@ -430,7 +416,7 @@ def _record_skipped(store: Store, batch_id: str, skipped: list[tuple[str, str]])
     """Entries the walk passed over become rejected records (a part file like a batch's)."""
     rows = [{"source_file": path, "file_stamp": None, "batch_id": batch_id, "status": "rejected", "content_hash": None,
              "reason": f"unreadable: {reason}"} for path, reason in skipped]
-    _write_part(pd.DataFrame(rows, columns=PART_COLUMNS), store.path / "parts" / f"{batch_id}.parquet")
+    _write_part(pd.DataFrame(rows, columns=part_columns()), store.path / "parts" / f"{batch_id}.parquet")
 
 
 def _drop_unencodable(batches: list[dict[str, Any]], skipped: list[tuple[str, str]]) -> None:
@@ -446,8 +432,6 @@ def _drop_unencodable(batches: list[dict[str, Any]], skipped: list[tuple[str, st
 
 
 def _read_parts(store: Store) -> pd.DataFrame:
-    import pyarrow.parquet as pq
-
     parts_dir = store.path / "parts"
     frames = []
     if parts_dir.is_dir():
@@ -456,7 +440,7 @@ def _read_parts(store: Store) -> pd.DataFrame:
                 continue
             frames.append(pq.read_table(p).to_pandas())
     if not frames:
-        return pd.DataFrame(columns=PART_COLUMNS)
+        return pd.DataFrame(columns=part_columns())
     return pd.concat(frames, ignore_index=True)
 
 
@@ -470,7 +454,7 @@ def _ledger(store: Store) -> pd.DataFrame:
     parts = _read_parts(store)
     frames = [f for f in (meta, rej, parts) if len(f)]
     if not frames:
-        return pd.DataFrame(columns=PART_COLUMNS + ["reason_kind"])
+        return pd.DataFrame(columns=part_columns() + ["reason_kind"])
     allrec = pd.concat(frames, ignore_index=True)
     # Rows written by write_store have no file or batch: key them by spectrum id, oldest first.
     allrec["_key"] = allrec["source_file"].where(allrec["source_file"].notna(), "id:" + allrec["spectrum_id"].astype(str))
@@ -527,8 +511,6 @@ def _label(meta: pd.DataFrame, catalog_paths: list[str], mode: str = "catalog", 
             log.warning("no quasar catalogue: every spectrum is labelled 'other'; give --catalog FILE or --labels pipeline")
         meta.attrs["label_report"] = {"mode": "none"}
         return meta
-    from spectransfer.data.catalogs import label_spectra
-
     cats = _load_catalogs(catalog_paths, qso_paths, loaded)
     base = meta.drop(columns=[c for c in ("label", "label_source", "catalog_name", "catalog_z") if c in meta.columns])
     out = label_spectra(base, cats, radius_arcsec=1.5)
@@ -538,8 +520,6 @@ def _label(meta: pd.DataFrame, catalog_paths: list[str], mode: str = "catalog", 
 
 def _load_catalogs(paths: Sequence[str], qso_paths: Sequence[str] = (), loaded: dict[str, Any] | None = None) -> list[Any]:
     """The catalogues at ``paths`` (those in ``qso_paths`` taken as all quasars), reusing ``loaded`` ones."""
-    from spectransfer.data.catalogs import load_catalog
-
     qso = {str(Path(p).resolve()) for p in qso_paths}
     loaded = loaded or {}
     return [loaded.get(p) or load_catalog(p, all_quasars=str(Path(p).resolve()) in qso) for p in paths]
@@ -593,7 +573,7 @@ def consolidate(store: Store, catalog_paths: list[str], split_config: SplitConfi
 
     # Order matters for crash safety: tables first (each atomic), then store.json, then the
     # plan and parts go. A crash in between leaves parts that fold in again identically.
-    write_table(meta, store.path / "meta.parquet", META_SCHEMA)
+    store.write_meta(meta)
     write_table(rejected, store.path / "rejected.parquet", REJECTED_SCHEMA)
     store.info["catalogs"] = catalog_paths
     store.info["qso_catalogs"] = [p for p in catalog_paths if p in set(qso_paths)]
@@ -616,8 +596,6 @@ def consolidate(store: Store, catalog_paths: list[str], split_config: SplitConfi
 
 def _run_tasks(tasks: list[dict[str, Any]], workers: int, scheduler: str | None, quiet: bool) -> tuple[list[dict[str, Any]], float]:
     """Run the batch tasks; returns their results and the seconds from first submit to last result."""
-    from spectransfer.progress import progress_bar
-
     total = sum(len(t["files"]) for t in tasks)
     results: list[dict[str, Any]] = []
     if not tasks:
@@ -676,8 +654,8 @@ def _ingest_unguarded(
     same filesystem.
     """
     t0 = time.perf_counter()
-    if survey not in ("auto", "sdss", "lamost"):
-        raise StoreError(f"--survey must be sdss, lamost or auto, got {survey!r}")
+    if survey != "auto" and survey not in survey_names():
+        raise StoreError(f"--survey must be {', '.join(survey_names())} or auto, got {survey!r}")
     if workers < 0:
         raise StoreError(f"--workers must be >= 0, got {workers}")
     if batch_size < 1:

@@ -16,6 +16,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,7 @@ class SplitConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SplitConfig":
+    def from_dict(cls, d: dict[str, Any]) -> SplitConfig:
         names = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -63,10 +66,17 @@ def unit_hash(keys: pd.Series | list[str], seed: int, salt: str = "") -> np.ndar
     return out
 
 
-def _unit_vectors(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+def unit_vectors(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+    """(N, 3) unit vectors of sky positions in degrees: a KD-tree over them finds close pairs,
+    with Euclidean distance the chord of the angular separation (:func:`chord_length`)."""
     ra_r, dec_r = np.radians(ra), np.radians(dec)
     cos_dec = np.cos(dec_r)
     return np.column_stack([cos_dec * np.cos(ra_r), cos_dec * np.sin(ra_r), np.sin(dec_r)])
+
+
+def chord_length(radius_arcsec: float) -> float:
+    """Distance between unit vectors ``radius_arcsec`` apart on the sky."""
+    return float(2.0 * np.sin(np.radians(radius_arcsec / 3600.0) / 2.0))
 
 
 def group_objects(meta: pd.DataFrame, radius_arcsec: float = 1.5) -> np.ndarray:
@@ -75,9 +85,6 @@ def group_objects(meta: pd.DataFrame, radius_arcsec: float = 1.5) -> np.ndarray:
     Positions are linked friends-of-friends: two spectra within ``radius_arcsec`` join, and
     links are transitive (a KD-tree over unit vectors finds all close pairs at once).
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     n = len(meta)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
@@ -104,12 +111,9 @@ def group_objects(meta: pd.DataFrame, radius_arcsec: float = 1.5) -> np.ndarray:
         dec = pd.to_numeric(meta["dec"], errors="coerce").to_numpy(dtype=np.float64)
         ok = np.isfinite(ra) & np.isfinite(dec)
         if ok.sum() > 1:
-            from scipy.spatial import cKDTree
-
             idx = np.flatnonzero(ok)
-            tree = cKDTree(_unit_vectors(ra[ok], dec[ok]))
-            chord = 2.0 * np.sin(np.radians(radius_arcsec / 3600.0) / 2.0)
-            pairs = tree.query_pairs(chord, output_type="ndarray")
+            tree = cKDTree(unit_vectors(ra[ok], dec[ok]))
+            pairs = tree.query_pairs(chord_length(radius_arcsec), output_type="ndarray")
             if len(pairs):
                 rows.append(idx[pairs[:, 0]])
                 cols.append(idx[pairs[:, 1]])

@@ -18,62 +18,83 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
 
 from spectransfer.config import DEFAULT_GRID, Grid
+from spectransfer.data.splits import SplitConfig, assign_splits
 from spectransfer.errors import StoreError
 from spectransfer.provenance import atomic_path, dependency_versions, write_text_atomic
+from spectransfer.surveys import id_columns
 
 log = logging.getLogger(__name__)
 
 FORMAT = "spectransfer-store"
 FORMAT_VERSION = 1
 DEFAULT_CHUNK_ROWS = 256
+StoreMode = Literal["r", "r+"]  # read only; r+: ingest writes to the arrays
 
-# Column order and arrow types of meta.parquet (the contract other modules read).
-META_SCHEMA = pa.schema(
-    [
-        ("row", pa.int64()),
-        ("spectrum_id", pa.string()),
-        ("survey", pa.string()),
-        ("plate", pa.int64()),
-        ("mjd", pa.int64()),
-        ("fiberid", pa.int64()),
-        ("obsid", pa.int64()),
-        ("lmjd", pa.int64()),
-        ("planid", pa.string()),
-        ("spid", pa.int64()),
-        ("ra", pa.float64()),
-        ("dec", pa.float64()),
-        ("pipeline_class", pa.string()),
-        ("pipeline_subclass", pa.string()),
-        ("z", pa.float64()),
-        ("zwarning", pa.int64()),
-        ("snr", pa.float32()),
-        ("mag", pa.float32()),
-        ("label", pa.int8()),
-        ("label_source", pa.string()),
-        ("catalog_name", pa.string()),
-        ("catalog_z", pa.float64()),
-        ("object_id", pa.string()),
-        ("split", pa.string()),
-        ("source_file", pa.string()),
-        ("content_hash", pa.string()),
-        ("file_stamp", pa.string()),
-        ("batch_id", pa.string()),
-    ]
-)
-META_COLUMNS = list(META_SCHEMA.names)
-INT_COLUMNS = [f.name for f in META_SCHEMA if pa.types.is_integer(f.type) and f.name not in ("row", "label")]
+_ARROW_TYPES = {"int64": pa.int64(), "string": pa.string()}
+# meta.parquet's own columns, before and after the survey id columns (which the surveys declare).
+_HEAD_COLUMNS = [("row", pa.int64()), ("spectrum_id", pa.string()), ("survey", pa.string())]
+_TAIL_COLUMNS = [
+    ("ra", pa.float64()),
+    ("dec", pa.float64()),
+    ("pipeline_class", pa.string()),
+    ("pipeline_subclass", pa.string()),
+    ("z", pa.float64()),
+    ("zwarning", pa.int64()),
+    ("snr", pa.float32()),
+    ("mag", pa.float32()),
+    ("label", pa.int8()),
+    ("label_source", pa.string()),
+    ("catalog_name", pa.string()),
+    ("catalog_z", pa.float64()),
+    ("object_id", pa.string()),
+    ("split", pa.string()),
+    ("source_file", pa.string()),
+    ("content_hash", pa.string()),
+    ("file_stamp", pa.string()),
+    ("batch_id", pa.string()),
+]
+
+
+def meta_schema(store_ids: Sequence[Sequence[str]] = ()) -> pa.Schema:
+    """Column order and arrow types of meta.parquet (the contract other modules read).
+
+    The id columns between ``survey`` and ``ra`` are those every registered survey declares
+    (:func:`spectransfer.surveys.id_columns`: SDSS plate, mjd, fiberid; LAMOST obsid, lmjd,
+    planid, spid, ...), so a new survey adds its columns without an edit here; then any
+    ``store_ids`` ((name, dtype) a store was written with, :attr:`Store.schema`) that no
+    registered survey declares now, so rewriting a store never drops a column.
+    """
+    ids = dict(id_columns())
+    for name, dtype in store_ids:
+        ids.setdefault(str(name), str(dtype))
+    return pa.schema(_HEAD_COLUMNS + [(name, _ARROW_TYPES[dtype]) for name, dtype in ids.items()] + _TAIL_COLUMNS)
+
+
+def schema_id_columns(schema: pa.Schema) -> list[list[str]]:
+    """[name, dtype] of a meta schema's id columns (what store.json keeps as ``id_columns``)."""
+    names = schema.names[len(_HEAD_COLUMNS) : len(schema) - len(_TAIL_COLUMNS)]
+    return [[n, "int64" if pa.types.is_integer(schema.field(n).type) else "string"] for n in names]
+
+
+def meta_columns() -> list[str]:
+    return list(meta_schema().names)
+
 
 REJECTED_SCHEMA = pa.schema(
     [
@@ -109,7 +130,7 @@ def label_mode(store: "Store | dict[str, Any]") -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def conform(df: pd.DataFrame, schema: pa.Schema) -> pd.DataFrame:
@@ -156,8 +177,6 @@ def read_table(path: Path, schema: pa.Schema) -> pd.DataFrame:
 
 
 def _compressor() -> Any:
-    from zarr.codecs import BloscCodec, BloscShuffle
-
     return BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle)
 
 
@@ -167,7 +186,7 @@ class Store:
 
     path: Path
     info: dict[str, Any]
-    mode: str = "r"
+    mode: StoreMode = "r"
     _meta: pd.DataFrame | None = field(default=None, repr=False)
     _rejected: pd.DataFrame | None = field(default=None, repr=False)
     _group: Any = field(default=None, repr=False)
@@ -179,8 +198,6 @@ class Store:
     @property
     def group(self) -> Any:
         if self._group is None:
-            import zarr
-
             self._group = zarr.open_group(str(self.path / "spectra.zarr"), mode=self.mode)
         return self._group
 
@@ -202,9 +219,20 @@ class Store:
         return int(self.flux.shape[0])
 
     @property
+    def schema(self) -> pa.Schema:
+        """meta.parquet's schema: the registered surveys' id columns and those the store was written with."""
+        return meta_schema(self.info.get("id_columns", ()))
+
+    def write_meta(self, meta: pd.DataFrame) -> None:
+        """Write meta.parquet (atomically) and remember its id columns in the info (save_info writes it)."""
+        schema = self.schema
+        write_table(meta, self.path / "meta.parquet", schema)
+        self.info["id_columns"] = schema_id_columns(schema)
+
+    @property
     def meta(self) -> pd.DataFrame:
         if self._meta is None:
-            self._meta = read_table(self.path / "meta.parquet", META_SCHEMA)
+            self._meta = read_table(self.path / "meta.parquet", self.schema)
         return self._meta
 
     @property
@@ -255,7 +283,7 @@ def _read_info(path: Path) -> dict[str, Any]:
     return info
 
 
-def open_store(path: str | Path, mode: str = "r") -> Store:
+def open_store(path: str | os.PathLike[str], mode: StoreMode = "r") -> Store:
     """Open an existing store (``mode="r+"`` to let ingest write to its arrays)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -268,10 +296,8 @@ def open_store(path: str | Path, mode: str = "r") -> Store:
     return store
 
 
-def create_store(path: str | Path, grid: Grid = DEFAULT_GRID, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Store:
+def create_store(path: str | os.PathLike[str], grid: Grid = DEFAULT_GRID, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Store:
     """Make an empty store folder (arrays of 0 rows); refuses a folder that holds anything else."""
-    import zarr
-
     path = Path(path)
     if path.exists() and any(path.iterdir()):
         raise StoreError(f"{path}: folder exists and is not an empty store")
@@ -317,8 +343,6 @@ def write_store(
     ``row`` with 0..N-1, ``spectrum_id`` with ``"row-i"``, ``label``/``label_source`` with
     0/'none', and ``object_id``/``split`` by the object-level split of :mod:`spectransfer.data.splits`.
     """
-    from spectransfer.data.splits import SplitConfig, assign_splits
-
     flux = np.asarray(flux, dtype=np.float32)
     ivar = np.asarray(ivar, dtype=np.float32)
     if flux.ndim != 2 or flux.shape != ivar.shape or flux.shape[1] != grid.n_bins:
@@ -344,7 +368,7 @@ def write_store(
         meta, report = assign_splits(meta, SplitConfig(seed=seed))
     elif "object_id" not in meta.columns:
         meta["object_id"] = meta["spectrum_id"]
-    write_table(meta, store.path / "meta.parquet", META_SCHEMA)
+    store.write_meta(meta)
     write_table(pd.DataFrame(), store.path / "rejected.parquet", REJECTED_SCHEMA)
     store.info["splits"] = report
     sources = set(meta["label_source"].dropna().astype(str))

@@ -1,4 +1,9 @@
-"""The one record every survey reader returns, and the reader registry that sniffs files.
+"""The one record every survey reader returns, the survey registry, and the reader registry.
+
+A survey is declared once, by the module of its readers, as a :class:`Survey`: its id
+columns, how a spectrum id is built from them, which ids a quasar catalogue row matches on,
+and its quality cuts. The store schema, ingest, catalogue matching and discovery take their
+lists from here (:func:`id_columns`, :func:`get_survey`), so the core never names a survey.
 
 A reader is registered with a label, an ``identify(path, fits)`` function that looks at
 headers and column names and answers True/False without raising, and a priority (higher
@@ -15,15 +20,13 @@ import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from spectransfer.config import DEFAULT_GRID, SDSS_WAVEMAX_MIN, SDSS_WAVEMIN_MAX, Grid
+from spectransfer.config import DEFAULT_GRID, PAPER_COVERAGE, Grid
 from spectransfer.errors import SpectrumError
-
-if TYPE_CHECKING:
-    from spectransfer.surveys.fitsfile import FitsFile
+from spectransfer.surveys.fitsfile import FitsFile
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +56,9 @@ class SpectrumRecord:
     """
 
     path: str
-    survey: str  # "sdss" | "lamost"
+    survey: str  # a registered Survey's name: "sdss" | "lamost" | ...
     format: str  # reader label, e.g. "sdss-spec", "sdss-spspec", "lamost-image", "lamost-coadd"
-    ids: dict[str, Any]  # sdss: plate, mjd, fiberid; lamost: obsid (or None), lmjd, planid, spid, fiberid
+    ids: dict[str, Any]  # the survey's id columns (Survey.id_columns), e.g. sdss: plate, mjd, fiberid
     ra: float | None
     dec: float | None
     cls: str | None  # pipeline class: QSO / GALAXY / STAR / None
@@ -135,6 +138,98 @@ def _plain(value: Any) -> Any:
     return value
 
 
+ID_DTYPES = ("int64", "string")
+
+
+@dataclass(frozen=True)
+class Survey:
+    """What the survey-agnostic core knows of one survey; declared by its readers' module.
+
+    ``id_columns``: (name, dtype) of the ids a record's ``ids`` holds, dtype 'int64' or
+    'string'; each is a column of the store's metadata (surveys may share a column, e.g.
+    ``fiberid``, when its dtype agrees). ``spectrum_id``: a ``str.format`` pattern over the ids
+    that names one spectrum uniquely across surveys (it starts with the survey's name).
+    ``catalogue_keys``: id tuples a quasar-catalogue row may match, tried in order; a spectrum
+    is matched on the first tuple both sides have. ``zwarning_cut``: whether a non-zero
+    pipeline redshift warning rejects a spectrum. ``coverage``: the (largest WAVEMIN, smallest
+    WAVEMAX) a spectrum must reach on the default grid (scaled for other grids).
+    """
+
+    name: str
+    id_columns: tuple[tuple[str, str], ...]
+    spectrum_id: str
+    catalogue_keys: tuple[tuple[str, ...], ...] = ()
+    zwarning_cut: bool = False
+    coverage: tuple[float, float] = PAPER_COVERAGE
+
+    def __post_init__(self) -> None:
+        names = [c for c, _ in self.id_columns]
+        for col, dtype in self.id_columns:
+            if dtype not in ID_DTYPES:
+                raise ValueError(f"survey {self.name}: id column {col} has dtype {dtype!r}, not one of {ID_DTYPES}")
+        for key in self.catalogue_keys:
+            if not set(key) <= set(names):
+                raise ValueError(f"survey {self.name}: catalogue key {key} names columns that are not id columns")
+
+    def format_id(self, ids: dict[str, Any]) -> str:
+        """The spectrum id of a record with these ``ids`` (ints cast, so numpy ints format too)."""
+        values = {c: (None if ids.get(c) is None else int(ids[c]) if t == "int64" else str(ids[c]).strip()) for c, t in self.id_columns}
+        return self.spectrum_id.format(**values)
+
+
+SURVEYS: dict[str, Survey] = {}
+
+
+def register_survey(survey: Survey) -> Survey:
+    """Declare a survey (once per name); its id columns must agree in dtype with those declared before."""
+    known = dict(id_columns())
+    for col, dtype in survey.id_columns:
+        if known.get(col, dtype) != dtype:
+            raise ValueError(f"survey {survey.name}: id column {col} is {dtype} but another survey declares it {known[col]}")
+    if survey.name in SURVEYS and SURVEYS[survey.name] != survey:
+        raise ValueError(f"survey {survey.name!r} is already registered differently")
+    SURVEYS[survey.name] = survey
+    return survey
+
+
+def unregister_survey(name: str) -> None:
+    """Forget a survey and its readers (for tests that register a toy one)."""
+    SURVEYS.pop(name, None)
+    READERS[:] = [r for r in READERS if r.survey != name]
+
+
+def get_survey(name: str) -> Survey:
+    """The registered survey ``name``; KeyError naming the known ones otherwise."""
+    try:
+        return SURVEYS[name]
+    except KeyError:
+        raise KeyError(f"unknown survey {name!r} (registered: {', '.join(SURVEYS) or 'none'})") from None
+
+
+def survey_names() -> list[str]:
+    return list(SURVEYS)
+
+
+def id_columns() -> list[tuple[str, str]]:
+    """(name, dtype) of every registered survey's id columns, each once, in declaration order."""
+    out: dict[str, str] = {}
+    for survey in SURVEYS.values():
+        for col, dtype in survey.id_columns:
+            out.setdefault(col, dtype)
+    return list(out.items())
+
+
+def coverage_limits(survey: str, grid: Grid = DEFAULT_GRID) -> tuple[float, float]:
+    """(largest WAVEMIN, smallest WAVEMAX) a spectrum of ``survey`` must reach to cover ``grid``.
+
+    On the default grid these are the survey's numbers as declared (the paper's SDSS cut:
+    3839.7244, 8914.597); other grids scale them in proportion to the grid's ends. Rounded to
+    1e-4 Angstrom so that the default grid gives the declared numbers exactly.
+    """
+    lo, hi = get_survey(survey).coverage
+    return round(grid.wave_min * lo / DEFAULT_GRID.wave_min, 4), round(grid.wave_max * hi / DEFAULT_GRID.wave_max, 4)
+
+
 @dataclass(frozen=True)
 class Reader:
     label: str
@@ -148,7 +243,8 @@ READERS: list[Reader] = []
 
 
 def register(reader: Reader) -> Reader:
-    """Add a reader to the registry (kept sorted, highest priority first)."""
+    """Add a reader of a registered survey to the registry (kept sorted, highest priority first)."""
+    get_survey(reader.survey)
     READERS.append(reader)
     READERS.sort(key=lambda r: -r.priority)
     return reader
@@ -157,7 +253,7 @@ def register(reader: Reader) -> Reader:
 # ---- reading any file ------------------------------------------------------------------------
 
 
-def identify_reader(path: str, fits: "FitsFile") -> Reader | None:
+def identify_reader(path: str, fits: FitsFile) -> Reader | None:
     """The highest-priority reader whose ``identify`` accepts the file (an exception = no).
 
     When no reader accepts it and one of them stopped on a damaged file (SpectrumError:
@@ -184,8 +280,6 @@ def read_spectrum(path: str | os.PathLike[str]) -> SpectrumRecord:
     FITS, truncated, unknown format, a missing column, no finite flux, all-zero ivar.
     Whether the spectrum covers the model's grid is not checked here (see :func:`covers_grid`).
     """
-    from spectransfer.surveys.fitsfile import FitsFile
-
     path = str(path)
     label = None
     try:
@@ -315,22 +409,22 @@ def covers_grid(record: SpectrumRecord, grid: Grid = DEFAULT_GRID) -> bool:
     """True when the spectrum's wavelength coverage includes the whole grid.
 
     Uses the pipeline's WAVEMIN/WAVEMAX (``record.extra``) when present, else the range of
-    pixels with ivar > 0. On the default grid the limits are the paper's SDSS cut
-    (WAVEMIN <= 3839.7244, WAVEMAX >= 8914.597); other grids scale them proportionally.
+    pixels with ivar > 0, against the survey's :func:`coverage_limits` (on the default grid
+    the paper's SDSS cut: WAVEMIN <= 3839.7244, WAVEMAX >= 8914.597).
     """
-    lo = record.extra.get("wavemin")
-    hi = record.extra.get("wavemax")
-    if lo is None or hi is None:
-        good = record.ivar > 0
-        if not good.any():
-            return False
-        lo, hi = float(record.wave[good][0]), float(record.wave[good][-1])
-    lo_limit, hi_limit = SDSS_WAVEMIN_MAX, SDSS_WAVEMAX_MIN
-    if grid.wave_min != DEFAULT_GRID.wave_min:
-        lo_limit = grid.wave_min * (SDSS_WAVEMIN_MAX / DEFAULT_GRID.wave_min)
-    if grid.wave_max != DEFAULT_GRID.wave_max:
-        hi_limit = grid.wave_max * (SDSS_WAVEMAX_MIN / DEFAULT_GRID.wave_max)
+    lo, hi = record_coverage(record)
+    lo_limit, hi_limit = coverage_limits(record.survey, grid)
     return bool(lo <= lo_limit and hi >= hi_limit)
+
+
+def record_coverage(record: SpectrumRecord) -> tuple[float, float]:
+    """(WAVEMIN, WAVEMAX) as the pipeline states them, else of the pixels with ivar > 0 (NaN when none)."""
+    lo, hi = record.extra.get("wavemin"), record.extra.get("wavemax")
+    if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)):
+        good_lo, good_hi = good_range(np.asarray(record.wave), np.asarray(record.ivar))
+        lo = good_lo if lo is None or not np.isfinite(lo) else lo
+        hi = good_hi if hi is None or not np.isfinite(hi) else hi
+    return (float("nan") if lo is None else float(lo)), (float("nan") if hi is None else float(hi))
 
 
 # ---- helpers shared by the readers -----------------------------------------------------------

@@ -18,7 +18,7 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import numpy as np
 
@@ -125,7 +125,7 @@ class FitsFile:
             raise SpectrumError(self.path, f"cannot read: {exc}") from None
         self.compressed = magic == _GZIP_MAGIC
         self._file_size = os.fstat(raw.fileno()).st_size
-        self._fh: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb") if self.compressed else raw
+        self._fh: IO[bytes] = cast(IO[bytes], gzip.GzipFile(fileobj=raw, mode="rb")) if self.compressed else raw
         self._raw = raw
         self._pos = 0
         self._hdus: list[_Hdu] = []
@@ -150,7 +150,7 @@ class FitsFile:
             raise SpectrumError(self.path, reason)
 
     # -- context manager -------------------------------------------------------------------
-    def __enter__(self) -> "FitsFile":
+    def __enter__(self) -> FitsFile:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 from spectransfer.errors import SpectrumError
 from spectransfer.surveys.base import Reader, SpectrumRecord, finish_record, register
 from spectransfer.surveys.fitsfile import FitsFile
-from spectransfer.surveys.lamost_image import lamost_record
+from spectransfer.surveys.lamost_image import LAMOST, lamost_record
 
 LABEL = "lamost-coadd"
 REQUIRED_COLUMNS = ("FLUX", "IVAR", "WAVELENGTH")
@@ -41,4 +41,4 @@ def read(path: str, fits: FitsFile) -> SpectrumRecord:
     return finish_record(record)
 
 
-register(Reader(label=LABEL, survey="lamost", identify=identify, read=read, priority=5))
+register(Reader(label=LABEL, survey=LAMOST.name, identify=identify, read=read, priority=5))

@@ -20,15 +20,30 @@ from spectransfer.errors import SpectrumError
 from spectransfer.surveys.base import (
     Reader,
     SpectrumRecord,
+    Survey,
     air_to_vacuum,
     finish_record,
     missing_float,
     missing_int,
     missing_str,
     register,
+    register_survey,
     valid_mag,
 )
 from spectransfer.surveys.fitsfile import FitsFile, Header
+
+# LAMOST LRS (both file layouts): a spectrum is LMJD, plan, spectrograph, fibre; DR3+ files
+# and the quasar catalogues also carry OBSID, matched first when both sides have it. LAMOST
+# has no redshift warning flag; the coverage cut is the paper's SDSS one.
+LAMOST = register_survey(
+    Survey(
+        name="lamost",
+        id_columns=(("obsid", "int64"), ("lmjd", "int64"), ("planid", "string"), ("spid", "int64"), ("fiberid", "int64")),
+        spectrum_id="lamost-{lmjd}-{planid}-{spid:02d}-{fiberid:03d}",
+        catalogue_keys=(("obsid",), ("lmjd", "planid", "spid", "fiberid")),
+        zwarning_cut=False,
+    )
+)
 
 LABEL = "lamost-image"
 FLUX_UNIT = "relative (LAMOST flux is not absolutely calibrated)"
@@ -111,7 +126,7 @@ def lamost_record(
     }
     return SpectrumRecord(
         path=path,
-        survey="lamost",
+        survey=LAMOST.name,
         format=label,
         ids={
             "obsid": obsid if obsid is not None and obsid > 0 else None,
@@ -155,4 +170,4 @@ def _mag_r(get: Any) -> float | None:
     return None
 
 
-register(Reader(label=LABEL, survey="lamost", identify=identify, read=read, priority=5))
+register(Reader(label=LABEL, survey=LAMOST.name, identify=identify, read=read, priority=5))

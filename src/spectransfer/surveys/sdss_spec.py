@@ -17,6 +17,19 @@ from typing import Any
 import numpy as np
 
 from spectransfer.errors import SpectrumError
+from spectransfer.surveys.base import (
+    Reader,
+    SpectrumRecord,
+    Survey,
+    finish_record,
+    missing_float,
+    missing_int,
+    missing_str,
+    register,
+    register_survey,
+    valid_mag,
+)
+from spectransfer.surveys.fitsfile import FitsFile
 
 # SDSS pixel mask bits (SDSS data model, SPPIXMASK) that make a pixel unusable: NOPLUG 0,
 # BADTRACE 1, BADFLAT 2, BADARC 3, MANYREJECTED 5, LARGESHIFT 6, FULLREJECT 18, NOSKY 22,
@@ -24,17 +37,18 @@ from spectransfer.errors import SpectrumError
 # LOWFLAT, PARTIALREJECT, SCATTEREDLIGHT, CROSSTALK, BRIGHTSKY, REDMONSTER, the SMEAR*
 # and *WHOPPER fibre flags, MANYBADCOLUMNS) describe usable pixels and are not treated as bad.
 SDSS_BAD_PIXEL_BITS = np.uint32(sum(1 << b for b in (0, 1, 2, 3, 5, 6, 18, 22, 24, 25, 26, 27)))
-from spectransfer.surveys.base import (
-    Reader,
-    SpectrumRecord,
-    finish_record,
-    missing_float,
-    missing_int,
-    missing_str,
-    register,
-    valid_mag,
+
+# SDSS (both file formats): a spectrum is plate, MJD, fibre; DR14Q/DR16Q list those triples.
+# The paper's quality cuts: ZWARNING == 0 and the coverage of config.PAPER_COVERAGE.
+SDSS = register_survey(
+    Survey(
+        name="sdss",
+        id_columns=(("plate", "int64"), ("mjd", "int64"), ("fiberid", "int64")),
+        spectrum_id="sdss-{plate:04d}-{mjd:05d}-{fiberid:04d}",
+        catalogue_keys=(("plate", "mjd", "fiberid"),),
+        zwarning_cut=True,
+    )
 )
-from spectransfer.surveys.fitsfile import FitsFile
 
 LABEL = "sdss-spec"
 REQUIRED_COLUMNS = ("flux", "loglam", "ivar")
@@ -96,7 +110,7 @@ def read(path: str, fits: FitsFile) -> SpectrumRecord:
 
     record = SpectrumRecord(
         path=path,
-        survey="sdss",
+        survey=SDSS.name,
         format=LABEL,
         ids={"plate": int(row["PLATE"]), "mjd": int(row["MJD"]), "fiberid": int(row["FIBERID"])},
         ra=ra,
@@ -144,4 +158,4 @@ def _positive(value: Any) -> int | None:
     return v if v is not None and v > 0 else None
 
 
-register(Reader(label=LABEL, survey="sdss", identify=identify, read=read, priority=5))
+register(Reader(label=LABEL, survey=SDSS.name, identify=identify, read=read, priority=5))

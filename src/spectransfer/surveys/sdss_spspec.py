@@ -26,6 +26,7 @@ from spectransfer.surveys.base import (
     valid_mag,
 )
 from spectransfer.surveys.fitsfile import FitsFile
+from spectransfer.surveys.sdss_spec import SDSS
 
 LABEL = "sdss-spspec"
 SPEC_CLN = {0: None, 1: "STAR", 2: "GALAXY", 3: "QSO", 4: "QSO", 5: "SKY", 6: "STAR"}
@@ -73,7 +74,7 @@ def read(path: str, fits: FitsFile) -> SpectrumRecord:
     }
     record = SpectrumRecord(
         path=path,
-        survey="sdss",
+        survey=SDSS.name,
         format=LABEL,
         ids={"plate": int(hdr["PLATEID"]), "mjd": int(hdr["MJD"]), "fiberid": int(hdr["FIBERID"])},
         ra=missing_float(hdr.get("RAOBJ")),
@@ -92,4 +93,4 @@ def read(path: str, fits: FitsFile) -> SpectrumRecord:
     return finish_record(record)
 
 
-register(Reader(label=LABEL, survey="sdss", identify=identify, read=read, priority=10))
+register(Reader(label=LABEL, survey=SDSS.name, identify=identify, read=read, priority=10))
