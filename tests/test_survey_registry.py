@@ -106,10 +106,10 @@ def test_toy_survey_goes_through_ingest_train_discover(toy: Survey, tmp_path: Pa
     rec = read_spectrum(tmp_path / "toy" / "toy-0013.fits")
     assert rec.survey == "toy" and rec.ids == {"exposure": 1001, "slit": 3}
 
-    cat = load_catalog(catalogue)  # sniffed from the registry: the toy id columns
+    cat = load_catalog(catalogue, all_quasars=True)  # every row a quasar; sniffed from the registry: the toy id columns
     assert cat.kind == "toy" and len(cat) == int(truth["qso"].sum())
 
-    summary = ingest([tmp_path / "toy"], tmp_path / "store", catalogs=[catalogue], workers=0, grid=SMALL, quiet=True)
+    summary = ingest([tmp_path / "toy"], tmp_path / "store", qso_catalogs=[catalogue], workers=0, grid=SMALL, quiet=True)
     assert summary.accepted == 60 and summary.rejected == 0
     store = open_store(tmp_path / "store")
     meta = store.meta.sort_values("spectrum_id").reset_index(drop=True)

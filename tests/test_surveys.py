@@ -465,13 +465,13 @@ def test_damaged_bytes_give_spectrum_error_or_a_record(real_data: Path, tmp_path
     assert "error" in outcomes
 
 
-def test_to_specutils_units_uncertainty_and_masked_pixels() -> None:
+def test_to_specutils_units_uncertainty_and_masked_pixels(real_data: Path) -> None:
     specutils = pytest.importorskip("specutils")
     from astropy import units as u
     from astropy.nddata import InverseVariance
 
     spectrum_cls = getattr(specutils, "Spectrum", None) or specutils.Spectrum1D
-    sdss = SHARED_DATA / "sdss" / "spec-3851-55302-0530.fits"
+    sdss = real_data / "sdss" / "spec-7338-57859-0739.fits"
     rec = read_spectrum(sdss)
     spec = rec.to_specutils()
     assert isinstance(spec, spectrum_cls) and isinstance(spec.uncertainty, InverseVariance)
@@ -485,9 +485,9 @@ def test_to_specutils_units_uncertainty_and_masked_pixels() -> None:
         no_data = coadd["ivar"] == 0
     assert spec.mask.dtype == bool and spec.mask[no_data].all()  # True = bad, specutils' convention
     assert np.array_equal(spec.mask, (rec.mask != 0) | (rec.ivar <= 0)) and 0 < spec.mask.sum() < spec.mask.size
-    assert spec.meta["ids"] == {"plate": 3851, "mjd": 55302, "fiberid": 530}
+    assert spec.meta["ids"] == {"plate": 7338, "mjd": 57859, "fiberid": 739}
 
-    lamost = SHARED_DATA / "lamost" / "spec-55859-F5902_sp01-001_dr7.fits.gz"  # rows flux, ivar, wavelength, ...
+    lamost = real_data / "lamost" / "spec-55859-F5902_sp01-001_dr7.fits.gz"  # rows flux, ivar, wavelength, ...
     lspec = read_spectrum(lamost).to_specutils()
     assert lspec.flux.unit == u.dimensionless_unscaled  # LAMOST flux is relative
     with fits.open(lamost) as hdul:

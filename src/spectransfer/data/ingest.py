@@ -183,7 +183,7 @@ def passes_cuts(rec: Any, options: IngestOptions | None = None, grid: Grid = DEF
     coverage it judged (pipeline WAVEMIN/WAVEMAX where stated, else the pixels with data), so
     ``info`` and ``ingest`` can never disagree."""
     failure = quality_failure(rec, options or IngestOptions(), grid)
-    wmin, wmax = _coverage(rec)
+    wmin, wmax = record_coverage(rec)
     cov = f"data cover {wmin:.1f}-{wmax:.1f} A"
     if failure is None:
         return True, f"passes; {cov}"
