@@ -631,12 +631,37 @@ def demo_cmd(
     print_summary(summary)
 
 
+# ---- verdicts as labels, active learning, the experiment report ------------------------------
+@app.command("label", rich_help_panel="3. Find and confirm quasars")
+def label_cmd(
+    store: Path = typer.Argument(..., help="Store whose labels the verdicts replace (meta.parquet keeps the catalogue's in catalog_label)."),
+    verdicts: Optional[Path] = typer.Option(None, "--verdicts", help="Verdicts: the inspection database (.sqlite) or its export (.fits, .parquet, .csv, .vot)."),
+    revert: bool = typer.Option(False, "--revert", help="Restore the catalogue labels exactly (drops every verdict label)."),
+) -> None:
+    """Make visual-inspection verdicts the store's training labels (majority of inspectors; unsure and ties change nothing)."""
+    from spectransfer.data.labels import apply_verdicts, revert_verdicts
+
+    if revert == (verdicts is not None):
+        fail("give --verdicts FILE or --revert (one of them)")
+    res = revert_verdicts(store) if revert else apply_verdicts(store, verdicts)  # type: ignore[arg-type]
+    if res.action == "nothing-to-revert":
+        typer.echo(f"{store}: labels are the catalogue's already; nothing to revert")
+    elif res.action == "reverted":
+        typer.echo(f"{store}: catalogue labels restored ({res.n_changed} labels changed back)")
+    else:
+        again = " (already applied: nothing changed)" if res.action == "unchanged" else ""
+        typer.echo(f"{store}: {res.n_labelled} labels from {res.n_verdicts} verdicts on {res.n_spectra_inspected} spectra{again}; "
+                   f"{res.n_changed} differ from the catalogue ({res.n_promoted} now quasar, {res.n_demoted} no longer); "
+                   f"{res.n_ties} ties and {res.n_unsure_only} unsure-only left as they were; "
+                   f"{res.n_unknown_ids} verdicts on spectra not in the store")
+
+
 # ---- end of commands ------------------------------------------------------------------------
 
 
 # --help lists the commands in the order of the workflow, panel by panel.
 _ORDER = ["demo", "fetch", "info", "simulate", "ingest", "stats", "train", "evaluate", "learning-curve",
-          "discover", "inspect", "verdicts"]
+          "discover", "inspect", "verdicts", "label", "active-learning", "experiment"]
 app.registered_commands.sort(key=lambda c: _ORDER.index(c.name) if c.name in _ORDER else len(_ORDER))
 
 
