@@ -699,6 +699,24 @@ def active_learning_cmd(
     typer.echo(f"active learning{'' if doc['complete'] else ' (incomplete: rerun to continue)'}: {out / 'active_learning.json'}")
 
 
+@app.command("experiment", rich_help_panel="2. Train and evaluate")
+def experiment_cmd(
+    out: Path = typer.Option(Path("experiment-output"), "--out", help="Folder for surveys/, stores/, runs/, learning_curve/, active_learning/, experiment.html (resumable)."),
+    size: str = typer.Option("default", "--size", help="default (sized for <= 45 min on an idle 2-core CPU; an estimate, see README) or tiny (a smoke test of every stage)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the simulated surveys and of pretraining."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Simulate, pretrain, then the transfer/scratch/zero-shot learning curve and the active-learning curve in one HTML report."""
+    from spectransfer.evaluation.experiment import run_experiment
+
+    doc = run_experiment(out, size=size, seed=seed, quiet=quiet)
+    for r in doc["learning_curve_intervals"]:
+        f1 = r["f1"]
+        typer.echo(f"{r['mode']:8s} fraction {r['fraction']:<6g} labels {r['n_train_labels']:>7.0f}  F1 {f1['mean']:.3f} [{f1['lo']:.3f}, {f1['hi']:.3f}]")
+    typer.echo("stage wall/CPU s: " + ", ".join(f"{k} {v['wall_s']:.0f}/{v['cpu_s']:.0f}" for k, v in doc["timings"].items()))
+    typer.echo(f"report: {out / 'experiment.html'}")
+
+
 # ---- end of commands ------------------------------------------------------------------------
 
 
