@@ -33,6 +33,8 @@ def test_interval95_matches_scipy_t_interval() -> None:
     lo, hi = stats.t.interval(0.95, len(v) - 1, loc=np.mean(v), scale=stats.sem(v))
     assert got["mean"] == pytest.approx(np.mean(v)) and got["lo"] == pytest.approx(lo) and got["hi"] == pytest.approx(hi)
     assert interval95([0.5]) == {"mean": 0.5, "lo": 0.5, "hi": 0.5, "n_seeds": 1}
+    wide = interval95([0.1, 0.9])  # t(1) = 12.7: the raw interval leaves [0, 1]
+    assert (wide["lo"], wide["hi"]) == (0.0, 1.0) and wide["mean"] == pytest.approx(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +133,18 @@ def test_rounds_give_true_labels_and_uncertainty_picks_the_least_certain(survey:
     assert (work.loc[ids, "label_source"] == "verdict").all()
     np.testing.assert_array_equal(work.loc[ids, "label"].to_numpy(), survey["true"][train][picked])
     assert (work["label_source"] == "verdict").sum() == 6
+
+
+@pytest.mark.slow
+def test_tiny_experiment_writes_report_and_resumes(tmp_path: Path) -> None:
+    from spectransfer.evaluation.experiment import run_experiment
+
+    out = tmp_path / "exp"
+    doc = run_experiment(out, size="tiny", quiet=True)
+    assert doc["complete"] and {r["mode"] for r in doc["learning_curve_intervals"]} == {"finetune", "scratch"}
+    page = (out / "experiment.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "learning_curve/learning_curve.json" in page
+    assert not list((out / "learning_curve" / "runs").glob("*/checkpoints")), "finished runs keep no checkpoint"
+    al = (out / "active_learning" / "active_learning.json").read_text()
+    again = run_experiment(out, size="tiny", quiet=True)  # every stage is read back
+    assert again["timings"] == doc["timings"] and (out / "active_learning" / "active_learning.json").read_text() == al

@@ -21,6 +21,8 @@ import html
 import json
 import logging
 import os
+import resource
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,7 +58,7 @@ class ExperimentSize:
 # DEFAULT is sized for <= 45 min on an idle 2-core CPU from per-step times measured with TINY
 # (see the README's experiment section: an estimate until a full run is timed).
 DEFAULT = ExperimentSize(n_lamost=4000, n_sdss=4000, lamost_qso_fraction=0.05, pretrain_epochs=2, train_batch=64,
-                         max_steps=40, eval_every=10, patience=2, fractions=(0.005, 0.02, 0.1, 0.3, 1.0), seeds=3,
+                         max_steps=30, eval_every=10, patience=2, fractions=(0.005, 0.02, 0.1, 0.3, 1.0), seeds=3,
                          al_rounds=4, al_per_round=40, label_noise=0.05)
 TINY = ExperimentSize(n_lamost=400, n_sdss=400, lamost_qso_fraction=0.1, pretrain_epochs=1, train_batch=32,
                       max_steps=4, eval_every=2, patience=1, fractions=(0.1, 1.0), seeds=2,
@@ -66,8 +68,6 @@ SIZES = {"default": DEFAULT, "tiny": TINY}
 
 def _cpu() -> float:
     """CPU seconds of this process and its finished children (wall time on a shared machine says little)."""
-    import resource
-
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
@@ -117,6 +117,17 @@ def _pretrain(out: Path, size: ExperimentSize, seed: int) -> None:
                       imbalance="pos-weight", precision="fp32", device="cpu", num_workers=0)
     if not (run / "summary.json").is_file():
         train(cfg, resume=(run / "checkpoints" / "last.pt").exists(), quiet=True)
+
+
+def prune_checkpoints(runs: Path) -> int:
+    """Delete checkpoints/ of finished runs (summary.json and cell.json written): ~110 MB each, only a resume reads them."""
+    n = 0
+    for cell in sorted(runs.glob("*/cell.json")):
+        ck = cell.parent / "checkpoints"
+        if (cell.parent / "summary.json").is_file() and ck.is_dir():
+            shutil.rmtree(ck, ignore_errors=True)
+            n += 1
+    return n
 
 
 def learning_curve_intervals(lc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -224,6 +235,7 @@ def run_experiment(out_dir: str | os.PathLike[str], size: str | ExperimentSize =
     _stage(out, "active-learning", timings, lambda: results.update(al=run_active_learning(
         source, sdss, out / "surveys" / "sdss" / "truth.parquet", out / "active_learning", rounds=size.al_rounds,
         per_round=size.al_per_round, seeds=size.seeds, label_noise=size.label_noise, train_options=opts, batch_size=512, quiet=quiet)))
+    prune_checkpoints(out / "learning_curve" / "runs")
     lc = results.get("lc") or json.loads((out / "learning_curve" / "learning_curve.json").read_text())
     al = results.get("al") or json.loads((out / "active_learning" / "active_learning.json").read_text())
     doc = {"format": "spectransfer-experiment", "format_version": 1, "versions": dependency_versions(), **want,
