@@ -162,3 +162,19 @@ def test_label_cli_applies_and_reverts(tmp_path: Path) -> None:
     assert r.returncode == 0 and "restored (4 labels" in r.stdout
     r = subprocess.run([*env_cmd, "--verdicts", str(tmp_path / "none.csv")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "none.csv" in r.stderr
+
+
+@pytest.mark.parametrize("ending", ["fits", "csv", "parquet", "vot"])
+def test_verdicts_exported_by_the_inspection_tool_are_read(tmp_path: Path, ending: str) -> None:
+    from spectransfer.inspect.verdicts import VerdictDB, export_table
+
+    db = VerdictDB(tmp_path / "v.sqlite")
+    db.record("s001", "qso", "zoë", z=2.1)
+    db.record("s000", "not_qso", "ann")
+    db.record("s002", "unsure", "ann")
+    export_table(tmp_path / "v.sqlite", tmp_path / f"v.{ending}")
+    got = read_verdict_file(tmp_path / f"v.{ending}").sort_values("spectrum_id")
+    assert got["spectrum_id"].tolist() == ["s000", "s001", "s002"] and got["verdict"].tolist() == ["not_qso", "qso", "unsure"]
+    store = _store(tmp_path / "store")
+    res = apply_verdicts(store, tmp_path / f"v.{ending}")
+    assert (res.n_labelled, res.n_promoted, res.n_demoted, res.n_unsure_only) == (2, 1, 1, 1)
