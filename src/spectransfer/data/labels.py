@@ -20,7 +20,6 @@ An ``ingest`` into the store relabels every spectrum from the catalogues and rew
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sqlite3
