@@ -35,11 +35,14 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from spectransfer.data.labels import apply_verdicts, set_catalog_labels
 from spectransfer.data.store import META_SCHEMA, open_store, write_table
 from spectransfer.errors import EvaluateError, TrainError
-from spectransfer.evaluation.runner import ranking_metrics, sigmoid, threshold_metrics
+from spectransfer.evaluation.report import _plt, figure_png
+from spectransfer.evaluation.runner import check_run_matches_store, ranking_metrics, sigmoid, threshold_metrics
+from spectransfer.progress import progress_bar
 from spectransfer.provenance import atomic_path, dependency_versions, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -82,8 +85,6 @@ def select_random(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
 def interval95(values: Sequence[float | None], bounds: tuple[float, float] = (0.0, 1.0)) -> dict[str, Any]:
     """Mean and 95% Student-t interval of the mean over seeds, clipped to ``bounds`` (F1 and PR AUC
     live in [0, 1]; with 2-3 seeds t is 12.7 or 4.3 and the raw interval easily leaves it)."""
-    from scipy import stats
-
     v = np.asarray([x for x in values if x is not None], dtype=float)
     if v.size == 0:
         return {"mean": None, "lo": None, "hi": None, "n_seeds": 0}
@@ -247,8 +248,6 @@ def summarise(records: Sequence[dict[str, Any]], strategies: Sequence[str], roun
 
 def plot_active_learning(doc: dict[str, Any]) -> Any:
     """Test F1 and PR AUC against the number of inspected spectra, one band per strategy."""
-    from spectransfer.evaluation.report import _plt
-
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {"uncertainty": ("#1f77b4", "o", "uncertainty (P(QSO) closest to 0.5)"), "random": ("#d62728", "s", "random")}
@@ -300,9 +299,6 @@ def run_active_learning(
     ``stop_after`` ends this call after that many newly finished rounds (the rest is left for
     a rerun, as after a kill).
     """
-    from spectransfer.evaluation.report import figure_png
-    from spectransfer.progress import progress_bar
-
     source, out = Path(source_run), Path(out_dir)
     if not (source / "model.safetensors").is_file():
         raise EvaluateError(f"{source}: not a run folder (no model.safetensors)")
@@ -323,8 +319,6 @@ def run_active_learning(
     if sfile.is_file() and json.loads(sfile.read_text()) != settings:
         raise EvaluateError(f"{out}: holds an experiment with other settings ({sfile}); choose a new --out")
     write_text_atomic(sfile, json.dumps(settings, indent=2) + "\n")
-    from spectransfer.evaluation.runner import check_run_matches_store
-
     check_run_matches_store(source, open_store(store_path))
     ctx = _context(source, Path(store_path), Path(truth_path), out, settings)
     doc: dict[str, Any] = {"format": FORMAT, "format_version": 1, "versions": dependency_versions(), "settings": settings,

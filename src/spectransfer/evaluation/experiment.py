@@ -32,6 +32,7 @@ from spectransfer.errors import EvaluateError
 from spectransfer.evaluation.active_learning import interval95, run_active_learning
 from spectransfer.evaluation.learning_curve import run_learning_curve
 from spectransfer.provenance import dependency_versions, write_text_atomic
+from spectransfer.simulate import CATALOG_NAME, simulate_survey
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +87,13 @@ def _stage(out: Path, name: str, timings: dict[str, dict[str, float]], fn: Any) 
 
 
 def _simulate(out: Path, size: ExperimentSize, seed: int) -> None:
-    from spectransfer.simulate import simulate_survey
-
     for name, n, q, s in (("lamost", size.n_lamost, size.lamost_qso_fraction, seed + 1), ("sdss", size.n_sdss, None, seed + 2)):
         if not (out / "surveys" / name / "truth.parquet").is_file():  # simulate writes a survey only when complete
             simulate_survey(name, n, out / "surveys" / name, seed=s, qso_fraction=q, overwrite=True)
 
 
 def _ingest(out: Path, name: str, quiet: bool) -> None:
-    from spectransfer.data.ingest import ingest
-    from spectransfer.simulate import CATALOG_NAME
+    from spectransfer.data.ingest import ingest  # dask
 
     folder = out / "surveys" / name
     spectra = [d for d in sorted(folder.iterdir()) if d.is_dir()]
