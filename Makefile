@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-output
 
-.PHONY: setup browser test test-slow lint demo bench clean
+.PHONY: setup browser test test-slow lint demo experiment bench clean
 
 # The virtual environment is rebuilt only when pyproject.toml changes. torch is installed first
 # as torch==2.13.0, the CPU build on these machines: a plain `torch` would pull a multi-GB CUDA build.
@@ -37,6 +37,11 @@ lint: setup
 
 demo: setup
 	$(VENV)/bin/spectransfer demo --out $(DEMO_DIR)
+
+# Transfer vs scratch vs zero-shot learning curve and the active-learning curve -> EXPERIMENT_DIR/experiment.html (resumable).
+EXPERIMENT_DIR ?= experiment-output
+experiment: setup
+	$(VENV)/bin/spectransfer experiment --out $(EXPERIMENT_DIR)
 
 bench: setup
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -701,12 +701,98 @@ def demo_cmd(
     print_summary(summary)
 
 
+# ---- verdicts as labels, active learning, the experiment report ------------------------------
+@app.command("label", rich_help_panel="3. Find and confirm quasars")
+def label_cmd(
+    store: Path = typer.Argument(..., help="Store whose labels the verdicts replace (meta.parquet keeps the catalogue's in catalog_label)."),
+    verdicts: Optional[Path] = typer.Option(None, "--verdicts", help="Verdicts: the inspection database (.sqlite) or its export (.fits, .parquet, .csv, .vot)."),
+    revert: bool = typer.Option(False, "--revert", help="Restore the catalogue labels exactly (drops every verdict label)."),
+) -> None:
+    """Make visual-inspection verdicts the store's training labels (majority of inspectors; unsure and ties change nothing)."""
+    from spectransfer.data.labels import apply_verdicts, revert_verdicts
+
+    if revert == (verdicts is not None):
+        fail("give --verdicts FILE or --revert (one of them)")
+    res = revert_verdicts(store) if revert else apply_verdicts(store, verdicts)  # type: ignore[arg-type]
+    if res.action == "nothing-to-revert":
+        typer.echo(f"{store}: labels are the catalogue's already; nothing to revert")
+    elif res.action == "reverted":
+        typer.echo(f"{store}: catalogue labels restored ({res.n_changed} labels changed back)")
+    else:
+        again = " (already applied: nothing changed)" if res.action == "unchanged" else ""
+        typer.echo(f"{store}: {res.n_labelled} labels from {res.n_verdicts} verdicts on {res.n_spectra_inspected} spectra{again}; "
+                   f"{res.n_changed} differ from the catalogue ({res.n_promoted} now quasar, {res.n_demoted} no longer); "
+                   f"{res.n_ties} ties and {res.n_unsure_only} unsure-only left as they were; "
+                   f"{res.n_unknown_ids} verdicts on spectra not in the store")
+
+
+@app.command("active-learning", rich_help_panel="2. Train and evaluate")
+def active_learning_cmd(
+    source_run: Path = typer.Option(..., "--source-run", help="Pretrained run every round fine-tunes from (e.g. on LAMOST)."),
+    store: Path = typer.Option(..., "--store", help="Store of a SIMULATED target survey (its catalogue labels are the imperfect starting labels)."),
+    truth: Path = typer.Option(..., "--truth", help="The simulation's truth.parquet (spectrum_id, true_class): it plays the inspector and labels the test split."),
+    out: Path = typer.Option(..., "--out", help="Folder for active_learning.json/.png, the working store and seed-S/.../round-R/ (resumable)."),
+    rounds: int = typer.Option(4, "--rounds", help="Rounds of inspection after round 0 (round 0 = catalogue labels only)."),
+    per_round: int = typer.Option(50, "--per-round", help="Spectra inspected per round (K)."),
+    seeds: int = typer.Option(3, "--seeds", help="Seeds (0..N-1): label noise, random picks, training order and weights."),
+    strategies: str = typer.Option("uncertainty,random", "--strategies", help="Comma-separated: uncertainty (P(QSO) closest to 0.5) and/or random."),
+    label_noise: float = typer.Option(0.0, "--label-noise", help="Share of the training split's labels flipped (both ways) before round 0, per seed; val/test untouched."),
+    survey: Optional[str] = typer.Option(None, "--survey", help="Target survey (sdss, lamost) whose rows are used; default all rows."),
+    max_epochs: int = typer.Option(50, "--max-epochs", help="Upper bound on epochs per round."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Upper bound on optimisation steps per round."),
+    eval_every: int = typer.Option(1000, "--eval-every", help="Validation (early stopping) every this many steps."),
+    patience: int = typer.Option(10, "--patience", help="Stop a round's training after this many evaluations without improvement."),
+    train_batch_size: int = typer.Option(256, "--train-batch-size", help="Spectra per training step."),
+    imbalance: str = typer.Option("none", "--imbalance", help="none, pos-weight or balanced (see train --help)."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda."),
+    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes per training (0 = in process)."),
+    batch_size: int = typer.Option(1024, "--batch-size", help="Spectra per scoring batch."),
+    stop_after: Optional[int] = typer.Option(None, "--stop-after", help="Stop after this many newly finished rounds (rerun to continue)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Which spectra should a person inspect? Uncertainty vs random inspection on a simulated survey: test F1 / PR AUC vs inspections."""
+    from spectransfer.evaluation.active_learning import run_active_learning
+
+    opts = {"max_epochs": max_epochs, "max_steps": max_steps, "eval_every": eval_every, "patience": patience,
+            "batch_size": train_batch_size, "imbalance": imbalance, "device": device, "num_workers": workers}
+    doc = run_active_learning(
+        source_run, store, truth, out, rounds=rounds, per_round=per_round, seeds=seeds,
+        strategies=[s.strip() for s in strategies.split(",") if s.strip()], label_noise=label_noise, survey=survey,
+        train_options={k: v for k, v in opts.items() if v is not None}, batch_size=batch_size, stop_after=stop_after, quiet=quiet,
+    )
+    for i, n in enumerate(doc["n_inspected"]):
+        parts = []
+        for s in doc["settings"]["strategies"]:
+            f1, pr = doc[f"f1_{s}"]["mean"][i], doc[f"pr_auc_{s}"]["mean"][i]
+            parts.append(f"{s} F1 {'-' if f1 is None else f'{f1:.3f}'} PR AUC {'-' if pr is None else f'{pr:.3f}'}")
+        typer.echo(f"round {i}: {'-' if n is None else n} inspected  " + "  ".join(parts))
+    typer.echo(f"active learning{'' if doc['complete'] else ' (incomplete: rerun to continue)'}: {out / 'active_learning.json'}")
+
+
+@app.command("experiment", rich_help_panel="2. Train and evaluate")
+def experiment_cmd(
+    out: Path = typer.Option(Path("experiment-output"), "--out", help="Folder for surveys/, stores/, runs/, learning_curve/, active_learning/, experiment.html (resumable)."),
+    size: str = typer.Option("default", "--size", help="default (sized for <= 45 min on an idle 2-core CPU; an estimate, see README) or tiny (a smoke test of every stage)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the simulated surveys and of pretraining."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Simulate, pretrain, then the transfer/scratch/zero-shot learning curve and the active-learning curve in one HTML report."""
+    from spectransfer.evaluation.experiment import run_experiment
+
+    doc = run_experiment(out, size=size, seed=seed, quiet=quiet)
+    for r in doc["learning_curve_intervals"]:
+        f1 = r["f1"]
+        typer.echo(f"{r['mode']:8s} fraction {r['fraction']:<6g} labels {r['n_train_labels']:>7.0f}  F1 {f1['mean']:.3f} [{f1['lo']:.3f}, {f1['hi']:.3f}]")
+    typer.echo("stage wall/CPU s: " + ", ".join(f"{k} {v['wall_s']:.0f}/{v['cpu_s']:.0f}" for k, v in doc["timings"].items()))
+    typer.echo(f"report: {out / 'experiment.html'}")
+
+
 # ---- end of commands ------------------------------------------------------------------------
 
 
 # --help lists the commands in the order of the workflow, panel by panel.
 _ORDER = ["demo", "fetch", "info", "simulate", "ingest", "stats", "train", "evaluate", "learning-curve",
-          "discover", "inspect", "verdicts"]
+          "discover", "inspect", "verdicts", "label", "active-learning", "experiment"]
 app.registered_commands.sort(key=lambda c: _ORDER.index(c.name) if c.name in _ORDER else len(_ORDER))
 
 
