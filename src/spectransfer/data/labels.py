@@ -33,7 +33,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from spectransfer.data.store import META_SCHEMA, Store, conform, open_store
+from spectransfer.data.store import Store, conform, open_store
 from spectransfer.errors import StoreError
 from spectransfer.provenance import atomic_path, sha256_file
 
@@ -44,7 +44,7 @@ VERDICT_LABEL_RULE = (
     "'not_qso' -> label 1, more 'not_qso' than 'qso' -> label 0; a tie keeps the catalogue label"
 )
 CATALOG_COLUMNS = ("catalog_label", "catalog_label_source")
-LABELLED_SCHEMA = META_SCHEMA.append(pa.field("catalog_label", pa.int8())).append(pa.field("catalog_label_source", pa.string()))
+CATALOG_LABEL_FIELDS = (pa.field("catalog_label", pa.int8()), pa.field("catalog_label_source", pa.string()))
 VERDICT_VALUES = ("qso", "not_qso", "unsure")
 HISTORY_KEEP = 20
 
@@ -149,13 +149,14 @@ def _read_raw_meta(store: Store) -> pd.DataFrame:
 
 
 def _write_meta(store: Store, meta: pd.DataFrame, with_catalog: bool) -> None:
-    base = conform(meta, META_SCHEMA)
-    schema = META_SCHEMA
+    schema = store.schema
+    base = conform(meta, schema)
     if with_catalog:
         base["catalog_label"] = meta["catalog_label"].to_numpy(dtype=np.int8)
         base["catalog_label_source"] = [None if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)) else str(v)
                                         for v in meta["catalog_label_source"].tolist()]
-        schema = LABELLED_SCHEMA
+        for f in CATALOG_LABEL_FIELDS:
+            schema = schema.append(f)
     table = pa.Table.from_pandas(base, schema=schema, preserve_index=False)
     with atomic_path(store.path / "meta.parquet") as tmp:
         pq.write_table(table, tmp, compression="zstd")

@@ -38,7 +38,7 @@ import pandas as pd
 from scipy import stats
 
 from spectransfer.data.labels import apply_verdicts, set_catalog_labels
-from spectransfer.data.store import META_SCHEMA, open_store, write_table
+from spectransfer.data.store import open_store, write_table
 from spectransfer.errors import EvaluateError, TrainError
 from spectransfer.evaluation.report import _plt, figure_png
 from spectransfer.evaluation.runner import check_run_matches_store, ranking_metrics, sigmoid, threshold_metrics
@@ -105,7 +105,7 @@ def _working_store(out: Path, target: Any) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     (tmp / "spectra.zarr").symlink_to((target.path / "spectra.zarr").resolve(), target_is_directory=True)
-    write_table(target.meta, tmp / "meta.parquet", META_SCHEMA)
+    write_table(target.meta, tmp / "meta.parquet", target.schema)
     info = dict(target.info, active_learning_of=str(target.path))
     write_text_atomic(tmp / "store.json", json.dumps(info, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, work)
