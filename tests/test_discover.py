@@ -23,8 +23,8 @@ from spectransfer.candidates.discover import (
     parts_dir,
     pipe_not_qso,
     quality_bits,
-    sigmoid,
 )
+from spectransfer.evaluation.metrics import calibrated_probability
 
 GRID = Grid(n_bins=128)  # a small grid keeps the network (and the tests) small
 
@@ -76,7 +76,7 @@ def test_pipe_not_qso_marks_positives_the_pipeline_calls_star_or_galaxy() -> Non
 def test_sigmoid_is_stable_and_matches_the_formula() -> None:
     x = np.array([-800.0, -3.0, 0.0, 2.5, 800.0])
     with np.errstate(over="raise", invalid="raise", divide="raise"):
-        s = sigmoid(x)
+        s = calibrated_probability(x)
     np.testing.assert_allclose(s[1:4], 1 / (1 + np.exp(-x[1:4])), rtol=1e-6)
     assert s[0] == 0.0 and s[-1] == 1.0 and s.dtype == np.float32
 
@@ -242,7 +242,7 @@ def test_cli_prints_summary_and_refuses_bad_input(tiny: dict, tmp_path: Path) ->
         assert c in res.stdout
     assert "STAR" in res.stdout and str(out) in res.stdout
     bad = [
-        (["--out", str(tmp_path / "c.csv")], "must end in .fits"),
+        (["--out", str(tmp_path / "c.txt")], "must end in .fits"),
         (["--out", str(out), "--threshold", "1.5"], "threshold"),
         (["--out", str(out), "--engine", "tpu"], "--engine"),
     ]
@@ -266,7 +266,7 @@ def test_discover_resumes_after_sigkill(tmp_path: Path) -> None:
     _store(store, n=800, seed=5, chunk_rows=64, grid=DEFAULT_GRID)
     run = _run(tmp_path / "run", seed=2, grid=DEFAULT_GRID)
     ref_out = tmp_path / "ref.fits"
-    discover(run, store, ref_out, engine="torch", block_size=40, batch_size=40, quiet=True)
+    discover(run, store, ref_out, engine="torch", block_size=40, batch_size=40, threads=1, quiet=True)
     ref = pd.read_parquet(ref_out.with_suffix(".parquet"))
 
     out = tmp_path / "killed.fits"
