@@ -656,7 +656,7 @@ def classify_cmd(
         console = Console()
         console.print(table)
         for f, reason in res.failed:
-            console.print(f"not scored: {f}: {reason}", markup=False)
+            typer.echo(f"not scored: {f}: {reason}")
     if res.out is not None and not as_json:
         typer.echo(f"table: {res.out}")
     if res.failed:

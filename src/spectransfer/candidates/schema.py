@@ -253,10 +253,18 @@ def _write_parquet(table: pd.DataFrame, cards: list[tuple[str, Any, str]], out: 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    table = table.copy()
+    for name in table.columns:  # '' = missing, as in FITS: astropy's parquet reader takes no null strings
+        if COLUMNS[name].dtype == "str":
+            table[name] = table[name].astype("string").fillna("").astype(str)
     arrow = pa.Table.from_pandas(table, preserve_index=False)
     doc: dict[str, Any] = {k: v for k, v, _c in cards if not k.startswith(("DEPNAM", "DEPVER"))}
     doc["provenance"] = {k: v for k, v, _c in provenance_cards()}
     doc["columns"] = {n: {"unit": COLUMNS[n].unit, "description": COLUMNS[n].description} for n in table.columns}
     meta = {**(arrow.schema.metadata or {}), b"spectransfer": json.dumps(doc, default=str).encode()}
+    for name in table.columns:  # string widths, so astropy reads fixed-width columns without guessing
+        if COLUMNS[name].dtype == "str":
+            width = max([1] + [len(v) for v in table[name]])
+            meta[f"table::len::{name}".encode()] = str(width).encode()
     with atomic_path(out) as tmp:
         pq.write_table(arrow.replace_schema_metadata(meta), tmp)
