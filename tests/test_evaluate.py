@@ -373,3 +373,38 @@ def test_cli_refuses_an_empty_split(tmp_path: Path) -> None:
     res = _cli("evaluate", str(run), "--store", str(tmp_path / "store"), "--out", str(tmp_path / "rep"), "--quiet")
     assert res.returncode == 2
     assert "test split" in res.stderr and "empty" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_cli_evaluate_onnx_int8_names_the_engine_and_its_calibration_data(tmp_path: Path) -> None:
+    from spectransfer.config import Grid
+    from spectransfer.data.store import open_store
+
+    grid = Grid(n_bins=128)
+    _tiny_store(tmp_path / "store", grid)
+    a = _untrained_run(tmp_path / "a", grid, 0)
+    res = _cli("evaluate", str(a), "--store", str(tmp_path / "store"), "--out", str(tmp_path / "rep"),
+               "--bootstrap", "20", "--gallery", "0", "--engine", "onnx-int8", "--quiet")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert doc["engine"] == "onnx-int8" and doc["runs"]["a"]["engine"] == "onnx-int8"
+    st = open_store(tmp_path / "store")
+    cal = doc["int8_calibration"]
+    assert cal["store_id"] == st.info["store_id"] and cal["n_spectra"] == st.rows().size == 120
+    assert "onnx-int8" in (tmp_path / "rep" / "report.html").read_text()
+    assert not (a / "calibration.json").exists()
+    assert "engine: onnx-int8" in res.stdout
+
+
+def test_undefined_metrics_are_shown_as_undefined(tmp_path: Path) -> None:
+    from spectransfer.evaluation.report import write_report
+
+    y = np.zeros(60, int)
+    run = R.RunScores("r", tmp_path / "run", np.random.default_rng(1).normal(-1, 1, 60), None)
+    doc = R.evaluate_predictions(_meta(y), [run], None, tmp_path / "rep", n_resamples=20)
+    assert doc["runs"]["r"]["pr_auc"] is None and doc["runs"]["r"]["roc_auc"] is None
+    write_report(tmp_path / "rep", doc)
+    page = (tmp_path / "rep" / "report.html").read_text()
+    import re
+
+    text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
+    assert "undefined" in text and not re.search(r"\bnan\b", text, re.IGNORECASE)

@@ -115,6 +115,7 @@ def classify(
         "THRESH": (float(threshold), "P_QSO threshold for IS_QSO"),
         "MODELSHA": (info.sha256, ""),
         "MODEL": (info.model_name, "network"),
+        "RUNID": (info.sha256[:16], "run id: sha256 prefix of its weights"),
         "RUN": (run_dir.name, "run folder name"),
         "ENGINE": (engine, "scoring engine"),
         "NFILES": (len(files), "spectrum files given"),

@@ -228,6 +228,7 @@ def _header(job: _Job, cal: Calibration | None) -> list[tuple[str, Any, str]]:
         "THRESH": (float(job.threshold), "P_QSO threshold for a positive"),
         "MODELSHA": (job.info.sha256, ""),  # 64 hex digits: no room for a comment
         "MODEL": (job.info.model_name, "network"),
+        "RUNID": (job.info.sha256[:16], "run id: sha256 prefix of its weights"),
         "RUNMODE": (job.info.mode, "training mode of the run"),
         "RUN": (job.run_dir.name, "run folder name"),
         "STOREID": (str(job.store.info.get("store_id")), "store.json store_id"),
