@@ -522,10 +522,12 @@ def learning_curve_cmd(
         source_run, store, out, parse_fractions(fractions), seeds, survey=survey, modes=mode_list,
         train_options=opts, batch_size=batch_size, engine=engine, quiet=quiet,
     )
+    def f(v: object) -> str:
+        return "undefined" if v is None else f"{v:.4f}"
+
     for s in doc["summary"]:
         typer.echo(f"{s['mode']:8s} fraction {s['fraction']:<8g} labels {s['n_train_labels']:>10.0f}  "
-                   f"F1 {s['f1_mean'] if s['f1_mean'] is not None else float('nan'):.4f} ± {s['f1_std'] or 0:.4f}  "
-                   f"PR AUC {s['pr_auc_mean'] if s['pr_auc_mean'] is not None else float('nan'):.4f} ± {s['pr_auc_std'] or 0:.4f}")
+                   f"F1 {f(s['f1_mean'])} ± {f(s['f1_std'])}  PR AUC {f(s['pr_auc_mean'])} ± {f(s['pr_auc_std'])}")
     typer.echo(f"learning curve: {out / 'learning_curve.json'}")
 
 
@@ -623,9 +625,7 @@ def classify_cmd(
 ) -> None:
     """P(QSO) for spectrum files, no store needed: same reading, cuts and resampling as ingest.
 
-    Files that cannot be read or fail ingest's quality cuts are listed with their reason and
-    the others still scored; the exit code is then 1 (0 when every file was scored, 2 on bad
-    arguments).
+    Files that cannot be read or fail ingest's quality cuts are listed with their reason and the others still scored; the exit code is then 1 (0 when every file was scored, 2 on bad arguments).
     """
     import json
 

@@ -376,9 +376,13 @@ def write_report(
     rows = []
     for name, e in doc["runs"].items():
         c = e["calibration"]
+        rec = c.get("recorded") or {}
+        applied = (f"{rec['temperature']:.4f} ({html.escape(str(rec.get('split')))}, n = {rec.get('n_spectra')}, "
+                   f"{html.escape(str(rec.get('engine')))}{', written now' if c.get('written') else ''})") if rec else "none"
         rows.append([f"<b>{html.escape(name)}</b>", _fmt(c.get("temperature"), 4), _fmt(c.get("ece_before"), 4),
-                     _fmt(c.get("ece_after"), 4), _fmt(c.get("nll_before"), 4), _fmt(c.get("nll_after"), 4)])
-    parts.append(_table(["run", "temperature T", "ECE raw", "ECE scaled", "NLL raw", "NLL scaled"], rows))
+                     _fmt(c.get("ece_after"), 4), _fmt(c.get("nll_before"), 4), _fmt(c.get("nll_after"), 4), applied])
+    parts.append(_table(["run", "temperature T", "ECE raw", "ECE scaled", "NLL raw", "NLL scaled",
+                         "RUN/calibration.json (applied by discover/classify)"], rows))
     parts.append(f'<p class="note">{html.escape(doc.get("ece_definition", ""))}. Scaled: P = sigmoid(logit / T), '
                  "T fitted on the validation split; RUN/calibration.json is written only by "
                  "<code>spectransfer calibrate</code> or <code>evaluate --calibrate</code>.</p>")
