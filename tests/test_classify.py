@@ -90,7 +90,11 @@ def test_every_output_format_round_trips_through_astropy(real: dict, tmp_path: P
     if ext in (".fits", ".vot"):
         assert t["RA"].unit == "deg"
     if ext == ".vot":
+        from astropy.io.votable import parse
+
         assert t["P_QSO"].description == COLUMNS["P_QSO"].description
+        infos = {i.name: i.value for i in parse(out).get_first_table().infos}
+        assert infos["REFERENC"] == REFERENCE and infos["TEMPER"] == "0.8" and infos["ENGINE"] == "torch"
     if ext == ".fits":
         from astropy.io import fits
 

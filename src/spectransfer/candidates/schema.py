@@ -206,11 +206,25 @@ def write_table(table: pd.DataFrame, cards: list[tuple[str, Any, str]], out: str
         _write_fits(table, cards, out)
     elif fmt == "parquet":
         _write_parquet(table, cards, out)
-    else:
-        astro = _astropy_table(table, cards)
+    elif fmt == "votable":
+        _write_votable(table, cards, out)
+    else:  # CSV holds the columns only: FITS, parquet and VOTable also carry the header
         with atomic_path(out) as tmp:
-            astro.write(tmp, format="votable" if fmt == "votable" else "ascii.csv", overwrite=True)
+            _astropy_table(table, cards).write(tmp, format="ascii.csv", overwrite=True)
     return out
+
+
+def _write_votable(table: pd.DataFrame, cards: list[tuple[str, Any, str]], out: Path) -> None:
+    """VOTable with the header cards as INFO elements of the table (what VO tools show)."""
+    from astropy.io.votable import from_table
+    from astropy.io.votable.tree import Info
+
+    vot = from_table(_astropy_table(table, cards))
+    infos = vot.get_first_table().infos
+    for key, value, _comment in cards:
+        infos.append(Info(name=key, value=str(value)))
+    with atomic_path(out) as tmp:
+        vot.to_xml(str(tmp))
 
 
 def _astropy_table(table: pd.DataFrame, cards: list[tuple[str, Any, str]]) -> Any:
