@@ -1,4 +1,4 @@
-"""Bootstrap speed of spectransfer.evaluation.runner against a scikit-learn loop, on the paper's test-set size.
+"""Bootstrap speed of spectransfer.evaluation.metrics against a scikit-learn loop, on the paper's test-set size.
 
 Draws 100k synthetic predictions (14% quasars, as the SDSS test split), times the vectorised
 bootstrap (1000 resamples of precision, recall, F1, ROC AUC and PR AUC) and a plain loop that
@@ -14,7 +14,7 @@ import time
 import numpy as np
 from sklearn import metrics as skm
 
-from spectransfer.evaluation import runner as E
+from spectransfer.evaluation import metrics as E
 
 N, B, B_REF = 100_000, 1000, 20
 

@@ -23,8 +23,8 @@ from spectransfer.candidates.discover import (
     parts_dir,
     pipe_not_qso,
     quality_bits,
-    sigmoid,
 )
+from spectransfer.evaluation.metrics import calibrated_probability
 
 GRID = Grid(n_bins=128)  # a small grid keeps the network (and the tests) small
 
@@ -76,7 +76,7 @@ def test_pipe_not_qso_marks_positives_the_pipeline_calls_star_or_galaxy() -> Non
 def test_sigmoid_is_stable_and_matches_the_formula() -> None:
     x = np.array([-800.0, -3.0, 0.0, 2.5, 800.0])
     with np.errstate(over="raise", invalid="raise", divide="raise"):
-        s = sigmoid(x)
+        s = calibrated_probability(x)
     np.testing.assert_allclose(s[1:4], 1 / (1 + np.exp(-x[1:4])), rtol=1e-6)
     assert s[0] == 0.0 and s[-1] == 1.0 and s.dtype == np.float32
 
@@ -242,7 +242,7 @@ def test_cli_prints_summary_and_refuses_bad_input(tiny: dict, tmp_path: Path) ->
         assert c in res.stdout
     assert "STAR" in res.stdout and str(out) in res.stdout
     bad = [
-        (["--out", str(tmp_path / "c.csv")], "must end in .fits"),
+        (["--out", str(tmp_path / "c.txt")], "must end in .fits"),
         (["--out", str(out), "--threshold", "1.5"], "threshold"),
         (["--out", str(out), "--engine", "tpu"], "--engine"),
     ]
@@ -266,7 +266,7 @@ def test_discover_resumes_after_sigkill(tmp_path: Path) -> None:
     _store(store, n=800, seed=5, chunk_rows=64, grid=DEFAULT_GRID)
     run = _run(tmp_path / "run", seed=2, grid=DEFAULT_GRID)
     ref_out = tmp_path / "ref.fits"
-    discover(run, store, ref_out, engine="torch", block_size=40, batch_size=40, quiet=True)
+    discover(run, store, ref_out, engine="torch", block_size=40, batch_size=40, threads=1, quiet=True)
     ref = pd.read_parquet(ref_out.with_suffix(".parquet"))
 
     out = tmp_path / "killed.fits"
@@ -319,3 +319,64 @@ def test_stale_parts_of_another_model_are_discarded(tiny: dict, tmp_path: Path) 
     assert res.resumed_spectra == 0
     p = pd.read_parquet(out.with_suffix(".parquet"))["LOGIT"].to_numpy(np.float64)
     np.testing.assert_allclose(p, _torch_logits(tiny["run"], tiny["store"]), rtol=1e-5, atol=1e-5)
+
+
+# ---- self-describing tables and recorded calibration ------------------------------------------------
+
+def test_header_records_the_calibration_applied_or_that_none_was(tiny: dict, tmp_path: Path) -> None:
+    from astropy.io import fits
+
+    from spectransfer.candidates.schema import COLUMNS, REFERENCE
+    from spectransfer.evaluation.calibration import calibrate_run
+
+    run = _run(tmp_path / "run", seed=3)
+    discover(run, tiny["store"], tmp_path / "none.fits", engine="torch", quiet=True)
+    h = fits.getheader(tmp_path / "none.fits", "CANDIDATES")
+    assert h["CALIBR"] is False and h["TEMPER"] == 1.0 and "CALSTORE" not in h
+
+    doc = calibrate_run(run, tiny["store"], split="val", engine="torch")
+    discover(run, tiny["store"], tmp_path / "cal.fits", engine="torch", quiet=True)
+    with fits.open(tmp_path / "cal.fits") as hdul:
+        h = hdul["CANDIDATES"].header
+        n_val = int((tiny["meta"]["split"] == "val").sum())
+        assert h["CALIBR"] is True and h["TEMPER"] == pytest.approx(doc["temperature"])
+        assert h["CALSTORE"] == open_store_id(tiny["store"]) == doc["store_id"] and h["CALSPLIT"] == "val"
+        assert h["CALNSPEC"] == n_val == doc["n_spectra"] and h["CALENG"] == "torch"
+        assert h["REFERENC"] == REFERENCE and h["RUNID"] == h["MODELSHA"][:16]
+        names = hdul["CANDIDATES"].columns.names
+        for i, name in enumerate(names, start=1):
+            assert h[f"TCOMM{i}"] == COLUMNS[name].description[:68], name
+            if COLUMNS[name].unit:
+                assert h[f"TUNIT{i}"] == COLUMNS[name].unit
+        p = np.asarray(hdul["CANDIDATES"].data["P_QSO"], np.float64)
+        logit = np.asarray(hdul["CANDIDATES"].data["LOGIT"], np.float64)
+        np.testing.assert_allclose(p, 1 / (1 + np.exp(-logit / doc["temperature"])), rtol=1e-5)
+
+
+def open_store_id(store: Path) -> str:
+    from spectransfer.data.store import open_store
+
+    return open_store(store).info["store_id"]
+
+
+def test_calibrate_refuses_too_few_spectra_in_one_line(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    _store(store, n=90, seed=2)  # 30 val spectra: below the minimum of 50
+    run = _run(tmp_path / "run", seed=1)
+    r = _cli("calibrate", str(run), "--store", str(store), "--quiet")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "cannot calibrate" in r.stderr and "30 spectra" in r.stderr and "at least 50" in r.stderr
+    assert not (run / "calibration.json").exists()
+
+
+@pytest.mark.parametrize("ext", [".parquet", ".csv", ".vot"])
+def test_discover_writes_the_format_of_the_extension(tiny: dict, tmp_path: Path, ext: str) -> None:
+    from astropy.table import Table
+
+    out = tmp_path / f"cand{ext}"
+    res = discover(tiny["run"], tiny["store"], out, engine="torch", quiet=True)
+    assert res.parquet_path is None and out.is_file() and not parts_dir(out).exists()
+    t = Table.read(out)
+    assert len(t) == res.n_spectra and "P_QSO" in t.colnames and "QUALITY" in t.colnames
+    want = 1 / (1 + np.exp(-_torch_logits(tiny["run"], tiny["store"]) / 2.0))
+    np.testing.assert_allclose(np.asarray(t["P_QSO"], np.float64), want, rtol=1e-5, atol=1e-6)

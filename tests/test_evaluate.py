@@ -15,8 +15,10 @@ import pytest
 from scipy import stats
 from sklearn import metrics as skm
 
-from spectransfer.evaluation import runner as E
+from spectransfer.evaluation import metrics as M
+from spectransfer.evaluation import runner as R
 from spectransfer.errors import EvaluateError
+from spectransfer.evaluation.calibration import read_calibration
 
 
 def _predictions(n: int, seed: int, ties: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -35,8 +37,8 @@ def _predictions(n: int, seed: int, ties: bool) -> tuple[np.ndarray, np.ndarray]
 def test_every_metric_equals_sklearn(n: int, seed: int, ties: bool, threshold: float) -> None:
     y, p = _predictions(n, seed, ties)
     pred = (p >= threshold).astype(int)
-    m = E.threshold_metrics(y, p, threshold)
-    r = E.ranking_metrics(y, p)
+    m = M.threshold_metrics(y, p, threshold)
+    r = M.ranking_metrics(y, p)
     assert m["confusion_matrix"] == skm.confusion_matrix(y, pred, labels=[1, 0]).tolist()
     if pred.any():
         assert m["precision"] == pytest.approx(skm.precision_score(y, pred), abs=1e-12)
@@ -50,11 +52,11 @@ def test_every_metric_equals_sklearn(n: int, seed: int, ties: bool, threshold: f
 
 def test_curves_equal_sklearn() -> None:
     y, p = _predictions(800, 5, ties=True)
-    fpr, tpr = E.roc_curve_points(y, p)
+    fpr, tpr = M.roc_curve_points(y, p)
     sk_fpr, sk_tpr, _ = skm.roc_curve(y, p, drop_intermediate=False)
     np.testing.assert_allclose(fpr, sk_fpr)
     np.testing.assert_allclose(tpr, sk_tpr)
-    rec, prec, thr = E.pr_curve_points(y, p)
+    rec, prec, thr = M.pr_curve_points(y, p)
     sk_prec, sk_rec, sk_thr = skm.precision_recall_curve(y, p)
     # sklearn lists thresholds ascending and appends the (recall 0, precision 1) end point.
     np.testing.assert_allclose(prec, sk_prec[:-1][::-1])
@@ -64,8 +66,8 @@ def test_curves_equal_sklearn() -> None:
 
 def test_bootstrap_interval_brackets_the_point_estimate() -> None:
     y, p = _predictions(300, 7, ties=False)
-    iv = E.bootstrap_intervals(y, p, (0.5,), n_resamples=400, seed=1)[0]
-    point = {**E.threshold_metrics(y, p), **E.ranking_metrics(y, p)}
+    iv = M.bootstrap_intervals(y, p, (0.5,), n_resamples=400, seed=1)[0]
+    point = {**M.threshold_metrics(y, p), **M.ranking_metrics(y, p)}
     for key in ("precision", "recall", "f1", "roc_auc", "pr_auc"):
         lo, hi = iv[key]
         assert lo < point[key] < hi, key
@@ -89,7 +91,7 @@ def test_bootstrap_intervals_cover_the_truth_at_the_nominal_rate() -> None:
     for rep in range(reps):
         y = (rng.random(n) < pi).astype(int)
         z = rng.normal(np.where(y == 1, mu1, mu0), 1.0)
-        iv = E.bootstrap_intervals(y, E.sigmoid(z), (0.5,), n_resamples=400, seed=rep)[0]
+        iv = M.bootstrap_intervals(y, M.sigmoid(z), (0.5,), n_resamples=400, seed=rep)[0]
         for k, t in truth.items():
             hits[k] += iv[k][0] <= t <= iv[k][1]
     coverage = {k: v / reps for k, v in hits.items()}
@@ -100,16 +102,16 @@ def test_bootstrap_intervals_cover_the_truth_at_the_nominal_rate() -> None:
 def test_temperature_scaling_lowers_ece_of_an_overconfident_model() -> None:
     rng = np.random.default_rng(3)
     true_logit = rng.normal(-1.0, 2.0, 40000)
-    y = (rng.random(true_logit.size) < E.sigmoid(true_logit)).astype(int)
+    y = (rng.random(true_logit.size) < M.sigmoid(true_logit)).astype(int)
     logits = 4.0 * true_logit  # four times too confident
     val, test = slice(0, 20000), slice(20000, None)
-    T = E.fit_temperature(y[val], logits[val])
+    T = M.fit_temperature(y[val], logits[val])
     assert T == pytest.approx(4.0, rel=0.1)
-    before = E.expected_calibration_error(y[test], E.sigmoid(logits[test]))
-    after = E.expected_calibration_error(y[test], E.sigmoid(logits[test] / T))
+    before = M.expected_calibration_error(y[test], M.sigmoid(logits[test]))
+    after = M.expected_calibration_error(y[test], M.sigmoid(logits[test] / T))
     assert before > 0.05
     assert after < before / 3
-    assert E.nll(y[test], logits[test], T) < E.nll(y[test], logits[test])
+    assert M.nll(y[test], logits[test], T) < M.nll(y[test], logits[test])
 
 
 def test_ece_by_hand() -> None:
@@ -117,8 +119,8 @@ def test_ece_by_hand() -> None:
     p = np.array([0.01, 0.02, 0.95, 0.97, 1.0])
     # bin 0: p mean .015, frac .5 (2 rows); bin 14: p mean .973.., frac 2/3 (3 rows)
     want = 2 / 5 * abs(0.5 - 0.015) + 3 / 5 * abs(2 / 3 - (0.95 + 0.97 + 1.0) / 3)
-    assert E.expected_calibration_error(y, p) == pytest.approx(want)
-    rel = E.reliability(y, p)
+    assert M.expected_calibration_error(y, p) == pytest.approx(want)
+    rel = M.reliability(y, p)
     assert rel["count"][0] == 2 and rel["count"][14] == 3 and sum(rel["count"]) == 5
 
 
@@ -128,7 +130,7 @@ def test_mcnemar_exact_and_chi2_by_hand() -> None:
     b = y.copy()
     b[:7] = 1 - b[:7]  # 7 rows: A right, B wrong
     a[12:14] = 1 - a[12:14]  # 2 rows: A wrong, B right
-    res = E.mcnemar_test(y, a, b)
+    res = M.mcnemar_test(y, a, b)
     assert (res["b_a_right_b_wrong"], res["c_a_wrong_b_right"]) == (7, 2)
     hand = 2 * sum(math.comb(9, k) for k in range(3)) / 2**9  # = 92/512
     assert res["p_exact"] == pytest.approx(hand)
@@ -139,12 +141,12 @@ def test_mcnemar_exact_and_chi2_by_hand() -> None:
 
 def test_paired_bootstrap_sign_and_null() -> None:
     y, p = _predictions(2000, 11, ties=False)
-    same = E.paired_bootstrap(y, p, p, n_resamples=200)
+    same = M.paired_bootstrap(y, p, p, n_resamples=200)
     assert same["delta_f1"]["interval"] == [0.0, 0.0]
     assert same["delta_f1"]["p_bootstrap"] == 1.0
     worse = np.clip(p + np.random.default_rng(0).normal(0, 0.3, p.size), 0, 1)
-    d = E.paired_bootstrap(y, p, worse, n_resamples=300)
-    obs = E.threshold_metrics(y, p)["f1"] - E.threshold_metrics(y, worse)["f1"]
+    d = M.paired_bootstrap(y, p, worse, n_resamples=300)
+    obs = M.threshold_metrics(y, p)["f1"] - M.threshold_metrics(y, worse)["f1"]
     assert d["delta_f1"]["observed"] == pytest.approx(obs)
     assert d["delta_f1"]["interval"][0] > 0
     assert d["delta_pr_auc"]["interval"][0] > 0
@@ -153,33 +155,33 @@ def test_paired_bootstrap_sign_and_null() -> None:
 
 def test_choose_threshold_rules() -> None:
     y, p = _predictions(1000, 13, ties=True)
-    best = E.choose_threshold(y, p)
+    best = M.choose_threshold(y, p)
     brute = max(np.unique(p), key=lambda t: skm.f1_score(y, p >= t))
     assert best["threshold"] == pytest.approx(brute)
-    tp = E.choose_threshold(y, p, target_precision=0.8)
+    tp = M.choose_threshold(y, p, target_precision=0.8)
     assert tp["achieved"]["precision"] >= 0.8
     lower = np.unique(p)[np.unique(p) < tp["threshold"]]
     assert all(skm.precision_score(y, p >= t, zero_division=0) < 0.8 or skm.recall_score(y, p >= t) <= tp["achieved"]["recall"] for t in lower)
-    tr = E.choose_threshold(y, p, target_recall=0.9)
+    tr = M.choose_threshold(y, p, target_recall=0.9)
     assert tr["achieved"]["recall"] >= 0.9
     higher = np.unique(p)[np.unique(p) > tr["threshold"]]
     assert all(skm.recall_score(y, p >= t) < 0.9 for t in higher)
     with pytest.raises(EvaluateError):
-        E.choose_threshold(y, p, target_precision=1.5)
+        M.choose_threshold(y, p, target_precision=1.5)
 
 
 def test_breakdown_counts_by_hand() -> None:
     y = np.array([1, 1, 0, 1, 0, 0])
     p = np.array([0.9, 0.2, 0.8, 0.7, 0.1, 0.6])
     z = np.array([0.3, 0.4, 0.05, 2.2, np.nan, 2.5])
-    rows = {r["bin"]: r for r in E.breakdown(y, p, z, [0, 1, 3])}
+    rows = {r["bin"]: r for r in M.breakdown(y, p, z, [0, 1, 3])}
     lo, hi = rows["0.00-1.00"], rows["1.00-3.00"]
     assert (lo["tp"], lo["fp"], lo["fn"]) == (1, 1, 1)
     assert (hi["tp"], hi["fp"], hi["fn"]) == (1, 1, 0)
     assert lo["purity"] == 0.5 and lo["completeness"] == 0.5 and hi["completeness"] == 1.0
     assert lo["n"] + hi["n"] == 5  # the NaN row is in no bin
     k, n = 7, 20
-    w = E.wilson_interval(k, n)
+    w = M.wilson_interval(k, n)
     # the Wilson interval inverts the score test: both ends have |z| = 1.96
     for end in w:
         assert abs(k / n - end) / math.sqrt(end * (1 - end) / n) == pytest.approx(stats.norm.ppf(0.975), rel=1e-9)
@@ -204,7 +206,7 @@ def test_verdicts_reproduce_the_papers_corrected_precision_and_recall(tmp_path: 
     rows = [(s, "qso", None, "alice", "2026-01-01T00:00:00") for s in fp_ids[:1164]]
     rows += [(s, "not_qso", None, "alice", "2026-01-01T00:00:00") for s in fp_ids[1164:]]
     db = _verdict_db(tmp_path / "v.sqlite", rows)
-    res = E.verdict_corrected(ids, y, p, [0.5], E.read_verdicts(db))
+    res = M.verdict_corrected(ids, y, p, [0.5], R.read_verdicts(db))
     at = res["at"][0]
     assert at["catalogue"]["precision"] == pytest.approx(0.921, abs=5e-4)
     assert at["catalogue"]["recall"] == pytest.approx(0.988, abs=5e-4)
@@ -225,13 +227,13 @@ def test_verdict_rule_latest_per_inspector_then_majority(tmp_path: Path) -> None
         ("c", "qso", None, "bob", "2026-01-01T10:00:00"),
         ("c", "not_qso", None, "cy", "2026-01-01T10:00:00"),
     ]
-    v = E.read_verdicts(_verdict_db(tmp_path / "v.sqlite", rows))
+    v = R.read_verdicts(_verdict_db(tmp_path / "v.sqlite", rows))
     assert v.loc["a", "confirmed_qso"] and v.loc["a", "n_not_qso"] == 0 and v.loc["a", "verdict_z"] == 1.5
     assert not v.loc["b", "confirmed_qso"] and not v.loc["b", "rejected"]
     assert v.loc["c", "confirmed_qso"]
-    with pytest.raises(EvaluateError, match="not a verdicts database"):
+    with pytest.raises(EvaluateError, match="not a usable SQLite database"):
         (tmp_path / "junk.sqlite").write_bytes(b"not sqlite at all" * 10)
-        E.read_verdicts(tmp_path / "junk.sqlite")
+        R.read_verdicts(tmp_path / "junk.sqlite")
 
 
 def _meta(y: np.ndarray) -> pd.DataFrame:
@@ -241,8 +243,8 @@ def _meta(y: np.ndarray) -> pd.DataFrame:
 def test_one_class_split_gives_defined_metrics_and_warnings(tmp_path: Path) -> None:
     y = np.zeros(50, int)
     logits = np.random.default_rng(0).normal(-2, 1, 50)
-    run = E.RunScores("r", tmp_path / "run", logits, None)
-    doc = E.evaluate_predictions(_meta(y), [run], None, tmp_path / "rep", n_resamples=50)
+    run = R.RunScores("r", tmp_path / "run", logits, None)
+    doc = R.evaluate_predictions(_meta(y), [run], None, tmp_path / "rep", n_resamples=50)
     e = doc["runs"]["r"]
     assert e["roc_auc"] is None and e["pr_auc"] is None and e["precision"] is None
     assert e["confusion_matrix"][1][0] + e["confusion_matrix"][1][1] == 50
@@ -250,23 +252,38 @@ def test_one_class_split_gives_defined_metrics_and_warnings(tmp_path: Path) -> N
     assert any("one class" in w for w in doc["warnings"])
     assert json.loads(json.dumps(doc))  # strict JSON: no NaN
     with pytest.raises(EvaluateError, match="empty"):
-        E.evaluate_predictions(_meta(np.zeros(0, int)), [run], None, tmp_path / "rep")
+        R.evaluate_predictions(_meta(np.zeros(0, int)), [run], None, tmp_path / "rep")
 
 
-def test_evaluate_predictions_writes_predictions_and_calibration(tmp_path: Path) -> None:
+def test_evaluate_predictions_writes_predictions_and_calibrates_only_when_asked(tmp_path: Path) -> None:
     rng = np.random.default_rng(4)
     y = (rng.random(400) < 0.3).astype(int)
     yv = (rng.random(300) < 0.3).astype(int)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    runs = [E.RunScores("r", run_dir, 3 * (2 * y - 1) + rng.normal(0, 3, y.size), 3 * (2 * yv - 1) + rng.normal(0, 3, yv.size))]
-    doc = E.evaluate_predictions(_meta(y), runs, yv, tmp_path / "rep", n_resamples=100)
-    T = json.loads((run_dir / "calibration.json").read_text())["temperature"]
-    assert T == pytest.approx(doc["runs"]["r"]["calibration"]["temperature"])
+    (run_dir / "calibration.json").write_text('{"temperature": 3.5}')
+    before = (run_dir / "calibration.json").read_bytes()
+    runs = [R.RunScores("r", run_dir, 3 * (2 * y - 1) + rng.normal(0, 3, y.size), 3 * (2 * yv - 1) + rng.normal(0, 3, yv.size))]
+    runs[0].recorded = read_calibration(run_dir)
+    doc = R.evaluate_predictions(_meta(y), runs, yv, tmp_path / "rep", n_resamples=100)
+    assert (run_dir / "calibration.json").read_bytes() == before, "evaluate must not overwrite calibration.json"
+    assert doc["runs"]["r"]["calibration"]["written"] is False
+    assert doc["runs"]["r"]["calibration"]["recorded"]["temperature"] == 3.5
+    p_qso = pd.read_parquet(tmp_path / "rep" / "r" / "predictions.parquet")["p_qso"].to_numpy(np.float64)
+    np.testing.assert_allclose(p_qso, 1 / (1 + np.exp(-runs[0].logits / 3.5)), rtol=1e-6)
+
+    doc = R.evaluate_predictions(_meta(y), runs, yv, tmp_path / "rep", n_resamples=100, calibrate=True,
+                                 context={"store_id": "st-1", "engine": "onnx"})
+    cal = json.loads((run_dir / "calibration.json").read_text())
+    T = cal["temperature"]
+    assert T == pytest.approx(doc["runs"]["r"]["calibration"]["temperature"]) and T != 3.5
+    assert T == pytest.approx(M.fit_temperature(yv, runs[0].val_logits))
+    assert (cal["store_id"], cal["split"], cal["n_spectra"], cal["n_qso"], cal["engine"]) == ("st-1", "val", 300, int(yv.sum()), "onnx")
+    assert cal["date"][:4].isdigit()
     pred = pd.read_parquet(tmp_path / "rep" / "r" / "predictions.parquet")
     assert list(pred["spectrum_id"]) == [f"id{i}" for i in range(400)]
     assert pred["label"].tolist() == y.tolist()
-    assert np.allclose(pred["probability"], E.sigmoid(runs[0].logits), atol=1e-6)
+    assert np.allclose(pred["probability"], M.sigmoid(runs[0].logits), atol=1e-6)
     assert set(pred["split"]) == {"test"}
     fps = pd.read_csv(tmp_path / "rep" / "r" / "false_positives.csv")
     assert len(fps) == doc["runs"]["r"]["fp"] and (fps["label"] == 0).all() and (fps["probability"] >= 0.5).all()
@@ -321,12 +338,13 @@ def test_cli_evaluate_end_to_end(tmp_path: Path) -> None:
     assert set(doc["runs"]) == {"a", "b"} and len(doc["comparisons"]) == 1
     st = open_store(tmp_path / "store")
     rows = st.rows(split="test")
-    want = E.sigmoid(np.asarray(score_store(a, st, rows), dtype=np.float64))
+    want = M.sigmoid(np.asarray(score_store(a, st, rows), dtype=np.float64))
     pred = pd.read_parquet(tmp_path / "rep" / "a" / "predictions.parquet")
     np.testing.assert_allclose(pred["probability"], want, rtol=1e-5, atol=1e-6)
     y = pred["label"].to_numpy()
     assert doc["runs"]["a"]["confusion_matrix"] == skm.confusion_matrix(y, want >= 0.5, labels=[1, 0]).tolist()
-    assert (a / "calibration.json").is_file() and (b / "calibration.json").is_file()
+    assert not (a / "calibration.json").exists() and not (b / "calibration.json").exists(), "evaluate calibrates only when asked"
+    assert doc["engine"] == "torch" and doc["runs"]["a"]["engine"] == "torch"
     assert "verdicts" in doc["runs"]["a"]
     assert (tmp_path / "rep" / "report.html").stat().st_size > 10000
     assert "a: P " in res.stdout
@@ -355,3 +373,38 @@ def test_cli_refuses_an_empty_split(tmp_path: Path) -> None:
     res = _cli("evaluate", str(run), "--store", str(tmp_path / "store"), "--out", str(tmp_path / "rep"), "--quiet")
     assert res.returncode == 2
     assert "test split" in res.stderr and "empty" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_cli_evaluate_onnx_int8_names_the_engine_and_its_calibration_data(tmp_path: Path) -> None:
+    from spectransfer.config import Grid
+    from spectransfer.data.store import open_store
+
+    grid = Grid(n_bins=128)
+    _tiny_store(tmp_path / "store", grid)
+    a = _untrained_run(tmp_path / "a", grid, 0)
+    res = _cli("evaluate", str(a), "--store", str(tmp_path / "store"), "--out", str(tmp_path / "rep"),
+               "--bootstrap", "20", "--gallery", "0", "--engine", "onnx-int8", "--quiet")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert doc["engine"] == "onnx-int8" and doc["runs"]["a"]["engine"] == "onnx-int8"
+    st = open_store(tmp_path / "store")
+    cal = doc["int8_calibration"]
+    assert cal["store_id"] == st.info["store_id"] and cal["n_spectra"] == st.rows().size == 120
+    assert "onnx-int8" in (tmp_path / "rep" / "report.html").read_text()
+    assert not (a / "calibration.json").exists()
+    assert "engine: onnx-int8" in res.stdout
+
+
+def test_undefined_metrics_are_shown_as_undefined(tmp_path: Path) -> None:
+    from spectransfer.evaluation.report import write_report
+
+    y = np.zeros(60, int)
+    run = R.RunScores("r", tmp_path / "run", np.random.default_rng(1).normal(-1, 1, 60), None)
+    doc = R.evaluate_predictions(_meta(y), [run], None, tmp_path / "rep", n_resamples=20)
+    assert doc["runs"]["r"]["pr_auc"] is None and doc["runs"]["r"]["roc_auc"] is None
+    write_report(tmp_path / "rep", doc)
+    page = (tmp_path / "rep" / "report.html").read_text()
+    import re
+
+    text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
+    assert "undefined" in text and not re.search(r"\bnan\b", text, re.IGNORECASE)

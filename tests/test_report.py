@@ -103,3 +103,14 @@ def test_report_opens_in_chromium_without_broken_images(report_path: Path, tmp_p
     assert "evaluation" in title
     assert all(u.startswith(("file://", "data:")) for u in requests), requests
     assert (tmp_path / "report.png").stat().st_size > 10000
+
+
+def test_report_imports_metrics_not_the_runner() -> None:
+    import subprocess
+    import sys
+
+    code = ("import spectransfer.evaluation.report, sys; "
+            "assert 'spectransfer.evaluation.runner' not in sys.modules; "
+            "assert 'spectransfer.evaluation.metrics' in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

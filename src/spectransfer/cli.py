@@ -533,7 +533,8 @@ def evaluate_cmd(
     learning_curve: Optional[Path] = typer.Option(None, "--learning-curve", help="Folder written by `spectransfer learning-curve`; its curve is added to the report."),
     gallery: int = typer.Option(6, "--gallery", help="False positives and false negatives per run shown as spectra in the report (0 = none)."),
     batch_size: int = typer.Option(1024, "--batch-size", help="Spectra per scoring batch."),
-    engine: str = typer.Option("torch", "--engine", help="Scoring engine: torch or onnx."),
+    engine: str = typer.Option("torch", "--engine", help="Scoring engine: torch (eager fp32), onnx (onnxruntime fp32) or onnx-int8 (int8 ranges set on 512 spectra spread over the store, recorded in metrics.json); named in metrics.json and the report."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="Also write each run's calibration.json from the temperature fitted on val (same as `spectransfer calibrate`); without it no run folder is changed."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Score runs on a split: metrics with intervals, calibration, breakdowns, paired tests, HTML report."""
@@ -542,18 +543,18 @@ def evaluate_cmd(
 
     if split not in ("train", "val", "test"):
         raise EvaluateError(f"--split must be train, val or test, got {split!r}")
-    if engine not in ("torch", "onnx"):
-        raise EvaluateError(f"--engine must be torch or onnx, got {engine!r}")
+    if engine not in ("torch", "onnx", "onnx-int8"):
+        raise EvaluateError(f"--engine must be torch, onnx or onnx-int8, got {engine!r}")
     if bootstrap < 0 or batch_size < 1 or gallery < 0:
         raise EvaluateError("--bootstrap and --gallery must be >= 0, --batch-size >= 1")
     doc = evaluate_runs(
         runs, store, out, split=split, survey=survey, target_precision=target_precision, target_recall=target_recall,
         n_resamples=bootstrap, seed=seed, verdicts_path=verdicts, learning_curve_dir=learning_curve,
-        batch_size=batch_size, engine=engine, gallery=gallery, quiet=quiet,
+        batch_size=batch_size, engine=engine, gallery=gallery, quiet=quiet, calibrate=calibrate,
     )
 
     def f(v: object) -> str:
-        return "n/a" if v is None else f"{v:.4f}"
+        return "undefined" if v is None else f"{v:.4f}"
 
     for name, e in doc["runs"].items():
         typer.echo(f"{name}: P {f(e['precision'])} R {f(e['recall'])} F1 {f(e['f1'])} ROC AUC {f(e['roc_auc'])} "
@@ -561,7 +562,32 @@ def evaluate_cmd(
         for a in (e.get("verdicts") or {}).get("at", [])[:1]:
             c = a["verdict_corrected"]
             typer.echo(f"{name}: with verdicts P {f(c['precision'])} R {f(c['recall'])} F1 {f(c['f1'])}")
+    typer.echo(f"engine: {engine}")
     typer.echo(f"report: {out / 'report.html'}")
+
+
+@app.command("calibrate", rich_help_panel="2. Train and evaluate")
+def calibrate_cmd(
+    run: Path = typer.Argument(..., help="Run folder whose calibration.json is (re)written."),
+    store: Path = typer.Option(..., "--store", help="Store whose split the temperature is fitted on (its grid must be the run's)."),
+    split: str = typer.Option("val", "--split", help="Split to fit on: val (default; never the test split you report)."),
+    survey: Optional[str] = typer.Option(None, "--survey", help="Fit only on the spectra of this survey (sdss, lamost); default all."),
+    engine: str = typer.Option("torch", "--engine", help="Engine that scores the split: torch, onnx or onnx-int8 (recorded with T)."),
+    batch_size: int = typer.Option(1024, "--batch-size", help="Spectra per scoring batch."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Fit the temperature T of P(QSO) = sigmoid(logit / T) on a split; write RUN/calibration.json with its provenance."""
+    from spectransfer.evaluation.calibration import MIN_PER_CLASS, MIN_SPECTRA, calibrate_run
+
+    if split not in ("train", "val", "test"):
+        fail(f"--split must be train, val or test, got {split!r}")
+    if batch_size < 1:
+        fail("--batch-size must be >= 1")
+    doc = calibrate_run(run, store, split=split, engine=engine, survey=survey, batch_size=batch_size, quiet=quiet)
+    typer.echo(f"T = {doc['temperature']:.4f} fitted on {doc['n_spectra']} {split} spectra ({doc['n_qso']} QSO; "
+               f"minimum {MIN_SPECTRA}, {MIN_PER_CLASS} per class) of store {doc['store_id']} with engine {engine}; "
+               f"NLL {doc['nll_before']:.4f} -> {doc['nll_after']:.4f}")
+    typer.echo(f"calibration: {run / 'calibration.json'}")
 
 
 @app.command("learning-curve", rich_help_panel="2. Train and evaluate")
@@ -581,6 +607,7 @@ def learning_curve_cmd(
     device: str = typer.Option("auto", "--device", callback=available_device, help="auto (CUDA when present), cpu or cuda."),
     workers: int = typer.Option(2, "--workers", callback=non_negative_int, help="DataLoader worker processes per cell (0 = in process)."),
     batch_size: int = typer.Option(1024, "--batch-size", help="Spectra per scoring batch on the test split."),
+    engine: str = typer.Option("torch", "--engine", help="Engine that scores the test split: torch, onnx or onnx-int8."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Fine-tune vs scratch on growing fractions of the labels: test F1 / PR AUC vs number of labels."""
@@ -591,12 +618,14 @@ def learning_curve_cmd(
             "batch_size": train_batch_size, "device": device, "num_workers": workers}
     doc = run_learning_curve(
         source_run, store, out, parse_fractions(fractions), seeds, survey=survey, modes=mode_list,
-        train_options=opts, batch_size=batch_size, quiet=quiet,
+        train_options=opts, batch_size=batch_size, engine=engine, quiet=quiet,
     )
+    def f(v: object) -> str:
+        return "undefined" if v is None else f"{v:.4f}"
+
     for s in doc["summary"]:
         typer.echo(f"{s['mode']:8s} fraction {s['fraction']:<8g} labels {s['n_train_labels']:>10.0f}  "
-                   f"F1 {s['f1_mean'] if s['f1_mean'] is not None else float('nan'):.4f} ± {s['f1_std'] or 0:.4f}  "
-                   f"PR AUC {s['pr_auc_mean'] if s['pr_auc_mean'] is not None else float('nan'):.4f} ± {s['pr_auc_std'] or 0:.4f}")
+                   f"F1 {f(s['f1_mean'])} ± {f(s['f1_std'])}  PR AUC {f(s['pr_auc_mean'])} ± {f(s['pr_auc_std'])}")
     typer.echo(f"learning curve: {out / 'learning_curve.json'}")
 
 
@@ -632,9 +661,9 @@ def simulate_cmd(
 # ---- discover + demo (issue 7) ----------------------------------------------------------------
 @app.command("discover", rich_help_panel="3. Find and confirm quasars")
 def discover_cmd(
-    run: Path = typer.Argument(..., help="Run folder to score with (its calibration.json, written by evaluate, calibrates P_QSO)."),
+    run: Path = typer.Argument(..., help="Run folder to score with (its calibration.json, written by `calibrate`, calibrates P_QSO; the header says which)."),
     store: Path = typer.Option(..., "--store", help="Store whose every spectrum is scored."),
-    out: Path = typer.Option(..., "--out", callback=writable_file, help="Candidate catalogue CANDIDATES.fits (EXTNAME CANDIDATES); CANDIDATES.parquet is written beside it."),
+    out: Path = typer.Option(..., "--out", callback=writable_file, help="Candidate catalogue; the format follows the extension: .fits (EXTNAME CANDIDATES, with a .parquet copy beside it), .parquet, .csv or .vot."),
     threshold: float = typer.Option(0.5, "--threshold", help="P_QSO at or above which a spectrum counts as a quasar."),
     engine: str = typer.Option("onnx-int8", "--engine", help="torch (eager fp32), onnx (onnxruntime fp32) or onnx-int8 (int8 calibrated on this store; fastest, see bench/discover.py)."),
     workers: int = typer.Option(0, "--workers", help="Processes of a local Dask cluster scoring blocks in parallel (0 or 1 = score in this process with all cores)."),
@@ -649,7 +678,8 @@ def discover_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from spectransfer.candidates.discover import CATEGORIES, discover
+    from spectransfer.candidates.discover import discover
+    from spectransfer.candidates.schema import CATEGORIES, CATEGORY_MEANING
 
     if engine not in ("torch", "onnx", "onnx-int8"):
         fail(f"--engine must be torch, onnx or onnx-int8, got {engine!r}")
@@ -662,12 +692,7 @@ def discover_cmd(
     with OutputLock(out.parent / f".{out.name}.lock", "a discover run"):  # one discover per catalogue
         res = discover(run, store, out, threshold=threshold, engine=engine, batch_size=batch_size, block_size=block_size,
                        workers=workers, scheduler=scheduler, threads=threads, survey=survey, quiet=quiet)
-    meaning = {
-        "new_candidate": "model says quasar, catalogue does not",
-        "missed_by_model": "catalogue quasar the model rejects",
-        "agree_qso": "both say quasar",
-        "agree_other": "both say not a quasar",
-    }
+    meaning = CATEGORY_MEANING
     table = Table(title=f"{res.n_spectra:,} spectra scored (P_QSO >= {res.threshold:g}"
                         f"{', calibrated' if res.calibrated else ''}; engine {res.engine})", title_justify="left")
     for col, just in (("category", "left"), ("spectra", "right"), ("share", "right"), ("meaning", "left")):
@@ -684,7 +709,59 @@ def discover_cmd(
         console.print(f"resumed: {res.resumed_spectra:,} spectra were already scored by an interrupted run")
     console.print(f"{res.seconds:.1f} s ({res.spectra_per_s:,.0f} spectra/s)")
     typer.echo(f"candidates: {res.fits_path}")
-    typer.echo(f"candidates: {res.parquet_path}")
+    if res.parquet_path is not None:
+        typer.echo(f"candidates: {res.parquet_path}")
+
+
+@app.command("classify", rich_help_panel="3. Find and confirm quasars")
+def classify_cmd(
+    run: Path = typer.Argument(..., help="Trained run folder; its calibration.json (from `calibrate`) calibrates P_QSO."),
+    paths: list[Path] = typer.Argument(..., help="Spectrum files (SDSS spec/spSpec, LAMOST; .fits, .fit, .fits.gz) or folders searched for them."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the table; format by extension: .fits (EXTNAME CANDIDATES), .parquet, .csv or .vot."),
+    threshold: float = typer.Option(0.5, "--threshold", help="P_QSO at or above which IS_QSO is true."),
+    engine: str = typer.Option("torch", "--engine", help="torch (eager fp32) or onnx (onnxruntime fp32); onnx-int8 needs a store: use discover."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Spectra per network call."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (rows and failed files) instead of the table."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """P(QSO) for spectrum files, no store needed: same reading, cuts and resampling as ingest.
+
+    Files that cannot be read or fail ingest's quality cuts are listed with their reason and the others still scored; the exit code is then 1 (0 when every file was scored, 2 on bad arguments).
+    """
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from spectransfer.candidates.classify import classify
+    from spectransfer.progress import progress_bar
+
+    if batch_size < 1:
+        fail("--batch-size must be >= 1")
+    with progress_bar("classify", total=None, unit="files", quiet=quiet or as_json) as bar:
+        res = classify(run, paths, out=out, threshold=threshold, engine=engine, batch_size=batch_size, progress=bar)
+    t = res.table
+    if as_json:
+        rows = json.loads(t.to_json(orient="records"))
+        typer.echo(json.dumps({"engine": res.engine, "threshold": res.threshold, "calibrated": res.calibrated,
+                               "rows": rows, "failed": [{"source_file": f, "reason": r} for f, r in res.failed]}))
+    else:
+        table = Table(title=f"{len(t)} of {res.n_files} files scored (P_QSO{' calibrated' if res.calibrated else ', not calibrated'}; "
+                            f"engine {res.engine}; IS_QSO = P_QSO >= {res.threshold:g})", title_justify="left")
+        for col in ("file", "spectrum", "class", "z", "P_QSO", "is_qso"):
+            table.add_column(col, justify="right" if col in ("z", "P_QSO") else "left")
+        for _, r in t.iterrows():
+            z = r.get("Z")
+            table.add_row(Path(str(r["SOURCE_FILE"])).name, str(r["SPECTRUM_ID"]), str(r.get("CLASS") or ""),
+                          "" if z is None or z != z else f"{float(z):.4f}", f"{float(r['P_QSO']):.4f}", str(bool(r["IS_QSO"])))
+        console = Console()
+        console.print(table)
+        for f, reason in res.failed:
+            typer.echo(f"not scored: {f}: {reason}")
+    if res.out is not None and not as_json:
+        typer.echo(f"table: {res.out}")
+    if res.failed:
+        raise typer.Exit(1)
 
 
 @app.command("demo", rich_help_panel="0. Start here")
@@ -791,8 +868,8 @@ def experiment_cmd(
 
 
 # --help lists the commands in the order of the workflow, panel by panel.
-_ORDER = ["demo", "fetch", "info", "simulate", "ingest", "stats", "train", "evaluate", "learning-curve",
-          "discover", "inspect", "verdicts", "label", "active-learning", "experiment"]
+_ORDER = ["demo", "fetch", "info", "simulate", "ingest", "stats", "train", "evaluate", "calibrate", "learning-curve",
+          "discover", "classify", "inspect", "verdicts", "label", "active-learning", "experiment"]
 app.registered_commands.sort(key=lambda c: _ORDER.index(c.name) if c.name in _ORDER else len(_ORDER))
 
 

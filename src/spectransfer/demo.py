@@ -152,7 +152,8 @@ def run_demo(out: str | Path = "demo-output", quick: bool = False, seed: int = 0
 
     timings["evaluate"] = _run("evaluate transfer vs scratch vs zero-shot", [
         "evaluate", str(runs / "finetune"), str(runs / "scratch"), str(runs / "pretrain"),
-        "--store", str(stores / "sdss"), "--out", str(out / "report"), "--bootstrap", str(size.bootstrap), *q], quiet)
+        "--store", str(stores / "sdss"), "--out", str(out / "report"), "--bootstrap", str(size.bootstrap),
+        "--calibrate", *q], quiet)
     timings["discover"] = _run("discover on the whole SDSS-like survey", [
         "discover", str(runs / "finetune"), "--store", str(stores / "sdss"),
         "--out", str(out / "candidates.fits"), *q], quiet)

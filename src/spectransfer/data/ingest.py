@@ -217,6 +217,41 @@ def _median_snr(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
     return out
 
 
+def read_checked(path: str, options: IngestOptions, grid: Grid = DEFAULT_GRID) -> tuple[Any, str | None]:
+    """Read one spectrum file and apply the quality cuts: (record, None) or (None, reason).
+
+    Never raises for a bad file (ingest and classify both list the reason and go on).
+    """
+    from spectransfer.surveys import read_spectrum
+
+    try:
+        rec = read_spectrum(path)
+        spectrum_id(rec)
+    except SpectrumError as exc:
+        return None, f"unreadable: {exc.reason}"
+    except Exception as exc:  # noqa: BLE001 - a reader bug must not lose the other files
+        return None, f"unreadable: {type(exc).__name__}: {exc}"
+    failure = quality_failure(rec, options, grid)
+    return (None, failure) if failure is not None else (rec, None)
+
+
+def grid_records(good: list, records: list, grid: Grid = DEFAULT_GRID) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+    """Resampled, normalised flux and ivar, median S/N and the kept (base, record) pairs.
+
+    ``good`` holds (base row, record) pairs; one that cannot be resampled is appended to
+    ``records`` as rejected (with its reason) and left out, the others kept.
+    """
+    from spectransfer.data.resample import normalise
+
+    try:
+        f, iv = resample_records([rec for _, rec in good], grid)
+        snr = _median_snr(f, iv)
+        fn, ivn = normalise(f, iv)
+    except Exception:  # noqa: BLE001 - find the one bad spectrum rather than lose the batch
+        f, iv, fn, ivn, snr, good = _resample_one_by_one(good, records, grid)
+    return fn, ivn, snr, good
+
+
 def process_batch(task: dict[str, Any]) -> dict[str, Any]:
     """Read, filter, resample and normalise one batch of files; write its rows, then its part file.
 
@@ -245,17 +280,8 @@ def process_batch(task: dict[str, Any]) -> dict[str, Any]:
         if prev_hash is not None and digest == prev_hash:
             records.append({**base, "status": "unchanged"})
             continue
-        try:
-            rec = read_spectrum(path)
-            spectrum_id(rec)
-        except SpectrumError as exc:
-            records.append({**base, "status": "rejected", "reason": f"unreadable: {exc.reason}"})
-            continue
-        except Exception as exc:  # noqa: BLE001 - a reader bug must not lose the other files
-            records.append({**base, "status": "rejected", "reason": f"unreadable: {type(exc).__name__}: {exc}"})
-            continue
-        failure = quality_failure(rec, options, grid)
-        if failure is not None:
+        rec, failure = read_checked(path, options, grid)
+        if rec is None:
             records.append({**base, "status": "rejected", "reason": failure})
             continue
         good.append((base, rec))
@@ -264,13 +290,7 @@ def process_batch(task: dict[str, Any]) -> dict[str, Any]:
     flux_block = np.zeros((capacity, grid.n_bins), dtype=np.float32)
     ivar_block = np.zeros((capacity, grid.n_bins), dtype=np.float32)
     if good:
-        recs = [rec for _, rec in good]
-        try:
-            f, iv = resample_records(recs, grid)
-            snr = _median_snr(f, iv)
-            fn, ivn = normalise(f, iv)
-        except Exception:  # noqa: BLE001 - find the one bad spectrum rather than lose the batch
-            f, iv, fn, ivn, snr, good = _resample_one_by_one(good, records, grid)
+        fn, ivn, snr, good = grid_records(good, records, grid)
         flux_block[: len(good)] = fn
         ivar_block[: len(good)] = ivn
         for i, (base, rec) in enumerate(good):

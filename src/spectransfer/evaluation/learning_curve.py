@@ -19,7 +19,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from spectransfer.errors import EvaluateError, TrainError
-from spectransfer.evaluation.runner import ranking_metrics, sigmoid, threshold_metrics
+from spectransfer.evaluation.metrics import ranking_metrics, sigmoid, threshold_metrics
+from spectransfer.evaluation.runner import check_run_matches_store
 from spectransfer.provenance import atomic_path, dependency_versions, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -111,8 +112,6 @@ def run_learning_curve(
         raise EvaluateError(f"{source}: not a run folder (no model.safetensors)")
     store = open_store(store_path)
     if "finetune" in modes:
-        from spectransfer.evaluation.runner import check_run_matches_store
-
         check_run_matches_store(source, store)
     test_rows = np.asarray(store.rows(survey=survey, split="test"), dtype=np.int64)
     if test_rows.size == 0:

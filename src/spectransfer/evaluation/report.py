@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from spectransfer.evaluation.metrics import pr_curve_points, roc_curve_points
 from spectransfer.provenance import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,6 @@ def _thin(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def plot_roc_pr(curves: dict[str, tuple[np.ndarray, np.ndarray]], doc: dict[str, Any]) -> Any:
     """ROC (left) and precision-recall (right) curves of every run, overlaid."""
-    from spectransfer.evaluation.runner import pr_curve_points, roc_curve_points
-
     plt = _plt()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.6))
     prevalence = None
@@ -250,9 +249,12 @@ def plot_spectrum(
 # ---- page -------------------------------------------------------------------------------------
 
 
+UNDEFINED = "undefined"  # how a metric that the data cannot define is shown (never as a number)
+
+
 def _fmt(v: Any, digits: int = 3) -> str:
     if v is None:
-        return "–"
+        return UNDEFINED
     if isinstance(v, float):
         return f"{v:.{digits}f}"
     return html.escape(str(v))
@@ -260,7 +262,7 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 def _ci(v: Any, iv: Sequence[float] | None, digits: int = 3) -> str:
     if v is None:
-        return "–"
+        return UNDEFINED
     s = f"{v:.{digits}f}"
     if iv:
         s += f' <span class="ci">[{iv[0]:.{digits}f}, {iv[1]:.{digits}f}]</span>'
@@ -337,6 +339,8 @@ def write_report(
         f"store <code>{html.escape(str(doc.get('store', '?')))}</code>"
         f"{' (survey ' + html.escape(str(doc['survey'])) + ')' if doc.get('survey') else ''}; "
         f"{doc['n_rows']} spectra, {doc['n_qso']} catalogue quasars; {len(doc['runs'])} run(s); "
+        f"scored with engine <code>{html.escape(str(doc.get('engine', 'torch')))}</code>"
+        f"{_int8_note(doc.get('int8_calibration'))}; "
         f"created {html.escape(str(doc.get('created', '')))}.<br>"
         f"Confusion matrices: {html.escape(doc['confusion_matrix_layout'])}. Intervals: "
         f"{doc['bootstrap']['confidence']:.0%} percentile bootstrap, {doc['bootstrap']['n_resamples']} resamples.</p>"
@@ -372,11 +376,16 @@ def write_report(
     rows = []
     for name, e in doc["runs"].items():
         c = e["calibration"]
+        rec = c.get("recorded") or {}
+        applied = (f"{rec['temperature']:.4f} ({html.escape(str(rec.get('split')))}, n = {rec.get('n_spectra')}, "
+                   f"{html.escape(str(rec.get('engine')))}{', written now' if c.get('written') else ''})") if rec else "none"
         rows.append([f"<b>{html.escape(name)}</b>", _fmt(c.get("temperature"), 4), _fmt(c.get("ece_before"), 4),
-                     _fmt(c.get("ece_after"), 4), _fmt(c.get("nll_before"), 4), _fmt(c.get("nll_after"), 4)])
-    parts.append(_table(["run", "temperature T", "ECE raw", "ECE scaled", "NLL raw", "NLL scaled"], rows))
+                     _fmt(c.get("ece_after"), 4), _fmt(c.get("nll_before"), 4), _fmt(c.get("nll_after"), 4), applied])
+    parts.append(_table(["run", "temperature T", "ECE raw", "ECE scaled", "NLL raw", "NLL scaled",
+                         "RUN/calibration.json (applied by discover/classify)"], rows))
     parts.append(f'<p class="note">{html.escape(doc.get("ece_definition", ""))}. Scaled: P = sigmoid(logit / T), '
-                 "T fitted on the validation split and written to RUN/calibration.json.</p>")
+                 "T fitted on the validation split; RUN/calibration.json is written only by "
+                 "<code>spectransfer calibrate</code> or <code>evaluate --calibrate</code>.</p>")
     parts.append(_img(figure_png(plot_reliability(doc)), "reliability diagram"))
 
     variables: list[str] = []
@@ -470,9 +479,16 @@ def _comparison_section(doc: dict[str, Any]) -> str:
     )
 
 
+def _int8_note(calib: dict[str, Any] | None) -> str:
+    if not calib:
+        return ""
+    return (f" (int8 ranges set on {int(calib['n_spectra'])} spectra of store "
+            f"<code>{html.escape(str(calib.get('store_id')))}</code>)")
+
+
 def _pval(p: Any) -> str:
     if p is None:
-        return "–"
+        return UNDEFINED
     return "&lt; 0.001" if p < 1e-3 else f"{p:.3f}"
 
 

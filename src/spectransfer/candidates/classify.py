@@ -1,0 +1,133 @@
+"""Score spectrum files directly with a trained run: no store, same preparation as ingest.
+
+A user with a handful of SDSS/LAMOST files wants P(QSO) for each without building a store.
+The files go through exactly the reading, quality cuts, resampling and normalisation of
+``spectransfer.data.ingest`` (``read_checked``, ``grid_records``), then through the one
+scorer, then the run's recorded temperature: so a file gets the P(QSO) that ingest +
+discover would give it with the same engine. Files that cannot be read or fail a cut are
+listed with their reason; the others are still scored.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from spectransfer.candidates.schema import CLASSIFY_COLUMNS, from_meta, header_cards, output_format, quality_bits, write_table
+from spectransfer.data.ingest import IngestOptions, _meta_row, find_files, grid_records, read_checked
+from spectransfer.errors import EvaluateError
+from spectransfer.evaluation.calibration import NO_CALIBRATION_CARDS, read_calibration
+from spectransfer.evaluation.metrics import calibrated_probability
+from spectransfer.ml.dataset import make_input
+from spectransfer.ml.score import build_scorer, check_engine, prepare_engine, score_array
+
+log = logging.getLogger(__name__)
+
+CLASSIFY_ENGINES = ("torch", "onnx")  # onnx-int8 needs a store's spectra to set its ranges
+
+
+@dataclass
+class ClassifyResult:
+    """The scored table (one row per accepted file), the files not scored and their reasons."""
+
+    table: pd.DataFrame
+    failed: list[tuple[str, str]]
+    n_files: int
+    threshold: float
+    engine: str
+    calibrated: bool
+    out: Path | None = None
+    header: list[tuple[str, Any, str]] = field(default_factory=list)
+
+
+def _read(files: Sequence[str], grid: Any, progress: Any) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    """Meta rows, normalised flux and ivar on ``grid`` of the files that pass, and the failures."""
+    options = IngestOptions()
+    records: list[dict[str, Any]] = []
+    good: list[tuple[dict[str, Any], Any]] = []
+    for path in files:
+        rec, reason = read_checked(path, options, grid)
+        if rec is None:
+            records.append({"source_file": path, "status": "rejected", "reason": reason})
+        else:
+            good.append(({"source_file": path}, rec))
+        if progress is not None:
+            progress.advance(1)
+    flux = ivar = np.zeros((0, grid.n_bins), np.float32)
+    rows = []
+    if good:
+        flux, ivar, snr, good = grid_records(good, records, grid)
+        rows = [{**base, **_meta_row(rec, float(snr[i]))} for i, (base, rec) in enumerate(good)]
+    failed = [(r["source_file"], str(r["reason"])) for r in records if r.get("status") == "rejected"]
+    return pd.DataFrame(rows), np.asarray(flux, np.float32), np.asarray(ivar, np.float32), failed
+
+
+def classify(
+    run_dir: str | Path,
+    paths: Sequence[str | Path],
+    out: str | Path | None = None,
+    threshold: float = 0.5,
+    engine: str = "torch",
+    batch_size: int = 256,
+    threads: int | None = None,
+    progress: Any = None,
+) -> ClassifyResult:
+    """P(QSO) for every spectrum file under ``paths`` (files or folders); writes ``out`` if given.
+
+    ``progress`` is an optional object with ``advance(n)``, told of every file read.
+    """
+    run_dir = Path(run_dir)
+    if not 0.0 < threshold < 1.0:
+        raise EvaluateError(f"threshold {threshold} must lie strictly between 0 and 1")
+    check_engine(engine)
+    if engine not in CLASSIFY_ENGINES:
+        raise EvaluateError(f"--engine {engine}: int8 ranges are set on a store's spectra; classify runs "
+                            f"{' or '.join(CLASSIFY_ENGINES)} (use discover for onnx-int8)")
+    if out is not None:
+        output_format(out)
+    files = find_files(paths)
+    from spectransfer.ml.models import load_run  # torch: once the arguments are known good
+
+    model, info = load_run(run_dir)
+    meta, flux, ivar, failed = _read(files, info.grid, progress)
+    for path, reason in failed:
+        log.warning("%s: not scored (%s)", path, reason)
+    cal = read_calibration(run_dir)
+    logits = np.zeros(0, np.float32)
+    if len(meta):
+        with tempfile.TemporaryDirectory() as tmp:
+            spec = prepare_engine(run_dir, engine, tmp, model=model, threads=threads)
+            x = make_input(flux, ivar if spec.in_channels == 2 else None, spec.in_channels)
+            logits = score_array(build_scorer(spec, model=model), np.ascontiguousarray(x), batch_size)["logit"]
+    p_qso = calibrated_probability(logits, cal.temperature if cal else None)
+    cols = from_meta(meta, CLASSIFY_COLUMNS) if len(meta) else {}
+    cols.update({"P_QSO": pd.Series(p_qso), "IS_QSO": pd.Series(p_qso >= threshold),
+                 "LOGIT": pd.Series(np.asarray(logits, np.float32)), "QUALITY": pd.Series(quality_bits(meta))})
+    table = pd.DataFrame({k: cols[k] for k in CLASSIFY_COLUMNS if k in cols})
+    header: dict[str, tuple[Any, str]] = {
+        "THRESH": (float(threshold), "P_QSO threshold for IS_QSO"),
+        "MODELSHA": (info.sha256, ""),
+        "MODEL": (info.model_name, "network"),
+        "RUNID": (info.sha256[:16], "run id: sha256 prefix of its weights"),
+        "RUN": (run_dir.name, "run folder name"),
+        "ENGINE": (engine, "scoring engine"),
+        "NFILES": (len(files), "spectrum files given"),
+        "NSPEC": (len(table), "spectra scored (one row each)"),
+        "NFAILED": (len(failed), "files not scored (unreadable or failing a cut)"),
+        "GRIDN": (info.grid.n_bins, "grid bins"),
+        "DATE": (datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"), "UTC creation time"),
+    }
+    for key, value, comment in (cal.header_cards() if cal else NO_CALIBRATION_CARDS):
+        header[key] = (value, comment)
+    cards = header_cards(header)
+    res = ClassifyResult(table, failed, len(files), threshold, engine, cal is not None, header=cards)
+    if out is not None:
+        res.out = write_table(table, cards, out)
+    return res

@@ -1,0 +1,284 @@
+"""The candidate tables' columns, categories, quality bits and writers, each defined once.
+
+`discover` (every spectrum of a store) and `classify` (spectrum files, no store) write
+tables with the columns below. Each column is declared once with its dtype, unit and a
+one-line description; the writers put the unit in TUNIT and the description in TCOMM
+(FITS), in the field description (VOTable) and in the parquet metadata, so a table read
+years later still says what it holds and where it came from. The output format follows the
+file's extension: .fits/.fit, .parquet, .csv, .vot/.xml (the last two through astropy).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from spectransfer.errors import EvaluateError
+from spectransfer.provenance import atomic_path, provenance_cards
+
+EXTNAME = "CANDIDATES"
+REFERENCE = "Podsztavek, Skoda & Tvrdik 2021, ASP Conf. Ser. 532 (ADASS XXX)"
+FORMATS = {".fits": "fits", ".fit": "fits", ".parquet": "parquet", ".csv": "csv", ".vot": "votable", ".xml": "votable"}
+
+CATEGORIES = ("new_candidate", "missed_by_model", "agree_qso", "agree_other")
+CATEGORY_MEANING = {
+    "new_candidate": "model says quasar, catalogue does not",
+    "missed_by_model": "catalogue quasar the model rejects",
+    "agree_qso": "both say quasar",
+    "agree_other": "both say not a quasar",
+}
+
+# QUALITY bits: a row is kept and flagged, never dropped.
+QUALITY_BITS = {
+    "LOW_SNR": 0,  # median S/N on the grid below LOW_SNR
+    "NO_PIPELINE_CLASS": 1,  # the pipeline gave no class (missing, or LAMOST 'Unknown')
+    "NO_PIPELINE_Z": 2,  # the pipeline gave no redshift (LAMOST z = -9999 is stored as null)
+    "ZWARNING": 3,  # the pipeline's redshift warning flag is set (kept with --no-zwarning-filter)
+}
+LOW_SNR = 2.0
+
+
+@dataclass(frozen=True)
+class Column:
+    """One output column: FITS name, numpy dtype ('str' for text), unit (FITS string) and meaning."""
+
+    name: str
+    dtype: str
+    unit: str | None
+    description: str
+    source: str | None = None  # the store meta / ingest record field it is copied from
+
+
+_C = Column
+COLUMNS: dict[str, Column] = {c.name: c for c in (
+    _C("SPECTRUM_ID", "str", None, "spectrum id (survey ids joined by '-')", "spectrum_id"),
+    _C("SOURCE_FILE", "str", None, "spectrum file the row was read from", "source_file"),
+    _C("ROW", "i8", None, "row of the spectrum in the store", "row"),
+    _C("SURVEY", "str", None, "survey: sdss or lamost", "survey"),
+    _C("PLATE", "i8", None, "SDSS plate (-1 = not SDSS)", "plate"),
+    _C("MJD", "i8", "d", "SDSS MJD of the observation (-1 = not SDSS)", "mjd"),
+    _C("FIBERID", "i8", None, "fibre on the plate (SDSS) or spectrograph (LAMOST)", "fiberid"),
+    _C("OBSID", "i8", None, "LAMOST obsid (-1 = not LAMOST)", "obsid"),
+    _C("LMJD", "i8", "d", "LAMOST local MJD (-1 = not LAMOST)", "lmjd"),
+    _C("PLANID", "str", None, "LAMOST plan id", "planid"),
+    _C("SPID", "i8", None, "LAMOST spectrograph id (-1 = not LAMOST)", "spid"),
+    _C("RA", "f8", "deg", "right ascension (ICRS)", "ra"),
+    _C("DEC", "f8", "deg", "declination (ICRS)", "dec"),
+    _C("CLASS", "str", None, "survey pipeline class", "pipeline_class"),
+    _C("SUBCLASS", "str", None, "survey pipeline subclass", "pipeline_subclass"),
+    _C("Z", "f8", None, "survey pipeline redshift (NaN = none)", "z"),
+    _C("ZWARNING", "i8", None, "survey pipeline redshift warning bits (-1 = none given)", "zwarning"),
+    _C("CAT_LABEL", "i2", None, "1 = in a quasar catalogue, 0 = not", "label"),
+    _C("LABEL_SOURCE", "str", None, "how the catalogue label was matched", "label_source"),
+    _C("CATALOG_NAME", "str", None, "quasar catalogue that holds the spectrum", "catalog_name"),
+    _C("CATALOG_Z", "f8", None, "catalogue redshift (NaN = not a catalogue quasar)", "catalog_z"),
+    _C("SNR", "f4", None, "median S/N per grid bin", "snr"),
+    _C("MAG", "f4", "mag", "magnitude from the file header", "mag"),
+    _C("OBJECT_ID", "str", None, "object id shared by repeat observations", "object_id"),
+    _C("SPLIT", "str", None, "train/val/test split of the store", "split"),
+    _C("LOGIT", "f4", None, "network output before calibration"),
+    _C("P_QSO", "f4", None, "P(QSO) = sigmoid(LOGIT / TEMPER), see CALIBR"),
+    _C("IS_QSO", "bool", None, "P_QSO >= THRESH"),
+    _C("CATEGORY", "str", None, "model vs catalogue: " + ", ".join(CATEGORIES)),
+    _C("PIPE_NOT_QSO", "bool", None, "positive the pipeline calls STAR or GALAXY"),
+    _C("QUALITY", "i4", None, "bitmask of doubts, see QBITn cards (0 = none)"),
+)}
+
+DISCOVER_COLUMNS = ("SPECTRUM_ID", "ROW", "SURVEY", "PLATE", "MJD", "FIBERID", "OBSID", "LMJD", "PLANID", "SPID",
+                    "RA", "DEC", "CLASS", "SUBCLASS", "Z", "ZWARNING", "CAT_LABEL", "LABEL_SOURCE", "CATALOG_NAME",
+                    "CATALOG_Z", "SNR", "MAG", "OBJECT_ID", "SPLIT", "SOURCE_FILE", "LOGIT", "P_QSO", "CATEGORY",
+                    "PIPE_NOT_QSO", "QUALITY")
+CLASSIFY_COLUMNS = ("SOURCE_FILE", "SPECTRUM_ID", "P_QSO", "IS_QSO", "LOGIT", "SURVEY", "PLATE", "MJD", "FIBERID",
+                    "OBSID", "LMJD", "PLANID", "SPID", "RA", "DEC", "CLASS", "SUBCLASS", "Z", "ZWARNING", "SNR",
+                    "MAG", "QUALITY")
+
+
+# ---- categories and quality ------------------------------------------------------------------
+
+
+def categorise(p_qso: np.ndarray, label: np.ndarray, threshold: float) -> np.ndarray:
+    """CATEGORY per spectrum from the model's probability and the catalogue label (1/0).
+
+    Positive means ``p_qso >= threshold``: new_candidate (positive, not in the catalogue),
+    missed_by_model (catalogue quasar, negative), agree_qso, agree_other.
+    """
+    p_qso = np.asarray(p_qso)
+    label = np.asarray(label)
+    if p_qso.shape != label.shape or p_qso.ndim != 1:
+        raise ValueError(f"p_qso and label must be 1-D of equal length, got {p_qso.shape} and {label.shape}")
+    pos = p_qso >= threshold
+    lab = label.astype(bool)
+    out = np.empty(p_qso.shape[0], dtype=object)
+    out[pos & ~lab] = "new_candidate"
+    out[~pos & lab] = "missed_by_model"
+    out[pos & lab] = "agree_qso"
+    out[~pos & ~lab] = "agree_other"
+    return out
+
+
+def quality_bits(meta: pd.DataFrame) -> np.ndarray:
+    """QUALITY bitmask per row (see QUALITY_BITS); 0 = nothing doubtful."""
+    q = np.zeros(len(meta), dtype=np.int32)
+
+    def flag(name: str, where: np.ndarray) -> None:
+        q[where] |= np.int32(1 << QUALITY_BITS[name])
+
+    if "snr" in meta:
+        flag("LOW_SNR", ~(_numeric(meta["snr"]) >= LOW_SNR))
+    if "pipeline_class" in meta:
+        cls = meta["pipeline_class"].astype("string").str.strip().str.upper()
+        flag("NO_PIPELINE_CLASS", (cls.isna() | cls.isin(["", "UNKNOWN"])).to_numpy(dtype=bool))
+    if "z" in meta:
+        z = _numeric(meta["z"])
+        flag("NO_PIPELINE_Z", ~np.isfinite(z) | (z == -9999.0))
+    if "zwarning" in meta:
+        zw = pd.to_numeric(meta["zwarning"], errors="coerce").fillna(0).to_numpy(dtype=np.int64)
+        flag("ZWARNING", zw != 0)
+    return q
+
+
+def _numeric(values: pd.Series) -> np.ndarray:
+    return pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def pipe_not_qso(p_qso: np.ndarray, pipeline_class: pd.Series, threshold: float) -> np.ndarray:
+    """Positives (p >= threshold) that the survey pipeline classes as STAR or GALAXY."""
+    cls = pipeline_class.astype("string").str.strip().str.upper().fillna("").to_numpy(dtype=object)
+    return (np.asarray(p_qso) >= threshold) & np.isin(cls, ["STAR", "GALAXY"])
+
+
+# ---- building and writing tables -----------------------------------------------------------------
+
+
+def from_meta(meta: pd.DataFrame, names: Sequence[str]) -> dict[str, pd.Series]:
+    """The columns of ``names`` that come from ``meta`` fields, under their output names."""
+    out = {}
+    for name in names:
+        src = COLUMNS[name].source
+        if src is not None and src in meta.columns:
+            out[name] = meta[src].reset_index(drop=True)
+    return out
+
+
+def header_cards(header: dict[str, tuple[Any, str]]) -> list[tuple[str, Any, str]]:
+    """The table's header: the caller's cards, then reference, provenance, QUALITY bits, categories."""
+    cards = [(k, v, c) for k, (v, c) in header.items()]
+    cards.append(("REFERENC", REFERENCE, ""))  # 62 characters: no room for a comment
+    cards.extend(provenance_cards())
+    cards.extend((f"QBIT{bit}", name, "QUALITY bit meaning") for name, bit in QUALITY_BITS.items())
+    cards.append(("CATEGS", ",".join(CATEGORIES), ""))
+    return cards
+
+
+def output_format(path: str | Path) -> str:
+    """'fits' | 'parquet' | 'csv' | 'votable' from the extension; one-line error otherwise."""
+    fmt = FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise EvaluateError(f"{path}: the output must end in {', '.join(FORMATS)} (format follows the extension)")
+    return fmt
+
+
+def _array(col: Column, values: pd.Series) -> np.ndarray:
+    """A column as a fixed-dtype array: strings '' = missing, ints -1 = missing, floats NaN."""
+    if col.dtype == "str":
+        arr = values.astype("string").fillna("").to_numpy(dtype=object).astype(str)
+        width = max([1] + [len(s.encode()) for s in arr])
+        return arr.astype(f"S{width}")
+    if col.dtype == "bool":
+        return values.fillna(False).to_numpy(dtype=bool)
+    if col.dtype.startswith("i"):
+        fill = 0 if col.name == "CAT_LABEL" else -1
+        return pd.to_numeric(values, errors="coerce").fillna(fill).to_numpy(dtype=col.dtype)
+    return pd.to_numeric(values, errors="coerce").to_numpy(dtype=col.dtype, na_value=np.nan)
+
+
+def write_table(table: pd.DataFrame, cards: list[tuple[str, Any, str]], out: str | Path) -> Path:
+    """Write ``table`` (columns named as in COLUMNS) to ``out`` in the extension's format, atomically."""
+    out = Path(out)
+    fmt = output_format(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "fits":
+        _write_fits(table, cards, out)
+    elif fmt == "parquet":
+        _write_parquet(table, cards, out)
+    elif fmt == "votable":
+        _write_votable(table, cards, out)
+    else:  # CSV holds the columns only: FITS, parquet and VOTable also carry the header
+        with atomic_path(out) as tmp:
+            _astropy_table(table, cards).write(tmp, format="ascii.csv", overwrite=True)
+    return out
+
+
+def _write_votable(table: pd.DataFrame, cards: list[tuple[str, Any, str]], out: Path) -> None:
+    """VOTable with the header cards as INFO elements of the table (what VO tools show)."""
+    from astropy.io.votable import from_table
+    from astropy.io.votable.tree import Info
+
+    vot = from_table(_astropy_table(table, cards))
+    infos = vot.get_first_table().infos
+    for key, value, _comment in cards:
+        infos.append(Info(name=key, value=str(value)))
+    with atomic_path(out) as tmp:
+        vot.to_xml(str(tmp))
+
+
+def _astropy_table(table: pd.DataFrame, cards: list[tuple[str, Any, str]]) -> Any:
+    from astropy.table import Table
+
+    t = Table()
+    for name in table.columns:
+        col = COLUMNS[name]
+        arr = _array(col, table[name])
+        t[name] = arr.astype(str) if arr.dtype.kind == "S" else arr
+        t[name].unit = col.unit
+        t[name].description = col.description
+    t.meta.update({k: v for k, v, _c in cards})
+    return t
+
+
+def _write_fits(table: pd.DataFrame, cards: list[tuple[str, Any, str]], out: Path) -> None:
+    from astropy.io import fits
+
+    columns = []
+    for name in table.columns:
+        col = COLUMNS[name]
+        arr = _array(col, table[name])
+        fmt = f"{arr.dtype.itemsize}A" if arr.dtype.kind == "S" else {
+            "bool": "L", "i2": "I", "i4": "J", "i8": "K", "f4": "E", "f8": "D"}[col.dtype]
+        columns.append(fits.Column(name=name, format=fmt, array=arr, unit=col.unit, null=-1 if fmt == "K" else None))
+    hdu = fits.BinTableHDU.from_columns(columns, name=EXTNAME)
+    for i, name in enumerate(table.columns, start=1):
+        hdu.header.set(f"TCOMM{i}", COLUMNS[name].description[:68], after=f"TFORM{i}")
+    for key, value, comment in cards:
+        hdu.header[key] = (value, comment)
+    primary = fits.PrimaryHDU()
+    for key, value, comment in provenance_cards():
+        primary.header[key] = (value, comment)
+    with atomic_path(out) as tmp:
+        fits.HDUList([primary, hdu]).writeto(tmp, overwrite=True, checksum=True)
+
+
+def _write_parquet(table: pd.DataFrame, cards: list[tuple[str, Any, str]], out: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = table.copy()
+    for name in table.columns:  # '' = missing, as in FITS: astropy's parquet reader takes no null strings
+        if COLUMNS[name].dtype == "str":
+            table[name] = table[name].astype("string").fillna("").astype(str)
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    doc: dict[str, Any] = {k: v for k, v, _c in cards if not k.startswith(("DEPNAM", "DEPVER"))}
+    doc["provenance"] = {k: v for k, v, _c in provenance_cards()}
+    doc["columns"] = {n: {"unit": COLUMNS[n].unit, "description": COLUMNS[n].description} for n in table.columns}
+    meta = {**(arrow.schema.metadata or {}), b"spectransfer": json.dumps(doc, default=str).encode()}
+    for name in table.columns:  # string widths, so astropy reads fixed-width columns without guessing
+        if COLUMNS[name].dtype == "str":
+            width = max([1] + [len(v) for v in table[name]])
+            meta[f"table::len::{name}".encode()] = str(width).encode()
+    with atomic_path(out) as tmp:
+        pq.write_table(arrow.replace_schema_metadata(meta), tmp)
