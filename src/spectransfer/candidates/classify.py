@@ -92,11 +92,12 @@ def classify(
                             f"{' or '.join(CLASSIFY_ENGINES)} (use discover for onnx-int8)")
     if out is not None:
         output_format(out)
-    files = find_files(paths)
+    files, skipped = find_files(paths)  # the one folder walker: what it passes over is reported
     from spectransfer.ml.models import load_run  # torch: once the arguments are known good
 
     model, info = load_run(run_dir)
     meta, flux, ivar, failed = _read(files, info.grid, progress)
+    failed = [*skipped, *failed]
     for path, reason in failed:
         log.warning("%s: not scored (%s)", path, reason)
     cal = read_calibration(run_dir)
