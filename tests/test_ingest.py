@@ -514,3 +514,16 @@ def test_fuller_set_lands_whole(full_data: Path, tmp_path: Path) -> None:
     epochs = (*RM_EPOCHS, "spec-6717-56397-0534.fits")
     rm = meta[meta["source_file"].map(lambda p: Path(p).name in epochs)]
     assert len(rm) == 4 and rm["object_id"].nunique() == 1 and rm["split"].nunique() == 1
+
+
+def test_store_records_whether_its_spectra_were_simulated(real_data: Path, tmp_path: Path) -> None:
+    from spectransfer.config import SIMULATE_MARKER
+
+    real = _copy(real_data, tmp_path / "real", ["spec-0266-51602-0013.fits"])
+    ingest([real], tmp_path / "s", workers=0, quiet=True)
+    assert open_store(tmp_path / "s").info["origin"] == "real"
+    sim = _copy(real_data, tmp_path / "sim", ["spec-0752-52251-0323.fits"])
+    (sim / SIMULATE_MARKER).write_text("written by simulate\n")
+    ingest([sim], tmp_path / "s", workers=0, quiet=True)
+    info = open_store(tmp_path / "s").info
+    assert info["origin"] == "mixed" and sorted(info["input_origins"].values()) == ["real", "simulated"]

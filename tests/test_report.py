@@ -114,3 +114,13 @@ def test_report_imports_metrics_not_the_runner() -> None:
             "assert 'spectransfer.evaluation.metrics' in sys.modules")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_report_says_when_a_model_was_trained_on_simulated_spectra() -> None:
+    from spectransfer.evaluation.report import _origin_note
+
+    sim = _origin_note({"store_origin": "simulated", "trained_on": {"finetune": "simulated", "scratch": "simulated"}})
+    assert "Evaluated on simulated spectra" in sim and "finetune: simulated spectra" in sim
+    assert 'class="warn"' in sim and "only real spectra" in sim
+    real = _origin_note({"store_origin": "real", "trained_on": {"mine": "real"}})
+    assert "Evaluated on real survey spectra" in real and 'class="note"' in real and "only real spectra" not in real

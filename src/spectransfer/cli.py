@@ -679,7 +679,7 @@ def discover_cmd(
     from rich.table import Table
 
     from spectransfer.candidates.discover import discover
-    from spectransfer.candidates.schema import CATEGORIES, CATEGORY_MEANING
+    from spectransfer.candidates.schema import CATEGORIES, category_meaning
 
     if engine not in ("torch", "onnx", "onnx-int8"):
         fail(f"--engine must be torch, onnx or onnx-int8, got {engine!r}")
@@ -692,7 +692,9 @@ def discover_cmd(
     with OutputLock(out.parent / f".{out.name}.lock", "a discover run"):  # one discover per catalogue
         res = discover(run, store, out, threshold=threshold, engine=engine, batch_size=batch_size, block_size=block_size,
                        workers=workers, scheduler=scheduler, threads=threads, survey=survey, quiet=quiet)
-    meaning = CATEGORY_MEANING
+    from spectransfer.data.store import label_mode, open_store
+
+    meaning = category_meaning(label_mode(open_store(store)))  # the wording follows how the store was labelled
     table = Table(title=f"{res.n_spectra:,} spectra scored (P_QSO >= {res.threshold:g}"
                         f"{', calibrated' if res.calibrated else ''}; engine {res.engine})", title_justify="left")
     for col, just in (("category", "left"), ("spectra", "right"), ("share", "right"), ("meaning", "left")):

@@ -67,3 +67,7 @@ LOGLAM_STEP = 1e-4
 # WAVEMIN <= 3839.7244 and WAVEMAX >= 8914.597 Angstrom. A survey declares its own pair
 # (spectransfer.surveys.Survey.coverage); this is the default.
 PAPER_COVERAGE = (3839.7244, 8914.597)
+
+# The file `spectransfer simulate` leaves in each survey folder it writes: `simulate --overwrite`
+# replaces only such folders, and ingest records a store built from them as simulated.
+SIMULATE_MARKER = ".spectransfer-simulate"

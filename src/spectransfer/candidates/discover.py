@@ -36,6 +36,7 @@ from spectransfer.candidates.schema import (
     quality_bits,
     write_table,
 )
+from spectransfer.data.store import label_mode, open_store
 from spectransfer.errors import EvaluateError, StoreError
 from spectransfer.evaluation.calibration import NO_CALIBRATION_CARDS, Calibration, read_calibration
 from spectransfer.evaluation.metrics import calibrated_probability
@@ -120,7 +121,6 @@ def _plan(job: _Job, threads: int | None) -> None:
         raise EvaluateError(f"--workers must be >= 0, got {job.workers}")
     if job.workers and job.workers > 1 and job.scheduler:
         raise EvaluateError("give --workers or --scheduler, not both")
-    from spectransfer.data.store import open_store
     from spectransfer.ml.models import load_run  # torch: imported once the arguments are known good
 
     job.store = open_store(job.store_path)
@@ -233,6 +233,7 @@ def _header(job: _Job, cal: Calibration | None) -> list[tuple[str, Any, str]]:
         "RUN": (job.run_dir.name, "run folder name"),
         "STOREID": (str(job.store.info.get("store_id")), "store.json store_id"),
         "STORE": (job.store_path.name, "store folder name"),
+        "LABELS": (label_mode(job.store), "CAT_LABEL from: catalog, pipeline or none"),
         "SURVEY": (job.survey or "all", "surveys scored"),
         "NSPEC": (int(job.rows.shape[0]), "spectra scored (one row each)"),
         "GRIDN": (grid.n_bins, "grid bins"),
@@ -311,8 +312,6 @@ def _score_block(spec: EngineSpec, store: Any, rows: np.ndarray, out_file: Path,
 
 def _score_block_in_worker(spec: EngineSpec, store_path: str, rows: np.ndarray, out_file: str, batch_size: int) -> int:
     """``_score_block`` on a Dask worker: the scorer is built once per worker process."""
-    from spectransfer.data.store import open_store
-
     scorer = _SCORERS.get(spec)
     if scorer is None:
         _SCORERS.clear()

@@ -26,12 +26,26 @@ REFERENCE = "Podsztavek, Skoda & Tvrdik 2021, ASP Conf. Ser. 532 (ADASS XXX)"
 FORMATS = {".fits": "fits", ".fit": "fits", ".parquet": "parquet", ".csv": "csv", ".vot": "votable", ".xml": "votable"}
 
 CATEGORIES = ("new_candidate", "missed_by_model", "agree_qso", "agree_other")
-CATEGORY_MEANING = {
-    "new_candidate": "model says quasar, catalogue does not",
-    "missed_by_model": "catalogue quasar the model rejects",
-    "agree_qso": "both say quasar",
-    "agree_other": "both say not a quasar",
-}
+def category_meaning(label_mode: str = "catalog") -> dict[str, str]:
+    """What each CATEGORY means for a store labelled by its quasar catalogues ('catalog'), by the
+    survey pipeline's CLASS ('pipeline') or not at all ('none': every positive is 'new')."""
+    ref = {"catalog": "catalogue", "pipeline": "pipeline CLASS"}.get(label_mode)
+    if ref is None:
+        return {
+            "new_candidate": "model says quasar (the store has no labels to compare with)",
+            "missed_by_model": "(no labels: never used)",
+            "agree_qso": "(no labels: never used)",
+            "agree_other": "model says not a quasar (no labels)",
+        }
+    return {
+        "new_candidate": f"model says quasar, {ref} does not",
+        "missed_by_model": f"{ref} quasar the model rejects",
+        "agree_qso": "both say quasar",
+        "agree_other": "both say not a quasar",
+    }
+
+
+CATEGORY_MEANING = category_meaning("catalog")
 
 # QUALITY bits: a row is kept and flagged, never dropped.
 QUALITY_BITS = {

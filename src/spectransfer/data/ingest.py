@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from spectransfer.config import DEFAULT_GRID, LOGLAM_STEP, Grid
+from spectransfer.config import DEFAULT_GRID, LOGLAM_STEP, SIMULATE_MARKER, Grid
 from spectransfer.data.catalogs import label_spectra, load_catalog
 from spectransfer.data.resample import normalise, resample_batch
 from spectransfer.data.splits import SplitConfig, assign_splits
@@ -439,6 +439,26 @@ def _record_skipped(store: Store, batch_id: str, skipped: list[tuple[str, str]])
     _write_part(pd.DataFrame(rows, columns=part_columns()), store.path / "parts" / f"{batch_id}.parquet")
 
 
+def _is_simulated(path: Path) -> bool:
+    return any((p / SIMULATE_MARKER).is_file() for p in [path, *path.parents])
+
+
+def _record_origin(store: Store, inputs: Sequence[str | os.PathLike[str]]) -> None:
+    """Remember whether the store's inputs came from `spectransfer simulate` (its marker in a folder at
+    or above them) or are real survey files, so every model trained on the store, and every report,
+    can say plainly whether it was trained or evaluated on simulated spectra."""
+    origins = dict(store.info.get("input_origins", {}))
+    for p in inputs:
+        path = Path(p).resolve()
+        origins[printable_path(path)] = "simulated" if _is_simulated(path if path.is_dir() else path.parent) else "real"
+    kinds = set(origins.values())
+    origin = kinds.pop() if len(kinds) == 1 else "mixed"
+    if origins != store.info.get("input_origins") or origin != store.info.get("origin"):
+        store.info["input_origins"] = origins
+        store.info["origin"] = origin
+        store.save_info()
+
+
 def _drop_unencodable(batches: list[dict[str, Any]], skipped: list[tuple[str, str]]) -> None:
     """Take files whose names cannot be written to the metadata out of pending batches.
 
@@ -793,6 +813,7 @@ def _ingest_unguarded(
             summary.split_warnings = result["split_warnings"]
             summary.resplit_moved = result["moved"]
         store.reload()
+        _record_origin(store, inputs)
         summary.live_rows = len(store.meta)
         summary.rows_allocated = store.n_rows
         rej = store.rejected

@@ -320,6 +320,24 @@ table.cm td{min-width:70px}
 """
 
 
+def _origin_note(doc: dict[str, Any]) -> str:
+    """Say plainly whether each model was trained on simulated spectra and whether the test
+    spectra are simulated or real: a figure measured on a simulation is a hypothesis about the sky."""
+    evaluated = doc.get("store_origin", "unknown")
+    trained = doc.get("trained_on") or {}
+    sim = sorted(n for n, o in trained.items() if o == "simulated")
+    words = {"simulated": "simulated spectra (spectransfer simulate)", "real": "real survey spectra",
+             "mixed": "a mix of simulated and real spectra", "unknown": "spectra of unrecorded origin"}
+    text = f"Evaluated on {words.get(evaluated, evaluated)}. "
+    if trained:
+        text += "Trained on: " + "; ".join(f"{html.escape(n)}: {words.get(o, o)}" for n, o in trained.items()) + ". "
+    if sim and evaluated == "simulated":
+        text += ("These figures measure the model on its own simulation; only real spectra "
+                 "(`spectransfer classify`, bench/sim_to_real.py) say how it does on the sky.")
+    cls = "warn" if sim else "note"
+    return f'<p class="{cls}"><b>Data origin.</b> {text}</p>'
+
+
 def write_report(
     out_dir: str | Path,
     doc: dict[str, Any],
@@ -345,6 +363,7 @@ def write_report(
         f"Confusion matrices: {html.escape(doc['confusion_matrix_layout'])}. Intervals: "
         f"{doc['bootstrap']['confidence']:.0%} percentile bootstrap, {doc['bootstrap']['n_resamples']} resamples.</p>"
     )
+    parts.append(_origin_note(doc))
     for w in doc.get("warnings", []):
         parts.append(f'<p class="warn">{html.escape(w)}</p>')
     for name, e in doc["runs"].items():

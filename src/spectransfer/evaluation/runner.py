@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tomllib
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -104,6 +105,20 @@ def _json_clean(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def training_origin(run_dir: Path) -> str:
+    """'simulated', 'real', 'mixed' or 'unknown': what the run's training store was built from
+    (ingest records it in store.json as ``origin``; the run's config.toml names the store)."""
+    try:
+        with open(run_dir / "config.toml", "rb") as fh:
+            store = tomllib.load(fh).get("store", {})
+        if store.get("origin"):
+            return str(store["origin"])
+        info = json.loads((Path(store["path"]) / "store.json").read_text())
+        return str(info.get("origin", "unknown"))
+    except (OSError, KeyError, ValueError, TypeError):
+        return "unknown"
 
 
 def run_names(run_dirs: Sequence[Path]) -> list[str]:
@@ -442,6 +457,8 @@ def evaluate_runs(
                                     read_calibration(r)))
     context = {
         "engine": engine,
+        "store_origin": str((store.info or {}).get("origin", "unknown")) if hasattr(store, "info") else "unknown",
+        "trained_on": {name: training_origin(Path(r)) for name, r in zip(names, run_dirs)},
         "int8_calibration": int8,
         "store": str(store_path),
         "store_id": (store.info or {}).get("store_id") if hasattr(store, "info") else None,

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from spectransfer import __version__
 from spectransfer.inspect import InspectError
+from spectransfer.data.store import LABEL_REFERENCE, label_mode
 from spectransfer.inspect.verdicts import VERDICTS, VerdictDB
 from spectransfer.loopback import host_header_name, is_loopback
 
@@ -297,6 +298,11 @@ class InspectState:
         self.classes = sorted({str(c) for c in self.table["CLASS"].dropna().unique()}) if "CLASS" in self.table else []
         self.spectrum = lru_cache(maxsize=64)(self._load_spectrum)
 
+    @property
+    def label_reference(self) -> str:
+        """What CAT_LABEL compares with: the store's quasar catalogues, its pipeline CLASS or nothing."""
+        return LABEL_REFERENCE[label_mode(self.store)] if self.store is not None else LABEL_REFERENCE["catalog"]
+
     def lookup(self, spectrum_id: str) -> pd.Series:
         if spectrum_id not in self.table.index:
             raise HTTPException(404, f"unknown spectrum id {spectrum_id[:200]!r}")
@@ -396,6 +402,7 @@ def info(st: InspectState = Depends(_state)) -> dict[str, Any]:
         "has_store": st.store is not None,
         "max_page": MAX_PAGE,
         "quality_bits": _quality_bits(),
+        "label_reference": st.label_reference,
     }
 
 

@@ -295,7 +295,7 @@
       setText("c-cat", ["known quasar", c.catalog_name, how, c.catalog_z !== null && c.catalog_z !== undefined ? `z = ${fmt(c.catalog_z, 4)}` : null]
         .filter(Boolean).join(" · "), "yes");
     } else if (c.cat_label === 0 || c.cat_label === false) {
-      setText("c-cat", "not in the quasar catalogues", "no");
+      setText("c-cat", `not a quasar in ${state.labelReference || "the quasar catalogues"}`, "no");
     } else {
       setText("c-cat", "unknown");
     }
@@ -705,6 +705,7 @@
     try {
       const info = await api("api/info");
       state.qualityBits = info.quality_bits || {};
+      state.labelReference = info.label_reference;
       const sel = $("f-class");
       for (const c of info.pipeline_classes) {
         const o = document.createElement("option");
