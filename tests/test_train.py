@@ -30,7 +30,7 @@ SMALL = Grid(n_bins=256, wave_min=3839.0, wave_max=8915.0)
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     return make_store(tmp_path_factory.mktemp("train") / "store", n=240, chunk_rows=16, grid=SMALL,
-                      surveys=("sdss", "lamost"), splits=(0.6, 0.25))
+                      surveys=("sdss", "lamost"), splits=(0.6, 0.25), with_z=True)
 
 
 @pytest.fixture(scope="module")
