@@ -131,7 +131,10 @@ class VGG1D(nn.Module):
             nn.Linear(config.hidden, 1),
         )
         self.z_head: nn.Sequential | None = None
+        self.reset_parameters()
         if config.has_z_head:
+            # built after the trunk's initialisation: with one seed, a network with and one
+            # without the z head start from the same trunk and classifier weights
             self.z_head = nn.Sequential(
                 nn.Flatten(),
                 nn.Linear(config.flat_features, config.z_hidden),
@@ -139,14 +142,10 @@ class VGG1D(nn.Module):
                 nn.Dropout(config.dropout),
                 nn.Linear(config.z_hidden, config.z_bins),
             )
-        self.reset_parameters()
+            _xavier(self.z_head)
 
     def reset_parameters(self) -> None:
-        # Glorot & Bengio (2010) uniform weights and zero biases, as the authors' Keras model.
-        for module in self.modules():
-            if isinstance(module, (nn.Conv1d, nn.Linear)):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+        _xavier(self)
 
     def forward(self, x: torch.Tensor, with_z: bool = False) -> Any:
         if x.dim() == 2:  # (batch, n_bins): the one-channel input without its channel axis
@@ -213,6 +212,14 @@ def redshift_from_head(z_logits: np.ndarray | torch.Tensor, around_mode: int = 3
     mean = (p * zc).sum(axis=1)
     z_err = np.sqrt(np.maximum((p * (zc[None, :] - mean[:, None]) ** 2).sum(axis=1), 0.0))
     return z, z_err
+
+
+def _xavier(module: nn.Module) -> None:
+    """Glorot & Bengio (2010) uniform weights and zero biases, as the authors' Keras model."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv1d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 def build_model(config: ModelConfig) -> VGG1D:

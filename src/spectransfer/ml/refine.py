@@ -199,8 +199,8 @@ def chi2_scan(flux: np.ndarray, ivar: np.ndarray, trials: np.ndarray, grid: Grid
         atb[rows] = np.where(sel[:, :, None], blk_b, atb[rows])
     ata[:, :, 4, 4] = w.sum(axis=1)[:, None]
     atb[:, :, 4] = wf.sum(axis=1)[:, None]
-    # a ridge of 1e-10 of the mean diagonal keeps empty spectra solvable (all-zero coefficients)
-    ridge = 1e-10 * np.trace(ata, axis1=2, axis2=3)[..., None, None] / 5 + 1e-300
+    # a ridge of 1e-14 of the mean diagonal keeps degenerate and empty spectra solvable (zeros)
+    ridge = 1e-14 * np.trace(ata, axis1=2, axis2=3)[..., None, None] / 5 + 1e-300
     coef = _solve_spd(ata + ridge * np.eye(5), atb)
     chi2 = (wf * f).sum(axis=1)[:, None] - np.einsum("nwk,nwk->nw", atb, coef)
     return chi2, coef
@@ -279,7 +279,11 @@ def _best(scan: _Scan, flux: np.ndarray, ivar: np.ndarray, trials: np.ndarray, w
     chi2, coef = chi2_scan(flux, ivar, trials, scan.grid, workers)
     n, width = chi2.shape
     rows = np.arange(n)
-    i = np.argmin(chi2, axis=1)
+    # the best trial among the physical fits: a positive amount of the mean quasar (basis 0)
+    # (DELTACHI2 too compares physical fits; a spectrum with none keeps every trial)
+    physical = coef[:, :, 0] > 0
+    allowed = np.where(physical | ~physical.any(axis=1, keepdims=True), chi2, np.inf)
+    i = np.argmin(allowed, axis=1)
     m_best = trials[rows, i]
     edge = (i == 0) | (i == width - 1) | (m_best == 0) | (m_best == scan.n_trials - 1)
     lo, hi = np.clip(i - 1, 0, width - 1), np.clip(i + 1, 0, width - 1)
@@ -293,7 +297,7 @@ def _best(scan: _Scan, flux: np.ndarray, ivar: np.ndarray, trials: np.ndarray, w
     z = scan.z_of(m_best + shift)
     z_err = (1 + z) * np.log(10) * scan.step * sigma_m
     zwarn = np.where(edge, ZWARN_WINDOW_EDGE, 0).astype(np.int32)
-    dchi2 = _deltachi2(chi2, trials, i, scan.step)
+    dchi2 = _deltachi2(allowed, trials, i, scan.step)
     zwarn[dchi2 < MIN_DELTACHI2] |= ZWARN_SMALL_DELTACHI2
     zwarn[_negative_fit(scan, ivar, coef[rows, i], m_best)] |= ZWARN_NEGATIVE_FIT
     return {"z": z, "z_err": z_err, "chi2": chi2_min, "deltachi2": dchi2, "zwarn": zwarn}
