@@ -2,6 +2,7 @@
 network's forward throughput with and without the z head.
 
 Run: PYTHONPATH=src .venv/bin/python bench/redshift.py [--n 1000] [--loop-n 16] [--threads 2]
+     [--real ../shared/data/sdss] [--run RUN --store STORE]
 
 The reference is the straightforward fitter: for each spectrum, for each trial z of its
 window, np.linalg.lstsq of the weighted template matrix (4 bases + constant) against the
@@ -100,6 +101,50 @@ def real_files(folder: str) -> list[dict]:
     return rows
 
 
+def run_on_store(run: str, store_path: str, split: str = "test", batch: int = 64) -> dict:
+    """Network z, then refined z, of the ``split`` quasars (with a catalogue z) of a store,
+    against that catalogue z; and whether the 10% largest network z_err hold more failures."""
+    import torch
+
+    from spectransfer.data.store import open_store
+    from spectransfer.ml import refine
+    from spectransfer.ml.dataset import select
+    from spectransfer.ml.models import forward_outputs, load_run, redshift_from_head
+
+    model, info = load_run(run)
+    if not info.model_config.has_z_head:
+        raise SystemExit(f"{run}: the model has no z head")
+    store = open_store(store_path)
+    sel = select(store, split=split)
+    rows = sel.rows[np.isfinite(sel.z_of(sel.rows))]
+    z_true = sel.z_of(rows).astype(np.float64)
+    flux = np.asarray(store.flux[:])[rows]
+    ivar = np.asarray(store.ivar[:])[rows]
+    z_net, z_err = [], []
+    with torch.no_grad():
+        for i in range(0, len(rows), batch):
+            out = forward_outputs(model, torch.from_numpy(flux[i : i + batch]))
+            zn, ze = redshift_from_head(out["z_logits"])
+            z_net.append(zn)
+            z_err.append(ze)
+    z_net, z_err = np.concatenate(z_net), np.concatenate(z_err)
+    res = refine.refine_redshifts(flux, ivar, z_net, z_err, store.grid)
+    net_m, ref_m = refine.redshift_metrics(z_net, z_true), refine.redshift_metrics(res.z, z_true)
+    cat_net = np.abs(refine.velocity_offset_kms(z_net, z_true)) > refine.CATASTROPHIC_KMS
+    top = z_err >= np.quantile(z_err, 0.9)
+    share = float(cat_net[top].sum() / max(cat_net.sum(), 1))
+    cat_ref = np.abs(refine.velocity_offset_kms(res.z, z_true)) > refine.CATASTROPHIC_KMS
+    flagged = res.zwarn != 0
+    print(f"{run} on {split} quasars ({len(rows)}): network catastrophic {net_m['catastrophic_fraction']:.3f}, "
+          f"median |dv| {net_m['median_abs_dv_kms']:.0f} km/s; refined catastrophic {ref_m['catastrophic_fraction']:.3f}, "
+          f"median |dv| {ref_m['median_abs_dv_kms']:.0f} km/s")
+    print(f"  the 10% largest network z_err hold {share:.0%} of the network's catastrophic failures "
+          f"({int(cat_net[top].sum())}/{int(cat_net.sum())}); refined failures with ZWARN_PRED != 0: "
+          f"{int((cat_ref & flagged).sum())}/{int(cat_ref.sum())}, good ones flagged {int((~cat_ref & flagged).sum())}/{int((~cat_ref).sum())}")
+    return {"store_n_quasars": len(rows), "network": net_m, "refined": ref_m, "top10_zerr_share_of_catastrophic": share,
+            "refined_catastrophic_flagged": int((cat_ref & flagged).sum()), "refined_catastrophic": int(cat_ref.sum())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1000, help="spectra for the vectorised fitter")
@@ -107,6 +152,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="threads (FFT workers, torch threads)")
     ap.add_argument("--batch", type=int, default=256, help="network batch size")
     ap.add_argument("--real", default=None, help="also scan the pipeline-QSO files of this folder (SDSS/LAMOST)")
+    ap.add_argument("--run", default=None, help="a run with a z head: measure it (and the refinement) on --store")
+    ap.add_argument("--store", default=None, help="store whose test quasars --run is measured on")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
@@ -147,6 +194,7 @@ def main() -> None:
         real = {"real_n": len(rows), "real_within_3000_kms": int((np.abs(dv) < 3000).sum()),
                 "real_median_abs_dv_kms": float(np.median(np.abs(dv))) if rows else None}
         print(f"real files: {real['real_within_3000_kms']}/{len(rows)} within 3000 km/s of the pipeline z")
+    on_store = run_on_store(args.run, args.store) if args.run and args.store else {}
     print(json.dumps({
         "refine_spectra_per_s": round(fast_rate, 1), "loop_spectra_per_s": round(loop_rate, 3),
         "speedup_vs_loop": round(fast_rate / loop_rate, 1), "same_best_trial_fraction": agree,
@@ -154,6 +202,7 @@ def main() -> None:
         "refine_median_abs_dv_kms": round(metrics["median_abs_dv_kms"], 1),
         "forward_per_s_without_z_head": round(without, 1), "forward_per_s_with_z_head": round(with_z, 1),
         "forward_drop_fraction": round(drop, 4), "threads": args.threads, **real,
+        **({"store": on_store} if on_store else {}),
     }))
 
 

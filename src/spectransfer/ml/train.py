@@ -401,6 +401,13 @@ def _logged_rows(batches: Any, path: Path, state: TrainState) -> Iterator[Any]:
             yield batch
 
 
+def _save_final_weights(model: VGG1D, path: Path) -> None:
+    """``--debug-rows``: this rank's weights at the end (DDP ranks must agree)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
 def _run(cfg: TrainConfig, resume: bool, quiet: bool, checked: Plan | None = None) -> dict[str, Any]:
     """Train this process's share of the run; rank 0 writes the run folder."""
     out = Path(cfg.out)
@@ -448,12 +455,11 @@ def _run(cfg: TrainConfig, resume: bool, quiet: bool, checked: Plan | None = Non
                         _checkpoint(ckpt_path, s.model, s.optimizer, state, world.size, world.master)
                     if state.stopped or state.step >= total or state.batch == 0:
                         break  # DDP: every rank stops after the same number of steps
+                else:  # every rank's stream holds at least steps_per_epoch batches
+                    raise TrainError(f"{cfg.store}: the training stream ended after {state.batch} of {steps_per_epoch} batches")
                 del batches
         if cfg.debug_rows:
-            from safetensors.torch import save_file
-
-            save_file({k: v.detach().cpu().contiguous() for k, v in s.model.state_dict().items()},
-                      str(out / "debug" / f"final-rank{world.rank}.safetensors"))
+            _save_final_weights(s.model, out / "debug" / f"final-rank{world.rank}.safetensors")
         summary = {"metric": cfg.early_stop, "best": state.best, "best_step": state.best_step, "steps": state.step,
                    "epochs_completed": state.epoch, "stopped_early": state.stopped, "run": str(out)}
         if run_log is not None:
