@@ -33,7 +33,14 @@ The fit, per spectrum and trial redshift:
   threshold, so two minima inside one broad-line well do not count as rivals; redrock uses
   1000 km/s for galaxies) minus the best χ²; ZWARN bit 0 when it is below 9, as in redrock.
 
-Measured on the simulated SDSS-like store and the real SDSS files: see bench/redshift.py.
+* The best trial is the lowest χ² among physical fits (a positive coefficient of the mean
+  quasar, basis 0); a spectrum with none keeps every trial and gets ZWARN_NEGATIVE_FIT.
+
+Measured (bench/redshift.py, 2 threads of a shared 2-core Xeon): 1100 spectra/s in the DESI
+window, 33x a per-spectrum np.linalg.lstsq loop on the same template arrays; a full-range scan
+(``z_net`` NaN) 118 spectra/s. On the 14 pipeline-QSO files in the shared SDSS set a full scan
+lands 13 within 3000 km/s of the pipeline z (median |Δv| 43 km/s); the miss is the z = 6.39
+spectrum that SDSS flags (ZWARNING 5), whose Lyα lies beyond the grid's 8915 Å.
 """
 
 from __future__ import annotations

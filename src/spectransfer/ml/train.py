@@ -54,8 +54,11 @@ from spectransfer.progress import progress_bar
 log = logging.getLogger(__name__)
 
 MODES = ("scratch", "finetune", "freeze-conv")
-# Weight of the z head's cross-entropy against the classifier's BCE (see README/bench numbers:
-# measured on a simulated SDSS-like store, this weight leaves the validation F1 unchanged).
+# Weight of the z head's cross-entropy against the classifier's BCE. Measured on a simulated
+# SDSS-like store (3127 train spectra, 800 steps of 32, test 386 with 119 quasars): test F1
+# 0.971 without the z head, 0.967 at 0.1 (paired bootstrap ΔF1 -0.004 [-0.028, 0.017]),
+# 0.954 at 1.0 (ΔF1 -0.017 [-0.039, 0.004], p 0.13) which learns z faster (val catastrophic
+# 12% against 23% at step 800). 0.1 is the largest tried that leaves F1 where it was.
 Z_WEIGHT = 0.1
 IMBALANCE = ("none", "pos-weight", "balanced")
 IMBALANCE_HELP = (
