@@ -118,6 +118,18 @@ def test_no_network_z_scans_the_whole_range(injected):
     assert np.all(np.abs(res.z - z[pick]) < _grid_step_z(z[pick]))
 
 
+def test_uncertain_network_redshifts_get_the_full_scan(injected):
+    z, clean = injected
+    pick = [1, 14]
+    flux, ivar = normalise(clean[pick], np.ones_like(clean[pick]))
+    wrong = z[pick] + 0.5 * (1 + z[pick])  # a line confusion far outside the DESI window
+    confident = refine.refine_redshifts(flux, ivar, wrong, np.array([0.01, 0.01]), full_scan_above=0.1)
+    assert np.all(np.abs(confident.z - z[pick]) > 0.1)  # trusted: refined where the network said
+    doubtful = refine.refine_redshifts(flux, ivar, wrong, np.array([0.5, 0.5]) * (1 + wrong), full_scan_above=0.1)
+    assert np.all(np.abs(doubtful.z - z[pick]) < _grid_step_z(z[pick]))
+    assert not np.any(doubtful.zwarn & refine.ZWARN_NO_NETWORK_Z)
+
+
 def test_inverted_spectrum_gets_the_negative_fit_bit(injected):
     z, clean = injected
     flux, ivar = normalise(-clean[:4], np.ones_like(clean[:4]))

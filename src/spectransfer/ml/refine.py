@@ -242,6 +242,7 @@ def refine_redshifts(
     grid: Grid = DEFAULT_GRID,
     *,
     half_width: float = DESI_WINDOW,
+    full_scan_above: float | None = None,
     batch_size: int = 32,
     workers: int = -1,
 ) -> RefineResult:
@@ -249,9 +250,12 @@ def refine_redshifts(
 
     ``flux``, ``ivar``: (n, n_bins) on ``grid`` (the store's scaled arrays are fine, see the
     module docstring). ``z_net`` (n,): where NaN, or when None, the whole range 0-7 is
-    scanned and ZWARN_NO_NETWORK_Z is set. ``z_net_err`` is accepted for the caller's
-    convenience and not used: the window is DESI's fixed ±0.0784(1+z), which the network's
-    errors (a few 1e-3 in 1+z when right) would only shrink.
+    scanned and ZWARN_NO_NETWORK_Z is set. The window is DESI's fixed ±0.0784(1+z);
+    with ``full_scan_above`` and ``z_net_err``, a spectrum whose network error
+    z_net_err/(1+z_net) exceeds it is scanned over the whole range instead (a full scan is
+    ~10x slower: 118 against 1100 spectra/s). Measured on a simulated SDSS-like store with a
+    briefly trained z head (800 steps): its z alone 23-30% catastrophic on the test quasars,
+    refined in the window 23-29% (the window cannot reach a line confusion), full scan 1.7%.
     """
     flux = np.atleast_2d(np.asarray(flux))
     ivar = np.atleast_2d(np.asarray(ivar))
@@ -265,11 +269,15 @@ def refine_redshifts(
     scan = _scan(grid)
     have = np.isfinite(z_net)
     zwarn[~have] |= ZWARN_NO_NETWORK_Z
-    groups = [(np.flatnonzero(have), batch_size), (np.flatnonzero(~have), max(1, batch_size // 8))]
+    windowed = have.copy()
+    if full_scan_above is not None and z_net_err is not None:
+        rel = np.asarray(z_net_err, dtype=np.float64).reshape(n) / (1 + np.where(have, z_net, 0.0))
+        windowed &= ~(rel > full_scan_above)
+    groups = [(np.flatnonzero(windowed), batch_size), (np.flatnonzero(~windowed), max(1, batch_size // 8))]
     for rows, size in groups:
         for start in range(0, rows.size, size):
             part = rows[start : start + size]
-            if have[part[0]]:
+            if windowed[part[0]]:
                 trials = window_trials(z_net[part], grid, half_width)
             else:
                 trials = np.broadcast_to(np.arange(scan.n_trials), (part.size, scan.n_trials))
