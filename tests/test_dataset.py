@@ -16,19 +16,28 @@ from spectransfer.data.store import write_store
 
 def make_store(path: Path, n: int = 200, pos_frac: float = 0.3, chunk_rows: int = 16, seed: int = 0,
                surveys: tuple[str, ...] = ("sdss",), splits: tuple[float, float] = (0.6, 0.2),
-               grid: Grid | None = None, signal: float = 0.8):
+               grid: Grid | None = None, signal: float = 0.8, with_z: bool = False):
     """A small store whose quasars carry broad emission bumps (so a network can learn them).
 
     ``splits`` are the train and val fractions (the rest is test); rows cycle through ``surveys``.
+    ``with_z``: the quasars get a catalogue redshift (0.3-3) and their bumps sit at the
+    observed wavelengths of Lyα, C IV, Mg II and Hβ (else three bumps at random places).
     """
     grid = grid or Grid()
     rng = np.random.default_rng(seed)
     label = (rng.random(n) < pos_frac).astype(np.int8)
     x = np.arange(grid.n_bins)
     flux = rng.normal(0.0, 0.3, size=(n, grid.n_bins)).astype(np.float32)
+    catalog_z = np.where(label == 1, rng.uniform(0.3, 3.0, n), np.nan)
+    width = 25.0 * grid.n_bins / 2048 if with_z else 25.0
     for i in np.flatnonzero(label):
-        for centre in rng.choice(grid.n_bins - 200, size=3, replace=False) + 100:
-            flux[i] += signal * 3 * np.exp(-0.5 * ((x - centre) / 25.0) ** 2)
+        if with_z:
+            observed = np.log10(np.array([1215.67, 1549.06, 2798.75, 4862.68]) * (1 + catalog_z[i]))
+            centres = (observed - np.log10(grid.wave_min)) / grid.log_step
+        else:
+            centres = rng.choice(grid.n_bins - 200, size=3, replace=False) + 100
+        for centre in centres:
+            flux[i] += signal * 3 * np.exp(-0.5 * ((x - centre) / width) ** 2)
     lo, hi = flux.min(axis=1, keepdims=True), flux.max(axis=1, keepdims=True)
     flux = (2 * (flux - lo) / (hi - lo) - 1).astype(np.float32)
     ivar = rng.uniform(0.5, 2.0, size=flux.shape).astype(np.float32)
@@ -42,6 +51,8 @@ def make_store(path: Path, n: int = 200, pos_frac: float = 0.3, chunk_rows: int 
         "label": label, "label_source": np.where(label == 1, "id", "none"),
         "object_id": [f"obj-{i}" for i in range(n)], "split": split,
     })
+    if with_z:
+        meta["catalog_z"] = catalog_z
     return write_store(path, flux, ivar, meta, grid=grid, chunk_rows=chunk_rows)
 
 

@@ -11,7 +11,10 @@ from torch import nn
 
 from spectransfer.config import DEFAULT_GRID, Grid
 from spectransfer.errors import EvaluateError, TrainError
-from spectransfer.ml.models import MODEL_NAMES, ModelConfig, build_model, count_parameters, load_run, read_weights, save_weights
+from spectransfer.ml.models import (
+    MODEL_NAMES, ModelConfig, build_model, count_parameters, forward_outputs, load_init_weights, load_run, read_weights,
+    redshift_from_head, save_weights,
+)
 from spectransfer.ml.score import score_store
 from test_dataset import make_store
 
@@ -122,3 +125,78 @@ def test_score_store_refuses_a_model_of_another_grid(scored_store):
         score_store(build_model(ModelConfig(n_bins=256)), store)
     with pytest.raises(EvaluateError, match="out of range"):
         score_store(scored_store[1], store, np.array([10_000]))
+
+
+def test_z_head_branches_from_the_trunk_and_leaves_the_classifier_as_the_papers():
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(n_bins=2048))
+    torch.manual_seed(0)
+    with_z = build_model(ModelConfig(n_bins=2048, z_bins=300)).eval()
+    # trunk and classifier: the same tensors, initialised the same, the same 9.63M parameters
+    own = with_z.state_dict()
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(own[k], v, rtol=0, atol=0)
+    extra = count_parameters(with_z) - count_parameters(plain)
+    assert extra == (8192 + 1) * 256 + (256 + 1) * 300
+    x = torch.randn(3, 1, 2048)
+    out = forward_outputs(with_z, x)
+    assert out["logit"].shape == (3,) and out["z_logits"].shape == (3, 300)
+    torch.testing.assert_close(out["logit"], plain.eval()(x), rtol=0, atol=0)
+    torch.testing.assert_close(with_z(x), out["logit"], rtol=0, atol=0)  # plain forward: the logit alone
+    assert forward_outputs(plain, x)["z_logits"] is None
+
+
+def test_a_model_file_without_z_head_metadata_loads_and_scores(tmp_path, scored_store):
+    """A run saved before the z head existed: its metadata has no z_bins, its file no z tensors."""
+    store, model = scored_store
+    run = tmp_path / "old"
+    save_weights(model, run / "model.safetensors", DEFAULT_GRID, mode="scratch")
+    tensors, meta = read_weights(run / "model.safetensors")
+    config = json.loads(meta["model_config"])
+    for key in ("z_bins", "z_hidden"):
+        config.pop(key)
+    meta["model_config"] = json.dumps(config)
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(run / "model.safetensors"), metadata=meta)
+    loaded, info = load_run(run)
+    assert not info.model_config.has_z_head and loaded.z_head is None
+    rows = np.array([1, 5, 8])
+    got = score_store(run, store.path, rows, batch_size=2)
+    with torch.no_grad():
+        want = model(torch.from_numpy(np.asarray(store.flux[:])[rows])).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_with_z_head_round_trips_and_scores(tmp_path, scored_store):
+    store, _ = scored_store
+    torch.manual_seed(2)
+    model = build_model(ModelConfig(n_bins=2048, z_bins=64)).eval()
+    save_weights(model, tmp_path / "run" / "model.safetensors", DEFAULT_GRID, mode="scratch")
+    loaded, info = load_run(tmp_path / "run")
+    assert info.model_config.z_bins == 64
+    x = torch.from_numpy(np.asarray(store.flux[:4]))
+    a, b = forward_outputs(model, x), forward_outputs(loaded, x)
+    torch.testing.assert_close(a["z_logits"], b["z_logits"], rtol=0, atol=0)
+    z, z_err = redshift_from_head(b["z_logits"])
+    assert z.shape == (4,) and np.all((z >= 0) & (z <= 7)) and np.all(z_err > 0)
+    # the scorer sees the classifier's logit, as for any model
+    np.testing.assert_allclose(score_store(loaded, store, np.arange(4), batch_size=2), a["logit"].detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_init_weights_without_z_head_keep_a_fresh_z_head():
+    torch.manual_seed(0)
+    old = build_model(ModelConfig(n_bins=256))
+    torch.manual_seed(1)
+    new = build_model(ModelConfig(n_bins=256, z_bins=32))
+    before = {k: v.clone() for k, v in new.state_dict().items() if k.startswith("z_head.")}
+    fresh = load_init_weights(new, old.state_dict(), "old-run")
+    assert sorted(fresh) == sorted(before)
+    for k, v in old.state_dict().items():
+        torch.testing.assert_close(new.state_dict()[k], v, rtol=0, atol=0)
+    for k, v in before.items():
+        torch.testing.assert_close(new.state_dict()[k], v, rtol=0, atol=0)
+    # and a z head is dropped when the new run has none
+    assert load_init_weights(old, new.state_dict(), "new-run") == []
+    with pytest.raises(TrainError, match="do not fit"):
+        load_init_weights(build_model(ModelConfig("vgg-b", n_bins=256)), old.state_dict(), "old-run")

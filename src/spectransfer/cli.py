@@ -494,6 +494,8 @@ def train_cmd(
     workers: int = typer.Option(2, "--workers", callback=non_negative_int, help="DataLoader worker processes reading the store (0 = read in the training process)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from checkpoints/last.pt with its saved settings."),
     debug_rows: bool = typer.Option(False, "--debug-rows", help="Log the row ids each process consumed and its final weights to RUN/debug/."),
+    z_head: bool = typer.Option(True, "--z-head/--no-z-head", help="Also learn the quasar redshift: a second head (a distribution over 300 bins in ln(1+z), 0-7) trained on the catalogue z of the training quasars. --no-z-head: the paper's classifier alone."),
+    z_weight: float = typer.Option(0.1, "--z-weight", help="Weight of the redshift cross-entropy (quasars with a catalogue z) added to the classification BCE (every spectrum)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Train the 1-D VGG on a store: pretrain, fine-tune (--init) or the scratch baseline."""
@@ -508,7 +510,7 @@ def train_cmd(
         in_channels=2 if input_ == "flux+ivar" else 1, max_epochs=max_epochs, max_steps=max_steps, seed=seed,
         devices=devices, device=device, batch_size=batch_size, lr=lr, eval_every=eval_every, patience=patience,
         early_stop=early_stop, imbalance=imbalance, precision=precision, train_fraction=train_fraction,
-        train_limit=train_limit, num_workers=workers, debug_rows=debug_rows,
+        train_limit=train_limit, num_workers=workers, debug_rows=debug_rows, z_head=z_head, z_weight=z_weight,
     )
     summary = train(cfg, resume=resume, quiet=quiet)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports

@@ -47,10 +47,12 @@ def make_input(flux: np.ndarray, ivar: np.ndarray | None, in_channels: int) -> n
 
 @dataclass(frozen=True)
 class Selection:
-    """Rows of a store chosen for one purpose, with their labels (sorted by row)."""
+    """Rows of a store chosen for one purpose, with their labels (sorted by row) and, for
+    quasars, the catalogue redshift (NaN where there is none: non-quasars, quasars without z)."""
 
     rows: np.ndarray  # int64, sorted, unique
     labels: np.ndarray  # float32, aligned with rows
+    z: np.ndarray | None = None  # float32, aligned with rows; None: the store has no catalog_z
 
     def __len__(self) -> int:
         return int(self.rows.size)
@@ -58,6 +60,18 @@ class Selection:
     @property
     def n_pos(self) -> int:
         return int((self.labels > 0.5).sum())
+
+    @property
+    def n_z(self) -> int:
+        """Rows with a redshift to learn from."""
+        return 0 if self.z is None else int(np.isfinite(self.z).sum())
+
+    def z_of(self, rows: np.ndarray) -> np.ndarray:
+        """The redshift (NaN where none) of ``rows``, which must be rows of this selection."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.z is None:
+            return np.full(rows.shape, np.nan, dtype=np.float32)
+        return self.z[np.searchsorted(self.rows, rows)]
 
     def subset(self, fraction: float | None = None, limit: int | None = None, seed: int = 0) -> "Selection":
         """A deterministic random subset: ``fraction`` of the rows, then at most ``limit``."""
@@ -70,17 +84,27 @@ class Selection:
         if k >= n:
             return self
         pick = np.sort(np.random.default_rng([seed, 0x5EED]).permutation(n)[:k])
-        return Selection(self.rows[pick], self.labels[pick])
+        return Selection(self.rows[pick], self.labels[pick], None if self.z is None else self.z[pick])
 
 
 def select(store: Any, survey: str | None = None, split: str | None = None) -> Selection:
-    """The rows of ``store`` in ``survey`` and ``split`` with their 0/1 labels."""
+    """The rows of ``store`` in ``survey`` and ``split`` with their 0/1 labels and, for
+    spectra labelled quasar, the catalogue redshift (meta column ``catalog_z``)."""
     rows = np.asarray(store.rows(survey=survey, split=split), dtype=np.int64)
     meta = store.meta
-    labels_by_row = np.zeros(int(meta["row"].max()) + 1 if len(meta) else 0, dtype=np.float32)
-    labels_by_row[meta["row"].to_numpy(dtype=np.int64)] = meta["label"].to_numpy(dtype=np.float32, na_value=0)
+    size = int(meta["row"].max()) + 1 if len(meta) else 0
+    at = meta["row"].to_numpy(dtype=np.int64)
+    labels_by_row = np.zeros(size, dtype=np.float32)
+    labels_by_row[at] = meta["label"].to_numpy(dtype=np.float32, na_value=0)
+    z_by_row = None
+    if "catalog_z" in meta.columns:
+        z_by_row = np.full(size, np.nan, dtype=np.float32)
+        z = meta["catalog_z"].to_numpy(dtype=np.float32, na_value=np.nan)
+        z_by_row[at] = np.where((labels_by_row[at] > 0.5) & np.isfinite(z) & (z >= 0), z, np.nan)
     rows = np.unique(rows)
-    return Selection(rows, labels_by_row[rows] if rows.size else np.zeros(0, np.float32))
+    if not rows.size:
+        return Selection(rows, np.zeros(0, np.float32), None if z_by_row is None else np.zeros(0, np.float32))
+    return Selection(rows, labels_by_row[rows], None if z_by_row is None else z_by_row[rows])
 
 
 class ChunkStream(IterableDataset):

@@ -9,6 +9,18 @@ the blocks exactly as in Simonyan & Zisserman (2014), tables 1, at the same widt
 A model file alone rebuilds its network: ``model.safetensors`` carries the model config,
 the grid, the package version and the training mode in its metadata (nanoGPT keeps the
 config inside the checkpoint for the same reason).
+
+The optional redshift head branches from the same flattened trunk features as the
+classifier (which stays the paper's): 8192 -> 256 -> dropout -> ``z_bins`` logits, a
+probability distribution over redshift bins uniform in ln(1+z) on [0, 7], trained with
+cross-entropy against Gaussian-smoothed one-hot targets. A distribution rather than a
+Gaussian (z, σ) output because the typical failure of a quasar redshift is a line confusion
+(Mg II taken for C IV, say), which puts probability at two distant redshifts: a distribution
+keeps both, its mode picks one, and its spread flags the doubt, where a single Gaussian
+would average the two into a redshift that is neither. 300 bins are 2080 km/s wide; the
+mean of the bins next to the mode gives the sub-bin redshift (``redshift_from_head``), and
+the template fit (``ml.refine``) takes it from there. ``z_bins = 0`` (the default, and what
+a model file saved without the head says) means no redshift head.
 """
 
 from __future__ import annotations
@@ -16,10 +28,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -54,6 +68,8 @@ class ModelConfig:
     in_channels: int = 1
     dropout: float = 0.5
     hidden: int = 1024
+    z_bins: int = 0  # 0: no redshift head (the paper's network; every run saved before the head)
+    z_hidden: int = 256
 
     def __post_init__(self) -> None:
         if self.name not in _BLOCK_DEPTHS:
@@ -62,6 +78,16 @@ class ModelConfig:
             raise TrainError(f"n_bins must be a multiple of 32 (five max-pools of 2), got {self.n_bins}")
         if self.in_channels not in (1, 2):
             raise TrainError(f"in_channels must be 1 (flux) or 2 (flux + ivar), got {self.in_channels}")
+        if self.z_bins < 0 or self.z_bins == 1:
+            raise TrainError(f"z_bins must be 0 (no redshift head) or >= 2, got {self.z_bins}")
+
+    @property
+    def has_z_head(self) -> bool:
+        return self.z_bins > 0
+
+    def trunk(self) -> "ModelConfig":
+        """This config without its redshift head: what two runs must share to transfer weights."""
+        return dataclasses.replace(self, z_bins=0, z_hidden=ModelConfig.z_hidden)
 
     @property
     def flat_features(self) -> int:
@@ -72,11 +98,16 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        return cls(**{k: d[k] for k in ("name", "n_bins", "in_channels", "dropout", "hidden") if k in d})
+        keys = ("name", "n_bins", "in_channels", "dropout", "hidden", "z_bins", "z_hidden")
+        return cls(**{k: d[k] for k in keys if k in d})
 
 
 class VGG1D(nn.Module):
-    """A 1-D VGG network: input (batch, channels, n_bins) -> one logit per spectrum."""
+    """A 1-D VGG network: input (batch, channels, n_bins) -> one logit per spectrum.
+
+    ``forward(x)`` returns the logits alone (what scoring and ONNX export use);
+    ``forward(x, with_z=True)`` returns (logits, z_logits), z_logits None without a z head.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -99,19 +130,96 @@ class VGG1D(nn.Module):
             nn.Dropout(config.dropout),
             nn.Linear(config.hidden, 1),
         )
+        self.z_head: nn.Sequential | None = None
         self.reset_parameters()
+        if config.has_z_head:
+            # built after the trunk's initialisation: with one seed, a network with and one
+            # without the z head start from the same trunk and classifier weights
+            self.z_head = nn.Sequential(
+                nn.Flatten(),
+                nn.Linear(config.flat_features, config.z_hidden),
+                nn.ReLU(inplace=True),
+                nn.Dropout(config.dropout),
+                nn.Linear(config.z_hidden, config.z_bins),
+            )
+            _xavier(self.z_head)
 
     def reset_parameters(self) -> None:
-        # Glorot & Bengio (2010) uniform weights and zero biases, as the authors' Keras model.
-        for module in self.modules():
-            if isinstance(module, (nn.Conv1d, nn.Linear)):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+        _xavier(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, with_z: bool = False) -> Any:
         if x.dim() == 2:  # (batch, n_bins): the one-channel input without its channel axis
             x = x.unsqueeze(1)
-        return self.head(self.features(x)).squeeze(-1)
+        features = self.features(x)
+        logits = self.head(features).squeeze(-1)
+        if not with_z:
+            return logits
+        return logits, (self.z_head(features) if self.z_head is not None else None)
+
+
+def forward_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    """Both heads of ``model`` on ``x``: {"logit": (B,), "z_logits": (B, z_bins) or None}."""
+    logits, z_logits = model(x, with_z=True)
+    return {"logit": logits, "z_logits": z_logits}
+
+
+# ---- the redshift bins -------------------------------------------------------------------
+
+Z_MAX = 7.0
+Z_BINS = 300  # the default for new runs: 2080 km/s per bin
+
+
+def z_bin_edges(n_bins: int) -> np.ndarray:
+    """Edges (n_bins + 1,) of the redshift bins: uniform in ln(1+z) from z = 0 to Z_MAX."""
+    return np.expm1(np.linspace(0.0, np.log1p(Z_MAX), n_bins + 1))
+
+
+def z_bin_centres(n_bins: int) -> np.ndarray:
+    """Centres (n_bins,) of the redshift bins in ln(1+z) (mid-points of the edges in ln(1+z))."""
+    u = np.linspace(0.0, np.log1p(Z_MAX), n_bins + 1)
+    return 0.5 * (u[1:] + u[:-1])
+
+
+def z_targets(z: torch.Tensor, n_bins: int, sigma_bins: float = 1.0) -> torch.Tensor:
+    """Soft targets (B, n_bins): a Gaussian of ``sigma_bins`` bins around each z, summing to 1."""
+    u = torch.log1p(z.clamp(0.0, Z_MAX)).to(torch.float32)
+    centres = torch.as_tensor(z_bin_centres(n_bins), dtype=torch.float32, device=z.device)
+    width = float(np.log1p(Z_MAX)) / n_bins
+    g = torch.exp(-0.5 * ((centres[None, :] - u[:, None]) / (sigma_bins * width)) ** 2)
+    return g / g.sum(dim=1, keepdim=True)
+
+
+def redshift_from_head(z_logits: np.ndarray | torch.Tensor, around_mode: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """The network's redshift and its uncertainty from z-head logits (B, n_bins).
+
+    z: the probability-weighted mean of ln(1+z) over the ``around_mode`` bins either side of
+    the most probable bin (sub-bin precision without averaging two rival peaks); z_err: the
+    standard deviation of z over the whole distribution, so a line confusion that splits the
+    probability between two redshifts gives a large error.
+    """
+    if isinstance(z_logits, torch.Tensor):
+        z_logits = z_logits.detach().float().cpu().numpy()
+    logits = np.asarray(z_logits, dtype=np.float64)
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    n = p.shape[1]
+    u = z_bin_centres(n)
+    mode = p.argmax(axis=1)
+    near = np.abs(np.arange(n)[None, :] - mode[:, None]) <= around_mode
+    pn = np.where(near, p, 0.0)
+    z = np.expm1((pn * u).sum(axis=1) / pn.sum(axis=1))
+    zc = np.expm1(u)
+    mean = (p * zc).sum(axis=1)
+    z_err = np.sqrt(np.maximum((p * (zc[None, :] - mean[:, None]) ** 2).sum(axis=1), 0.0))
+    return z, z_err
+
+
+def _xavier(module: nn.Module) -> None:
+    """Glorot & Bengio (2010) uniform weights and zero biases, as the authors' Keras model."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv1d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 def build_model(config: ModelConfig) -> VGG1D:
@@ -198,6 +306,31 @@ def load_weights(path: str | Path) -> tuple[VGG1D, ModelConfig, Grid, dict[str, 
         raise TrainError(f"{path}: weights do not fit model {config.name} ({exc})") from exc
     model.eval()
     return model, config, grid, metadata
+
+
+def load_init_weights(model: VGG1D, tensors: dict[str, torch.Tensor], source: str | Path) -> list[str]:
+    """Load a pretrained run's tensors into ``model`` for transfer; returns what was not loaded.
+
+    Every trunk and classifier tensor must fit. A redshift head follows the new run: an init
+    run without one leaves ``model``'s freshly initialised z head in place, and an init run's
+    z head is dropped when ``model`` has none.
+    """
+    own = model.state_dict()
+    z_keys = [k for k in own if k.startswith("z_head.")]
+    take = {k: v for k, v in tensors.items() if not (k.startswith("z_head.") and k not in own)}
+    if z_keys and not all(k in take for k in z_keys):
+        take = {k: v for k, v in take.items() if not k.startswith("z_head.")}
+    try:
+        result = model.load_state_dict(take, strict=False)
+    except RuntimeError as exc:
+        raise TrainError(f"{source}: weights do not fit model {model.config.name} ({exc})") from exc
+    missing = [k for k in result.missing_keys if not k.startswith("z_head.")]
+    if missing or result.unexpected_keys:
+        raise TrainError(f"{source}: weights do not fit model {model.config.name} (missing {missing}, unexpected {result.unexpected_keys})")
+    fresh = list(result.missing_keys)
+    if fresh:
+        log.info("%s holds no redshift head: the z head starts from fresh weights", source)
+    return fresh
 
 
 def load_run(run_dir: str | Path) -> tuple[VGG1D, RunInfo]:
