@@ -668,6 +668,7 @@ def discover_cmd(
     out: Path = typer.Option(..., "--out", callback=writable_file, help="Candidate catalogue; the format follows the extension: .fits (EXTNAME CANDIDATES, with a .parquet copy beside it), .parquet, .csv or .vot."),
     threshold: float = typer.Option(0.5, "--threshold", help="P_QSO at or above which a spectrum counts as a quasar."),
     engine: str = typer.Option("onnx-int8", "--engine", help="torch (eager fp32), onnx (onnxruntime fp32) or onnx-int8 (int8 calibrated on this store; fastest, see bench/discover.py)."),
+    refine: str = typer.Option("full", "--refine", help="Redshifts of the positives with the DR16Q quasar templates (Z_PRED): full (scan z 0-7; default, measured right on 13 of 14 real SDSS quasars), window (DESI's ±0.0784(1+z) around the network's Z_NET, ~10x faster) or none."),
     workers: int = typer.Option(0, "--workers", help="Processes of a local Dask cluster scoring blocks in parallel (0 or 1 = score in this process with all cores)."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of an existing Dask scheduler (tcp://HOST:PORT); its workers must see the run, the store and the output folder."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads per scoring process (default: the cores divided among the workers)."),
@@ -693,7 +694,7 @@ def discover_cmd(
 
     with OutputLock(out.parent / f".{out.name}.lock", "a discover run"):  # one discover per catalogue
         res = discover(run, store, out, threshold=threshold, engine=engine, batch_size=batch_size, block_size=block_size,
-                       workers=workers, scheduler=scheduler, threads=threads, survey=survey, quiet=quiet)
+                       workers=workers, scheduler=scheduler, threads=threads, survey=survey, quiet=quiet, refine=refine)
     from spectransfer.data.store import label_mode, open_store
 
     meaning = category_meaning(label_mode(open_store(store)))  # the wording follows how the store was labelled
@@ -724,6 +725,7 @@ def classify_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the table; format by extension: .fits (EXTNAME CANDIDATES), .parquet, .csv or .vot."),
     threshold: float = typer.Option(0.5, "--threshold", help="P_QSO at or above which IS_QSO is true."),
     engine: str = typer.Option("torch", "--engine", help="torch (eager fp32) or onnx (onnxruntime fp32); onnx-int8 needs a store: use discover."),
+    refine: str = typer.Option("full", "--refine", help="Redshifts of the positives with the DR16Q quasar templates (Z_PRED): full (scan z 0-7; default, measured right on 13 of 14 real SDSS quasars), window (DESI's ±0.0784(1+z) around the network's Z_NET, ~10x faster) or none."),
     batch_size: int = typer.Option(256, "--batch-size", help="Spectra per network call."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (rows and failed files) instead of the table."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -743,7 +745,7 @@ def classify_cmd(
     if batch_size < 1:
         fail("--batch-size must be >= 1")
     with progress_bar("classify", total=None, unit="files", quiet=quiet or as_json) as bar:
-        res = classify(run, paths, out=out, threshold=threshold, engine=engine, batch_size=batch_size, progress=bar)
+        res = classify(run, paths, out=out, threshold=threshold, engine=engine, batch_size=batch_size, progress=bar, refine=refine)
     t = res.table
     if as_json:
         rows = json.loads(t.to_json(orient="records"))
@@ -752,12 +754,15 @@ def classify_cmd(
     else:
         table = Table(title=f"{len(t)} of {res.n_files} files scored (P_QSO{' calibrated' if res.calibrated else ', not calibrated'}; "
                             f"engine {res.engine}; IS_QSO = P_QSO >= {res.threshold:g})", title_justify="left")
-        for col in ("file", "spectrum", "class", "z", "P_QSO", "is_qso"):
-            table.add_column(col, justify="right" if col in ("z", "P_QSO") else "left")
+        for col in ("file", "spectrum", "class", "z", "P_QSO", "is_qso", "z_pred"):
+            table.add_column(col, justify="right" if col in ("z", "P_QSO", "z_pred") else "left")
+
+        def _z(v: object) -> str:
+            return "" if v is None or v != v else f"{float(v):.4f}"  # type: ignore[arg-type]
+
         for _, r in t.iterrows():
-            z = r.get("Z")
             table.add_row(Path(str(r["SOURCE_FILE"])).name, str(r["SPECTRUM_ID"]), str(r.get("CLASS") or ""),
-                          "" if z is None or z != z else f"{float(z):.4f}", f"{float(r['P_QSO']):.4f}", str(bool(r["IS_QSO"])))
+                          _z(r.get("Z")), f"{float(r['P_QSO']):.4f}", str(bool(r["IS_QSO"])), _z(r.get("Z_PRED")))
         console = Console()
         console.print(table)
         for f, reason in res.failed:

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from spectransfer.candidates.redshifts import check_refine, redshift_columns
 from spectransfer.candidates.schema import CLASSIFY_COLUMNS, from_meta, header_cards, output_format, quality_bits, write_table
 from spectransfer.data.ingest import IngestOptions, _meta_row, find_files, grid_records, read_checked
 from spectransfer.errors import EvaluateError
@@ -78,6 +79,7 @@ def classify(
     batch_size: int = 256,
     threads: int | None = None,
     progress: Any = None,
+    refine: str = "full",
 ) -> ClassifyResult:
     """P(QSO) for every spectrum file under ``paths`` (files or folders); writes ``out`` if given.
 
@@ -87,6 +89,7 @@ def classify(
     if not 0.0 < threshold < 1.0:
         raise EvaluateError(f"threshold {threshold} must lie strictly between 0 and 1")
     check_engine(engine)
+    check_refine(refine)
     if engine not in CLASSIFY_ENGINES:
         raise EvaluateError(f"--engine {engine}: int8 ranges are set on a store's spectra; classify runs "
                             f"{' or '.join(CLASSIFY_ENGINES)} (use discover for onnx-int8)")
@@ -102,15 +105,20 @@ def classify(
         log.warning("%s: not scored (%s)", path, reason)
     cal = read_calibration(run_dir)
     logits = np.zeros(0, np.float32)
+    outputs: dict[str, np.ndarray] = {}
     if len(meta):
         with tempfile.TemporaryDirectory() as tmp:
             spec = prepare_engine(run_dir, engine, tmp, model=model, threads=threads)
             x = make_input(flux, ivar if spec.in_channels == 2 else None, spec.in_channels)
-            logits = score_array(build_scorer(spec, model=model), np.ascontiguousarray(x), batch_size)["logit"]
+            outputs = score_array(build_scorer(spec, model=model), np.ascontiguousarray(x), batch_size)
+            logits = outputs["logit"]
     p_qso = calibrated_probability(logits, cal.temperature if cal else None)
     cols = from_meta(meta, CLASSIFY_COLUMNS) if len(meta) else {}
     cols.update({"P_QSO": pd.Series(p_qso), "IS_QSO": pd.Series(p_qso >= threshold),
                  "LOGIT": pd.Series(np.asarray(logits, np.float32)), "QUALITY": pd.Series(quality_bits(meta))})
+    if len(meta):  # the same redshift columns as discover: network z, templates on the positives
+        z = redshift_columns(outputs, p_qso >= threshold, flux, ivar, check_refine(refine), info.grid)
+        cols.update({k: pd.Series(v) for k, v in z.items()})
     table = pd.DataFrame({k: cols[k] for k in CLASSIFY_COLUMNS if k in cols})
     header: dict[str, tuple[Any, str]] = {
         "THRESH": (float(threshold), "P_QSO threshold for IS_QSO"),
@@ -119,6 +127,7 @@ def classify(
         "RUNID": (info.sha256[:16], "run id: sha256 prefix of its weights"),
         "RUN": (run_dir.name, "run folder name"),
         "ENGINE": (engine, "scoring engine"),
+        "ZREFINE": (refine, "Z_PRED fit: full, window or none"),
         "NFILES": (len(files), "spectrum files given"),
         "NSPEC": (len(table), "spectra scored (one row each)"),
         "NFAILED": (len(failed), "files not scored (unreadable or failing a cut)"),

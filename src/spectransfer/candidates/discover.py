@@ -36,11 +36,14 @@ from spectransfer.candidates.schema import (
     quality_bits,
     write_table,
 )
+from spectransfer.candidates.redshifts import check_refine, redshift_columns
 from spectransfer.data.store import label_mode, open_store
 from spectransfer.errors import EvaluateError, StoreError
 from spectransfer.evaluation.calibration import NO_CALIBRATION_CARDS, Calibration, read_calibration
 from spectransfer.evaluation.metrics import calibrated_probability
-from spectransfer.ml.score import ENGINES, EngineSpec, build_scorer, check_engine, default_threads, prepare_engine, rows_digest, score_rows
+from spectransfer.ml.score import (
+    ENGINES, EngineSpec, build_scorer, check_engine, default_threads, prepare_engine, read_arrays, rows_digest, score_rows,
+)
 from spectransfer.progress import progress_bar
 from spectransfer.provenance import atomic_path
 
@@ -86,6 +89,7 @@ class _Job:
     workers: int | None
     scheduler: str | None
     survey: str | None
+    refine: str = "full"
     store: Any = None
     info: Any = None
     model: Any = None
@@ -162,8 +166,8 @@ def _prepare(job: _Job) -> None:
         log.info("resuming: %d of %d spectra already scored in %s", job.resumed, job.rows.shape[0], parts)
 
 
-def _score(job: _Job, quiet: bool) -> np.ndarray:
-    """Score the blocks not yet saved (here or on Dask workers); return every logit in row order."""
+def _score(job: _Job, quiet: bool) -> dict[str, np.ndarray]:
+    """Score the blocks not yet saved (here or on Dask workers); return every output in row order."""
     todo = [i for i, f in enumerate(job.part_files) if not f.is_file()]
     t0 = time.perf_counter()
     with progress_bar("discover", total=job.rows.shape[0], unit="spectra", quiet=quiet) as bar:
@@ -175,10 +179,13 @@ def _score(job: _Job, quiet: bool) -> np.ndarray:
             for i in todo:
                 bar.advance(_score_block(job.spec, job.store, job.blocks[i], job.part_files[i], job.batch_size, scorer))
     job.timings["score_s"] = time.perf_counter() - t0
-    logits = np.concatenate([np.load(f) for f in job.part_files])
-    if logits.shape[0] != job.rows.shape[0] or not np.isfinite(logits).all():
+    blocks = [np.load(f) for f in job.part_files]
+    if len({b.shape[1:] for b in blocks}) > 1:
         raise EvaluateError(f"{parts_dir(job.out)}: scored blocks are inconsistent (delete the folder and run again)")
-    return logits
+    stacked = np.concatenate(blocks).reshape(job.rows.shape[0], -1) if blocks else np.zeros((0, 1), np.float32)
+    if stacked.shape[0] != job.rows.shape[0] or not np.isfinite(stacked[:, 0]).all():
+        raise EvaluateError(f"{parts_dir(job.out)}: scored blocks are inconsistent (delete the folder and run again)")
+    return {name: stacked[:, i] for i, name in enumerate(BLOCK_OUTPUTS[: stacked.shape[1]])}
 
 
 def _score_on_dask(job: _Job, todo: list[int], advance: Callable[[int], Any]) -> None:
@@ -197,9 +204,10 @@ def _score_on_dask(job: _Job, todo: list[int], advance: Callable[[int], Any]) ->
             advance(fut.result())
 
 
-def _finish(job: _Job, logits: np.ndarray) -> tuple[pd.DataFrame, list[tuple[str, Any, str]], dict[str, Any]]:
-    """Probabilities, categories and flags; the table and its header; the summary counts."""
+def _finish(job: _Job, outputs: dict[str, np.ndarray], quiet: bool = True) -> tuple[pd.DataFrame, list[tuple[str, Any, str]], dict[str, Any]]:
+    """Probabilities, categories, flags and redshifts; the table and its header; the summary counts."""
     cal = read_calibration(job.run_dir)
+    logits = outputs["logit"]
     p_qso = calibrated_probability(logits, cal.temperature if cal else None)
     meta = job.meta
     label = meta["label"].fillna(0).to_numpy(dtype=np.int8)
@@ -209,6 +217,9 @@ def _finish(job: _Job, logits: np.ndarray) -> tuple[pd.DataFrame, list[tuple[str
     cols.update({"LOGIT": pd.Series(logits.astype(np.float32)), "P_QSO": pd.Series(p_qso),
                  "CATEGORY": pd.Series(category.astype(str)), "PIPE_NOT_QSO": pd.Series(flag),
                  "QUALITY": pd.Series(quality_bits(meta))})
+    t0 = time.perf_counter()
+    cols.update({k: pd.Series(v) for k, v in _redshifts(job, outputs, p_qso >= job.threshold, quiet).items()})
+    job.timings["refine_s"] = time.perf_counter() - t0
     table = pd.DataFrame({k: cols[k] for k in DISCOVER_COLUMNS if k in cols})
     cards = _header(job, cal)
     cls = meta["pipeline_class"].astype("string").str.strip().str.upper().fillna("").to_numpy(dtype=object)
@@ -220,6 +231,22 @@ def _finish(job: _Job, logits: np.ndarray) -> tuple[pd.DataFrame, list[tuple[str
         "calibrated": cal is not None,
     }
     return table, cards, summary
+
+
+def _redshifts(job: _Job, outputs: dict[str, np.ndarray], positive: np.ndarray, quiet: bool) -> dict[str, np.ndarray]:
+    """The redshift columns: refinement reads and fits the positives a block at a time."""
+    cols = redshift_columns(outputs, np.zeros(positive.size, bool), None, None, "none", job.store.grid)
+    fit = np.flatnonzero(positive) if job.refine != "none" else np.zeros(0, np.int64)
+    with progress_bar("redshifts", total=int(fit.size), unit="spectra", quiet=quiet or fit.size == 0) as bar:
+        for start in range(0, fit.size, REFINE_BLOCK):
+            idx = fit[start : start + REFINE_BLOCK]
+            flux, ivar = read_arrays(job.store.flux, job.store.ivar, job.rows[idx])
+            mask = np.ones(idx.size, bool)
+            part = redshift_columns({k: v[idx] for k, v in outputs.items()}, mask, flux, ivar, job.refine, job.store.grid)
+            for k, v in part.items():
+                cols[k][idx] = v
+            bar.advance(idx.size)
+    return cols
 
 
 def _header(job: _Job, cal: Calibration | None) -> list[tuple[str, Any, str]]:
@@ -241,6 +268,7 @@ def _header(job: _Job, cal: Calibration | None) -> list[tuple[str, Any, str]]:
         "GRIDMAX": (float(grid.wave_max), "[Angstrom] grid end"),
         "GRIDLOG": (True, "grid bins are logarithmically spaced"),
         "ENGINE": (job.engine, "scoring engine"),
+        "ZREFINE": (job.refine, "Z_PRED fit: full, window or none"),
         "DATE": (datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"), "UTC creation time"),
     }
     for key, value, comment in (cal.header_cards() if cal else NO_CALIBRATION_CARDS):
@@ -267,6 +295,7 @@ def discover(
     threads: int | None = None,
     survey: str | None = None,
     quiet: bool = False,
+    refine: str = "full",
 ) -> DiscoverResult:
     """Score every spectrum of ``store_path`` with the run and write the catalogue ``out``.
 
@@ -278,11 +307,11 @@ def discover(
     """
     t0 = time.perf_counter()
     job = _Job(Path(run_dir), Path(store_path), Path(out), threshold, engine, batch_size, block_size, workers,
-               scheduler, survey)
+               scheduler, survey, check_refine(refine))
     _plan(job, threads)
     _prepare(job)
-    logits = _score(job, quiet)
-    table, cards, summary = _finish(job, logits)
+    outputs = _score(job, quiet)
+    table, cards, summary = _finish(job, outputs, quiet)
     write_table(table, cards, job.out)
     parquet = None
     if output_format(job.out) == "fits":
@@ -299,14 +328,18 @@ def discover(
 # ---- the block work (here or in a Dask worker) -------------------------------------------------
 
 _SCORERS: dict[EngineSpec, Any] = {}
+BLOCK_OUTPUTS = ("logit", "z_net", "z_net_err")  # the columns of a saved block, in order
+REFINE_BLOCK = 4096  # positives read and fitted at a time: memory bounded by the block
 
 
 def _score_block(spec: EngineSpec, store: Any, rows: np.ndarray, out_file: Path, batch_size: int, scorer: Any) -> int:
-    """Score one block of rows and save its logits atomically."""
-    logits = score_rows(scorer, store, rows, batch_size, spec.in_channels)["logit"]
+    """Score one block of rows and save its outputs atomically (logit; z_net, z_net_err with a z head)."""
+    got = score_rows(scorer, store, rows, batch_size, spec.in_channels)
+    names = [k for k in BLOCK_OUTPUTS if k in got]
+    block = got["logit"] if names == ["logit"] else np.stack([got[k] for k in names], axis=1)
     with atomic_path(out_file) as tmp:
         with open(tmp, "wb") as fh:
-            np.save(fh, logits)
+            np.save(fh, block)
     return int(rows.shape[0])
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from spectransfer.errors import EvaluateError
+from spectransfer.candidates.redshifts import ZWARN_PRED_BITS
 from spectransfer.provenance import atomic_path, provenance_cards
 
 EXTNAME = "CANDIDATES"
@@ -101,15 +102,21 @@ COLUMNS: dict[str, Column] = {c.name: c for c in (
     _C("CATEGORY", "str", None, "model vs catalogue: " + ", ".join(CATEGORIES)),
     _C("PIPE_NOT_QSO", "bool", None, "positive the pipeline calls STAR or GALAXY"),
     _C("QUALITY", "i4", None, "bitmask of doubts, see QBITn cards (0 = none)"),
+    _C("Z_NET", "f8", None, "network redshift from the z head (NaN = run without one)"),
+    _C("Z_NET_ERR", "f8", None, "network redshift uncertainty (std of its z distribution)"),
+    _C("Z_PRED", "f8", None, "redshift refined with the DR16Q quasar templates (positives; NaN = not fitted)"),
+    _C("Z_PRED_ERR", "f8", None, "Z_PRED error from the chi2 curvature (delta chi2 = 1)"),
+    _C("ZWARN_PRED", "i4", None, "Z_PRED warning bits, see ZBITn cards (0 = good)"),
+    _C("DELTACHI2", "f8", None, "chi2 of the next-best minimum > 3000 km/s away minus the best"),
 )}
 
 DISCOVER_COLUMNS = ("SPECTRUM_ID", "ROW", "SURVEY", "PLATE", "MJD", "FIBERID", "OBSID", "LMJD", "PLANID", "SPID",
                     "RA", "DEC", "CLASS", "SUBCLASS", "Z", "ZWARNING", "CAT_LABEL", "LABEL_SOURCE", "CATALOG_NAME",
                     "CATALOG_Z", "SNR", "MAG", "OBJECT_ID", "SPLIT", "SOURCE_FILE", "LOGIT", "P_QSO", "CATEGORY",
-                    "PIPE_NOT_QSO", "QUALITY")
+                    "PIPE_NOT_QSO", "QUALITY", "Z_NET", "Z_NET_ERR", "Z_PRED", "Z_PRED_ERR", "ZWARN_PRED", "DELTACHI2")
 CLASSIFY_COLUMNS = ("SOURCE_FILE", "SPECTRUM_ID", "P_QSO", "IS_QSO", "LOGIT", "SURVEY", "PLATE", "MJD", "FIBERID",
                     "OBSID", "LMJD", "PLANID", "SPID", "RA", "DEC", "CLASS", "SUBCLASS", "Z", "ZWARNING", "SNR",
-                    "MAG", "QUALITY")
+                    "MAG", "QUALITY", "Z_NET", "Z_NET_ERR", "Z_PRED", "Z_PRED_ERR", "ZWARN_PRED", "DELTACHI2")
 
 
 # ---- categories and quality ------------------------------------------------------------------
@@ -186,6 +193,7 @@ def header_cards(header: dict[str, tuple[Any, str]]) -> list[tuple[str, Any, str
     cards.extend(provenance_cards())
     cards.extend((f"QBIT{bit}", name, "QUALITY bit meaning") for name, bit in QUALITY_BITS.items())
     cards.append(("CATEGS", ",".join(CATEGORIES), ""))
+    cards.extend((f"ZBIT{int(v).bit_length() - 1}", name, "ZWARN_PRED bit meaning") for name, v in ZWARN_PRED_BITS.items())
     return cards
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from spectransfer.errors import EvaluateError
+from spectransfer.ml.refine import redshift_metrics
 
 CONFUSION_LAYOUT = (
     "rows = true class [QSO, Other], columns = predicted class [QSO, Other], "
@@ -632,3 +633,44 @@ def verdict_corrected(
             }
         )
     return out
+
+
+# ---- redshifts -----------------------------------------------------------------------------------
+
+Z_BREAKDOWN_EDGES = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 7.0)
+
+
+def redshift_report(z_pred: Any, z_true: Any, snr: Any = None, n_resamples: int = 200, confidence: float = 0.95,
+                    seed: int = 0) -> dict[str, Any]:
+    """Redshift accuracy of ``z_pred`` against ``z_true`` (catalogue quasars): catastrophic fraction
+    (|Δv| > 3000 km/s), median |Δv| [km/s] and NMAD of Δz/(1+z) (``ml.refine.redshift_metrics``),
+    each with a percentile-bootstrap interval, and the same by catalogue z and by S/N quartile."""
+    z_pred = np.asarray(z_pred, dtype=np.float64).ravel()
+    z_true = np.asarray(z_true, dtype=np.float64).ravel()
+    keep = np.isfinite(z_true)
+    z_pred, z_true = z_pred[keep], z_true[keep]
+    out: dict[str, Any] = dict(redshift_metrics(z_pred, z_true))
+    n = z_true.size
+    if n >= 2 and n_resamples > 0:
+        rng = np.random.default_rng(seed)
+        stats = np.array([list(redshift_metrics(z_pred[i], z_true[i]).values())[1:]
+                          for i in rng.integers(0, n, size=(n_resamples, n))])
+        for k, col in zip(("catastrophic_fraction", "median_abs_dv_kms", "nmad"), stats.T):
+            out[f"{k}_interval"] = _interval(col, confidence)
+    out["by_z"] = _z_bins(z_pred, z_true, z_true, Z_BREAKDOWN_EDGES, ".1f")
+    if snr is not None:
+        s = np.asarray(snr, dtype=np.float64).ravel()[keep]
+        fin = s[np.isfinite(s)]
+        if fin.size >= 8:
+            edges = np.unique(np.quantile(fin, [0, 0.25, 0.5, 0.75, 1.0]))
+            out["by_snr"] = _z_bins(z_pred, z_true, s, edges, ".1f")
+    return out
+
+
+def _z_bins(z_pred: np.ndarray, z_true: np.ndarray, var: np.ndarray, edges: Sequence[float], fmt: str) -> list[dict[str, Any]]:
+    rows = []
+    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        sel = (var >= lo) & ((var < hi) if i < len(edges) - 2 else (var <= hi))
+        if sel.any():
+            rows.append({"bin": _bin_label(lo, hi, fmt), **redshift_metrics(z_pred[sel], z_true[sel])})
+    return rows

@@ -419,6 +419,8 @@ def write_report(
             parts.append(_img(figure_png(plot_breakdown(doc, v)), f"breakdown by {v}"))
             parts.append(_breakdown_table(doc, v))
 
+    parts.append(_redshift_section(out, doc))
+
     if learning_curve is not None:
         parts.append("<h2>Learning curve</h2>")
         parts.append(_img(figure_png(plot_learning_curve(learning_curve)), "learning curve"))
@@ -437,6 +439,54 @@ def write_report(
     write_text_atomic(path, page)
     log.info("wrote %s", path)
     return path
+
+
+def plot_redshifts(points: dict[str, tuple[np.ndarray, np.ndarray]]) -> Any:
+    """Predicted against catalogue z, one panel per method, the ±3000 km/s band shaded."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(points), figsize=(4.2 * len(points), 4), squeeze=False)
+    for ax, (name, (z_true, z_pred)) in zip(axes[0], points.items()):
+        top = float(np.nanmax(np.concatenate([z_true, z_pred[np.isfinite(z_pred)]]))) * 1.05 + 0.1
+        zz = np.linspace(0, top, 50)
+        band = 3000.0 / 299792.458 * (1 + zz)
+        ax.fill_between(zz, zz - band, zz + band, color="0.85", label="±3000 km/s")
+        ax.scatter(z_true, np.nan_to_num(z_pred, nan=-0.1), s=6, alpha=0.6)
+        ax.set(xlim=(0, top), ylim=(-0.2, top), xlabel="catalogue z", ylabel="predicted z", title=name)
+        ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _redshift_section(out: Path, doc: dict[str, Any]) -> str:
+    """Redshift accuracy on the split's catalogue quasars: network z and template z per run."""
+    rows, points = [], {}
+    for name, e in doc["runs"].items():
+        rz = e.get("redshift") or {}
+        for method in ("network", "templates"):
+            m = rz.get(method)
+            if not m:
+                continue
+            rows.append([html.escape(name), method, str(m["n"]), _ci(m["catastrophic_fraction"], m.get("catastrophic_fraction_interval")),
+                         _ci(m["median_abs_dv_kms"], m.get("median_abs_dv_kms_interval"), 0),
+                         _ci(m["nmad"], m.get("nmad_interval"), 4)])
+        f = out / e.get("predictions_file", "")
+        if f.is_file() and rz:
+            pr = pd.read_parquet(f)
+            q = (pr["label"] == 1) & np.isfinite(pd.to_numeric(pr.get("catalog_z"), errors="coerce"))
+            if "z_net" in pr and f"{name}: network" not in points:
+                points[f"{name}: network"] = (pr.loc[q, "catalog_z"].to_numpy(float), pr.loc[q, "z_net"].to_numpy(float))
+            if "z_templates" in pr and "templates" not in points:
+                points["templates"] = (pr.loc[q, "catalog_z"].to_numpy(float), pr.loc[q, "z_templates"].to_numpy(float))
+    if not rows:
+        return ""
+    parts = ["<h2>Redshifts</h2>",
+             '<p class="note">On the catalogue quasars of the split: the network\'s z head (runs that have one) and '
+             "the DR16Q quasar templates fitted over z 0-7 (what discover and classify give as Z_PRED). Catastrophic: "
+             "|Δv| > 3000 km/s, Δv = c·Δz/(1+z); NMAD of Δz/(1+z). 95% bootstrap intervals.</p>",
+             _table(["run", "method", "quasars", "catastrophic", "median |Δv| [km/s]", "NMAD"], rows)]
+    if points:
+        parts.append(_img(figure_png(plot_redshifts(points)), "predicted against catalogue redshift"))
+    return "\n".join(parts)
 
 
 def _load_curves(out: Path, doc: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:

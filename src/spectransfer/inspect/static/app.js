@@ -11,7 +11,7 @@
   const PAGE = 200;
   const LS_KEY = "spectransfer.inspector";
   const COLORS = {
-    flux: "#1f3b73", fluxBad: "#c3c9d4", err: "rgba(91,140,255,0.26)", pipe: "#e0782f", user: "#8a3ffc",
+    flux: "#1f3b73", fluxBad: "#c3c9d4", err: "rgba(91,140,255,0.26)", pipe: "#e0782f", user: "#8a3ffc", pred: "#1b8a5a",
     sky: "rgba(120,130,145,0.18)", grid: "#eef1f5", axis: "#8a94a6", text: "#4a5466",
   };
   const CATEGORY_LABEL = {
@@ -373,6 +373,15 @@
     return z !== null && z !== undefined && Number.isFinite(z) ? z : null;
   }
 
+  function zPred() {
+    const z = state.spec ? state.spec.z_predicted : null;
+    return z !== null && z !== undefined && Number.isFinite(z) ? z : null;
+  }
+
+  function zDefault() {
+    return zPred() !== null ? zPred() : zPipe();
+  }
+
   function setUserZ(z, fromInput = false) {
     if (z === null || !Number.isFinite(z)) {
       state.zUser = null;
@@ -563,7 +572,9 @@
       ctx.setLineDash([]);
     };
     const zp = zPipe();
-    if (zp !== null) drawLines(zp, COLORS.pipe, true, true);
+    const zq = zPred();
+    if (zq !== null) drawLines(zq, COLORS.pred, false, true);
+    else if (zp !== null) drawLines(zp, COLORS.pipe, true, true);
     if (state.zUser !== null) drawLines(state.zUser, COLORS.user, false, false);
     if (state.hoverX !== null && !state.drag) {
       ctx.strokeStyle = "rgba(28,36,49,0.35)";
@@ -580,10 +591,21 @@
     ctx.textBaseline = "bottom";
     ctx.textAlign = "left";
     ctx.fillStyle = COLORS.pipe;
-    ctx.fillText(zp !== null ? `pipeline z = ${zp.toFixed(4)}` : "no pipeline z", M.l, M.t - 8);
+    let xa = M.l;
+    if (zq !== null) {
+      ctx.fillStyle = COLORS.pred;
+      const from = state.spec.z_predicted_from === "templates" ? "templates" : "network";
+      const label = `predicted z = ${zq.toFixed(4)} (${from})`;
+      ctx.fillText(label, xa, M.t - 8);
+      xa += ctx.measureText(label).width + 14;
+    }
+    ctx.fillStyle = COLORS.pipe;
+    const pipeLabel = zp !== null ? `pipeline z = ${zp.toFixed(4)}` : "no pipeline z";
+    ctx.fillText(pipeLabel, xa, M.t - 8);
+    xa += ctx.measureText(pipeLabel).width + 14;
     if (state.zUser !== null) {
       ctx.fillStyle = COLORS.user;
-      ctx.fillText(`your z = ${state.zUser.toFixed(4)}`, M.l + 170, M.t - 8);
+      ctx.fillText(`your z = ${state.zUser.toFixed(4)}`, xa, M.t - 8);
     }
     ctx.textAlign = "right";
     ctx.fillStyle = COLORS.axis;
@@ -606,14 +628,14 @@
   function updateReadout(clientX) {
     const w = waveAt(clientX);
     if (w === null || w < view.xlo || w > view.xhi) { $("readout").textContent = ""; return; }
-    const z = state.zUser !== null ? state.zUser : zPipe();
+    const z = state.zUser !== null ? state.zUser : zDefault();
     $("readout").textContent = `λ ${w.toFixed(1)} Å` + (z !== null ? ` · rest ${(w / (1 + z)).toFixed(1)} Å` : "");
   }
 
   canvas.addEventListener("pointerdown", (ev) => {
     const w = waveAt(ev.clientX);
     if (w === null) return;
-    const z0 = state.zUser !== null ? state.zUser : (zPipe() !== null ? zPipe() : 0);
+    const z0 = state.zUser !== null ? state.zUser : (zDefault() !== null ? zDefault() : 0);
     state.drag = { w0: w, z0 };
     canvas.setPointerCapture(ev.pointerId);
   });
@@ -689,7 +711,7 @@
     const key = ev.key;
     const actions = {
       q: () => verdict("qso"), n: () => verdict("not_qso"), u: () => verdict("unsure"),
-      z: () => { const f = $("z-user"); if (state.zUser === null && zPipe() !== null) setUserZ(zPipe()); f.focus(); f.select(); },
+      z: () => { const f = $("z-user"); if (state.zUser === null && zDefault() !== null) setUserZ(zDefault()); f.focus(); f.select(); },
       r: () => setUserZ(null),
       ArrowRight: () => move(1), ArrowDown: () => move(1), ArrowLeft: () => move(-1), ArrowUp: () => move(-1),
     };
