@@ -216,6 +216,7 @@ def inspect_cmd(
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on (0 picks a free one)."),
     token: Optional[str] = typer.Option(None, "--token", envvar="SPECTRANSFER_TOKEN", help="Secret every request must carry (Authorization: Bearer, X-Token or ?token=). Env: SPECTRANSFER_TOKEN."),
     category: Optional[str] = typer.Option(None, "--category", help="Category the queue starts with: new_candidate, missed_by_model, agree_qso or agree_other (default: all)."),
+    order: Optional[str] = typer.Option(None, "--order", help="Queue order: uncertainty (largest P_QSO_STD first: the most informative verdict next; the default when discover ran with --mc-dropout), p_qso (most probable first; the default otherwise) or random (a fixed shuffle)."),
 ) -> None:
     """Open a local web page to look at candidates and record verdicts (q / n / u)."""
     from spectransfer.inspect.app import create_app, load_candidates
@@ -231,7 +232,8 @@ def inspect_cmd(
         opened = open_store(store)
     db_path = db if db is not None else candidates.parent / "verdicts.sqlite"
     dirs = [candidates.parent] + ([store, store.parent] if store is not None else [])
-    web = create_app(table, opened, db_path, token=token, default_category=category, loopback_only=is_loopback(host), search_dirs=dirs)
+    web = create_app(table, opened, db_path, token=token, default_category=category, loopback_only=is_loopback(host),
+                     search_dirs=dirs, order=order)
 
     def ready(url: str) -> None:
         typer.echo(f"Inspecting {len(table):,} candidates at {url}  (verdicts -> {db_path}; Ctrl-C to stop)")
@@ -669,6 +671,7 @@ def discover_cmd(
     threshold: float = typer.Option(0.5, "--threshold", help="P_QSO at or above which a spectrum counts as a quasar."),
     engine: str = typer.Option("onnx-int8", "--engine", help="torch (eager fp32), onnx (onnxruntime fp32) or onnx-int8 (int8 calibrated on this store; fastest, see bench/discover.py)."),
     refine: str = typer.Option("full", "--refine", help="Redshifts of the positives with the DR16Q quasar templates (Z_PRED): full (scan z 0-7; default, measured right on 13 of 14 real SDSS quasars), window (DESI's ±0.0784(1+z) around the network's Z_NET, ~10x faster) or none."),
+    mc_dropout: int = typer.Option(0, "--mc-dropout", callback=non_negative_int, help="MC-dropout passes of the dense head for P_QSO_STD, the spread that `inspect --order uncertainty` sorts by (0 = off, as fast as without; 10-20 is usual; see bench/discover.py for its cost)."),
     workers: int = typer.Option(0, "--workers", help="Processes of a local Dask cluster scoring blocks in parallel (0 or 1 = score in this process with all cores)."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of an existing Dask scheduler (tcp://HOST:PORT); its workers must see the run, the store and the output folder."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads per scoring process (default: the cores divided among the workers)."),
@@ -694,7 +697,8 @@ def discover_cmd(
 
     with OutputLock(out.parent / f".{out.name}.lock", "a discover run"):  # one discover per catalogue
         res = discover(run, store, out, threshold=threshold, engine=engine, batch_size=batch_size, block_size=block_size,
-                       workers=workers, scheduler=scheduler, threads=threads, survey=survey, quiet=quiet, refine=refine)
+                       workers=workers, scheduler=scheduler, threads=threads, survey=survey, quiet=quiet, refine=refine,
+                       mc_samples=mc_dropout)
     from spectransfer.data.store import label_mode, open_store
 
     meaning = category_meaning(label_mode(open_store(store)))  # the wording follows how the store was labelled
@@ -726,6 +730,7 @@ def classify_cmd(
     threshold: float = typer.Option(0.5, "--threshold", help="P_QSO at or above which IS_QSO is true."),
     engine: str = typer.Option("torch", "--engine", help="torch (eager fp32) or onnx (onnxruntime fp32); onnx-int8 needs a store: use discover."),
     refine: str = typer.Option("full", "--refine", help="Redshifts of the positives with the DR16Q quasar templates (Z_PRED): full (scan z 0-7; default, measured right on 13 of 14 real SDSS quasars), window (DESI's ±0.0784(1+z) around the network's Z_NET, ~10x faster) or none."),
+    mc_dropout: int = typer.Option(0, "--mc-dropout", callback=non_negative_int, help="MC-dropout passes of the dense head for P_QSO_STD, the spread that `inspect --order uncertainty` sorts by (0 = off, as fast as without; 10-20 is usual; see bench/discover.py for its cost)."),
     batch_size: int = typer.Option(256, "--batch-size", help="Spectra per network call."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (rows and failed files) instead of the table."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -745,7 +750,8 @@ def classify_cmd(
     if batch_size < 1:
         fail("--batch-size must be >= 1")
     with progress_bar("classify", total=None, unit="files", quiet=quiet or as_json) as bar:
-        res = classify(run, paths, out=out, threshold=threshold, engine=engine, batch_size=batch_size, progress=bar, refine=refine)
+        res = classify(run, paths, out=out, threshold=threshold, engine=engine, batch_size=batch_size, progress=bar,
+                       refine=refine, mc_samples=mc_dropout)
     t = res.table
     if as_json:
         rows = json.loads(t.to_json(orient="records"))

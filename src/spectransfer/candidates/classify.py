@@ -80,6 +80,7 @@ def classify(
     threads: int | None = None,
     progress: Any = None,
     refine: str = "full",
+    mc_samples: int = 0,
 ) -> ClassifyResult:
     """P(QSO) for every spectrum file under ``paths`` (files or folders); writes ``out`` if given.
 
@@ -108,7 +109,8 @@ def classify(
     outputs: dict[str, np.ndarray] = {}
     if len(meta):
         with tempfile.TemporaryDirectory() as tmp:
-            spec = prepare_engine(run_dir, engine, tmp, model=model, threads=threads)
+            spec = prepare_engine(run_dir, engine, tmp, model=model, threads=threads, mc_samples=mc_samples,
+                                  temperature=cal.temperature if cal else None)
             x = make_input(flux, ivar if spec.in_channels == 2 else None, spec.in_channels)
             outputs = score_array(build_scorer(spec, model=model), np.ascontiguousarray(x), batch_size)
             logits = outputs["logit"]
@@ -119,6 +121,7 @@ def classify(
     if len(meta):  # the same redshift columns as discover: network z, templates on the positives
         z = redshift_columns(outputs, p_qso >= threshold, flux, ivar, check_refine(refine), info.grid)
         cols.update({k: pd.Series(v) for k, v in z.items()})
+        cols["P_QSO_STD"] = pd.Series(outputs.get("p_qso_std", np.full(len(meta), np.nan)).astype(np.float32))
     table = pd.DataFrame({k: cols[k] for k in CLASSIFY_COLUMNS if k in cols})
     header: dict[str, tuple[Any, str]] = {
         "THRESH": (float(threshold), "P_QSO threshold for IS_QSO"),
@@ -128,6 +131,7 @@ def classify(
         "RUN": (run_dir.name, "run folder name"),
         "ENGINE": (engine, "scoring engine"),
         "ZREFINE": (refine, "Z_PRED fit: full, window or none"),
+        "MCDROP": (int(mc_samples), "MC-dropout passes behind P_QSO_STD (0 = off)"),
         "NFILES": (len(files), "spectrum files given"),
         "NSPEC": (len(table), "spectra scored (one row each)"),
         "NFAILED": (len(failed), "files not scored (unreadable or failing a cut)"),

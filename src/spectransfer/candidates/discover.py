@@ -90,6 +90,7 @@ class _Job:
     scheduler: str | None
     survey: str | None
     refine: str = "full"
+    mc_samples: int = 0
     store: Any = None
     info: Any = None
     model: Any = None
@@ -152,11 +153,14 @@ def _prepare(job: _Job) -> None:
         "n_rows": int(job.rows.shape[0]),
         "block_size": int(job.block_size),
         "engine": job.engine,
+        "mc_samples": int(job.mc_samples),
     }
     parts = parts_dir(job.out)
     resumed = _prepare_parts(parts, job.identity)
     t0 = time.perf_counter()
-    job.spec = prepare_engine(job.run_dir, job.engine, parts, store=job.store, model=job.model, threads=job.threads)
+    cal = read_calibration(job.run_dir)
+    job.spec = prepare_engine(job.run_dir, job.engine, parts, store=job.store, model=job.model, threads=job.threads,
+                              mc_samples=job.mc_samples, temperature=cal.temperature if cal else None)
     job.timings["prepare_s"] = time.perf_counter() - t0
     job.blocks = [job.rows[i : i + job.block_size] for i in range(0, job.rows.shape[0], job.block_size)]
     job.part_files = [parts / f"block-{i:06d}.npy" for i in range(len(job.blocks))]
@@ -185,7 +189,8 @@ def _score(job: _Job, quiet: bool) -> dict[str, np.ndarray]:
     stacked = np.concatenate(blocks).reshape(job.rows.shape[0], -1) if blocks else np.zeros((0, 1), np.float32)
     if stacked.shape[0] != job.rows.shape[0] or not np.isfinite(stacked[:, 0]).all():
         raise EvaluateError(f"{parts_dir(job.out)}: scored blocks are inconsistent (delete the folder and run again)")
-    return {name: stacked[:, i] for i, name in enumerate(BLOCK_OUTPUTS[: stacked.shape[1]])}
+    cols = {name: stacked[:, i] for i, name in enumerate(BLOCK_OUTPUTS[: stacked.shape[1]])}
+    return {k: v for k, v in cols.items() if k == "logit" or not np.isnan(v).all()}  # heads the run has
 
 
 def _score_on_dask(job: _Job, todo: list[int], advance: Callable[[int], Any]) -> None:
@@ -219,6 +224,7 @@ def _finish(job: _Job, outputs: dict[str, np.ndarray], quiet: bool = True) -> tu
                  "QUALITY": pd.Series(quality_bits(meta))})
     t0 = time.perf_counter()
     cols.update({k: pd.Series(v) for k, v in _redshifts(job, outputs, p_qso >= job.threshold, quiet).items()})
+    cols["P_QSO_STD"] = pd.Series(outputs.get("p_qso_std", np.full(p_qso.size, np.nan)).astype(np.float32))
     job.timings["refine_s"] = time.perf_counter() - t0
     table = pd.DataFrame({k: cols[k] for k in DISCOVER_COLUMNS if k in cols})
     cards = _header(job, cal)
@@ -269,6 +275,7 @@ def _header(job: _Job, cal: Calibration | None) -> list[tuple[str, Any, str]]:
         "GRIDLOG": (True, "grid bins are logarithmically spaced"),
         "ENGINE": (job.engine, "scoring engine"),
         "ZREFINE": (job.refine, "Z_PRED fit: full, window or none"),
+        "MCDROP": (int(job.mc_samples), "MC-dropout passes behind P_QSO_STD (0 = off)"),
         "DATE": (datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"), "UTC creation time"),
     }
     for key, value, comment in (cal.header_cards() if cal else NO_CALIBRATION_CARDS):
@@ -296,6 +303,7 @@ def discover(
     survey: str | None = None,
     quiet: bool = False,
     refine: str = "full",
+    mc_samples: int = 0,
 ) -> DiscoverResult:
     """Score every spectrum of ``store_path`` with the run and write the catalogue ``out``.
 
@@ -307,7 +315,7 @@ def discover(
     """
     t0 = time.perf_counter()
     job = _Job(Path(run_dir), Path(store_path), Path(out), threshold, engine, batch_size, block_size, workers,
-               scheduler, survey, check_refine(refine))
+               scheduler, survey, check_refine(refine), int(mc_samples))
     _plan(job, threads)
     _prepare(job)
     outputs = _score(job, quiet)
@@ -328,15 +336,15 @@ def discover(
 # ---- the block work (here or in a Dask worker) -------------------------------------------------
 
 _SCORERS: dict[EngineSpec, Any] = {}
-BLOCK_OUTPUTS = ("logit", "z_net", "z_net_err")  # the columns of a saved block, in order
+BLOCK_OUTPUTS = ("logit", "z_net", "z_net_err", "p_qso_std")  # the columns of a saved block, in order
 REFINE_BLOCK = 4096  # positives read and fitted at a time: memory bounded by the block
 
 
 def _score_block(spec: EngineSpec, store: Any, rows: np.ndarray, out_file: Path, batch_size: int, scorer: Any) -> int:
     """Score one block of rows and save its outputs atomically (logit; z_net, z_net_err with a z head)."""
     got = score_rows(scorer, store, rows, batch_size, spec.in_channels)
-    names = [k for k in BLOCK_OUTPUTS if k in got]
-    block = got["logit"] if names == ["logit"] else np.stack([got[k] for k in names], axis=1)
+    nan = np.full(rows.shape[0], np.nan, np.float32)
+    block = np.stack([got.get(k, nan) for k in BLOCK_OUTPUTS], axis=1)
     with atomic_path(out_file) as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, block)

@@ -102,6 +102,7 @@ COLUMNS: dict[str, Column] = {c.name: c for c in (
     _C("CATEGORY", "str", None, "model vs catalogue: " + ", ".join(CATEGORIES)),
     _C("PIPE_NOT_QSO", "bool", None, "positive the pipeline calls STAR or GALAXY"),
     _C("QUALITY", "i4", None, "bitmask of doubts, see QBITn cards (0 = none)"),
+    _C("P_QSO_STD", "f4", None, "spread of P_QSO over MC-dropout passes (NaN = not asked, see MCDROP)"),
     _C("Z_NET", "f8", None, "network redshift from the z head (NaN = run without one)"),
     _C("Z_NET_ERR", "f8", None, "network redshift uncertainty (std of its z distribution)"),
     _C("Z_PRED", "f8", None, "redshift refined with the DR16Q quasar templates (positives; NaN = not fitted)"),
@@ -113,10 +114,10 @@ COLUMNS: dict[str, Column] = {c.name: c for c in (
 DISCOVER_COLUMNS = ("SPECTRUM_ID", "ROW", "SURVEY", "PLATE", "MJD", "FIBERID", "OBSID", "LMJD", "PLANID", "SPID",
                     "RA", "DEC", "CLASS", "SUBCLASS", "Z", "ZWARNING", "CAT_LABEL", "LABEL_SOURCE", "CATALOG_NAME",
                     "CATALOG_Z", "SNR", "MAG", "OBJECT_ID", "SPLIT", "SOURCE_FILE", "LOGIT", "P_QSO", "CATEGORY",
-                    "PIPE_NOT_QSO", "QUALITY", "Z_NET", "Z_NET_ERR", "Z_PRED", "Z_PRED_ERR", "ZWARN_PRED", "DELTACHI2")
+                    "PIPE_NOT_QSO", "QUALITY", "P_QSO_STD", "Z_NET", "Z_NET_ERR", "Z_PRED", "Z_PRED_ERR", "ZWARN_PRED", "DELTACHI2")
 CLASSIFY_COLUMNS = ("SOURCE_FILE", "SPECTRUM_ID", "P_QSO", "IS_QSO", "LOGIT", "SURVEY", "PLATE", "MJD", "FIBERID",
                     "OBSID", "LMJD", "PLANID", "SPID", "RA", "DEC", "CLASS", "SUBCLASS", "Z", "ZWARNING", "SNR",
-                    "MAG", "QUALITY", "Z_NET", "Z_NET_ERR", "Z_PRED", "Z_PRED_ERR", "ZWARN_PRED", "DELTACHI2")
+                    "MAG", "QUALITY", "P_QSO_STD", "Z_NET", "Z_NET_ERR", "Z_PRED", "Z_PRED_ERR", "ZWARN_PRED", "DELTACHI2")
 
 
 # ---- categories and quality ------------------------------------------------------------------

@@ -45,7 +45,7 @@ OPTIONAL = (
     "CLASS", "SUBCLASS", "Z", "CAT_LABEL", "LABEL_SOURCE", "CATALOG_Z", "PIPE_NOT_QSO", "SOURCE_FILE",
     # written by `discover` beyond the minimal contract; shown when present
     "ZWARNING", "CATALOG_NAME", "SNR", "MAG", "QUALITY",
-    "Z_NET", "Z_NET_ERR", "Z_PRED", "Z_PRED_ERR", "ZWARN_PRED", "DELTACHI2",
+    "Z_NET", "Z_NET_ERR", "Z_PRED", "Z_PRED_ERR", "ZWARN_PRED", "DELTACHI2", "P_QSO_STD",
 )
 CATEGORIES = ("new_candidate", "missed_by_model", "agree_qso", "agree_other")
 
@@ -85,6 +85,29 @@ def load_candidates(path: str | os.PathLike[str]) -> pd.DataFrame:
     if missing:
         raise InspectError(f"{path}: candidates table lacks column(s) {', '.join(missing)}")
     return prepare_candidates(df, str(path))
+
+
+ORDERS = ("uncertainty", "p_qso", "random")
+
+
+def order_queue(table: pd.DataFrame, order: str | None = None) -> tuple[pd.DataFrame, str]:
+    """The inspection queue in the order asked: ``uncertainty`` (largest P_QSO_STD first, the
+    most informative verdict next; the default when the table has MC-dropout spreads),
+    ``p_qso`` (most probable quasars first) or ``random`` (a fixed shuffle, for unbiased checks)."""
+    has_std = "P_QSO_STD" in table.columns and bool(np.isfinite(pd.to_numeric(table["P_QSO_STD"], errors="coerce")).any())
+    if order is None:
+        order = "uncertainty" if has_std else "p_qso"
+    if order not in ORDERS:
+        raise InspectError(f"--order must be one of {', '.join(ORDERS)}, not {order!r}")
+    if order == "uncertainty":
+        if not has_std:
+            raise InspectError("--order uncertainty needs P_QSO_STD: run discover with --mc-dropout N")
+        std = pd.to_numeric(table["P_QSO_STD"], errors="coerce").fillna(-1.0)
+        keyed = table.assign(_std=std.to_numpy()).sort_values(["_std", "P_QSO"], ascending=[False, False], kind="stable")
+        return keyed.drop(columns="_std"), order
+    if order == "random":
+        return table.iloc[np.random.default_rng(0).permutation(len(table))], order
+    return table.sort_values("P_QSO", ascending=False, kind="stable"), order
 
 
 def prepare_candidates(df: pd.DataFrame, name: str = "candidates") -> pd.DataFrame:
@@ -298,6 +321,7 @@ class InspectState:
     default_category: str | None
     classes: list[str] = field(default_factory=list)
     index_html: str = ""
+    order: str = "p_qso"
 
     def __post_init__(self) -> None:
         self.classes = sorted({str(c) for c in self.table["CLASS"].dropna().unique()}) if "CLASS" in self.table else []
@@ -412,6 +436,7 @@ def info(st: InspectState = Depends(_state)) -> dict[str, Any]:
         "max_page": MAX_PAGE,
         "quality_bits": _quality_bits(),
         "label_reference": st.label_reference,
+        "order": st.order,
     }
 
 
@@ -505,6 +530,7 @@ def create_app(
     default_category: str | None = None,
     loopback_only: bool = True,
     search_dirs: list[str | os.PathLike[str]] | None = None,
+    order: str | None = None,
 ) -> FastAPI:
     """Build the app.
 
@@ -519,9 +545,11 @@ def create_app(
     else:
         table = load_candidates(candidates)
         search_dirs = [Path(candidates).parent, *(search_dirs or [])]
+    table, order = order_queue(table, order)
     if default_category is not None and default_category not in CATEGORIES:
         raise InspectError(f"--category must be one of {', '.join(CATEGORIES)}, not {default_category!r}")
-    state = InspectState(table, store, VerdictDB(db_path), [Path(d) for d in (search_dirs or [])], default_category, index_html=_index_html(token))
+    state = InspectState(table, store, VerdictDB(db_path), [Path(d) for d in (search_dirs or [])], default_category,
+                         index_html=_index_html(token), order=order)
 
     # No Swagger page: it would load its assets from a CDN. The schema stays for scripts.
     app = FastAPI(title="spectransfer inspect", version=__version__, docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")

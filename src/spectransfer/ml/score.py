@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 ENGINES = ("torch", "onnx", "onnx-int8")
 INT8_CALIBRATION_SPECTRA = 512  # spectra that set the int8 activation ranges
 Outputs = dict[str, np.ndarray]
+MC_SEED = 20211021  # the MC-dropout masks: one fixed sequence per batch
 Scorer = Callable[[np.ndarray], Outputs]
 
 
@@ -221,10 +222,12 @@ class EngineSpec:
     threads: int
     in_channels: int
     int8_calibration: Int8Calibration | None = None
+    mc_samples: int = 0  # > 0: also P(QSO)'s spread over this many MC-dropout passes of the dense head
+    temperature: float = 1.0  # the calibration the spread is measured in: sigmoid(logit / T)
 
 
 def prepare_engine(run_dir: str | Path, engine: str, work_dir: str | Path, store: Any = None, model: Any = None,
-                   threads: int | None = None) -> EngineSpec:
+                   threads: int | None = None, mc_samples: int = 0, temperature: float | None = None) -> EngineSpec:
     """Export/quantise what ``engine`` runs into ``work_dir`` (reused when already there).
 
     ``store`` is needed for ``onnx-int8`` (its spectra set the int8 ranges); ``model`` saves
@@ -236,8 +239,11 @@ def prepare_engine(run_dir: str | Path, engine: str, work_dir: str | Path, store
 
         model, _info = load_run(run_dir)
     threads = int(threads) if threads else default_threads()
+    if mc_samples < 0 or mc_samples == 1:
+        raise EvaluateError(f"--mc-dropout must be 0 (off) or >= 2 passes, got {mc_samples}")
     base = dict(run_dir=str(Path(run_dir).resolve()), engine=engine, threads=threads,
-                in_channels=int(model.config.in_channels))
+                in_channels=int(model.config.in_channels), mc_samples=int(mc_samples),
+                temperature=float(temperature) if temperature else 1.0)
     if engine == "torch":
         return EngineSpec(onnx_path=None, **base)
     work_dir = Path(work_dir)
@@ -291,7 +297,51 @@ def with_redshift(out: Outputs) -> Outputs:
 
 
 def build_scorer(spec: EngineSpec, model: Any = None) -> Scorer:
-    """A function: input (B, C, n_bins) float32 -> {"logit": (B,) float32, ...} for ``spec.engine``."""
+    """A function: input (B, C, n_bins) float32 -> {"logit": (B,) float32, ...} for ``spec.engine``
+    (plus ``p_qso_std`` when ``spec.mc_samples`` asks for MC dropout)."""
+    scorer = _engine_scorer(spec, model)
+    if spec.mc_samples <= 0:
+        return scorer
+    spread = mc_dropout_scorer(spec, model)
+
+    def with_spread(x: np.ndarray) -> Outputs:
+        return {**scorer(x), "p_qso_std": spread(x)}
+
+    return with_spread
+
+
+def mc_dropout_scorer(spec: EngineSpec, model: Any = None) -> Callable[[np.ndarray], np.ndarray]:
+    """Std of sigmoid(logit / T) over ``spec.mc_samples`` passes with the dense head's dropout on
+    (Gal & Ghahramani 2016): the trunk runs once, only the head is sampled. The dropout masks
+    come from a fixed seed per batch, so the same batches give the same spreads."""
+    import torch
+
+    from spectransfer.ml.models import load_run, unwrap
+
+    net = unwrap(model if model is not None else load_run(spec.run_dir)[0])
+    drops = [m for m in net.head.modules() if isinstance(m, torch.nn.Dropout)]
+
+    def spread(x: np.ndarray) -> np.ndarray:
+        was = net.training
+        net.eval()
+        try:
+            with torch.inference_mode(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(MC_SEED)
+                feats = net.features(torch.from_numpy(np.ascontiguousarray(x)))
+                for m in drops:
+                    m.train()
+                logits = torch.stack([net.head(feats).squeeze(-1) for _ in range(spec.mc_samples)])
+                p = torch.sigmoid(logits / spec.temperature)
+                return p.std(dim=0).float().numpy()
+        finally:
+            for m in drops:
+                m.eval()
+            net.train(was)
+
+    return spread
+
+
+def _engine_scorer(spec: EngineSpec, model: Any = None) -> Scorer:
     if spec.engine == "torch":
         import torch
 
