@@ -576,7 +576,7 @@ def _pipeline_labels(meta: pd.DataFrame) -> pd.DataFrame:
     known = cls.notna().to_numpy()
     out["label"] = is_qso.astype(np.int8)
     out["label_source"] = np.where(known, "pipeline", "none").astype(object)
-    out["catalog_name"] = np.where(is_qso, PIPELINE_CATALOG_NAME, None).astype(object)
+    out["catalog_name"] = [PIPELINE_CATALOG_NAME if q else None for q in is_qso]
     out["catalog_z"] = np.where(is_qso, pd.to_numeric(out["z"], errors="coerce").to_numpy(dtype=np.float64), np.nan)
     counts = {str(k): int(v) for k, v in cls.fillna("(none)").value_counts().items()}
     log.info("labels from the pipeline's CLASS: %d quasars; rows per class %s", int(is_qso.sum()), counts)

@@ -214,8 +214,9 @@ def run_experiment(out_dir: str | os.PathLike[str], size: str | ExperimentSize =
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     sfile = out / "size.json"
-    want = {"size": asdict(size), "seed": seed}
-    want["size"]["fractions"] = list(size.fractions)
+    size_dict: dict[str, Any] = asdict(size)
+    size_dict["fractions"] = list(size.fractions)
+    want = {"size": size_dict, "seed": seed}
     if sfile.is_file() and json.loads(sfile.read_text()) != want:
         raise EvaluateError(f"{out}: holds an experiment of another size or seed ({sfile}); choose a new --out")
     write_text_atomic(sfile, json.dumps(want, indent=2) + "\n")

@@ -297,12 +297,12 @@ def bootstrap_intervals(
             parts.setdefault(k, []).append(v)
     stats = {k: np.concatenate(v) for k, v in parts.items()}
     out = []
-    for k in range(len(thresholds)):
+    for i_t in range(len(thresholds)):
         out.append(
             {
-                "precision": _interval(stats[f"precision@{k}"], confidence),
-                "recall": _interval(stats[f"recall@{k}"], confidence),
-                "f1": _interval(stats[f"f1@{k}"], confidence),
+                "precision": _interval(stats[f"precision@{i_t}"], confidence),
+                "recall": _interval(stats[f"recall@{i_t}"], confidence),
+                "f1": _interval(stats[f"f1@{i_t}"], confidence),
                 "roc_auc": _interval(stats["roc_auc"], confidence),
                 "pr_auc": _interval(stats["pr_auc"], confidence),
             }
@@ -667,7 +667,7 @@ def redshift_report(z_pred: Any, z_true: Any, snr: Any = None, n_resamples: int 
     return out
 
 
-def _z_bins(z_pred: np.ndarray, z_true: np.ndarray, var: np.ndarray, edges: Sequence[float], fmt: str) -> list[dict[str, Any]]:
+def _z_bins(z_pred: np.ndarray, z_true: np.ndarray, var: np.ndarray, edges: Sequence[float] | np.ndarray, fmt: str) -> list[dict[str, Any]]:
     rows = []
     for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
         sel = (var >= lo) & ((var < hi) if i < len(edges) - 2 else (var <= hi))

@@ -355,7 +355,7 @@ def template_spectrum(z: float, coef: np.ndarray, grid: Grid = DEFAULT_GRID) -> 
     """The quasar template model (4 basis coefficients) at redshift ``z`` on ``grid``,
     rebinned as the fitter sees it (a shift of whole pixels: z is rounded to the trial grid)."""
     scan = _scan(grid)
-    m = int(np.rint(scan.m_of(z)))
+    m = int(np.rint(scan.m_of(np.asarray(z, dtype=np.float64))))
     t = next(t for t in scan.templates if t.lo <= m < t.hi)
     start = t.hi - 1 - m
     return np.asarray(coef, dtype=np.float64)[:N_BASES] @ t.ext[:, start : start + grid.n_bins]
