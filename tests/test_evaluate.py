@@ -408,3 +408,13 @@ def test_undefined_metrics_are_shown_as_undefined(tmp_path: Path) -> None:
 
     text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
     assert "undefined" in text and not re.search(r"\bnan\b", text, re.IGNORECASE)
+
+
+def test_one_run_named_twice_gets_a_readable_second_name(tmp_path: Path) -> None:
+    from spectransfer.evaluation.runner import run_names
+
+    a = tmp_path / "x" / "run"
+    b = tmp_path / "y" / "run"
+    assert run_names([a, a]) == ["x/run", "x/run (2)"]
+    assert run_names([a, b]) == ["x/run", "y/run"]
+    assert run_names([a, a, a])[2] == "x/run (3)"

@@ -631,6 +631,9 @@ def learning_curve_cmd(
         typer.echo(f"{s['mode']:8s} fraction {s['fraction']:<8g} labels {s['n_train_labels']:>10.0f}  "
                    f"F1 {f(s['f1_mean'])} ± {f(s['f1_std'])}  PR AUC {f(s['pr_auc_mean'])} ± {f(s['pr_auc_std'])}")
     typer.echo(f"learning curve: {out / 'learning_curve.json'}")
+    cells = doc.get("cells", [])
+    if cells and all(c.get("status") == "skipped" for c in cells):
+        fail(f"{out}: every cell was skipped (first reason: {cells[0].get('reason')}); no learning curve to show")
 
 
 # ---- simulate (owner: simulate helper) --------------------------------------------------------

@@ -133,8 +133,10 @@ def run_names(run_dirs: Sequence[Path]) -> list[str]:
         if names.count(n) > 1:
             rr = Path(r).resolve()
             n = f"{rr.parent.name}/{rr.name}"
-        while n in out:
-            n = n + "'"
+        base, k = n, 2
+        while n in out:  # the same folder named twice: "run", "run (2)"
+            n = f"{base} ({k})"
+            k += 1
         out.append(n)
     return out
 
