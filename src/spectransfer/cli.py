@@ -734,6 +734,8 @@ def classify_cmd(
     engine: str = typer.Option("torch", "--engine", help="torch (eager fp32) or onnx (onnxruntime fp32); onnx-int8 needs a store: use discover."),
     refine: str = typer.Option("full", "--refine", help="Redshifts of the positives with the DR16Q quasar templates (Z_PRED): full (scan z 0-7; default, measured right on 13 of 14 real SDSS quasars), window (DESI's ±0.0784(1+z) around the network's Z_NET, ~10x faster) or none."),
     mc_dropout: int = typer.Option(0, "--mc-dropout", callback=non_negative_int, help="MC-dropout passes of the dense head for P_QSO_STD, the spread that `inspect --order uncertainty` sorts by (0 = off, as fast as without; 10-20 is usual; see bench/discover.py for its cost)."),
+    no_zwarning_filter: bool = typer.Option(False, "--no-zwarning-filter", help="Also score SDSS spectra with ZWARNING != 0 (ingest's cut, off)."),
+    no_coverage_filter: bool = typer.Option(False, "--no-coverage-filter", help="Also score spectra that do not cover the whole grid (missing bins are empty)."),
     batch_size: int = typer.Option(256, "--batch-size", help="Spectra per network call."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (rows and failed files) instead of the table."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -754,7 +756,8 @@ def classify_cmd(
         fail("--batch-size must be >= 1")
     with progress_bar("classify", total=None, unit="files", quiet=quiet or as_json) as bar:
         res = classify(run, paths, out=out, threshold=threshold, engine=engine, batch_size=batch_size, progress=bar,
-                       refine=refine, mc_samples=mc_dropout)
+                       refine=refine, mc_samples=mc_dropout, zwarning_filter=not no_zwarning_filter,
+                       coverage_filter=not no_coverage_filter)
     t = res.table
     if as_json:
         rows = json.loads(t.to_json(orient="records"))

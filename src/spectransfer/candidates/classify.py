@@ -48,9 +48,10 @@ class ClassifyResult:
     header: list[tuple[str, Any, str]] = field(default_factory=list)
 
 
-def _read(files: Sequence[str], grid: Any, progress: Any) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, list[tuple[str, str]]]:
+def _read(files: Sequence[str], grid: Any, progress: Any, options: IngestOptions | None = None,
+          ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, list[tuple[str, str]]]:
     """Meta rows, normalised flux and ivar on ``grid`` of the files that pass, and the failures."""
-    options = IngestOptions()
+    options = options or IngestOptions()
     records: list[dict[str, Any]] = []
     good: list[tuple[dict[str, Any], Any]] = []
     for path in files:
@@ -81,6 +82,8 @@ def classify(
     progress: Any = None,
     refine: str = "full",
     mc_samples: int = 0,
+    zwarning_filter: bool = True,
+    coverage_filter: bool = True,
 ) -> ClassifyResult:
     """P(QSO) for every spectrum file under ``paths`` (files or folders); writes ``out`` if given.
 
@@ -100,7 +103,8 @@ def classify(
     from spectransfer.ml.models import load_run  # torch: once the arguments are known good
 
     model, info = load_run(run_dir)
-    meta, flux, ivar, failed = _read(files, info.grid, progress)
+    options = IngestOptions(zwarning_filter=zwarning_filter, coverage_filter=coverage_filter)
+    meta, flux, ivar, failed = _read(files, info.grid, progress, options)
     failed = [*skipped, *failed]
     for path, reason in failed:
         log.warning("%s: not scored (%s)", path, reason)

@@ -1,0 +1,30 @@
+"""The reality check counts right and wrong answers on real files by their own pipeline class."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from spectransfer.config import DEFAULT_GRID
+from spectransfer.evaluation.reality import reality_check
+from test_discover import _run
+
+
+def test_reality_check_counts_by_the_files_own_class(real_data: Path, tmp_path: Path) -> None:
+    run = _run(tmp_path / "run", seed=5, grid=DEFAULT_GRID)
+    rep = reality_check(run, [real_data / "sdss", real_data / "lamost"], threshold=0.5, engine="onnx", refine="none")
+    files = {r["file"]: r for r in rep["files"]}
+    n_files = len(list((real_data / "sdss").iterdir())) + len(list((real_data / "lamost").iterdir()))
+    assert len(files) + len(rep["not_scored"]) == n_files
+    # the reference: each SDSS spec file's own HDU2 CLASS
+    for f in sorted((real_data / "sdss").glob("spec-*.fits")):
+        with fits.open(f) as hdul:
+            assert files[f.name]["pipeline_class"] == str(hdul[2].data["CLASS"][0]).strip().upper()
+    assert files["spec-55919-B5591903_sp01-001.fits"]["pipeline_class"] is None  # LAMOST 'Unknown': not counted
+    counted = [r for r in files.values() if r["pipeline_class"] is not None]
+    assert rep["n_real"] == len(counted) == sum(c["n"] for c in rep["per_class"].values())
+    qso = [r for r in counted if r["pipeline_class"] == "QSO"]
+    assert rep["n_qso"] == len(qso) and rep["real_qso_recall"] == np.mean([r["is_qso"] for r in qso])
+    assert rep["real_accuracy"] == np.mean([r["right"] for r in counted])
