@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import expect
 
 from spectransfer.inspect.app import create_app
 from spectransfer.inspect.server import running_server
@@ -75,7 +76,7 @@ def test_keys_record_verdicts_in_sqlite(browser, tmp_path, real_data):
 
         page.fill("#inspector", "playwright")
         page.press("#inspector", "Enter")  # leaves the field, so keys go to the page again
-        page.wait_for_function("document.querySelector('#c-id').textContent === %r" % top[0])
+        expect(page.locator("#c-id")).to_have_text(top[0])
         page.wait_for_selector("#c-src >> text=original pixels", timeout=30_000)  # the real SDSS file
 
         page.keyboard.press("q")
@@ -87,7 +88,7 @@ def test_keys_record_verdicts_in_sqlite(browser, tmp_path, real_data):
             top[1]: ("not_qso", None, "playwright"),
             top[2]: ("unsure", None, "playwright"),
         }
-        page.wait_for_function("document.querySelector('#n-done').textContent === '3'")
+        expect(page.locator("#n-done")).to_have_text("3")
         assert page.text_content("#n-total") == str(len(table))
         assert page.text_content("#c-id") == top[3]
 
@@ -102,7 +103,7 @@ def test_keys_record_verdicts_in_sqlite(browser, tmp_path, real_data):
         # Arrows move back; a second verdict by the same person replaces the first.
         for _ in range(4):
             page.keyboard.press("ArrowLeft")
-        page.wait_for_function("document.querySelector('#c-id').textContent === %r" % top[0])
+        expect(page.locator("#c-id")).to_have_text(top[0])
         page.click("#b-not")
         deadline = time.monotonic() + 30
         while rows(db).get(top[0], ("qso",))[0] != "not_qso" and time.monotonic() < deadline:
@@ -111,7 +112,7 @@ def test_keys_record_verdicts_in_sqlite(browser, tmp_path, real_data):
         assert len(rows(db)) == 4
 
         # Dragging the plot sideways stretches the lines: 1 + z scales as the wavelength does.
-        page.wait_for_function("document.querySelector('#c-id').textContent === %r" % top[1])  # moved on after the verdict
+        expect(page.locator("#c-id")).to_have_text(top[1])  # moved on after the verdict
         page.wait_for_selector("#plot-msg", state="hidden")
         z0 = page.evaluate("() => parseFloat(document.querySelector('#c-pipe').textContent.split('z = ')[1])")
         box = page.locator("#plot").bounding_box()
