@@ -323,8 +323,17 @@ def quasar_model(rng: np.random.Generator, loglam: np.ndarray, z: np.ndarray, is
         trans = np.where(rest < LYMAN_LIMIT, trans * 0.02, trans)
         flux = flux * trans
 
-    # Broad absorption line troughs (C IV, Si IV, N V; Mg II as well for LoBALs), outflow
-    # velocities a few thousand to 25000 km/s.
+    if np.any(is_bal):
+        flux = flux * (1.0 - bal_absorption(rng, rest, is_bal))
+    return flux
+
+
+def bal_absorption(rng: np.random.Generator, rest: np.ndarray, is_bal: np.ndarray) -> np.ndarray:
+    """Fractional absorption (N, P) of broad absorption line troughs at rest wavelengths ``rest``.
+
+    C IV, Si IV, N V (and Mg II for the ~12% LoBALs), outflow velocities a few thousand to
+    25000 km/s, depths 0.35-0.9; zero for the rows where ``is_bal`` is False."""
+    absorb_all = np.zeros_like(rest)
     if np.any(is_bal):
         idx = np.nonzero(is_bal)[0]
         k = idx.shape[0]
@@ -341,8 +350,8 @@ def quasar_model(rng: np.random.Generator, loglam: np.ndarray, z: np.ndarray, is
             prof = _smoothstep((r - lo[:, None]) / edge) * _smoothstep((hi[:, None] - r) / edge)
             w = weight * (lobal if only_lo else np.ones(k, dtype=bool))
             absorb = np.maximum(absorb, (depth * w)[:, None] * prof)
-        flux[idx] = flux[idx] * (1.0 - absorb)
-    return flux
+        absorb_all[idx] = absorb
+    return absorb_all
 
 
 # ---- stars ------------------------------------------------------------------------------------
@@ -362,8 +371,8 @@ STAR_TYPES: tuple[tuple[str, float, float], ...] = (
 
 def star_subclass(kind: str, temp: float) -> str:
     """A spectral subtype string like 'F5' or 'M2' from the type and temperature."""
-    if kind == "WD":
-        return "WD"
+    if kind in ("WD", "CV"):
+        return kind
     for name, lo, hi in STAR_TYPES:
         if name == kind:
             sub = int(np.clip(9.99 * (hi - temp) / (hi - lo), 0, 9))
