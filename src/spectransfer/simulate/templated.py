@@ -31,6 +31,7 @@ f_lambda in arbitrary units, already smoothed to the instrument's resolution.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -124,7 +125,7 @@ def forest_fluctuations(rng: np.random.Generator, wave: np.ndarray, z: np.ndarra
 
 
 def quasar_model(
-    rng: np.random.Generator, loglam: np.ndarray, z: np.ndarray, host_ratio: np.ndarray, bal_absorb: "callable", sigma_inst_log: float
+    rng: np.random.Generator, loglam: np.ndarray, z: np.ndarray, host_ratio: np.ndarray, bal_absorb: Callable[[np.ndarray], np.ndarray], sigma_inst_log: float
 ) -> np.ndarray:
     """Quasar (+ host) spectra (N, P): PCA continuum and lines, tilt, forest, BALs, host light.
 
