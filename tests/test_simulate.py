@@ -496,3 +496,19 @@ def test_plan_is_deterministic_by_seed() -> None:
     for key in ("z", "mag", "archetype", "host_ratio", "star_type"):
         assert np.array_equal(a[key], b[key]), key
     assert not np.array_equal(a["z"], c["z"])
+
+
+def test_galactic_extinction_follows_the_cardelli_table() -> None:
+    """A_lambda/A_V at the R, I, J effective wavelengths of Cardelli et al. (1989) Table 3
+    (R_V = 3.1: 0.751, 0.479, 0.282; V = 1), and the reddening the plan draws is larger for
+    LAMOST's disk fields than for SDSS."""
+    from spectransfer.simulate import plan as sim_plan
+    from spectransfer.simulate.spectra import ccm_a_over_av, galactic_extinction
+
+    got = ccm_a_over_av(np.array([5500.0, 7000.0, 9000.0, 12500.0]))
+    assert got == pytest.approx([1.0, 0.751, 0.479, 0.282], abs=0.005)
+    t = galactic_extinction(np.array([5500.0]), np.array([0.1]))
+    assert t[0, 0] == pytest.approx(10 ** (-0.4 * 0.31), rel=1e-3)
+    s = sim_plan.plan_survey("sdss", 4000, seed=1, qso_fraction=0.14)["ebv"]
+    lam = sim_plan.plan_survey("lamost", 4000, seed=1, qso_fraction=0.0035)["ebv"]
+    assert 0.0 <= s.min() and lam.max() <= 1.0 and np.median(lam) > 2 * np.median(s)

@@ -23,6 +23,7 @@ GALAXY_SHARE = {"sdss": 0.72, "lamost": 0.02}
 REPEAT_FRACTION = {"sdss": 0.08, "lamost": 0.10}  # share of quasar spectra that re-observe a quasar
 CATALOG_MISSING = 0.03
 LOW_Z_SHARE = {"sdss": 0.10, "lamost": 0.08}  # quasars below z = 0.5 (DR16Q: ~8-10%)
+EBV_MEAN = {"sdss": 0.04, "lamost": 0.15}  # mean Milky Way colour excess E(B-V) of the targets
 HOST_Z_MAX = 1.0  # host light drawn below this redshift (at higher z the quasar outshines it)  # share of true quasars the catalogue leaves out
 
 CLASS_NAMES = np.array(["QSO", "GALAXY", "STAR"])
@@ -177,6 +178,9 @@ def plan_survey(survey: str, n: int, seed: int, qso_fraction: float) -> dict[str
     arch[so] = rng.integers(0, 1 << 30, so.size) % np.maximum(n_arch, 1)
     rv = rng.normal(0.0, 40.0, n_obj)
     z[so] = rv[so] / spectra.C_KMS
+    # Milky Way dust along the line of sight (Schlegel et al. 1998 maps): SDSS looks out of the
+    # plane (median E(B-V) ~ 0.03); LAMOST's disk fields (anticentre, low latitude) far more.
+    ebv = np.minimum(rng.exponential(EBV_MEAN[survey], n_obj), 1.0)
     in_catalog = (obj_cls == QSO) & (rng.random(n_obj) >= CATALOG_MISSING)
 
     # Where the objects are: fields (plates / plans) of a few hundred targets.
@@ -204,6 +208,7 @@ def plan_survey(survey: str, n: int, seed: int, qso_fraction: float) -> dict[str
         "is_bal": is_bal[obj_of_file],
         "archetype": arch[obj_of_file],
         "host_ratio": host[obj_of_file],
+        "ebv": ebv[obj_of_file],
         "in_catalog": in_catalog[obj_of_file],
         "field": field_of_obj[obj_of_file],
         "field_ra": f_ra[field_of_obj[obj_of_file]] if n_fields else np.zeros(n),

@@ -98,6 +98,7 @@ def _simulate_batch(survey: str, seed: int, batch: int, rows: dict[str, np.ndarr
     s = np.nonzero(prim & (cls == STAR))[0]
     if s.size:
         model[s] = templated.star_model(rng, loglam, rows["star_type"][s], rows["archetype"][s], rows["z"][s], sig)
+    model[prim] *= spectra.galactic_extinction(wave, rows["ebv"][prim])
     model[prim] = spectra.normalise_to_mag(wave, model[prim], rows["mag"][prim])
     # A repeat is the same spectrum seen again (a little brighter or fainter).
     local_first = rows["first_file"] - rows["_offset"]
@@ -430,6 +431,7 @@ def _write_truth(path: Path, survey: str, f: dict[str, np.ndarray], res: dict[st
         "is_bal": pa.array(f["is_bal"].astype(bool)),
         # Share of the rest-frame 5100 A flux that is host-galaxy light (quasars; 0 otherwise).
         "host_fraction": pa.array((f["host_ratio"] / (1.0 + f["host_ratio"])).astype(np.float32)),
+        "ebv": pa.array(f["ebv"].astype(np.float32)),
     }
     table = pa.table(cols)
     table = table.replace_schema_metadata({"spectransfer": f"simulate survey={survey} seed={seed}"})
