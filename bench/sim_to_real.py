@@ -3,8 +3,9 @@
 Ingests every real file under DATA/sdss and DATA/lamost into a temporary store with the real
 ingest code (no ZWARNING or coverage filter, so every readable file gets a row), scores them
 with the run, and compares P(QSO) >= threshold with the files' own pipeline CLASS (QSO or
-not). Prints one line per file, counts per class, then one JSON line: real_qso_recall,
-real_precision, real_accuracy, n_real, real_fp_rate_sdss, real_fp_rate_lamost.
+not; a file the pipeline left unclassified is listed but not counted). Prints one line per
+file, counts per class, then one JSON line: real_qso_recall, real_precision, real_accuracy,
+n_real, real_fp_rate_sdss, real_fp_rate_lamost.
 
     PYTHONPATH=src .venv/bin/python bench/sim_to_real.py [--run demo-output/runs/finetune] [--data DIR]
 
@@ -81,20 +82,20 @@ def main() -> None:
         p = score(args.run, Path(tmp) / "store")
     meta = meta.assign(p_qso=p, file=[Path(str(f)).name for f in meta["source_file"]])
     meta["folder"] = [Path(str(f)).parent.name for f in meta["source_file"]]
-    truth = (meta["pipeline_class"].astype(str).str.upper() == "QSO").to_numpy()
-    called = (meta["p_qso"] >= args.threshold).to_numpy()
-    meta = meta.sort_values(["folder", "pipeline_class", "file"])
+    meta["cls"] = meta["pipeline_class"].fillna("UNKNOWN").astype(str).str.upper()
+    meta = meta.sort_values(["folder", "cls", "file"])
     for _, r in meta.iterrows():
-        ok = (r["p_qso"] >= args.threshold) == (str(r["pipeline_class"]).upper() == "QSO")
+        verdict = "n/a" if r["cls"] == "UNKNOWN" else ("ok " if (r["p_qso"] >= args.threshold) == (r["cls"] == "QSO") else "BAD")
         edge = f"  [edge: {EDGE_CASES[r['file']]}]" if r["file"] in EDGE_CASES else ""
-        print(f"{r['folder']:7s} {str(r['pipeline_class']):8s} z={float(r['z']):8.4f} P(QSO)={r['p_qso']:.3f} "
-              f"{'ok ' if ok else 'BAD'} {r['file']}{edge}")
-    for (folder, cls), g in meta.groupby(["folder", "pipeline_class"]):
+        print(f"{r['folder']:7s} {r['cls']:8s} z={float(r['z']):8.4f} P(QSO)={r['p_qso']:.3f} {verdict} {r['file']}{edge}")
+    for (folder, cls), g in meta.groupby(["folder", "cls"]):
         print(f"{folder} {cls}: {len(g)} files, {(g['p_qso'] >= args.threshold).sum()} called QSO, median P(QSO) {g['p_qso'].median():.3f}")
-    sdss = (meta["folder"] == "sdss").to_numpy()
-    lam = (meta["folder"] == "lamost").to_numpy()
-    truth = (meta["pipeline_class"].astype(str).str.upper() == "QSO").to_numpy()
-    called = (meta["p_qso"] >= args.threshold).to_numpy()
+    # A file whose pipeline gave no class (LAMOST 'Unknown') has no truth: listed, not counted.
+    known = meta[meta["cls"] != "UNKNOWN"]
+    sdss = (known["folder"] == "sdss").to_numpy()
+    lam = (known["folder"] == "lamost").to_numpy()
+    truth = (known["cls"] == "QSO").to_numpy()
+    called = (known["p_qso"] >= args.threshold).to_numpy()
 
     def frac(num: np.ndarray, den: np.ndarray) -> float | None:
         return float(num.sum() / den.sum()) if den.sum() else None
@@ -106,9 +107,10 @@ def main() -> None:
         "real_accuracy": float((called == truth).mean()) if len(truth) else None,
         "n_real": int(len(truth)),
         "n_real_qso": int(truth.sum()),
+        "n_unknown_class": int(len(meta) - len(known)),
         "real_fp_rate_sdss": frac(called & ~truth & sdss, ~truth & sdss),
         "real_fp_rate_lamost": frac(called & ~truth & lam, ~truth & lam),
-        "median_p_qso_real_non_qso": float(np.median(meta["p_qso"][~truth])) if (~truth).any() else None,
+        "median_p_qso_real_non_qso": float(np.median(known["p_qso"][~truth])) if (~truth).any() else None,
     }
     print(json.dumps(out))
 
