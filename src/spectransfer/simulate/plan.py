@@ -23,6 +23,10 @@ GALAXY_SHARE = {"sdss": 0.72, "lamost": 0.02}
 REPEAT_FRACTION = {"sdss": 0.08, "lamost": 0.10}  # share of quasar spectra that re-observe a quasar
 CATALOG_MISSING = 0.03
 LOW_Z_SHARE = {"sdss": 0.10, "lamost": 0.08}  # quasars below z = 0.5 (DR16Q: ~8-10%)
+# Of those, broad-line AGN (Seyfert 1s) among the main-sample galaxy targets: main-sample
+# redshifts and magnitudes (r < 17.77), so low luminosity and host-dominated; the pipeline
+# calls them QSO BROADLINE and DR16Q keeps them (it has no luminosity cut).
+SEYFERT_SHARE = {"sdss": 0.04, "lamost": 0.02}
 EBV_MEAN = {"sdss": 0.04, "lamost": 0.15}  # mean Milky Way colour excess E(B-V) of the targets
 HOST_Z_MAX = 1.0  # host light drawn below this redshift (at higher z the quasar outshines it)  # share of true quasars the catalogue leaves out
 
@@ -33,10 +37,12 @@ QSO, GALAXY, STAR = 0, 1, 2
 # ---- planning ---------------------------------------------------------------------------------
 
 
-def _quasar_redshifts(rng: np.random.Generator, survey: str, n: int) -> np.ndarray:
-    """z in [0.05, 5]: a low-z tail (share LOW_Z_SHARE below z = 0.5, p(z) rising as z: slower
-    than the volume, z^2, because the faint end of a flux-limited sample is lost) and above it a smooth distribution peaking at z ~ 1.5-2.5 (SDSS, as DR16Q, Lyke et al.
-    2020) or z ~ 1-1.5 (LAMOST quasars are brighter; Yao et al. 2019)."""
+def _quasar_redshifts(rng: np.random.Generator, survey: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """z in [0.02, 5]: a low-z tail (share LOW_Z_SHARE below z = 0.5, p(z) rising as z: slower
+    than the volume, z^2, because the faint end of a flux-limited sample is lost) and above
+    it a smooth distribution peaking at z ~ 1.5-2.5 (SDSS, as DR16Q, Lyke et al. 2020) or
+    z ~ 1-1.5 (LAMOST quasars are brighter; Yao et al. 2019). Returns z and which objects are
+    main-sample Seyfert 1s (SEYFERT_SHARE, part of the low-z tail)."""
     grid = np.linspace(0.5, 5.0, 2000)
     if survey == "sdss":
         pdf = 0.30 * np.exp(-0.5 * ((grid - 1.1) / 0.45) ** 2) + 0.55 * np.exp(-0.5 * ((grid - 2.2) / 0.5) ** 2) + 0.15 * np.exp(-0.5 * ((grid - 3.0) / 0.7) ** 2)
@@ -45,11 +51,14 @@ def _quasar_redshifts(rng: np.random.Generator, survey: str, n: int) -> np.ndarr
     cdf = np.cumsum(pdf)
     cdf /= cdf[-1]
     z = np.interp(rng.random(n), cdf, grid)
-    low = rng.random(n) < LOW_Z_SHARE[survey]
-    # Below 0.5: p(z) ~ z on [0.05, 0.5], by inverting its CDF.
     u = rng.random(n)
-    z_low = np.sqrt(0.05**2 + u * (0.5**2 - 0.05**2))
-    return np.where(low, z_low, z)
+    low = u < LOW_Z_SHARE[survey]
+    seyfert = u < SEYFERT_SHARE[survey]
+    # Below 0.5: p(z) ~ z on [0.05, 0.5], by inverting its CDF; Seyferts as main-sample galaxies.
+    v = rng.random(n)
+    z_low = np.sqrt(0.05**2 + v * (0.5**2 - 0.05**2))
+    z_sey = np.clip(rng.gamma(3.0, 0.035, n), 0.02, 0.3)
+    return np.where(seyfert, z_sey, np.where(low, z_low, z)), seyfert
 
 
 # Luminosity distance for the host-to-quasar ratio (flat LambdaCDM, H0 = 70, Omega_m = 0.3).
@@ -144,7 +153,7 @@ def plan_survey(survey: str, n: int, seed: int, qso_fraction: float) -> dict[str
     qo = np.nonzero(obj_cls == QSO)[0]
     go = np.nonzero(obj_cls == GALAXY)[0]
     so = np.nonzero(obj_cls == STAR)[0]
-    z[qo] = _quasar_redshifts(rng, survey, qo.size)
+    z[qo], seyfert = _quasar_redshifts(rng, survey, qo.size)
     # BAL quasars: ~12% where C IV is observable (z > 1.6), rarer (LoBAL only) below.
     is_bal[qo] = rng.random(qo.size) < np.where(z[qo] > 1.6, 0.12, 0.015)
     o2_ew, ha_ew = templated.galaxy_archetype_lines()
@@ -153,6 +162,7 @@ def plan_survey(survey: str, n: int, seed: int, qso_fraction: float) -> dict[str
     if survey == "sdss":
         # Low-z quasars are the bright end (DR7/DR16Q low-z quasars: i < 19.1 targets).
         mag[qo] = np.where(z[qo] < 0.5, rng.uniform(16.5, 20.5, qo.size), np.clip(22.0 - rng.exponential(1.3, qo.size), 16.5, 22.0))
+        mag[qo] = np.where(seyfert, np.clip(17.77 - rng.exponential(0.9, qo.size), 14.0, 17.77), mag[qo])
         pop = rng.choice(3, size=go.size, p=SDSS_GALAXY_MIX)  # main, LRG, ELG
         z[go] = np.select([pop == 0, pop == 1], [np.clip(rng.gamma(3.0, 0.035, go.size), 0.005, 0.35), np.clip(rng.normal(0.45, 0.13, go.size), 0.15, 0.8)],
                           rng.uniform(0.6, 1.1, go.size))
@@ -162,6 +172,7 @@ def plan_survey(survey: str, n: int, seed: int, qso_fraction: float) -> dict[str
         mag[so] = rng.uniform(15.0, 20.5, so.size)
     else:
         mag[qo] = rng.uniform(17.0, 20.0, qo.size)
+        mag[qo] = np.where(seyfert, rng.uniform(14.5, 17.8, qo.size), mag[qo])
         z[go] = np.clip(rng.gamma(3.0, 0.03, go.size), 0.005, 0.8)
         mag[go] = np.clip(17.8 - rng.exponential(0.6, go.size), 14.5, 17.8)
         arch[go] = rng.integers(0, o2_ew.size, go.size)
