@@ -173,7 +173,9 @@ def test_quasar_lines_sit_at_the_redshifted_rest_wavelength(sdss_sim: Path) -> N
     lies within one pixel of (1 + z) * lambda_rest."""
     t = _truth(sdss_sim)
     q = t[(t.true_class == "QSO") & ~t.is_bal]
-    lines = {"[OIII]5007": (5008.24, 8), "CIII]": (1908.73, 60), "MgII": (2798.75, 60), "Ha": (6564.61, 60)}  # half-window in pixels
+    # Lines whose peak in the DR16Q PCA mean spectrum lies within 1 A of the laboratory value
+    # (C III] is blended with Si III] and C IV is blueshifted in real quasars, so not those).
+    lines = {"[OIII]5007": (5008.24, 8), "Hb": (4862.68, 60), "MgII": (2798.75, 60), "Ha": (6564.61, 60)}  # half-window in pixels
     offsets: dict[str, list[float]] = {k: [] for k in lines}
     for _, r in q.iterrows():
         with fits.open(sdss_sim / r.path) as h:
@@ -201,29 +203,30 @@ def test_quasar_lines_sit_at_the_redshifted_rest_wavelength(sdss_sim: Path) -> N
     for name, off in offsets.items():
         assert len(off) >= 3, f"too few quasars with {name} in range"
         off_a = np.abs(np.array(off))
-        assert np.median(off_a) < 0.5, (name, np.median(off_a))
-        assert np.quantile(off_a, 0.9) <= 1.0, (name, sorted(off_a)[-5:])
+        # Broad lines sit on Fe II, host light and narrow neighbours ([N II] beside H alpha): a
+        # Gaussian fit wanders by up to ~100 km/s; a redshift error of 1e-3 would be 4 pixels.
+        tol = 0.5 if name == "[OIII]5007" else 1.5
+        assert np.median(off_a) < tol, (name, np.median(off_a))
+        assert np.quantile(off_a, 0.75) <= 2 * tol, (name, sorted(off_a)[-5:])
 
 
-def test_lyman_alpha_forest_transmission_follows_tau_eff() -> None:
-    """Mean flux / unabsorbed continuum blueward of Lya ~ exp(-0.0018 (1+z)^3.92)."""
-    from spectransfer.simulate import spectra
+def test_lyman_alpha_forest_fluctuations_keep_the_template_mean_and_scatter_as_tau_eff() -> None:
+    """The forest factor multiplying the quasar template has mean 1 (the template carries the
+    mean absorption) and the scatter that tau_eff = 0.0018 (1+z)^3.92 implies: for tau = tau' g,
+    g ~ Exp(1), Var[exp(-tau)(1+tau')] = (1+tau')^2 / (1+2tau') - 1 before the 3-tap smoothing."""
+    from spectransfer.simulate import templated
 
-    z = np.full(300, 3.0)
-    loglam = SDSS.loglam
-    absorbed = spectra.quasar_model(np.random.default_rng(1), loglam, z, np.zeros(300, bool), SDSS.sigma_inst_log)
-    # The same draws without the forest: rest-frame window 1070-1160 A has no emission lines.
-    wave = 10**loglam
+    z = np.full(400, 3.0)
+    wave = SDSS.wave
+    f = templated.forest_fluctuations(np.random.default_rng(1), wave, z)
     rest = wave / 4.0
     sel = (rest > 1080) & (rest < 1150)
-    z_abs = wave[sel] / spectra.LYA - 1.0
-    expected = np.mean(np.exp(-spectra.lya_tau_eff(z_abs)))
-    # Unabsorbed continuum: the power law extrapolated from just redward of Lya + N V.
-    red = (rest > 1280) & (rest < 1350)
-    ratio = np.mean(absorbed[:, sel], axis=1) / np.mean(absorbed[:, red], axis=1)
-    powerlaw = np.mean((rest[sel] / 1315.0) ** -1.56)
-    got = np.median(ratio) / powerlaw
-    assert got == pytest.approx(expected, rel=0.12)
+    assert np.mean(f[:, sel]) == pytest.approx(1.0, abs=0.02)
+    assert np.all(f[:, rest > 1216.0] == 1.0)
+    tau = np.expm1(templated.lya_tau_eff(wave[sel] / templated.LYA - 1.0))
+    var_raw = (1 + tau) ** 2 / (1 + 2 * tau) - 1
+    # Smoothing (1, 2, 1)/4 of independent pixels divides the variance by 16/6.
+    assert np.var(f[:, sel]) == pytest.approx(np.mean(var_raw) * 6 / 16, rel=0.15)
 
 
 def test_lamost_has_an_arm_join_and_worse_calibration_than_sdss() -> None:
@@ -289,12 +292,12 @@ def test_class_fractions_match_what_was_asked(sdss_sim: Path) -> None:
         g = int((plan["cls"] == sim_survey.GALAXY).sum())
         pg = (1 - q) * GALAXY_SHARE[survey]
         assert abs(g - n * pg) < 4 * np.sqrt(n * pg * (1 - pg))
-    # Redshift ranges: quasars 0.1-5 peaking at 1.5-2.5 (SDSS), galaxies 0-0.8.
+    # Redshift ranges: quasars 0.02-5 peaking at 1.5-2.5 (SDSS), galaxies 0-1.1.
     plan = sim_survey.plan_survey("sdss", 20000, seed=4, qso_fraction=0.5)
     zq = plan["z"][plan["cls"] == sim_survey.QSO]
     zg = plan["z"][plan["cls"] == sim_survey.GALAXY]
-    assert zq.min() >= 0.1 and zq.max() <= 5.0 and 1.5 <= np.median(zq) <= 2.5
-    assert zg.min() >= 0.0 and zg.max() <= 0.8
+    assert zq.min() >= 0.02 and zq.max() <= 5.0 and 1.5 <= np.median(zq) <= 2.5
+    assert zg.min() >= 0.0 and zg.max() <= 1.1
 
 
 def test_truth_records_repeats_wrong_pipeline_answers_and_catalogue_gaps(sdss_sim: Path) -> None:
@@ -416,3 +419,103 @@ def test_cli_bad_input_exits_non_zero_with_one_line(tmp_path: Path) -> None:
         lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
         assert len(lines) == 1 and needle in lines[0], res.stderr
     assert not (tmp_path / "x").exists()
+
+
+# ---- templates and the sky's mix --------------------------------------------------------------
+
+
+def test_templates_reproduce_the_redrock_archetype_spectra(shared_data: Path) -> None:
+    """coeff @ basis of the shipped derivative equals the original redrock file's archetype
+    spectrum averaged onto the same 1e-4 dex bins (astropy read, numpy integration)."""
+    from spectransfer.templates import load_templates
+
+    src = shared_data.parent / "templates" / "redrock"
+    if not (src / "rrtemplate-galaxy.fits").exists():
+        pytest.skip(f"redrock template files not at {src}")
+    t = load_templates()
+    rng = np.random.default_rng(0)
+    for name, fname in (("galaxy", "rrtemplate-galaxy.fits"), ("star_f", "rrtemplate-STAR-F-v0.1.fits")):
+        with fits.open(src / fname) as h:
+            basis = np.asarray(h[0].data, dtype=np.float64)
+            hdr = h[0].header
+            wave = hdr["CRVAL1"] + hdr["CDELT1"] * np.arange(basis.shape[1])
+        tpl = t[name]
+        rows = rng.choice(tpl.coeff.shape[0], 5, replace=False)
+        fine = tpl.coeff[rows].astype(np.float64) @ basis
+        edges = 10.0 ** (tpl.loglam[0] - 0.5e-4 + 1e-4 * np.arange(tpl.loglam.size + 1))
+        cum = np.concatenate([np.zeros((5, 1)), np.cumsum(0.5 * (fine[:, 1:] + fine[:, :-1]) * np.diff(wave), axis=1)], axis=1)
+        ref = np.diff(np.stack([np.interp(edges, wave, c) for c in cum]), axis=1) / np.diff(edges)
+        got = tpl.archetypes(rows)
+        scale = np.abs(ref).max(axis=1, keepdims=True)
+        assert np.max(np.abs(got - ref) / scale) < 1e-3, name
+
+
+def test_low_z_quasars_carry_host_light(sdss_sim: Path) -> None:
+    """Quasars below z = 0.4 have host light recorded in the truth; above z = 1.5 none; the
+    host share grows toward low redshift (Shen et al. 2011 host/AGN ratio vs luminosity)."""
+    plan = sim_survey.plan_survey("sdss", 30000, seed=5, qso_fraction=0.5)
+    q = plan["cls"] == sim_survey.QSO
+    z, frac = plan["z"][q], plan["host_ratio"][q] / (1 + plan["host_ratio"][q])
+    assert np.median(frac[z < 0.2]) > np.median(frac[(z > 0.4) & (z < 0.6)]) > 0.0
+    assert (frac[z < 0.4] > 0).mean() > 0.9 and (frac[z > 1.5] == 0).all()
+    t = _truth(sdss_sim)
+    lowz = t[(t.true_class == "QSO") & (t.true_z < 0.4)]
+    # (the most luminous can have none: Shen et al.'s ratio is zero above 1.1e45 erg/s)
+    assert len(lowz) > 0 and (lowz.host_fraction > 0).mean() >= 0.5
+    assert (t[t.true_class != "QSO"].host_fraction == 0).all()
+
+
+def test_redshift_and_star_mix_match_the_stated_targets() -> None:
+    """Binomial bounds (4 sigma) on planned rows: SDSS quasars 10% below z = 0.5, LAMOST 8% and
+    a peak at z ~ 1-1.5; SDSS galaxies include LRGs at z 0.3-0.7 (passive archetypes); the star
+    mix is the stated one; LAMOST is star-dominated."""
+    from spectransfer.simulate import plan as sim_plan
+    from spectransfer.simulate import templated
+
+    def within(k: int, n: int, p: float) -> bool:
+        return abs(k - n * p) < 4 * np.sqrt(n * p * (1 - p))
+
+    for survey in ("sdss", "lamost"):
+        f = sim_plan.plan_survey(survey, 20000, seed=6, qso_fraction=0.5)
+        zq = f["z"][f["cls"] == sim_plan.QSO]
+        assert within(int((zq < 0.5).sum()), zq.size, sim_plan.LOW_Z_SHARE[survey]), survey
+        kinds = f["star_type"][f["cls"] == sim_plan.STAR]
+        p = np.array(sim_plan.STAR_TYPE_P[survey]) / np.sum(sim_plan.STAR_TYPE_P[survey])
+        for k, pk in zip(sim_plan.STAR_KINDS, p):
+            assert within(int((kinds == k).sum()), kinds.size, pk), (survey, k)
+    f = sim_plan.plan_survey("lamost", 20000, seed=6, qso_fraction=0.5)
+    zq = f["z"][f["cls"] == sim_plan.QSO]
+    assert 1.0 <= np.median(zq) <= 1.6
+    f = sim_plan.plan_survey("lamost", 20000, seed=6, qso_fraction=0.0035)
+    assert (f["cls"] == sim_plan.STAR).mean() > 0.95
+    f = sim_plan.plan_survey("sdss", 20000, seed=6, qso_fraction=0.14)
+    g = f["cls"] == sim_plan.GALAXY
+    o2, ha = templated.galaxy_archetype_lines()
+    zg, o2g = f["z"][g], o2[f["archetype"][g]]
+    assert ((zg > 0.3) & (zg < 0.7) & (o2g < 5)).sum() > 0.3 * g.sum()  # LRGs
+    assert ((zg > 0.6) & (o2g > 20)).sum() > 0.1 * g.sum()  # emission-line galaxies
+
+
+def test_plan_is_deterministic_by_seed() -> None:
+    a = sim_survey.plan_survey("sdss", 3000, seed=9, qso_fraction=0.2)
+    b = sim_survey.plan_survey("sdss", 3000, seed=9, qso_fraction=0.2)
+    c = sim_survey.plan_survey("sdss", 3000, seed=10, qso_fraction=0.2)
+    for key in ("z", "mag", "archetype", "host_ratio", "star_type"):
+        assert np.array_equal(a[key], b[key]), key
+    assert not np.array_equal(a["z"], c["z"])
+
+
+def test_galactic_extinction_follows_the_cardelli_table() -> None:
+    """A_lambda/A_V at the R, I, J effective wavelengths of Cardelli et al. (1989) Table 3
+    (R_V = 3.1: 0.751, 0.479, 0.282; V = 1), and the reddening the plan draws is larger for
+    LAMOST's disk fields than for SDSS."""
+    from spectransfer.simulate import plan as sim_plan
+    from spectransfer.simulate.spectra import ccm_a_over_av, galactic_extinction
+
+    got = ccm_a_over_av(np.array([5500.0, 7000.0, 9000.0, 12500.0]))
+    assert got == pytest.approx([1.0, 0.751, 0.479, 0.282], abs=0.005)
+    t = galactic_extinction(np.array([5500.0]), np.array([0.1]))
+    assert t[0, 0] == pytest.approx(10 ** (-0.4 * 0.31), rel=1e-3)
+    s = sim_plan.plan_survey("sdss", 4000, seed=1, qso_fraction=0.14)["ebv"]
+    lam = sim_plan.plan_survey("lamost", 4000, seed=1, qso_fraction=0.0035)["ebv"]
+    assert 0.0 <= s.min() and lam.max() <= 1.0 and np.median(lam) > 2 * np.median(s)

@@ -1,6 +1,8 @@
 """Simulated SDSS-like and LAMOST-like surveys in the surveys' native file formats.
 
-`simulate_survey` is the entry point; `spectra` holds the physics, `formats` the writers.
+`simulate_survey` is the entry point; `plan` designs the survey, `templated` makes the spectra
+from the real redrock templates, `spectra` is the instrument (noise, sky, calibration, dust),
+`formats` the writers.
 """
 
 from spectransfer.simulate.survey import (

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from spectransfer.simulate import spectra
+from spectransfer.simulate import spectra, templated
 
 SURVEYS = ("sdss", "lamost")
 # Fractions of quasars among all spectra, as in the paper's training sets (Sect. 2):
@@ -21,7 +21,14 @@ DEFAULT_QSO_FRACTION = {"sdss": 0.14, "lamost": 0.0035}
 # Of the non-quasars: galaxies vs stars (SDSS DR16 specObj ~ 72:28; LAMOST DR5 ~ 2:98).
 GALAXY_SHARE = {"sdss": 0.72, "lamost": 0.02}
 REPEAT_FRACTION = {"sdss": 0.08, "lamost": 0.10}  # share of quasar spectra that re-observe a quasar
-CATALOG_MISSING = 0.03  # share of true quasars the catalogue leaves out
+CATALOG_MISSING = 0.03
+LOW_Z_SHARE = {"sdss": 0.10, "lamost": 0.08}  # quasars below z = 0.5 (DR16Q: ~8-10%)
+# Of those, broad-line AGN (Seyfert 1s) among the main-sample galaxy targets: main-sample
+# redshifts and magnitudes (r < 17.77), so low luminosity and host-dominated; the pipeline
+# calls them QSO BROADLINE and DR16Q keeps them (it has no luminosity cut).
+SEYFERT_SHARE = {"sdss": 0.04, "lamost": 0.02}
+EBV_MEAN = {"sdss": 0.04, "lamost": 0.15}  # mean Milky Way colour excess E(B-V) of the targets
+HOST_Z_MAX = 1.0  # host light drawn below this redshift (at higher z the quasar outshines it)  # share of true quasars the catalogue leaves out
 
 CLASS_NAMES = np.array(["QSO", "GALAXY", "STAR"])
 QSO, GALAXY, STAR = 0, 1, 2
@@ -30,23 +37,66 @@ QSO, GALAXY, STAR = 0, 1, 2
 # ---- planning ---------------------------------------------------------------------------------
 
 
-def _quasar_redshifts(rng: np.random.Generator, survey: str, n: int) -> np.ndarray:
-    """z in [0.1, 5] from a smooth distribution peaking at z ~ 1.5-2.5 (SDSS, as in DR16Q,
-    Lyke et al. 2020, with a low-z tail) or z ~ 1-1.5 (LAMOST quasars are brighter)."""
-    grid = np.linspace(0.1, 5.0, 2000)
+def _quasar_redshifts(rng: np.random.Generator, survey: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """z in [0.02, 5]: a low-z tail (share LOW_Z_SHARE below z = 0.5, p(z) rising as z: slower
+    than the volume, z^2, because the faint end of a flux-limited sample is lost) and above
+    it a smooth distribution peaking at z ~ 1.5-2.5 (SDSS, as DR16Q, Lyke et al. 2020) or
+    z ~ 1-1.5 (LAMOST quasars are brighter; Yao et al. 2019). Returns z and which objects are
+    main-sample Seyfert 1s (SEYFERT_SHARE, part of the low-z tail)."""
+    grid = np.linspace(0.5, 5.0, 2000)
     if survey == "sdss":
-        pdf = 0.30 * np.exp(-0.5 * ((grid - 1.0) / 0.45) ** 2) + 0.55 * np.exp(-0.5 * ((grid - 2.2) / 0.5) ** 2) + 0.15 * np.exp(-0.5 * ((grid - 3.0) / 0.7) ** 2)
+        pdf = 0.30 * np.exp(-0.5 * ((grid - 1.1) / 0.45) ** 2) + 0.55 * np.exp(-0.5 * ((grid - 2.2) / 0.5) ** 2) + 0.15 * np.exp(-0.5 * ((grid - 3.0) / 0.7) ** 2)
     else:
         pdf = 0.65 * np.exp(-0.5 * ((grid - 1.2) / 0.5) ** 2) + 0.35 * np.exp(-0.5 * ((grid - 2.2) / 0.6) ** 2)
     cdf = np.cumsum(pdf)
     cdf /= cdf[-1]
-    return np.interp(rng.random(n), cdf, grid)
+    z = np.interp(rng.random(n), cdf, grid)
+    u = rng.random(n)
+    low = u < LOW_Z_SHARE[survey]
+    seyfert = u < SEYFERT_SHARE[survey]
+    # Below 0.5: p(z) ~ z on [0.05, 0.5], by inverting its CDF; Seyferts as main-sample galaxies.
+    v = rng.random(n)
+    z_low = np.sqrt(0.05**2 + v * (0.5**2 - 0.05**2))
+    z_sey = np.clip(rng.gamma(3.0, 0.035, n), 0.02, 0.3)
+    return np.where(seyfert, z_sey, np.where(low, z_low, z)), seyfert
 
 
+# Luminosity distance for the host-to-quasar ratio (flat LambdaCDM, H0 = 70, Omega_m = 0.3).
+_Z_TAB = np.linspace(0.0, 6.0, 601)
+_E = np.sqrt(0.3 * (1.0 + _Z_TAB) ** 3 + 0.7)
+_DC_MPC = 299792.458 / 70.0 * np.concatenate([[0.0], np.cumsum(0.5 * (1 / _E[1:] + 1 / _E[:-1]) * np.diff(_Z_TAB))])
+MPC_CM = 3.0857e24
+
+
+def host_ratio(rng: np.random.Generator, z: np.ndarray, mag_r: np.ndarray) -> np.ndarray:
+    """Host-galaxy / quasar flux at rest 5100 A, from the total 5100 A luminosity.
+
+    Shen et al. (2011, ApJS 194, 45, eq. 1, calibrated on the Vanden Berk et al. 2006 SDSS
+    eigenspectrum decomposition): L_host/L_AGN = 0.8052 - 1.5502 x + 0.9121 x^2 - 0.1577 x^3
+    with x = log10(L_5100,total / 1e44 erg/s), zero above x = 1.053; scattered by 0.3 dex.
+    L_5100 from the r magnitude with f_lambda ~ lambda^-1.5 (alpha_nu = -0.5) between 6166 A
+    and 5100 (1+z) A. The ratio grows toward low luminosity and so toward low z."""
+    d_l = np.interp(z, _Z_TAB, _DC_MPC) * (1.0 + z) * MPC_CM
+    lam_obs = 5100.0 * (1.0 + z)
+    f_r = spectra.ab_flambda(mag_r) * 1e-17
+    lum = 4.0 * np.pi * d_l**2 * lam_obs * f_r * (lam_obs / spectra.R_BAND_LAMBDA) ** -1.5
+    x = np.clip(np.log10(np.maximum(lum, 1.0) / 1e44), -1.5, 1.053)
+    ratio = np.maximum(0.8052 - 1.5502 * x + 0.9121 * x**2 - 0.1577 * x**3, 0.0)
+    return np.where(x < 1.053, ratio * 10.0 ** rng.normal(0.0, 0.3, z.shape[0]), 0.0)
+
+
+# Star types (redrock template names) and their shares among the stars each survey observes.
+# SDSS: F stars (spectrophotometric standards and halo targets) and M dwarfs dominate, with
+# K/G dwarfs, A stars and BHBs, white dwarfs and a few CVs (SDSS DR16 specObj star subclasses).
+# LAMOST: a magnitude-limited disk sample, mostly F/G/K with some A and M (Luo et al. 2015).
+STAR_KINDS = ("B", "A", "F", "G", "K", "M", "WD", "CV")
 STAR_TYPE_P = {
-    "sdss": (0.003, 0.02, 0.17, 0.33, 0.17, 0.17, 0.11, 0.027),
-    "lamost": (0.001, 0.01, 0.10, 0.30, 0.30, 0.22, 0.06, 0.009),
+    "sdss": (0.01, 0.10, 0.30, 0.12, 0.14, 0.25, 0.06, 0.02),
+    "lamost": (0.01, 0.10, 0.30, 0.27, 0.22, 0.08, 0.01, 0.01),
 }
+# SDSS galaxies: the main sample (r < 17.77, z ~ 0.1), LRGs (BOSS LOWZ/CMASS, z 0.2-0.7) and
+# emission-line galaxies (eBOSS ELG, z 0.6-1.1); shares of the galaxy spectra.
+SDSS_GALAXY_MIX = (0.35, 0.50, 0.15)
 
 
 def _radec_in_field(rng: np.random.Generator, ra0: np.ndarray, dec0: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
@@ -98,33 +148,50 @@ def plan_survey(survey: str, n: int, seed: int, qso_fraction: float) -> dict[str
     star_type = np.full(n_obj, "", dtype=object)
     gal_sf = np.zeros(n_obj, dtype=bool)
     is_bal = np.zeros(n_obj, dtype=bool)
+    arch = np.zeros(n_obj, dtype=np.int64)  # archetype row (galaxies, stars)
+    host = np.zeros(n_obj)  # host / quasar flux at rest 5100 A
     qo = np.nonzero(obj_cls == QSO)[0]
     go = np.nonzero(obj_cls == GALAXY)[0]
     so = np.nonzero(obj_cls == STAR)[0]
-    z[qo] = _quasar_redshifts(rng, survey, qo.size)
+    z[qo], seyfert = _quasar_redshifts(rng, survey, qo.size)
     # BAL quasars: ~12% where C IV is observable (z > 1.6), rarer (LoBAL only) below.
     is_bal[qo] = rng.random(qo.size) < np.where(z[qo] > 1.6, 0.12, 0.015)
+    o2_ew, ha_ew = templated.galaxy_archetype_lines()
+    passive = np.nonzero((o2_ew < 5.0) & (ha_ew < 5.0))[0]
+    strong = np.nonzero(o2_ew > 20.0)[0]
     if survey == "sdss":
-        mag[qo] = np.clip(22.0 - rng.exponential(1.3, qo.size), 16.5, 22.0)
-        lrg = rng.random(go.size) < 0.5
-        z[go] = np.where(lrg, np.clip(rng.normal(0.5, 0.12, go.size), 0.15, 0.8), np.clip(rng.gamma(3.0, 0.035, go.size), 0.005, 0.35))
-        mag[go] = np.where(lrg, rng.uniform(18.5, 20.5, go.size), np.clip(17.77 - rng.exponential(0.9, go.size), 14.0, 17.77))
-        gal_sf[go] = rng.random(go.size) < np.where(lrg, 0.05, 0.55)
+        # Low-z quasars are the bright end (DR7/DR16Q low-z quasars: i < 19.1 targets).
+        mag[qo] = np.where(z[qo] < 0.5, rng.uniform(16.5, 20.5, qo.size), np.clip(22.0 - rng.exponential(1.3, qo.size), 16.5, 22.0))
+        mag[qo] = np.where(seyfert, np.clip(17.77 - rng.exponential(0.9, qo.size), 14.0, 17.77), mag[qo])
+        pop = rng.choice(3, size=go.size, p=SDSS_GALAXY_MIX)  # main, LRG, ELG
+        z[go] = np.select([pop == 0, pop == 1], [np.clip(rng.gamma(3.0, 0.035, go.size), 0.005, 0.35), np.clip(rng.normal(0.45, 0.13, go.size), 0.15, 0.8)],
+                          rng.uniform(0.6, 1.1, go.size))
+        mag[go] = np.select([pop == 0, pop == 1], [np.clip(17.77 - rng.exponential(0.9, go.size), 14.0, 17.77), rng.uniform(18.5, 20.5, go.size)],
+                            rng.uniform(20.5, 22.3, go.size))
+        arch[go] = np.select([pop == 1, pop == 2], [rng.choice(passive, go.size), rng.choice(strong, go.size)], rng.integers(0, o2_ew.size, go.size))
         mag[so] = rng.uniform(15.0, 20.5, so.size)
     else:
         mag[qo] = rng.uniform(17.0, 20.0, qo.size)
+        mag[qo] = np.where(seyfert, rng.uniform(14.5, 17.8, qo.size), mag[qo])
         z[go] = np.clip(rng.gamma(3.0, 0.03, go.size), 0.005, 0.8)
         mag[go] = np.clip(17.8 - rng.exponential(0.6, go.size), 14.5, 17.8)
-        gal_sf[go] = rng.random(go.size) < 0.45
+        arch[go] = rng.integers(0, o2_ew.size, go.size)
         mag[so] = np.clip(17.8 - rng.exponential(2.0, so.size), 10.5, 17.8)
-    kinds = [t[0] for t in spectra.STAR_TYPES]
-    k_idx = rng.choice(len(kinds), size=so.size, p=np.array(STAR_TYPE_P[survey]) / np.sum(STAR_TYPE_P[survey]))
-    lo = np.array([t[1] for t in spectra.STAR_TYPES])[k_idx]
-    hi = np.array([t[2] for t in spectra.STAR_TYPES])[k_idx]
-    temp[so] = np.exp(rng.uniform(np.log(lo), np.log(hi)))
-    star_type[so] = np.array(kinds, dtype=object)[k_idx]
+    gal_sf[go] = ha_ew[arch[go]] > 5.0
+    host[qo] = np.where(z[qo] < HOST_Z_MAX, host_ratio(rng, z[qo], mag[qo]), 0.0)
+    k_idx = rng.choice(len(STAR_KINDS), size=so.size, p=np.array(STAR_TYPE_P[survey]) / np.sum(STAR_TYPE_P[survey]))
+    ranges = {t[0]: (t[1], t[2]) for t in spectra.STAR_TYPES} | {"CV": (5000.0, 20000.0)}
+    lo = np.array([ranges[STAR_KINDS[k]][0] for k in k_idx])
+    hi = np.array([ranges[STAR_KINDS[k]][1] for k in k_idx])
+    temp[so] = np.exp(rng.uniform(np.log(lo), np.log(hi))) if so.size else 0.0
+    star_type[so] = np.array(STAR_KINDS, dtype=object)[k_idx]
+    n_arch = np.array([max(templated.n_archetypes(templated.STAR_TEMPLATE[STAR_KINDS[k]]), 1) for k in k_idx], dtype=np.int64)
+    arch[so] = rng.integers(0, 1 << 30, so.size) % np.maximum(n_arch, 1)
     rv = rng.normal(0.0, 40.0, n_obj)
     z[so] = rv[so] / spectra.C_KMS
+    # Milky Way dust along the line of sight (Schlegel et al. 1998 maps): SDSS looks out of the
+    # plane (median E(B-V) ~ 0.03); LAMOST's disk fields (anticentre, low latitude) far more.
+    ebv = np.minimum(rng.exponential(EBV_MEAN[survey], n_obj), 1.0)
     in_catalog = (obj_cls == QSO) & (rng.random(n_obj) >= CATALOG_MISSING)
 
     # Where the objects are: fields (plates / plans) of a few hundred targets.
@@ -150,6 +217,9 @@ def plan_survey(survey: str, n: int, seed: int, qso_fraction: float) -> dict[str
         "star_type": star_type[obj_of_file],
         "gal_sf": gal_sf[obj_of_file],
         "is_bal": is_bal[obj_of_file],
+        "archetype": arch[obj_of_file],
+        "host_ratio": host[obj_of_file],
+        "ebv": ebv[obj_of_file],
         "in_catalog": in_catalog[obj_of_file],
         "field": field_of_obj[obj_of_file],
         "field_ra": f_ra[field_of_obj[obj_of_file]] if n_fields else np.zeros(n),

@@ -29,7 +29,7 @@ import numpy as np
 
 from spectransfer.errors import SpectransferError
 from spectransfer.provenance import provenance_cards
-from spectransfer.simulate import formats, spectra
+from spectransfer.simulate import formats, spectra, templated
 from spectransfer.simulate.plan import (
     CLASS_NAMES,
     DEFAULT_QSO_FRACTION,
@@ -89,14 +89,16 @@ def _simulate_batch(survey: str, seed: int, batch: int, rows: dict[str, np.ndarr
     sig = inst.sigma_inst_log
     q = np.nonzero(prim & (cls == QSO))[0]
     if q.size:
-        model[q] = spectra.quasar_model(rng, loglam, rows["z"][q], rows["is_bal"][q], sig)
+        bal = rows["is_bal"][q]
+        model[q] = templated.quasar_model(rng, loglam, rows["z"][q], rows["host_ratio"][q], lambda rest: spectra.bal_absorption(rng, rest, bal), sig)
     g = np.nonzero(prim & (cls == GALAXY))[0]
     if g.size:
-        model[g], ew_ha[g] = spectra.galaxy_model(rng, loglam, rows["z"][g], rows["gal_sf"][g], sig)
+        model[g] = templated.galaxy_model(rng, loglam, rows["z"][g], rows["archetype"][g], sig)
+        ew_ha[g] = templated.galaxy_archetype_lines()[1][rows["archetype"][g]]
     s = np.nonzero(prim & (cls == STAR))[0]
     if s.size:
-        is_wd = rows["star_type"][s] == "WD"
-        model[s] = spectra.star_model(rng, loglam, rows["temp"][s], is_wd, rows["z"][s] * spectra.C_KMS, sig)
+        model[s] = templated.star_model(rng, loglam, rows["star_type"][s], rows["archetype"][s], rows["z"][s], sig)
+    model[prim] *= spectra.galactic_extinction(wave, rows["ebv"][prim])
     model[prim] = spectra.normalise_to_mag(wave, model[prim], rows["mag"][prim])
     # A repeat is the same spectrum seen again (a little brighter or fainter).
     local_first = rows["first_file"] - rows["_offset"]
@@ -427,6 +429,9 @@ def _write_truth(path: Path, survey: str, f: dict[str, np.ndarray], res: dict[st
         "repeat_of": pa.array(repeat_of, pa.string()),
         "n_obs": pa.array(f["n_obs"].astype(np.int32)),
         "is_bal": pa.array(f["is_bal"].astype(bool)),
+        # Share of the rest-frame 5100 A flux that is host-galaxy light (quasars; 0 otherwise).
+        "host_fraction": pa.array((f["host_ratio"] / (1.0 + f["host_ratio"])).astype(np.float32)),
+        "ebv": pa.array(f["ebv"].astype(np.float32)),
     }
     table = pa.table(cols)
     table = table.replace_schema_metadata({"spectransfer": f"simulate survey={survey} seed={seed}"})
