@@ -160,6 +160,8 @@ def run_demo(out: str | Path = "demo-output", quick: bool = False, seed: int = 0
         "train", "--store", str(stores / "sdss"), "--out", str(runs / "scratch"), "--mode", "scratch",
         "--max-epochs", str(size.finetune_epochs), "--imbalance", size.sdss_imbalance, *sdss_batch, *common], quiet)
 
+    timings["real spectra"] = _real_check(runs / "finetune", out / "report" / REAL_CHECK)
+
     timings["evaluate"] = _run("evaluate transfer vs scratch vs zero-shot", [
         "evaluate", str(runs / "finetune"), str(runs / "scratch"), str(runs / "pretrain"),
         "--store", str(stores / "sdss"), "--out", str(out / "report"), "--bootstrap", str(size.bootstrap),
@@ -169,6 +171,7 @@ def run_demo(out: str | Path = "demo-output", quick: bool = False, seed: int = 0
         "--out", str(out / "candidates.fits"), *q], quiet)
 
     summary = summarise(out)
+    summary["real_check"] = _read_json(out / "report" / REAL_CHECK)
     summary["timings_s"] = timings
     summary["cpu_s"] = dict(_CPU)
     summary["total_s"] = time.perf_counter() - t_start
@@ -176,6 +179,46 @@ def run_demo(out: str | Path = "demo-output", quick: bool = False, seed: int = 0
     summary["quick"] = quick
     write_summary(out, summary)
     return summary
+
+
+REAL_CHECK = "real_check.json"  # beside metrics.json: the report shows it
+
+
+def real_data_dir() -> Path | None:
+    """The real SDSS/LAMOST files shipped with the repository (tests/data, with their provenance),
+    or SPECTRANSFER_REAL_DATA; None when neither exists (an installed package without the tests)."""
+    env = os.environ.get("SPECTRANSFER_REAL_DATA")
+    here = Path(env) if env else Path(__file__).resolve().parents[2] / "tests" / "data"
+    return here if (here / "sdss").is_dir() or (here / "lamost").is_dir() else None
+
+
+def _real_check(run: Path, target: Path) -> float:
+    """Classify the shipped real spectra with the fine-tuned model and judge it by their own
+    pipeline class: the demo's models are trained on simulated spectra only, and this is
+    the one figure of the demo measured on the sky."""
+    from spectransfer.evaluation.reality import reality_check
+    from spectransfer.provenance import write_text_atomic
+
+    data = real_data_dir()
+    t0 = time.perf_counter()
+    if data is None:
+        print("\n[real spectra] skipped: no real files (tests/data or SPECTRANSFER_REAL_DATA)", flush=True)
+        result: dict[str, Any] = {"skipped": "no real files found"}
+    else:
+        folders = [str(data / s) for s in ("sdss", "lamost") if (data / s).is_dir()]
+        print(f"\n[real spectra] $ {_command(['classify', str(run), *folders, '--engine', 'onnx', '--no-zwarning-filter', '--no-coverage-filter'])}",
+              flush=True)
+        result = reality_check(run, folders, engine="onnx")
+        result["data"] = str(data)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(target, json.dumps(result, indent=2, default=str) + "\n")
+    dt = time.perf_counter() - t0
+    print(f"[real spectra] done in {dt:.1f} s", flush=True)
+    return dt
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def summarise(out: str | Path) -> dict[str, Any]:
@@ -189,6 +232,7 @@ def summarise(out: str | Path) -> dict[str, Any]:
     for name, e in metrics["runs"].items():
         key = Path(name).name
         runs[key] = {k: e.get(k) for k in ("precision", "recall", "f1", "roc_auc", "pr_auc", "n", "n_qso")}
+        runs[key]["redshift"] = e.get("redshift")
         runs[key]["role"] = RUN_ROLES.get(key, key)
     cand = pd.read_parquet(out / "candidates.parquet", columns=["SPECTRUM_ID", "PLATE", "MJD", "FIBERID", "CATEGORY", "PIPE_NOT_QSO", "CLASS", "P_QSO"])
     truth = pd.read_parquet(out / "surveys" / "sdss" / "truth.parquet", columns=["plate", "mjd", "fiberid", "true_class", "in_catalog"])
@@ -275,6 +319,24 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"{'n/a' if summary['new_candidate_rate_true_non_qso'] is None else format(summary['new_candidate_rate_true_non_qso'], '.2%')})"
     )
     console.print("new candidates by true class: " + ", ".join(f"{k} {v}" for k, v in summary["new_candidates_by_true_class"].items()))
+    z = (summary["runs"].get("finetune") or {}).get("redshift") or {}
+    for method, what in (("network", "the network's z head"), ("templates", "DR16Q templates (Z_PRED)")):
+        m = z.get(method)
+        if m:
+            console.print(f"redshifts of the {z.get('n_quasars')} test quasars, {what}: catastrophic (|dv| > 3000 km/s) "
+                          f"{f(m.get('catastrophic_fraction'))}, median |dv| {f(m.get('median_abs_dv_kms'))} km/s, "
+                          f"NMAD {f(m.get('nmad'))}")
+    real = summary.get("real_check") or {}
+    console.print("[bold]Every model above was trained on simulated spectra only.[/bold]")
+    if real.get("n_real"):
+        pc = real["per_class"]
+        console.print(f"real spectra ({real['n_real']} files in {real.get('data')}, judged by their own pipeline class; "
+                      f"fine-tuned model, P_QSO >= {real['threshold']}): "
+                      + ", ".join(f"{c} {v['right']}/{v['n']} right" for c, v in pc.items())
+                      + f"; quasar recall {f(real['real_qso_recall'])}, SDSS others called quasars {f(real['real_fp_rate_sdss'])}, "
+                      f"LAMOST {f(real['real_fp_rate_lamost'])}; template z within 3000 km/s {f(real['real_z_within_3000_kms'])}")
+    elif real:
+        console.print(f"real spectra: {real.get('skipped', 'not checked')}")
     if "total_s" in summary:
         console.print(f"demo finished in {summary['total_s']:.0f} s ({sum(summary.get('cpu_s', {}).values()):.0f} CPU s): "
                       + ", ".join(f"{k} {v:.0f} s" for k, v in summary["timings_s"].items()))

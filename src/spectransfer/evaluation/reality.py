@@ -10,8 +10,9 @@ listed but not counted). Used by ``spectransfer demo`` on the real files shipped
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd

@@ -10,9 +10,11 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -420,6 +422,7 @@ def write_report(
             parts.append(_breakdown_table(doc, v))
 
     parts.append(_redshift_section(out, doc))
+    parts.append(_real_section(out))
 
     if learning_curve is not None:
         parts.append("<h2>Learning curve</h2>")
@@ -487,6 +490,26 @@ def _redshift_section(out: Path, doc: dict[str, Any]) -> str:
     if points:
         parts.append(_img(figure_png(plot_redshifts(points)), "predicted against catalogue redshift"))
     return "\n".join(parts)
+
+
+def _real_section(out: Path) -> str:
+    """The run judged on real spectra (REPORT_DIR/real_check.json, written by the demo or
+    `evaluation.reality`), when there is one: the figures that say how it does on the sky."""
+    f = out / "real_check.json"
+    if not f.is_file():
+        return ""
+    rep = json.loads(f.read_text())
+    if not rep.get("n_real"):
+        return f'<h2>Real spectra</h2><p class="warn">Not checked: {html.escape(str(rep.get("skipped", "no real files")))}</p>'
+    rows = [[html.escape(str(r["file"])), html.escape(str(r.get("pipeline_class"))), _fmt(r.get("pipeline_z"), 4),
+             _fmt(r["p_qso"], 3), "yes" if r["is_qso"] else "no", "" if r.get("right") is None else ("right" if r["right"] else "WRONG"),
+             _fmt(r.get("z_pred"), 4)] for r in rep["files"]]
+    head = (f'<p class="note">Run <code>{html.escape(str(rep["run"]))}</code> on {rep["n_real"]} real files judged by their '
+            f"own pipeline class (P_QSO &ge; {rep['threshold']}): quasar recall {_fmt(rep['real_qso_recall'])}, precision "
+            f"{_fmt(rep['real_precision'])}, SDSS non-quasars called quasars {_fmt(rep['real_fp_rate_sdss'])}, LAMOST "
+            f"{_fmt(rep['real_fp_rate_lamost'])}; template z within 3000 km/s of the pipeline's for "
+            f"{_fmt(rep['real_z_within_3000_kms'])} of the quasars found.</p>")
+    return "<h2>Real spectra</h2>" + head + _table(["file", "pipeline class", "pipeline z", "P_QSO", "quasar?", "", "Z_PRED"], rows)
 
 
 def _load_curves(out: Path, doc: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from spectransfer.config import SIMULATE_MARKER
 from spectransfer.errors import SpectransferError
 from spectransfer.provenance import provenance_cards
 from spectransfer.simulate import formats, spectra, templated
@@ -457,7 +458,7 @@ def check_arguments(survey: str, n: int, qso_fraction: float | None = None, work
 
 # Written into every simulated survey: --overwrite replaces only folders that carry it, never
 # a folder of real data that happens to be named as the output.
-MARKER = ".spectransfer-simulate"
+MARKER = SIMULATE_MARKER  # one definition: ingest reads it to record a store as simulated
 
 
 def _prepare_target(out: Path, overwrite: bool) -> Path:
