@@ -118,7 +118,7 @@ def available_device(param: typer.CallbackParam, value: str) -> str:
 # ---- commands -------------------------------------------------------------------------------
 # Each command lives in its own block below; keep heavy imports inside the function body.
 
-# ---- fetch (issue 9) ------------------------------------------------------------------------
+# ---- fetch ----------------------------------------------------------------------------------
 fetch_app = typer.Typer(
     help="Download SDSS/LAMOST spectra and quasar catalogues: concurrent, resumable, verified (manifest DEST/manifest.jsonl).",
     no_args_is_help=True,
@@ -206,7 +206,7 @@ def fetch_catalog(
     _fetch_run(catalog_items(name.lower(), base_url=base_url), dest, 1, retries, timeout, backoff, checksums, False, quiet, missing_fails=True)
 
 
-# ---- inspect + verdicts (issue 8) -----------------------------------------------------------
+# ---- inspect + verdicts ---------------------------------------------------------------------
 @app.command("inspect", rich_help_panel="3. Find and confirm quasars")
 def inspect_cmd(
     candidates: Path = typer.Argument(..., help="Candidates table from `discover` (FITS, EXTNAME CANDIDATES; the .parquet beside it is used when present)."),
@@ -276,7 +276,7 @@ def verdicts_summary(
         typer.echo(f"  {who}: " + ", ".join(f"{v} {c.get(v, 0)}" for v in VERDICTS))
 
 
-# ---- ingest + stats (issue 4: store and ingest) ---------------------------------------------
+# ---- ingest + stats -------------------------------------------------------------------------
 @app.command("ingest", rich_help_panel="1. Data")
 def ingest_cmd(
     inputs: list[Path] = typer.Argument(..., help="Survey FITS files or folders (searched recursively)."),
@@ -419,7 +419,7 @@ def stats_cmd(
     print_store_stats(store, as_json)
 
 
-# ---- info (issue 2: survey readers) ---------------------------------------------------------
+# ---- info -----------------------------------------------------------------------------------
 @app.command("info", rich_help_panel="1. Data")
 def info(
     files: list[Path] = typer.Argument(..., help="Spectrum files (FITS, .gz too) or folders searched recursively for *.fits, *.fit, *.fits.gz, *.fit.gz."),
@@ -469,7 +469,7 @@ def info(
         raise typer.Exit(1)
 
 
-# ---- train (issue 5: model and training) ----------------------------------------------------
+# ---- train ----------------------------------------------------------------------------------
 @app.command("train", rich_help_panel="2. Train and evaluate")
 def train_cmd(
     store: Path = typer.Option(..., "--store", help="Store folder to train on (rows with split train; val for early stopping)."),
@@ -521,7 +521,7 @@ def train_cmd(
                f"({summary['steps']} steps{', stopped early' if summary['stopped_early'] else ''})")
 
 
-# ---- evaluate + learning-curve (issue 6; --verdicts from issue 8) ---------------------------
+# ---- evaluate + learning-curve --------------------------------------------------------------
 @app.command("evaluate", rich_help_panel="2. Train and evaluate")
 def evaluate_cmd(
     runs: list[Path] = typer.Argument(..., help="Run folders to evaluate and compare on the same spectra (e.g. transfer, scratch, and the pretrained run as zero-shot)."),
@@ -636,7 +636,7 @@ def learning_curve_cmd(
         fail(f"{out}: every cell was skipped (first reason: {cells[0].get('reason')}); no learning curve to show")
 
 
-# ---- simulate (owner: simulate helper) --------------------------------------------------------
+# ---- simulate ---------------------------------------------------------------------------------
 @app.command("simulate", rich_help_panel="1. Data")
 def simulate_cmd(
     survey: str = typer.Option(..., "--survey", help="Which survey to imitate: sdss (spec-lite files) or lamost (DR5 files)."),
@@ -665,7 +665,7 @@ def simulate_cmd(
     )
 
 
-# ---- discover + demo (issue 7) ----------------------------------------------------------------
+# ---- discover + demo --------------------------------------------------------------------------
 @app.command("discover", rich_help_panel="3. Find and confirm quasars")
 def discover_cmd(
     run: Path = typer.Argument(..., help="Run folder to score with (its calibration.json, written by `calibrate`, calibrates P_QSO; the header says which)."),

@@ -41,7 +41,7 @@ from typing import Any
 
 from spectransfer.errors import FetchError
 from spectransfer.loopback import url_is_loopback
-from spectransfer.provenance import output_target
+from spectransfer.provenance import output_target, sha256_file
 
 log = logging.getLogger(__name__)
 # httpx logs every request URL at INFO, query string included: that would print a LAMOST token.
@@ -352,14 +352,6 @@ def read_checksums(path: str | Path) -> dict[str, str]:
             sums[name] = digest
             sums.setdefault(name.rsplit("/", 1)[-1], digest)
     return sums
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---- the download loop --------------------------------------------------------------------------

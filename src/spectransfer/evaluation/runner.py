@@ -49,11 +49,16 @@ from spectransfer.evaluation.metrics import (
 from spectransfer.ml.refine import refine_redshifts
 from spectransfer.ml.score import EngineSpec, build_scorer, check_engine, prepare_engine, read_arrays, score_rows
 from spectransfer.progress import progress_bar
+from spectransfer.surveys import id_columns
 from spectransfer.provenance import atomic_path, dependency_versions, write_text_atomic
 
 log = logging.getLogger(__name__)
 
-ID_COLUMNS = ("survey", "plate", "mjd", "fiberid", "obsid", "lmjd", "planid", "spid", "object_id", "ra", "dec")
+def id_columns_of(meta: pd.DataFrame) -> list[str]:
+    """The id columns copied beside each prediction: the survey, every registered survey's own
+    ids (from the reader registry), the object id and the position."""
+    ids = [c for c, _ in id_columns()]
+    return [c for c in ("survey", *ids, "object_id", "ra", "dec") if c in meta.columns]
 
 
 def read_verdicts(path: str | os.PathLike[str]) -> pd.DataFrame:
@@ -196,7 +201,7 @@ def evaluate_predictions(
         "comparisons": [],
     }
     doc.update(context or {})
-    id_cols = ["spectrum_id"] + [c for c in ID_COLUMNS if c in meta.columns]
+    id_cols = ["spectrum_id", *id_columns_of(meta)]
     extra_cols = [c for c in ("row", "pipeline_class", "z", "catalog_z", "snr", "mag") if c in meta.columns]
     chosen: dict[str, float] = {}
     probs: dict[str, np.ndarray] = {}

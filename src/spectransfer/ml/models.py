@@ -25,7 +25,6 @@ a model file saved without the head says) means no redshift head.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import dataclasses
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from spectransfer.provenance import atomic_path
+from spectransfer.provenance import atomic_path, sha256_file
 from spectransfer import __version__
 from spectransfer.config import Grid
 from spectransfer.errors import TrainError
@@ -246,14 +245,6 @@ class RunInfo:
     version: str
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_weights(model: VGG1D, path: str | Path, grid: Grid, mode: str, extra: dict[str, str] | None = None) -> None:
     """Write the weights as safetensors with the model config, grid, version and mode in
     the metadata; written to a temporary name in the same folder, then renamed."""
@@ -359,7 +350,7 @@ def load_run(run_dir: str | Path) -> tuple[VGG1D, RunInfo]:
         model_config=mconfig,
         grid=grid,
         config=config,
-        sha256=_sha256(weights),
+        sha256=sha256_file(weights),
         temperature=temperature,
         mode=metadata.get("mode", "unknown"),
         version=metadata.get("spectransfer_version", "unknown"),
