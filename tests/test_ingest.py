@@ -527,3 +527,15 @@ def test_store_records_whether_its_spectra_were_simulated(real_data: Path, tmp_p
     ingest([sim], tmp_path / "s", workers=0, quiet=True)
     info = open_store(tmp_path / "s").info
     assert info["origin"] == "mixed" and sorted(info["input_origins"].values()) == ["real", "simulated"]
+
+
+def test_magnitudes_say_where_they_came_from(real_data: Path, tmp_path: Path) -> None:
+    folder = _copy(real_data, tmp_path / "in", ["spec-0752-52251-0323.fits", "spSpec-51993-0542-631.fit"])
+    ingest([folder], tmp_path / "s", workers=0, quiet=True)
+    meta = open_store(tmp_path / "s").meta.set_index("spectrum_id")
+    with fits.open(folder / "spec-0752-52251-0323.fits") as hdul:  # the file's own photometry decides
+        want = "psfmag" if "PSFMAG" in hdul[2].columns.names else "spectroflux"
+    spec = meta[meta["source_file"].str.endswith("spec-0752-52251-0323.fits")].iloc[0]
+    spspec = meta[meta["source_file"].str.endswith("spSpec-51993-0542-631.fit")].iloc[0]
+    assert spec["mag_source"] == want and np.isfinite(spec["mag"])
+    assert spspec["mag_source"] == ("synthetic" if np.isfinite(spspec["mag"]) else None)

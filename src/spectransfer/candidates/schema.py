@@ -93,7 +93,8 @@ COLUMNS: dict[str, Column] = {c.name: c for c in (
     _C("CATALOG_NAME", "str", None, "quasar catalogue that holds the spectrum", "catalog_name"),
     _C("CATALOG_Z", "f8", None, "catalogue redshift (NaN = not a catalogue quasar)", "catalog_z"),
     _C("SNR", "f4", None, "median S/N per grid bin", "snr"),
-    _C("MAG", "f4", "mag", "magnitude from the file header", "mag"),
+    _C("MAG", "f4", "mag", "r-band magnitude; where it came from in MAG_SRC", "mag"),
+    _C("MAG_SRC", "str", None, "MAG from: psfmag, spectroflux, synthetic (SDSS), lamost_ps1, lamost_input", "mag_source"),
     _C("OBJECT_ID", "str", None, "object id shared by repeat observations", "object_id"),
     _C("SPLIT", "str", None, "train/val/test split of the store", "split"),
     _C("LOGIT", "f4", None, "network output before calibration"),
@@ -113,11 +114,11 @@ COLUMNS: dict[str, Column] = {c.name: c for c in (
 
 DISCOVER_COLUMNS = ("SPECTRUM_ID", "ROW", "SURVEY", "PLATE", "MJD", "FIBERID", "OBSID", "LMJD", "PLANID", "SPID",
                     "RA", "DEC", "CLASS", "SUBCLASS", "Z", "ZWARNING", "CAT_LABEL", "LABEL_SOURCE", "CATALOG_NAME",
-                    "CATALOG_Z", "SNR", "MAG", "OBJECT_ID", "SPLIT", "SOURCE_FILE", "LOGIT", "P_QSO", "CATEGORY",
+                    "CATALOG_Z", "SNR", "MAG", "MAG_SRC", "OBJECT_ID", "SPLIT", "SOURCE_FILE", "LOGIT", "P_QSO", "CATEGORY",
                     "PIPE_NOT_QSO", "QUALITY", "P_QSO_STD", "Z_NET", "Z_NET_ERR", "Z_PRED", "Z_PRED_ERR", "ZWARN_PRED", "DELTACHI2")
 CLASSIFY_COLUMNS = ("SOURCE_FILE", "SPECTRUM_ID", "P_QSO", "IS_QSO", "LOGIT", "SURVEY", "PLATE", "MJD", "FIBERID",
                     "OBSID", "LMJD", "PLANID", "SPID", "RA", "DEC", "CLASS", "SUBCLASS", "Z", "ZWARNING", "SNR",
-                    "MAG", "QUALITY", "P_QSO_STD", "Z_NET", "Z_NET_ERR", "Z_PRED", "Z_PRED_ERR", "ZWARN_PRED", "DELTACHI2")
+                    "MAG", "MAG_SRC", "QUALITY", "P_QSO_STD", "Z_NET", "Z_NET_ERR", "Z_PRED", "Z_PRED_ERR", "ZWARN_PRED", "DELTACHI2")
 
 
 # ---- categories and quality ------------------------------------------------------------------

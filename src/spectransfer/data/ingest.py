@@ -206,6 +206,7 @@ def _meta_row(rec: Any, snr: float) -> dict[str, Any]:
         "zwarning": rec.zwarning,
         "snr": snr,
         "mag": mag,
+        "mag_source": extra.get("mag_r_source") if mag is not None else None,
     }
 
 

@@ -58,6 +58,7 @@ _TAIL_COLUMNS = [
     ("zwarning", pa.int64()),
     ("snr", pa.float32()),
     ("mag", pa.float32()),
+    ("mag_source", pa.string()),
     ("label", pa.int8()),
     ("label_source", pa.string()),
     ("catalog_name", pa.string()),

@@ -119,6 +119,7 @@ def lamost_record(
         "wavemax": None,
         "snr": _snr(get),
         "mag_r": _mag_r(get),
+        "mag_r_source": _mag_r_source(get),
         "z_err": missing_float(get("Z_ERR")),
         "designation": missing_str(get("DESIG")),
         "objtype": missing_str(get("OBJTYPE")),
@@ -168,6 +169,13 @@ def _mag_r(get: Any) -> float | None:
     if magtype and set(magtype) <= _BANDS and "r" in magtype and len(magtype) <= 7:
         return valid_mag(get(f"MAG{magtype.index('r') + 1}"))
     return None
+
+
+def _mag_r_source(get: Any) -> str | None:
+    """Where ``_mag_r`` took the r magnitude from: Pan-STARRS (DR8+ MAG_PS_R) or the input catalogue's MAGn."""
+    if valid_mag(get("MAG_PS_R")) is not None:
+        return "lamost_ps1"
+    return "lamost_input" if _mag_r(get) is not None else None
 
 
 register(Reader(label=LABEL, survey=LAMOST.name, identify=identify, read=read, priority=5))
