@@ -703,13 +703,7 @@ def _ingest_unguarded(
         raise StoreError(f"batch size must be >= 1, got {batch_size}")
     found, skipped = find_files(inputs)
     store_path = Path(store_path)
-    if (store_path / "store.json").exists():
-        store = open_store(store_path, mode="r+")
-        if store.grid != grid:
-            raise StoreError(f"{store_path}: store grid {store.grid} differs from the requested {grid}")
-        _check_resplit(store, split_config, resplit)
-    else:
-        store = create_store(store_path, grid=grid, chunk_rows=batch_size)
+    store = _open_or_create(store_path, grid, batch_size, split_config, resplit)
     # A catalogue often sits beside the spectra (the simulator puts it at the top of the
     # survey folder): it is an input of labelling, not a spectrum to reject -- also when the
     # store remembers it from an earlier ingest and this one does not name it.
@@ -738,37 +732,8 @@ def _ingest_unguarded(
         summary.resumed_batches = len(pending)
         in_flight = {f[0] for b in pending for f in b["files"]}
 
-        ledger = _ledger(store)
-        with_file = ledger[ledger["source_file"].notna()]
-        known = with_file.set_index("source_file")[["file_stamp", "content_hash"]]
-        todo: list[list[Any]] = []
-        for path in files:
-            if path in in_flight:
-                continue
-            try:
-                stamp = file_stamp(path)
-            except OSError as exc:
-                raise StoreError(f"{path}: cannot stat ({exc.strerror})") from exc
-            if path in known.index:
-                old_stamp, old_hash = known.at[path, "file_stamp"], known.at[path, "content_hash"]
-                if old_stamp == stamp:
-                    summary.skipped_unchanged += 1
-                    continue
-                todo.append([path, stamp, None if pd.isna(old_hash) else str(old_hash)])
-            else:
-                todo.append([path, stamp, None])
-
-        # New batches go after every row any plan or metadata has ever used.
-        seq = max(int(store.info.get("last_run_seq", 0)), int((plan or {}).get("run_seq", 0))) + 1
-        plan_end = max([b["row_start"] + b["capacity"] for b in (plan or {}).get("batches", [])] + [0])
-        row = max(store.n_rows, plan_end)
-        row = (row + chunk - 1) // chunk * chunk
-        new_batches = []
-        for i in range(0, len(todo), batch_size):
-            files_b = todo[i : i + batch_size]
-            capacity = (len(files_b) + chunk - 1) // chunk * chunk
-            new_batches.append({"batch_id": f"{seq:06d}-{i // batch_size:07d}", "row_start": row, "capacity": capacity, "files": files_b})
-            row += capacity
+        todo = _files_to_read(store, files, in_flight, summary)
+        seq, new_batches = _new_batches(store, plan, todo, batch_size)
         batches = pending + new_batches
         if new_batches or pending:
             plan_out = {"run_seq": seq, "batches": batches}
@@ -789,21 +754,10 @@ def _ingest_unguarded(
         t_run = time.perf_counter()
         results, summary.compute_seconds = _run_tasks(tasks, workers=workers, scheduler=scheduler, quiet=quiet)
         run_seconds = time.perf_counter() - t_run
-        for r in results:
-            summary.files_processed += r["n_files"]
-            summary.accepted += r["accepted"]
-            summary.rejected += r["rejected"]
-            summary.unchanged_content += r["unchanged"]
-            summary.task_seconds += r.get("seconds", 0.0)
-            summary.task_cpu_seconds += r.get("cpu_seconds", 0.0)
-        summary.worker_pids = sorted({r["pid"] for r in results if "pid" in r})
+        _tally(results, summary)
 
         needs_consolidation = (
-            bool(batches)
-            or bool(skipped)
-            or bool(done)
-            or bool(catalogs)
-            or bool(qso_catalogs)
+            bool(batches or skipped or done or catalogs or qso_catalogs)
             or _effective_mode(label_mode, catalog_paths) != label_mode_of(store)
             or not (store.path / "meta.parquet").exists()
             or store.info.get("splits", {}).get("config") != split_config.to_dict()
@@ -815,37 +769,109 @@ def _ingest_unguarded(
             summary.resplit_moved = result["moved"]
         store.reload()
         _record_origin(store, inputs)
-        summary.live_rows = len(store.meta)
-        summary.rows_allocated = store.n_rows
-        rej = store.rejected
-        summary.rejected_by_kind = {str(k): int(v) for k, v in rej["reason_kind"].value_counts().items()}
-        summary.leakage = store.info.get("splits", {}).get("leakage", {})
-        summary.labels = store.info.get("labels", {})
-        if not summary.split_warnings:
-            summary.split_warnings = list(store.info.get("splits", {}).get("warnings", []))
-        summary.splits = {str(k): int(v) for k, v in store.meta["split"].value_counts().items()}
-        summary.seconds = time.perf_counter() - t0
-        history = store.info.setdefault("ingests", [])
-        history.append(
-            {
-                "run_seq": seq,
-                "finished": pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds"),
-                "files_seen": summary.files_seen,
-                "files_processed": summary.files_processed,
-                "accepted": summary.accepted,
-                "rejected": summary.rejected,
-                "unchanged_content": summary.unchanged_content,
-                "skipped_unchanged": summary.skipped_unchanged,
-                "workers": workers if scheduler is None else scheduler,
-                "seconds": round(summary.seconds, 3),
-                "tasks_seconds": round(run_seconds, 3),
-                "compute_seconds": round(summary.compute_seconds, 3),
-            }
-        )
-        del history[:-50]
-        store.save_info()
+        _finish_summary(store, summary, t0)
+        _record_history(store, summary, seq, workers if scheduler is None else scheduler, run_seconds)
         _check_some_readable(store, summary, seq)
     return summary
+
+
+def _open_or_create(store_path: Path, grid: Grid, batch_size: int, split_config: SplitConfig | None, resplit: bool) -> Store:
+    """The store to add to: opened (same grid; a change of split settings only with ``resplit``) or new."""
+    if not (store_path / "store.json").exists():
+        return create_store(store_path, grid=grid, chunk_rows=batch_size)
+    store = open_store(store_path, mode="r+")
+    if store.grid != grid:
+        raise StoreError(f"{store_path}: store grid {store.grid} differs from the requested {grid}")
+    _check_resplit(store, split_config, resplit)
+    return store
+
+
+def _files_to_read(store: Store, files: Sequence[str], in_flight: set[str], summary: IngestSummary) -> list[list[Any]]:
+    """[path, stamp, old content hash] of the files that are new or changed since the ledger saw
+    them (same size and mtime = unchanged, counted and skipped); files of pending batches excluded."""
+    ledger = _ledger(store)
+    known = ledger[ledger["source_file"].notna()].set_index("source_file")[["file_stamp", "content_hash"]]
+    todo: list[list[Any]] = []
+    for path in files:
+        if path in in_flight:
+            continue
+        try:
+            stamp = file_stamp(path)
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot stat ({exc.strerror})") from exc
+        if path in known.index:
+            old_stamp, old_hash = known.at[path, "file_stamp"], known.at[path, "content_hash"]
+            if old_stamp == stamp:
+                summary.skipped_unchanged += 1
+                continue
+            todo.append([path, stamp, None if pd.isna(old_hash) else str(old_hash)])
+        else:
+            todo.append([path, stamp, None])
+    return todo
+
+
+def _new_batches(store: Store, plan: dict[str, Any] | None, todo: list[list[Any]], batch_size: int) -> tuple[int, list[dict[str, Any]]]:
+    """This run's sequence number and its batches of ``todo``, each a chunk-aligned block of rows
+    placed after every row any plan or the metadata has ever used (so workers never share a chunk)."""
+    chunk = store.chunk_rows
+    seq = max(int(store.info.get("last_run_seq", 0)), int((plan or {}).get("run_seq", 0))) + 1
+    plan_end = max([b["row_start"] + b["capacity"] for b in (plan or {}).get("batches", [])] + [0])
+    row = max(store.n_rows, plan_end)
+    row = (row + chunk - 1) // chunk * chunk
+    batches = []
+    for i in range(0, len(todo), batch_size):
+        files_b = todo[i : i + batch_size]
+        capacity = (len(files_b) + chunk - 1) // chunk * chunk
+        batches.append({"batch_id": f"{seq:06d}-{i // batch_size:07d}", "row_start": row, "capacity": capacity, "files": files_b})
+        row += capacity
+    return seq, batches
+
+
+def _tally(results: list[dict[str, Any]], summary: IngestSummary) -> None:
+    for r in results:
+        summary.files_processed += r["n_files"]
+        summary.accepted += r["accepted"]
+        summary.rejected += r["rejected"]
+        summary.unchanged_content += r["unchanged"]
+        summary.task_seconds += r.get("seconds", 0.0)
+        summary.task_cpu_seconds += r.get("cpu_seconds", 0.0)
+    summary.worker_pids = sorted({r["pid"] for r in results if "pid" in r})
+
+
+def _finish_summary(store: Store, summary: IngestSummary, t0: float) -> None:
+    """What the consolidated store now holds: rows, rejections by kind, splits, labels, leakage."""
+    summary.live_rows = len(store.meta)
+    summary.rows_allocated = store.n_rows
+    summary.rejected_by_kind = {str(k): int(v) for k, v in store.rejected["reason_kind"].value_counts().items()}
+    summary.leakage = store.info.get("splits", {}).get("leakage", {})
+    summary.labels = store.info.get("labels", {})
+    if not summary.split_warnings:
+        summary.split_warnings = list(store.info.get("splits", {}).get("warnings", []))
+    summary.splits = {str(k): int(v) for k, v in store.meta["split"].value_counts().items()}
+    summary.seconds = time.perf_counter() - t0
+
+
+def _record_history(store: Store, summary: IngestSummary, seq: int, workers: Any, run_seconds: float) -> None:
+    """Append this run to store.json's ``ingests`` (the last 50 kept)."""
+    history = store.info.setdefault("ingests", [])
+    history.append(
+        {
+            "run_seq": seq,
+            "finished": pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds"),
+            "files_seen": summary.files_seen,
+            "files_processed": summary.files_processed,
+            "accepted": summary.accepted,
+            "rejected": summary.rejected,
+            "unchanged_content": summary.unchanged_content,
+            "skipped_unchanged": summary.skipped_unchanged,
+            "workers": workers,
+            "seconds": round(summary.seconds, 3),
+            "tasks_seconds": round(run_seconds, 3),
+            "compute_seconds": round(summary.compute_seconds, 3),
+        }
+    )
+    del history[:-50]
+    store.save_info()
 
 
 def _effective_mode(mode: str, catalog_paths: Sequence[str]) -> str:
