@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -34,7 +34,7 @@ from spectransfer.candidates.schema import (
     output_format,
     pipe_not_qso,
     quality_bits,
-    write_table,
+    write_blocks,
 )
 from spectransfer.data.store import label_mode, open_store
 from spectransfer.errors import EvaluateError, StoreError
@@ -197,29 +197,37 @@ def _score_on_dask(job: _Job, todo: list[int], advance: Callable[[int], Any]) ->
             advance(fut.result())
 
 
-def _finish(job: _Job, logits: np.ndarray) -> tuple[pd.DataFrame, list[tuple[str, Any, str]], dict[str, Any]]:
-    """Probabilities, categories and flags; the table and its header; the summary counts."""
+def _finish(job: _Job, logits: np.ndarray) -> tuple[Callable[[], Iterator[pd.DataFrame]], list[tuple[str, Any, str]], dict[str, Any]]:
+    """Probabilities, categories and flags; the table (as its row blocks) and header; the summary counts."""
     cal = read_calibration(job.run_dir)
     p_qso = calibrated_probability(logits, cal.temperature if cal else None)
-    meta = job.meta
-    label = meta["label"].fillna(0).to_numpy(dtype=np.int8)
-    category = categorise(p_qso, label, job.threshold)
-    flag = pipe_not_qso(p_qso, meta["pipeline_class"], job.threshold)
-    cols = from_meta(meta, DISCOVER_COLUMNS)
-    cols.update({"LOGIT": pd.Series(logits.astype(np.float32)), "P_QSO": pd.Series(p_qso),
-                 "CATEGORY": pd.Series(category.astype(str)), "PIPE_NOT_QSO": pd.Series(flag),
-                 "QUALITY": pd.Series(quality_bits(meta))})
-    table = pd.DataFrame({k: cols[k] for k in DISCOVER_COLUMNS if k in cols})
-    cards = _header(job, cal)
-    cls = meta["pipeline_class"].astype("string").str.strip().str.upper().fillna("").to_numpy(dtype=object)
-    new = category == "new_candidate"
-    summary = {
-        "counts": {c: int((category == c).sum()) for c in CATEGORIES},
-        "n_pipe_not_qso": int(flag.sum()),
-        "by_class": {c: int((new & (cls == c)).sum()) for c in ("STAR", "GALAXY")},
-        "calibrated": cal is not None,
-    }
-    return table, cards, summary
+    counts = dict.fromkeys(CATEGORIES, 0)
+    by_class = {"STAR": 0, "GALAXY": 0}
+    n_flag = 0
+    for block in _table_blocks(job, logits, p_qso):
+        cat = block["CATEGORY"].to_numpy()
+        for c in CATEGORIES:
+            counts[c] += int((cat == c).sum())
+        n_flag += int(block["PIPE_NOT_QSO"].sum())
+        cls = block["CLASS"].astype("string").str.strip().str.upper().fillna("").to_numpy(dtype=object) if "CLASS" in block else np.array([""] * len(block), dtype=object)
+        for c in by_class:
+            by_class[c] += int(((cat == "new_candidate") & (cls == c)).sum())
+    summary = {"counts": counts, "n_pipe_not_qso": n_flag, "by_class": by_class, "calibrated": cal is not None}
+    return (lambda: _table_blocks(job, logits, p_qso)), _header(job, cal), summary
+
+
+def _table_blocks(job: _Job, logits: np.ndarray, p_qso: np.ndarray) -> Iterator[pd.DataFrame]:
+    """The catalogue's rows, one scoring block at a time (so writing it needs one block's memory)."""
+    for a in range(0, len(job.meta), job.block_size):
+        meta = job.meta.iloc[a : a + job.block_size]
+        p = p_qso[a : a + job.block_size]
+        label = meta["label"].fillna(0).to_numpy(dtype=np.int8)
+        cols = from_meta(meta, DISCOVER_COLUMNS)
+        cols.update({"LOGIT": pd.Series(logits[a : a + job.block_size].astype(np.float32)), "P_QSO": pd.Series(p),
+                     "CATEGORY": pd.Series(categorise(p, label, job.threshold).astype(str)),
+                     "PIPE_NOT_QSO": pd.Series(pipe_not_qso(p, meta["pipeline_class"], job.threshold)),
+                     "QUALITY": pd.Series(quality_bits(meta))})
+        yield pd.DataFrame({k: cols[k] for k in DISCOVER_COLUMNS if k in cols})
 
 
 def _header(job: _Job, cal: Calibration | None) -> list[tuple[str, Any, str]]:
@@ -282,11 +290,11 @@ def discover(
     _plan(job, threads)
     _prepare(job)
     logits = _score(job, quiet)
-    table, cards, summary = _finish(job, logits)
-    write_table(table, cards, job.out)
+    blocks, cards, summary = _finish(job, logits)
+    write_blocks(blocks, cards, job.out)
     parquet = None
     if output_format(job.out) == "fits":
-        parquet = write_table(table, cards, job.out.with_suffix(".parquet"))
+        parquet = write_blocks(blocks, cards, job.out.with_suffix(".parquet"))
     shutil.rmtree(parts_dir(job.out), ignore_errors=True)
     return DiscoverResult(
         fits_path=job.out, parquet_path=parquet, n_spectra=int(job.rows.shape[0]), counts=summary["counts"],
