@@ -126,3 +126,33 @@ def test_blocks_must_agree_on_columns(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="different columns"):
         write_blocks(lambda: iter([table, table.drop(columns=["RA"])]), CARDS, tmp_path / "x.fits")
     assert not (tmp_path / "x.fits").exists()
+
+
+# ---- discover reads the store's metadata block by block ------------------------------------------
+
+
+def test_discover_streams_the_metadata_and_matches_the_in_memory_path(tmp_path: Path) -> None:
+    """meta.parquet in row order (as ingest writes it) is read a block at a time; shuffled, it is read whole.
+    Both give the same catalogue, row for row."""
+    import pyarrow.parquet as pq
+    from astropy.table import Table
+
+    from spectransfer.candidates.discover import discover
+    from test_discover import _run, _store
+
+    _store(tmp_path / "store", n=250, chunk_rows=32)
+    run = _run(tmp_path / "run")
+    meta_path = tmp_path / "store" / "meta.parquet"
+    meta = pq.read_table(meta_path)
+    rows = meta.column("row").to_numpy()
+    pq.write_table(meta.take(np.argsort(rows)), meta_path, row_group_size=40)  # in row order, several row groups
+    streamed = discover(run, tmp_path / "store", tmp_path / "a.fits", engine="torch", block_size=30, quiet=True)
+    pq.write_table(meta.take(np.random.default_rng(0).permutation(len(rows))), meta_path)  # shuffled: the fallback
+    whole = discover(run, tmp_path / "store", tmp_path / "b.fits", engine="torch", block_size=30, quiet=True)
+    a, b = Table.read(tmp_path / "a.fits"), Table.read(tmp_path / "b.fits")
+    assert len(a) == 250 and np.all(np.diff(np.asarray(a["ROW"])) > 0)
+    for name in a.colnames:
+        np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]), err_msg=name)
+    assert streamed.counts == whole.counts and streamed.n_pipe_not_qso == whole.n_pipe_not_qso
+    assert streamed.pipe_not_qso_by_class == whole.pipe_not_qso_by_class
+    assert pd.read_parquet(tmp_path / "a.parquet").equals(pd.read_parquet(tmp_path / "b.parquet"))

@@ -89,7 +89,7 @@ class _Job:
     store: Any = None
     info: Any = None
     model: Any = None
-    meta: pd.DataFrame | None = None
+    meta: pd.DataFrame | None = None  # the selected meta in row order, only when meta.parquet is not in row order
     rows: np.ndarray | None = None
     threads: int = 1
     use_dask: bool = False
@@ -128,13 +128,21 @@ def _plan(job: _Job, threads: int | None) -> None:
     if job.info.grid != job.store.grid:
         raise EvaluateError(f"{job.run_dir}: run was trained on grid {job.info.grid.to_dict()} but store "
                             f"{job.store_path} uses {job.store.grid.to_dict()}")
-    meta = job.store.meta
+    index = job.store.meta_columns(["row", "survey"])
+    rows = index["row"].to_numpy(dtype=np.int64)
     if job.survey is not None:
-        meta = meta[meta["survey"] == job.survey]
-    job.meta = meta.sort_values("row").reset_index(drop=True)
-    if len(job.meta) == 0:
+        rows = rows[(index["survey"] == job.survey).to_numpy()]
+    del index
+    if rows.shape[0] == 0:
         raise StoreError(f"{job.store_path}: no spectra to score" + (f" for survey {job.survey!r}" if job.survey else ""))
-    job.rows = job.meta["row"].to_numpy(dtype=np.int64)
+    if np.all(np.diff(rows) > 0):  # meta.parquet in row order (as ingest writes it): read it block by block later
+        job.rows = rows
+    else:
+        meta = job.store.meta
+        if job.survey is not None:
+            meta = meta[meta["survey"] == job.survey]
+        job.meta = meta.sort_values("row").reset_index(drop=True)
+        job.rows = job.meta["row"].to_numpy(dtype=np.int64)
     job.use_dask = bool(job.scheduler) or (job.workers is not None and job.workers > 1)
     job.threads = int(threads) if threads else default_threads(job.workers if job.use_dask and not job.scheduler else 1)
 
@@ -216,18 +224,37 @@ def _finish(job: _Job, logits: np.ndarray) -> tuple[Callable[[], Iterator[pd.Dat
     return (lambda: _table_blocks(job, logits, p_qso)), _header(job, cal), summary
 
 
+def _meta_blocks(job: _Job) -> Iterator[pd.DataFrame]:
+    """The selected spectra's metadata in row order, a block at a time."""
+    if job.meta is not None:
+        for a in range(0, len(job.meta), job.block_size):
+            yield job.meta.iloc[a : a + job.block_size].reset_index(drop=True)
+        return
+    for meta in job.store.iter_meta(job.block_size):
+        if job.survey is not None:
+            meta = meta[meta["survey"] == job.survey].reset_index(drop=True)
+        if len(meta):
+            yield meta
+
+
 def _table_blocks(job: _Job, logits: np.ndarray, p_qso: np.ndarray) -> Iterator[pd.DataFrame]:
-    """The catalogue's rows, one scoring block at a time (so writing it needs one block's memory)."""
-    for a in range(0, len(job.meta), job.block_size):
-        meta = job.meta.iloc[a : a + job.block_size]
-        p = p_qso[a : a + job.block_size]
+    """The catalogue's rows, one block at a time (so writing it needs one block's memory)."""
+    a = 0
+    for meta in _meta_blocks(job):
+        b = a + len(meta)
+        if not np.array_equal(meta["row"].to_numpy(dtype=np.int64), job.rows[a:b]):
+            raise StoreError(f"{job.store_path}: meta.parquet changed while the catalogue was written; run discover again")
+        p = p_qso[a:b]
         label = meta["label"].fillna(0).to_numpy(dtype=np.int8)
         cols = from_meta(meta, DISCOVER_COLUMNS)
-        cols.update({"LOGIT": pd.Series(logits[a : a + job.block_size].astype(np.float32)), "P_QSO": pd.Series(p),
+        cols.update({"LOGIT": pd.Series(logits[a:b].astype(np.float32)), "P_QSO": pd.Series(p),
                      "CATEGORY": pd.Series(categorise(p, label, job.threshold).astype(str)),
                      "PIPE_NOT_QSO": pd.Series(pipe_not_qso(p, meta["pipeline_class"], job.threshold)),
                      "QUALITY": pd.Series(quality_bits(meta))})
+        a = b
         yield pd.DataFrame({k: cols[k] for k in DISCOVER_COLUMNS if k in cols})
+    if a != job.rows.shape[0]:
+        raise StoreError(f"{job.store_path}: meta.parquet changed while the catalogue was written; run discover again")
 
 
 def _header(job: _Job, cal: Calibration | None) -> list[tuple[str, Any, str]]:
