@@ -218,12 +218,11 @@ def inspect_cmd(
     category: Optional[str] = typer.Option(None, "--category", help="Category the queue starts with: new_candidate, missed_by_model, agree_qso or agree_other (default: all)."),
 ) -> None:
     """Open a local web page to look at candidates and record verdicts (q / n / u)."""
-    from spectransfer.inspect.app import create_app, load_candidates
+    from spectransfer.inspect.app import create_app
     from spectransfer.inspect.server import check_bind, serve
     from spectransfer.loopback import is_loopback
 
     check_bind(host, token)
-    table = load_candidates(candidates)
     opened = None
     if store is not None:
         from spectransfer.data.store import open_store
@@ -231,10 +230,10 @@ def inspect_cmd(
         opened = open_store(store)
     db_path = db if db is not None else candidates.parent / "verdicts.sqlite"
     dirs = [candidates.parent] + ([store, store.parent] if store is not None else [])
-    web = create_app(table, opened, db_path, token=token, default_category=category, loopback_only=is_loopback(host), search_dirs=dirs)
+    web = create_app(candidates, opened, db_path, token=token, default_category=category, loopback_only=is_loopback(host), search_dirs=dirs)
 
     def ready(url: str) -> None:
-        typer.echo(f"Inspecting {len(table):,} candidates at {url}  (verdicts -> {db_path}; Ctrl-C to stop)")
+        typer.echo(f"Inspecting {web.state.queue.n:,} candidates at {url}  (verdicts -> {db_path}; Ctrl-C to stop)")
 
     serve(web, host=host, port=port, token=token, on_ready=ready)
 
