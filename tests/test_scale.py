@@ -156,3 +156,28 @@ def test_discover_streams_the_metadata_and_matches_the_in_memory_path(tmp_path: 
     assert streamed.counts == whole.counts and streamed.n_pipe_not_qso == whole.n_pipe_not_qso
     assert streamed.pipe_not_qso_by_class == whole.pipe_not_qso_by_class
     assert pd.read_parquet(tmp_path / "a.parquet").equals(pd.read_parquet(tmp_path / "b.parquet"))
+
+
+def test_discover_of_one_survey_streams_only_its_rows(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from astropy.table import Table
+
+    from spectransfer.candidates.discover import discover
+    from test_discover import _run, _store
+
+    _store(tmp_path / "store", n=120, chunk_rows=32)
+    run = _run(tmp_path / "run")
+    meta_path = tmp_path / "store" / "meta.parquet"
+    meta = pq.read_table(meta_path)
+    meta = meta.take(np.argsort(meta.column("row").to_numpy()))
+    survey = np.where(meta.column("row").to_numpy() % 3 == 0, "lamost", "sdss")
+    meta = meta.set_column(meta.schema.get_field_index("survey"), "survey", pa.array(survey))
+    pq.write_table(meta, meta_path, row_group_size=25)
+    res = discover(run, tmp_path / "store", tmp_path / "l.fits", survey="lamost", engine="torch", block_size=7, quiet=True)
+    t = Table.read(tmp_path / "l.fits")
+    want = meta.filter(pa.array(survey == "lamost"))
+    assert res.n_spectra == len(t) == 40
+    assert np.asarray(t["ROW"]).tolist() == want.column("row").to_pylist()
+    assert set(np.asarray(t["SURVEY"]).astype(str)) == {"lamost"}
+    assert np.asarray(t["SPECTRUM_ID"]).astype(str).tolist() == want.column("spectrum_id").to_pylist()

@@ -128,11 +128,7 @@ def _plan(job: _Job, threads: int | None) -> None:
     if job.info.grid != job.store.grid:
         raise EvaluateError(f"{job.run_dir}: run was trained on grid {job.info.grid.to_dict()} but store "
                             f"{job.store_path} uses {job.store.grid.to_dict()}")
-    index = job.store.meta_columns(["row", "survey"])
-    rows = index["row"].to_numpy(dtype=np.int64)
-    if job.survey is not None:
-        rows = rows[(index["survey"] == job.survey).to_numpy()]
-    del index
+    rows = job.store.live_rows(job.survey)
     if rows.shape[0] == 0:
         raise StoreError(f"{job.store_path}: no spectra to score" + (f" for survey {job.survey!r}" if job.survey else ""))
     if np.all(np.diff(rows) > 0):  # meta.parquet in row order (as ingest writes it): read it block by block later

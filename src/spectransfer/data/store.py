@@ -238,17 +238,23 @@ class Store:
             self._meta = read_table(self.path / "meta.parquet", self.schema)
         return self._meta
 
-    def meta_columns(self, columns: Sequence[str]) -> pd.DataFrame:
-        """Only ``columns`` of meta.parquet, in file order (cheap where the whole meta is not)."""
-        if self._meta is not None:
-            return self._meta[list(columns)]
+    def live_rows(self, survey: str | None = None) -> np.ndarray:
+        """The ``row`` column of meta.parquet in file order (of one survey), without reading the rest."""
+        if self._meta is not None or not (self.path / "meta.parquet").exists():
+            m = self.meta
+            keep = (m["survey"] == survey).to_numpy() if survey is not None else slice(None)
+            return m["row"].to_numpy(dtype=np.int64)[keep]
         path = self.path / "meta.parquet"
-        if not path.exists():
-            return conform(pd.DataFrame(), self.schema)[list(columns)]
         try:
-            return pq.read_table(path, columns=list(columns)).to_pandas()
+            import pyarrow.compute as pc
+
+            t = pq.read_table(path, columns=["row", "survey"], read_dictionary=["survey"])
         except Exception as exc:  # noqa: BLE001 - any parquet failure means a damaged store
             raise StoreError(f"{path}: cannot read ({exc})") from exc
+        rows = t.column("row")
+        if survey is not None:
+            rows = rows.filter(pc.fill_null(pc.equal(t.column("survey").cast(pa.string()), survey), False))
+        return rows.to_numpy().astype(np.int64, copy=False)
 
     def iter_meta(self, batch_size: int = 65536) -> Iterator[pd.DataFrame]:
         """meta.parquet in file order as conformed frames of at most ``batch_size`` rows (memory: one batch)."""

@@ -144,7 +144,7 @@ def _record(row: Any) -> dict[str, Any]:
 # temporary folder when that is not writable) and is rebuilt when the table changes.
 
 QUEUE_VERSION = 1
-BUILD_BLOCK = 50_000
+BUILD_BLOCK = 8192
 
 
 def _candidate_blocks(path: Path, block: int = BUILD_BLOCK) -> Iterator[pd.DataFrame]:
