@@ -11,12 +11,14 @@ reaped children (Dask workers), whichever is larger.
 - ingest: ``ingest --workers 0`` of the whole folder into a fresh store (the driver does all).
 - discover: ``discover --engine torch --block-size 1024`` of the store with an untrained VGG-A run (the weights do
   not change the memory or the time), writing a .fits catalogue and its .parquet copy.
-- inspect: the app built from the catalogue as ``spectransfer inspect`` builds it, then the
-  first requests the page makes (info, one page of candidates, one spectrum).
+- inspect_build: the first start of the app on the catalogue, which copies it into the queue
+  file beside it (SQLite); inspect: a later start (the queue file reused), as
+  ``spectransfer inspect`` starts it, then the first requests the page makes (info, one page of
+  candidates, one spectrum).
 
 The per-spectrum growth is the slope between the two sizes; the projection adds it to the
 small size's peak. Human lines first, then one JSON line:
-``{"ingest": {...}, "discover": {...}, "inspect": {...}}`` with rss_mb_small, rss_mb_large,
+``{"ingest": {...}, "discover": {...}, "inspect_build": {...}, "inspect": {...}}`` with rss_mb_small, rss_mb_large,
 kb_per_spectrum, projected_rss_gb_4m, projected_rss_gb_9m, spectra_per_s_small and
 spectra_per_s_large per stage.
 """
@@ -34,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-STAGES = ("ingest", "discover", "inspect")
+STAGES = ("ingest", "discover", "inspect_build", "inspect")
 SURVEYS = {"4m": 4_000_000, "9m": 9_000_000}
 BLOCK = 1024  # discover's block: below both sizes, so what grows between them is per survey, not per block
 
@@ -55,6 +57,13 @@ def _stage_discover(work: Path) -> int:
 
     res = discover(work / "run", work / "store", work / "cand.fits", engine="torch", block_size=BLOCK, quiet=True)
     return res.n_spectra
+
+
+def _stage_inspect_build(work: Path) -> int:
+    from spectransfer.inspect.app import create_app
+
+    app = create_app(work / "cand.parquet", None, work / "verdicts.sqlite")  # copies the catalogue into its queue file
+    return int(app.state.queue.n)
 
 
 def _stage_inspect(work: Path) -> int:
@@ -81,7 +90,8 @@ def run_stage(stage: str, work: Path) -> None:
 
     logging.basicConfig(level=logging.WARNING)
     t0 = time.perf_counter()
-    n = {"ingest": _stage_ingest, "discover": _stage_discover, "inspect": _stage_inspect}[stage](work)
+    stages = {"ingest": _stage_ingest, "discover": _stage_discover, "inspect_build": _stage_inspect_build, "inspect": _stage_inspect}
+    n = stages[stage](work)
     sec = time.perf_counter() - t0
     peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     print(json.dumps({"stage": stage, "n": n, "seconds": sec, "rss_mb": peak / 1024}))
@@ -153,7 +163,7 @@ def main() -> None:
             print(f"{label}: simulated {n} spectra in {time.perf_counter() - t0:.0f} s")
             for stage in STAGES:
                 r = results[stage][label] = _child(stage, work)
-                print(f"  {stage:9s} n={r['n']:>7d}  {r['seconds']:7.1f} s  {r['n'] / r['seconds']:8.1f} spectra/s  peak RSS {r['rss_mb']:7.1f} MB")
+                print(f"  {stage:13s} n={r['n']:>7d}  {r['seconds']:7.1f} s  {r['n'] / r['seconds']:8.1f} spectra/s  peak RSS {r['rss_mb']:7.1f} MB")
             if args.keep is None:
                 shutil.rmtree(work, ignore_errors=True)
     finally:
@@ -161,7 +171,7 @@ def main() -> None:
             shutil.rmtree(base, ignore_errors=True)
     summary = {s: summarise(results[s]["small"], results[s]["large"]) for s in STAGES}
     for s, r in summary.items():
-        print(f"{s:9s} {r['rss_mb_small']:7.1f} -> {r['rss_mb_large']:7.1f} MB  {r['kb_per_spectrum']:6.2f} KB/spectrum  "
+        print(f"{s:13s} {r['rss_mb_small']:7.1f} -> {r['rss_mb_large']:7.1f} MB  {r['kb_per_spectrum']:6.2f} KB/spectrum  "
               f"projected {r['projected_rss_gb_4m']:6.2f} GB at 4M, {r['projected_rss_gb_9m']:6.2f} GB at 9M  "
               f"{r['spectra_per_s_small']:.0f} / {r['spectra_per_s_large']:.0f} spectra/s")
     print(json.dumps(summary))

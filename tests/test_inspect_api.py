@@ -500,7 +500,14 @@ def test_a_store_sized_queue_pages_filters_and_sorts_from_disk_with_flat_memory(
     table["P"] = table["P_QSO"].astype("f8")
     order = table.sort_values(["P", "SPECTRUM_ID"], ascending=[False, True])
 
-    app = create_app(cand, None, tmp_path / "v.sqlite")  # builds the queue file beside the table
+    full = int(table.memory_usage(deep=True).sum())
+    tracemalloc.start()
+    try:
+        app = create_app(cand, None, tmp_path / "v.sqlite")  # builds the queue file beside the table, in blocks
+        build_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert build_peak < full / 4, (build_peak, full)
     assert (tmp_path / "cand.parquet.queue.sqlite").is_file()
     client = TestClient(app, base_url="http://127.0.0.1")
     client.post("/api/verdicts", json={"id": order["SPECTRUM_ID"].iloc[1], "verdict": "qso", "inspector": "ann"})
@@ -533,7 +540,6 @@ def test_a_store_sized_queue_pages_filters_and_sorts_from_disk_with_flat_memory(
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    full = int(table.memory_usage(deep=True).sum())
     assert peak < full / 4, (peak, full)  # a 500-row page and its JSON, not the 200k rows
 
     stamp = (tmp_path / "cand.parquet.queue.sqlite").stat().st_mtime_ns

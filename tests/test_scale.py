@@ -181,3 +181,23 @@ def test_discover_of_one_survey_streams_only_its_rows(tmp_path: Path) -> None:
     assert np.asarray(t["ROW"]).tolist() == want.column("row").to_pylist()
     assert set(np.asarray(t["SURVEY"]).astype(str)) == {"lamost"}
     assert np.asarray(t["SPECTRUM_ID"]).astype(str).tolist() == want.column("spectrum_id").to_pylist()
+
+
+@pytest.mark.parametrize("fmt", ["fits", "parquet"])
+def test_writing_in_blocks_holds_one_block_not_the_table(tmp_path: Path, fmt: str) -> None:
+    """Peak traced memory of writing 4 blocks and 40 blocks (10x the rows) is about the same."""
+    import tracemalloc
+
+    block = _table(1000, seed=3)
+
+    def peak(n_blocks: int) -> int:
+        tracemalloc.start()
+        try:
+            write_blocks(lambda: (block for _ in range(n_blocks)), CARDS, tmp_path / f"t{n_blocks}.{fmt}")
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, large = peak(4), peak(40)
+    assert large < 1.5 * small, (small, large)
+    assert (tmp_path / f"t40.{fmt}").stat().st_size > 5 * (tmp_path / f"t4.{fmt}").stat().st_size

@@ -16,10 +16,11 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -40,7 +41,16 @@ from spectransfer.data.store import label_mode, open_store
 from spectransfer.errors import EvaluateError, StoreError
 from spectransfer.evaluation.calibration import NO_CALIBRATION_CARDS, Calibration, read_calibration
 from spectransfer.evaluation.metrics import calibrated_probability
-from spectransfer.ml.score import ENGINES, EngineSpec, build_scorer, check_engine, default_threads, prepare_engine, rows_digest, score_rows
+from spectransfer.ml.score import (
+    ENGINES,
+    EngineSpec,
+    build_scorer,
+    check_engine,
+    default_threads,
+    prepare_engine,
+    rows_digest,
+    score_rows,
+)
 from spectransfer.progress import progress_bar
 from spectransfer.provenance import atomic_path
 

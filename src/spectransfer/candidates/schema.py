@@ -11,9 +11,10 @@ file's extension: .fits/.fit, .parquet, .csv, .vot/.xml (the last two through as
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -236,7 +237,7 @@ class _Layout:
     widths: dict[str, int]
 
     @classmethod
-    def measure(cls, blocks: Iterable[pd.DataFrame]) -> "_Layout":
+    def measure(cls, blocks: Iterable[pd.DataFrame]) -> _Layout:
         names: list[str] | None = None
         n, widths = 0, {}
         for block in blocks:

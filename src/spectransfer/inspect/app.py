@@ -16,7 +16,7 @@ import sqlite3
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -31,8 +31,8 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
 from spectransfer import __version__
-from spectransfer.inspect import InspectError
 from spectransfer.data.store import LABEL_REFERENCE, label_mode
+from spectransfer.inspect import InspectError
 from spectransfer.inspect.verdicts import VERDICTS, VerdictDB
 from spectransfer.loopback import host_header_name, is_loopback
 
@@ -222,7 +222,7 @@ class CandidateQueue:
     # -- building --
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> "CandidateQueue":
+    def from_file(cls, path: str | os.PathLike[str]) -> CandidateQueue:
         """The queue of a candidates table, built once beside it (rebuilt when the table changes)."""
         path = Path(path)
         src = path.with_suffix(".parquet") if path.suffix != ".parquet" and path.with_suffix(".parquet").is_file() else path
@@ -245,7 +245,7 @@ class CandidateQueue:
         return cls(db, tmpdir)
 
     @classmethod
-    def from_frame(cls, df: pd.DataFrame, name: str = "candidates") -> "CandidateQueue":
+    def from_frame(cls, df: pd.DataFrame, name: str = "candidates") -> CandidateQueue:
         """The queue of a table already in memory (in a temporary file)."""
         tmpdir = tempfile.TemporaryDirectory(prefix="spectransfer-queue-")
         db = Path(tmpdir.name) / "queue.sqlite"
