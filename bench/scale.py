@@ -131,7 +131,8 @@ def summarise(small: dict, large: dict) -> dict:
     out = {"rss_mb_small": round(small["rss_mb"], 1), "rss_mb_large": round(large["rss_mb"], 1),
            "n_small": ns, "n_large": nl, "kb_per_spectrum": round(kb, 3)}
     for name, n in SURVEYS.items():
-        out[f"projected_rss_gb_{name}"] = round((small["rss_mb"] + kb * (n - ns) / 1024) / 1024, 2)
+        projected = max(small["rss_mb"] + kb * (n - ns) / 1024, small["rss_mb"], large["rss_mb"])  # noise can make kb < 0
+        out[f"projected_rss_gb_{name}"] = round(projected / 1024, 2)
     out["spectra_per_s_small"] = round(ns / small["seconds"], 1)
     out["spectra_per_s_large"] = round(nl / large["seconds"], 1)
     return out
