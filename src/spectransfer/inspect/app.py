@@ -212,6 +212,7 @@ class CandidateQueue:
         self.path = Path(db_path)
         self._tmpdir = tmpdir  # kept alive as long as the queue when the file lives in a temporary folder
         self._local = threading.local()
+        self._lock = threading.Lock()  # one query at a time: answers leave in the order requests came
         info = json.loads(self._connect().execute("SELECT value FROM info WHERE key = 'info'").fetchone()[0])
         self.columns: list[str] = info["columns"]
         self.kinds: dict[str, str] = info["kinds"]
@@ -279,6 +280,10 @@ class CandidateQueue:
 
     def select(self, where: str, params: list[Any], done: Sequence[str], status: str, offset: int, limit: int) -> tuple[int, int, list[dict[str, Any]]]:
         """(total, inspected, page rows) of the rows passing ``where``; ``done`` are the ids with a verdict."""
+        with self._lock:
+            return self._select(where, params, done, status, offset, limit)
+
+    def _select(self, where: str, params: list[Any], done: Sequence[str], status: str, offset: int, limit: int) -> tuple[int, int, list[dict[str, Any]]]:
         con = self._connect()
         con.execute("CREATE TEMP TABLE IF NOT EXISTS done (id TEXT PRIMARY KEY)")
         con.execute("DELETE FROM temp.done")
