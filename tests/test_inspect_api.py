@@ -469,3 +469,79 @@ def test_ids_with_a_slash_can_be_opened(tmp_path):
         r = client.post("/api/verdicts", json={"id": "lamost-1/2", "verdict": "qso", "inspector": "ann"})
         assert r.status_code == 201
         assert client.get("/api/spectrum/unknown%2Fid").json()["detail"].startswith("unknown spectrum id")
+
+
+# ---- a survey-sized queue, served from disk -----------------------------------------------------
+
+
+def test_a_store_sized_queue_pages_filters_and_sorts_from_disk_with_flat_memory(tmp_path):
+    """200k candidates: the answers are those of pandas on the whole table, and serving them holds a
+    page, not the table (tracemalloc peak well below the table's own size)."""
+    import tracemalloc
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from fastapi.testclient import TestClient
+
+    n = 200_000
+    rng = np.random.default_rng(7)
+    table = pd.DataFrame({
+        "SPECTRUM_ID": [f"lamost-{i:07d}" for i in rng.permutation(n)],
+        "P_QSO": np.round(rng.random(n), 3).astype("f4"),  # rounded: many ties, ordered by id
+        "CATEGORY": rng.choice(CATEGORIES, n),
+        "CLASS": rng.choice(["GALAXY", "STAR", "QSO", ""], n),
+        "RA": rng.uniform(0, 360, n),
+        "ROW": np.arange(n, dtype="i8"),
+        "PIPE_NOT_QSO": rng.random(n) < 0.1,
+        "SOURCE_FILE": [f"spec-{i}.fits" for i in range(n)],
+    })
+    cand = tmp_path / "cand.parquet"
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), cand, row_group_size=20_000)
+    table["P"] = table["P_QSO"].astype("f8")
+    order = table.sort_values(["P", "SPECTRUM_ID"], ascending=[False, True])
+
+    full = int(table.memory_usage(deep=True).sum())
+    tracemalloc.start()
+    try:
+        app = create_app(cand, None, tmp_path / "v.sqlite")  # builds the queue file beside the table, in blocks
+        build_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert build_peak < full / 4, (build_peak, full)
+    assert (tmp_path / "cand.parquet.queue.sqlite").is_file()
+    client = TestClient(app, base_url="http://127.0.0.1")
+    client.post("/api/verdicts", json={"id": order["SPECTRUM_ID"].iloc[1], "verdict": "qso", "inspector": "ann"})
+    queries = [
+        ({"offset": 0, "limit": 500}, np.ones(n, bool)),
+        ({"offset": 150_000, "limit": 37}, np.ones(n, bool)),
+        ({"category": "new_candidate,agree_qso", "pipeline_class": "STAR,none", "p_min": 0.25, "p_max": 0.75, "offset": 1000, "limit": 100},
+         (order["CATEGORY"].isin(["new_candidate", "agree_qso"]) & order["CLASS"].isin(["STAR", ""])
+          & (order["P"] >= 0.25) & (order["P"] <= 0.75)).to_numpy()),
+    ]
+    tracemalloc.start()
+    try:
+        for params, mask in queries:
+            body = client.get("/api/candidates", params=params).json()
+            want = order[mask]
+            assert body["total"] == len(want)
+            sl = want.iloc[params["offset"] : params["offset"] + params["limit"]]
+            assert [it["id"] for it in body["items"]] == sl["SPECTRUM_ID"].tolist()
+            assert [it["p_qso"] for it in body["items"]] == [float(p) for p in sl["P_QSO"]]
+            assert [it["class"] for it in body["items"]] == [c or None for c in sl["CLASS"]]
+            assert [it["pipe_not_qso"] for it in body["items"]] == sl["PIPE_NOT_QSO"].tolist()
+        todo = client.get("/api/candidates", params={"status": "todo", "limit": 2}).json()
+        assert todo["total"] == n - 1 and todo["inspected"] == 1
+        assert [it["id"] for it in todo["items"]] == [order["SPECTRUM_ID"].iloc[0], order["SPECTRUM_ID"].iloc[2]]
+        info = client.get("/api/info").json()
+        assert info["n_candidates"] == n and info["categories"] == table["CATEGORY"].value_counts().reindex(CATEGORIES, fill_value=0).to_dict()
+        assert info["pipeline_classes"] == ["GALAXY", "QSO", "STAR"]
+        sid = order["SPECTRUM_ID"].iloc[123_456]
+        assert client.get(f"/api/spectrum/{sid}").status_code == 404  # known id, no file, no store: a reason
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < full / 4, (peak, full)  # a 500-row page and its JSON, not the 200k rows
+
+    stamp = (tmp_path / "cand.parquet.queue.sqlite").stat().st_mtime_ns
+    create_app(cand, None, tmp_path / "v.sqlite")  # unchanged table: the queue file is reused
+    assert (tmp_path / "cand.parquet.queue.sqlite").stat().st_mtime_ns == stamp

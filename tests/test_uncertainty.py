@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from spectransfer.candidates.discover import discover
 from spectransfer.errors import EvaluateError
 from spectransfer.inspect import InspectError
-from spectransfer.inspect.app import create_app, order_queue
+from spectransfer.inspect.app import create_app
 from test_discover import _run, _store
 
 
@@ -65,19 +65,23 @@ def test_without_mc_dropout_the_column_is_nan_and_one_pass_is_refused(scored: di
 
 
 def test_uncertainty_order_puts_the_largest_spread_first(scored: dict, tmp_path: Path) -> None:
-    table = scored["table"].set_index("SPECTRUM_ID", drop=False)
-    ordered, order = order_queue(table)
-    assert order == "uncertainty"
-    std = ordered["P_QSO_STD"].to_numpy()
-    assert np.all(np.diff(std) <= 0)
-    app = create_app(scored["table"], None, tmp_path / "v.sqlite", order=None)
-    with TestClient(app, base_url="http://127.0.0.1") as client:
-        items = client.get("/api/candidates", params={"limit": 5}).json()["items"]
-        assert client.get("/api/info").json()["order"] == "uncertainty"
-    assert [i["id"] for i in items] == list(ordered.index[:5])
-    by_p, _ = order_queue(table, "p_qso")
-    assert np.all(np.diff(by_p["P_QSO"].to_numpy()) <= 0)
-    shuffled, _ = order_queue(table, "random")
-    assert sorted(shuffled.index) == sorted(table.index) and list(shuffled.index) == list(order_queue(table, "random")[0].index)
+    table = scored["table"]
+    by_spread = table.sort_values(["P_QSO_STD", "P_QSO"], ascending=[False, False])["SPECTRUM_ID"].tolist()
+    by_p = table.sort_values("P_QSO", ascending=False)["SPECTRUM_ID"].tolist()
+
+    def first(order: str | None, n: int = 60) -> tuple[str, list[str]]:
+        app = create_app(table, None, tmp_path / "v.sqlite", order=order)
+        with TestClient(app, base_url="http://127.0.0.1") as client:
+            used = client.get("/api/info").json()["order"]
+            items = client.get("/api/candidates", params={"limit": n}).json()["items"]
+        return used, [i["id"] for i in items]
+
+    used, ids = first(None)  # the table has spreads: uncertainty is the default
+    assert used == "uncertainty" and ids == by_spread
+    assert first("p_qso") == ("p_qso", by_p)
+    used, shuffled = first("random")
+    assert sorted(shuffled) == sorted(by_p) and shuffled not in (by_p, by_spread) and first("random")[1] == shuffled
     with pytest.raises(InspectError, match="--mc-dropout"):
-        order_queue(table.drop(columns="P_QSO_STD"), "uncertainty")
+        create_app(table.drop(columns="P_QSO_STD"), None, tmp_path / "w.sqlite", order="uncertainty")
+    with pytest.raises(InspectError, match="--order must be one of"):
+        create_app(table, None, tmp_path / "w.sqlite", order="best")

@@ -219,12 +219,11 @@ def inspect_cmd(
     order: Optional[str] = typer.Option(None, "--order", help="Queue order: uncertainty (largest P_QSO_STD first: the most informative verdict next; the default when discover ran with --mc-dropout), p_qso (most probable first; the default otherwise) or random (a fixed shuffle)."),
 ) -> None:
     """Open a local web page to look at candidates and record verdicts (q / n / u)."""
-    from spectransfer.inspect.app import create_app, load_candidates
+    from spectransfer.inspect.app import create_app
     from spectransfer.inspect.server import check_bind, serve
     from spectransfer.loopback import is_loopback
 
     check_bind(host, token)
-    table = load_candidates(candidates)
     opened = None
     if store is not None:
         from spectransfer.data.store import open_store
@@ -232,11 +231,11 @@ def inspect_cmd(
         opened = open_store(store)
     db_path = db if db is not None else candidates.parent / "verdicts.sqlite"
     dirs = [candidates.parent] + ([store, store.parent] if store is not None else [])
-    web = create_app(table, opened, db_path, token=token, default_category=category, loopback_only=is_loopback(host),
+    web = create_app(candidates, opened, db_path, token=token, default_category=category, loopback_only=is_loopback(host),
                      search_dirs=dirs, order=order)
 
     def ready(url: str) -> None:
-        typer.echo(f"Inspecting {len(table):,} candidates at {url}  (verdicts -> {db_path}; Ctrl-C to stop)")
+        typer.echo(f"Inspecting {web.state.queue.n:,} candidates at {url}  (verdicts -> {db_path}; Ctrl-C to stop)")
 
     serve(web, host=host, port=port, token=token, on_ready=ready)
 

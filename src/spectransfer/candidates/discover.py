@@ -16,10 +16,11 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -34,7 +35,7 @@ from spectransfer.candidates.schema import (
     output_format,
     pipe_not_qso,
     quality_bits,
-    write_table,
+    write_blocks,
 )
 from spectransfer.candidates.redshifts import check_refine, redshift_columns
 from spectransfer.data.store import label_mode, open_store
@@ -42,7 +43,15 @@ from spectransfer.errors import EvaluateError, StoreError
 from spectransfer.evaluation.calibration import NO_CALIBRATION_CARDS, Calibration, read_calibration
 from spectransfer.evaluation.metrics import calibrated_probability
 from spectransfer.ml.score import (
-    ENGINES, EngineSpec, build_scorer, check_engine, default_threads, prepare_engine, read_arrays, rows_digest, score_rows,
+    ENGINES,
+    EngineSpec,
+    build_scorer,
+    check_engine,
+    default_threads,
+    prepare_engine,
+    read_arrays,
+    rows_digest,
+    score_rows,
 )
 from spectransfer.progress import progress_bar
 from spectransfer.provenance import atomic_path
@@ -94,7 +103,7 @@ class _Job:
     store: Any = None
     info: Any = None
     model: Any = None
-    meta: pd.DataFrame | None = None
+    meta: pd.DataFrame | None = None  # the selected meta in row order, only when meta.parquet is not in row order
     rows: np.ndarray | None = None
     threads: int = 1
     use_dask: bool = False
@@ -133,13 +142,17 @@ def _plan(job: _Job, threads: int | None) -> None:
     if job.info.grid != job.store.grid:
         raise EvaluateError(f"{job.run_dir}: run was trained on grid {job.info.grid.to_dict()} but store "
                             f"{job.store_path} uses {job.store.grid.to_dict()}")
-    meta = job.store.meta
-    if job.survey is not None:
-        meta = meta[meta["survey"] == job.survey]
-    job.meta = meta.sort_values("row").reset_index(drop=True)
-    if len(job.meta) == 0:
+    rows = job.store.live_rows(job.survey)
+    if rows.shape[0] == 0:
         raise StoreError(f"{job.store_path}: no spectra to score" + (f" for survey {job.survey!r}" if job.survey else ""))
-    job.rows = job.meta["row"].to_numpy(dtype=np.int64)
+    if np.all(np.diff(rows) > 0):  # meta.parquet in row order (as ingest writes it): read it block by block later
+        job.rows = rows
+    else:
+        meta = job.store.meta
+        if job.survey is not None:
+            meta = meta[meta["survey"] == job.survey]
+        job.meta = meta.sort_values("row").reset_index(drop=True)
+        job.rows = job.meta["row"].to_numpy(dtype=np.int64)
     job.use_dask = bool(job.scheduler) or (job.workers is not None and job.workers > 1)
     job.threads = int(threads) if threads else default_threads(job.workers if job.use_dask and not job.scheduler else 1)
 
@@ -209,34 +222,64 @@ def _score_on_dask(job: _Job, todo: list[int], advance: Callable[[int], Any]) ->
             advance(fut.result())
 
 
-def _finish(job: _Job, outputs: dict[str, np.ndarray], quiet: bool = True) -> tuple[pd.DataFrame, list[tuple[str, Any, str]], dict[str, Any]]:
-    """Probabilities, categories, flags and redshifts; the table and its header; the summary counts."""
+def _finish(job: _Job, outputs: dict[str, np.ndarray], quiet: bool = True,
+            ) -> tuple[Callable[[], Iterator[pd.DataFrame]], list[tuple[str, Any, str]], dict[str, Any]]:
+    """Probabilities, categories, flags and redshifts; the table (as its row blocks) and header; the summary counts."""
     cal = read_calibration(job.run_dir)
     logits = outputs["logit"]
     p_qso = calibrated_probability(logits, cal.temperature if cal else None)
-    meta = job.meta
-    label = meta["label"].fillna(0).to_numpy(dtype=np.int8)
-    category = categorise(p_qso, label, job.threshold)
-    flag = pipe_not_qso(p_qso, meta["pipeline_class"], job.threshold)
-    cols = from_meta(meta, DISCOVER_COLUMNS)
-    cols.update({"LOGIT": pd.Series(logits.astype(np.float32)), "P_QSO": pd.Series(p_qso),
-                 "CATEGORY": pd.Series(category.astype(str)), "PIPE_NOT_QSO": pd.Series(flag),
-                 "QUALITY": pd.Series(quality_bits(meta))})
     t0 = time.perf_counter()
-    cols.update({k: pd.Series(v) for k, v in _redshifts(job, outputs, p_qso >= job.threshold, quiet).items()})
-    cols["P_QSO_STD"] = pd.Series(outputs.get("p_qso_std", np.full(p_qso.size, np.nan)).astype(np.float32))
+    extra = _redshifts(job, outputs, p_qso >= job.threshold, quiet)
+    extra["P_QSO_STD"] = outputs.get("p_qso_std", np.full(p_qso.size, np.nan)).astype(np.float32)
     job.timings["refine_s"] = time.perf_counter() - t0
-    table = pd.DataFrame({k: cols[k] for k in DISCOVER_COLUMNS if k in cols})
-    cards = _header(job, cal)
-    cls = meta["pipeline_class"].astype("string").str.strip().str.upper().fillna("").to_numpy(dtype=object)
-    new = category == "new_candidate"
-    summary = {
-        "counts": {c: int((category == c).sum()) for c in CATEGORIES},
-        "n_pipe_not_qso": int(flag.sum()),
-        "by_class": {c: int((new & (cls == c)).sum()) for c in ("STAR", "GALAXY")},
-        "calibrated": cal is not None,
-    }
-    return table, cards, summary
+    counts = dict.fromkeys(CATEGORIES, 0)
+    by_class = {"STAR": 0, "GALAXY": 0}
+    n_flag = 0
+    for block in _table_blocks(job, logits, p_qso, extra):
+        cat = block["CATEGORY"].to_numpy()
+        for c in CATEGORIES:
+            counts[c] += int((cat == c).sum())
+        n_flag += int(block["PIPE_NOT_QSO"].sum())
+        cls = block["CLASS"].astype("string").str.strip().str.upper().fillna("").to_numpy(dtype=object) if "CLASS" in block else np.array([""] * len(block), dtype=object)
+        for c in by_class:
+            by_class[c] += int(((cat == "new_candidate") & (cls == c)).sum())
+    summary = {"counts": counts, "n_pipe_not_qso": n_flag, "by_class": by_class, "calibrated": cal is not None}
+    return (lambda: _table_blocks(job, logits, p_qso, extra)), _header(job, cal), summary
+
+
+def _meta_blocks(job: _Job) -> Iterator[pd.DataFrame]:
+    """The selected spectra's metadata in row order, a block at a time."""
+    if job.meta is not None:
+        for a in range(0, len(job.meta), job.block_size):
+            yield job.meta.iloc[a : a + job.block_size].reset_index(drop=True)
+        return
+    for meta in job.store.iter_meta(job.block_size):
+        if job.survey is not None:
+            meta = meta[meta["survey"] == job.survey].reset_index(drop=True)
+        if len(meta):
+            yield meta
+
+
+def _table_blocks(job: _Job, logits: np.ndarray, p_qso: np.ndarray, extra: dict[str, np.ndarray]) -> Iterator[pd.DataFrame]:
+    """The catalogue's rows, one block at a time (so writing it needs one block's memory);
+    ``extra`` holds further per-spectrum columns (redshifts, MC-dropout spread) in row order."""
+    a = 0
+    for meta in _meta_blocks(job):
+        b = a + len(meta)
+        if not np.array_equal(meta["row"].to_numpy(dtype=np.int64), job.rows[a:b]):
+            raise StoreError(f"{job.store_path}: meta.parquet changed while the catalogue was written; run discover again")
+        p = p_qso[a:b]
+        label = meta["label"].fillna(0).to_numpy(dtype=np.int8)
+        cols = from_meta(meta, DISCOVER_COLUMNS)
+        cols.update({"LOGIT": pd.Series(logits[a:b].astype(np.float32)), "P_QSO": pd.Series(p),
+                     "CATEGORY": pd.Series(categorise(p, label, job.threshold).astype(str)),
+                     "PIPE_NOT_QSO": pd.Series(pipe_not_qso(p, meta["pipeline_class"], job.threshold)),
+                     "QUALITY": pd.Series(quality_bits(meta))})
+        cols.update({k: pd.Series(v[a:b]) for k, v in extra.items()})
+        a = b
+        yield pd.DataFrame({k: cols[k] for k in DISCOVER_COLUMNS if k in cols})
+    if a != job.rows.shape[0]:
+        raise StoreError(f"{job.store_path}: meta.parquet changed while the catalogue was written; run discover again")
 
 
 def _redshifts(job: _Job, outputs: dict[str, np.ndarray], positive: np.ndarray, quiet: bool) -> dict[str, np.ndarray]:
@@ -319,11 +362,11 @@ def discover(
     _plan(job, threads)
     _prepare(job)
     outputs = _score(job, quiet)
-    table, cards, summary = _finish(job, outputs, quiet)
-    write_table(table, cards, job.out)
+    blocks, cards, summary = _finish(job, outputs, quiet)
+    write_blocks(blocks, cards, job.out)
     parquet = None
     if output_format(job.out) == "fits":
-        parquet = write_table(table, cards, job.out.with_suffix(".parquet"))
+        parquet = write_blocks(blocks, cards, job.out.with_suffix(".parquet"))
     shutil.rmtree(parts_dir(job.out), ignore_errors=True)
     return DiscoverResult(
         fits_path=job.out, parquet_path=parquet, n_spectra=int(job.rows.shape[0]), counts=summary["counts"],

@@ -11,9 +11,10 @@ file's extension: .fits/.fit, .parquet, .csv, .vot/.xml (the last two through as
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -207,11 +208,73 @@ def output_format(path: str | Path) -> str:
     return fmt
 
 
-def _array(col: Column, values: pd.Series) -> np.ndarray:
+def write_table(table: pd.DataFrame, cards: list[tuple[str, Any, str]], out: str | Path) -> Path:
+    """Write ``table`` (columns named as in COLUMNS) to ``out`` in the extension's format, atomically."""
+    return write_blocks(lambda: iter([table]), cards, out)
+
+
+def write_blocks(blocks: Callable[[], Iterable[pd.DataFrame]], cards: list[tuple[str, Any, str]], out: str | Path) -> Path:
+    """Write the concatenation of ``blocks()`` (DataFrames with the same columns) to ``out``, atomically.
+
+    FITS and parquet are written block by block, so memory is bounded by one block, not by
+    the table: ``blocks`` is called twice (the first pass measures the string columns' widths
+    and counts the rows, which the FITS header states up front). CSV and VOTable go through
+    astropy with the whole table in memory (small tables only).
+    """
+    out = Path(out)
+    fmt = output_format(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt in ("fits", "parquet"):
+        layout = _Layout.measure(blocks())
+        with atomic_path(out) as tmp:
+            (_write_fits if fmt == "fits" else _write_parquet)(blocks(), layout, cards, tmp)
+        return out
+    table = pd.concat(list(blocks()), ignore_index=True)
+    if fmt == "votable":
+        _write_votable(table, cards, out)
+    else:  # CSV holds the columns only: FITS, parquet and VOTable also carry the header
+        with atomic_path(out) as tmp:
+            _astropy_table(table, cards).write(tmp, format="ascii.csv", overwrite=True)
+    return out
+
+
+@dataclass
+class _Layout:
+    """Column names, row count and string widths (bytes, at least 1) of a table given in blocks."""
+
+    names: list[str]
+    n_rows: int
+    widths: dict[str, int]
+
+    @classmethod
+    def measure(cls, blocks: Iterable[pd.DataFrame]) -> _Layout:
+        names: list[str] | None = None
+        n, widths = 0, {}
+        for block in blocks:
+            if names is None:
+                names = list(block.columns)
+                widths = {k: 1 for k in names if COLUMNS[k].dtype == "str"}
+            elif list(block.columns) != names:
+                raise ValueError(f"blocks have different columns: {names} and {list(block.columns)}")
+            n += len(block)
+            for k in widths:
+                widths[k] = max(widths[k], int(_strings(block[k]).str.len().max()) if len(block) else 1)
+        if names is None:
+            raise ValueError("no blocks to write")
+        return cls(names, n, widths)
+
+
+def _strings(values: pd.Series) -> pd.Series:
+    """A text column as UTF-8 bytes ('' = missing)."""
+    return values.astype("string").fillna("").astype(str).str.encode("utf-8")
+
+
+def _array(col: Column, values: pd.Series, width: int | None = None) -> np.ndarray:
     """A column as a fixed-dtype array: strings '' = missing, ints -1 = missing, floats NaN."""
     if col.dtype == "str":
-        arr = values.astype("string").fillna("").to_numpy(dtype=object).astype(str)
-        width = max([1] + [len(s.encode()) for s in arr])
+        arr = _strings(values).to_numpy(dtype=object)
+        if width is None:
+            width = max([1] + [len(s) for s in arr])
         return arr.astype(f"S{width}")
     if col.dtype == "bool":
         return values.fillna(False).to_numpy(dtype=bool)
@@ -219,23 +282,6 @@ def _array(col: Column, values: pd.Series) -> np.ndarray:
         fill = 0 if col.name == "CAT_LABEL" else -1
         return pd.to_numeric(values, errors="coerce").fillna(fill).to_numpy(dtype=col.dtype)
     return pd.to_numeric(values, errors="coerce").to_numpy(dtype=col.dtype, na_value=np.nan)
-
-
-def write_table(table: pd.DataFrame, cards: list[tuple[str, Any, str]], out: str | Path) -> Path:
-    """Write ``table`` (columns named as in COLUMNS) to ``out`` in the extension's format, atomically."""
-    out = Path(out)
-    fmt = output_format(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "fits":
-        _write_fits(table, cards, out)
-    elif fmt == "parquet":
-        _write_parquet(table, cards, out)
-    elif fmt == "votable":
-        _write_votable(table, cards, out)
-    else:  # CSV holds the columns only: FITS, parquet and VOTable also carry the header
-        with atomic_path(out) as tmp:
-            _astropy_table(table, cards).write(tmp, format="ascii.csv", overwrite=True)
-    return out
 
 
 def _write_votable(table: pd.DataFrame, cards: list[tuple[str, Any, str]], out: Path) -> None:
@@ -265,44 +311,157 @@ def _astropy_table(table: pd.DataFrame, cards: list[tuple[str, Any, str]]) -> An
     return t
 
 
-def _write_fits(table: pd.DataFrame, cards: list[tuple[str, Any, str]], out: Path) -> None:
+# ---- FITS, block by block -------------------------------------------------------------------------
+
+_TFORM = {"bool": "L", "i2": "I", "i4": "J", "i8": "K", "f4": "E", "f8": "D"}
+_BLOCK = 2880
+
+
+def _fits_dtype(layout: _Layout) -> np.dtype:
+    """The big-endian record of one row (logicals as the ASCII 'T'/'F' bytes FITS stores)."""
+    fields = []
+    for name in layout.names:
+        dt = COLUMNS[name].dtype
+        fields.append((name, f"S{layout.widths[name]}" if dt == "str" else "S1" if dt == "bool" else ">" + dt))
+    return np.dtype(fields)
+
+
+def _fits_header(layout: _Layout, cards: list[tuple[str, Any, str]]) -> Any:
+    """The CANDIDATES header as astropy would write it for the whole table, with room for the checksums."""
     from astropy.io import fits
 
     columns = []
-    for name in table.columns:
+    for name in layout.names:
         col = COLUMNS[name]
-        arr = _array(col, table[name])
-        fmt = f"{arr.dtype.itemsize}A" if arr.dtype.kind == "S" else {
-            "bool": "L", "i2": "I", "i4": "J", "i8": "K", "f4": "E", "f8": "D"}[col.dtype]
-        columns.append(fits.Column(name=name, format=fmt, array=arr, unit=col.unit, null=-1 if fmt == "K" else None))
-    hdu = fits.BinTableHDU.from_columns(columns, name=EXTNAME)
-    for i, name in enumerate(table.columns, start=1):
-        hdu.header.set(f"TCOMM{i}", COLUMNS[name].description[:68], after=f"TFORM{i}")
+        fmt = f"{layout.widths[name]}A" if col.dtype == "str" else _TFORM[col.dtype]
+        columns.append(fits.Column(name=name, format=fmt, unit=col.unit, null=-1 if fmt == "K" else None))
+    header = fits.BinTableHDU.from_columns(columns, nrows=0, name=EXTNAME).header
+    header["NAXIS2"] = layout.n_rows
+    for i, name in enumerate(layout.names, start=1):
+        header.set(f"TCOMM{i}", COLUMNS[name].description[:68], after=f"TFORM{i}")
     for key, value, comment in cards:
-        hdu.header[key] = (value, comment)
+        header[key] = (value, comment)
+    header["CHECKSUM"] = ("0" * 16, "HDU checksum")
+    header["DATASUM"] = ("0", "data unit checksum")
+    return header
+
+
+def _write_fits(blocks: Iterable[pd.DataFrame], layout: _Layout, cards: list[tuple[str, Any, str]], path: Path) -> None:
+    """Primary HDU, then the table's header (rewritten with its checksums at the end) and rows."""
+    from astropy.io import fits
+
     primary = fits.PrimaryHDU()
     for key, value, comment in provenance_cards():
         primary.header[key] = (value, comment)
-    with atomic_path(out) as tmp:
-        fits.HDUList([primary, hdu]).writeto(tmp, overwrite=True, checksum=True)
+    dtype = _fits_dtype(layout)
+    header = _fits_header(layout, cards)
+    with open(path, "wb") as fh:
+        fits.HDUList([primary]).writeto(fh, checksum=True)
+        start = fh.tell()
+        fh.write(header.tostring().encode("ascii"))
+        summer, n = _OnesSum(), 0
+        for block in blocks:
+            rec = np.empty(len(block), dtype=dtype)
+            for name in layout.names:
+                col = COLUMNS[name]
+                arr = _array(col, block[name].reset_index(drop=True), layout.widths.get(name))
+                rec[name] = np.where(arr, b"T", b"F") if col.dtype == "bool" else arr
+            data = rec.tobytes()
+            summer.add(data)
+            fh.write(data)
+            n += len(block)
+        if n != layout.n_rows:
+            raise ValueError(f"{path}: the blocks gave {n} rows the second time and {layout.n_rows} the first")
+        pad = -(n * dtype.itemsize) % _BLOCK
+        fh.write(b"\0" * pad)
+        datasum = summer.total()
+        header["DATASUM"] = str(datasum)
+        header["CHECKSUM"] = _encode_checksum(_ones_add(_ones_sum(header.tostring().encode("ascii")), datasum))
+        fh.seek(start)
+        fh.write(header.tostring().encode("ascii"))
 
 
-def _write_parquet(table: pd.DataFrame, cards: list[tuple[str, Any, str]], out: Path) -> None:
+def _ones_add(a: int, b: int) -> int:
+    """32-bit ones' complement addition (end-around carry)."""
+    s = a + b
+    while s >> 32:
+        s = (s & 0xFFFFFFFF) + (s >> 32)
+    return s
+
+
+def _ones_sum(data: bytes) -> int:
+    """Ones' complement sum of big-endian 32-bit words (``data`` a multiple of 4 bytes long)."""
+    return _ones_add(0, int(np.frombuffer(data, dtype=">u4").sum(dtype=np.uint64)))  # exact below 2**32 words
+
+
+class _OnesSum:
+    """The FITS DATASUM of bytes fed in pieces of any length (zero padding does not change it)."""
+
+    def __init__(self) -> None:
+        self.sum, self.rest = 0, b""
+
+    def add(self, data: bytes) -> None:
+        data = self.rest + data
+        cut = len(data) - len(data) % 4
+        self.sum = _ones_add(self.sum, _ones_sum(data[:cut]))
+        self.rest = data[cut:]
+
+    def total(self) -> int:
+        return _ones_add(self.sum, _ones_sum(self.rest + b"\0" * (-len(self.rest) % 4))) if self.rest else self.sum
+
+
+_EXCLUDED = frozenset(range(0x3A, 0x41)) | frozenset(range(0x5B, 0x61))  # punctuation between digits and letters
+
+
+def _encode_checksum(total: int) -> str:
+    """CHECKSUM value: the complement of the HDU's sum as 16 ASCII characters (FITS Standard 4.0, App. J)."""
+    value = ~total & 0xFFFFFFFF
+    chars = [0] * 16
+    for i in range(4):
+        byte = (value >> (24 - 8 * i)) & 0xFF
+        q, r = divmod(byte, 4)
+        ch = [0x30 + q + r, 0x30 + q, 0x30 + q, 0x30 + q]
+        changed = True
+        while changed:  # move pairs off the excluded characters, keeping their sum
+            changed = False
+            for j in (0, 2):
+                if ch[j] in _EXCLUDED or ch[j + 1] in _EXCLUDED:
+                    ch[j] += 1
+                    ch[j + 1] -= 1
+                    changed = True
+        for j in range(4):
+            chars[4 * j + i] = ch[j]
+    return bytes(chars[15:] + chars[:15]).decode("ascii")
+
+
+# ---- parquet, in row groups -----------------------------------------------------------------------
+
+_ARROW = {"str": "string", "bool": "bool_", "i2": "int16", "i4": "int32", "i8": "int64", "f4": "float32", "f8": "float64"}
+
+
+def _write_parquet(blocks: Iterable[pd.DataFrame], layout: _Layout, cards: list[tuple[str, Any, str]], path: Path) -> None:
+    """One row group per block; the schema (types from COLUMNS, nulls kept) and metadata fixed up front."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = table.copy()
-    for name in table.columns:  # '' = missing, as in FITS: astropy's parquet reader takes no null strings
-        if COLUMNS[name].dtype == "str":
-            table[name] = table[name].astype("string").fillna("").astype(str)
-    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    schema = pa.schema([(n, getattr(pa, _ARROW[COLUMNS[n].dtype])()) for n in layout.names])
     doc: dict[str, Any] = {k: v for k, v, _c in cards if not k.startswith(("DEPNAM", "DEPVER"))}
     doc["provenance"] = {k: v for k, v, _c in provenance_cards()}
-    doc["columns"] = {n: {"unit": COLUMNS[n].unit, "description": COLUMNS[n].description} for n in table.columns}
-    meta = {**(arrow.schema.metadata or {}), b"spectransfer": json.dumps(doc, default=str).encode()}
-    for name in table.columns:  # string widths, so astropy reads fixed-width columns without guessing
-        if COLUMNS[name].dtype == "str":
-            width = max([1] + [len(v) for v in table[name]])
-            meta[f"table::len::{name}".encode()] = str(width).encode()
-    with atomic_path(out) as tmp:
-        pq.write_table(arrow.replace_schema_metadata(meta), tmp)
+    doc["columns"] = {n: {"unit": COLUMNS[n].unit, "description": COLUMNS[n].description} for n in layout.names}
+    meta = {b"spectransfer": json.dumps(doc, default=str).encode()}
+    for name, width in layout.widths.items():  # string widths, so astropy reads fixed-width columns without guessing
+        meta[f"table::len::{name}".encode()] = str(width).encode()
+    writer = None
+    try:
+        for block in blocks:
+            block = block.reset_index(drop=True).copy()
+            for name in layout.widths:  # '' = missing, as in FITS: astropy's parquet reader takes no null strings
+                block[name] = block[name].astype("string").fillna("").astype(str)
+            arrow = pa.Table.from_pandas(block, schema=schema, preserve_index=False, safe=False)
+            if writer is None:
+                schema = arrow.schema.with_metadata({**(arrow.schema.metadata or {}), **meta})
+                writer = pq.ParquetWriter(path, schema)
+            writer.write_table(arrow.replace_schema_metadata(schema.metadata))
+    finally:
+        if writer is not None:
+            writer.close()

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -159,11 +159,14 @@ def conform(df: pd.DataFrame, schema: pa.Schema) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
+META_ROW_GROUP = 65536  # rows per parquet row group: what reading the metadata block by block holds at once
+
+
 def write_table(df: pd.DataFrame, path: Path, schema: pa.Schema) -> None:
     """Write ``df`` (conformed to ``schema``) as parquet under a temporary name, then rename."""
     table = pa.Table.from_pandas(conform(df, schema), schema=schema, preserve_index=False)
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, compression="zstd", row_group_size=META_ROW_GROUP)
 
 
 def read_table(path: Path, schema: pa.Schema) -> pd.DataFrame:
@@ -235,6 +238,39 @@ class Store:
         if self._meta is None:
             self._meta = read_table(self.path / "meta.parquet", self.schema)
         return self._meta
+
+    def live_rows(self, survey: str | None = None) -> np.ndarray:
+        """The ``row`` column of meta.parquet in file order (of one survey), without reading the rest."""
+        if self._meta is not None or not (self.path / "meta.parquet").exists():
+            m = self.meta
+            keep = (m["survey"] == survey).to_numpy() if survey is not None else slice(None)
+            return m["row"].to_numpy(dtype=np.int64)[keep]
+        path = self.path / "meta.parquet"
+        try:
+            import pyarrow.compute as pc
+
+            t = pq.read_table(path, columns=["row", "survey"], read_dictionary=["survey"])
+        except Exception as exc:  # noqa: BLE001 - any parquet failure means a damaged store
+            raise StoreError(f"{path}: cannot read ({exc})") from exc
+        rows = t.column("row")
+        if survey is not None:
+            rows = rows.filter(pc.fill_null(pc.equal(t.column("survey").cast(pa.string()), survey), False))
+        return rows.to_numpy().astype(np.int64, copy=False)
+
+    def iter_meta(self, batch_size: int = 65536) -> Iterator[pd.DataFrame]:
+        """meta.parquet in file order as conformed frames of at most ``batch_size`` rows (memory: one batch)."""
+        path = self.path / "meta.parquet"
+        if self._meta is not None or not path.exists():
+            meta = self.meta
+            for a in range(0, len(meta), batch_size):
+                yield meta.iloc[a : a + batch_size].reset_index(drop=True)
+            return
+        try:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=batch_size)
+            for batch in batches:
+                yield conform(batch.to_pandas(), self.schema)
+        except Exception as exc:  # noqa: BLE001 - any parquet failure means a damaged store
+            raise StoreError(f"{path}: cannot read ({exc})") from exc
 
     @property
     def rejected(self) -> pd.DataFrame:

@@ -12,7 +12,11 @@ import logging
 import math
 import os
 import secrets
-from dataclasses import dataclass, field
+import sqlite3
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -27,8 +31,8 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
 from spectransfer import __version__
-from spectransfer.inspect import InspectError
 from spectransfer.data.store import LABEL_REFERENCE, label_mode
+from spectransfer.inspect import InspectError
 from spectransfer.inspect.verdicts import VERDICTS, VerdictDB
 from spectransfer.loopback import host_header_name, is_loopback
 
@@ -90,26 +94,6 @@ def load_candidates(path: str | os.PathLike[str]) -> pd.DataFrame:
 ORDERS = ("uncertainty", "p_qso", "random")
 
 
-def order_queue(table: pd.DataFrame, order: str | None = None) -> tuple[pd.DataFrame, str]:
-    """The inspection queue in the order asked: ``uncertainty`` (largest P_QSO_STD first, the
-    most informative verdict next; the default when the table has MC-dropout spreads),
-    ``p_qso`` (most probable quasars first) or ``random`` (a fixed shuffle, for unbiased checks)."""
-    has_std = "P_QSO_STD" in table.columns and bool(np.isfinite(pd.to_numeric(table["P_QSO_STD"], errors="coerce")).any())
-    if order is None:
-        order = "uncertainty" if has_std else "p_qso"
-    if order not in ORDERS:
-        raise InspectError(f"--order must be one of {', '.join(ORDERS)}, not {order!r}")
-    if order == "uncertainty":
-        if not has_std:
-            raise InspectError("--order uncertainty needs P_QSO_STD: run discover with --mc-dropout N")
-        std = pd.to_numeric(table["P_QSO_STD"], errors="coerce").fillna(-1.0)
-        keyed = table.assign(_std=std.to_numpy()).sort_values(["_std", "P_QSO"], ascending=[False, False], kind="stable")
-        return keyed.drop(columns="_std"), order
-    if order == "random":
-        return table.iloc[np.random.default_rng(0).permutation(len(table))], order
-    return table.sort_values("P_QSO", ascending=False, kind="stable"), order
-
-
 def prepare_candidates(df: pd.DataFrame, name: str = "candidates") -> pd.DataFrame:
     """Normalise types (bytes -> str, blanks -> missing) and sort by P_QSO descending, then id."""
     df = df.copy()
@@ -153,11 +137,260 @@ def _jsonable(v: Any) -> Any:
 
 
 def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _record(row: pd.Series) -> dict[str, Any]:
+def _record(row: Any) -> dict[str, Any]:
     return {k.lower(): _jsonable(v) for k, v in row.items()}
+
+
+# ---- the queue on disk ----------------------------------------------------------------------------
+#
+# The candidates are copied once, in blocks, into an SQLite file in queue order (P_QSO descending,
+# then id), and every request filters, counts and pages there: the server holds one page, never
+# the table, whatever the survey's size. The file sits beside the candidates table (or in a
+# temporary folder when that is not writable) and is rebuilt when the table changes.
+
+ORDERS = {"uncertainty": "pos_spread", "p_qso": "pos", "random": "pos_random"}  # --order -> the queue's position column
+QUEUE_VERSION = 2  # 2: the uncertainty and random orders
+BUILD_BLOCK = 8192
+
+
+def _candidate_blocks(path: Path, block: int = BUILD_BLOCK) -> Iterator[pd.DataFrame]:
+    """The candidates table's columns of interest, a block at a time (the .parquet beside a FITS when present)."""
+    parquet = path.with_suffix(".parquet")
+    if path.suffix == ".parquet" or parquet.is_file():
+        import pyarrow.parquet as pq
+
+        src = pq.ParquetFile(path if path.suffix == ".parquet" else parquet)
+        upper = {n.upper(): n for n in src.schema_arrow.names}
+        want = [upper[c] for c in REQUIRED + OPTIONAL if c in upper]
+        for batch in src.iter_batches(batch_size=block, columns=want):
+            df = batch.to_pandas()
+            df.columns = [c.upper() for c in df.columns]
+            yield df
+    elif path.is_file():
+        from astropy.io import fits
+        from astropy.table import Table
+
+        with fits.open(path, memmap=True) as hdul:
+            data = hdul["CANDIDATES"].data
+            keep = [c for c in data.columns.names if c.upper() in REQUIRED + OPTIONAL]
+            for a in range(0, len(data), block):
+                df = Table(data[a : a + block])[keep].to_pandas()
+                df.columns = [c.upper() for c in df.columns]
+                yield df
+    else:
+        raise InspectError(f"{path}: candidates table not found")
+
+
+def _clean_block(df: pd.DataFrame) -> pd.DataFrame:
+    """One block as ``prepare_candidates`` normalises the whole table (bytes -> str, blanks -> missing)."""
+    df = df.copy()
+    for col in df.columns:
+        if pd.api.types.is_object_dtype(df[col]) or pd.api.types.is_string_dtype(df[col]) or df[col].dtype.kind == "S":
+            df[col] = df[col].astype(object).map(_clean_str)
+    df["P_QSO"] = pd.to_numeric(df["P_QSO"], errors="coerce").astype("f8")
+    return df
+
+
+def _kind(series: pd.Series) -> str:
+    """How a column's cells come back from SQLite: bool, int, float or text."""
+    if pd.api.types.is_bool_dtype(series):
+        return "bool"
+    if pd.api.types.is_integer_dtype(series):
+        return "int"
+    if pd.api.types.is_float_dtype(series):
+        return "float"
+    return "text"
+
+
+_SQL_TYPE = {"bool": "INTEGER", "int": "INTEGER", "float": "REAL", "text": "TEXT"}
+
+
+def _cell(v: Any) -> Any:
+    """A cell for SQLite (NaN and missing -> NULL; numpy scalars -> Python)."""
+    v = _jsonable(v)
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+class CandidateQueue:
+    """The candidates in queue order in an SQLite file: filter, count, page and look up without loading them."""
+
+    def __init__(self, db_path: Path, tmpdir: Any = None) -> None:
+        self.path = Path(db_path)
+        self._tmpdir = tmpdir  # kept alive as long as the queue when the file lives in a temporary folder
+        self._local = threading.local()
+        self._lock = threading.Lock()  # one query at a time: answers leave in the order requests came
+        info = json.loads(self._connect().execute("SELECT value FROM info WHERE key = 'info'").fetchone()[0])
+        self.columns: list[str] = info["columns"]
+        self.kinds: dict[str, str] = info["kinds"]
+        self.n: int = info["n"]
+        self.counts: dict[str, int] = info["counts"]
+        self.classes: list[str] = info["classes"]
+        self.has_spread: bool = bool(info.get("has_spread"))
+        self.order = "p_qso"
+
+    def resolve_order(self, order: str | None) -> str:
+        """The queue order asked for, or the default: ``uncertainty`` (largest P_QSO_STD first, the
+        most informative verdict next) when the table has MC-dropout spreads, else ``p_qso``."""
+        if order is None:
+            return "uncertainty" if self.has_spread else "p_qso"
+        if order not in ORDERS:
+            raise InspectError(f"--order must be one of {', '.join(ORDERS)}, not {order!r}")
+        if order == "uncertainty" and not self.has_spread:
+            raise InspectError("--order uncertainty needs P_QSO_STD: run discover with --mc-dropout N")
+        return order
+
+    # -- building --
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> CandidateQueue:
+        """The queue of a candidates table, built once beside it (rebuilt when the table changes)."""
+        path = Path(path)
+        src = path.with_suffix(".parquet") if path.suffix != ".parquet" and path.with_suffix(".parquet").is_file() else path
+        if not src.is_file():
+            raise InspectError(f"{path}: candidates table not found")
+        st = src.stat()
+        stamp = {"version": QUEUE_VERSION, "source": src.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        db, tmpdir = path.with_name(path.name + ".queue.sqlite"), None
+        if db.is_file() and _stamp_of(db) == stamp:
+            return cls(db)
+        if not os.access(path.parent, os.W_OK):
+            tmpdir = tempfile.TemporaryDirectory(prefix="spectransfer-queue-")
+            db = Path(tmpdir.name) / "queue.sqlite"
+        try:
+            _build(_candidate_blocks(path), db, str(path), stamp)
+        except InspectError:
+            raise
+        except Exception as exc:  # unreadable file: name it and say why, never a traceback
+            raise InspectError(f"{path}: cannot read candidates table ({type(exc).__name__}: {exc})") from exc
+        return cls(db, tmpdir)
+
+    @classmethod
+    def from_frame(cls, df: pd.DataFrame, name: str = "candidates") -> CandidateQueue:
+        """The queue of a table already in memory (in a temporary file)."""
+        tmpdir = tempfile.TemporaryDirectory(prefix="spectransfer-queue-")
+        db = Path(tmpdir.name) / "queue.sqlite"
+        df = df.reset_index(drop=True)
+        _build((df.iloc[a : a + BUILD_BLOCK] for a in range(0, max(len(df), 1), BUILD_BLOCK)), db, name, {"version": QUEUE_VERSION})
+        return cls(db, tmpdir)
+
+    # -- reading --
+
+    def _connect(self) -> sqlite3.Connection:
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = sqlite3.connect(f"file:{quote(str(self.path))}?mode=ro", uri=True, check_same_thread=False)
+            con.execute("PRAGMA temp_store = FILE")
+            self._local.con = con
+        return con
+
+    def _row(self, values: Sequence[Any]) -> dict[str, Any]:
+        out = {}
+        for name, v in zip(self.columns, values):
+            out[name] = bool(v) if v is not None and self.kinds[name] == "bool" else v
+        return out
+
+    def get(self, spectrum_id: str) -> dict[str, Any] | None:
+        r = self._connect().execute(f"SELECT {self._cols} FROM queue WHERE SPECTRUM_ID = ?", (spectrum_id,)).fetchone()
+        return None if r is None else self._row(r)
+
+    @property
+    def _cols(self) -> str:
+        return ", ".join(f'"{c}"' for c in self.columns)
+
+    def select(self, where: str, params: list[Any], done: Sequence[str], status: str, offset: int, limit: int) -> tuple[int, int, list[dict[str, Any]]]:
+        """(total, inspected, page rows) of the rows passing ``where``; ``done`` are the ids with a verdict."""
+        with self._lock:
+            return self._select(where, params, done, status, offset, limit)
+
+    def _select(self, where: str, params: list[Any], done: Sequence[str], status: str, offset: int, limit: int) -> tuple[int, int, list[dict[str, Any]]]:
+        con = self._connect()
+        con.execute("CREATE TEMP TABLE IF NOT EXISTS done (id TEXT PRIMARY KEY)")
+        con.execute("DELETE FROM temp.done")
+        con.executemany("INSERT OR IGNORE INTO temp.done VALUES (?)", ((d,) for d in done))
+        has = "SPECTRUM_ID IN (SELECT id FROM temp.done)"
+        inspected = con.execute(f"SELECT COUNT(*) FROM queue WHERE {where} AND {has}", params).fetchone()[0] if done else 0
+        if status == "todo":
+            where += f" AND NOT {has}"
+        elif status == "done":
+            where += f" AND {has}"
+        total = con.execute(f"SELECT COUNT(*) FROM queue WHERE {where}", params).fetchone()[0]
+        rows = con.execute(f"SELECT {self._cols} FROM queue WHERE {where} ORDER BY {ORDERS[self.order]} LIMIT ? OFFSET ?",
+                           [*params, limit, offset])
+        return int(total), int(inspected), [self._row(r) for r in rows]
+
+
+def _stamp_of(db: Path) -> dict[str, Any] | None:
+    try:
+        con = sqlite3.connect(f"file:{quote(str(db))}?mode=ro", uri=True)
+        try:
+            return json.loads(con.execute("SELECT value FROM info WHERE key = 'stamp'").fetchone()[0])
+        finally:
+            con.close()
+    except (sqlite3.Error, TypeError, ValueError):
+        return None
+
+
+def _build(blocks: Iterator[pd.DataFrame], db: Path, name: str, stamp: dict[str, Any]) -> None:
+    """Copy the blocks into ``db`` (written under a temporary name, then renamed), sorted into queue order."""
+    tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    con = sqlite3.connect(tmp)
+    try:
+        con.execute("PRAGMA temp_store = FILE")
+        con.execute("PRAGMA journal_mode = OFF")
+        columns: list[str] | None = None
+        kinds: dict[str, str] = {}
+        for raw in blocks:
+            if columns is None:
+                missing = [c for c in REQUIRED if c not in raw.columns]
+                if missing:
+                    raise InspectError(f"{name}: candidates table lacks column(s) {', '.join(missing)}")
+            df = _clean_block(raw)
+            if columns is None:
+                columns = list(df.columns)
+                kinds = {c: _kind(df[c]) for c in columns}
+                cols = ", ".join(f'"{c}" {_SQL_TYPE[kinds[c]]}' for c in columns)
+                con.execute(f"CREATE TABLE staging ({cols})")
+            if df["SPECTRUM_ID"].isna().any():
+                raise InspectError(f"{name}: empty SPECTRUM_ID in the candidates table")
+            marks = ", ".join("?" * len(columns))
+            con.executemany(f"INSERT INTO staging VALUES ({marks})",
+                            ([_cell(v) for v in r] for r in df[columns].itertuples(index=False, name=None)))
+        if columns is None:
+            raise InspectError(f"{name}: candidates table is empty")
+        dup = con.execute("SELECT SPECTRUM_ID FROM staging GROUP BY SPECTRUM_ID HAVING COUNT(*) > 1 LIMIT 1").fetchone()
+        if dup is not None:
+            raise InspectError(f"{name}: SPECTRUM_ID {dup[0]!r} appears more than once")
+        quoted = ", ".join(f'"{c}"' for c in columns)
+        spread = '"P_QSO_STD"' if "P_QSO_STD" in columns else "NULL"
+        # three orders, each a precomputed position: P_QSO, MC-dropout spread (no spread last),
+        # and a fixed shuffle (a multiplicative hash of the row number: the same every build)
+        con.execute("CREATE TABLE queue AS SELECT ROW_NUMBER() OVER (ORDER BY P_QSO DESC, SPECTRUM_ID) AS pos, "
+                    f"ROW_NUMBER() OVER (ORDER BY COALESCE({spread}, -1.0) DESC, P_QSO DESC, SPECTRUM_ID) AS pos_spread, "
+                    f"ROW_NUMBER() OVER (ORDER BY (rowid * 2654435761) % 4294967296, SPECTRUM_ID) AS pos_random, {quoted} FROM staging")
+        con.execute("DROP TABLE staging")
+        con.execute("CREATE UNIQUE INDEX queue_id ON queue (SPECTRUM_ID)")
+        for col in ("pos", "pos_spread", "pos_random"):
+            con.execute(f"CREATE INDEX queue_{col} ON queue ({col})")
+        has_spread = spread != "NULL" and con.execute(f"SELECT COUNT(*) FROM queue WHERE {spread} IS NOT NULL").fetchone()[0] > 0
+        counts = dict(con.execute("SELECT CATEGORY, COUNT(*) FROM queue GROUP BY CATEGORY").fetchall())
+        classes = [r[0] for r in con.execute('SELECT DISTINCT "CLASS" FROM queue WHERE "CLASS" IS NOT NULL')] if "CLASS" in columns else []
+        n = con.execute("SELECT COUNT(*) FROM queue").fetchone()[0]
+        info = {"columns": columns, "kinds": kinds, "n": n, "counts": counts, "classes": sorted(str(c) for c in classes),
+                "has_spread": bool(has_spread)}
+        con.execute("CREATE TABLE info (key TEXT PRIMARY KEY, value TEXT)")
+        con.executemany("INSERT INTO info VALUES (?, ?)", [("info", json.dumps(info)), ("stamp", json.dumps(stamp))])
+        con.commit()
+        con.execute("VACUUM")
+    except BaseException:
+        con.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    con.close()
+    os.replace(tmp, db)
 
 
 # ---- spectra ------------------------------------------------------------------------------------
@@ -312,19 +545,18 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 
 @dataclass
 class InspectState:
-    """Everything a request handler needs: the candidates, the store, the verdicts, the options."""
+    """Everything a request handler needs: the candidates queue, the store, the verdicts, the options."""
 
-    table: pd.DataFrame
+    queue: CandidateQueue
     store: Any
     db: VerdictDB
     dirs: list[Path]
     default_category: str | None
-    classes: list[str] = field(default_factory=list)
     index_html: str = ""
     order: str = "p_qso"
 
     def __post_init__(self) -> None:
-        self.classes = sorted({str(c) for c in self.table["CLASS"].dropna().unique()}) if "CLASS" in self.table else []
+        self.classes = self.queue.classes
         self.spectrum = lru_cache(maxsize=64)(self._load_spectrum)
 
     @property
@@ -332,12 +564,13 @@ class InspectState:
         """What CAT_LABEL compares with: the store's quasar catalogues, its pipeline CLASS or nothing."""
         return LABEL_REFERENCE[label_mode(self.store)] if self.store is not None else LABEL_REFERENCE["catalog"]
 
-    def lookup(self, spectrum_id: str) -> pd.Series:
-        if spectrum_id not in self.table.index:
+    def lookup(self, spectrum_id: str) -> dict[str, Any]:
+        row = self.queue.get(spectrum_id)
+        if row is None:
             raise HTTPException(404, f"unknown spectrum id {spectrum_id[:200]!r}")
-        return self.table.loc[spectrum_id]
+        return row
 
-    def source_path(self, row: pd.Series) -> Path | None:
+    def source_path(self, row: dict[str, Any]) -> Path | None:
         """The original file of a row: its SOURCE_FILE, or that name below one of ``dirs``."""
         src = _jsonable(row.get("SOURCE_FILE"))
         if not src:
@@ -352,7 +585,7 @@ class InspectState:
         return None
 
     def _load_spectrum(self, spectrum_id: str) -> dict[str, Any]:
-        row = self.table.loc[spectrum_id]
+        row = self.lookup(spectrum_id)
         out: dict[str, Any] = {"id": spectrum_id, "candidate": _record(row)}
         out["candidate"]["id"] = spectrum_id
         out["z_pipeline"] = out["candidate"].get("z")
@@ -372,7 +605,7 @@ class InspectState:
             note = "original file not found; showing the resampled spectrum"
         return {**out, **self._resampled_spectrum(spectrum_id, row, note)}
 
-    def _resampled_spectrum(self, spectrum_id: str, row: pd.Series, note: str | None) -> dict[str, Any]:
+    def _resampled_spectrum(self, spectrum_id: str, row: dict[str, Any], note: str | None) -> dict[str, Any]:
         store = self.store
         if store is None or _jsonable(row.get("ROW")) is None:
             raise HTTPException(404, f"no spectrum available for {spectrum_id!r}" + (f": {note}" if note else ""))
@@ -424,10 +657,10 @@ def index(st: InspectState = Depends(_state)) -> HTMLResponse:
 
 @router.get("/api/info")
 def info(st: InspectState = Depends(_state)) -> dict[str, Any]:
-    counts = st.table["CATEGORY"].value_counts().to_dict()
+    counts = st.queue.counts
     return {
         "version": __version__,
-        "n_candidates": int(len(st.table)),
+        "n_candidates": int(st.queue.n),
         "categories": {c: int(counts.get(c, 0)) for c in CATEGORIES},
         "pipeline_classes": st.classes,
         "default_category": st.default_category,
@@ -440,21 +673,24 @@ def info(st: InspectState = Depends(_state)) -> dict[str, Any]:
     }
 
 
-def _selection(st: InspectState, category: str | None, pipeline_class: str | None, p_min: float, p_max: float) -> np.ndarray:
-    """Rows of the table that pass the category, class and P_QSO filters."""
-    table = st.table
+def _selection(st: InspectState, category: str | None, pipeline_class: str | None, p_min: float, p_max: float) -> tuple[str, list[Any]]:
+    """SQL condition (and its parameters) of the rows that pass the category, class and P_QSO filters."""
     if p_min > p_max:
         raise HTTPException(422, f"p_min ({p_min}) is larger than p_max ({p_max})")
-    sel = np.ones(len(table), dtype=bool)
+    where, params = ["P_QSO >= ? AND P_QSO <= ?"], [float(p_min), float(p_max)]
     cats = _split(category, CATEGORIES, "category")
     if cats is not None:
-        sel &= table["CATEGORY"].isin(cats).to_numpy()
+        where.append(f"CATEGORY IN ({', '.join('?' * len(cats))})")
+        params.extend(cats)
     pcs = _split(pipeline_class, [*st.classes, "none"], "pipeline class")
-    if pcs is not None and "CLASS" in table:
-        cls = table["CLASS"]
-        sel &= (cls.isin(pcs) | (cls.isna() & ("none" in pcs))).to_numpy()
-    p = table["P_QSO"].to_numpy()
-    return sel & (p >= p_min) & (p <= p_max)
+    if pcs is not None and "CLASS" in st.queue.columns:
+        named = [c for c in pcs if c != "none"]
+        either = [f'"CLASS" IN ({", ".join("?" * len(named))})'] if named else []
+        if "none" in pcs:
+            either.append('"CLASS" IS NULL')
+        where.append("(" + " OR ".join(either) + ")")
+        params.extend(named)
+    return " AND ".join(where), params
 
 
 @router.get("/api/candidates")
@@ -469,22 +705,16 @@ def list_candidates(
     offset: int = Query(0, ge=0),
     limit: int = Query(100, ge=1, le=MAX_PAGE),
 ) -> dict[str, Any]:
-    sel = _selection(st, category, pipeline_class, p_min, p_max)
+    where, params = _selection(st, category, pipeline_class, p_min, p_max)
     done = st.db.latest_by_spectrum(inspector or None)
-    has = st.table.index.isin(list(done)) if done else np.zeros(len(st.table), dtype=bool)
-    n_inspected = int(np.count_nonzero(sel & has))
-    if status == "todo":
-        sel &= ~has
-    elif status == "done":
-        sel &= has
-    idx = np.flatnonzero(sel)  # only the page's rows are materialised, however long the table
+    total, n_inspected, rows = st.queue.select(where, params, list(done), status, offset, limit)  # one page in memory
     items = []
-    for sid, row in st.table.iloc[idx[offset : offset + limit]].iterrows():
+    for row in rows:
         rec = _record(row)
-        rec["id"] = sid
-        rec["verdict"] = done.get(sid)
+        rec["id"] = row["SPECTRUM_ID"]
+        rec["verdict"] = done.get(row["SPECTRUM_ID"])
         items.append(rec)
-    return {"total": int(idx.size), "inspected": n_inspected, "offset": offset, "limit": limit, "items": items}
+    return {"total": total, "inspected": n_inspected, "offset": offset, "limit": limit, "items": items}
 
 
 # ``:path`` because survey ids may hold '/', which the page sends %2F-encoded and the router decodes.
@@ -540,21 +770,21 @@ def create_app(
     (DNS-rebinding guard for a loopback binding). ``search_dirs`` are folders in which a
     relative SOURCE_FILE is looked up (the candidates' and the store's folders).
     """
-    if isinstance(candidates, pd.DataFrame):
-        table = prepare_candidates(candidates) if candidates.index.name != "SPECTRUM_ID" else candidates
-    else:
-        table = load_candidates(candidates)
-        search_dirs = [Path(candidates).parent, *(search_dirs or [])]
-    table, order = order_queue(table, order)
     if default_category is not None and default_category not in CATEGORIES:
         raise InspectError(f"--category must be one of {', '.join(CATEGORIES)}, not {default_category!r}")
-    state = InspectState(table, store, VerdictDB(db_path), [Path(d) for d in (search_dirs or [])], default_category,
-                         index_html=_index_html(token), order=order)
+    if isinstance(candidates, pd.DataFrame):
+        queue = CandidateQueue.from_frame(candidates.reset_index(drop=True) if candidates.index.name == "SPECTRUM_ID" else candidates)
+    else:
+        queue = CandidateQueue.from_file(candidates)
+        search_dirs = [Path(candidates).parent, *(search_dirs or [])]
+    queue.order = queue.resolve_order(order)
+    state = InspectState(queue, store, VerdictDB(db_path), [Path(d) for d in (search_dirs or [])], default_category,
+                         index_html=_index_html(token), order=queue.order)
 
     # No Swagger page: it would load its assets from a CDN. The schema stays for scripts.
     app = FastAPI(title="spectransfer inspect", version=__version__, docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     app.state.inspect = state
-    app.state.table = table
+    app.state.queue = queue
     app.state.db = state.db
     app.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]
     if token is not None:

@@ -117,12 +117,15 @@
     }
   }
 
+  let countsAsked = 0;  // only the answer to the latest request may set the counts
   async function refreshCounts() {
     const p = filterParams();
     p.set("limit", "1");
     p.set("status", "all");
+    const ticket = ++countsAsked;
     try {
       const data = await api(`api/candidates?${p}`);
+      if (ticket !== countsAsked) return;  // an older answer arriving late
       state.inspected = data.inspected;
       if (state.status === "all") state.total = data.total;
       renderProgress(data.total);

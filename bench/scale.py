@@ -1,0 +1,182 @@
+"""Benchmark: peak memory and spectra/s of ingest, discover and inspect at two survey sizes, and
+what they project for the paper's surveys (4M SDSS, 9M LAMOST spectra).
+
+    .venv/bin/python bench/scale.py [--small 2000] [--large 20000] [--keep DIR]
+
+Each size is a survey written by ``spectransfer simulate --survey sdss --n N`` (spec-lite files,
+~165 KB each; simulating is not timed). Each stage runs in its own Python process (this script
+re-run with ``--stage``), so its peak RSS is its own: ``ru_maxrss`` of the process and of its
+reaped children (Dask workers), whichever is larger.
+
+- ingest: ``ingest --workers 0`` of the whole folder into a fresh store (the driver does all).
+- discover: ``discover --engine torch --block-size 1024`` of the store with an untrained VGG-A run (the weights do
+  not change the memory or the time), writing a .fits catalogue and its .parquet copy.
+- inspect_build: the first start of the app on the catalogue, which copies it into the queue
+  file beside it (SQLite); inspect: a later start (the queue file reused), as
+  ``spectransfer inspect`` starts it, then the first requests the page makes (info, one page of
+  candidates, one spectrum).
+
+The per-spectrum growth is the slope between the two sizes; the projection adds it to the
+small size's peak. Human lines first, then one JSON line:
+``{"ingest": {...}, "discover": {...}, "inspect_build": {...}, "inspect": {...}}`` with rss_mb_small, rss_mb_large,
+kb_per_spectrum, projected_rss_gb_4m, projected_rss_gb_9m, spectra_per_s_small and
+spectra_per_s_large per stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+STAGES = ("ingest", "discover", "inspect_build", "inspect")
+SURVEYS = {"4m": 4_000_000, "9m": 9_000_000}
+BLOCK = 1024  # discover's block: below both sizes, so what grows between them is per survey, not per block
+
+
+# ---- the stages, each run in a child process ----------------------------------------------------
+
+
+def _stage_ingest(work: Path) -> int:
+    from spectransfer.data.ingest import ingest
+
+    s = ingest([str(work / "sim" / "spectra")], work / "store", survey="sdss",
+               catalogs=[str(next((work / "sim").glob("*quasar_catalog.fits")))], workers=0, quiet=True)
+    return int(s.files_seen)
+
+
+def _stage_discover(work: Path) -> int:
+    from spectransfer.candidates.discover import discover
+
+    res = discover(work / "run", work / "store", work / "cand.fits", engine="torch", block_size=BLOCK, quiet=True)
+    return res.n_spectra
+
+
+def _stage_inspect_build(work: Path) -> int:
+    from spectransfer.inspect.app import create_app
+
+    app = create_app(work / "cand.parquet", None, work / "verdicts.sqlite")  # copies the catalogue into its queue file
+    return int(app.state.queue.n)
+
+
+def _stage_inspect(work: Path) -> int:
+    import warnings
+
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from fastapi.testclient import TestClient
+
+    from spectransfer.data.store import open_store
+    from spectransfer.inspect.app import create_app
+
+    app = create_app(work / "cand.parquet", open_store(work / "store"), work / "verdicts.sqlite")
+    client = TestClient(app, base_url="http://127.0.0.1")
+    n = client.get("/api/info").json()["n_candidates"]
+    page = client.get("/api/candidates", params={"category": "new_candidate,agree_qso", "limit": 100}).json()
+    first = (page["items"] or client.get("/api/candidates", params={"limit": 1}).json()["items"])[0]["id"]
+    assert client.get(f"/api/spectrum/{first}").status_code == 200
+    return int(n)
+
+
+def run_stage(stage: str, work: Path) -> None:
+    """Run one stage here and print one JSON line: spectra, seconds, peak RSS (MB)."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    t0 = time.perf_counter()
+    stages = {"ingest": _stage_ingest, "discover": _stage_discover, "inspect_build": _stage_inspect_build, "inspect": _stage_inspect}
+    n = stages[stage](work)
+    sec = time.perf_counter() - t0
+    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    print(json.dumps({"stage": stage, "n": n, "seconds": sec, "rss_mb": peak / 1024}))
+
+
+# ---- the driver ---------------------------------------------------------------------------------
+
+
+def _child(stage: str, work: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, __file__, "--stage", stage, "--work", str(work)], capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        sys.exit(f"{stage} failed in {work}:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def prepare(work: Path, n: int, seed: int) -> None:
+    """Simulate an SDSS-like survey of n spectra and write an untrained run on the default grid."""
+    import torch
+
+    from spectransfer.config import DEFAULT_GRID
+    from spectransfer.ml.models import ModelConfig, build_model, save_weights
+
+    work.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "spectransfer", "simulate", "--survey", "sdss", "--n", str(n), "--out",
+                    str(work / "sim"), "--seed", str(seed), "--quiet"], check=True)
+    torch.manual_seed(0)
+    (work / "run").mkdir(exist_ok=True)
+    save_weights(build_model(ModelConfig(name="vgg-a", n_bins=DEFAULT_GRID.n_bins)), work / "run" / "model.safetensors",
+                 DEFAULT_GRID, mode="scratch")
+
+
+def summarise(small: dict, large: dict) -> dict:
+    """Slope between the sizes and what it projects for the paper's surveys."""
+    ns, nl = small["n"], large["n"]
+    kb = (large["rss_mb"] - small["rss_mb"]) * 1024 / max(nl - ns, 1)
+    out = {"rss_mb_small": round(small["rss_mb"], 1), "rss_mb_large": round(large["rss_mb"], 1),
+           "n_small": ns, "n_large": nl, "kb_per_spectrum": round(kb, 3)}
+    for name, n in SURVEYS.items():
+        projected = max(small["rss_mb"] + kb * (n - ns) / 1024, small["rss_mb"], large["rss_mb"])  # noise can make kb < 0
+        out[f"projected_rss_gb_{name}"] = round(projected / 1024, 2)
+    out["spectra_per_s_small"] = round(ns / small["seconds"], 1)
+    out["spectra_per_s_large"] = round(nl / large["seconds"], 1)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--small", type=int, default=2000, help="spectra of the small survey")
+    ap.add_argument("--large", type=int, default=20000, help="spectra of the large survey (>= 10x small is best)")
+    ap.add_argument("--seed", type=int, default=5)
+    ap.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temporary one, removed)")
+    ap.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
+    ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.stage:
+        run_stage(args.stage, args.work)
+        return
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(f"{cores} cores, load average {os.getloadavg()[0]:.1f} (a shared machine makes the rates noisy; memory is not)")
+    base = args.keep or Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    results: dict[str, dict[str, dict]] = {s: {} for s in STAGES}
+    try:
+        for label, n in (("small", args.small), ("large", args.large)):
+            work = base / f"n{n}"
+            shutil.rmtree(work, ignore_errors=True)
+            t0 = time.perf_counter()
+            prepare(work, n, args.seed)
+            print(f"{label}: simulated {n} spectra in {time.perf_counter() - t0:.0f} s")
+            for stage in STAGES:
+                r = results[stage][label] = _child(stage, work)
+                print(f"  {stage:13s} n={r['n']:>7d}  {r['seconds']:7.1f} s  {r['n'] / r['seconds']:8.1f} spectra/s  peak RSS {r['rss_mb']:7.1f} MB")
+            if args.keep is None:
+                shutil.rmtree(work, ignore_errors=True)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(base, ignore_errors=True)
+    summary = {s: summarise(results[s]["small"], results[s]["large"]) for s in STAGES}
+    for s, r in summary.items():
+        print(f"{s:13s} {r['rss_mb_small']:7.1f} -> {r['rss_mb_large']:7.1f} MB  {r['kb_per_spectrum']:6.2f} KB/spectrum  "
+              f"projected {r['projected_rss_gb_4m']:6.2f} GB at 4M, {r['projected_rss_gb_9m']:6.2f} GB at 9M  "
+              f"{r['spectra_per_s_small']:.0f} / {r['spectra_per_s_large']:.0f} spectra/s")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
