@@ -24,7 +24,7 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || test -x /usr/bin/chromium || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
-test: setup browser
+test: setup browser lint
 	$(PY) -m pytest -q
 
 test-slow: setup browser
@@ -33,6 +33,7 @@ test-slow: setup browser
 # ruff (lint rules in pyproject.toml [tool.ruff]) and mypy on the package ([tool.mypy]).
 lint: setup
 	$(PY) -m ruff check src tests bench scripts
+	$(PY) -m ruff format --check src tests bench scripts
 	$(PY) -m mypy
 
 demo: setup

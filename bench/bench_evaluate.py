@@ -39,14 +39,29 @@ def main() -> None:
 
     m = {**E.threshold_metrics(y, p), **E.ranking_metrics(y, p)}
     pred = p >= 0.5
-    ref = {"precision": skm.precision_score(y, pred), "recall": skm.recall_score(y, pred), "f1": skm.f1_score(y, pred),
-           "roc_auc": skm.roc_auc_score(y, p), "pr_auc": skm.average_precision_score(y, p)}
+    ref = {
+        "precision": skm.precision_score(y, pred),
+        "recall": skm.recall_score(y, pred),
+        "f1": skm.f1_score(y, pred),
+        "roc_auc": skm.roc_auc_score(y, p),
+        "pr_auc": skm.average_precision_score(y, p),
+    }
     diff = max(abs(m[k] - v) for k, v in ref.items())
     print(f"vectorised bootstrap: {B} resamples of {N} rows in {t_vec:.2f} s")
     print(f"scikit-learn loop:    {t_ref:.1f} s estimated from {B_REF} resamples")
     print(f"point metrics vs scikit-learn: max |diff| = {diff:.2e}")
-    print(json.dumps({"n_rows": N, "n_resamples": B, "vectorised_s": round(t_vec, 3), "sklearn_loop_s": round(t_ref, 2),
-                      "speedup_vs_sklearn_loop": round(t_ref / t_vec, 1), "max_abs_diff_vs_sklearn": diff}))
+    print(
+        json.dumps(
+            {
+                "n_rows": N,
+                "n_resamples": B,
+                "vectorised_s": round(t_vec, 3),
+                "sklearn_loop_s": round(t_ref, 2),
+                "speedup_vs_sklearn_loop": round(t_ref / t_vec, 1),
+                "max_abs_diff_vs_sklearn": diff,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

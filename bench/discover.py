@@ -47,14 +47,48 @@ def build_run(work: Path, n: int) -> tuple[Path, Path]:
     sim, store, run = work / "sdss", work / "store", work / "run"
     t0 = time.perf_counter()
     _cli("simulate", "--survey", "sdss", "--n", str(n), "--out", str(sim), "--seed", "11")
-    _cli("ingest", str(sim / "spectra"), "--store", str(store), "--survey", "sdss", "--catalog", str(sim / CATALOG_NAME["sdss"]), "--workers", "0")
-    _cli("train", "--store", str(store), "--out", str(run), "--max-epochs", "3", "--eval-every", "10", "--precision", "fp32", "--workers", "0")
+    _cli(
+        "ingest",
+        str(sim / "spectra"),
+        "--store",
+        str(store),
+        "--survey",
+        "sdss",
+        "--catalog",
+        str(sim / CATALOG_NAME["sdss"]),
+        "--workers",
+        "0",
+    )
+    _cli(
+        "train",
+        "--store",
+        str(store),
+        "--out",
+        str(run),
+        "--max-epochs",
+        "3",
+        "--eval-every",
+        "10",
+        "--precision",
+        "fp32",
+        "--workers",
+        "0",
+    )
     print(f"built a simulated store of {n} spectra and trained a run in {time.perf_counter() - t0:.0f} s")
     return run, store
 
 
-def timed_discover(run: Path, store: Path, out: Path, engine: str, batch_size: int, threads: int | None, repeat: int,
-                   refine: str = "none", mc_samples: int = 0) -> tuple[float, float, object]:
+def timed_discover(
+    run: Path,
+    store: Path,
+    out: Path,
+    engine: str,
+    batch_size: int,
+    threads: int | None,
+    repeat: int,
+    refine: str = "none",
+    mc_samples: int = 0,
+) -> tuple[float, float, object]:
     """Best-of-``repeat`` seconds for `discover` with ``engine`` (without the one-time ONNX
     preparation), and for its scoring loop alone (read + model, without loading the run and
     writing the catalogue: the part that grows with the survey)."""
@@ -63,8 +97,17 @@ def timed_discover(run: Path, store: Path, out: Path, engine: str, batch_size: i
     best, best_score = float("inf"), float("inf")
     res = None
     for _ in range(repeat):
-        res = D.discover(run, store, out, engine=engine, batch_size=batch_size, threads=threads, quiet=True,
-                         refine=refine, mc_samples=mc_samples)
+        res = D.discover(
+            run,
+            store,
+            out,
+            engine=engine,
+            batch_size=batch_size,
+            threads=threads,
+            quiet=True,
+            refine=refine,
+            mc_samples=mc_samples,
+        )
         best = min(best, res.seconds - res.extra.get("prepare_s", 0.0))
         best_score = min(best_score, res.extra["score_s"])
     return best, best_score, res
@@ -154,12 +197,16 @@ def main() -> None:
             rates[engine] = n / sec
             steady[engine] = n / sec_score
             logits[engine] = pd.read_parquet(out.with_suffix(".parquet"), columns=["LOGIT"])["LOGIT"].to_numpy(np.float64)
-            print(f"{engine:10s} batch {bs:5d}: {rates[engine]:8,.0f} spectra/s end to end, {steady[engine]:8,.0f} scoring loop alone"
-                  + (f"  (one-time preparation {prep[engine]:.1f} s, not included)" if engine in prep else ""))
+            print(
+                f"{engine:10s} batch {bs:5d}: {rates[engine]:8,.0f} spectra/s end to end, {steady[engine]:8,.0f} scoring loop alone"
+                + (f"  (one-time preparation {prep[engine]:.1f} s, not included)" if engine in prep else "")
+            )
 
         bf16 = torch_bf16_rate(run, st, rows, args.threads)
-        print(f"torch loop alone on {bf16['n']} spectra: fp32 {bf16['fp32']:,.0f}/s, bf16 autocast {bf16['bf16']:,.0f}/s "
-              f"({bf16['bf16'] / bf16['fp32']:.2f}x; max |dlogit| {bf16['max_dlogit']:.1e})")
+        print(
+            f"torch loop alone on {bf16['n']} spectra: fp32 {bf16['fp32']:,.0f}/s, bf16 autocast {bf16['bf16']:,.0f}/s "
+            f"({bf16['bf16'] / bf16['fp32']:.2f}x; max |dlogit| {bf16['max_dlogit']:.1e})"
+        )
 
         # batch-size sweep of int8 (small batches keep activations in cache)
         for bs in (64, 128, 256, 1024):
@@ -176,8 +223,11 @@ def main() -> None:
         for label, kw in (("refine_full", {"refine": "full"}), ("mc_dropout_10", {"mc_samples": 10})):
             sec, _s, res = timed_discover(run, store, work / f"{label}.fits", best, 512, args.threads, 1, **kw)
             extra[label] = n / sec
-            print(f"{best:10s} with {label}: {n / sec:8,.0f} spectra/s end to end ({rates[best] / (n / sec):.2f}x the time"
-                  + (f"; {res.extra.get('refine_s', 0):.1f} s fitting the positives" if label == "refine_full" else "") + ")")
+            print(
+                f"{best:10s} with {label}: {n / sec:8,.0f} spectra/s end to end ({rates[best] / (n / sec):.2f}x the time"
+                + (f"; {res.extra.get('refine_s', 0):.1f} s fitting the positives" if label == "refine_full" else "")
+                + ")"
+            )
 
         meta = st.meta.sort_values("row")
         test = (meta["split"] == "test").to_numpy()
@@ -188,60 +238,74 @@ def main() -> None:
         auc_change = auc["onnx-int8"] - auc["onnx"]
         yall = meta["label"].to_numpy(np.int8)
         auc_all_change = float(roc_auc_score(yall, logits["onnx-int8"]) - roc_auc_score(yall, logits["onnx"]))
-        print(f"ROC AUC change int8 - fp32 over all {n} spectra (catalogue labels; finer than the test split): {auc_all_change:+.5f}")
+        print(
+            f"ROC AUC change int8 - fp32 over all {n} spectra (catalogue labels; finer than the test split): {auc_all_change:+.5f}"
+        )
         max_dp = float(np.abs(sigmoid(logits["onnx-int8"]) - sigmoid(logits["onnx"])).max())
         flips = int(((logits["onnx-int8"] >= 0) != (logits["onnx"] >= 0)).sum())
         print(f"int8 vs fp32: ROC AUC change {auc_change:+.5f}, max |dP| {max_dp:.4f}, {flips} of {n} flip at p=0.5")
         ok = {e: abs(auc[e] - auc["onnx"]) <= 0.001 for e in rates}
         fastest = max((e for e in rates if ok[e]), key=lambda e: rates[e])
         r = rates[fastest]
-        print(f"HEADLINE end to end: {fastest} at {r:,.0f} spectra/s "
-              f"({r / rates['torch']:.2f}x torch eager measured in this run, {r / rates['onnx']:.2f}x onnxruntime fp32; "
-              f"target 2,000 on 2 cores; |auc_change| <= 0.001)")
+        print(
+            f"HEADLINE end to end: {fastest} at {r:,.0f} spectra/s "
+            f"({r / rates['torch']:.2f}x torch eager measured in this run, {r / rates['onnx']:.2f}x onnxruntime fp32; "
+            f"target 2,000 on 2 cores; |auc_change| <= 0.001)"
+        )
         cpu = _cpu_model()
         print(f"CPU: {cpu}")
         rs = steady[fastest]
-        print(f"scoring loop alone (what grows with the survey; loading the run and writing the catalogue are "
-              f"fixed costs): {rs:,.0f} spectra/s with {fastest}")
+        print(
+            f"scoring loop alone (what grows with the survey; loading the run and writing the catalogue are "
+            f"fixed costs): {rs:,.0f} spectra/s with {fastest}"
+        )
         hours = SDSS_SPECTRA / rs / 3600
-        print(f"projected for {SDSS_SPECTRA:,} SDSS spectra here ({cores} cores, {fastest}): {hours:.2f} h "
-              f"(end-to-end rate of this small store: {SDSS_SPECTRA / r / 3600:.2f} h); more nodes divide it (Dask --scheduler)")
+        print(
+            f"projected for {SDSS_SPECTRA:,} SDSS spectra here ({cores} cores, {fastest}): {hours:.2f} h "
+            f"(end-to-end rate of this small store: {SDSS_SPECTRA / r / 3600:.2f} h); more nodes divide it (Dask --scheduler)"
+        )
         # GPU: not measured here (no GPU on this machine). VGG-A is 104 MFLOP per spectrum; an H100 at an
         # assumed 20% of its ~990 TFLOP/s dense bf16 peak does ~1.9M spectra/s, so the GPU is never the
         # bound: reading and decompressing the store is. We assume 8 reader processes at this machine's
         # measured per-core read rate.
         gpu_rate = min(0.2 * 990e12 / 104e6, 8 * read_rate / max(1, cores))
-        print(f"projected on one GPU (assumption: H100, bf16 at 20% of peak, store read by 8 CPU processes at "
-              f"the rate measured here): {gpu_rate:,.0f} spectra/s, {SDSS_SPECTRA / gpu_rate / 60:.1f} min for 4M")
-        print(json.dumps({
-            "spectra_per_s_torch": round(rates["torch"], 1),
-            "spectra_per_s_onnx": round(rates["onnx"], 1),
-            "spectra_per_s_fastest": round(r, 1),
-            "end_to_end_spectra_per_s": round(r, 1),
-            "torch_bf16_loop_ratio": round(bf16["bf16"] / bf16["fp32"], 3),
-            "cpu_model": cpu,
-            "fastest_engine": fastest,
-            "auc_change": round(auc_change, 6),
-            "auc_fp32": round(auc["onnx"], 6),
-            "auc_change_all_spectra": round(auc_all_change, 6),
-            "test_spectra": int(test.sum()),
-            "test_quasars": int(y.sum()),
-            "max_abs_dp_int8": round(max_dp, 5),
-            "speedup_vs_torch": round(r / rates["torch"], 2),
-            "scoring_loop_spectra_per_s_torch": round(steady["torch"], 1),
-            "scoring_loop_spectra_per_s_onnx": round(steady["onnx"], 1),
-            "scoring_loop_spectra_per_s_fastest": round(rs, 1),
-            "store_read_spectra_per_s": round(read_rate, 1),
-            "projected_hours_4m_sdss_here": round(hours, 2),
-            "projected_minutes_4m_sdss_gpu_assumed": round(SDSS_SPECTRA / gpu_rate / 60, 1),
-            "spectra_per_s_with_refine_full": round(extra["refine_full"], 1),
-            "refine_full_time_factor": round(rates[best] / extra["refine_full"], 2),
-            "spectra_per_s_with_mc_dropout_10": round(extra["mc_dropout_10"], 1),
-            "mc_dropout_10_time_factor": round(rates[best] / extra["mc_dropout_10"], 2),
-            "n_spectra": n,
-            "cores": cores,
-            "load_average": round(load, 1),
-        }))
+        print(
+            f"projected on one GPU (assumption: H100, bf16 at 20% of peak, store read by 8 CPU processes at "
+            f"the rate measured here): {gpu_rate:,.0f} spectra/s, {SDSS_SPECTRA / gpu_rate / 60:.1f} min for 4M"
+        )
+        print(
+            json.dumps(
+                {
+                    "spectra_per_s_torch": round(rates["torch"], 1),
+                    "spectra_per_s_onnx": round(rates["onnx"], 1),
+                    "spectra_per_s_fastest": round(r, 1),
+                    "end_to_end_spectra_per_s": round(r, 1),
+                    "torch_bf16_loop_ratio": round(bf16["bf16"] / bf16["fp32"], 3),
+                    "cpu_model": cpu,
+                    "fastest_engine": fastest,
+                    "auc_change": round(auc_change, 6),
+                    "auc_fp32": round(auc["onnx"], 6),
+                    "auc_change_all_spectra": round(auc_all_change, 6),
+                    "test_spectra": int(test.sum()),
+                    "test_quasars": int(y.sum()),
+                    "max_abs_dp_int8": round(max_dp, 5),
+                    "speedup_vs_torch": round(r / rates["torch"], 2),
+                    "scoring_loop_spectra_per_s_torch": round(steady["torch"], 1),
+                    "scoring_loop_spectra_per_s_onnx": round(steady["onnx"], 1),
+                    "scoring_loop_spectra_per_s_fastest": round(rs, 1),
+                    "store_read_spectra_per_s": round(read_rate, 1),
+                    "projected_hours_4m_sdss_here": round(hours, 2),
+                    "projected_minutes_4m_sdss_gpu_assumed": round(SDSS_SPECTRA / gpu_rate / 60, 1),
+                    "spectra_per_s_with_refine_full": round(extra["refine_full"], 1),
+                    "refine_full_time_factor": round(rates[best] / extra["refine_full"], 2),
+                    "spectra_per_s_with_mc_dropout_10": round(extra["mc_dropout_10"], 1),
+                    "mc_dropout_10_time_factor": round(rates[best] / extra["mc_dropout_10"], 2),
+                    "n_spectra": n,
+                    "cores": cores,
+                    "load_average": round(load, 1),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

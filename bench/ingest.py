@@ -115,16 +115,20 @@ def main() -> None:
         t_naive, cpu_naive = naive_reference(naive_files)
         naive_rate = len(naive_files) / t_naive
         naive_cpu_ms = 1e3 * cpu_naive / len(naive_files)
-        print(f"naive (astropy + spectres, serial): {len(naive_files)} files in {t_naive:.1f} s = {naive_rate:.1f} spectra/s "
-              f"({naive_cpu_ms:.1f} ms CPU per spectrum)")
+        print(
+            f"naive (astropy + spectres, serial): {len(naive_files)} files in {t_naive:.1f} s = {naive_rate:.1f} spectra/s "
+            f"({naive_cpu_ms:.1f} ms CPU per spectrum)"
+        )
 
         best: dict[int, tuple[float, float, int, float]] = {}
         for rep in range(args.repeats):
             for workers in (1, 2):
                 wall, compute, n, cpu_share = run_ingest(spectra, work / f"store{workers}", workers, args.batch_size)
-                print(f"ingest, {workers} worker(s), run {rep + 1}: {n} files in {wall:.1f} s end to end "
-                      f"({n / wall:.1f} spectra/s), task phase {compute:.1f} s ({n / compute:.1f} spectra/s); "
-                      f"tasks got a CPU {cpu_share:.0%} of their wall time (load average {os.getloadavg()[0]:.1f})")
+                print(
+                    f"ingest, {workers} worker(s), run {rep + 1}: {n} files in {wall:.1f} s end to end "
+                    f"({n / wall:.1f} spectra/s), task phase {compute:.1f} s ({n / compute:.1f} spectra/s); "
+                    f"tasks got a CPU {cpu_share:.0%} of their wall time (load average {os.getloadavg()[0]:.1f})"
+                )
                 if workers not in best or wall < best[workers][0]:
                     best[workers] = (wall, compute, n, cpu_share)
         wall1, comp1, n1, share1 = best[1]
@@ -137,7 +141,9 @@ def main() -> None:
         split_s = split_cost(args.split_n) if args.split_n else float("nan")
         split_4m = split_s * N_SDSS / args.split_n if args.split_n else float("nan")
         if args.split_n:
-            print(f"object grouping + split of {args.split_n:,} spectra: {split_s:.1f} s (~{split_4m / 60:.1f} min at 4M, linear)")
+            print(
+                f"object grouping + split of {args.split_n:,} spectra: {split_s:.1f} s (~{split_4m / 60:.1f} min at 4M, linear)"
+            )
 
         here_h = N_SDSS / task2 / 3600
         eff = min(scaling / 2.0, 1.0)
@@ -147,39 +153,49 @@ def main() -> None:
         cpu_rate1 = task1 / max(share1, 1e-9)
         ingest_cpu_ms = 1e3 / cpu_rate1
         idle_here_h = N_SDSS / (cpu_rate1 * min(2, os.cpu_count() or 1)) / 3600
-        print(f"CPU per spectrum: naive {naive_cpu_ms:.1f} ms, ingest task {ingest_cpu_ms:.1f} ms "
-              f"({naive_cpu_ms / ingest_cpu_ms:.1f}x less; independent of how busy the machine is)")
+        print(
+            f"CPU per spectrum: naive {naive_cpu_ms:.1f} ms, ingest task {ingest_cpu_ms:.1f} ms "
+            f"({naive_cpu_ms / ingest_cpu_ms:.1f}x less; independent of how busy the machine is)"
+        )
         c64_ideal_min = N_SDSS / (cpu_rate1 * 64) / 60
         naive_h = N_SDSS / naive_rate / 3600
-        print(f"speedup vs naive (2 workers, end to end): {speedup:.1f}x; scaling 1 -> 2 workers (task phase): {scaling:.2f}x "
-              f"(end to end {rate2 / rate1:.2f}x)")
-        print(f"projected 4M SDSS spectra: naive serial {naive_h:.1f} h; this machine, 2 workers {here_h:.1f} h; "
-              f"64 workers at {task1:.0f} spectra/s each and {eff:.0%} efficiency {c64_h * 60:.0f} min "
-              f"(+ ~{split_4m / 60:.0f} min consolidation; file I/O of 4M x ~0.2 MB = 0.8 TB must sustain {rate64 * 0.2:.0f} MB/s); "
-              f"with a free core per worker ({cpu_rate1:.0f} spectra/s each, from CPU time) {c64_ideal_min:.0f} min, "
-              f"and this machine idle with 2 workers {idle_here_h:.1f} h")
-        print(json.dumps({
-            "speedup_vs_naive": round(speedup, 2),
-            "scaling_2_workers": round(scaling, 3),
-            "scaling_2_workers_end_to_end": round(rate2 / rate1, 3),
-            "spectra_per_s_1": round(rate1, 1),
-            "spectra_per_s_2": round(rate2, 1),
-            "task_spectra_per_s_1": round(task1, 1),
-            "task_spectra_per_s_2": round(task2, 1),
-            "naive_spectra_per_s": round(naive_rate, 2),
-            "cpu_ms_per_spectrum_naive": round(naive_cpu_ms, 2),
-            "cpu_ms_per_spectrum_ingest": round(ingest_cpu_ms, 2),
-            "n_files": len(files),
-            "cpu_count": os.cpu_count(),
-            "projected_hours_4M_here_2_workers": round(here_h, 2),
-            "projected_minutes_4M_64_workers": round(c64_h * 60, 1),
-            "projected_minutes_4M_64_free_cores": round(c64_ideal_min, 1),
-            "projected_hours_4M_here_idle_2_workers": round(idle_here_h, 2),
-            "task_cpu_share_1": round(share1, 3),
-            "task_cpu_share_2": round(share2, 3),
-            "load_average": round(os.getloadavg()[0], 1),
-            "split_seconds_4M_projected": round(split_4m, 1),
-        }))
+        print(
+            f"speedup vs naive (2 workers, end to end): {speedup:.1f}x; scaling 1 -> 2 workers (task phase): {scaling:.2f}x "
+            f"(end to end {rate2 / rate1:.2f}x)"
+        )
+        print(
+            f"projected 4M SDSS spectra: naive serial {naive_h:.1f} h; this machine, 2 workers {here_h:.1f} h; "
+            f"64 workers at {task1:.0f} spectra/s each and {eff:.0%} efficiency {c64_h * 60:.0f} min "
+            f"(+ ~{split_4m / 60:.0f} min consolidation; file I/O of 4M x ~0.2 MB = 0.8 TB must sustain {rate64 * 0.2:.0f} MB/s); "
+            f"with a free core per worker ({cpu_rate1:.0f} spectra/s each, from CPU time) {c64_ideal_min:.0f} min, "
+            f"and this machine idle with 2 workers {idle_here_h:.1f} h"
+        )
+        print(
+            json.dumps(
+                {
+                    "speedup_vs_naive": round(speedup, 2),
+                    "scaling_2_workers": round(scaling, 3),
+                    "scaling_2_workers_end_to_end": round(rate2 / rate1, 3),
+                    "spectra_per_s_1": round(rate1, 1),
+                    "spectra_per_s_2": round(rate2, 1),
+                    "task_spectra_per_s_1": round(task1, 1),
+                    "task_spectra_per_s_2": round(task2, 1),
+                    "naive_spectra_per_s": round(naive_rate, 2),
+                    "cpu_ms_per_spectrum_naive": round(naive_cpu_ms, 2),
+                    "cpu_ms_per_spectrum_ingest": round(ingest_cpu_ms, 2),
+                    "n_files": len(files),
+                    "cpu_count": os.cpu_count(),
+                    "projected_hours_4M_here_2_workers": round(here_h, 2),
+                    "projected_minutes_4M_64_workers": round(c64_h * 60, 1),
+                    "projected_minutes_4M_64_free_cores": round(c64_ideal_min, 1),
+                    "projected_hours_4M_here_idle_2_workers": round(idle_here_h, 2),
+                    "task_cpu_share_1": round(share1, 3),
+                    "task_cpu_share_2": round(share2, 3),
+                    "load_average": round(os.getloadavg()[0], 1),
+                    "split_seconds_4M_projected": round(split_4m, 1),
+                }
+            )
+        )
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -79,13 +79,17 @@ def main() -> None:
     print(f"astropy       : {t_astropy * 1e3:7.2f} ms/file  (arrays + keys only)")
     print(f"fitsio        : {t_fitsio * 1e3:7.2f} ms/file  (arrays + keys only)")
     print(f"speed-up: {t_astropy / t_ours:.1f}x astropy, {t_fitsio / t_ours:.1f}x fitsio")
-    print(json.dumps({
-        "n_files": len(files),
-        "ms_per_file": round(t_ours * 1e3, 3),
-        "files_per_s": round(1 / t_ours, 1),
-        "speedup_vs_astropy": round(t_astropy / t_ours, 2),
-        "speedup_vs_fitsio": round(t_fitsio / t_ours, 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "n_files": len(files),
+                "ms_per_file": round(t_ours * 1e3, 3),
+                "files_per_s": round(1 / t_ours, 1),
+                "speedup_vs_astropy": round(t_astropy / t_ours, 2),
+                "speedup_vs_fitsio": round(t_fitsio / t_ours, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -93,11 +93,22 @@ def real_files(folder: str) -> list[dict]:
         flux, ivar = normalise(*resample_record(rec))
         res = refine.refine_redshifts(flux[None], ivar[None], None)
         dv = float(refine.velocity_offset_kms(res.z[0], rec.z))
-        rows.append({"file": path.name, "z_pipeline": rec.z, "z_fit": round(float(res.z[0]), 5), "dv_kms": round(dv, 1),
-                     "z_err": float(res.z_err[0]), "deltachi2": round(float(res.deltachi2[0]), 1),
-                     "zwarn": int(res.zwarn[0]), "npix": int(res.npix[0])})
-        print(f"{path.name}: pipeline z {rec.z:.4f}, fit z {res.z[0]:.4f}, dv {dv:+.0f} km/s, "
-              f"deltachi2 {res.deltachi2[0]:.1f}, zwarn {res.zwarn[0]}, good pixels {res.npix[0]}")
+        rows.append(
+            {
+                "file": path.name,
+                "z_pipeline": rec.z,
+                "z_fit": round(float(res.z[0]), 5),
+                "dv_kms": round(dv, 1),
+                "z_err": float(res.z_err[0]),
+                "deltachi2": round(float(res.deltachi2[0]), 1),
+                "zwarn": int(res.zwarn[0]),
+                "npix": int(res.npix[0]),
+            }
+        )
+        print(
+            f"{path.name}: pipeline z {rec.z:.4f}, fit z {res.z[0]:.4f}, dv {dv:+.0f} km/s, "
+            f"deltachi2 {res.deltachi2[0]:.1f}, zwarn {res.zwarn[0]}, good pixels {res.npix[0]}"
+        )
     return rows
 
 
@@ -136,15 +147,26 @@ def run_on_store(run: str, store_path: str, split: str = "test", batch: int = 64
     share = float(cat_net[top].sum() / max(cat_net.sum(), 1))
     cat_ref = np.abs(refine.velocity_offset_kms(res.z, z_true)) > refine.CATASTROPHIC_KMS
     flagged = res.zwarn != 0
-    print(f"{run} on {split} quasars ({len(rows)}): network catastrophic {net_m['catastrophic_fraction']:.3f}, "
-          f"median |dv| {net_m['median_abs_dv_kms']:.0f} km/s; refined catastrophic {ref_m['catastrophic_fraction']:.3f}, "
-          f"median |dv| {ref_m['median_abs_dv_kms']:.0f} km/s; full-range template scan alone catastrophic "
-          f"{full_m['catastrophic_fraction']:.3f}, median |dv| {full_m['median_abs_dv_kms']:.0f} km/s")
-    print(f"  the 10% largest network z_err hold {share:.0%} of the network's catastrophic failures "
-          f"({int(cat_net[top].sum())}/{int(cat_net.sum())}); refined failures with ZWARN_PRED != 0: "
-          f"{int((cat_ref & flagged).sum())}/{int(cat_ref.sum())}, good ones flagged {int((~cat_ref & flagged).sum())}/{int((~cat_ref).sum())}")
-    return {"store_n_quasars": len(rows), "network": net_m, "refined": ref_m, "full_scan": full_m, "top10_zerr_share_of_catastrophic": share,
-            "refined_catastrophic_flagged": int((cat_ref & flagged).sum()), "refined_catastrophic": int(cat_ref.sum())}
+    print(
+        f"{run} on {split} quasars ({len(rows)}): network catastrophic {net_m['catastrophic_fraction']:.3f}, "
+        f"median |dv| {net_m['median_abs_dv_kms']:.0f} km/s; refined catastrophic {ref_m['catastrophic_fraction']:.3f}, "
+        f"median |dv| {ref_m['median_abs_dv_kms']:.0f} km/s; full-range template scan alone catastrophic "
+        f"{full_m['catastrophic_fraction']:.3f}, median |dv| {full_m['median_abs_dv_kms']:.0f} km/s"
+    )
+    print(
+        f"  the 10% largest network z_err hold {share:.0%} of the network's catastrophic failures "
+        f"({int(cat_net[top].sum())}/{int(cat_net.sum())}); refined failures with ZWARN_PRED != 0: "
+        f"{int((cat_ref & flagged).sum())}/{int(cat_ref.sum())}, good ones flagged {int((~cat_ref & flagged).sum())}/{int((~cat_ref).sum())}"
+    )
+    return {
+        "store_n_quasars": len(rows),
+        "network": net_m,
+        "refined": ref_m,
+        "full_scan": full_m,
+        "top10_zerr_share_of_catastrophic": share,
+        "refined_catastrophic_flagged": int((cat_ref & flagged).sum()),
+        "refined_catastrophic": int(cat_ref.sum()),
+    }
 
 
 def main() -> None:
@@ -171,8 +193,10 @@ def main() -> None:
     res = refine.refine_redshifts(flux, ivar, z_net, workers=args.threads)
     fast_rate = args.n / (time.perf_counter() - t0)
     metrics = refine.redshift_metrics(res.z, z)
-    print(f"vectorised refinement: {fast_rate:.0f} spectra/s on {args.threads} thread(s) "
-          f"({args.n} spectra; catastrophic {metrics['catastrophic_fraction']:.4f}, median |dv| {metrics['median_abs_dv_kms']:.0f} km/s)")
+    print(
+        f"vectorised refinement: {fast_rate:.0f} spectra/s on {args.threads} thread(s) "
+        f"({args.n} spectra; catastrophic {metrics['catastrophic_fraction']:.4f}, median |dv| {metrics['median_abs_dv_kms']:.0f} km/s)"
+    )
 
     k = min(args.loop_n, args.n)
     t0 = time.perf_counter()
@@ -181,31 +205,47 @@ def main() -> None:
     # the reference's best trial vs ours before the parabola: the same trial
     ours = refine._scan().z_of(np.rint(refine._scan().m_of(res.z[:k])))
     agree = float(np.mean(np.abs(refine.velocity_offset_kms(ours, ref)) < 130.0))
-    print(f"per-spectrum lstsq loop: {loop_rate:.2f} spectra/s ({k} spectra); speed-up {fast_rate / loop_rate:.0f}x; "
-          f"same best trial (within one step) for {agree:.0%}")
+    print(
+        f"per-spectrum lstsq loop: {loop_rate:.2f} spectra/s ({k} spectra); speed-up {fast_rate / loop_rate:.0f}x; "
+        f"same best trial (within one step) for {agree:.0%}"
+    )
 
     with_z = _forward_rate(300, args.batch, 5)
     without = _forward_rate(0, args.batch, 5)
     drop = 1 - with_z / without
-    print(f"network forward (VGG-A, 2048 bins, batch {args.batch}): {without:.0f} spectra/s without the z head, "
-          f"{with_z:.0f} with it ({drop:+.1%} slower)")
+    print(
+        f"network forward (VGG-A, 2048 bins, batch {args.batch}): {without:.0f} spectra/s without the z head, "
+        f"{with_z:.0f} with it ({drop:+.1%} slower)"
+    )
     real = {}
     if args.real:
         rows = real_files(args.real)
         dv = np.array([r["dv_kms"] for r in rows])
-        real = {"real_n": len(rows), "real_within_3000_kms": int((np.abs(dv) < 3000).sum()),
-                "real_median_abs_dv_kms": float(np.median(np.abs(dv))) if rows else None}
+        real = {
+            "real_n": len(rows),
+            "real_within_3000_kms": int((np.abs(dv) < 3000).sum()),
+            "real_median_abs_dv_kms": float(np.median(np.abs(dv))) if rows else None,
+        }
         print(f"real files: {real['real_within_3000_kms']}/{len(rows)} within 3000 km/s of the pipeline z")
     on_store = run_on_store(args.run, args.store) if args.run and args.store else {}
-    print(json.dumps({
-        "refine_spectra_per_s": round(fast_rate, 1), "loop_spectra_per_s": round(loop_rate, 3),
-        "speedup_vs_loop": round(fast_rate / loop_rate, 1), "same_best_trial_fraction": agree,
-        "refine_catastrophic_fraction": metrics["catastrophic_fraction"],
-        "refine_median_abs_dv_kms": round(metrics["median_abs_dv_kms"], 1),
-        "forward_per_s_without_z_head": round(without, 1), "forward_per_s_with_z_head": round(with_z, 1),
-        "forward_drop_fraction": round(drop, 4), "threads": args.threads, **real,
-        **({"store": on_store} if on_store else {}),
-    }))
+    print(
+        json.dumps(
+            {
+                "refine_spectra_per_s": round(fast_rate, 1),
+                "loop_spectra_per_s": round(loop_rate, 3),
+                "speedup_vs_loop": round(fast_rate / loop_rate, 1),
+                "same_best_trial_fraction": agree,
+                "refine_catastrophic_fraction": metrics["catastrophic_fraction"],
+                "refine_median_abs_dv_kms": round(metrics["median_abs_dv_kms"], 1),
+                "forward_per_s_without_z_head": round(without, 1),
+                "forward_per_s_with_z_head": round(with_z, 1),
+                "forward_drop_fraction": round(drop, 4),
+                "threads": args.threads,
+                **real,
+                **({"store": on_store} if on_store else {}),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -70,7 +70,9 @@ def main() -> None:
     rel_f = np.abs(out_f[defined] - ref_f[defined]) / np.abs(ref_f[defined])
     rel_iv = np.abs(out_iv[defined] - ref_iv) / ref_iv
     max_rel = float(max(rel_f.max(), rel_iv.max()))
-    print(f"bins compared: {defined.sum():,} of {defined.size:,}; max relative difference: flux {rel_f.max():.2e}, ivar {rel_iv.max():.2e}")
+    print(
+        f"bins compared: {defined.sum():,} of {defined.size:,}; max relative difference: flux {rel_f.max():.2e}, ivar {rel_iv.max():.2e}"
+    )
     figures = {
         "n_spectra": args.n,
         "seconds": round(t_ours, 4),
@@ -78,7 +80,9 @@ def main() -> None:
         "speedup_vs_spectres_batched": round(t_batch / t_ours, 2),
         "max_rel_diff": max_rel,
     }
-    print(f"speed-up: {figures['speedup_vs_spectres']}x the spectres loop, {figures['speedup_vs_spectres_batched']}x the batched call")
+    print(
+        f"speed-up: {figures['speedup_vs_spectres']}x the spectres loop, {figures['speedup_vs_spectres_batched']}x the batched call"
+    )
     print(json.dumps(figures))
 
 

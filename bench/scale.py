@@ -47,8 +47,14 @@ BLOCK = 1024  # discover's block: below both sizes, so what grows between them i
 def _stage_ingest(work: Path) -> int:
     from spectransfer.data.ingest import ingest
 
-    s = ingest([str(work / "sim" / "spectra")], work / "store", survey="sdss",
-               catalogs=[str(next((work / "sim").glob("*quasar_catalog.fits")))], workers=0, quiet=True)
+    s = ingest(
+        [str(work / "sim" / "spectra")],
+        work / "store",
+        survey="sdss",
+        catalogs=[str(next((work / "sim").glob("*quasar_catalog.fits")))],
+        workers=0,
+        quiet=True,
+    )
     return int(s.files_seen)
 
 
@@ -90,7 +96,12 @@ def run_stage(stage: str, work: Path) -> None:
 
     logging.basicConfig(level=logging.WARNING)
     t0 = time.perf_counter()
-    stages = {"ingest": _stage_ingest, "discover": _stage_discover, "inspect_build": _stage_inspect_build, "inspect": _stage_inspect}
+    stages = {
+        "ingest": _stage_ingest,
+        "discover": _stage_discover,
+        "inspect_build": _stage_inspect_build,
+        "inspect": _stage_inspect,
+    }
     n = stages[stage](work)
     sec = time.perf_counter() - t0
     peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
@@ -101,8 +112,13 @@ def run_stage(stage: str, work: Path) -> None:
 
 
 def _child(stage: str, work: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
-    res = subprocess.run([sys.executable, __file__, "--stage", stage, "--work", str(work)], capture_output=True, text=True, env=env)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    res = subprocess.run(
+        [sys.executable, __file__, "--stage", stage, "--work", str(work)], capture_output=True, text=True, env=env
+    )
     if res.returncode != 0:
         sys.exit(f"{stage} failed in {work}:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -116,20 +132,45 @@ def prepare(work: Path, n: int, seed: int) -> None:
     from spectransfer.ml.models import ModelConfig, build_model, save_weights
 
     work.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "spectransfer", "simulate", "--survey", "sdss", "--n", str(n), "--out",
-                    str(work / "sim"), "--seed", str(seed), "--quiet"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "spectransfer",
+            "simulate",
+            "--survey",
+            "sdss",
+            "--n",
+            str(n),
+            "--out",
+            str(work / "sim"),
+            "--seed",
+            str(seed),
+            "--quiet",
+        ],
+        check=True,
+    )
     torch.manual_seed(0)
     (work / "run").mkdir(exist_ok=True)
-    save_weights(build_model(ModelConfig(name="vgg-a", n_bins=DEFAULT_GRID.n_bins)), work / "run" / "model.safetensors",
-                 DEFAULT_GRID, mode="scratch")
+    save_weights(
+        build_model(ModelConfig(name="vgg-a", n_bins=DEFAULT_GRID.n_bins)),
+        work / "run" / "model.safetensors",
+        DEFAULT_GRID,
+        mode="scratch",
+    )
 
 
 def summarise(small: dict, large: dict) -> dict:
     """Slope between the sizes and what it projects for the paper's surveys."""
     ns, nl = small["n"], large["n"]
     kb = (large["rss_mb"] - small["rss_mb"]) * 1024 / max(nl - ns, 1)
-    out = {"rss_mb_small": round(small["rss_mb"], 1), "rss_mb_large": round(large["rss_mb"], 1),
-           "n_small": ns, "n_large": nl, "kb_per_spectrum": round(kb, 3)}
+    out = {
+        "rss_mb_small": round(small["rss_mb"], 1),
+        "rss_mb_large": round(large["rss_mb"], 1),
+        "n_small": ns,
+        "n_large": nl,
+        "kb_per_spectrum": round(kb, 3),
+    }
     for name, n in SURVEYS.items():
         projected = max(small["rss_mb"] + kb * (n - ns) / 1024, small["rss_mb"], large["rss_mb"])  # noise can make kb < 0
         out[f"projected_rss_gb_{name}"] = round(projected / 1024, 2)
@@ -164,7 +205,9 @@ def main() -> None:
             print(f"{label}: simulated {n} spectra in {time.perf_counter() - t0:.0f} s")
             for stage in STAGES:
                 r = results[stage][label] = _child(stage, work)
-                print(f"  {stage:13s} n={r['n']:>7d}  {r['seconds']:7.1f} s  {r['n'] / r['seconds']:8.1f} spectra/s  peak RSS {r['rss_mb']:7.1f} MB")
+                print(
+                    f"  {stage:13s} n={r['n']:>7d}  {r['seconds']:7.1f} s  {r['n'] / r['seconds']:8.1f} spectra/s  peak RSS {r['rss_mb']:7.1f} MB"
+                )
             if args.keep is None:
                 shutil.rmtree(work, ignore_errors=True)
     finally:
@@ -172,9 +215,11 @@ def main() -> None:
             shutil.rmtree(base, ignore_errors=True)
     summary = {s: summarise(results[s]["small"], results[s]["large"]) for s in STAGES}
     for s, r in summary.items():
-        print(f"{s:13s} {r['rss_mb_small']:7.1f} -> {r['rss_mb_large']:7.1f} MB  {r['kb_per_spectrum']:6.2f} KB/spectrum  "
-              f"projected {r['projected_rss_gb_4m']:6.2f} GB at 4M, {r['projected_rss_gb_9m']:6.2f} GB at 9M  "
-              f"{r['spectra_per_s_small']:.0f} / {r['spectra_per_s_large']:.0f} spectra/s")
+        print(
+            f"{s:13s} {r['rss_mb_small']:7.1f} -> {r['rss_mb_large']:7.1f} MB  {r['kb_per_spectrum']:6.2f} KB/spectrum  "
+            f"projected {r['projected_rss_gb_4m']:6.2f} GB at 4M, {r['projected_rss_gb_9m']:6.2f} GB at 9M  "
+            f"{r['spectra_per_s_small']:.0f} / {r['spectra_per_s_large']:.0f} spectra/s"
+        )
     print(json.dumps(summary))
 
 

@@ -40,7 +40,9 @@ def default_data() -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, default=REPO / "demo-output" / "runs" / "finetune")
-    ap.add_argument("--data", type=Path, default=None, help="folder with sdss/ and lamost/ (default ../shared/data, else tests/data)")
+    ap.add_argument(
+        "--data", type=Path, default=None, help="folder with sdss/ and lamost/ (default ../shared/data, else tests/data)"
+    )
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--engine", default="onnx")
     args = ap.parse_args()
@@ -56,15 +58,30 @@ def main() -> None:
     for r in sorted(rep["files"], key=lambda r: (str(r["survey"]), str(r["pipeline_class"]), r["file"])):
         verdict = "n/a" if r["right"] is None else ("ok " if r["right"] else "BAD")
         z = "   n/a  " if r["pipeline_z"] is None else f"{r['pipeline_z']:8.4f}"
-        zp = "" if r["z_pred"] is None else f" z_pred={r['z_pred']:.4f}" + ("" if r["dv_kms"] is None else f" (dv {r['dv_kms']:+.0f} km/s)")
+        zp = (
+            ""
+            if r["z_pred"] is None
+            else f" z_pred={r['z_pred']:.4f}" + ("" if r["dv_kms"] is None else f" (dv {r['dv_kms']:+.0f} km/s)")
+        )
         edge = f"  [edge: {EDGE_CASES[r['file']]}]" if r["file"] in EDGE_CASES else ""
-        print(f"{str(r['survey']):7s} {str(r['pipeline_class']):8s} z={z} P(QSO)={r['p_qso']:.3f} {verdict} {r['file']}{zp}{edge}")
+        print(
+            f"{str(r['survey']):7s} {str(r['pipeline_class']):8s} z={z} P(QSO)={r['p_qso']:.3f} {verdict} {r['file']}{zp}{edge}"
+        )
     for f in rep["not_scored"]:
         print(f"not scored: {f['file']}: {f['reason']}")
     for c, v in rep["per_class"].items():
         print(f"{c}: {v['right']} of {v['n']} right")
-    keys = ("real_qso_recall", "real_precision", "real_accuracy", "n_real", "n_qso", "real_fp_rate_sdss",
-            "real_fp_rate_lamost", "real_z_within_3000_kms", "run")
+    keys = (
+        "real_qso_recall",
+        "real_precision",
+        "real_accuracy",
+        "n_real",
+        "n_qso",
+        "real_fp_rate_sdss",
+        "real_fp_rate_lamost",
+        "real_z_within_3000_kms",
+        "run",
+    )
     print(json.dumps({k: rep[k] for k in keys} | {"data": str(data)}))
 
 

@@ -56,7 +56,9 @@ def _writer_vs_astropy(root: Path, n_files: int = 150) -> tuple[float, float]:
     out_b.mkdir()
     t0 = time.perf_counter()
     for k, (ph, coadd, spall, _, _) in enumerate(parts):
-        fits.HDUList([fits.PrimaryHDU(header=ph), fits.BinTableHDU(coadd, name="COADD"), fits.BinTableHDU(spall, name="SPALL")]).writeto(out_a / f"{k}.fits")
+        fits.HDUList(
+            [fits.PrimaryHDU(header=ph), fits.BinTableHDU(coadd, name="COADD"), fits.BinTableHDU(spall, name="SPALL")]
+        ).writeto(out_a / f"{k}.fits")
     t_astropy = time.perf_counter() - t0
     t0 = time.perf_counter()
     for k, (ph, coadd, spall, _, _) in enumerate(parts):
@@ -77,9 +79,10 @@ def main() -> None:
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-simulate-"))
     try:
-        import spectransfer.simulate.survey  # noqa: F401  (imports outside the timing)
         import astropy.io.fits  # noqa: F401
         import pyarrow.parquet  # noqa: F401
+
+        import spectransfer.simulate.survey  # noqa: F401  (imports outside the timing)
 
         figures: dict[str, float] = {}
         total_wall = 0.0
@@ -88,7 +91,9 @@ def main() -> None:
             total_wall += wall
             figures[f"{survey}_files_per_s"] = round(args.n / wall, 1)
             figures[f"{survey}_cpu_ms_per_file"] = round(1000 * cpu / args.n, 2)
-            print(f"{survey}: {args.n} files in {wall:.2f} s wall with {args.workers} workers = {args.n / wall:.0f} files/s; {1000 * cpu / args.n:.2f} ms CPU per file")
+            print(
+                f"{survey}: {args.n} files in {wall:.2f} s wall with {args.workers} workers = {args.n / wall:.0f} files/s; {1000 * cpu / args.n:.2f} ms CPU per file"
+            )
         figures["files_per_s"] = round(2 * args.n / total_wall, 1)
         # What the CPU time allows on 2 otherwise idle cores (the wall figure above suffers
         # when other work shares the machine).
@@ -98,8 +103,12 @@ def main() -> None:
         figures["writer_files_per_s"] = round(per_bytes, 1)
         figures["astropy_writer_files_per_s"] = round(per_astropy, 1)
         figures["writer_speedup_vs_astropy"] = round(per_bytes / per_astropy, 2)
-        print(f"spec-lite writing alone: bytes writer {per_bytes:.0f} files/s, astropy {per_astropy:.0f} files/s ({per_bytes / per_astropy:.1f}x)")
-        print(f"both surveys: {figures['files_per_s']:.0f} files/s wall; CPU time allows {figures['cpu_bound_files_per_s_2_cores']:.0f} files/s on 2 idle cores (target >= 300)")
+        print(
+            f"spec-lite writing alone: bytes writer {per_bytes:.0f} files/s, astropy {per_astropy:.0f} files/s ({per_bytes / per_astropy:.1f}x)"
+        )
+        print(
+            f"both surveys: {figures['files_per_s']:.0f} files/s wall; CPU time allows {figures['cpu_bound_files_per_s_2_cores']:.0f} files/s on 2 idle cores (target >= 300)"
+        )
         print(json.dumps(figures))
     finally:
         shutil.rmtree(root, ignore_errors=True)

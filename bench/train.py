@@ -25,10 +25,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from spectransfer.data.store import write_store
 from spectransfer.ml.dataset import ChunkStream, select
 from spectransfer.ml.models import ModelConfig, build_model
 from spectransfer.ml.score import export_onnx, onnx_session
-from spectransfer.data.store import write_store
 
 BATCH = 256
 
@@ -37,9 +37,15 @@ def make_store(path: Path, n: int) -> object:
     rng = np.random.default_rng(0)
     flux = np.clip(rng.normal(0, 0.3, (n, 2048)), -1, 1).astype(np.float32)
     ivar = rng.uniform(0.5, 2, (n, 2048)).astype(np.float32)
-    meta = pd.DataFrame({"survey": "sdss", "label": (rng.random(n) < 0.2).astype(np.int8),
-                         "split": "train", "object_id": [f"o{i}" for i in range(n)],
-                         "spectrum_id": [f"s{i}" for i in range(n)]})
+    meta = pd.DataFrame(
+        {
+            "survey": "sdss",
+            "label": (rng.random(n) < 0.2).astype(np.int8),
+            "split": "train",
+            "object_id": [f"o{i}" for i in range(n)],
+            "spectrum_id": [f"s{i}" for i in range(n)],
+        }
+    )
     return write_store(path, flux, ivar, meta)
 
 
@@ -89,8 +95,10 @@ def main() -> None:
     threads = torch.get_num_threads()
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     native_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
-    print(f"torch {torch.__version__}, {threads} threads, {os.cpu_count()} cores; batch {BATCH}; "
-          f"native bf16 instructions: {'yes' if native_bf16 else 'no (bf16 autocast is emulated)'}")
+    print(
+        f"torch {torch.__version__}, {threads} threads, {os.cpu_count()} cores; batch {BATCH}; "
+        f"native bf16 instructions: {'yes' if native_bf16 else 'no (bf16 autocast is emulated)'}"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         n_rows = BATCH * (args.steps + 2)
@@ -137,7 +145,9 @@ def main() -> None:
         for bs in (256, 1024):
             eager_by_batch[bs] = infer_rate(eager_run, xn, bs, args.infer)
             onnx_by_batch[bs] = infer_rate(onnx_run, xn, bs, args.infer)
-            print(f"inference batch {bs:4d}: eager torch {eager_by_batch[bs]:7.1f}, onnxruntime {onnx_by_batch[bs]:7.1f} spectra/s")
+            print(
+                f"inference batch {bs:4d}: eager torch {eager_by_batch[bs]:7.1f}, onnxruntime {onnx_by_batch[bs]:7.1f} spectra/s"
+            )
         eager, onnx = max(eager_by_batch.values()), max(onnx_by_batch.values())
         print(f"ONNX export took {export_s:.1f} s")
 

@@ -69,12 +69,16 @@ def main(data: Path) -> None:
         rec = read_spectrum(path)
         if (rec.cls or "").upper() != "QSO" or rec.z is None or not 0.05 < rec.z < 5.0 or (rec.zwarning or 0) != 0:
             continue
-        name, c, share = fit_one(np.asarray(rec.wave, float), np.asarray(rec.flux, float), np.asarray(rec.ivar, float), float(rec.z))
+        name, c, share = fit_one(
+            np.asarray(rec.wave, float), np.asarray(rec.flux, float), np.asarray(rec.ivar, float), float(rec.z)
+        )
         # Objects by position (repeat epochs of one quasar share it to an arcsecond).
         key = (name, f"{round(rec.ra or 0, 3)},{round(rec.dec or 0, 3)}")
         if c[0] > 0 and share < 0.8:  # else the quasar part is too weak to constrain its shape
             per_obj.setdefault(key, []).append(c[1:] / c[0])
-        print(f"{path.name}: z={rec.z:.3f} {name} c/c0={np.round(c[1:] / c[0], 3).tolist()} host share={share:.2f}", file=sys.stderr)
+        print(
+            f"{path.name}: z={rec.z:.3f} {name} c/c0={np.round(c[1:] / c[0], 3).tolist()} host share={share:.2f}", file=sys.stderr
+        )
     objs = {name: np.array([np.mean(v, axis=0) for (n, _), v in per_obj.items() if n == name]) for name in ("qso_loz", "qso_hiz")}
     pooled_sd = np.std(np.concatenate([o for o in objs.values() if len(o)]), axis=0)
     out = {"z_split": Z_SPLIT, "widen": WIDEN, "floor": FLOOR}

@@ -11,12 +11,20 @@ import pytest
 
 from spectransfer.config import Grid
 from spectransfer.data.store import open_store, write_store
-from spectransfer.evaluation.active_learning import interval95, run_active_learning, select_uncertain, true_labels
 from spectransfer.errors import EvaluateError
+from spectransfer.evaluation.active_learning import interval95, run_active_learning, select_uncertain, true_labels
 
 GRID = Grid(n_bins=64)
 N = 150
-OPTS = {"max_steps": 3, "eval_every": 3, "patience": 1, "batch_size": 16, "num_workers": 0, "device": "cpu", "eval_batch_size": 64}
+OPTS = {
+    "max_steps": 3,
+    "eval_every": 3,
+    "patience": 1,
+    "batch_size": 16,
+    "num_workers": 0,
+    "device": "cpu",
+    "eval_batch_size": 64,
+}
 
 
 def test_uncertainty_picks_closest_to_half_first() -> None:
@@ -50,20 +58,45 @@ def survey(tmp_path_factory: pytest.TempPathFactory) -> dict:
     catalog = true.copy()
     catalog[np.flatnonzero(true)[:5]] = 0  # quasars the catalogue left out
     x = np.linspace(0, 1, GRID.n_bins)
-    flux = (rng.normal(0, 0.3, (N, GRID.n_bins)) + true[:, None] * np.exp(-((x - 0.5) / 0.05) ** 2)).astype(np.float32)
+    flux = (rng.normal(0, 0.3, (N, GRID.n_bins)) + true[:, None] * np.exp(-(((x - 0.5) / 0.05) ** 2))).astype(np.float32)
     ids = [f"sdss-{i:04d}" for i in range(N)]
-    meta = pd.DataFrame({"spectrum_id": ids, "survey": "sdss", "label": catalog, "label_source": np.where(catalog == 1, "id", "none"),
-                         "split": np.array(["train", "train", "val", "test"])[np.arange(N) % 4], "object_id": [f"o{i}" for i in range(N)]})
+    meta = pd.DataFrame(
+        {
+            "spectrum_id": ids,
+            "survey": "sdss",
+            "label": catalog,
+            "label_source": np.where(catalog == 1, "id", "none"),
+            "split": np.array(["train", "train", "val", "test"])[np.arange(N) % 4],
+            "object_id": [f"o{i}" for i in range(N)],
+        }
+    )
     write_store(base / "store", flux, np.ones_like(flux), meta, grid=GRID, chunk_rows=32)
-    pd.DataFrame({"spectrum_id": ids[::-1], "true_class": np.where(true == 1, "QSO", "STAR")[::-1]}).to_parquet(base / "truth.parquet")
+    pd.DataFrame({"spectrum_id": ids[::-1], "true_class": np.where(true == 1, "QSO", "STAR")[::-1]}).to_parquet(
+        base / "truth.parquet"
+    )
     torch.manual_seed(0)
     (base / "source").mkdir()
     save_weights(build_model(ModelConfig(n_bins=GRID.n_bins)), base / "source" / "model.safetensors", GRID, mode="scratch")
-    return {"base": base, "store": base / "store", "truth": base / "truth.parquet", "source": base / "source", "true": true, "catalog": catalog}
+    return {
+        "base": base,
+        "store": base / "store",
+        "truth": base / "truth.parquet",
+        "source": base / "source",
+        "true": true,
+        "catalog": catalog,
+    }
 
 
 def _run(s: dict, out: Path, **kw) -> dict:
-    args = {"rounds": 2, "per_round": 6, "seeds": 2, "label_noise": 0.1, "train_options": OPTS, "batch_size": 64, "quiet": True} | kw
+    args = {
+        "rounds": 2,
+        "per_round": 6,
+        "seeds": 2,
+        "label_noise": 0.1,
+        "train_options": OPTS,
+        "batch_size": 64,
+        "quiet": True,
+    } | kw
     return run_active_learning(s["source"], s["store"], s["truth"], out, **args)
 
 
@@ -95,7 +128,9 @@ def test_resumed_experiment_equals_uninterrupted_and_never_repeats_a_round(surve
         assert p.stat().st_mtime_ns == mtime and p.read_text() == text
         assert (p.parent / "run" / "metrics.jsonl").read_text() == metrics
     # a seed-fixed experiment is reproducible: resumed and uninterrupted give the same document
-    assert json.loads((part / "active_learning.json").read_text()) == json.loads((tmp_path / "whole" / "active_learning.json").read_text())
+    assert json.loads((part / "active_learning.json").read_text()) == json.loads(
+        (tmp_path / "whole" / "active_learning.json").read_text()
+    )
 
     with pytest.raises(EvaluateError, match="other settings"):
         _run(survey, part, rounds=1, per_round=7)
@@ -126,7 +161,10 @@ def test_rounds_give_true_labels_and_uncertainty_picks_the_least_certain(survey:
     # 10% of the pool flipped, plus the catalogue's own mistakes: what round 0 trained on
     n_noise = round(0.1 * train.size)
     assert rec[("both", 0)]["n_wrong_train_labels"] <= n_noise + int((survey["catalog"][train] != survey["true"][train]).sum())
-    assert rec[("uncertainty", 1)]["n_wrong_train_labels"] == rec[("both", 0)]["n_wrong_train_labels"] - rec[("uncertainty", 1)]["n_corrected_this_round"]
+    assert (
+        rec[("uncertainty", 1)]["n_wrong_train_labels"]
+        == rec[("both", 0)]["n_wrong_train_labels"] - rec[("uncertainty", 1)]["n_corrected_this_round"]
+    )
     # the working store the last round trained on: inspected spectra carry their true label as a verdict
     work = open_store(out / "store").meta.set_index("spectrum_id")
     ids = meta["spectrum_id"].to_numpy()[train][picked]

@@ -60,8 +60,18 @@ def dr14q(tmp_path):
 @pytest.fixture()
 def dr16q(tmp_path):
     """DR16Q-like: SOURCE_Z and IS_QSO_FINAL as in DR16Q_v4 (every row of the quasar catalogue is 1)."""
-    t = Table({"RA": [15.0, 200.0], "DEC": [10.0, 45.0], "PLATE": [3851, 8000], "MJD": [55302, 57000],
-               "FIBERID": [530, 100], "Z": [2.7012, 0.3], "SOURCE_Z": ["VI", "PIPE"], "IS_QSO_FINAL": np.array([1, 1], dtype=np.int16)})
+    t = Table(
+        {
+            "RA": [15.0, 200.0],
+            "DEC": [10.0, 45.0],
+            "PLATE": [3851, 8000],
+            "MJD": [55302, 57000],
+            "FIBERID": [530, 100],
+            "Z": [2.7012, 0.3],
+            "SOURCE_Z": ["VI", "PIPE"],
+            "IS_QSO_FINAL": np.array([1, 1], dtype=np.int16),
+        }
+    )
     path = tmp_path / "DR16Q_v4.fits"
     t.write(path)
     return path
@@ -92,12 +102,14 @@ def test_dr14q_ids_including_duplicate_observations(dr14q):
     cat = load_catalog(dr14q)
     assert cat.kind == "sdss" and len(cat) == 3
     assert len(cat.keys) == 5  # 3 primary + 2 duplicates, no (-1, -1, -1) key
-    meta = _meta([
-        {"survey": "sdss", "plate": 266, "mjd": 51602, "fiberid": 1, "ra": 10.0, "dec": 0.5},
-        {"survey": "sdss", "plate": 7001, "mjd": 56801, "fiberid": 6, "ra": 123.0, "dec": -20.0},  # duplicate obs, elsewhere
-        {"survey": "sdss", "plate": 7001, "mjd": 56801, "fiberid": 7, "ra": 123.0, "dec": -20.0},
-        {"survey": "sdss", "plate": 4055, "mjd": 55359, "fiberid": 27, "ra": 30.0, "dec": -5.0},
-    ])
+    meta = _meta(
+        [
+            {"survey": "sdss", "plate": 266, "mjd": 51602, "fiberid": 1, "ra": 10.0, "dec": 0.5},
+            {"survey": "sdss", "plate": 7001, "mjd": 56801, "fiberid": 6, "ra": 123.0, "dec": -20.0},  # duplicate obs, elsewhere
+            {"survey": "sdss", "plate": 7001, "mjd": 56801, "fiberid": 7, "ra": 123.0, "dec": -20.0},
+            {"survey": "sdss", "plate": 4055, "mjd": 55359, "fiberid": 27, "ra": 30.0, "dec": -5.0},
+        ]
+    )
     out = label_spectra(meta, [cat])
     assert out["label"].tolist() == [1, 1, 0, 1]
     assert out["label"].dtype == np.int8
@@ -110,8 +122,12 @@ def test_dr14q_ids_including_duplicate_observations(dr14q):
 
 
 def test_catalogue_order_decides_which_name_a_label_carries(dr14q, dr16q):
-    meta = _meta([{"survey": "sdss", "plate": 3851, "mjd": 55302, "fiberid": 530, "ra": 15.0, "dec": 10.0},
-                  {"survey": "sdss", "plate": 8000, "mjd": 57000, "fiberid": 100, "ra": 200.0, "dec": 45.0}])
+    meta = _meta(
+        [
+            {"survey": "sdss", "plate": 3851, "mjd": 55302, "fiberid": 530, "ra": 15.0, "dec": 10.0},
+            {"survey": "sdss", "plate": 8000, "mjd": 57000, "fiberid": 100, "ra": 200.0, "dec": 45.0},
+        ]
+    )
     c14, c16 = load_catalog(dr14q), load_catalog(dr16q)
     out = label_spectra(meta, [c16, c14])
     assert out["catalog_name"].tolist() == ["DR16Q_v4.fits", "DR16Q_v4.fits"]
@@ -125,15 +141,26 @@ def test_lamost_obsid_then_lmjd_key_then_position(lamost_q):
     assert cat.kind == "lamost" and len(cat) == 3
     assert any("MJD + 1" in n for n in cat.notes)
     ra2, dec2 = _offset(89.344875, 35.916583, 1.0)
-    meta = _meta([
-        # obsid matches; its lmjd deliberately disagrees: obsid wins.
-        {"survey": "lamost", "obsid": 677503031, "lmjd": 12345, "planid": "X", "spid": 9, "fiberid": 9, "ra": 0.0, "dec": 0.0},
-        # DR1-era file without OBSID: (lmjd = MJD + 1, planid, spid, fiberid).
-        {"survey": "lamost", "lmjd": 55859, "planid": "F5902", "spid": 1, "fiberid": 1, "ra": 0.0, "dec": 0.0},
-        # Wrong lmjd for the 4-tuple, but 1 arcsec from the catalogue position.
-        {"survey": "lamost", "lmjd": 56256, "planid": "GAC089N38V2", "spid": 1, "fiberid": 1, "ra": ra2, "dec": dec2},
-        {"survey": "lamost", "lmjd": 56257, "planid": "GAC089N38V2", "spid": 1, "fiberid": 2, "ra": 1.0, "dec": 1.0},
-    ])
+    meta = _meta(
+        [
+            # obsid matches; its lmjd deliberately disagrees: obsid wins.
+            {
+                "survey": "lamost",
+                "obsid": 677503031,
+                "lmjd": 12345,
+                "planid": "X",
+                "spid": 9,
+                "fiberid": 9,
+                "ra": 0.0,
+                "dec": 0.0,
+            },
+            # DR1-era file without OBSID: (lmjd = MJD + 1, planid, spid, fiberid).
+            {"survey": "lamost", "lmjd": 55859, "planid": "F5902", "spid": 1, "fiberid": 1, "ra": 0.0, "dec": 0.0},
+            # Wrong lmjd for the 4-tuple, but 1 arcsec from the catalogue position.
+            {"survey": "lamost", "lmjd": 56256, "planid": "GAC089N38V2", "spid": 1, "fiberid": 1, "ra": ra2, "dec": dec2},
+            {"survey": "lamost", "lmjd": 56257, "planid": "GAC089N38V2", "spid": 1, "fiberid": 2, "ra": 1.0, "dec": 1.0},
+        ]
+    )
     out = label_spectra(meta, [cat])
     assert out["label_source"].tolist() == ["id", "id", "position", "none"]
     np.testing.assert_allclose(out["catalog_z"].to_numpy(), [1.2, 0.8, 2.2, np.nan])
@@ -144,12 +171,26 @@ def test_lamost_obsid_then_lmjd_key_then_position(lamost_q):
 
 def test_lamost_csv_with_lmjd_and_lower_case_aliases(tmp_path):
     path = tmp_path / "dr1q.csv"
-    pd.DataFrame({"obsid": [0], "lmjd": [55862], "planid": ["B6212"], "spid": [6], "fiberid": [3],
-                  "ra": [99.5], "dec": [27.3], "z_vi": [0.5]}).to_csv(path, index=False)
+    pd.DataFrame(
+        {
+            "obsid": [0],
+            "lmjd": [55862],
+            "planid": ["B6212"],
+            "spid": [6],
+            "fiberid": [3],
+            "ra": [99.5],
+            "dec": [27.3],
+            "z_vi": [0.5],
+        }
+    ).to_csv(path, index=False)
     cat = load_catalog(path)
     assert cat.kind == "lamost" and not cat.notes and cat.rule == "quasar catalogue"
-    meta = _meta([{"survey": "lamost", "lmjd": 55862, "planid": "B6212", "spid": 6, "fiberid": 3, "ra": 0.0, "dec": 0.0},
-                  {"survey": "sdss", "plate": 55862, "mjd": 6, "fiberid": 3, "ra": 0.0, "dec": 0.0}])
+    meta = _meta(
+        [
+            {"survey": "lamost", "lmjd": 55862, "planid": "B6212", "spid": 6, "fiberid": 3, "ra": 0.0, "dec": 0.0},
+            {"survey": "sdss", "plate": 55862, "mjd": 6, "fiberid": 3, "ra": 0.0, "dec": 0.0},
+        ]
+    )
     out = label_spectra(meta, [cat])
     assert out["label_source"].tolist() == ["id", "none"]
 
@@ -166,8 +207,12 @@ def test_positional_fallback_radius(tmp_path, ra, dec):
     cat = load_catalog(path, all_quasars=True)
     inside = _offset(ra, dec, 1.4, pa_deg=100)
     outside = _offset(ra, dec, 1.6, pa_deg=250)
-    meta = _meta([{"survey": "sdss", "plate": 9, "mjd": 9, "fiberid": 9, "ra": inside[0], "dec": inside[1]},
-                  {"survey": "sdss", "plate": 9, "mjd": 9, "fiberid": 8, "ra": outside[0], "dec": outside[1]}])
+    meta = _meta(
+        [
+            {"survey": "sdss", "plate": 9, "mjd": 9, "fiberid": 9, "ra": inside[0], "dec": inside[1]},
+            {"survey": "sdss", "plate": 9, "mjd": 9, "fiberid": 8, "ra": outside[0], "dec": outside[1]},
+        ]
+    )
     sep = SkyCoord(meta["ra"].to_numpy() * u.deg, meta["dec"].to_numpy() * u.deg).separation(SkyCoord(ra * u.deg, dec * u.deg))
     assert sep.arcsec[0] < 1.5 < sep.arcsec[1]
     out = label_spectra(meta, [cat], radius_arcsec=1.5)
@@ -183,8 +228,16 @@ def test_positional_matches_agree_with_astropy_at_scale(tmp_path):
     ra_c = rng.uniform(0, 360, n_cat)
     dec_c = np.degrees(np.arcsin(rng.uniform(-1, 1, n_cat)))
     path = tmp_path / "q.fits"
-    Table({"RA": ra_c, "DEC": dec_c, "PLATE": np.arange(n_cat) + 1, "MJD": np.full(n_cat, 55000), "FIBERID": np.full(n_cat, 1),
-           "Z": rng.uniform(0, 4, n_cat)}).write(path)
+    Table(
+        {
+            "RA": ra_c,
+            "DEC": dec_c,
+            "PLATE": np.arange(n_cat) + 1,
+            "MJD": np.full(n_cat, 55000),
+            "FIBERID": np.full(n_cat, 1),
+            "Z": rng.uniform(0, 4, n_cat),
+        }
+    ).write(path)
     cat = load_catalog(path, all_quasars=True)
     # Half the spectra sit 0-3 arcsec from a catalogue quasar, half at random places; a tenth
     # of the near ones carry the quasar's own ids.
@@ -235,15 +288,21 @@ def test_real_catalogue_files(real_data):
     hou_all = load_catalog(cats / "spectraml_hou-catalogue.csv", kind="positions", all_quasars=True)
     assert len(hou_all) == 10 and hou_all.objects["z"].isna().all()
     ra, dec = _offset(table["ra"][3], table["dec"][3], 0.5)
-    meta = _meta([
-        {"survey": "sdss", "plate": 751, "mjd": 52251, "fiberid": 160, "ra": 0.0, "dec": 0.0},
-        {"survey": "lamost", "lmjd": 55960, "planid": "GAC_101N09_V2", "spid": 10, "fiberid": 57, "ra": 0.0, "dec": 0.0},
-        {"survey": "lamost", "lmjd": 1, "planid": "P", "spid": 1, "fiberid": 1, "ra": ra, "dec": dec},
-    ])
+    meta = _meta(
+        [
+            {"survey": "sdss", "plate": 751, "mjd": 52251, "fiberid": 160, "ra": 0.0, "dec": 0.0},
+            {"survey": "lamost", "lmjd": 55960, "planid": "GAC_101N09_V2", "spid": 10, "fiberid": 57, "ra": 0.0, "dec": 0.0},
+            {"survey": "lamost", "lmjd": 1, "planid": "P", "spid": 1, "fiberid": 1, "ra": ra, "dec": dec},
+        ]
+    )
     assert label_spectra(meta, [xid, cand, hou])["label_source"].tolist() == ["id", "id", "none"]
     out = label_spectra(meta, [xid, cand, hou_all])
     assert out["label_source"].tolist() == ["id", "id", "position"]
-    assert out["catalog_name"].tolist() == ["astroquery_sdss_xid.csv", "spectraml_candidates-catalogue.csv", "spectraml_hou-catalogue.csv"]
+    assert out["catalog_name"].tolist() == [
+        "astroquery_sdss_xid.csv",
+        "spectraml_candidates-catalogue.csv",
+        "spectraml_hou-catalogue.csv",
+    ]
     assert out["catalog_z"].iloc[0] == pytest.approx(0.04541)
 
 
@@ -255,8 +314,17 @@ def _specobj_table(shared_data) -> Table:
     for path in sorted((shared_data / "sdss").glob("spec-*.fits")):
         with fits.open(path) as hdul:
             r = hdul[2].data[0]
-            rows.append((int(r["PLATE"]), int(r["MJD"]), int(r["FIBERID"]), float(r["PLUG_RA"]), float(r["PLUG_DEC"]),
-                         str(r["CLASS"]).strip(), float(r["Z"])))
+            rows.append(
+                (
+                    int(r["PLATE"]),
+                    int(r["MJD"]),
+                    int(r["FIBERID"]),
+                    float(r["PLUG_RA"]),
+                    float(r["PLUG_DEC"]),
+                    str(r["CLASS"]).strip(),
+                    float(r["Z"]),
+                )
+            )
     return Table(rows=rows, names=["PLATE", "MJD", "FIBERID", "RA", "DEC", "CLASS", "Z"])
 
 
@@ -271,8 +339,19 @@ def test_specobj_table_labels_only_its_qso_rows(shared_data, tmp_path, ext):
     assert cat.class_counts == {c: classes.count(c) for c in set(classes)}
     assert {"GALAXY", "STAR", "QSO"} <= set(classes)
     assert len(cat) == classes.count("QSO")
-    meta = _meta([{"survey": "sdss", "plate": int(r["PLATE"]), "mjd": int(r["MJD"]), "fiberid": int(r["FIBERID"]),
-                   "ra": float(r["RA"]), "dec": float(r["DEC"])} for r in t])
+    meta = _meta(
+        [
+            {
+                "survey": "sdss",
+                "plate": int(r["PLATE"]),
+                "mjd": int(r["MJD"]),
+                "fiberid": int(r["FIBERID"]),
+                "ra": float(r["RA"]),
+                "dec": float(r["DEC"]),
+            }
+            for r in t
+        ]
+    )
     out = label_spectra(meta, [cat])
     assert out["label"].tolist() == [int(c == "QSO") for c in classes]
 
@@ -287,9 +366,18 @@ def test_table_without_a_class_column_is_refused_unless_vouched_for(tmp_path):
 
 def test_dr16q_superset_keeps_is_qso_final_1_and_ignores_class_person(tmp_path):
     path = tmp_path / "DR16Q_Superset_v3.fits"
-    Table({"RA": [1.0, 2.0, 3.0], "DEC": [0.0] * 3, "PLATE": [1, 2, 3], "MJD": [55000] * 3, "FIBERID": [1, 2, 3],
-           "Z": [1.0, 2.0, 0.1], "CLASS_PERSON": np.array([3, -1, 4], dtype=np.int16),
-           "IS_QSO_FINAL": np.array([1, 1, -1], dtype=np.int16)}).write(path)
+    Table(
+        {
+            "RA": [1.0, 2.0, 3.0],
+            "DEC": [0.0] * 3,
+            "PLATE": [1, 2, 3],
+            "MJD": [55000] * 3,
+            "FIBERID": [1, 2, 3],
+            "Z": [1.0, 2.0, 0.1],
+            "CLASS_PERSON": np.array([3, -1, 4], dtype=np.int16),
+            "IS_QSO_FINAL": np.array([1, 1, -1], dtype=np.int16),
+        }
+    ).write(path)
     cat = load_catalog(path)
     assert cat.rule == "is_qso_final" and len(cat) == 2 and cat.keys["plate"].tolist() == [1, 2]
     assert cat.class_counts == {"IS_QSO_FINAL=1": 2, "IS_QSO_FINAL=-1": 1}

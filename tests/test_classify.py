@@ -18,8 +18,13 @@ from spectransfer.candidates.classify import classify
 from spectransfer.candidates.schema import CLASSIFY_COLUMNS, COLUMNS, REFERENCE
 from test_discover import _run
 
-SDSS = ["spSpec-51630-0266-633.fit", "spSpec-51984-0296-001.fit", "spec-0266-51602-0013.fits", "spec-3586-55181-0002.fits",
-        "spec-7877-56898-0604.fits"]  # the first fails ingest's ZWARNING cut
+SDSS = [
+    "spSpec-51630-0266-633.fit",
+    "spSpec-51984-0296-001.fit",
+    "spec-0266-51602-0013.fits",
+    "spec-3586-55181-0002.fits",
+    "spec-7877-56898-0604.fits",
+]  # the first fails ingest's ZWARNING cut
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +52,9 @@ def test_classify_equals_ingest_plus_discover(real: dict) -> None:
     cand = real["cand"].set_index("SPECTRUM_ID")
     t = res.table.set_index("SPECTRUM_ID")
     assert len(t) == len(cand) > 5 and sorted(t.index) == sorted(cand.index)
-    np.testing.assert_allclose(t["P_QSO"].to_numpy(np.float64), cand.loc[t.index, "P_QSO"].to_numpy(np.float64), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        t["P_QSO"].to_numpy(np.float64), cand.loc[t.index, "P_QSO"].to_numpy(np.float64), rtol=0, atol=1e-6
+    )
     assert (t["IS_QSO"] == (t["P_QSO"] >= 0.5)).all()
     # the files ingest rejected are exactly the ones classify lists, with ingest's reasons
     assert len(res.failed) == res.n_files - len(t)
@@ -66,12 +73,29 @@ def test_damaged_file_is_listed_and_the_rest_scored(real: dict, tmp_path: Path) 
     assert res.n_files == good.n_files + 1 and len(res.table) == len(good.table)
     broken = [r for f, r in res.failed if f.endswith("spec-broken.fits")]
     assert len(broken) == 1 and broken[0].startswith("unreadable")
-    r = subprocess.run([sys.executable, "-m", "spectransfer", "classify", str(real["run"]), str(folder), "--quiet"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "spectransfer", "classify", str(real["run"]), str(folder), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 1, r.stderr
     assert "spec-broken.fits" in r.stdout and "not scored" in r.stdout and "Traceback" not in r.stderr
-    ok = subprocess.run([sys.executable, "-m", "spectransfer", "classify", str(real["run"]),
-                         *[str(real["files"] / n) for n in SDSS[:1]], "--json", "--quiet"], capture_output=True, text=True, timeout=300)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "spectransfer",
+            "classify",
+            str(real["run"]),
+            *[str(real["files"] / n) for n in SDSS[:1]],
+            "--json",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     doc = json.loads(ok.stdout)
     assert ok.returncode == (1 if doc["failed"] else 0)
     assert {"SOURCE_FILE", "SPECTRUM_ID", "P_QSO", "IS_QSO"} <= set(doc["rows"][0] if doc["rows"] else CLASSIFY_COLUMNS)
@@ -105,10 +129,17 @@ def test_every_output_format_round_trips_through_astropy(real: dict, tmp_path: P
 
 
 def test_classify_refuses_bad_arguments_in_one_line(real: dict, tmp_path: Path) -> None:
-    for extra, msg in ((["--out", str(tmp_path / "x.txt")], "must end in"), (["--engine", "onnx-int8"], "int8"),
-                       (["--threshold", "2"], "threshold")):
-        r = subprocess.run([sys.executable, "-m", "spectransfer", "classify", str(real["run"]), str(real["files"]), *extra,
-                            "--quiet"], capture_output=True, text=True, timeout=300)
+    for extra, msg in (
+        (["--out", str(tmp_path / "x.txt")], "must end in"),
+        (["--engine", "onnx-int8"], "int8"),
+        (["--threshold", "2"], "threshold"),
+    ):
+        r = subprocess.run(
+            [sys.executable, "-m", "spectransfer", "classify", str(real["run"]), str(real["files"]), *extra, "--quiet"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
@@ -118,8 +149,13 @@ def test_help_documents_every_option() -> None:
     from spectransfer.cli import app
 
     cmd = typer.main.get_command(app).commands["classify"]
-    r = subprocess.run([sys.executable, "-m", "spectransfer", "classify", "--help"], capture_output=True, text=True,
-                       timeout=60, env={**os.environ, "COLUMNS": "200"})
+    r = subprocess.run(
+        [sys.executable, "-m", "spectransfer", "classify", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert r.returncode == 0
     for p in cmd.params:
         assert p.help, f"{p.name} has no help text"

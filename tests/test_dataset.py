@@ -10,13 +10,22 @@ import pandas as pd
 import pytest
 
 from spectransfer.config import Grid
-from spectransfer.ml.dataset import ChunkStream, Selection, _round_robin_skips, make_input, select
 from spectransfer.data.store import write_store
+from spectransfer.ml.dataset import ChunkStream, Selection, _round_robin_skips, make_input, select
 
 
-def make_store(path: Path, n: int = 200, pos_frac: float = 0.3, chunk_rows: int = 16, seed: int = 0,
-               surveys: tuple[str, ...] = ("sdss",), splits: tuple[float, float] = (0.6, 0.2),
-               grid: Grid | None = None, signal: float = 0.8, with_z: bool = False):
+def make_store(
+    path: Path,
+    n: int = 200,
+    pos_frac: float = 0.3,
+    chunk_rows: int = 16,
+    seed: int = 0,
+    surveys: tuple[str, ...] = ("sdss",),
+    splits: tuple[float, float] = (0.6, 0.2),
+    grid: Grid | None = None,
+    signal: float = 0.8,
+    with_z: bool = False,
+):
     """A small store whose quasars carry broad emission bumps (so a network can learn them).
 
     ``splits`` are the train and val fractions (the rest is test); rows cycle through ``surveys``.
@@ -44,13 +53,18 @@ def make_store(path: Path, n: int = 200, pos_frac: float = 0.3, chunk_rows: int 
     ivar[:, :50] = 0.0
     u = rng.random(n)
     split = np.where(u < splits[0], "train", np.where(u < splits[0] + splits[1], "val", "test"))
-    meta = pd.DataFrame({
-        "spectrum_id": [f"sim-{i}" for i in range(n)],
-        "survey": [surveys[i % len(surveys)] for i in range(n)],
-        "ra": rng.uniform(0, 360, n), "dec": rng.uniform(-10, 60, n),
-        "label": label, "label_source": np.where(label == 1, "id", "none"),
-        "object_id": [f"obj-{i}" for i in range(n)], "split": split,
-    })
+    meta = pd.DataFrame(
+        {
+            "spectrum_id": [f"sim-{i}" for i in range(n)],
+            "survey": [surveys[i % len(surveys)] for i in range(n)],
+            "ra": rng.uniform(0, 360, n),
+            "dec": rng.uniform(-10, 60, n),
+            "label": label,
+            "label_source": np.where(label == 1, "id", "none"),
+            "object_id": [f"obj-{i}" for i in range(n)],
+            "split": split,
+        }
+    )
     if with_z:
         meta["catalog_z"] = catalog_z
     return write_store(path, flux, ivar, meta, grid=grid, chunk_rows=chunk_rows)

@@ -17,15 +17,27 @@ from spectransfer.candidates.discover import CATEGORIES, QUALITY_BITS
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("demo") / "out"
-    res = subprocess.run([sys.executable, "-m", "spectransfer", "demo", "--quick", "--out", str(out), "--quiet"],
-                         capture_output=True, text=True, timeout=1200)
+    res = subprocess.run(
+        [sys.executable, "-m", "spectransfer", "demo", "--quick", "--out", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return {"out": out, "stdout": res.stdout, "summary": json.loads((out / "demo_summary.json").read_text())}
 
 
 def test_layout(demo: dict) -> None:
     out = demo["out"]
-    for sub in ("surveys/lamost", "surveys/sdss", "stores/lamost", "stores/sdss", "runs/pretrain", "runs/finetune", "runs/scratch"):
+    for sub in (
+        "surveys/lamost",
+        "surveys/sdss",
+        "stores/lamost",
+        "stores/sdss",
+        "runs/pretrain",
+        "runs/finetune",
+        "runs/scratch",
+    ):
         assert (out / sub).is_dir(), sub
     for name in ("pretrain", "finetune", "scratch"):
         assert (out / "runs" / name / "model.safetensors").is_file()
@@ -109,8 +121,8 @@ def test_categories_follow_probability_threshold_and_catalogue(demo: dict) -> No
 
 def test_int8_catalogue_agrees_with_fp32_torch(demo: dict) -> None:
     """The demo scores with the int8 engine; torch fp32 must put (nearly) every spectrum on the same side."""
-    from spectransfer.ml.score import score_store
     from spectransfer.data.store import open_store
+    from spectransfer.ml.score import score_store
 
     out = demo["out"]
     cand = pd.read_parquet(out / "candidates.parquet")
@@ -131,7 +143,9 @@ def test_left_out_quasars_are_found_more_often_than_non_quasars(demo: dict) -> N
     truth = pd.read_parquet(out / "surveys" / "sdss" / "truth.parquet")
     cand = pd.read_parquet(out / "candidates.parquet")
     # the survey ids join the catalogue to the truth (spectrum_id strings differ in zero padding)
-    j = cand.merge(truth, left_on=["PLATE", "MJD", "FIBERID"], right_on=["plate", "mjd", "fiberid"], how="inner", validate="one_to_one")
+    j = cand.merge(
+        truth, left_on=["PLATE", "MJD", "FIBERID"], right_on=["plate", "mjd", "fiberid"], how="inner", validate="one_to_one"
+    )
     assert len(j) == len(cand), "every candidate row maps to one simulated spectrum"
     left_out = (j["true_class"] == "QSO") & ~j["in_catalog"]
     non_qso = j["true_class"] != "QSO"

@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spectransfer.config import Grid
 from spectransfer.candidates.discover import (
     CATEGORIES,
     QUALITY_BITS,
@@ -24,12 +23,14 @@ from spectransfer.candidates.discover import (
     pipe_not_qso,
     quality_bits,
 )
+from spectransfer.config import Grid
 from spectransfer.evaluation.metrics import calibrated_probability
 
 GRID = Grid(n_bins=128)  # a small grid keeps the network (and the tests) small
 
 
 # ---- categories and quality bits -------------------------------------------------------------
+
 
 def test_categorise_names_each_case_and_threshold_is_inclusive() -> None:
     p = np.array([0.9, 0.1, 0.9, 0.1, 0.5, 0.4999])
@@ -56,15 +57,25 @@ def test_categorise_rejects_misaligned_input() -> None:
 
 
 def test_quality_bits_flag_each_doubt_and_nothing_else() -> None:
-    meta = pd.DataFrame({
-        "snr": pd.array([10.0, 1.0, 10.0, 10.0, 10.0, 10.0, None], dtype="Float32"),
-        "pipeline_class": pd.array(["QSO", "STAR", None, "Unknown", "GALAXY", "STAR", "QSO"], dtype="string"),
-        "z": pd.array([1.0, 0.0, 0.1, 0.2, None, 0.0, 2.0], dtype="Float64"),
-        "zwarning": pd.array([0, 0, 0, 0, 0, 4, None], dtype="Int64"),
-    })
+    meta = pd.DataFrame(
+        {
+            "snr": pd.array([10.0, 1.0, 10.0, 10.0, 10.0, 10.0, None], dtype="Float32"),
+            "pipeline_class": pd.array(["QSO", "STAR", None, "Unknown", "GALAXY", "STAR", "QSO"], dtype="string"),
+            "z": pd.array([1.0, 0.0, 0.1, 0.2, None, 0.0, 2.0], dtype="Float64"),
+            "zwarning": pd.array([0, 0, 0, 0, 0, 4, None], dtype="Int64"),
+        }
+    )
     q = quality_bits(meta)
     b = {k: 1 << v for k, v in QUALITY_BITS.items()}
-    assert q.tolist() == [0, b["LOW_SNR"], b["NO_PIPELINE_CLASS"], b["NO_PIPELINE_CLASS"], b["NO_PIPELINE_Z"], b["ZWARNING"], b["LOW_SNR"]]
+    assert q.tolist() == [
+        0,
+        b["LOW_SNR"],
+        b["NO_PIPELINE_CLASS"],
+        b["NO_PIPELINE_CLASS"],
+        b["NO_PIPELINE_Z"],
+        b["ZWARNING"],
+        b["LOW_SNR"],
+    ]
 
 
 def test_pipe_not_qso_marks_positives_the_pipeline_calls_star_or_galaxy() -> None:
@@ -83,6 +94,7 @@ def test_sigmoid_is_stable_and_matches_the_formula() -> None:
 
 # ---- a tiny store and an untrained run -----------------------------------------------------------
 
+
 def _spectra(rng: np.random.Generator, n: int, grid: Grid = GRID) -> np.ndarray:
     """Smooth spectra with a few bumps, min-max scaled to [-1, 1] as the store holds them."""
     x = np.linspace(0, 1, grid.n_bins)
@@ -99,21 +111,29 @@ def _store(path: Path, n: int = 300, seed: int = 0, chunk_rows: int = 64, grid: 
 
     rng = np.random.default_rng(seed)
     label = (rng.random(n) < 0.3).astype(np.int8)
-    meta = pd.DataFrame({
-        "spectrum_id": [f"sdss-{1000 + i // 100}-55000-{i % 100 + 1:04d}" for i in range(n)],
-        "survey": "sdss",
-        "plate": pd.array(1000 + np.arange(n) // 100, dtype="Int64"),
-        "mjd": pd.array(np.full(n, 55000), dtype="Int64"),
-        "fiberid": pd.array(np.arange(n) % 100 + 1, dtype="Int64"),
-        "ra": rng.uniform(0, 360, n), "dec": rng.uniform(-10, 60, n),
-        "pipeline_class": pd.array(rng.choice(["QSO", "STAR", "GALAXY"], n), dtype="string"),
-        "z": rng.uniform(0, 3, n), "snr": rng.uniform(0.5, 30, n).astype(np.float32),
-        "label": label, "label_source": np.where(label == 1, "id", "none"),
-        "catalog_z": np.where(label == 1, rng.uniform(0, 3, n), np.nan),
-        "split": np.array(["train", "val", "test"])[np.arange(n) % 3], "object_id": [f"o{i}" for i in range(n)],
-        "source_file": [f"spec-{i}.fits" for i in range(n)],
-    })
-    return write_store(path, _spectra(rng, n, grid), np.ones((n, grid.n_bins), np.float32), meta, grid=grid, chunk_rows=chunk_rows)
+    meta = pd.DataFrame(
+        {
+            "spectrum_id": [f"sdss-{1000 + i // 100}-55000-{i % 100 + 1:04d}" for i in range(n)],
+            "survey": "sdss",
+            "plate": pd.array(1000 + np.arange(n) // 100, dtype="Int64"),
+            "mjd": pd.array(np.full(n, 55000), dtype="Int64"),
+            "fiberid": pd.array(np.arange(n) % 100 + 1, dtype="Int64"),
+            "ra": rng.uniform(0, 360, n),
+            "dec": rng.uniform(-10, 60, n),
+            "pipeline_class": pd.array(rng.choice(["QSO", "STAR", "GALAXY"], n), dtype="string"),
+            "z": rng.uniform(0, 3, n),
+            "snr": rng.uniform(0.5, 30, n).astype(np.float32),
+            "label": label,
+            "label_source": np.where(label == 1, "id", "none"),
+            "catalog_z": np.where(label == 1, rng.uniform(0, 3, n), np.nan),
+            "split": np.array(["train", "val", "test"])[np.arange(n) % 3],
+            "object_id": [f"o{i}" for i in range(n)],
+            "source_file": [f"spec-{i}.fits" for i in range(n)],
+        }
+    )
+    return write_store(
+        path, _spectra(rng, n, grid), np.ones((n, grid.n_bins), np.float32), meta, grid=grid, chunk_rows=chunk_rows
+    )
 
 
 def _run(path: Path, seed: int = 0, temperature: float | None = None, grid: Grid = GRID) -> Path:
@@ -138,14 +158,15 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def _torch_logits(run: Path, store_path: Path) -> np.ndarray:
-    from spectransfer.ml.score import score_store
     from spectransfer.data.store import open_store
+    from spectransfer.ml.score import score_store
 
     st = open_store(store_path)
     return np.asarray(score_store(run, st, st.rows(), engine="torch"), dtype=np.float64)
 
 
 # ---- the catalogue -------------------------------------------------------------------------------
+
 
 def test_catalogue_has_every_spectrum_calibrated_probabilities_and_provenance(tiny: dict, tmp_path: Path) -> None:
     import fitsio
@@ -177,10 +198,22 @@ def test_catalogue_has_every_spectrum_calibrated_probabilities_and_provenance(ti
 
     with fits.open(out) as hdul:
         h = hdul["CANDIDATES"].header
-        for key in ("STVER", "DEPNAM00", "DEPVER00", "MODELSHA", "THRESH", "STOREID", "GRIDN", "GRIDMIN", "GRIDMAX", "DATE", "TEMPER"):
+        for key in (
+            "STVER",
+            "DEPNAM00",
+            "DEPVER00",
+            "MODELSHA",
+            "THRESH",
+            "STOREID",
+            "GRIDN",
+            "GRIDMIN",
+            "GRIDMAX",
+            "DATE",
+            "TEMPER",
+        ):
             assert key in h, key
-        from spectransfer.ml.models import load_run
         from spectransfer.data.store import open_store
+        from spectransfer.ml.models import load_run
 
         assert h["MODELSHA"] == load_run(tiny["run"])[1].sha256
         assert h["STOREID"] == open_store(tiny["store"]).info["store_id"]
@@ -271,8 +304,26 @@ def test_discover_resumes_after_sigkill(tmp_path: Path) -> None:
 
     out = tmp_path / "killed.fits"
     parts = parts_dir(out)
-    args = [sys.executable, "-m", "spectransfer", "discover", str(run), "--store", str(store), "--out", str(out),
-            "--engine", "torch", "--block-size", "40", "--batch-size", "40", "--threads", "1", "--quiet"]
+    args = [
+        sys.executable,
+        "-m",
+        "spectransfer",
+        "discover",
+        str(run),
+        "--store",
+        str(store),
+        "--out",
+        str(out),
+        "--engine",
+        "torch",
+        "--block-size",
+        "40",
+        "--batch-size",
+        "40",
+        "--threads",
+        "1",
+        "--quiet",
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     try:
@@ -322,6 +373,7 @@ def test_stale_parts_of_another_model_are_discarded(tiny: dict, tmp_path: Path) 
 
 
 # ---- self-describing tables and recorded calibration ------------------------------------------------
+
 
 def test_header_records_the_calibration_applied_or_that_none_was(tiny: dict, tmp_path: Path) -> None:
     from astropy.io import fits

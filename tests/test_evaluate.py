@@ -15,9 +15,9 @@ import pytest
 from scipy import stats
 from sklearn import metrics as skm
 
+from spectransfer.errors import EvaluateError
 from spectransfer.evaluation import metrics as M
 from spectransfer.evaluation import runner as R
-from spectransfer.errors import EvaluateError
 from spectransfer.evaluation.calibration import read_calibration
 
 
@@ -161,7 +161,10 @@ def test_choose_threshold_rules() -> None:
     tp = M.choose_threshold(y, p, target_precision=0.8)
     assert tp["achieved"]["precision"] >= 0.8
     lower = np.unique(p)[np.unique(p) < tp["threshold"]]
-    assert all(skm.precision_score(y, p >= t, zero_division=0) < 0.8 or skm.recall_score(y, p >= t) <= tp["achieved"]["recall"] for t in lower)
+    assert all(
+        skm.precision_score(y, p >= t, zero_division=0) < 0.8 or skm.recall_score(y, p >= t) <= tp["achieved"]["recall"]
+        for t in lower
+    )
     tr = M.choose_threshold(y, p, target_recall=0.9)
     assert tr["achieved"]["recall"] >= 0.9
     higher = np.unique(p)[np.unique(p) > tr["threshold"]]
@@ -272,13 +275,20 @@ def test_evaluate_predictions_writes_predictions_and_calibrates_only_when_asked(
     p_qso = pd.read_parquet(tmp_path / "rep" / "r" / "predictions.parquet")["p_qso"].to_numpy(np.float64)
     np.testing.assert_allclose(p_qso, 1 / (1 + np.exp(-runs[0].logits / 3.5)), rtol=1e-6)
 
-    doc = R.evaluate_predictions(_meta(y), runs, yv, tmp_path / "rep", n_resamples=100, calibrate=True,
-                                 context={"store_id": "st-1", "engine": "onnx"})
+    doc = R.evaluate_predictions(
+        _meta(y), runs, yv, tmp_path / "rep", n_resamples=100, calibrate=True, context={"store_id": "st-1", "engine": "onnx"}
+    )
     cal = json.loads((run_dir / "calibration.json").read_text())
     T = cal["temperature"]
     assert T == pytest.approx(doc["runs"]["r"]["calibration"]["temperature"]) and T != 3.5
     assert T == pytest.approx(M.fit_temperature(yv, runs[0].val_logits))
-    assert (cal["store_id"], cal["split"], cal["n_spectra"], cal["n_qso"], cal["engine"]) == ("st-1", "val", 300, int(yv.sum()), "onnx")
+    assert (cal["store_id"], cal["split"], cal["n_spectra"], cal["n_qso"], cal["engine"]) == (
+        "st-1",
+        "val",
+        300,
+        int(yv.sum()),
+        "onnx",
+    )
     assert cal["date"][:4].isdigit()
     pred = pd.read_parquet(tmp_path / "rep" / "r" / "predictions.parquet")
     assert list(pred["spectrum_id"]) == [f"id{i}" for i in range(400)]
@@ -291,17 +301,24 @@ def test_evaluate_predictions_writes_predictions_and_calibrates_only_when_asked(
 
 # ---- end to end through the CLI on a tiny store ------------------------------------------------
 
+
 def _tiny_store(path: Path, grid, n: int = 120, seed: int = 0):
     from spectransfer.data.store import write_store
 
     rng = np.random.default_rng(seed)
     y = (rng.random(n) < 0.4).astype(np.int8)
     flux = rng.uniform(-1, 1, (n, grid.n_bins)).astype(np.float32)
-    meta = pd.DataFrame({
-        "spectrum_id": [f"sdss-1-5000{i // 640}-{i:04d}" for i in range(n)], "survey": "sdss", "label": y,
-        "z": np.where(y == 1, rng.uniform(0.2, 3, n), 0.0), "snr": rng.uniform(1, 30, n).astype(np.float32),
-        "split": np.array(["train", "val", "test"])[np.arange(n) % 3], "object_id": [f"o{i}" for i in range(n)],
-    })
+    meta = pd.DataFrame(
+        {
+            "spectrum_id": [f"sdss-1-5000{i // 640}-{i:04d}" for i in range(n)],
+            "survey": "sdss",
+            "label": y,
+            "z": np.where(y == 1, rng.uniform(0.2, 3, n), 0.0),
+            "snr": rng.uniform(1, 30, n).astype(np.float32),
+            "split": np.array(["train", "val", "test"])[np.arange(n) % 3],
+            "object_id": [f"o{i}" for i in range(n)],
+        }
+    )
     return write_store(path, flux, np.ones_like(flux), meta, grid=grid)
 
 
@@ -323,16 +340,30 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_evaluate_end_to_end(tmp_path: Path) -> None:
     pytest.importorskip("spectransfer.ml.score")
     from spectransfer.config import Grid
-    from spectransfer.ml.score import score_store
     from spectransfer.data.store import open_store
+    from spectransfer.ml.score import score_store
 
     grid = Grid(n_bins=128)
     _tiny_store(tmp_path / "store", grid)
     a = _untrained_run(tmp_path / "a", grid, 0)
     b = _untrained_run(tmp_path / "b", grid, 1)
     db = _verdict_db(tmp_path / "v.sqlite", [("sdss-1-50000-0002", "qso", None, "ann", "2026-01-01")])
-    res = _cli("evaluate", str(a), str(b), "--store", str(tmp_path / "store"), "--out", str(tmp_path / "rep"),
-               "--bootstrap", "50", "--gallery", "2", "--verdicts", str(db), "--quiet")
+    res = _cli(
+        "evaluate",
+        str(a),
+        str(b),
+        "--store",
+        str(tmp_path / "store"),
+        "--out",
+        str(tmp_path / "rep"),
+        "--bootstrap",
+        "50",
+        "--gallery",
+        "2",
+        "--verdicts",
+        str(db),
+        "--quiet",
+    )
     assert res.returncode == 0, res.stderr
     doc = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert set(doc["runs"]) == {"a", "b"} and len(doc["comparisons"]) == 1
@@ -367,7 +398,9 @@ def test_cli_refuses_an_empty_split(tmp_path: Path) -> None:
     from spectransfer.data.store import write_store
 
     grid = Grid(n_bins=128)
-    meta = pd.DataFrame({"spectrum_id": ["x1", "x2"], "survey": "sdss", "label": [0, 1], "split": ["train", "val"], "object_id": ["o1", "o2"]})
+    meta = pd.DataFrame(
+        {"spectrum_id": ["x1", "x2"], "survey": "sdss", "label": [0, 1], "split": ["train", "val"], "object_id": ["o1", "o2"]}
+    )
     write_store(tmp_path / "store", np.zeros((2, 128), np.float32), np.ones((2, 128), np.float32), meta, grid=grid)
     run = _untrained_run(tmp_path / "run", grid)
     res = _cli("evaluate", str(run), "--store", str(tmp_path / "store"), "--out", str(tmp_path / "rep"), "--quiet")
@@ -382,8 +415,21 @@ def test_cli_evaluate_onnx_int8_names_the_engine_and_its_calibration_data(tmp_pa
     grid = Grid(n_bins=128)
     _tiny_store(tmp_path / "store", grid)
     a = _untrained_run(tmp_path / "a", grid, 0)
-    res = _cli("evaluate", str(a), "--store", str(tmp_path / "store"), "--out", str(tmp_path / "rep"),
-               "--bootstrap", "20", "--gallery", "0", "--engine", "onnx-int8", "--quiet")
+    res = _cli(
+        "evaluate",
+        str(a),
+        "--store",
+        str(tmp_path / "store"),
+        "--out",
+        str(tmp_path / "rep"),
+        "--bootstrap",
+        "20",
+        "--gallery",
+        "0",
+        "--engine",
+        "onnx-int8",
+        "--quiet",
+    )
     assert res.returncode == 0, res.stderr
     doc = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert doc["engine"] == "onnx-int8" and doc["runs"]["a"]["engine"] == "onnx-int8"

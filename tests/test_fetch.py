@@ -154,7 +154,6 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.wfile.write(payload)
 
-
     def _short_body(self, mode: str, start: int, body: bytes, payload: bytes) -> None:
         """Half the payload and no Content-Length: closed early, or a well-formed but short chunked body."""
         self.send_response(206 if start else 200)
@@ -248,7 +247,10 @@ def test_sdss_urls_follow_the_sas_layout(tmp_path: Path) -> None:
     )
     assert eboss.targets[0].path == "dr16/eboss/spectro/redux/v5_13_0/spectra/lite/4055/spec-4055-55359-0596.fits"
     assert [t.url.split("/redux/")[1].split("/")[0] for t in legacy.targets] == ["26", "103", "104"]
-    assert legacy.targets[0].url == "https://data.sdss.org/sas/dr16/sdss/spectro/redux/26/spectra/lite/0266/spec-0266-51602-0001.fits"
+    assert (
+        legacy.targets[0].url
+        == "https://data.sdss.org/sas/dr16/sdss/spectro/redux/26/spectra/lite/0266/spec-0266-51602-0001.fits"
+    )
     assert sdss_items(lst, release="dr17")[0].targets[0].path.startswith("dr17/eboss/spectro/redux/v5_13_2/")
     assert catalog_items("dr16q")[0].targets[0].url == "https://data.sdss.org/sas/dr16/eboss/qso/DR16Q/DR16Q_v4.fits"
     assert catalog_items("dr14q")[0].targets[0].url == "https://data.sdss.org/sas/dr14/eboss/qso/DR14Q/DR14Q_v4_4.fits"
@@ -266,7 +268,9 @@ def test_real_skyserver_row_plans_the_legacy_folders(real_data: Path) -> None:
 
 def test_fits_list_with_upper_case_columns_and_run2d(tmp_path: Path) -> None:
     lst = tmp_path / "dr16q_cut.fits"
-    Table({"PLATE": [266, 7457, 266], "MJD": [51630, 56746, 51630], "FIBERID": [4, 1, 4], "RUN2D": ["103", "v5_13_0", "103"]}).write(lst)
+    Table(
+        {"PLATE": [266, 7457, 266], "MJD": [51630, 56746, 51630], "FIBERID": [4, 1, 4], "RUN2D": ["103", "v5_13_0", "103"]}
+    ).write(lst)
     items = sdss_items(lst)
     assert len(items) == 2  # the duplicate row is fetched once
     assert [len(i.targets) for i in items] == [1, 1]
@@ -330,7 +334,9 @@ def test_dropped_connection_completes_on_resume(server: SasServer, sdss_files: d
 
 
 @pytest.mark.parametrize("mode", ["close", "chunked"])
-def test_short_body_without_length_is_never_kept(server: SasServer, sdss_files: dict[str, bytes], tmp_path: Path, mode: str) -> None:
+def test_short_body_without_length_is_never_kept(
+    server: SasServer, sdss_files: dict[str, bytes], tmp_path: Path, mode: str
+) -> None:
     """A body cut short with no Content-Length is caught by the FITS headers' own size."""
     path = max(sdss_files, key=lambda p: len(sdss_files[p]))
     server.short[path] = [mode, 99]
@@ -372,12 +378,16 @@ def test_fits_truncation_matches_astropy_on_real_files(shared_data: Path) -> Non
 
 
 def test_cli_catalog_404_exits_1(server: SasServer, tmp_path: Path) -> None:
-    proc = _cli("fetch", "catalog", "dr16q", "--base-url", server.url + "/sas", "--dest", str(tmp_path / "c"), "--retries", "0", "--quiet")
+    proc = _cli(
+        "fetch", "catalog", "dr16q", "--base-url", server.url + "/sas", "--dest", str(tmp_path / "c"), "--retries", "0", "--quiet"
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "missing" in proc.stderr and "HTTP 404" in proc.stderr
 
 
-def test_part_file_from_an_earlier_run_continues_with_range(server: SasServer, sdss_files: dict[str, bytes], tmp_path: Path) -> None:
+def test_part_file_from_an_earlier_run_continues_with_range(
+    server: SasServer, sdss_files: dict[str, bytes], tmp_path: Path
+) -> None:
     path = _smallest(sdss_files, 1)[0]
     dest = tmp_path / "dest"
     part = dest / (_rel(path) + ".part")
@@ -438,7 +448,9 @@ def test_slow_server_times_out_with_bounded_retries(server: SasServer, sdss_file
     path = _smallest(sdss_files, 1)[0]
     server.slow[path] = 3.0
     dest = tmp_path / "dest"
-    summary = _run(server, sdss_items(_write_list(tmp_path / "l.csv", [path]), base_url=server.url + "/sas"), dest, retries=2, timeout=0.2)
+    summary = _run(
+        server, sdss_items(_write_list(tmp_path / "l.csv", [path]), base_url=server.url + "/sas"), dest, retries=2, timeout=0.2
+    )
     assert summary.failed == 1
     result = summary.results[0]
     assert result.attempts == 3 and "gave up after 3 attempts" in result.error and "Timeout" in result.error
@@ -464,7 +476,9 @@ def test_corrupt_bodies_are_not_kept(server: SasServer, sdss_files: dict[str, by
     assert server.gets[html] == 1  # a corrupt body is not retried
 
 
-def test_sha_from_an_earlier_manifest_rejects_a_changed_file(server: SasServer, sdss_files: dict[str, bytes], tmp_path: Path) -> None:
+def test_sha_from_an_earlier_manifest_rejects_a_changed_file(
+    server: SasServer, sdss_files: dict[str, bytes], tmp_path: Path
+) -> None:
     path = _smallest(sdss_files, 1)[0]
     dest = tmp_path / "dest"
     items = sdss_items(_write_list(tmp_path / "l.csv", [path]), base_url=server.url + "/sas")
@@ -499,12 +513,16 @@ def test_rerun_skips_complete_files_without_requests(server: SasServer, sdss_fil
 def test_jobs_bound_the_requests_in_flight(server: SasServer, sdss_files: dict[str, bytes], tmp_path: Path) -> None:
     server.delay = 0.15
     paths = _smallest(sdss_files, 10)
-    summary = _run(server, sdss_items(_write_list(tmp_path / "l.csv", paths), base_url=server.url + "/sas"), tmp_path / "d", jobs=3)
+    summary = _run(
+        server, sdss_items(_write_list(tmp_path / "l.csv", paths), base_url=server.url + "/sas"), tmp_path / "d", jobs=3
+    )
     assert summary.fetched == 10
     assert 2 <= server.max_in_flight <= 3
 
 
-def test_lamost_by_obsid_with_token_never_recorded(server: SasServer, real_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_lamost_by_obsid_with_token_never_recorded(
+    server: SasServer, real_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     lamost = real_data / "lamost"
     by_obsid = {
@@ -555,13 +573,28 @@ def test_cli_missing_list_is_one_line_exit_2(tmp_path: Path) -> None:
     assert not (tmp_path / "d").exists()
 
 
-def test_cli_interrupt_keeps_part_and_the_next_run_resumes(server: SasServer, sdss_files: dict[str, bytes], tmp_path: Path) -> None:
+def test_cli_interrupt_keeps_part_and_the_next_run_resumes(
+    server: SasServer, sdss_files: dict[str, bytes], tmp_path: Path
+) -> None:
     path = max(sdss_files, key=lambda p: len(sdss_files[p]))
     server.trickle.add(path)
     lst = _write_list(tmp_path / "l.csv", [path])
     dest = tmp_path / "dest"
     part = dest / (_rel(path) + ".part")
-    cmd = [sys.executable, "-m", "spectransfer", "fetch", "sdss", "--list", str(lst), "--dest", str(dest), "--base-url", server.url + "/sas", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "spectransfer",
+        "fetch",
+        "sdss",
+        "--list",
+        str(lst),
+        "--dest",
+        str(dest),
+        "--base-url",
+        server.url + "/sas",
+        "--quiet",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for _ in range(400):  # wait (at most ~40 s) until some bytes have arrived
@@ -591,7 +624,20 @@ def test_cli_fetch_summary_and_exit_code(server: SasServer, sdss_files: dict[str
     server.corrupt[bad] = b"not a fits file" * 100
     lst = _write_list(tmp_path / "l.csv", [good, bad], extra=[(9999, 58000, 12)])
     dest = tmp_path / "dest"
-    proc = _cli("fetch", "sdss", "--list", str(lst), "--dest", str(dest), "--base-url", server.url + "/sas", "--backoff", "0.01", "--jobs", "2")
+    proc = _cli(
+        "fetch",
+        "sdss",
+        "--list",
+        str(lst),
+        "--dest",
+        str(dest),
+        "--base-url",
+        server.url + "/sas",
+        "--backoff",
+        "0.01",
+        "--jobs",
+        "2",
+    )
     assert proc.returncode == 1, proc.stderr
     assert "fetched 1, skipped 0, missing 1, failed 1" in proc.stdout
     assert (dest / _rel(good)).read_bytes() == sdss_files[good]

@@ -133,8 +133,15 @@ def test_a_plan_that_holds_a_non_utf8_name_is_finished_not_repeated(shared_data:
     assert _invoke("ingest", str(src), "--store", str(store), "--workers", "0", "--quiet").exit_code == 0
     info = json.loads((store / "store.json").read_text())
     bad = os.fsdecode(os.path.join(os.fsencode(src), BAD_NAME))
-    (store / "pending.json").write_text(json.dumps({"run_seq": info.get("last_run_seq", 1), "batches": [
-        {"batch_id": "000001-9999999", "row_start": 0, "capacity": 0, "files": [[bad, "1:1", None]]}]}) + "\n")
+    (store / "pending.json").write_text(
+        json.dumps(
+            {
+                "run_seq": info.get("last_run_seq", 1),
+                "batches": [{"batch_id": "000001-9999999", "row_start": 0, "capacity": 0, "files": [[bad, "1:1", None]]}],
+            }
+        )
+        + "\n"
+    )
     result = _invoke("ingest", str(src), "--store", str(store), "--workers", "0", "--quiet")
     assert result.exit_code == 0, result.stderr
     assert not (store / "pending.json").exists()
@@ -184,7 +191,9 @@ def test_second_ingest_without_catalog_keeps_the_remembered_catalogue(tmp_path: 
     sim = tmp_path / "sim"
     res = simulate_survey("sdss", 6, sim, seed=3, qso_fraction=0.5, workers=1)
     store = tmp_path / "S"
-    assert _invoke("ingest", str(sim), "--store", str(store), "--catalog", str(res.catalog), "--workers", "0", "-q").exit_code == 0
+    assert (
+        _invoke("ingest", str(sim), "--store", str(store), "--catalog", str(res.catalog), "--workers", "0", "-q").exit_code == 0
+    )
     result = _invoke("ingest", str(sim), "--store", str(store), "--workers", "0", "-q")
     assert result.exit_code == 0, result.stderr
     rej = pd.read_parquet(store / "rejected.parquet")
@@ -255,15 +264,18 @@ def test_verdicts_export_refuses_a_fifo_and_dev_null(tmp_path: Path) -> None:
     assert stat.S_ISFIFO(os.stat(fifo).st_mode) and stat.S_ISCHR(os.stat("/dev/null").st_mode)
 
 
-@pytest.mark.parametrize("command", [
-    ["train", "--store", "S", "--out"],
-    ["evaluate", "RUN", "--store", "S", "--out"],
-    ["discover", "RUN", "--store", "S", "--out"],
-    ["demo", "--out"],
-    ["ingest", "IN", "--store"],
-    ["simulate", "--survey", "sdss", "--n", "2", "--out"],
-    ["fetch", "catalog", "dr16q", "--dest"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train", "--store", "S", "--out"],
+        ["evaluate", "RUN", "--store", "S", "--out"],
+        ["discover", "RUN", "--store", "S", "--out"],
+        ["demo", "--out"],
+        ["ingest", "IN", "--store"],
+        ["simulate", "--survey", "sdss", "--n", "2", "--out"],
+        ["fetch", "catalog", "dr16q", "--dest"],
+    ],
+)
 @pytest.mark.parametrize("where", ["proc", "below_a_file", "existing_file"])
 def test_unwritable_outputs_are_one_line(command: list[str], where: str, tmp_path: Path) -> None:
     a_file = tmp_path / "a_file"
@@ -305,7 +317,9 @@ def test_ingest_into_a_full_disk_is_one_line(full_dir: Path, shared_data: Path, 
     src = tmp_path / "in"
     src.mkdir()
     (src / "good.fits").write_bytes((shared_data / GOOD).read_bytes())
-    _one_line_error(_cli("ingest", str(src), "--store", str(full_dir / "S"), "--workers", "0", "--quiet"), "No space left on device")
+    _one_line_error(
+        _cli("ingest", str(src), "--store", str(full_dir / "S"), "--workers", "0", "--quiet"), "No space left on device"
+    )
 
 
 # ---- two writers, stale locks ------------------------------------------------------------------------
@@ -313,16 +327,29 @@ def test_ingest_into_a_full_disk_is_one_line(full_dir: Path, shared_data: Path, 
 
 def test_second_train_into_the_same_out_is_refused_while_the_first_runs(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import sys, time
         from spectransfer.locks import OutputLock
-        with OutputLock({str(run / 'run.lock')!r}, "a train run"):
+        with OutputLock({str(run / "run.lock")!r}, "a train run"):
             print("held", flush=True)
             time.sleep(60)
-    """)], stdout=subprocess.PIPE, text=True)
+    """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
-        line = _one_line_error(_cli("train", "--store", str(tmp_path / "S"), "--out", str(run)), str(run), "in use by a train run", f"pid {holder.pid}")
+        line = _one_line_error(
+            _cli("train", "--store", str(tmp_path / "S"), "--out", str(run)),
+            str(run),
+            "in use by a train run",
+            f"pid {holder.pid}",
+        )
         assert "wait for it" in line
     finally:
         holder.kill()
@@ -365,13 +392,16 @@ def test_ingest_reads_the_old_lock_format(tmp_path: Path) -> None:
 # ---- options -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--lr", "-1"], "--lr must be a finite number > 0"),
-    (["--lr", "nan"], "--lr must be a finite number > 0"),
-    (["--max-steps", "0"], "--max-steps must be an integer >= 1"),
-    (["--workers", "-1"], "--workers must be an integer >= 0"),
-    (["--train-fraction", "1.5"], "--train-fraction must be a number in (0, 1]"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--lr", "-1"], "--lr must be a finite number > 0"),
+        (["--lr", "nan"], "--lr must be a finite number > 0"),
+        (["--max-steps", "0"], "--max-steps must be an integer >= 1"),
+        (["--workers", "-1"], "--workers must be an integer >= 0"),
+        (["--train-fraction", "1.5"], "--train-fraction must be a number in (0, 1]"),
+    ],
+)
 def test_train_options_are_checked_before_anything_runs(args: list[str], needle: str, tmp_path: Path) -> None:
     _one_line_error(_invoke("train", "--store", str(tmp_path), "--out", str(tmp_path / "run"), *args), needle)
     assert not (tmp_path / "run").exists()
@@ -382,7 +412,9 @@ def test_cuda_without_cuda_is_one_line(tmp_path: Path) -> None:
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    _one_line_error(_invoke("train", "--store", str(tmp_path), "--out", str(tmp_path / "run"), "--device", "cuda"), "no CUDA device")
+    _one_line_error(
+        _invoke("train", "--store", str(tmp_path), "--out", str(tmp_path / "run"), "--device", "cuda"), "no CUDA device"
+    )
 
 
 def test_stats_on_a_file_says_it_is_a_file(tmp_path: Path) -> None:
@@ -395,7 +427,9 @@ def test_simulate_overwrite_refuses_a_folder_it_did_not_write(tmp_path: Path) ->
     precious = tmp_path / "data"
     precious.mkdir()
     (precious / "thesis.tex").write_text("years of work")
-    _one_line_error(_cli("simulate", "--survey", "sdss", "--n", "2", "--out", str(precious), "--overwrite", "-q"), "not written by")
+    _one_line_error(
+        _cli("simulate", "--survey", "sdss", "--n", "2", "--out", str(precious), "--overwrite", "-q"), "not written by"
+    )
     assert (precious / "thesis.tex").read_text() == "years of work"
     sim = tmp_path / "sim"
     assert _invoke("simulate", "--survey", "sdss", "--n", "2", "--out", str(sim), "-q").exit_code == 0

@@ -14,7 +14,22 @@ from typer.testing import CliRunner
 from spectransfer.cli import app
 from spectransfer.surveys import read_spectrum
 
-KEYS = ["path", "survey", "format", "ids", "ra", "dec", "class", "subclass", "z", "zwarning", "n_pixels", "wave_min", "wave_max", "cuts"]
+KEYS = [
+    "path",
+    "survey",
+    "format",
+    "ids",
+    "ra",
+    "dec",
+    "class",
+    "subclass",
+    "z",
+    "zwarning",
+    "n_pixels",
+    "wave_min",
+    "wave_max",
+    "cuts",
+]
 
 
 def _real_files(real_data: Path) -> list[Path]:
@@ -77,7 +92,10 @@ def test_info_entry_point(real_data: Path, tmp_path: Path) -> None:
     spspec = real_data / "sdss" / "spSpec-51993-0542-631.fit"
     proc = subprocess.run(
         [*cmd, "info", "--json", str(spspec), str(tmp_path / "missing.fits")],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "NO_COLOR": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "NO_COLOR": "1"},
     )
     assert proc.returncode == 1
     obj = json.loads(proc.stdout)

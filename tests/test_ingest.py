@@ -26,7 +26,12 @@ from spectransfer.errors import StoreError
 
 # Three epochs of SDSS-RM 017 in tests/data (the fourth, spec-6717-56397-0534, is in ../shared/data only).
 RM_EPOCHS = ("spec-1325-52762-0133.fits", "spec-7338-57859-0739.fits", "spec-7340-57576-0740.fits")
-ZWARNING_FILES = {"spSpec-51630-0266-633.fit", "spSpec-51630-0266-637.fit", "spSpec-51630-0266-638.fit", "spec-7457-56746-0001.fits"}
+ZWARNING_FILES = {
+    "spSpec-51630-0266-633.fit",
+    "spSpec-51630-0266-637.fit",
+    "spSpec-51630-0266-638.fit",
+    "spec-7457-56746-0001.fits",
+}
 
 
 def _copy(real_data: Path, dest: Path, names: list[str] | None = None, survey: str = "sdss") -> Path:
@@ -141,7 +146,12 @@ def test_local_dask_cluster_gives_the_same_store(reference_store: Path, real_dat
 
 
 def test_corrupt_files_are_quarantined_and_good_files_land(real_data: Path, tmp_path: Path) -> None:
-    good_names = ["spec-0266-51602-0013.fits", "spec-0752-52251-0323.fits", "spec-7338-57859-0739.fits", "spSpec-51993-0542-631.fit"]
+    good_names = [
+        "spec-0266-51602-0013.fits",
+        "spec-0752-52251-0323.fits",
+        "spec-7338-57859-0739.fits",
+        "spSpec-51993-0542-631.fit",
+    ]
     folder = _copy(real_data, tmp_path / "in", good_names)
     (folder / "notes.fits").write_text("this is not a FITS file\n")
     (folder / "empty.fits").write_bytes(b"")
@@ -202,7 +212,12 @@ def test_rerun_adds_nothing_and_changed_file_is_reread(real_data: Path, tmp_path
 
 def test_second_ingest_appends_and_keeps_existing_rows(real_data: Path, tmp_path: Path) -> None:
     sdss = _copy(real_data, tmp_path / "sdss", ["spec-0266-51602-0013.fits", "spec-7340-57576-0740.fits"])
-    lamost = _copy(real_data, tmp_path / "lamost", ["spec-55862-B6212_sp06-003.fits", "spec-59517-EG025613N082253M02_sp08-200.fits.gz"], survey="lamost")
+    lamost = _copy(
+        real_data,
+        tmp_path / "lamost",
+        ["spec-55862-B6212_sp06-003.fits", "spec-59517-EG025613N082253M02_sp08-200.fits.gz"],
+        survey="lamost",
+    )
     ingest([sdss], tmp_path / "s", workers=0, quiet=True, batch_size=4)
     meta0, x0 = _by_id(tmp_path / "s")
     rows0 = open_store(tmp_path / "s").n_rows
@@ -237,8 +252,21 @@ def test_survey_option_filters_and_duplicates(real_data: Path, tmp_path: Path) -
 def test_killed_ingest_finishes_on_rerun(reference_store: Path, real_data: Path, tmp_path: Path, workers: str) -> None:
     """SIGKILL a real `spectransfer ingest` (and its Dask workers) mid-run, twice; rerun: one row per accepted file."""
     store = tmp_path / "s"
-    cmd = [sys.executable, "-m", "spectransfer", "ingest", str(real_data / "sdss"), str(real_data / "lamost"),
-           "--store", str(store), "--workers", workers, "--batch-size", "4", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "spectransfer",
+        "ingest",
+        str(real_data / "sdss"),
+        str(real_data / "lamost"),
+        "--store",
+        str(store),
+        "--workers",
+        workers,
+        "--batch-size",
+        "4",
+        "--quiet",
+    ]
     env = {**os.environ, DELAY_ENV: "0.4"}
     for wanted_parts in (2, 5):
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -281,11 +309,17 @@ def test_cli_ingest_and_stats(real_data: Path, tmp_path: Path) -> None:
 
 
 def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "spectransfer", "ingest", str(tmp_path / "nothing"), "--store", str(tmp_path / "s")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "spectransfer", "ingest", str(tmp_path / "nothing"), "--store", str(tmp_path / "s")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "no such file" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "spectransfer", "stats", str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "spectransfer", "stats", str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and "store folder does not exist" in proc.stderr
 
 
@@ -321,9 +355,23 @@ def test_quality_cuts_and_their_reasons() -> None:
 
     def rec(survey: str, wmin: float, wmax: float, zwarning: int | None = 0) -> SpectrumRecord:
         wave = np.linspace(wmin, wmax, 100)
-        return SpectrumRecord(path="x.fits", survey=survey, format="test", ids={}, ra=1.0, dec=2.0, cls="QSO", subclass=None,
-                              z=1.0, zwarning=zwarning, wave=wave, flux=np.ones(100), ivar=np.ones(100),
-                              mask=np.zeros(100, dtype=np.uint32), extra={"wavemin": wmin, "wavemax": wmax})
+        return SpectrumRecord(
+            path="x.fits",
+            survey=survey,
+            format="test",
+            ids={},
+            ra=1.0,
+            dec=2.0,
+            cls="QSO",
+            subclass=None,
+            z=1.0,
+            zwarning=zwarning,
+            wave=wave,
+            flux=np.ones(100),
+            ivar=np.ones(100),
+            mask=np.zeros(100, dtype=np.uint32),
+            extra={"wavemin": wmin, "wavemax": wmax},
+        )
 
     on = IngestOptions()
     assert quality_failure(rec("sdss", 3839.7244, 8914.597), on) is None  # the paper's limits are inclusive
@@ -347,15 +395,33 @@ def test_existing_dask_scheduler_by_address(reference_store: Path, real_data: Pa
 
     from dask.distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR) as cluster:
-        res = CliRunner().invoke(app, ["ingest", str(real_data / "sdss"), str(real_data / "lamost"), "--store", str(tmp_path / "s"),
-                                       "--scheduler", cluster.scheduler_address, "--batch-size", "8", "--json"])
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR
+    ) as cluster:
+        res = CliRunner().invoke(
+            app,
+            [
+                "ingest",
+                str(real_data / "sdss"),
+                str(real_data / "lamost"),
+                "--store",
+                str(tmp_path / "s"),
+                "--scheduler",
+                cluster.scheduler_address,
+                "--batch-size",
+                "8",
+                "--json",
+            ],
+        )
     assert res.exit_code == 0, res.output
     _same_store(tmp_path / "s", reference_store)
 
 
 def test_cli_workers_and_scheduler_exclusive(tmp_path: Path, real_data: Path) -> None:
-    res = CliRunner().invoke(app, ["ingest", str(real_data / "sdss"), "--store", str(tmp_path / "s"), "--workers", "2", "--scheduler", "tcp://127.0.0.1:1"])
+    res = CliRunner().invoke(
+        app,
+        ["ingest", str(real_data / "sdss"), "--store", str(tmp_path / "s"), "--workers", "2", "--scheduler", "tcp://127.0.0.1:1"],
+    )
     assert res.exit_code == 2 and "not both" in res.output
 
 
@@ -367,7 +433,11 @@ def test_catalogue_beside_the_spectra_is_not_rejected_as_a_spectrum(tmp_path: Pa
     catalog = next(p for p in sim.iterdir() if "catalog" in p.name.lower())
     summary = ingest([sim], tmp_path / "store", catalogs=[catalog], workers=0, quiet=True)
     store = open_store(tmp_path / "store")
-    rejected = pd.read_parquet(tmp_path / "store" / "rejected.parquet") if (tmp_path / "store" / "rejected.parquet").exists() else pd.DataFrame(columns=["source_file"])
+    rejected = (
+        pd.read_parquet(tmp_path / "store" / "rejected.parquet")
+        if (tmp_path / "store" / "rejected.parquet").exists()
+        else pd.DataFrame(columns=["source_file"])
+    )
     assert str(catalog.resolve()) not in set(rejected["source_file"])
     assert len(store.meta) + len(rejected) == 40
     assert summary.files_seen == 40
@@ -386,7 +456,17 @@ def _specobj(shared_data: Path, path: Path) -> Path:
     for f in sorted((shared_data / "sdss").glob("spec-*.fits")):
         with fits.open(f) as hdul:
             r = hdul[2].data[0]
-            rows.append((int(r["PLATE"]), int(r["MJD"]), int(r["FIBERID"]), float(r["PLUG_RA"]), float(r["PLUG_DEC"]), str(r["CLASS"]).strip(), float(r["Z"])))
+            rows.append(
+                (
+                    int(r["PLATE"]),
+                    int(r["MJD"]),
+                    int(r["FIBERID"]),
+                    float(r["PLUG_RA"]),
+                    float(r["PLUG_DEC"]),
+                    str(r["CLASS"]).strip(),
+                    float(r["Z"]),
+                )
+            )
     Table(rows=rows, names=["PLATE", "MJD", "FIBERID", "RA", "DEC", "CLASS", "Z"]).write(path)
     return path
 
@@ -395,7 +475,9 @@ def test_specobj_catalogue_labels_only_its_qso_rows_and_says_how_many_of_each(sh
     from astropy.table import Table
 
     cat = _specobj(shared_data, tmp_path / "specObj-excerpt.fits")
-    res = CliRunner().invoke(app, ["ingest", str(shared_data / "sdss"), "--store", str(tmp_path / "s"), "--catalog", str(cat), "--workers", "0", "-q"])
+    res = CliRunner().invoke(
+        app, ["ingest", str(shared_data / "sdss"), "--store", str(tmp_path / "s"), "--catalog", str(cat), "--workers", "0", "-q"]
+    )
     assert res.exit_code == 0, res.output
     meta = open_store(tmp_path / "s").meta
     assert (meta["label"] == 1).sum() > 0 and (meta["pipeline_class"] != "QSO").sum() > 0
@@ -412,8 +494,25 @@ def test_specobj_catalogue_labels_only_its_qso_rows_and_says_how_many_of_each(sh
 
 def test_table_that_cannot_say_which_rows_are_quasars_is_refused_and_leaves_no_store(shared_data: Path, tmp_path: Path) -> None:
     cand = shared_data / "catalogs" / "spectraml_candidates-catalogue.csv"  # emission-line stars, no class column
-    proc = subprocess.run([sys.executable, "-m", "spectransfer", "ingest", str(shared_data / "lamost"), "--store", str(tmp_path / "s"),
-                           "--catalog", str(cand), "--workers", "0", "-q"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "spectransfer",
+            "ingest",
+            str(shared_data / "lamost"),
+            "--store",
+            str(tmp_path / "s"),
+            "--catalog",
+            str(cand),
+            "--workers",
+            "0",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert "cannot tell which rows are quasars" in proc.stderr and "--qso-catalog" in proc.stderr
     assert not (tmp_path / "s").exists()
@@ -425,7 +524,13 @@ def test_table_that_cannot_say_which_rows_are_quasars_is_refused_and_leaves_no_s
 def test_labels_pipeline_labels_by_the_survey_class(shared_data: Path, tmp_path: Path) -> None:
     from spectransfer.data.store import LABEL_REFERENCE, label_mode
 
-    names = ["spec-0266-51602-0013.fits", "spec-0752-52251-0323.fits", "spec-3851-55302-0531.fits", "spec-3851-55302-0542.fits", "spec-4055-55359-0027.fits"]
+    names = [
+        "spec-0266-51602-0013.fits",
+        "spec-0752-52251-0323.fits",
+        "spec-3851-55302-0531.fits",
+        "spec-3851-55302-0542.fits",
+        "spec-4055-55359-0027.fits",
+    ]
     folder = _copy(shared_data, tmp_path / "in", names)
     summary = ingest([folder], tmp_path / "s", labels="pipeline", workers=0, quiet=True)
     store = open_store(tmp_path / "s")
@@ -452,7 +557,9 @@ def test_changing_split_settings_needs_resplit(shared_data: Path, tmp_path: Path
     with pytest.raises(StoreError, match=r"split settings differ.*val_fraction 0.1 -> 0.3.*--resplit"):
         ingest([folder], tmp_path / "s", split_config=SplitConfig(val_fraction=0.3), workers=0, quiet=True)
     assert open_store(tmp_path / "s").meta.set_index("spectrum_id")["split"].equals(before)
-    res = CliRunner().invoke(app, ["ingest", str(folder), "--store", str(tmp_path / "s"), "--workers", "0", "--val-fraction", "0.3", "-q"])
+    res = CliRunner().invoke(
+        app, ["ingest", str(folder), "--store", str(tmp_path / "s"), "--workers", "0", "--val-fraction", "0.3", "-q"]
+    )
     assert res.exit_code != 0
     summary = ingest([folder], tmp_path / "s", split_config=SplitConfig(val_fraction=0.3), resplit=True, workers=0, quiet=True)
     after = open_store(tmp_path / "s").meta.set_index("spectrum_id")["split"]
@@ -466,8 +573,21 @@ def test_small_store_warns_of_an_empty_split_and_names_the_option(shared_data: P
     warn = [line for line in res.stderr.splitlines() if line.startswith("warning: sdss: split")]
     assert len(warn) == 1 and "is empty" in warn[0] and "--resplit --val-fraction" in warn[0]
     fraction = warn[0].split("--val-fraction ")[1].split()[0].rstrip(",")
-    res = CliRunner().invoke(app, ["ingest", str(shared_data / "sdss"), "--store", str(tmp_path / "s"), "--workers", "0", "-q",
-                                   "--resplit", "--val-fraction", fraction])
+    res = CliRunner().invoke(
+        app,
+        [
+            "ingest",
+            str(shared_data / "sdss"),
+            "--store",
+            str(tmp_path / "s"),
+            "--workers",
+            "0",
+            "-q",
+            "--resplit",
+            "--val-fraction",
+            fraction,
+        ],
+    )
     assert res.exit_code == 0 and "warning: sdss: split" not in res.stderr
     assert {"train", "val", "test"} <= set(open_store(tmp_path / "s").meta["split"])
 
@@ -478,8 +598,12 @@ def test_no_usable_spectrum_is_an_error_and_a_new_store_is_removed(shared_data: 
     for i in range(3):
         (bad / f"spec-{i}.fits").write_bytes(b"not a fits file\n" * 10)
     shutil.copy2(shared_data / "sdss" / "spec-7457-56746-0001.fits", bad)  # readable, but ZWARNING 5
-    proc = subprocess.run([sys.executable, "-m", "spectransfer", "ingest", str(bad), "--store", str(tmp_path / "s"), "--workers", "0", "-q"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "spectransfer", "ingest", str(bad), "--store", str(tmp_path / "s"), "--workers", "0", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert "none of the 4 spectrum files read could be used (unreadable 3, fails filter: zwarning 1)" in proc.stderr
     assert not (tmp_path / "s").exists()
@@ -498,8 +622,13 @@ def test_label_mode_of_stores_written_in_one_go(tmp_path: Path) -> None:
     flux = np.zeros((3, n), dtype=np.float32)
     meta = pd.DataFrame({"survey": "sdss", "ra": [1.0, 2.0, 3.0], "dec": [0.0, 0.0, 0.0]})
     assert label_mode(write_store(tmp_path / "a", flux, flux, meta)) == "none"
-    assert label_mode(write_store(tmp_path / "b", flux, flux, meta.assign(label=[1, 0, 0], label_source=["id", "none", "none"]))) == "catalog"
-    assert label_mode(write_store(tmp_path / "c", flux, flux, meta.assign(label=[1, 0, 0], label_source="pipeline"))) == "pipeline"
+    assert (
+        label_mode(write_store(tmp_path / "b", flux, flux, meta.assign(label=[1, 0, 0], label_source=["id", "none", "none"])))
+        == "catalog"
+    )
+    assert (
+        label_mode(write_store(tmp_path / "c", flux, flux, meta.assign(label=[1, 0, 0], label_source="pipeline"))) == "pipeline"
+    )
 
 
 def test_fuller_set_lands_whole(full_data: Path, tmp_path: Path) -> None:

@@ -18,10 +18,10 @@ from astropy.io import fits
 from astropy.table import Table
 
 from spectransfer.config import DEFAULT_GRID
+from spectransfer.data.store import open_store, write_store
 from spectransfer.inspect import InspectError
 from spectransfer.inspect.app import MAX_BODY, MAX_POINTS, create_app, downsample, load_candidates
 from spectransfer.inspect.server import check_bind, running_server
-from spectransfer.data.store import open_store, write_store
 from spectransfer.loopback import is_loopback
 
 REAL_SDSS = "sdss/spec-7338-57859-0739.fits"  # BOSS quasar (SDSS-RM), z = 0.456, 4565 pixels
@@ -37,7 +37,9 @@ def build_inputs(folder: Path, n: int = 30, real_file: Path | None = None, seed:
     ivar = rng.uniform(50, 400, (n, x.size))
     ivar[:, :15] = 0.0
     ids = [f"sdss-{1000 + i}-55000-{i + 1}" for i in range(n)]
-    meta = pd.DataFrame({"spectrum_id": ids, "survey": "sdss", "ra": rng.uniform(0, 360, n), "dec": rng.uniform(-10, 70, n), "split": "test"})
+    meta = pd.DataFrame(
+        {"spectrum_id": ids, "survey": "sdss", "ra": rng.uniform(0, 360, n), "dec": rng.uniform(-10, 70, n), "split": "test"}
+    )
     store_path = folder / "store"
     write_store(store_path, flux.astype("f4"), ivar.astype("f4"), meta)
     p = rng.uniform(0, 0.9, n).astype("f4")
@@ -122,7 +124,10 @@ def test_queue_is_sorted_by_probability_and_filtered(server):
     got = [it["id"] for it in r.json()["items"]]
     assert got == expected_ids(table, np.ones(len(table), bool))
     assert got[:3] == table["SPECTRUM_ID"][:3].tolist()
-    r = client.get("/api/candidates", params={"category": "new_candidate,agree_qso", "pipeline_class": "GALAXY,QSO", "p_min": 0.2, "p_max": 0.98})
+    r = client.get(
+        "/api/candidates",
+        params={"category": "new_candidate,agree_qso", "pipeline_class": "GALAXY,QSO", "p_min": 0.2, "p_max": 0.98},
+    )
     mask = table["CATEGORY"].isin(["new_candidate", "agree_qso"]) & table["CLASS"].isin(["GALAXY", "QSO"])
     mask &= (table["P_QSO"] >= np.float32(0.2)) & (table["P_QSO"] <= np.float32(0.98))
     body = r.json()
@@ -312,7 +317,9 @@ def test_concurrent_posts_lose_nothing(server):
     def worker(t: int) -> None:
         with httpx.Client(base_url=str(client.base_url), timeout=60) as c:
             for j, sid in enumerate(ids):
-                r = c.post("/api/verdicts", json={"id": sid, "verdict": verdicts[(t + j) % 3], "z": 0.01 * j, "inspector": f"thread-{t}"})
+                r = c.post(
+                    "/api/verdicts", json={"id": sid, "verdict": verdicts[(t + j) % 3], "z": 0.01 * j, "inspector": f"thread-{t}"}
+                )
                 if r.status_code != 201:
                     errors.append(r.text)
 
@@ -373,11 +380,23 @@ def test_binding_beyond_loopback_needs_a_token(inputs):
 
 def test_cli_inspect_serves_and_refuses_open_bind(inputs, tmp_path):
     cand, store_path, table = inputs
-    cmd = [sys.executable, "-m", "spectransfer", "inspect", str(cand), "--store", str(store_path), "--db", str(tmp_path / "v.sqlite")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "spectransfer",
+        "inspect",
+        str(cand),
+        "--store",
+        str(store_path),
+        "--db",
+        str(tmp_path / "v.sqlite"),
+    ]
     env = {k: v for k, v in os.environ.items() if k != "SPECTRANSFER_TOKEN"}
     bad = subprocess.run(cmd + ["--host", "0.0.0.0"], capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == 2 and "--token" in bad.stderr and bad.stderr.strip().count("\n") == 0
-    proc = subprocess.Popen(cmd + ["--port", "0", "--category", "new_candidate"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd + ["--port", "0", "--category", "new_candidate"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         line = proc.stdout.readline()
         assert "http://127.0.0.1:" in line, proc.stderr.read() if proc.poll() is not None else line
@@ -417,7 +436,19 @@ def test_cli_on_any_loopback_address_refuses_a_forged_host(inputs, tmp_path, hos
         pytest.skip(f"cannot bind {host} here")
     cand, store_path, _ = inputs
     env = {k: v for k, v in os.environ.items() if k != "SPECTRANSFER_TOKEN"}
-    cmd = [sys.executable, "-m", "spectransfer", "inspect", str(cand), "--db", str(tmp_path / "v.sqlite"), "--host", host, "--port", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "spectransfer",
+        "inspect",
+        str(cand),
+        "--db",
+        str(tmp_path / "v.sqlite"),
+        "--host",
+        host,
+        "--port",
+        "0",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()
@@ -434,8 +465,14 @@ def test_cli_on_any_loopback_address_refuses_a_forged_host(inputs, tmp_path, hos
 
 def test_security_headers_on_every_response(server):
     client, _, _ = server
-    for r in (client.get("/"), client.get("/api/info"), client.get("/static/app.js"), client.get("/api/spectrum/nope"),
-              client.get("/api/info", headers={"Host": "attacker.example"}), client.post("/api/verdicts", json={})):
+    for r in (
+        client.get("/"),
+        client.get("/api/info"),
+        client.get("/static/app.js"),
+        client.get("/api/spectrum/nope"),
+        client.get("/api/info", headers={"Host": "attacker.example"}),
+        client.post("/api/verdicts", json={}),
+    ):
         assert r.headers["x-content-type-options"] == "nosniff", r.url
         assert r.headers["x-frame-options"] == "DENY"
         csp = r.headers["content-security-policy"]
@@ -461,7 +498,9 @@ def test_large_bodies_are_refused_before_they_are_read(server):
 
 
 def test_ids_with_a_slash_can_be_opened(tmp_path):
-    table = pd.DataFrame({"SPECTRUM_ID": ["lamost-1/2", "plain"], "P_QSO": [0.9, 0.1], "CATEGORY": ["new_candidate", "agree_other"]})
+    table = pd.DataFrame(
+        {"SPECTRUM_ID": ["lamost-1/2", "plain"], "P_QSO": [0.9, 0.1], "CATEGORY": ["new_candidate", "agree_other"]}
+    )
     app = create_app(table, None, tmp_path / "v.sqlite")
     with running_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         r = client.get("/api/spectrum/lamost-1%2F2")
@@ -485,16 +524,18 @@ def test_a_store_sized_queue_pages_filters_and_sorts_from_disk_with_flat_memory(
 
     n = 200_000
     rng = np.random.default_rng(7)
-    table = pd.DataFrame({
-        "SPECTRUM_ID": [f"lamost-{i:07d}" for i in rng.permutation(n)],
-        "P_QSO": np.round(rng.random(n), 3).astype("f4"),  # rounded: many ties, ordered by id
-        "CATEGORY": rng.choice(CATEGORIES, n),
-        "CLASS": rng.choice(["GALAXY", "STAR", "QSO", ""], n),
-        "RA": rng.uniform(0, 360, n),
-        "ROW": np.arange(n, dtype="i8"),
-        "PIPE_NOT_QSO": rng.random(n) < 0.1,
-        "SOURCE_FILE": [f"spec-{i}.fits" for i in range(n)],
-    })
+    table = pd.DataFrame(
+        {
+            "SPECTRUM_ID": [f"lamost-{i:07d}" for i in rng.permutation(n)],
+            "P_QSO": np.round(rng.random(n), 3).astype("f4"),  # rounded: many ties, ordered by id
+            "CATEGORY": rng.choice(CATEGORIES, n),
+            "CLASS": rng.choice(["GALAXY", "STAR", "QSO", ""], n),
+            "RA": rng.uniform(0, 360, n),
+            "ROW": np.arange(n, dtype="i8"),
+            "PIPE_NOT_QSO": rng.random(n) < 0.1,
+            "SOURCE_FILE": [f"spec-{i}.fits" for i in range(n)],
+        }
+    )
     cand = tmp_path / "cand.parquet"
     pq.write_table(pa.Table.from_pandas(table, preserve_index=False), cand, row_group_size=20_000)
     table["P"] = table["P_QSO"].astype("f8")
@@ -514,9 +555,22 @@ def test_a_store_sized_queue_pages_filters_and_sorts_from_disk_with_flat_memory(
     queries = [
         ({"offset": 0, "limit": 500}, np.ones(n, bool)),
         ({"offset": 150_000, "limit": 37}, np.ones(n, bool)),
-        ({"category": "new_candidate,agree_qso", "pipeline_class": "STAR,none", "p_min": 0.25, "p_max": 0.75, "offset": 1000, "limit": 100},
-         (order["CATEGORY"].isin(["new_candidate", "agree_qso"]) & order["CLASS"].isin(["STAR", ""])
-          & (order["P"] >= 0.25) & (order["P"] <= 0.75)).to_numpy()),
+        (
+            {
+                "category": "new_candidate,agree_qso",
+                "pipeline_class": "STAR,none",
+                "p_min": 0.25,
+                "p_max": 0.75,
+                "offset": 1000,
+                "limit": 100,
+            },
+            (
+                order["CATEGORY"].isin(["new_candidate", "agree_qso"])
+                & order["CLASS"].isin(["STAR", ""])
+                & (order["P"] >= 0.25)
+                & (order["P"] <= 0.75)
+            ).to_numpy(),
+        ),
     ]
     tracemalloc.start()
     try:
@@ -533,7 +587,10 @@ def test_a_store_sized_queue_pages_filters_and_sorts_from_disk_with_flat_memory(
         assert todo["total"] == n - 1 and todo["inspected"] == 1
         assert [it["id"] for it in todo["items"]] == [order["SPECTRUM_ID"].iloc[0], order["SPECTRUM_ID"].iloc[2]]
         info = client.get("/api/info").json()
-        assert info["n_candidates"] == n and info["categories"] == table["CATEGORY"].value_counts().reindex(CATEGORIES, fill_value=0).to_dict()
+        assert (
+            info["n_candidates"] == n
+            and info["categories"] == table["CATEGORY"].value_counts().reindex(CATEGORIES, fill_value=0).to_dict()
+        )
         assert info["pipeline_classes"] == ["GALAXY", "QSO", "STAR"]
         sid = order["SPECTRUM_ID"].iloc[123_456]
         assert client.get(f"/api/spectrum/{sid}").status_code == 404  # known id, no file, no store: a reason

@@ -9,14 +9,21 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
+from spectransfer.data.store import open_store
 from spectransfer.inspect.app import create_app
 from spectransfer.inspect.server import running_server
-from spectransfer.data.store import open_store
 
 from test_inspect_api import REAL_SDSS, build_inputs
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run", "--disable-sync"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
 
 pytestmark = pytest.mark.browser
 

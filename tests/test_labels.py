@@ -26,12 +26,18 @@ N = 40
 def _store(path: Path) -> Path:
     rng = np.random.default_rng(1)
     label = (np.arange(N) % 4 == 0).astype(np.int8)
-    meta = pd.DataFrame({
-        "spectrum_id": [f"s{i:03d}" for i in range(N)], "survey": "sdss",
-        "ra": rng.uniform(0, 360, N), "dec": rng.uniform(-10, 60, N),
-        "label": label, "label_source": np.where(label == 1, "id", "none"),
-        "split": np.array(["train", "val", "test"])[np.arange(N) % 3], "object_id": [f"o{i}" for i in range(N)],
-    })
+    meta = pd.DataFrame(
+        {
+            "spectrum_id": [f"s{i:03d}" for i in range(N)],
+            "survey": "sdss",
+            "ra": rng.uniform(0, 360, N),
+            "dec": rng.uniform(-10, 60, N),
+            "label": label,
+            "label_source": np.where(label == 1, "id", "none"),
+            "split": np.array(["train", "val", "test"])[np.arange(N) % 3],
+            "object_id": [f"o{i}" for i in range(N)],
+        }
+    )
     flux = rng.normal(size=(N, GRID.n_bins)).astype(np.float32)
     write_store(path, flux, np.ones_like(flux), meta, grid=GRID, chunk_rows=16)
     return path
@@ -39,18 +45,18 @@ def _store(path: Path) -> Path:
 
 # s000 is a catalogue quasar (i % 4 == 0), s001..s003 are not.
 VERDICTS = [
-    ("s001", "qso", "ann", "2026-01-01T00:00:01"),      # promoted to quasar
+    ("s001", "qso", "ann", "2026-01-01T00:00:01"),  # promoted to quasar
     ("s000", "not_qso", "ann", "2026-01-01T00:00:02"),  # demoted
-    ("s002", "unsure", "ann", "2026-01-01T00:00:03"),   # ignored
-    ("s003", "qso", "ann", "2026-01-01T00:00:04"),      # tie: ann qso, bob not_qso -> unchanged
+    ("s002", "unsure", "ann", "2026-01-01T00:00:03"),  # ignored
+    ("s003", "qso", "ann", "2026-01-01T00:00:04"),  # tie: ann qso, bob not_qso -> unchanged
     ("s003", "not_qso", "bob", "2026-01-01T00:00:05"),
-    ("s005", "qso", "ann", "2026-01-01T00:00:06"),      # majority 2:1 qso
+    ("s005", "qso", "ann", "2026-01-01T00:00:06"),  # majority 2:1 qso
     ("s005", "qso", "bob", "2026-01-01T00:00:07"),
     ("s005", "not_qso", "cid", "2026-01-01T00:00:08"),
     ("s006", "not_qso", "ann", "2026-01-01T00:00:09"),  # ann changed her mind: latest (qso) counts
     ("s006", "qso", "ann", "2026-01-01T00:00:10"),
     ("s007", "not_qso", "ann", "2026-01-01T00:00:11"),  # agrees with the catalogue: source becomes 'verdict'
-    ("nope", "qso", "ann", "2026-01-01T00:00:12"),      # not in the store
+    ("nope", "qso", "ann", "2026-01-01T00:00:12"),  # not in the store
 ]
 
 
@@ -95,8 +101,14 @@ def test_verdicts_applied_beside_catalogue_and_reverted_exactly(tmp_path: Path, 
     assert (res.n_ties, res.n_unsure_only, res.n_unknown_ids) == (1, 1, 1)
 
     raw = pq.read_table(store / "meta.parquet").to_pandas().set_index("spectrum_id")
-    assert raw.loc["s001", "label"] == 1 and raw.loc["s001", "label_source"] == "verdict" and raw.loc["s001", "catalog_label"] == 0
-    assert raw.loc["s000", "label"] == 0 and raw.loc["s000", "catalog_label"] == 1 and raw.loc["s000", "catalog_label_source"] == "id"
+    assert (
+        raw.loc["s001", "label"] == 1 and raw.loc["s001", "label_source"] == "verdict" and raw.loc["s001", "catalog_label"] == 0
+    )
+    assert (
+        raw.loc["s000", "label"] == 0
+        and raw.loc["s000", "catalog_label"] == 1
+        and raw.loc["s000", "catalog_label_source"] == "id"
+    )
     for sid in ("s002", "s003"):  # unsure and a tie change nothing
         assert raw.loc[sid, "label"] == raw.loc[sid, "catalog_label"] and raw.loc[sid, "label_source"] == "none"
     assert raw.loc["s007", "label_source"] == "verdict" and raw.loc["s007", "label"] == 0

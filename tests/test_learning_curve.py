@@ -27,8 +27,19 @@ def test_parse_fractions() -> None:
 
 def test_summary_mean_and_sample_std() -> None:
     cells = [
-        {"mode": "scratch", "fraction": 0.1, "seed": s, "status": "done", "n_train_labels": 10, "n_train_qso": 3, "f1": f, "pr_auc": 0.5,
-         "precision": 0.5, "recall": 0.5, "roc_auc": None}
+        {
+            "mode": "scratch",
+            "fraction": 0.1,
+            "seed": s,
+            "status": "done",
+            "n_train_labels": 10,
+            "n_train_qso": 3,
+            "f1": f,
+            "pr_auc": 0.5,
+            "precision": 0.5,
+            "recall": 0.5,
+            "roc_auc": None,
+        }
         for s, f in enumerate((0.2, 0.4, 0.9))
     ] + [{"mode": "scratch", "fraction": 0.1, "seed": 3, "status": "skipped", "n_train_labels": 10, "n_train_qso": 0}]
     (row,) = summarise(cells)
@@ -46,12 +57,17 @@ def _store(path: Path) -> None:
     y = (rng.random(n) < 0.4).astype(np.int8)
     x = np.linspace(-1, 1, GRID.n_bins)
     # Quasars carry a bump in the middle: learnable in a few steps.
-    flux = rng.normal(0, 0.3, (n, GRID.n_bins)) + np.where(y[:, None] == 1, np.exp(-x**2 / 0.02), 0)
+    flux = rng.normal(0, 0.3, (n, GRID.n_bins)) + np.where(y[:, None] == 1, np.exp(-(x**2) / 0.02), 0)
     flux = (2 * (flux - flux.min(1, keepdims=True)) / np.ptp(flux, axis=1, keepdims=True) - 1).astype(np.float32)
-    meta = pd.DataFrame({
-        "spectrum_id": [f"sdss-2-50000-{i:04d}" for i in range(n)], "survey": "sdss", "label": y,
-        "split": np.array(["train", "train", "val", "test"])[np.arange(n) % 4], "object_id": [f"o{i}" for i in range(n)],
-    })
+    meta = pd.DataFrame(
+        {
+            "spectrum_id": [f"sdss-2-50000-{i:04d}" for i in range(n)],
+            "survey": "sdss",
+            "label": y,
+            "split": np.array(["train", "train", "val", "test"])[np.arange(n) % 4],
+            "object_id": [f"o{i}" for i in range(n)],
+        }
+    )
     write_store(path, flux, np.ones_like(flux), meta, grid=GRID)
 
 
@@ -73,9 +89,32 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_learning_curve_end_to_end_and_resume(tmp_path: Path) -> None:
     _store(tmp_path / "store")
     src = _source_run(tmp_path / "src")
-    args = ["learning-curve", "--source-run", str(src), "--store", str(tmp_path / "store"), "--out", str(tmp_path / "lc"),
-            "--fractions", "0.05,1", "--seeds", "2", "--max-steps", "8", "--eval-every", "4", "--train-batch-size", "32",
-            "--device", "cpu", "--workers", "0", "--batch-size", "64", "--quiet"]
+    args = [
+        "learning-curve",
+        "--source-run",
+        str(src),
+        "--store",
+        str(tmp_path / "store"),
+        "--out",
+        str(tmp_path / "lc"),
+        "--fractions",
+        "0.05,1",
+        "--seeds",
+        "2",
+        "--max-steps",
+        "8",
+        "--eval-every",
+        "4",
+        "--train-batch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--batch-size",
+        "64",
+        "--quiet",
+    ]
     res = _cli(*args)
     assert res.returncode == 0, res.stderr
     doc = json.loads((tmp_path / "lc" / "learning_curve.json").read_text())
@@ -106,17 +145,46 @@ def test_learning_curve_end_to_end_and_resume(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "lc" / "learning_curve.json").read_text())["cells"] == cells
 
     # The report shows the curve when given the folder.
-    rep = _cli("evaluate", str(tmp_path / "lc" / "runs" / "finetune-f1-s0"), "--store", str(tmp_path / "store"),
-               "--out", str(tmp_path / "rep"), "--learning-curve", str(tmp_path / "lc"), "--bootstrap", "20", "--quiet")
+    rep = _cli(
+        "evaluate",
+        str(tmp_path / "lc" / "runs" / "finetune-f1-s0"),
+        "--store",
+        str(tmp_path / "store"),
+        "--out",
+        str(tmp_path / "rep"),
+        "--learning-curve",
+        str(tmp_path / "lc"),
+        "--bootstrap",
+        "20",
+        "--quiet",
+    )
     assert rep.returncode == 0, rep.stderr
     assert "Learning curve" in (tmp_path / "rep" / "report.html").read_text()
 
 
 def test_learning_curve_refuses_bad_input(tmp_path: Path) -> None:
     _store(tmp_path / "store")
-    res = _cli("learning-curve", "--source-run", str(tmp_path / "nope"), "--store", str(tmp_path / "store"),
-               "--out", str(tmp_path / "lc"), "--quiet")
+    res = _cli(
+        "learning-curve",
+        "--source-run",
+        str(tmp_path / "nope"),
+        "--store",
+        str(tmp_path / "store"),
+        "--out",
+        str(tmp_path / "lc"),
+        "--quiet",
+    )
     assert res.returncode == 2 and "not a run folder" in res.stderr and len(res.stderr.strip().splitlines()) == 1
-    res = _cli("learning-curve", "--source-run", str(_source_run(tmp_path / "src")), "--store", str(tmp_path / "store"),
-               "--out", str(tmp_path / "lc"), "--fractions", "0,2", "--quiet")
+    res = _cli(
+        "learning-curve",
+        "--source-run",
+        str(_source_run(tmp_path / "src")),
+        "--store",
+        str(tmp_path / "store"),
+        "--out",
+        str(tmp_path / "lc"),
+        "--fractions",
+        "0,2",
+        "--quiet",
+    )
     assert res.returncode == 2 and "--fractions" in res.stderr

@@ -12,8 +12,16 @@ from torch import nn
 from spectransfer.config import DEFAULT_GRID, Grid
 from spectransfer.errors import EvaluateError, TrainError
 from spectransfer.ml.models import (
-    MODEL_NAMES, ModelConfig, build_model, count_parameters, forward_outputs, load_init_weights, load_run, read_weights,
-    redshift_from_head, save_weights,
+    MODEL_NAMES,
+    ModelConfig,
+    build_model,
+    count_parameters,
+    forward_outputs,
+    load_init_weights,
+    load_run,
+    read_weights,
+    redshift_from_head,
+    save_weights,
 )
 from spectransfer.ml.score import score_store
 from test_dataset import make_store
@@ -181,7 +189,9 @@ def test_a_model_with_z_head_round_trips_and_scores(tmp_path, scored_store):
     z, z_err = redshift_from_head(b["z_logits"])
     assert z.shape == (4,) and np.all((z >= 0) & (z <= 7)) and np.all(z_err > 0)
     # the scorer sees the classifier's logit, as for any model
-    np.testing.assert_allclose(score_store(loaded, store, np.arange(4), batch_size=2), a["logit"].detach().numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        score_store(loaded, store, np.arange(4), batch_size=2), a["logit"].detach().numpy(), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_init_weights_without_z_head_keep_a_fresh_z_head():

@@ -38,15 +38,26 @@ def _z_store(path: Path):
     ivar = np.ones_like(flux, dtype=np.float32)
     scaled, ivar = normalise(flux.astype(np.float32), ivar)
     n = 2 * n_q
-    meta = pd.DataFrame({
-        "spectrum_id": [f"sdss-{2000 + i}-55000-0001" for i in range(n)], "survey": "sdss",
-        "plate": pd.array(2000 + np.arange(n), dtype="Int64"), "mjd": pd.array(np.full(n, 55000), dtype="Int64"),
-        "fiberid": pd.array(np.ones(n, int), dtype="Int64"), "ra": np.linspace(0, 10, n), "dec": np.zeros(n),
-        "pipeline_class": pd.array(["QSO"] * n_q + ["STAR"] * n_q, dtype="string"), "z": np.r_[Z_TRUE, np.zeros(n_q)],
-        "snr": np.full(n, 20.0, np.float32), "label": np.r_[np.ones(n_q), np.zeros(n_q)].astype(np.int8),
-        "label_source": ["id"] * n_q + ["none"] * n_q, "catalog_z": np.r_[Z_TRUE, np.full(n_q, np.nan)],
-        "split": "test", "object_id": [f"o{i}" for i in range(n)], "source_file": [f"f{i}.fits" for i in range(n)],
-    })
+    meta = pd.DataFrame(
+        {
+            "spectrum_id": [f"sdss-{2000 + i}-55000-0001" for i in range(n)],
+            "survey": "sdss",
+            "plate": pd.array(2000 + np.arange(n), dtype="Int64"),
+            "mjd": pd.array(np.full(n, 55000), dtype="Int64"),
+            "fiberid": pd.array(np.ones(n, int), dtype="Int64"),
+            "ra": np.linspace(0, 10, n),
+            "dec": np.zeros(n),
+            "pipeline_class": pd.array(["QSO"] * n_q + ["STAR"] * n_q, dtype="string"),
+            "z": np.r_[Z_TRUE, np.zeros(n_q)],
+            "snr": np.full(n, 20.0, np.float32),
+            "label": np.r_[np.ones(n_q), np.zeros(n_q)].astype(np.int8),
+            "label_source": ["id"] * n_q + ["none"] * n_q,
+            "catalog_z": np.r_[Z_TRUE, np.full(n_q, np.nan)],
+            "split": "test",
+            "object_id": [f"o{i}" for i in range(n)],
+            "source_file": [f"f{i}.fits" for i in range(n)],
+        }
+    )
     return write_store(path, scaled, ivar, meta, grid=GRID, chunk_rows=4)
 
 
@@ -65,8 +76,13 @@ def _run(path: Path, z_head: bool) -> Path:
 def zdata(tmp_path_factory: pytest.TempPathFactory) -> dict:
     base = tmp_path_factory.mktemp("zout")
     store = _z_store(base / "store")
-    return {"base": base, "store": base / "store", "meta": store.meta, "z_run": _run(base / "zrun", True),
-            "old_run": _run(base / "oldrun", False)}
+    return {
+        "base": base,
+        "store": base / "store",
+        "meta": store.meta,
+        "z_run": _run(base / "zrun", True),
+        "old_run": _run(base / "oldrun", False),
+    }
 
 
 def test_discover_writes_redshift_columns_with_units_and_bits(zdata: dict) -> None:
@@ -134,8 +150,9 @@ def test_evaluate_reports_redshift_metrics_per_run(zdata: dict) -> None:
     from spectransfer.evaluation.runner import evaluate_runs
 
     out = zdata["base"] / "report"
-    evaluate_runs([zdata["z_run"], zdata["old_run"]], zdata["store"], out, split="test", engine="torch",
-                  n_resamples=20, quiet=True)
+    evaluate_runs(
+        [zdata["z_run"], zdata["old_run"]], zdata["store"], out, split="test", engine="torch", n_resamples=20, quiet=True
+    )
     doc = json.loads((out / "metrics.json").read_text())
     new, old = doc["runs"]["zrun"]["redshift"], doc["runs"]["oldrun"]["redshift"]
     assert new["n_quasars"] == Z_TRUE.size and new["network"]["n"] == Z_TRUE.size and old["network"] is None

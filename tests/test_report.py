@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spectransfer.evaluation import runner as E
 from spectransfer.config import Grid
+from spectransfer.evaluation import runner as E
 from spectransfer.evaluation.report import QSO_LINES, write_report
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -30,12 +30,20 @@ def _report(tmp_path: Path) -> Path:
         for _, rest in QSO_LINES:
             flux[i] += np.exp(-0.5 * ((wave - rest * (1 + z[i])) / 40) ** 2)
     flux = (2 * (flux - flux.min(1, keepdims=True)) / np.ptp(flux, axis=1, keepdims=True) - 1).astype(np.float32)
-    meta = pd.DataFrame({
-        "spectrum_id": [f"sdss-7-50000-{i:04d}" for i in range(n)], "survey": "sdss", "label": y, "z": z,
-        "catalog_z": np.where(y == 1, z, np.nan), "snr": rng.uniform(1, 40, n).astype(np.float32),
-        "mag": rng.uniform(17, 22, n).astype(np.float32), "pipeline_class": np.where(y == 1, "QSO", "STAR"),
-        "split": np.array(["test", "val"])[np.arange(n) % 2], "object_id": [f"o{i}" for i in range(n)],
-    })
+    meta = pd.DataFrame(
+        {
+            "spectrum_id": [f"sdss-7-50000-{i:04d}" for i in range(n)],
+            "survey": "sdss",
+            "label": y,
+            "z": z,
+            "catalog_z": np.where(y == 1, z, np.nan),
+            "snr": rng.uniform(1, 40, n).astype(np.float32),
+            "mag": rng.uniform(17, 22, n).astype(np.float32),
+            "pipeline_class": np.where(y == 1, "QSO", "STAR"),
+            "split": np.array(["test", "val"])[np.arange(n) % 2],
+            "object_id": [f"o{i}" for i in range(n)],
+        }
+    )
     write_store(tmp_path / "store", flux, np.ones_like(flux), meta, grid=grid)
     store = open_store(tmp_path / "store")
     m = store.meta
@@ -51,11 +59,24 @@ def _report(tmp_path: Path) -> Path:
         (tmp_path / name).mkdir()
         runs.append(E.RunScores(name, tmp_path / name, logits(test, 2 * k), logits(val, 2 * k + 1), {"model_name": "vgg-a"}))
     doc = E.evaluate_predictions(test, runs, val["label"].to_numpy(), tmp_path / "rep", n_resamples=100)
-    lc = {"summary": [
-        {"mode": mode, "fraction": f, "n_train_labels": 1000 * f, "n_seeds": 3, "f1_mean": v, "f1_std": 0.02,
-         "pr_auc_mean": v, "pr_auc_std": 0.02}
-        for mode, base in (("finetune", 0.8), ("scratch", 0.5)) for f, v in ((0.01, base), (0.1, base + 0.1), (1.0, 0.95))
-    ], "cells": [], "zero_shot": {"f1": 0.6, "pr_auc": 0.7}}
+    lc = {
+        "summary": [
+            {
+                "mode": mode,
+                "fraction": f,
+                "n_train_labels": 1000 * f,
+                "n_seeds": 3,
+                "f1_mean": v,
+                "f1_std": 0.02,
+                "pr_auc_mean": v,
+                "pr_auc_std": 0.02,
+            }
+            for mode, base in (("finetune", 0.8), ("scratch", 0.5))
+            for f, v in ((0.01, base), (0.1, base + 0.1), (1.0, 0.95))
+        ],
+        "cells": [],
+        "zero_shot": {"f1": 0.6, "pr_auc": 0.7},
+    }
     return write_report(tmp_path / "rep", doc, store=store, meta=test, learning_curve=lc, gallery=3)
 
 
@@ -69,7 +90,14 @@ def test_report_is_self_contained(report_path: Path) -> None:
     srcs = re.findall(r'(?:src|href)="([^"]*)"', page)
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
     assert "http://" not in page and "https://" not in page
-    for section in ("ROC and precision-recall", "Calibration", "Purity and completeness", "Learning curve", "Gallery", "Paired comparison"):
+    for section in (
+        "ROC and precision-recall",
+        "Calibration",
+        "Purity and completeness",
+        "Learning curve",
+        "Gallery",
+        "Paired comparison",
+    ):
         assert section in page
     # 1 ROC/PR + 1 reliability + 3 breakdowns + 1 learning curve + 2 runs x (3 FP + 3 FN) at most
     assert 6 < page.count("<img") <= 6 + 12
@@ -86,8 +114,14 @@ def test_report_opens_in_chromium_without_broken_images(report_path: Path, tmp_p
     with sync_playwright() as pw:
         browser = pw.chromium.launch(
             executable_path=str(CHROMIUM),
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--no-first-run", "--disable-sync"],
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+                "--disable-sync",
+            ],
         )
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -109,9 +143,11 @@ def test_report_imports_metrics_not_the_runner() -> None:
     import subprocess
     import sys
 
-    code = ("import spectransfer.evaluation.report, sys; "
-            "assert 'spectransfer.evaluation.runner' not in sys.modules; "
-            "assert 'spectransfer.evaluation.metrics' in sys.modules")
+    code = (
+        "import spectransfer.evaluation.report, sys; "
+        "assert 'spectransfer.evaluation.runner' not in sys.modules; "
+        "assert 'spectransfer.evaluation.metrics' in sys.modules"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
 

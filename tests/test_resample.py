@@ -238,8 +238,20 @@ def test_resample_record_on_a_real_boss_file(real_data):
         ivar = coadd["ivar"].astype(np.float64)
         mask = coadd["and_mask"].astype(np.int64)
     rec = SpectrumRecord(
-        path=str(path), survey="sdss", format="sdss-spec", ids={}, ra=None, dec=None, cls=None,
-        subclass=None, z=None, zwarning=None, wave=wave, flux=flux, ivar=ivar, mask=mask,
+        path=str(path),
+        survey="sdss",
+        format="sdss-spec",
+        ids={},
+        ra=None,
+        dec=None,
+        cls=None,
+        subclass=None,
+        z=None,
+        zwarning=None,
+        wave=wave,
+        flux=flux,
+        ivar=ivar,
+        mask=mask,
     )
     out_f, out_iv = resample_record(rec)
     assert out_f.shape == out_iv.shape == (2048,)

@@ -54,7 +54,9 @@ def test_scorer_returns_named_outputs_in_row_order(tiny: dict, tmp_path: Path) -
     direct = scorer(read_block(st, rows, spec.in_channels))["logit"]
     np.testing.assert_allclose(got["logit"], direct, rtol=1e-5, atol=1e-7)
     shuffled = np.random.default_rng(0).permutation(rows)
-    np.testing.assert_allclose(score_store(tiny["run"], st, shuffled), direct[np.searchsorted(rows, shuffled)], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        score_store(tiny["run"], st, shuffled), direct[np.searchsorted(rows, shuffled)], rtol=1e-5, atol=1e-7
+    )
 
 
 def test_int8_calibration_is_recorded_and_deterministic(tiny: dict, tmp_path: Path) -> None:
@@ -76,8 +78,9 @@ def test_evaluate_predictions_and_discover_give_one_probability(tiny: dict, tmp_
     from spectransfer.candidates.discover import discover
     from spectransfer.evaluation.runner import evaluate_runs
 
-    evaluate_runs([tiny["run"]], tiny["store"].path, tmp_path / "rep", engine=engine, n_resamples=0, quiet=True,
-                  write_report=False)
+    evaluate_runs(
+        [tiny["run"]], tiny["store"].path, tmp_path / "rep", engine=engine, n_resamples=0, quiet=True, write_report=False
+    )
     discover(tiny["run"], tiny["store"].path, tmp_path / "c.parquet", engine=engine, quiet=True)
     pred = pd.read_parquet(tmp_path / "rep" / "run" / "predictions.parquet").set_index("spectrum_id")
     cand = pd.read_parquet(tmp_path / "c.parquet").set_index("SPECTRUM_ID")

@@ -67,7 +67,22 @@ def test_sdss_files_have_the_spec_lite_layout_of_a_real_file(sdss_sim: Path, rea
                     assert c.format.endswith("A"), c.name
                 else:
                     assert c.format == rf, (c.name, c.format, rf)
-            for need in ("PLATE", "MJD", "FIBERID", "CLASS", "SUBCLASS", "Z", "ZWARNING", "PLUG_RA", "PLUG_DEC", "WAVEMIN", "WAVEMAX", "SN_MEDIAN_ALL", "SPECTROFLUX", "PSFMAG"):
+            for need in (
+                "PLATE",
+                "MJD",
+                "FIBERID",
+                "CLASS",
+                "SUBCLASS",
+                "Z",
+                "ZWARNING",
+                "PLUG_RA",
+                "PLUG_DEC",
+                "WAVEMIN",
+                "WAVEMAX",
+                "SN_MEDIAN_ALL",
+                "SPECTROFLUX",
+                "PSFMAG",
+            ):
                 assert need in h[2].columns.names
             row = h[2].data[0]
             plate, mjd, fiber = int(row["PLATE"]), int(row["MJD"]), int(row["FIBERID"])
@@ -85,7 +100,25 @@ def test_sdss_files_have_the_spec_lite_layout_of_a_real_file(sdss_sim: Path, rea
 def test_lamost_files_have_the_dr5_image_layout_of_a_real_file(lamost_sim: Path, real_data: Path) -> None:
     real = fits.open(real_data / REAL_LAMOST)
     real_keys = set(real[0].header.keys())
-    keys = {"OBSID", "LMJD", "MJD", "PLANID", "SPID", "FIBERID", "RA", "DEC", "CLASS", "SUBCLASS", "Z", "Z_ERR", "DATA_V", "COEFF0", "COEFF1", "TELESCOP", "DESIG"}
+    keys = {
+        "OBSID",
+        "LMJD",
+        "MJD",
+        "PLANID",
+        "SPID",
+        "FIBERID",
+        "RA",
+        "DEC",
+        "CLASS",
+        "SUBCLASS",
+        "Z",
+        "Z_ERR",
+        "DATA_V",
+        "COEFF0",
+        "COEFF1",
+        "TELESCOP",
+        "DESIG",
+    }
     keys |= {f"SNR{b}" for b in "UGRIZ"} | {f"MAG{k}" for k in range(1, 8)}
     assert keys <= real_keys
     truth = _truth(lamost_sim)
@@ -123,7 +156,13 @@ def test_files_read_back_with_the_package_readers(sdss_sim: Path, lamost_sim: Pa
             if t.survey == "sdss":
                 assert (rec.ids["plate"], rec.ids["mjd"], rec.ids["fiberid"]) == (t.plate, t.mjd, t.fiberid)
             else:
-                assert (rec.ids["obsid"], rec.ids["lmjd"], rec.ids["planid"], rec.ids["spid"], rec.ids["fiberid"]) == (t.obsid, t.lmjd, t.planid, t.spid, t.fiberid)
+                assert (rec.ids["obsid"], rec.ids["lmjd"], rec.ids["planid"], rec.ids["spid"], rec.ids["fiberid"]) == (
+                    t.obsid,
+                    t.lmjd,
+                    t.planid,
+                    t.spid,
+                    t.fiberid,
+                )
             expected_cls = None if t.pipeline_class == "Unknown" else t.pipeline_class
             assert rec.cls == expected_cls
             if pd.isna(t.pipeline_z):
@@ -139,12 +178,31 @@ def test_catalogues_have_real_columns_and_load_with_the_catalogue_reader(sdss_si
     t = _truth(sdss_sim)
     with fits.open(sdss_sim / "DR16Q-like_quasar_catalog.fits") as h:
         cat = h["CATALOG"].data
-        for name in ("SDSS_NAME", "RA", "DEC", "PLATE", "MJD", "FIBERID", "Z", "Z_PIPE", "ZWARNING", "PLATE_DUPLICATE", "MJD_DUPLICATE", "FIBERID_DUPLICATE", "NSPEC"):
+        for name in (
+            "SDSS_NAME",
+            "RA",
+            "DEC",
+            "PLATE",
+            "MJD",
+            "FIBERID",
+            "Z",
+            "Z_PIPE",
+            "ZWARNING",
+            "PLATE_DUPLICATE",
+            "MJD_DUPLICATE",
+            "FIBERID_DUPLICATE",
+            "NSPEC",
+        ):
             assert name in cat.columns.names
         first = t[(t.true_class == "QSO") & ~t.is_repeat & t.in_catalog]
         assert len(cat) == len(first)
         assert set(zip(cat["PLATE"], cat["MJD"], cat["FIBERID"])) == set(zip(first.plate, first.mjd, first.fiberid))
-        dup = {(p, m, f) for row in cat for p, m, f in zip(row["PLATE_DUPLICATE"], row["MJD_DUPLICATE"], row["FIBERID_DUPLICATE"]) if p > 0}
+        dup = {
+            (p, m, f)
+            for row in cat
+            for p, m, f in zip(row["PLATE_DUPLICATE"], row["MJD_DUPLICATE"], row["FIBERID_DUPLICATE"])
+            if p > 0
+        }
         reps = t[(t.true_class == "QSO") & t.is_repeat & t.in_catalog]
         assert dup == set(zip(reps.plate, reps.mjd, reps.fiberid))
         # Visual-inspection-like redshifts: close to the truth.
@@ -381,7 +439,9 @@ def test_unwritable_or_occupied_folder_leaves_nothing(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "occupied"]
 
 
-def test_interrupted_run_leaves_nothing_and_overwrite_replaces_only_when_done(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_run_leaves_nothing_and_overwrite_replaces_only_when_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(sim_survey, "BATCH", 10)
     calls = []
 

@@ -170,8 +170,11 @@ def test_twenty_spectra_empty_split_warning_names_the_option_that_fills_it(seed:
         return
     assert len(warnings) == 1 and warnings[0].startswith("sdss: split ")
     assert all(s in warnings[0].split(" is")[0].split(" are")[0] for s in empty) and "--resplit" in warnings[0]
-    fixed = SplitConfig(seed=seed, val_fraction=_suggested(warnings[0], "--val-fraction") or cfg.val_fraction,
-                        test_fraction=_suggested(warnings[0], "--test-fraction") or cfg.test_fraction)
+    fixed = SplitConfig(
+        seed=seed,
+        val_fraction=_suggested(warnings[0], "--val-fraction") or cfg.val_fraction,
+        test_fraction=_suggested(warnings[0], "--test-fraction") or cfg.test_fraction,
+    )
     out2, report2 = assign_splits(meta, fixed)
     assert set(out2["split"]) == {"train", "val", "test"} and "warnings" not in report2
     # The suggestion is the smallest 0.01 step that does it: one step less leaves a split empty.

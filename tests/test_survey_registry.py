@@ -57,10 +57,21 @@ def _identify(path: str, ff: FitsFile) -> bool:
 def _read(path: str, ff: FitsFile) -> SpectrumRecord:
     hdr, image = ff.header(0), ff.image(0)  # rows: wavelength, flux, ivar
     record = SpectrumRecord(
-        path=path, survey="toy", format="toy-image", ids={"exposure": int(hdr["EXPOSURE"]), "slit": int(hdr["SLIT"])},
-        ra=float(hdr["RA"]), dec=float(hdr["DEC"]), cls=str(hdr["CLASS"]).strip() or None, subclass=None,
-        z=float(hdr["Z"]), zwarning=None, wave=image[0], flux=image[1], ivar=image[2],
-        mask=np.zeros(image.shape[1], dtype=np.uint32), flux_unit="arbitrary",
+        path=path,
+        survey="toy",
+        format="toy-image",
+        ids={"exposure": int(hdr["EXPOSURE"]), "slit": int(hdr["SLIT"])},
+        ra=float(hdr["RA"]),
+        dec=float(hdr["DEC"]),
+        cls=str(hdr["CLASS"]).strip() or None,
+        subclass=None,
+        z=float(hdr["Z"]),
+        zwarning=None,
+        wave=image[0],
+        flux=image[1],
+        ivar=image[2],
+        mask=np.zeros(image.shape[1], dtype=np.uint32),
+        flux_unit="arbitrary",
     )
     return finish_record(record)
 
@@ -80,8 +91,17 @@ def _write_toy_survey(folder: Path, n: int, seed: int) -> tuple[Path, pd.DataFra
                 flux += 8 * np.exp(-0.5 * ((wave - line * (1 + z)) / (30 * (1 + z))) ** 2)
         flux += rng.normal(0, 0.3, wave.size)
         ra, dec = 150.0 + 0.01 * i, 2.0 + 0.005 * i  # far more than 1.5 arcsec apart
-        hdr = fits.Header({"TELESCOP": "TOYSCOPE", "EXPOSURE": 1000 + i // 10, "SLIT": i % 10, "RA": ra, "DEC": dec,
-                           "CLASS": "QSO" if qso else "STAR", "Z": z})
+        hdr = fits.Header(
+            {
+                "TELESCOP": "TOYSCOPE",
+                "EXPOSURE": 1000 + i // 10,
+                "SLIT": i % 10,
+                "RA": ra,
+                "DEC": dec,
+                "CLASS": "QSO" if qso else "STAR",
+                "Z": z,
+            }
+        )
         image = np.stack([wave, flux, np.full(wave.size, 1 / 0.3**2)]).astype(np.float64)
         fits.PrimaryHDU(image, header=hdr).writeto(folder / f"toy-{i:04d}.fits")
         rows.append({"exposure": 1000 + i // 10, "slit": i % 10, "ra": ra, "dec": dec, "z": z, "qso": qso})
@@ -122,8 +142,11 @@ def test_toy_survey_goes_through_ingest_train_discover(toy: Survey, tmp_path: Pa
     assert set(meta.loc[meta["label"] == 1, "label_source"]) == {"id"}
 
     run = tmp_path / "run"
-    train(TrainConfig(store=str(store.path), out=str(run), survey="toy", batch_size=8, eval_every=4, max_steps=8,
-                      num_workers=0, seed=0))
+    train(
+        TrainConfig(
+            store=str(store.path), out=str(run), survey="toy", batch_size=8, eval_every=4, max_steps=8, num_workers=0, seed=0
+        )
+    )
     assert (run / "summary.json").is_file()
 
     res = discover(run, store.path, tmp_path / "candidates.fits", engine="torch", survey="toy", quiet=True)

@@ -195,11 +195,7 @@ def _check_against_astropy(rec: SpectrumRecord, path: Path) -> None:
 @pytest.mark.parametrize("path", ALL_FILES, ids=[p.name for p in ALL_FILES])
 def test_real_file_matches_provenance_and_astropy(path: Path) -> None:
     rec = read_spectrum(path)
-    expected_format = (
-        "sdss-spspec" if path.name.startswith("spSpec")
-        else "sdss-spec" if path.parent.name == "sdss"
-        else None
-    )
+    expected_format = "sdss-spspec" if path.name.startswith("spSpec") else "sdss-spec" if path.parent.name == "sdss" else None
     if expected_format:
         assert rec.format == expected_format
     else:
@@ -435,8 +431,12 @@ def test_fitsfile_agrees_with_astropy_on_every_key_and_column(real_data: Path, n
 
 @pytest.mark.parametrize(
     "name",
-    ["sdss/spec-0266-51602-0013.fits", "sdss/spSpec-51993-0542-631.fit", "lamost/spec-55916-B5591606_sp01-001.fits",
-     "lamost/spec-59522-EG224840N075042B03_sp05-172.fits.gz"],
+    [
+        "sdss/spec-0266-51602-0013.fits",
+        "sdss/spSpec-51993-0542-631.fit",
+        "lamost/spec-55916-B5591606_sp01-001.fits",
+        "lamost/spec-59522-EG224840N075042B03_sp05-172.fits.gz",
+    ],
 )
 def test_damaged_bytes_give_spectrum_error_or_a_record(real_data: Path, tmp_path: Path, name: str) -> None:
     """Whatever the damage (bytes overwritten in headers or data, cut anywhere), read_spectrum

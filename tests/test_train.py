@@ -30,15 +30,32 @@ SMALL = Grid(n_bins=256, wave_min=3839.0, wave_max=8915.0)
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    return make_store(tmp_path_factory.mktemp("train") / "store", n=240, chunk_rows=16, grid=SMALL,
-                      surveys=("sdss", "lamost"), splits=(0.6, 0.25), with_z=True)
+    return make_store(
+        tmp_path_factory.mktemp("train") / "store",
+        n=240,
+        chunk_rows=16,
+        grid=SMALL,
+        surveys=("sdss", "lamost"),
+        splits=(0.6, 0.25),
+        with_z=True,
+    )
 
 
 @pytest.fixture(scope="module")
 def scratch_run(store, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "scratch"
-    summary = train(TrainConfig(store=str(store.path), out=str(out), batch_size=16, eval_every=5, max_steps=30,
-                                num_workers=0, seed=1, imbalance="pos-weight"))
+    summary = train(
+        TrainConfig(
+            store=str(store.path),
+            out=str(out),
+            batch_size=16,
+            eval_every=5,
+            max_steps=30,
+            num_workers=0,
+            seed=1,
+            imbalance="pos-weight",
+        )
+    )
     return out, summary
 
 
@@ -76,8 +93,20 @@ def test_finetune_loads_every_weight_and_freeze_conv_trains_only_the_head(scratc
     init, _ = scratch_run
     base = _weights(init / "model.safetensors")
     # lr 0: a fine-tuned run that cannot move must end exactly at the pretrained weights
-    train(TrainConfig(store=str(store.path), out=str(tmp_path / "ft0"), mode="finetune", init=str(init),
-                      batch_size=16, eval_every=3, max_steps=3, lr=0.0, num_workers=0, survey="sdss"))
+    train(
+        TrainConfig(
+            store=str(store.path),
+            out=str(tmp_path / "ft0"),
+            mode="finetune",
+            init=str(init),
+            batch_size=16,
+            eval_every=3,
+            max_steps=3,
+            lr=0.0,
+            num_workers=0,
+            survey="sdss",
+        )
+    )
     resolved = tomllib.loads((tmp_path / "ft0" / "config.toml").read_text())["resolved"]
     m = store.meta
     assert resolved["n_train"] == int(((m["survey"] == "sdss") & (m["split"] == "train")).sum())
@@ -86,8 +115,19 @@ def test_finetune_loads_every_weight_and_freeze_conv_trains_only_the_head(scratc
         torch.testing.assert_close(v, base[k], rtol=0, atol=0)
     _, info = load_run(tmp_path / "ft0")
     assert info.mode == "finetune"
-    train(TrainConfig(store=str(store.path), out=str(tmp_path / "fc"), mode="freeze-conv", init=str(init),
-                      batch_size=16, eval_every=4, max_steps=4, num_workers=0, early_stop="loss"))
+    train(
+        TrainConfig(
+            store=str(store.path),
+            out=str(tmp_path / "fc"),
+            mode="freeze-conv",
+            init=str(init),
+            batch_size=16,
+            eval_every=4,
+            max_steps=4,
+            num_workers=0,
+            early_stop="loss",
+        )
+    )
     ckpt = torch.load(tmp_path / "fc" / "checkpoints" / "last.pt", weights_only=False)["model"]
     for k, v in ckpt.items():
         if k.startswith("features."):
@@ -112,14 +152,26 @@ def test_z_head_learns_the_catalogue_redshift(scratch_run):
 
 def test_finetune_from_a_run_without_z_head_starts_a_fresh_z_head(store, tmp_path):
     init = tmp_path / "noz"
-    train(TrainConfig(store=str(store.path), out=str(init), batch_size=16, eval_every=3, max_steps=3,
-                      num_workers=0, z_head=False))
+    train(
+        TrainConfig(store=str(store.path), out=str(init), batch_size=16, eval_every=3, max_steps=3, num_workers=0, z_head=False)
+    )
     base, meta = read_weights(init / "model.safetensors")
     assert not any(k.startswith("z_head.") for k in base)
     assert json.loads(meta["model_config"])["z_bins"] == 0
     # lr 0: the transferred tensors stay exactly the init run's; the z head exists, fresh
-    train(TrainConfig(store=str(store.path), out=str(tmp_path / "ft"), mode="finetune", init=str(init),
-                      batch_size=16, eval_every=3, max_steps=3, lr=0.0, num_workers=0))
+    train(
+        TrainConfig(
+            store=str(store.path),
+            out=str(tmp_path / "ft"),
+            mode="finetune",
+            init=str(init),
+            batch_size=16,
+            eval_every=3,
+            max_steps=3,
+            lr=0.0,
+            num_workers=0,
+        )
+    )
     tuned = _weights(tmp_path / "ft" / "model.safetensors")
     for k, v in base.items():
         torch.testing.assert_close(tuned[k], v, rtol=0, atol=0)
@@ -134,14 +186,34 @@ def _run_cli(args: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 def test_resume_after_sigkill_ends_with_the_uninterrupted_weights(store, tmp_path):
-    args = ["train", "--store", str(store.path), "--batch-size", "8", "--eval-every", "3", "--max-steps", "12",
-            "--seed", "3", "--workers", "2", "--quiet"]
+    args = [
+        "train",
+        "--store",
+        str(store.path),
+        "--batch-size",
+        "8",
+        "--eval-every",
+        "3",
+        "--max-steps",
+        "12",
+        "--seed",
+        "3",
+        "--workers",
+        "2",
+        "--quiet",
+    ]
     whole = _run_cli(args + ["--out", str(tmp_path / "whole")])
     assert whole.returncode == 0, whole.stderr
     # the same run, killed with SIGKILL once a checkpoint exists, then resumed
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(SPECTRANSFER + args + ["--out", str(tmp_path / "cut")], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        SPECTRANSFER + args + ["--out", str(tmp_path / "cut")],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     ckpt = tmp_path / "cut" / "checkpoints" / "last.pt"
     deadline = time.time() + 120
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
@@ -166,8 +238,19 @@ def test_resume_after_sigkill_ends_with_the_uninterrupted_weights(store, tmp_pat
 
 def test_two_process_ddp_on_cpu_sees_disjoint_data_and_ends_identical(store, tmp_path):
     out = tmp_path / "ddp"
-    summary = train(TrainConfig(store=str(store.path), out=str(out), batch_size=8, eval_every=4, max_steps=8,
-                                devices=2, num_workers=0, debug_rows=True, seed=2))
+    summary = train(
+        TrainConfig(
+            store=str(store.path),
+            out=str(out),
+            batch_size=8,
+            eval_every=4,
+            max_steps=8,
+            devices=2,
+            num_workers=0,
+            debug_rows=True,
+            seed=2,
+        )
+    )
     assert summary["steps"] == 8
     seen = []
     for rank in range(2):
@@ -218,6 +301,15 @@ def test_help_documents_the_imbalance_options():
     res = _run_cli(["train", "--help"], timeout=60)
     assert res.returncode == 0
     text = " ".join(res.stdout.split())
-    for word in ("pos-weight", "balanced", "n_neg/n_pos", "--train-fraction", "--resume", "--precision", "--z-head",
-                 "--no-z-head", "--z-weight"):
+    for word in (
+        "pos-weight",
+        "balanced",
+        "n_neg/n_pos",
+        "--train-fraction",
+        "--resume",
+        "--precision",
+        "--z-head",
+        "--no-z-head",
+        "--z-weight",
+    ):
         assert word in text, word

@@ -138,15 +138,39 @@ def test_cli_verdicts_export_and_error_line(tmp_path):
     db = VerdictDB(tmp_path / "v.sqlite")
     db.record("a", "qso", "ann", z=1.5)
     ok = subprocess.run(
-        [sys.executable, "-m", "spectransfer", "verdicts", "export", "--db", str(tmp_path / "v.sqlite"), "--out", str(tmp_path / "v.fits")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "spectransfer",
+            "verdicts",
+            "export",
+            "--db",
+            str(tmp_path / "v.sqlite"),
+            "--out",
+            str(tmp_path / "v.fits"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert ok.returncode == 0, ok.stderr
     with fits.open(tmp_path / "v.fits") as hdul:
         assert hdul["VERDICTS"].data["VERDICT"][0].strip() == "qso"
     bad = subprocess.run(
-        [sys.executable, "-m", "spectransfer", "verdicts", "export", "--db", str(tmp_path / "none.sqlite"), "--out", str(tmp_path / "x.fits")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "spectransfer",
+            "verdicts",
+            "export",
+            "--db",
+            str(tmp_path / "none.sqlite"),
+            "--out",
+            str(tmp_path / "x.fits"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "none.sqlite" in bad.stderr
@@ -159,9 +183,15 @@ def db_and_candidates(tmp_path):
     db.record("sdss-0266-51602-0001", "qso", "ann", z=2.25)
     db.record("lamost-55859-F5902-01-001", "not_qso", "zoë")
     db.record("not-a-candidate", "unsure", "bob")
-    cand = Table({"SPECTRUM_ID": ["lamost-55859-F5902-01-001", "sdss-0266-51602-0001", "sdss-9999-99999-0001"],
-                  "RA": [332.2022, 146.71420, 1.0], "DEC": [-2.0568, -1.04128, 2.0],
-                  "P_QSO": np.array([0.1, 0.93, 0.5], dtype="f4"), "CATEGORY": ["agree_other", "new_candidate", "agree_other"]})
+    cand = Table(
+        {
+            "SPECTRUM_ID": ["lamost-55859-F5902-01-001", "sdss-0266-51602-0001", "sdss-9999-99999-0001"],
+            "RA": [332.2022, 146.71420, 1.0],
+            "DEC": [-2.0568, -1.04128, 2.0],
+            "P_QSO": np.array([0.1, 0.93, 0.5], dtype="f4"),
+            "CATEGORY": ["agree_other", "new_candidate", "agree_other"],
+        }
+    )
     cand.meta["EXTNAME"] = "CANDIDATES"
     path = tmp_path / "candidates.fits"
     cand.write(path)
@@ -223,7 +253,9 @@ def test_export_unknown_extension_is_one_line_error_and_writes_nothing(db_and_ca
         export_table(db, tmp_path / "verdicts.txt")
     bad = subprocess.run(
         [sys.executable, "-m", "spectransfer", "verdicts", "export", "--db", str(db), "--out", str(tmp_path / "verdicts.xlsx")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "unknown table format" in bad.stderr
     assert not (tmp_path / "verdicts.xlsx").exists()
@@ -233,8 +265,22 @@ def test_cli_export_csv_is_not_fits(db_and_candidates, tmp_path):
     db, cand = db_and_candidates
     out = tmp_path / "verdicts.csv"
     ok = subprocess.run(
-        [sys.executable, "-m", "spectransfer", "verdicts", "export", "--db", str(db), "--out", str(out), "--candidates", str(cand)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "spectransfer",
+            "verdicts",
+            "export",
+            "--db",
+            str(db),
+            "--out",
+            str(out),
+            "--candidates",
+            str(cand),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert ok.returncode == 0, ok.stderr
     assert not out.read_bytes().startswith(b"SIMPLE")

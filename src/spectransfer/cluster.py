@@ -34,8 +34,9 @@ def dask_client(workers: int | None = None, scheduler: str | None = None) -> Ite
     else:
         n = int(workers or 1)
         try:
-            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                   dashboard_address=None, silence_logs=logging.ERROR)
+            cluster = LocalCluster(
+                n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR
+            )
         except (OSError, RuntimeError, TimeoutError) as exc:
             raise StoreError(f"cannot start a local Dask cluster of {n} workers: {exc}") from exc
         client = Client(cluster)

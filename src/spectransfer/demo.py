@@ -26,7 +26,11 @@ log = logging.getLogger(__name__)
 
 MARKER = ".spectransfer-demo"
 _CPU: dict[str, float] = {}  # CPU seconds of each stage's process (with its children)
-RUN_ROLES = {"finetune": "transfer (LAMOST -> SDSS)", "scratch": "from scratch (SDSS only)", "pretrain": "zero-shot (LAMOST only)"}
+RUN_ROLES = {
+    "finetune": "transfer (LAMOST -> SDSS)",
+    "scratch": "from scratch (SDSS only)",
+    "pretrain": "zero-shot (LAMOST only)",
+}
 
 
 @dataclass(frozen=True)
@@ -62,12 +66,38 @@ class DemoSize:
 # is 1600 spectra since with 1000 it recovered none of the ~4 left-out quasars.
 # FULL with these settings and the template-based simulation: 1269 CPU s in all (pretrain
 # 201, fine-tune 497, scratch 476), 3355 s wall on 2 cores shared with ~12 other processes.
-FULL = DemoSize(n_lamost=12000, n_sdss=6000, lamost_qso_fraction=0.02, pretrain_epochs=2, finetune_epochs=5,
-                eval_every=20, patience=6, bootstrap=300, ingest_workers=2, train_batch=256, early_stop="f1",
-                sdss_imbalance="none", sdss_batch=64, sdss_eval_every=60)
-QUICK = DemoSize(n_lamost=1200, n_sdss=1600, lamost_qso_fraction=0.05, pretrain_epochs=2, finetune_epochs=2,
-                 eval_every=13, patience=3, bootstrap=100, ingest_workers=0, train_batch=64, early_stop="loss",
-                 sdss_imbalance="pos-weight", sdss_batch=64, sdss_eval_every=13)
+FULL = DemoSize(
+    n_lamost=12000,
+    n_sdss=6000,
+    lamost_qso_fraction=0.02,
+    pretrain_epochs=2,
+    finetune_epochs=5,
+    eval_every=20,
+    patience=6,
+    bootstrap=300,
+    ingest_workers=2,
+    train_batch=256,
+    early_stop="f1",
+    sdss_imbalance="none",
+    sdss_batch=64,
+    sdss_eval_every=60,
+)
+QUICK = DemoSize(
+    n_lamost=1200,
+    n_sdss=1600,
+    lamost_qso_fraction=0.05,
+    pretrain_epochs=2,
+    finetune_epochs=2,
+    eval_every=13,
+    patience=3,
+    bootstrap=100,
+    ingest_workers=0,
+    train_batch=64,
+    early_stop="loss",
+    sdss_imbalance="pos-weight",
+    sdss_batch=64,
+    sdss_eval_every=13,
+)
 
 
 class DemoError(SpectransferError):
@@ -130,45 +160,152 @@ def run_demo(out: str | Path = "demo-output", quick: bool = False, seed: int = 0
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
 
-    timings["simulate lamost"] = _run("simulate a LAMOST-like survey", [
-        "simulate", "--survey", "lamost", "--n", str(size.n_lamost), "--out", str(surveys / "lamost"),
-        "--seed", str(seed + 1), "--qso-fraction", str(size.lamost_qso_fraction), *q], quiet)
-    timings["simulate sdss"] = _run("simulate an SDSS-like survey", [
-        "simulate", "--survey", "sdss", "--n", str(size.n_sdss), "--out", str(surveys / "sdss"),
-        "--seed", str(seed + 2), *q], quiet)
+    timings["simulate lamost"] = _run(
+        "simulate a LAMOST-like survey",
+        [
+            "simulate",
+            "--survey",
+            "lamost",
+            "--n",
+            str(size.n_lamost),
+            "--out",
+            str(surveys / "lamost"),
+            "--seed",
+            str(seed + 1),
+            "--qso-fraction",
+            str(size.lamost_qso_fraction),
+            *q,
+        ],
+        quiet,
+    )
+    timings["simulate sdss"] = _run(
+        "simulate an SDSS-like survey",
+        ["simulate", "--survey", "sdss", "--n", str(size.n_sdss), "--out", str(surveys / "sdss"), "--seed", str(seed + 2), *q],
+        quiet,
+    )
 
     for name in ("lamost", "sdss"):
         # the spectra sit in the survey's own layout below the folder, beside the catalogue
         spectra = [str(d) for d in sorted((surveys / name).iterdir()) if d.is_dir()]
-        timings[f"ingest {name}"] = _run(f"ingest {name}", [
-            "ingest", *spectra, "--store", str(stores / name), "--survey", name,
-            "--catalog", str(surveys / name / CATALOG_NAME[name]), "--workers", str(size.ingest_workers), *q], quiet)
+        timings[f"ingest {name}"] = _run(
+            f"ingest {name}",
+            [
+                "ingest",
+                *spectra,
+                "--store",
+                str(stores / name),
+                "--survey",
+                name,
+                "--catalog",
+                str(surveys / name / CATALOG_NAME[name]),
+                "--workers",
+                str(size.ingest_workers),
+                *q,
+            ],
+            quiet,
+        )
 
     # fp32: on CPUs without native bf16 (AVX2, as here) bf16 autocast is emulated and far slower.
-    common = ["--precision", "fp32", "--patience", str(size.patience), "--early-stop", size.early_stop,
-              "--seed", str(seed), "--workers", "0", *q]
+    common = [
+        "--precision",
+        "fp32",
+        "--patience",
+        str(size.patience),
+        "--early-stop",
+        size.early_stop,
+        "--seed",
+        str(seed),
+        "--workers",
+        "0",
+        *q,
+    ]
     lamost_batch = ["--batch-size", str(size.train_batch), "--eval-every", str(size.eval_every)]
     sdss_batch = ["--batch-size", str(size.sdss_batch), "--eval-every", str(size.sdss_eval_every)]
-    timings["pretrain"] = _run("pretrain on LAMOST", [
-        "train", "--store", str(stores / "lamost"), "--out", str(runs / "pretrain"), "--mode", "scratch",
-        "--max-epochs", str(size.pretrain_epochs), "--imbalance", "pos-weight", *lamost_batch, *common], quiet)
-    timings["finetune"] = _run("fine-tune on SDSS", [
-        "train", "--store", str(stores / "sdss"), "--out", str(runs / "finetune"), "--mode", "finetune",
-        "--init", str(runs / "pretrain"), "--max-epochs", str(size.finetune_epochs), "--imbalance", size.sdss_imbalance,
-        *sdss_batch, *common], quiet)
-    timings["scratch"] = _run("train on SDSS from scratch", [
-        "train", "--store", str(stores / "sdss"), "--out", str(runs / "scratch"), "--mode", "scratch",
-        "--max-epochs", str(size.finetune_epochs), "--imbalance", size.sdss_imbalance, *sdss_batch, *common], quiet)
+    timings["pretrain"] = _run(
+        "pretrain on LAMOST",
+        [
+            "train",
+            "--store",
+            str(stores / "lamost"),
+            "--out",
+            str(runs / "pretrain"),
+            "--mode",
+            "scratch",
+            "--max-epochs",
+            str(size.pretrain_epochs),
+            "--imbalance",
+            "pos-weight",
+            *lamost_batch,
+            *common,
+        ],
+        quiet,
+    )
+    timings["finetune"] = _run(
+        "fine-tune on SDSS",
+        [
+            "train",
+            "--store",
+            str(stores / "sdss"),
+            "--out",
+            str(runs / "finetune"),
+            "--mode",
+            "finetune",
+            "--init",
+            str(runs / "pretrain"),
+            "--max-epochs",
+            str(size.finetune_epochs),
+            "--imbalance",
+            size.sdss_imbalance,
+            *sdss_batch,
+            *common,
+        ],
+        quiet,
+    )
+    timings["scratch"] = _run(
+        "train on SDSS from scratch",
+        [
+            "train",
+            "--store",
+            str(stores / "sdss"),
+            "--out",
+            str(runs / "scratch"),
+            "--mode",
+            "scratch",
+            "--max-epochs",
+            str(size.finetune_epochs),
+            "--imbalance",
+            size.sdss_imbalance,
+            *sdss_batch,
+            *common,
+        ],
+        quiet,
+    )
 
     timings["real spectra"] = _real_check(runs / "finetune", out / "report" / REAL_CHECK)
 
-    timings["evaluate"] = _run("evaluate transfer vs scratch vs zero-shot", [
-        "evaluate", str(runs / "finetune"), str(runs / "scratch"), str(runs / "pretrain"),
-        "--store", str(stores / "sdss"), "--out", str(out / "report"), "--bootstrap", str(size.bootstrap),
-        "--calibrate", *q], quiet)
-    timings["discover"] = _run("discover on the whole SDSS-like survey", [
-        "discover", str(runs / "finetune"), "--store", str(stores / "sdss"),
-        "--out", str(out / "candidates.fits"), *q], quiet)
+    timings["evaluate"] = _run(
+        "evaluate transfer vs scratch vs zero-shot",
+        [
+            "evaluate",
+            str(runs / "finetune"),
+            str(runs / "scratch"),
+            str(runs / "pretrain"),
+            "--store",
+            str(stores / "sdss"),
+            "--out",
+            str(out / "report"),
+            "--bootstrap",
+            str(size.bootstrap),
+            "--calibrate",
+            *q,
+        ],
+        quiet,
+    )
+    timings["discover"] = _run(
+        "discover on the whole SDSS-like survey",
+        ["discover", str(runs / "finetune"), "--store", str(stores / "sdss"), "--out", str(out / "candidates.fits"), *q],
+        quiet,
+    )
 
     summary = summarise(out)
     summary["real_check"] = _read_json(out / "report" / REAL_CHECK)
@@ -206,8 +343,10 @@ def _real_check(run: Path, target: Path) -> float:
         result: dict[str, Any] = {"skipped": "no real files found"}
     else:
         folders = [str(data / s) for s in ("sdss", "lamost") if (data / s).is_dir()]
-        print(f"\n[real spectra] $ {_command(['classify', str(run), *folders, '--engine', 'onnx', '--no-zwarning-filter', '--no-coverage-filter'])}",
-              flush=True)
+        print(
+            f"\n[real spectra] $ {_command(['classify', str(run), *folders, '--engine', 'onnx', '--no-zwarning-filter', '--no-coverage-filter'])}",
+            flush=True,
+        )
         result = reality_check(run, folders, engine="onnx")
         result["data"] = str(data)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -234,8 +373,13 @@ def summarise(out: str | Path) -> dict[str, Any]:
         runs[key] = {k: e.get(k) for k in ("precision", "recall", "f1", "roc_auc", "pr_auc", "n", "n_qso")}
         runs[key]["redshift"] = e.get("redshift")
         runs[key]["role"] = RUN_ROLES.get(key, key)
-    cand = pd.read_parquet(out / "candidates.parquet", columns=["SPECTRUM_ID", "PLATE", "MJD", "FIBERID", "CATEGORY", "PIPE_NOT_QSO", "CLASS", "P_QSO"])
-    truth = pd.read_parquet(out / "surveys" / "sdss" / "truth.parquet", columns=["plate", "mjd", "fiberid", "true_class", "in_catalog"])
+    cand = pd.read_parquet(
+        out / "candidates.parquet",
+        columns=["SPECTRUM_ID", "PLATE", "MJD", "FIBERID", "CATEGORY", "PIPE_NOT_QSO", "CLASS", "P_QSO"],
+    )
+    truth = pd.read_parquet(
+        out / "surveys" / "sdss" / "truth.parquet", columns=["plate", "mjd", "fiberid", "true_class", "in_catalog"]
+    )
     joined = join_truth(cand, truth)
     is_new = (joined["CATEGORY"] == "new_candidate").to_numpy()
     true_qso = (joined["true_class"] == "QSO").to_numpy()
@@ -250,7 +394,9 @@ def summarise(out: str | Path) -> dict[str, Any]:
     return {
         "out": str(out),
         "runs": runs,
-        "categories": {c: int((cand["CATEGORY"] == c).sum()) for c in ("new_candidate", "missed_by_model", "agree_qso", "agree_other")},
+        "categories": {
+            c: int((cand["CATEGORY"] == c).sum()) for c in ("new_candidate", "missed_by_model", "agree_qso", "agree_other")
+        },
         "n_spectra": int(len(cand)),
         "new_pipe_star": int((is_new & (cand["CLASS"].astype("string").str.upper() == "STAR").to_numpy(dtype=bool)).sum()),
         "new_pipe_galaxy": int((is_new & (cand["CLASS"].astype("string").str.upper() == "GALAXY").to_numpy(dtype=bool)).sum()),
@@ -263,8 +409,9 @@ def summarise(out: str | Path) -> dict[str, Any]:
         "report": str(out / "report" / "report.html"),
         "candidates": str(out / "candidates.fits"),
         "candidates_parquet": str(out / "candidates.parquet"),
-        "inspect_command": _command(["inspect", str(out / "candidates.fits"), "--store", str(out / "stores" / "sdss"),
-                                     "--category", "new_candidate"]),
+        "inspect_command": _command(
+            ["inspect", str(out / "candidates.fits"), "--store", str(out / "stores" / "sdss"), "--category", "new_candidate"]
+        ),
     }
 
 
@@ -299,8 +446,17 @@ def print_summary(summary: dict[str, Any]) -> None:
         r = summary["runs"].get(name)
         if r is None:
             continue
-        table.add_row(name, r["role"], f(r["precision"]), f(r["recall"]), f(r["f1"]), f(r["roc_auc"]), f(r["pr_auc"]),
-                      f"{r['n']:,}", f"{r['n_qso']:,}")
+        table.add_row(
+            name,
+            r["role"],
+            f(r["precision"]),
+            f(r["recall"]),
+            f(r["f1"]),
+            f(r["roc_auc"]),
+            f(r["pr_auc"]),
+            f"{r['n']:,}",
+            f"{r['n_qso']:,}",
+        )
     console.print(table)
 
     console.print(f"candidate catalogue: {summary['n_spectra']:,} spectra (every spectrum of the SDSS-like store)")
@@ -318,28 +474,36 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"(recall {'n/a' if rec is None else f'{rec:.1%}'}; new-candidate rate among true non-quasars "
         f"{'n/a' if summary['new_candidate_rate_true_non_qso'] is None else format(summary['new_candidate_rate_true_non_qso'], '.2%')})"
     )
-    console.print("new candidates by true class: " + ", ".join(f"{k} {v}" for k, v in summary["new_candidates_by_true_class"].items()))
+    console.print(
+        "new candidates by true class: " + ", ".join(f"{k} {v}" for k, v in summary["new_candidates_by_true_class"].items())
+    )
     z = (summary["runs"].get("finetune") or {}).get("redshift") or {}
     for method, what in (("network", "the network's z head"), ("templates", "DR16Q templates (Z_PRED)")):
         m = z.get(method)
         if m:
-            console.print(f"redshifts of the {z.get('n_quasars')} test quasars, {what}: catastrophic (|dv| > 3000 km/s) "
-                          f"{f(m.get('catastrophic_fraction'))}, median |dv| {f(m.get('median_abs_dv_kms'))} km/s, "
-                          f"NMAD {f(m.get('nmad'))}")
+            console.print(
+                f"redshifts of the {z.get('n_quasars')} test quasars, {what}: catastrophic (|dv| > 3000 km/s) "
+                f"{f(m.get('catastrophic_fraction'))}, median |dv| {f(m.get('median_abs_dv_kms'))} km/s, "
+                f"NMAD {f(m.get('nmad'))}"
+            )
     real = summary.get("real_check") or {}
     console.print("[bold]Every model above was trained on simulated spectra only.[/bold]")
     if real.get("n_real"):
         pc = real["per_class"]
-        console.print(f"real spectra ({real['n_real']} files in {real.get('data')}, judged by their own pipeline class; "
-                      f"fine-tuned model, P_QSO >= {real['threshold']}): "
-                      + ", ".join(f"{c} {v['right']}/{v['n']} right" for c, v in pc.items())
-                      + f"; quasar recall {f(real['real_qso_recall'])}, SDSS others called quasars {f(real['real_fp_rate_sdss'])}, "
-                      f"LAMOST {f(real['real_fp_rate_lamost'])}; template z within 3000 km/s {f(real['real_z_within_3000_kms'])}")
+        console.print(
+            f"real spectra ({real['n_real']} files in {real.get('data')}, judged by their own pipeline class; "
+            f"fine-tuned model, P_QSO >= {real['threshold']}): "
+            + ", ".join(f"{c} {v['right']}/{v['n']} right" for c, v in pc.items())
+            + f"; quasar recall {f(real['real_qso_recall'])}, SDSS others called quasars {f(real['real_fp_rate_sdss'])}, "
+            f"LAMOST {f(real['real_fp_rate_lamost'])}; template z within 3000 km/s {f(real['real_z_within_3000_kms'])}"
+        )
     elif real:
         console.print(f"real spectra: {real.get('skipped', 'not checked')}")
     if "total_s" in summary:
-        console.print(f"demo finished in {summary['total_s']:.0f} s ({sum(summary.get('cpu_s', {}).values()):.0f} CPU s): "
-                      + ", ".join(f"{k} {v:.0f} s" for k, v in summary["timings_s"].items()))
+        console.print(
+            f"demo finished in {summary['total_s']:.0f} s ({sum(summary.get('cpu_s', {}).values()):.0f} CPU s): "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in summary["timings_s"].items())
+        )
     console.print(f"report:     {summary['report']}")
     console.print(f"candidates: {summary['candidates']} (+ {Path(summary['candidates_parquet']).name})")
     console.print(f"look at them: {summary['inspect_command']}")

@@ -32,11 +32,11 @@ class LockOwner:
     what: str = ""
 
     @classmethod
-    def me(cls, what: str) -> "LockOwner":
+    def me(cls, what: str) -> LockOwner:
         return cls(socket.gethostname(), os.getpid(), _start_time(os.getpid()), _boot_id(), what)
 
     @classmethod
-    def parse(cls, text: str) -> "LockOwner":
+    def parse(cls, text: str) -> LockOwner:
         """Read a lock file: JSON, or the older 'HOST PID' line of ingest."""
         try:
             d = json.loads(text)
@@ -104,7 +104,7 @@ class OutputLock:
         self.held = False
         self.made_folder = False
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         me = LockOwner.me(self.what)
         try:
             self.made_folder = not self.path.parent.exists()
@@ -130,8 +130,9 @@ class OutputLock:
         who = f"{owner.what or 'a process'} (pid {owner.pid} on {owner.host or 'an unknown host'})"
         state = owner.alive()
         if state is None:
-            raise OutputError(f"{self.path.parent}: in use by {who}; this machine cannot check it: "
-                              f"remove {self.path} if that process is gone")
+            raise OutputError(
+                f"{self.path.parent}: in use by {who}; this machine cannot check it: remove {self.path} if that process is gone"
+            )
         if state:
             raise OutputError(f"{self.path.parent}: in use by {who}; wait for it to finish or stop it")
         log.warning("%s: taking over the lock of %s, which is no longer running", self.path, who)

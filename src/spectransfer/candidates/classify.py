@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -48,8 +49,12 @@ class ClassifyResult:
     header: list[tuple[str, Any, str]] = field(default_factory=list)
 
 
-def _read(files: Sequence[str], grid: Any, progress: Any, options: IngestOptions | None = None,
-          ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, list[tuple[str, str]]]:
+def _read(
+    files: Sequence[str],
+    grid: Any,
+    progress: Any,
+    options: IngestOptions | None = None,
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, list[tuple[str, str]]]:
     """Meta rows, normalised flux and ivar on ``grid`` of the files that pass, and the failures."""
     options = options or IngestOptions()
     records: list[dict[str, Any]] = []
@@ -95,8 +100,10 @@ def classify(
     check_engine(engine)
     check_refine(refine)
     if engine not in CLASSIFY_ENGINES:
-        raise EvaluateError(f"--engine {engine}: int8 ranges are set on a store's spectra; classify runs "
-                            f"{' or '.join(CLASSIFY_ENGINES)} (use discover for onnx-int8)")
+        raise EvaluateError(
+            f"--engine {engine}: int8 ranges are set on a store's spectra; classify runs "
+            f"{' or '.join(CLASSIFY_ENGINES)} (use discover for onnx-int8)"
+        )
     if out is not None:
         output_format(out)
     files, skipped = find_files(paths)  # the one folder walker: what it passes over is reported
@@ -113,15 +120,28 @@ def classify(
     outputs: dict[str, np.ndarray] = {}
     if len(meta):
         with tempfile.TemporaryDirectory() as tmp:
-            spec = prepare_engine(run_dir, engine, tmp, model=model, threads=threads, mc_samples=mc_samples,
-                                  temperature=cal.temperature if cal else None)
+            spec = prepare_engine(
+                run_dir,
+                engine,
+                tmp,
+                model=model,
+                threads=threads,
+                mc_samples=mc_samples,
+                temperature=cal.temperature if cal else None,
+            )
             x = make_input(flux, ivar if spec.in_channels == 2 else None, spec.in_channels)
             outputs = score_array(build_scorer(spec, model=model), np.ascontiguousarray(x), batch_size)
             logits = outputs["logit"]
     p_qso = calibrated_probability(logits, cal.temperature if cal else None)
     cols = from_meta(meta, CLASSIFY_COLUMNS) if len(meta) else {}
-    cols.update({"P_QSO": pd.Series(p_qso), "IS_QSO": pd.Series(p_qso >= threshold),
-                 "LOGIT": pd.Series(np.asarray(logits, np.float32)), "QUALITY": pd.Series(quality_bits(meta))})
+    cols.update(
+        {
+            "P_QSO": pd.Series(p_qso),
+            "IS_QSO": pd.Series(p_qso >= threshold),
+            "LOGIT": pd.Series(np.asarray(logits, np.float32)),
+            "QUALITY": pd.Series(quality_bits(meta)),
+        }
+    )
     if len(meta):  # the same redshift columns as discover: network z, templates on the positives
         z = redshift_columns(outputs, p_qso >= threshold, flux, ivar, check_refine(refine), info.grid)
         cols.update({k: pd.Series(v) for k, v in z.items()})
@@ -140,9 +160,9 @@ def classify(
         "NSPEC": (len(table), "spectra scored (one row each)"),
         "NFAILED": (len(failed), "files not scored (unreadable or failing a cut)"),
         "GRIDN": (info.grid.n_bins, "grid bins"),
-        "DATE": (datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"), "UTC creation time"),
+        "DATE": (datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S"), "UTC creation time"),
     }
-    for key, value, comment in (cal.header_cards() if cal else NO_CALIBRATION_CARDS):
+    for key, value, comment in cal.header_cards() if cal else NO_CALIBRATION_CARDS:
         header[key] = (value, comment)
     cards = header_cards(header)
     res = ClassifyResult(table, failed, len(files), threshold, engine, cal is not None, header=cards)

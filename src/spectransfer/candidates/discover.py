@@ -18,13 +18,14 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from spectransfer.candidates.redshifts import check_refine, redshift_columns
 from spectransfer.candidates.schema import (
     CATEGORIES,
     DISCOVER_COLUMNS,
@@ -37,7 +38,6 @@ from spectransfer.candidates.schema import (
     quality_bits,
     write_blocks,
 )
-from spectransfer.candidates.redshifts import check_refine, redshift_columns
 from spectransfer.data.store import label_mode, open_store
 from spectransfer.errors import EvaluateError, StoreError
 from spectransfer.evaluation.calibration import NO_CALIBRATION_CARDS, Calibration, read_calibration
@@ -58,8 +58,17 @@ from spectransfer.provenance import atomic_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CATEGORIES", "QUALITY_BITS", "ENGINES", "DiscoverResult", "discover", "parts_dir", "categorise",
-           "quality_bits", "pipe_not_qso"]
+__all__ = [
+    "CATEGORIES",
+    "QUALITY_BITS",
+    "ENGINES",
+    "DiscoverResult",
+    "discover",
+    "parts_dir",
+    "categorise",
+    "quality_bits",
+    "pipe_not_qso",
+]
 
 
 @dataclass
@@ -140,8 +149,10 @@ def _plan(job: _Job, threads: int | None) -> None:
     job.store = open_store(job.store_path)
     job.model, job.info = load_run(job.run_dir)
     if job.info.grid != job.store.grid:
-        raise EvaluateError(f"{job.run_dir}: run was trained on grid {job.info.grid.to_dict()} but store "
-                            f"{job.store_path} uses {job.store.grid.to_dict()}")
+        raise EvaluateError(
+            f"{job.run_dir}: run was trained on grid {job.info.grid.to_dict()} but store "
+            f"{job.store_path} uses {job.store.grid.to_dict()}"
+        )
     rows = job.store.live_rows(job.survey)
     if rows.shape[0] == 0:
         raise StoreError(f"{job.store_path}: no spectra to score" + (f" for survey {job.survey!r}" if job.survey else ""))
@@ -172,8 +183,16 @@ def _prepare(job: _Job) -> None:
     resumed = _prepare_parts(parts, job.identity)
     t0 = time.perf_counter()
     cal = read_calibration(job.run_dir)
-    job.spec = prepare_engine(job.run_dir, job.engine, parts, store=job.store, model=job.model, threads=job.threads,
-                              mc_samples=job.mc_samples, temperature=cal.temperature if cal else None)
+    job.spec = prepare_engine(
+        job.run_dir,
+        job.engine,
+        parts,
+        store=job.store,
+        model=job.model,
+        threads=job.threads,
+        mc_samples=job.mc_samples,
+        temperature=cal.temperature if cal else None,
+    )
     job.timings["prepare_s"] = time.perf_counter() - t0
     job.blocks = [job.rows[i : i + job.block_size] for i in range(0, job.rows.shape[0], job.block_size)]
     job.part_files = [parts / f"block-{i:06d}.npy" for i in range(len(job.blocks))]
@@ -214,16 +233,27 @@ def _score_on_dask(job: _Job, todo: list[int], advance: Callable[[int], Any]) ->
     store = str(job.store_path.resolve())
     with dask_client(workers=job.workers, scheduler=job.scheduler) as client:
         futures = [
-            client.submit(_score_block_in_worker, job.spec, store, job.blocks[i], str(job.part_files[i].resolve()),
-                          job.batch_size, key=f"discover-{job.identity['rows_sha256'][:12]}-{i}", pure=False)
+            client.submit(
+                _score_block_in_worker,
+                job.spec,
+                store,
+                job.blocks[i],
+                str(job.part_files[i].resolve()),
+                job.batch_size,
+                key=f"discover-{job.identity['rows_sha256'][:12]}-{i}",
+                pure=False,
+            )
             for i in todo
         ]
         for fut in as_completed(futures):
             advance(fut.result())
 
 
-def _finish(job: _Job, outputs: dict[str, np.ndarray], quiet: bool = True,
-            ) -> tuple[Callable[[], Iterator[pd.DataFrame]], list[tuple[str, Any, str]], dict[str, Any]]:
+def _finish(
+    job: _Job,
+    outputs: dict[str, np.ndarray],
+    quiet: bool = True,
+) -> tuple[Callable[[], Iterator[pd.DataFrame]], list[tuple[str, Any, str]], dict[str, Any]]:
     """Probabilities, categories, flags and redshifts; the table (as its row blocks) and header; the summary counts."""
     cal = read_calibration(job.run_dir)
     logits = outputs["logit"]
@@ -240,7 +270,11 @@ def _finish(job: _Job, outputs: dict[str, np.ndarray], quiet: bool = True,
         for c in CATEGORIES:
             counts[c] += int((cat == c).sum())
         n_flag += int(block["PIPE_NOT_QSO"].sum())
-        cls = block["CLASS"].astype("string").str.strip().str.upper().fillna("").to_numpy(dtype=object) if "CLASS" in block else np.array([""] * len(block), dtype=object)
+        cls = (
+            block["CLASS"].astype("string").str.strip().str.upper().fillna("").to_numpy(dtype=object)
+            if "CLASS" in block
+            else np.array([""] * len(block), dtype=object)
+        )
         for c in by_class:
             by_class[c] += int(((cat == "new_candidate") & (cls == c)).sum())
     summary = {"counts": counts, "n_pipe_not_qso": n_flag, "by_class": by_class, "calibrated": cal is not None}
@@ -271,10 +305,15 @@ def _table_blocks(job: _Job, logits: np.ndarray, p_qso: np.ndarray, extra: dict[
         p = p_qso[a:b]
         label = meta["label"].fillna(0).to_numpy(dtype=np.int8)
         cols = from_meta(meta, DISCOVER_COLUMNS)
-        cols.update({"LOGIT": pd.Series(logits[a:b].astype(np.float32)), "P_QSO": pd.Series(p),
-                     "CATEGORY": pd.Series(categorise(p, label, job.threshold).astype(str)),
-                     "PIPE_NOT_QSO": pd.Series(pipe_not_qso(p, meta["pipeline_class"], job.threshold)),
-                     "QUALITY": pd.Series(quality_bits(meta))})
+        cols.update(
+            {
+                "LOGIT": pd.Series(logits[a:b].astype(np.float32)),
+                "P_QSO": pd.Series(p),
+                "CATEGORY": pd.Series(categorise(p, label, job.threshold).astype(str)),
+                "PIPE_NOT_QSO": pd.Series(pipe_not_qso(p, meta["pipeline_class"], job.threshold)),
+                "QUALITY": pd.Series(quality_bits(meta)),
+            }
+        )
         cols.update({k: pd.Series(v[a:b]) for k, v in extra.items()})
         a = b
         yield pd.DataFrame({k: cols[k] for k in DISCOVER_COLUMNS if k in cols})
@@ -319,9 +358,9 @@ def _header(job: _Job, cal: Calibration | None) -> list[tuple[str, Any, str]]:
         "ENGINE": (job.engine, "scoring engine"),
         "ZREFINE": (job.refine, "Z_PRED fit: full, window or none"),
         "MCDROP": (int(job.mc_samples), "MC-dropout passes behind P_QSO_STD (0 = off)"),
-        "DATE": (datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"), "UTC creation time"),
+        "DATE": (datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S"), "UTC creation time"),
     }
-    for key, value, comment in (cal.header_cards() if cal else NO_CALIBRATION_CARDS):
+    for key, value, comment in cal.header_cards() if cal else NO_CALIBRATION_CARDS:
         header[key] = (value, comment)
     if job.spec is not None and job.spec.int8_calibration is not None:
         for key, value, comment in job.spec.int8_calibration.header_cards():
@@ -357,8 +396,20 @@ def discover(
     store, engine and block size.
     """
     t0 = time.perf_counter()
-    job = _Job(Path(run_dir), Path(store_path), Path(out), threshold, engine, batch_size, block_size, workers,
-               scheduler, survey, check_refine(refine), int(mc_samples))
+    job = _Job(
+        Path(run_dir),
+        Path(store_path),
+        Path(out),
+        threshold,
+        engine,
+        batch_size,
+        block_size,
+        workers,
+        scheduler,
+        survey,
+        check_refine(refine),
+        int(mc_samples),
+    )
     _plan(job, threads)
     _prepare(job)
     outputs = _score(job, quiet)
@@ -369,10 +420,18 @@ def discover(
         parquet = write_blocks(blocks, cards, job.out.with_suffix(".parquet"))
     shutil.rmtree(parts_dir(job.out), ignore_errors=True)
     return DiscoverResult(
-        fits_path=job.out, parquet_path=parquet, n_spectra=int(job.rows.shape[0]), counts=summary["counts"],
-        n_pipe_not_qso=summary["n_pipe_not_qso"], pipe_not_qso_by_class=summary["by_class"], threshold=threshold,
-        engine=engine, calibrated=summary["calibrated"], resumed_spectra=job.resumed,
-        seconds=time.perf_counter() - t0, extra=dict(job.timings),
+        fits_path=job.out,
+        parquet_path=parquet,
+        n_spectra=int(job.rows.shape[0]),
+        counts=summary["counts"],
+        n_pipe_not_qso=summary["n_pipe_not_qso"],
+        pipe_not_qso_by_class=summary["by_class"],
+        threshold=threshold,
+        engine=engine,
+        calibrated=summary["calibrated"],
+        resumed_spectra=job.resumed,
+        seconds=time.perf_counter() - t0,
+        extra=dict(job.timings),
     )
 
 

@@ -33,8 +33,9 @@ def check_refine(mode: str) -> str:
     return mode
 
 
-def redshift_columns(outputs: dict[str, np.ndarray], positive: np.ndarray, flux: Any, ivar: Any,
-                     mode: str = "full", grid: Grid = DEFAULT_GRID) -> dict[str, np.ndarray]:
+def redshift_columns(
+    outputs: dict[str, np.ndarray], positive: np.ndarray, flux: Any, ivar: Any, mode: str = "full", grid: Grid = DEFAULT_GRID
+) -> dict[str, np.ndarray]:
     """The six redshift columns for n spectra: network z from ``outputs`` (``z_net``,
     ``z_net_err`` when the run has a z head), refined z for the ``positive`` ones.
 
@@ -46,8 +47,12 @@ def redshift_columns(outputs: dict[str, np.ndarray], positive: np.ndarray, flux:
     z_net = np.asarray(outputs.get("z_net", nan), dtype=np.float64)
     z_err = np.asarray(outputs.get("z_net_err", nan), dtype=np.float64)
     cols = {
-        "Z_NET": z_net.copy(), "Z_NET_ERR": z_err.copy(), "Z_PRED": nan.copy(), "Z_PRED_ERR": nan.copy(),
-        "ZWARN_PRED": np.full(n, ZWARN_NOT_FITTED, dtype=np.int32), "DELTACHI2": nan.copy(),
+        "Z_NET": z_net.copy(),
+        "Z_NET_ERR": z_err.copy(),
+        "Z_PRED": nan.copy(),
+        "Z_PRED_ERR": nan.copy(),
+        "ZWARN_PRED": np.full(n, ZWARN_NOT_FITTED, dtype=np.int32),
+        "DELTACHI2": nan.copy(),
     }
     fit = np.flatnonzero(positive)
     if mode == "none" or fit.size == 0:

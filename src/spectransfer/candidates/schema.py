@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from spectransfer.errors import EvaluateError
 from spectransfer.candidates.redshifts import ZWARN_PRED_BITS
+from spectransfer.errors import EvaluateError
 from spectransfer.provenance import atomic_path, provenance_cards
 
 EXTNAME = "CANDIDATES"
@@ -28,6 +28,8 @@ REFERENCE = "Podsztavek, Skoda & Tvrdik 2021, ASP Conf. Ser. 532 (ADASS XXX)"
 FORMATS = {".fits": "fits", ".fit": "fits", ".parquet": "parquet", ".csv": "csv", ".vot": "votable", ".xml": "votable"}
 
 CATEGORIES = ("new_candidate", "missed_by_model", "agree_qso", "agree_other")
+
+
 def category_meaning(label_mode: str = "catalog") -> dict[str, str]:
     """What each CATEGORY means for a store labelled by its quasar catalogues ('catalog'), by the
     survey pipeline's CLASS ('pipeline') or not at all ('none': every positive is 'new')."""
@@ -71,55 +73,123 @@ class Column:
 
 
 _C = Column
-COLUMNS: dict[str, Column] = {c.name: c for c in (
-    _C("SPECTRUM_ID", "str", None, "spectrum id (survey ids joined by '-')", "spectrum_id"),
-    _C("SOURCE_FILE", "str", None, "spectrum file the row was read from", "source_file"),
-    _C("ROW", "i8", None, "row of the spectrum in the store", "row"),
-    _C("SURVEY", "str", None, "survey: sdss or lamost", "survey"),
-    _C("PLATE", "i8", None, "SDSS plate (-1 = not SDSS)", "plate"),
-    _C("MJD", "i8", "d", "SDSS MJD of the observation (-1 = not SDSS)", "mjd"),
-    _C("FIBERID", "i8", None, "fibre on the plate (SDSS) or spectrograph (LAMOST)", "fiberid"),
-    _C("OBSID", "i8", None, "LAMOST obsid (-1 = not LAMOST)", "obsid"),
-    _C("LMJD", "i8", "d", "LAMOST local MJD (-1 = not LAMOST)", "lmjd"),
-    _C("PLANID", "str", None, "LAMOST plan id", "planid"),
-    _C("SPID", "i8", None, "LAMOST spectrograph id (-1 = not LAMOST)", "spid"),
-    _C("RA", "f8", "deg", "right ascension (ICRS)", "ra"),
-    _C("DEC", "f8", "deg", "declination (ICRS)", "dec"),
-    _C("CLASS", "str", None, "survey pipeline class", "pipeline_class"),
-    _C("SUBCLASS", "str", None, "survey pipeline subclass", "pipeline_subclass"),
-    _C("Z", "f8", None, "survey pipeline redshift (NaN = none)", "z"),
-    _C("ZWARNING", "i8", None, "survey pipeline redshift warning bits (-1 = none given)", "zwarning"),
-    _C("CAT_LABEL", "i2", None, "1 = in a quasar catalogue, 0 = not", "label"),
-    _C("LABEL_SOURCE", "str", None, "how the catalogue label was matched", "label_source"),
-    _C("CATALOG_NAME", "str", None, "quasar catalogue that holds the spectrum", "catalog_name"),
-    _C("CATALOG_Z", "f8", None, "catalogue redshift (NaN = not a catalogue quasar)", "catalog_z"),
-    _C("SNR", "f4", None, "median S/N per grid bin", "snr"),
-    _C("MAG", "f4", "mag", "r-band magnitude; where it came from in MAG_SRC", "mag"),
-    _C("MAG_SRC", "str", None, "MAG from: psfmag, spectroflux, synthetic (SDSS), lamost_ps1, lamost_input", "mag_source"),
-    _C("OBJECT_ID", "str", None, "object id shared by repeat observations", "object_id"),
-    _C("SPLIT", "str", None, "train/val/test split of the store", "split"),
-    _C("LOGIT", "f4", None, "network output before calibration"),
-    _C("P_QSO", "f4", None, "P(QSO) = sigmoid(LOGIT / TEMPER), see CALIBR"),
-    _C("IS_QSO", "bool", None, "P_QSO >= THRESH"),
-    _C("CATEGORY", "str", None, "model vs catalogue: " + ", ".join(CATEGORIES)),
-    _C("PIPE_NOT_QSO", "bool", None, "positive the pipeline calls STAR or GALAXY"),
-    _C("QUALITY", "i4", None, "bitmask of doubts, see QBITn cards (0 = none)"),
-    _C("P_QSO_STD", "f4", None, "spread of P_QSO over MC-dropout passes (NaN = not asked, see MCDROP)"),
-    _C("Z_NET", "f8", None, "network redshift from the z head (NaN = run without one)"),
-    _C("Z_NET_ERR", "f8", None, "network redshift uncertainty (std of its z distribution)"),
-    _C("Z_PRED", "f8", None, "redshift refined with the DR16Q quasar templates (positives; NaN = not fitted)"),
-    _C("Z_PRED_ERR", "f8", None, "Z_PRED error from the chi2 curvature (delta chi2 = 1)"),
-    _C("ZWARN_PRED", "i4", None, "Z_PRED warning bits, see ZBITn cards (0 = good)"),
-    _C("DELTACHI2", "f8", None, "chi2 of the next-best minimum > 3000 km/s away minus the best"),
-)}
+COLUMNS: dict[str, Column] = {
+    c.name: c
+    for c in (
+        _C("SPECTRUM_ID", "str", None, "spectrum id (survey ids joined by '-')", "spectrum_id"),
+        _C("SOURCE_FILE", "str", None, "spectrum file the row was read from", "source_file"),
+        _C("ROW", "i8", None, "row of the spectrum in the store", "row"),
+        _C("SURVEY", "str", None, "survey: sdss or lamost", "survey"),
+        _C("PLATE", "i8", None, "SDSS plate (-1 = not SDSS)", "plate"),
+        _C("MJD", "i8", "d", "SDSS MJD of the observation (-1 = not SDSS)", "mjd"),
+        _C("FIBERID", "i8", None, "fibre on the plate (SDSS) or spectrograph (LAMOST)", "fiberid"),
+        _C("OBSID", "i8", None, "LAMOST obsid (-1 = not LAMOST)", "obsid"),
+        _C("LMJD", "i8", "d", "LAMOST local MJD (-1 = not LAMOST)", "lmjd"),
+        _C("PLANID", "str", None, "LAMOST plan id", "planid"),
+        _C("SPID", "i8", None, "LAMOST spectrograph id (-1 = not LAMOST)", "spid"),
+        _C("RA", "f8", "deg", "right ascension (ICRS)", "ra"),
+        _C("DEC", "f8", "deg", "declination (ICRS)", "dec"),
+        _C("CLASS", "str", None, "survey pipeline class", "pipeline_class"),
+        _C("SUBCLASS", "str", None, "survey pipeline subclass", "pipeline_subclass"),
+        _C("Z", "f8", None, "survey pipeline redshift (NaN = none)", "z"),
+        _C("ZWARNING", "i8", None, "survey pipeline redshift warning bits (-1 = none given)", "zwarning"),
+        _C("CAT_LABEL", "i2", None, "1 = in a quasar catalogue, 0 = not", "label"),
+        _C("LABEL_SOURCE", "str", None, "how the catalogue label was matched", "label_source"),
+        _C("CATALOG_NAME", "str", None, "quasar catalogue that holds the spectrum", "catalog_name"),
+        _C("CATALOG_Z", "f8", None, "catalogue redshift (NaN = not a catalogue quasar)", "catalog_z"),
+        _C("SNR", "f4", None, "median S/N per grid bin", "snr"),
+        _C("MAG", "f4", "mag", "r-band magnitude; where it came from in MAG_SRC", "mag"),
+        _C("MAG_SRC", "str", None, "MAG from: psfmag, spectroflux, synthetic (SDSS), lamost_ps1, lamost_input", "mag_source"),
+        _C("OBJECT_ID", "str", None, "object id shared by repeat observations", "object_id"),
+        _C("SPLIT", "str", None, "train/val/test split of the store", "split"),
+        _C("LOGIT", "f4", None, "network output before calibration"),
+        _C("P_QSO", "f4", None, "P(QSO) = sigmoid(LOGIT / TEMPER), see CALIBR"),
+        _C("IS_QSO", "bool", None, "P_QSO >= THRESH"),
+        _C("CATEGORY", "str", None, "model vs catalogue: " + ", ".join(CATEGORIES)),
+        _C("PIPE_NOT_QSO", "bool", None, "positive the pipeline calls STAR or GALAXY"),
+        _C("QUALITY", "i4", None, "bitmask of doubts, see QBITn cards (0 = none)"),
+        _C("P_QSO_STD", "f4", None, "spread of P_QSO over MC-dropout passes (NaN = not asked, see MCDROP)"),
+        _C("Z_NET", "f8", None, "network redshift from the z head (NaN = run without one)"),
+        _C("Z_NET_ERR", "f8", None, "network redshift uncertainty (std of its z distribution)"),
+        _C("Z_PRED", "f8", None, "redshift refined with the DR16Q quasar templates (positives; NaN = not fitted)"),
+        _C("Z_PRED_ERR", "f8", None, "Z_PRED error from the chi2 curvature (delta chi2 = 1)"),
+        _C("ZWARN_PRED", "i4", None, "Z_PRED warning bits, see ZBITn cards (0 = good)"),
+        _C("DELTACHI2", "f8", None, "chi2 of the next-best minimum > 3000 km/s away minus the best"),
+    )
+}
 
-DISCOVER_COLUMNS = ("SPECTRUM_ID", "ROW", "SURVEY", "PLATE", "MJD", "FIBERID", "OBSID", "LMJD", "PLANID", "SPID",
-                    "RA", "DEC", "CLASS", "SUBCLASS", "Z", "ZWARNING", "CAT_LABEL", "LABEL_SOURCE", "CATALOG_NAME",
-                    "CATALOG_Z", "SNR", "MAG", "MAG_SRC", "OBJECT_ID", "SPLIT", "SOURCE_FILE", "LOGIT", "P_QSO", "CATEGORY",
-                    "PIPE_NOT_QSO", "QUALITY", "P_QSO_STD", "Z_NET", "Z_NET_ERR", "Z_PRED", "Z_PRED_ERR", "ZWARN_PRED", "DELTACHI2")
-CLASSIFY_COLUMNS = ("SOURCE_FILE", "SPECTRUM_ID", "P_QSO", "IS_QSO", "LOGIT", "SURVEY", "PLATE", "MJD", "FIBERID",
-                    "OBSID", "LMJD", "PLANID", "SPID", "RA", "DEC", "CLASS", "SUBCLASS", "Z", "ZWARNING", "SNR",
-                    "MAG", "MAG_SRC", "QUALITY", "P_QSO_STD", "Z_NET", "Z_NET_ERR", "Z_PRED", "Z_PRED_ERR", "ZWARN_PRED", "DELTACHI2")
+DISCOVER_COLUMNS = (
+    "SPECTRUM_ID",
+    "ROW",
+    "SURVEY",
+    "PLATE",
+    "MJD",
+    "FIBERID",
+    "OBSID",
+    "LMJD",
+    "PLANID",
+    "SPID",
+    "RA",
+    "DEC",
+    "CLASS",
+    "SUBCLASS",
+    "Z",
+    "ZWARNING",
+    "CAT_LABEL",
+    "LABEL_SOURCE",
+    "CATALOG_NAME",
+    "CATALOG_Z",
+    "SNR",
+    "MAG",
+    "MAG_SRC",
+    "OBJECT_ID",
+    "SPLIT",
+    "SOURCE_FILE",
+    "LOGIT",
+    "P_QSO",
+    "CATEGORY",
+    "PIPE_NOT_QSO",
+    "QUALITY",
+    "P_QSO_STD",
+    "Z_NET",
+    "Z_NET_ERR",
+    "Z_PRED",
+    "Z_PRED_ERR",
+    "ZWARN_PRED",
+    "DELTACHI2",
+)
+CLASSIFY_COLUMNS = (
+    "SOURCE_FILE",
+    "SPECTRUM_ID",
+    "P_QSO",
+    "IS_QSO",
+    "LOGIT",
+    "SURVEY",
+    "PLATE",
+    "MJD",
+    "FIBERID",
+    "OBSID",
+    "LMJD",
+    "PLANID",
+    "SPID",
+    "RA",
+    "DEC",
+    "CLASS",
+    "SUBCLASS",
+    "Z",
+    "ZWARNING",
+    "SNR",
+    "MAG",
+    "MAG_SRC",
+    "QUALITY",
+    "P_QSO_STD",
+    "Z_NET",
+    "Z_NET_ERR",
+    "Z_PRED",
+    "Z_PRED_ERR",
+    "ZWARN_PRED",
+    "DELTACHI2",
+)
 
 
 # ---- categories and quality ------------------------------------------------------------------

@@ -36,7 +36,15 @@ from spectransfer.surveys import SURVEYS, get_survey, survey_names
 log = logging.getLogger(__name__)
 
 FIXED_KINDS = ("auto", "positions")  # besides the registered surveys' names
-_KIND_ALIASES = {"dr14q": "sdss", "dr16q": "sdss", "dr1q": "lamost", "dr2&3q": "lamost", "dr4&5q": "lamost", "dr23q": "lamost", "dr45q": "lamost"}
+_KIND_ALIASES = {
+    "dr14q": "sdss",
+    "dr16q": "sdss",
+    "dr1q": "lamost",
+    "dr2&3q": "lamost",
+    "dr4&5q": "lamost",
+    "dr23q": "lamost",
+    "dr45q": "lamost",
+}
 
 # canonical name -> accepted column names (lower case), first found wins.
 _ALIASES: dict[str, tuple[str, ...]] = {
@@ -84,8 +92,16 @@ class QuasarCatalog:
         return len(self.objects)
 
     def summary(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "quasars": len(self.objects), "id_keys": len(self.keys), "notes": list(self.notes),
-                "rule": self.rule, "rows": self.rows, "class_counts": dict(self.class_counts)}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "quasars": len(self.objects),
+            "id_keys": len(self.keys),
+            "notes": list(self.notes),
+            "rule": self.rule,
+            "rows": self.rows,
+            "class_counts": dict(self.class_counts),
+        }
 
 
 # ---- reading --------------------------------------------------------------------------------
@@ -232,7 +248,11 @@ def load_catalog(path: str | Path, kind: str = "auto", all_quasars: bool = False
     sniffed = _sniff(cols)
     if kind == "auto":
         if sniffed is None and not ((all_quasars or _class_column(cols)) and found["ra"] and found["dec"]):
-            pos = "it has ra/dec only; pass it with --qso-catalog if every row is a quasar" if found["ra"] and found["dec"] else "no ra/dec either"
+            pos = (
+                "it has ra/dec only; pass it with --qso-catalog if every row is a quasar"
+                if found["ra"] and found["dec"]
+                else "no ra/dec either"
+            )
             keys = "; ".join(f"{s.name}: {' / '.join(', '.join(k) for k in s.catalogue_keys)}" for s in SURVEYS.values())
             raise CatalogError(
                 f"{path}: not a recognised quasar catalogue: no id columns of a survey ({keys}) "
@@ -309,11 +329,27 @@ def load_catalog(path: str | Path, kind: str = "auto", all_quasars: bool = False
         keys = _survey_keys(data, cols, kind, idx)
     else:
         keys = pd.DataFrame({"obj": np.empty(0, dtype=np.int64)})
-    cat = QuasarCatalog(name=path.name, path=str(path), kind=kind, objects=objects, keys=keys, notes=notes,
-                        rule=rule, rows=n_rows, class_counts=class_counts)
+    cat = QuasarCatalog(
+        name=path.name,
+        path=str(path),
+        kind=kind,
+        objects=objects,
+        keys=keys,
+        notes=notes,
+        rule=rule,
+        rows=n_rows,
+        class_counts=class_counts,
+    )
     if class_counts:
         log.info("catalogue %s: rows per %s: %s", cat.name, class_col, ", ".join(f"{k} {v}" for k, v in class_counts.items()))
-    log.info("catalogue %s: %s, %d quasars, %d id keys%s", cat.name, kind, len(cat), len(keys), "; " + "; ".join(notes) if notes else "")
+    log.info(
+        "catalogue %s: %s, %d quasars, %d id keys%s",
+        cat.name,
+        kind,
+        len(cat),
+        len(keys),
+        "; " + "; ".join(notes) if notes else "",
+    )
     return cat
 
 
@@ -323,8 +359,19 @@ def load_catalog(path: str | Path, kind: str = "auto", all_quasars: bool = False
 # redshifts, the source of Z, duplicate observations, BAL measures) and the LAMOST quasar
 # catalogues (visual-inspection redshift beside the pipeline's class and redshift). A table
 # with one of them lists quasars; CLASS_PIPE / CLASS_PERSON there are not a row filter.
-QSO_CATALOG_COLUMNS = ("z_vi", "source_z", "is_qso_final", "plate_duplicate", "z_pca", "z_mgii", "bal_prob", "bi_civ",
-                       "class_pipe", "z_pipe", "z_qso")
+QSO_CATALOG_COLUMNS = (
+    "z_vi",
+    "source_z",
+    "is_qso_final",
+    "plate_duplicate",
+    "z_pca",
+    "z_mgii",
+    "bal_prob",
+    "bi_civ",
+    "class_pipe",
+    "z_pipe",
+    "z_qso",
+)
 # Columns that give each row's class, most specific first: specObj/spAll CLASS, SkyServer DR7
 # specClass and spSpec SPEC_CLN (numeric codes), SIMBAD otype, target types (objtype, objtype_*).
 CLASS_COLUMNS = ("class", "specclass", "spec_cln", "objclass", "main_type", "otype", "objtype")
@@ -374,7 +421,9 @@ def quasar_rows(path: Path, column: str, values: np.ndarray) -> tuple[np.ndarray
         is_qso = v == 1
     elif np.asarray(values).dtype.kind in "iuf" or name in _NUMERIC_CLASS:
         if name not in _NUMERIC_CLASS:
-            raise CatalogError(f"{path}: class column {column!r} is numeric and its codes are unknown; pass the file with --qso-catalog if every row is a quasar")
+            raise CatalogError(
+                f"{path}: class column {column!r} is numeric and its codes are unknown; pass the file with --qso-catalog if every row is a quasar"
+            )
         v = _as_int(np.asarray(values))
         names = np.array([_SPEC_CLN.get(int(x), f"code {int(x)}") for x in v], dtype=object)
         is_qso = np.isin(v, (3, 4))
@@ -404,7 +453,16 @@ def _sdss_keys(data: dict, found: dict, idx: np.ndarray, notes: list[str]) -> pd
             dp, dm, df_ = dp[:, None], dm[:, None], df_[:, None]
         ok = (dp > 0) & (dm > 0) & (df_ > 0)  # empty slots hold -1 (DR14Q) or 0
         rows, _ = np.nonzero(ok)
-        parts.append(pd.DataFrame({"plate": dp[ok].astype(np.int64), "mjd": dm[ok].astype(np.int64), "fiberid": df_[ok].astype(np.int64), "obj": rows}))
+        parts.append(
+            pd.DataFrame(
+                {
+                    "plate": dp[ok].astype(np.int64),
+                    "mjd": dm[ok].astype(np.int64),
+                    "fiberid": df_[ok].astype(np.int64),
+                    "obj": rows,
+                }
+            )
+        )
         notes.append(f"{int(ok.sum())} duplicate-observation keys")
     keys = pd.concat(parts, ignore_index=True)
     keys = keys[(keys.plate > 0) & (keys.mjd > 0) & (keys.fiberid > 0)]
@@ -593,6 +651,10 @@ def label_spectra(meta: pd.DataFrame, catalogs: Sequence[QuasarCatalog], radius_
     out.attrs["label_counts"] = counts
     log.info(
         "labels: %d quasars by id, %d by position (<= %s arcsec), %d unmatched; per catalogue %s",
-        counts["id"], counts["position"], radius_arcsec, counts["none"], counts["by_catalog"],
+        counts["id"],
+        counts["position"],
+        radius_arcsec,
+        counts["none"],
+        counts["by_catalog"],
     )
     return out

@@ -35,7 +35,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -159,13 +159,12 @@ def _check_base_url(base_url: str) -> str:
 def sdss_spectrum_path(release: str, plate: int, mjd: int, fiber: int, run2d: str) -> str:
     """SAS path (below ``sas/``) of one spec-lite file; BOSS run2d start with 'v'."""
     survey_dir = "eboss" if run2d.startswith("v") else "sdss"
-    return (
-        f"{release}/{survey_dir}/spectro/redux/{run2d}/spectra/lite/{plate:04d}/"
-        f"spec-{plate:04d}-{mjd}-{fiber:04d}.fits"
-    )
+    return f"{release}/{survey_dir}/spectro/redux/{run2d}/spectra/lite/{plate:04d}/spec-{plate:04d}-{mjd}-{fiber:04d}.fits"
 
 
-def _find_columns(columns: Sequence[str], wanted: dict[str, tuple[str, ...]], path: Path, required: Iterable[str]) -> dict[str, str]:
+def _find_columns(
+    columns: Sequence[str], wanted: dict[str, tuple[str, ...]], path: Path, required: Iterable[str]
+) -> dict[str, str]:
     lower = {c.lower(): c for c in columns}
     found: dict[str, str] = {}
     for name, aliases in wanted.items():
@@ -472,7 +471,7 @@ def _truncation(path: Path, gz: bool) -> str | None:
     import gzip
 
     try:
-        with (gzip.open(path, "rb") if gz else open(path, "rb")) as fh:
+        with gzip.open(path, "rb") if gz else open(path, "rb") as fh:
             return fits_truncation(fh)
     except EOFError:
         return "gzip stream ends before its end marker"
@@ -535,7 +534,7 @@ class Fetcher:
             "sha256": result.sha256,
             "status": result.status,
             "error": result.error,
-            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         line = json.dumps(rec, sort_keys=True) + "\n"
         with self._manifest_lock, open(self.manifest_path, "a", encoding="utf-8") as fh:
@@ -677,7 +676,9 @@ class Fetcher:
         self._record(result)
         return result
 
-    def _fetch_target(self, client: Any, item: FetchItem, target: Target, expected: str | None, attempts: list[int]) -> FetchResult:
+    def _fetch_target(
+        self, client: Any, item: FetchItem, target: Target, expected: str | None, attempts: list[int]
+    ) -> FetchResult:
         """Every attempt at one URL: retried after 5xx, timeouts and short bodies, never after 404."""
         part = self.dest / (target.path + ".part")
         last: FetchResult | None = None
@@ -696,11 +697,15 @@ class Fetcher:
                 return FetchResult(item.key, "missing", target.url, target.path, error=str(exc), attempts=attempts[0])
             except _Fatal as exc:
                 _drop_if_empty(part)
-                result = FetchResult(item.key, "failed", target.url, target.path, error=_redact(str(exc), item), attempts=attempts[0])
+                result = FetchResult(
+                    item.key, "failed", target.url, target.path, error=_redact(str(exc), item), attempts=attempts[0]
+                )
                 log.warning("%s: %s", target.url, result.error)
                 return result
             except _Retry as exc:
-                last = FetchResult(item.key, "failed", target.url, target.path, error=_redact(str(exc), item), attempts=attempts[0])
+                last = FetchResult(
+                    item.key, "failed", target.url, target.path, error=_redact(str(exc), item), attempts=attempts[0]
+                )
                 if attempt < self.retries:
                     self._wait_before_retry(attempt, target, exc)
         _drop_if_empty(part)  # a non-empty .part stays for a later resume
@@ -731,9 +736,10 @@ class Fetcher:
         # Proxies from the environment apply, except to a mirror on this machine.
         trust_env = not all(url_is_loopback(t.url) for item in items for t in item.targets)
         queue = iter(items)
-        with httpx.Client(limits=limits, timeout=timeout, follow_redirects=True, trust_env=trust_env) as client, cf.ThreadPoolExecutor(
-            max_workers=self.jobs, thread_name_prefix="fetch"
-        ) as pool:
+        with (
+            httpx.Client(limits=limits, timeout=timeout, follow_redirects=True, trust_env=trust_env) as client,
+            cf.ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="fetch") as pool,
+        ):
             pending: dict[cf.Future[FetchResult], FetchItem] = {}
 
             def top_up() -> None:  # a few items per worker in the queue, not millions of futures

@@ -46,16 +46,18 @@ from spectransfer.data.store import (
     Store,
     conform,
     create_store,
-    label_mode as label_mode_of,
     meta_columns,
     meta_schema,
     open_store,
     write_table,
 )
+from spectransfer.data.store import (
+    label_mode as label_mode_of,
+)
 from spectransfer.errors import SpectrumError, StoreError
+from spectransfer.locks import OutputLock
 from spectransfer.progress import progress_bar
 from spectransfer.provenance import atomic_path, sha256_file, write_text_atomic
-from spectransfer.locks import OutputLock
 from spectransfer.surveys import (
     coverage_limits,
     get_survey,
@@ -223,7 +225,6 @@ def read_checked(path: str, options: IngestOptions, grid: Grid = DEFAULT_GRID) -
 
     Never raises for a bad file (ingest and classify both list the reason and go on).
     """
-    from spectransfer.surveys import read_spectrum
 
     try:
         rec = read_spectrum(path)
@@ -265,7 +266,15 @@ def process_batch(task: dict[str, Any]) -> dict[str, Any]:
     part_path = store_path / "parts" / f"{task['batch_id']}.parquet"
     n_files = len(task["files"])
     if part_path.exists():  # done by an earlier (killed) run's worker
-        return {"batch_id": task["batch_id"], "n_files": n_files, "accepted": 0, "rejected": 0, "unchanged": 0, "seconds": 0.0, "skipped": True}
+        return {
+            "batch_id": task["batch_id"],
+            "n_files": n_files,
+            "accepted": 0,
+            "rejected": 0,
+            "unchanged": 0,
+            "seconds": 0.0,
+            "skipped": True,
+        }
     options = IngestOptions(**task["options"])
     grid = Grid.from_dict(task["grid"])
     records: list[dict[str, Any]] = []
@@ -376,7 +385,13 @@ def resample_records(recs: list[Any], grid: Grid = DEFAULT_GRID) -> tuple[np.nda
         idx = np.array([i for i, _ in on_grid])
         out_f[idx], out_iv[idx] = f, v
     if others:
-        f, v = resample_batch([recs[i].wave for i in others], [recs[i].flux for i in others], [recs[i].ivar for i in others], [recs[i].mask for i in others], grid)
+        f, v = resample_batch(
+            [recs[i].wave for i in others],
+            [recs[i].flux for i in others],
+            [recs[i].ivar for i in others],
+            [recs[i].mask for i in others],
+            grid,
+        )
         idx = np.array(others)
         out_f[idx], out_iv[idx] = f, v
     return out_f, out_iv
@@ -435,8 +450,17 @@ def find_files(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[str], lis
 
 def _record_skipped(store: Store, batch_id: str, skipped: list[tuple[str, str]]) -> None:
     """Entries the walk passed over become rejected records (a part file like a batch's)."""
-    rows = [{"source_file": path, "file_stamp": None, "batch_id": batch_id, "status": "rejected", "content_hash": None,
-             "reason": f"unreadable: {reason}"} for path, reason in skipped]
+    rows = [
+        {
+            "source_file": path,
+            "file_stamp": None,
+            "batch_id": batch_id,
+            "status": "rejected",
+            "content_hash": None,
+            "reason": f"unreadable: {reason}",
+        }
+        for path, reason in skipped
+    ]
     _write_part(pd.DataFrame(rows, columns=part_columns()), store.path / "parts" / f"{batch_id}.parquet")
 
 
@@ -537,8 +561,13 @@ def _catalogs(store: Store, new: Sequence[str | os.PathLike[str]], key: str = "c
     return present
 
 
-def _label(meta: pd.DataFrame, catalog_paths: list[str], mode: str = "catalog", qso_paths: Sequence[str] = (),
-           loaded: dict[str, Any] | None = None) -> pd.DataFrame:
+def _label(
+    meta: pd.DataFrame,
+    catalog_paths: list[str],
+    mode: str = "catalog",
+    qso_paths: Sequence[str] = (),
+    loaded: dict[str, Any] | None = None,
+) -> pd.DataFrame:
     """Labels by ``mode``; ``result.attrs['label_report']`` says how (what store.json keeps under 'labels')."""
     if mode == "pipeline":
         return _pipeline_labels(meta)
@@ -555,7 +584,11 @@ def _label(meta: pd.DataFrame, catalog_paths: list[str], mode: str = "catalog", 
     cats = _load_catalogs(catalog_paths, qso_paths, loaded)
     base = meta.drop(columns=[c for c in ("label", "label_source", "catalog_name", "catalog_z") if c in meta.columns])
     out = label_spectra(base, cats, radius_arcsec=1.5)
-    out.attrs["label_report"] = {"mode": "catalog", "catalogs": [c.summary() for c in cats], "counts": out.attrs.get("label_counts", {})}
+    out.attrs["label_report"] = {
+        "mode": "catalog",
+        "catalogs": [c.summary() for c in cats],
+        "counts": out.attrs.get("label_counts", {}),
+    }
     return out
 
 
@@ -585,8 +618,15 @@ def _pipeline_labels(meta: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def consolidate(store: Store, catalog_paths: list[str], split_config: SplitConfig, *, label_mode: str = "catalog",
-                qso_paths: Sequence[str] = (), loaded: dict[str, Any] | None = None) -> dict[str, Any]:
+def consolidate(
+    store: Store,
+    catalog_paths: list[str],
+    split_config: SplitConfig,
+    *,
+    label_mode: str = "catalog",
+    qso_paths: Sequence[str] = (),
+    loaded: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Fold part files into meta.parquet / rejected.parquet, relabel, re-split; safe to repeat."""
     ledger = _ledger(store)
     accepted = ledger[ledger["status"] == "accepted"]
@@ -631,11 +671,19 @@ def consolidate(store: Store, catalog_paths: list[str], split_config: SplitConfi
     store.reload()
     common = old_split.index.intersection(pd.Index(meta["spectrum_id"]))
     moved = int((old_split.reindex(common).to_numpy() != meta.set_index("spectrum_id")["split"].reindex(common).to_numpy()).sum())
-    return {"duplicates": n_dup, "leakage": report.get("leakage", {}), "splits": meta["split"].value_counts().to_dict(),
-            "labels": label_report, "split_warnings": report.get("warnings", []), "moved": moved}
+    return {
+        "duplicates": n_dup,
+        "leakage": report.get("leakage", {}),
+        "splits": meta["split"].value_counts().to_dict(),
+        "labels": label_report,
+        "split_warnings": report.get("warnings", []),
+        "moved": moved,
+    }
 
 
-def _run_tasks(tasks: list[dict[str, Any]], workers: int, scheduler: str | None, quiet: bool) -> tuple[list[dict[str, Any]], float]:
+def _run_tasks(
+    tasks: list[dict[str, Any]], workers: int, scheduler: str | None, quiet: bool
+) -> tuple[list[dict[str, Any]], float]:
     """Run the batch tasks; returns their results and the seconds from first submit to last result."""
     total = sum(len(t["files"]) for t in tasks)
     results: list[dict[str, Any]] = []
@@ -660,7 +708,9 @@ def _run_tasks(tasks: list[dict[str, Any]], workers: int, scheduler: str | None,
                 try:
                     res = fut.result()
                 except Exception as exc:  # noqa: BLE001 - e.g. KilledWorker: the finished batches stay done
-                    raise StoreError(f"ingest task {fut.key} failed ({type(exc).__name__}: {exc}); run the same command again to resume") from exc
+                    raise StoreError(
+                        f"ingest task {fut.key} failed ({type(exc).__name__}: {exc}); run the same command again to resume"
+                    ) from exc
                 results.append(res)
                 bar.advance(res["n_files"])
             compute = time.perf_counter() - t0
@@ -745,10 +795,7 @@ def _ingest_unguarded(
         if skipped:
             _record_skipped(store, f"{seq:06d}-skipped", skipped)
 
-        tasks = [
-            {"store": str(store.path.resolve()), "options": asdict(options), "grid": grid.to_dict(), **b}
-            for b in batches
-        ]
+        tasks = [{"store": str(store.path.resolve()), "options": asdict(options), "grid": grid.to_dict(), **b} for b in batches]
         if pending:
             log.info("resuming %d unfinished batches of an interrupted ingest", len(pending))
         t_run = time.perf_counter()
@@ -763,7 +810,9 @@ def _ingest_unguarded(
             or store.info.get("splits", {}).get("config") != split_config.to_dict()
         )
         if needs_consolidation:
-            result = consolidate(store, catalog_paths, split_config, label_mode=label_mode, qso_paths=qso_paths, loaded=loaded_catalogs)
+            result = consolidate(
+                store, catalog_paths, split_config, label_mode=label_mode, qso_paths=qso_paths, loaded=loaded_catalogs
+            )
             summary.duplicates = result["duplicates"]
             summary.split_warnings = result["split_warnings"]
             summary.resplit_moved = result["moved"]
@@ -810,7 +859,9 @@ def _files_to_read(store: Store, files: Sequence[str], in_flight: set[str], summ
     return todo
 
 
-def _new_batches(store: Store, plan: dict[str, Any] | None, todo: list[list[Any]], batch_size: int) -> tuple[int, list[dict[str, Any]]]:
+def _new_batches(
+    store: Store, plan: dict[str, Any] | None, todo: list[list[Any]], batch_size: int
+) -> tuple[int, list[dict[str, Any]]]:
     """This run's sequence number and its batches of ``todo``, each a chunk-aligned block of rows
     placed after every row any plan or the metadata has ever used (so workers never share a chunk)."""
     chunk = store.chunk_rows
@@ -885,8 +936,10 @@ def _check_resplit(store: Store, split_config: SplitConfig | None, resplit: bool
         return
     old = SplitConfig.from_dict(prior).to_dict()
     diff = ", ".join(f"{k} {old[k]} -> {v}" for k, v in split_config.to_dict().items() if old.get(k) != v)
-    raise StoreError(f"{store.path}: the split settings differ from the store's ({diff}); re-splitting moves spectra between "
-                     "train, val and test: add --resplit to do it")
+    raise StoreError(
+        f"{store.path}: the split settings differ from the store's ({diff}); re-splitting moves spectra between "
+        "train, val and test: add --resplit to do it"
+    )
 
 
 def _check_some_readable(store: Store, summary: IngestSummary, seq: int) -> None:

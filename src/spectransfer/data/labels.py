@@ -24,7 +24,7 @@ import logging
 import os
 import sqlite3
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,7 @@ class LabelResult:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 # ---- reading verdicts -------------------------------------------------------------------------
@@ -115,15 +115,19 @@ def _normalise(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     missing = [c for c in ("spectrum_id", "verdict") if c not in cols]
     if missing:
         raise StoreError(f"{path}: verdict table lacks column(s) {', '.join(missing)}")
-    out = pd.DataFrame({
-        "spectrum_id": _text(df[cols["spectrum_id"]]),
-        "verdict": _text(df[cols["verdict"]]).str.lower(),
-        "inspector": _text(df[cols["inspector"]]) if "inspector" in cols else "",
-        "created_at": _text(df[cols["created_at"]]) if "created_at" in cols else "",
-    })
+    out = pd.DataFrame(
+        {
+            "spectrum_id": _text(df[cols["spectrum_id"]]),
+            "verdict": _text(df[cols["verdict"]]).str.lower(),
+            "inspector": _text(df[cols["inspector"]]) if "inspector" in cols else "",
+            "created_at": _text(df[cols["created_at"]]) if "created_at" in cols else "",
+        }
+    )
     bad = ~out["verdict"].isin(VERDICT_VALUES)
     if bad.any():
-        raise StoreError(f"{path}: {int(bad.sum())} verdict(s) are not qso, not_qso or unsure (first: {out['verdict'][bad].iloc[0]!r})")
+        raise StoreError(
+            f"{path}: {int(bad.sum())} verdict(s) are not qso, not_qso or unsure (first: {out['verdict'][bad].iloc[0]!r})"
+        )
     return out
 
 
@@ -153,8 +157,10 @@ def _write_meta(store: Store, meta: pd.DataFrame, with_catalog: bool) -> None:
     base = conform(meta, schema)
     if with_catalog:
         base["catalog_label"] = meta["catalog_label"].to_numpy(dtype=np.int8)
-        base["catalog_label_source"] = [None if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)) else str(v)
-                                        for v in meta["catalog_label_source"].tolist()]
+        base["catalog_label_source"] = [
+            None if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)) else str(v)
+            for v in meta["catalog_label_source"].tolist()
+        ]
         for f in CATALOG_LABEL_FIELDS:
             schema = schema.append(f)
     table = pa.Table.from_pandas(base, schema=schema, preserve_index=False)
@@ -165,7 +171,7 @@ def _write_meta(store: Store, meta: pd.DataFrame, with_catalog: bool) -> None:
 def _record(store: Store, result: LabelResult) -> None:
     info = store.info
     entry = {k: v for k, v in asdict(result).items() if k != "rule"}
-    info["verdict_labels_history"] = (info.get("verdict_labels_history") or [])[-(HISTORY_KEEP - 1):] + [entry]
+    info["verdict_labels_history"] = (info.get("verdict_labels_history") or [])[-(HISTORY_KEEP - 1) :] + [entry]
     if result.action == "applied":
         info["verdict_labels"] = asdict(result)
     else:
@@ -199,28 +205,49 @@ def apply_verdicts(store_path: str | os.PathLike[str], verdict_path: str | os.Pa
     source = np.where(use, "verdict", raw["catalog_label_source"].to_numpy(dtype=object))
     known = counts.index.isin(set(ids))
     result = LabelResult(
-        action="applied", verdict_file=str(vpath.resolve()), sha256=digest, applied_at=_now(),
-        n_verdicts=int(len(verdicts)), n_spectra_inspected=int(known.sum()), n_labelled=int(use.sum()),
-        n_changed=int((use & (label != cat)).sum()), n_promoted=int((use & (label == 1) & (cat == 0)).sum()),
+        action="applied",
+        verdict_file=str(vpath.resolve()),
+        sha256=digest,
+        applied_at=_now(),
+        n_verdicts=int(len(verdicts)),
+        n_spectra_inspected=int(known.sum()),
+        n_labelled=int(use.sum()),
+        n_changed=int((use & (label != cat)).sum()),
+        n_promoted=int((use & (label == 1) & (cat == 0)).sum()),
         n_demoted=int((use & (label == 0) & (cat == 1)).sum()),
         n_ties=int(((counts["decision"] == -1) & (counts["n_qso"] > 0) & known).sum()),
         n_unsure_only=int(((counts["n_qso"] + counts["n_not_qso"] == 0) & known).sum()),
         n_unknown_ids=int((~known).sum()),
     )
-    same_labels = (has_catalog and np.array_equal(raw["label"].to_numpy(dtype=np.int8), label)
-                   and list(raw["label_source"].astype(object)) == list(source))
+    same_labels = (
+        has_catalog
+        and np.array_equal(raw["label"].to_numpy(dtype=np.int8), label)
+        and list(raw["label_source"].astype(object)) == list(source)
+    )
     prev = store.info.get("verdict_labels") or {}
     if same_labels and prev.get("sha256") == digest:
         log.info("%s: verdicts %s are already applied; nothing changed", store.path, vpath)
         return LabelResult(**{**prev, "action": "unchanged"})
     if result.n_unknown_ids:
-        log.warning("%s: %d inspected spectra are not in the store %s; their verdicts are ignored", vpath, result.n_unknown_ids, store.path)
+        log.warning(
+            "%s: %d inspected spectra are not in the store %s; their verdicts are ignored",
+            vpath,
+            result.n_unknown_ids,
+            store.path,
+        )
     raw["label"] = label
     raw["label_source"] = source
     _write_meta(store, raw, with_catalog=True)
     _record(store, result)
-    log.info("%s: %d labels from verdicts (%d changed: %d promoted to quasar, %d demoted); %d ties left as they were",
-             store.path, result.n_labelled, result.n_changed, result.n_promoted, result.n_demoted, result.n_ties)
+    log.info(
+        "%s: %d labels from verdicts (%d changed: %d promoted to quasar, %d demoted); %d ties left as they were",
+        store.path,
+        result.n_labelled,
+        result.n_changed,
+        result.n_promoted,
+        result.n_demoted,
+        result.n_ties,
+    )
     return result
 
 

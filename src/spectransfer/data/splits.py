@@ -43,7 +43,9 @@ class SplitConfig:
 
     def __post_init__(self) -> None:
         if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
-            raise ValueError(f"val/test fractions must be in [0, 1) and sum below 1, got {self.val_fraction}, {self.test_fraction}")
+            raise ValueError(
+                f"val/test fractions must be in [0, 1) and sum below 1, got {self.val_fraction}, {self.test_fraction}"
+            )
         if self.val_size < 0 or self.test_size < 0 or self.radius_arcsec < 0:
             raise ValueError("split sizes and radius must not be negative")
 
@@ -173,7 +175,12 @@ def assign_splits(meta: pd.DataFrame, cfg: SplitConfig = SplitConfig()) -> tuple
     meta["split"] = None
     report: dict[str, Any] = {"config": cfg.to_dict(), "by_survey": {}}
     if n == 0:
-        report["leakage"] = {"repeat_objects": 0, "repeat_spectra": 0, "leaked_per_spectrum_split": 0, "eval_spectra_with_train_twin": 0}
+        report["leakage"] = {
+            "repeat_objects": 0,
+            "repeat_spectra": 0,
+            "leaked_per_spectrum_split": 0,
+            "eval_spectra_with_train_twin": 0,
+        }
         return meta, report
 
     survey = meta["survey"].fillna("(none)").astype(str) if "survey" in meta.columns else pd.Series(["(none)"] * n)

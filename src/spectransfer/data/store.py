@@ -121,7 +121,7 @@ LABEL_REFERENCE = {
 }
 
 
-def label_mode(store: "Store | dict[str, Any]") -> str:
+def label_mode(store: Store | dict[str, Any]) -> str:
     """'catalog', 'pipeline' or 'none': how the store's labels were made (older stores: by their catalogues)."""
     info = store if isinstance(store, dict) else store.info
     mode = (info.get("labels") or {}).get("mode")
@@ -316,7 +316,9 @@ def _read_info(path: Path) -> dict[str, Any]:
     if info.get("format") != FORMAT:
         raise StoreError(f"{info_path}: format is {info.get('format')!r}, expected {FORMAT!r}")
     if int(info.get("format_version", 0)) > FORMAT_VERSION:
-        raise StoreError(f"{info_path}: format_version {info['format_version']} is newer than this program reads ({FORMAT_VERSION})")
+        raise StoreError(
+            f"{info_path}: format_version {info['format_version']} is newer than this program reads ({FORMAT_VERSION})"
+        )
     return info
 
 
@@ -427,7 +429,11 @@ def store_stats(store: Store) -> dict[str, Any]:
     split_qso = {}
     if len(m):
         for split, part in m.groupby(m["split"].fillna("(missing)")):
-            split_qso[str(split)] = {"spectra": int(len(part)), "quasars": int((part["label"] == 1).sum()), "objects": int(part["object_id"].nunique())}
+            split_qso[str(split)] = {
+                "spectra": int(len(part)),
+                "quasars": int((part["label"] == 1).sum()),
+                "objects": int(part["object_id"].nunique()),
+            }
     return {
         "path": str(store.path),
         "store_id": store.info.get("store_id"),

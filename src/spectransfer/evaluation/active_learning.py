@@ -30,8 +30,9 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -62,7 +63,9 @@ def true_labels(truth_path: str | os.PathLike[str], spectrum_ids: Sequence[str])
         raise EvaluateError(f"{path}: cannot read {TRUTH_ID}/{TRUTH_CLASS} from the simulation's truth ({exc})") from None
     cls = truth.drop_duplicates(TRUTH_ID).set_index(TRUTH_ID)[TRUTH_CLASS].reindex(pd.Index(list(spectrum_ids)))
     if cls.isna().any():
-        raise EvaluateError(f"{path}: {int(cls.isna().sum())} spectra of the store are not in the truth table (first: {cls.index[cls.isna()][0]})")
+        raise EvaluateError(
+            f"{path}: {int(cls.isna().sum())} spectra of the store are not in the truth table (first: {cls.index[cls.isna()][0]})"
+        )
     return (cls.astype(str).str.upper() == TRUTH_QSO).to_numpy(dtype=np.int8)
 
 
@@ -123,8 +126,14 @@ def _set_labels(work: Path, base: np.ndarray, verdicts: pd.DataFrame | None, vfi
 
 
 def _verdicts(ids: Sequence[str], truth: Sequence[int]) -> pd.DataFrame:
-    return pd.DataFrame({"spectrum_id": list(ids), "verdict": ["qso" if t else "not_qso" for t in truth],
-                         "inspector": "simulation-truth", "created_at": "1970-01-01T00:00:00"})
+    return pd.DataFrame(
+        {
+            "spectrum_id": list(ids),
+            "verdict": ["qso" if t else "not_qso" for t in truth],
+            "inspector": "simulation-truth",
+            "created_at": "1970-01-01T00:00:00",
+        }
+    )
 
 
 # ---- one round ----------------------------------------------------------------------------------
@@ -133,8 +142,15 @@ def _verdicts(ids: Sequence[str], truth: Sequence[int]) -> pd.DataFrame:
 def _train_and_score(ctx: dict[str, Any], run_dir: Path, seed: int) -> dict[str, Any]:
     from spectransfer.ml.train import TrainConfig, train
 
-    cfg = TrainConfig(store=str(ctx["work"]), out=str(run_dir), survey=ctx["survey"], mode="finetune",
-                      init=str(ctx["source"]), seed=seed, **ctx["train_options"])
+    cfg = TrainConfig(
+        store=str(ctx["work"]),
+        out=str(run_dir),
+        survey=ctx["survey"],
+        mode="finetune",
+        init=str(ctx["source"]),
+        seed=seed,
+        **ctx["train_options"],
+    )
     if not (run_dir / "summary.json").exists():
         train(cfg, resume=(run_dir / "checkpoints" / "last.pt").exists(), quiet=True)
     store = open_store(ctx["work"])
@@ -179,8 +195,12 @@ def _run_round(ctx: dict[str, Any], seed: int, strategy: str, rnd: int, prev: di
     labels_now[ctx["pool_meta_index"][pos]] = truth
     _set_labels(ctx["work"], base, _verdicts(ids, truth) if pos.size else None, rdir / "verdicts.parquet")
     record: dict[str, Any] = {
-        "seed": seed, "strategy": "both" if rnd == 0 else strategy, "round": rnd, "n_inspected": int(pos.size),
-        "run_dir": str((rdir / "run").relative_to(ctx["out"])), "inspected_positions": [int(i) for i in pos],
+        "seed": seed,
+        "strategy": "both" if rnd == 0 else strategy,
+        "round": rnd,
+        "n_inspected": int(pos.size),
+        "run_dir": str((rdir / "run").relative_to(ctx["out"])),
+        "inspected_positions": [int(i) for i in pos],
         "n_picked_qso": int(ctx["pool_truth"][picks].sum()) if picks else 0,
         "n_corrected_this_round": int((base[ctx["pool_meta_index"][picks]] != ctx["pool_truth"][picks]).sum()) if picks else 0,
         "n_wrong_train_labels": int((labels_now[ctx["pool_meta_index"]] != ctx["pool_truth"]).sum()),
@@ -222,11 +242,20 @@ def _context(source: Path, store_path: Path, truth: Path, out: Path, settings: d
         lab[flip] = 1 - lab[flip]
         noisy[seed] = lab
     return {
-        "out": out, "source": source, "survey": survey, "work": _working_store(out, target),
-        "train_options": settings["train_options"], "batch_size": settings["batch_size"], "per_round": settings["per_round"],
-        "pool_rows": meta["row"].to_numpy(dtype=np.int64)[pool_idx], "pool_ids": meta["spectrum_id"].astype(str).to_numpy()[pool_idx],
-        "pool_truth": all_truth[pool_idx], "pool_meta_index": pool_idx, "noisy": noisy,
-        "test_rows": meta["row"].to_numpy(dtype=np.int64)[test_idx], "test_truth": all_truth[test_idx],
+        "out": out,
+        "source": source,
+        "survey": survey,
+        "work": _working_store(out, target),
+        "train_options": settings["train_options"],
+        "batch_size": settings["batch_size"],
+        "per_round": settings["per_round"],
+        "pool_rows": meta["row"].to_numpy(dtype=np.int64)[pool_idx],
+        "pool_ids": meta["spectrum_id"].astype(str).to_numpy()[pool_idx],
+        "pool_truth": all_truth[pool_idx],
+        "pool_meta_index": pool_idx,
+        "noisy": noisy,
+        "test_rows": meta["row"].to_numpy(dtype=np.int64)[test_idx],
+        "test_truth": all_truth[test_idx],
         "catalog_wrong_train": int((catalog[pool_idx] != all_truth[pool_idx]).sum()),
     }
 
@@ -240,8 +269,10 @@ def summarise(records: Sequence[dict[str, Any]], strategies: Sequence[str], roun
         out["n_inspected"].append(int(np.median([r["n_inspected"] for r in at])) if at else None)
     for key in ("f1", "pr_auc"):
         for strategy in strategies:
-            pts = [interval95([r.get(key) for r in done if r["round"] == rnd and r["strategy"] in (strategy, "both")])
-                   for rnd in range(rounds + 1)]
+            pts = [
+                interval95([r.get(key) for r in done if r["round"] == rnd and r["strategy"] in (strategy, "both")])
+                for rnd in range(rounds + 1)
+            ]
             out[f"{key}_{strategy}"] = {k: [p[k] for p in pts] for k in ("mean", "lo", "hi", "n_seeds")}
     return out
 
@@ -265,8 +296,11 @@ def plot_active_learning(doc: dict[str, Any]) -> Any:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     s = doc["settings"]
-    fig.suptitle(f"Active learning: {s['per_round']} inspections per round, label noise {s['label_noise']:g}, "
-                 f"mean and 95% interval over {s['seeds']} seeds", fontsize=10)
+    fig.suptitle(
+        f"Active learning: {s['per_round']} inspections per round, label noise {s['label_noise']:g}, "
+        f"mean and 95% interval over {s['seeds']} seeds",
+        fontsize=10,
+    )
     fig.tight_layout()
     return fig
 
@@ -309,11 +343,23 @@ def run_active_learning(
         raise EvaluateError(f"--rounds, --per-round and --seeds must be >= 1 (got {rounds}, {per_round}, {seeds})")
     if not 0.0 <= label_noise < 0.5:
         raise EvaluateError(f"--label-noise must be in [0, 0.5), got {label_noise}")
-    settings = {"source_run": str(source.resolve()), "store": str(Path(store_path).resolve()), "truth": str(Path(truth_path).resolve()),
-                "rounds": rounds, "per_round": per_round, "seeds": seeds, "strategies": list(strategies), "label_noise": label_noise,
-                "survey": survey, "train_options": dict(train_options or {}), "batch_size": batch_size,
-                "finetune_from": "source run, every round", "selection_model": "previous round's model",
-                "metric_threshold": 0.5, "test_labels": "simulation truth"}
+    settings = {
+        "source_run": str(source.resolve()),
+        "store": str(Path(store_path).resolve()),
+        "truth": str(Path(truth_path).resolve()),
+        "rounds": rounds,
+        "per_round": per_round,
+        "seeds": seeds,
+        "strategies": list(strategies),
+        "label_noise": label_noise,
+        "survey": survey,
+        "train_options": dict(train_options or {}),
+        "batch_size": batch_size,
+        "finetune_from": "source run, every round",
+        "selection_model": "previous round's model",
+        "metric_threshold": 0.5,
+        "test_labels": "simulation truth",
+    }
     out.mkdir(parents=True, exist_ok=True)
     sfile = out / "settings.json"
     if sfile.is_file() and json.loads(sfile.read_text()) != settings:
@@ -321,11 +367,20 @@ def run_active_learning(
     write_text_atomic(sfile, json.dumps(settings, indent=2) + "\n")
     check_run_matches_store(source, open_store(store_path))
     ctx = _context(source, Path(store_path), Path(truth_path), out, settings)
-    doc: dict[str, Any] = {"format": FORMAT, "format_version": 1, "versions": dependency_versions(), "settings": settings,
-                           "n_train_pool": int(ctx["pool_rows"].size), "n_test": int(ctx["test_rows"].size),
-                           "n_test_qso": int(ctx["test_truth"].sum()), "n_catalog_wrong_train": ctx["catalog_wrong_train"],
-                           "complete": False}
-    plan = [(seed, "both", 0) for seed in range(seeds)] + [(seed, s, r) for seed in range(seeds) for s in strategies for r in range(1, rounds + 1)]
+    doc: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": 1,
+        "versions": dependency_versions(),
+        "settings": settings,
+        "n_train_pool": int(ctx["pool_rows"].size),
+        "n_test": int(ctx["test_rows"].size),
+        "n_test_qso": int(ctx["test_truth"].sum()),
+        "n_catalog_wrong_train": ctx["catalog_wrong_train"],
+        "complete": False,
+    }
+    plan = [(seed, "both", 0) for seed in range(seeds)] + [
+        (seed, s, r) for seed in range(seeds) for s in strategies for r in range(1, rounds + 1)
+    ]
     plan.sort(key=lambda t: (t[0], t[2], t[1]))
     records: dict[tuple[int, str, int], dict[str, Any]] = {}
     new = 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -88,15 +88,21 @@ def check_enough(labels: np.ndarray, split: str) -> None:
         )
 
 
-def fit_calibration(labels: np.ndarray, logits: np.ndarray, *, store_id: str | None, split: str,
-                    engine: str) -> tuple[Calibration, dict[str, float]]:
+def fit_calibration(
+    labels: np.ndarray, logits: np.ndarray, *, store_id: str | None, split: str, engine: str
+) -> tuple[Calibration, dict[str, float]]:
     """Fit T on (labels, logits) after ``check_enough``; returns it and the NLL before/after."""
     check_enough(labels, split)
     t = fit_temperature(labels, logits)
     y = np.asarray(labels)
     cal = Calibration(
-        temperature=t, store_id=store_id, split=split, n_spectra=int(y.size), n_qso=int(np.sum(y)), engine=engine,
-        date=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+        temperature=t,
+        store_id=store_id,
+        split=split,
+        n_spectra=int(y.size),
+        n_qso=int(np.sum(y)),
+        engine=engine,
+        date=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S"),
     )
     return cal, {"nll_before": nll(labels, logits), "nll_after": nll(labels, logits, t)}
 
@@ -104,16 +110,30 @@ def fit_calibration(labels: np.ndarray, logits: np.ndarray, *, store_id: str | N
 def write_calibration(run_dir: str | Path, cal: Calibration, extra: dict[str, Any] | None = None) -> Path:
     """Write RUN/calibration.json atomically (``temperature`` is what models.load_run reads)."""
     doc = {
-        "temperature": cal.temperature, "store_id": cal.store_id, "split": cal.split, "n_spectra": cal.n_spectra,
-        "n_qso": cal.n_qso, "engine": cal.engine, "date": cal.date, "tool_version": __version__, **(extra or {}),
+        "temperature": cal.temperature,
+        "store_id": cal.store_id,
+        "split": cal.split,
+        "n_spectra": cal.n_spectra,
+        "n_qso": cal.n_qso,
+        "engine": cal.engine,
+        "date": cal.date,
+        "tool_version": __version__,
+        **(extra or {}),
     }
     path = Path(run_dir) / CALIBRATION_FILE
     write_text_atomic(path, json.dumps(doc, indent=2) + "\n")
     return path
 
 
-def calibrate_run(run_dir: str | Path, store_path: str | Path, split: str = "val", engine: str = "torch",
-                  survey: str | None = None, batch_size: int = 1024, quiet: bool = True) -> dict[str, Any]:
+def calibrate_run(
+    run_dir: str | Path,
+    store_path: str | Path,
+    split: str = "val",
+    engine: str = "torch",
+    survey: str | None = None,
+    batch_size: int = 1024,
+    quiet: bool = True,
+) -> dict[str, Any]:
     """Score ``split`` of the store with the run, fit T, write RUN/calibration.json; returns its record."""
     from spectransfer.data.store import open_store
     from spectransfer.ml.models import load_run
@@ -124,7 +144,9 @@ def calibrate_run(run_dir: str | Path, store_path: str | Path, split: str = "val
     store = open_store(store_path)
     model, info = load_run(run_dir)
     if info.grid != store.grid:
-        raise EvaluateError(f"{run_dir}: run was trained on grid {info.grid.to_dict()} but store {store_path} uses {store.grid.to_dict()}")
+        raise EvaluateError(
+            f"{run_dir}: run was trained on grid {info.grid.to_dict()} but store {store_path} uses {store.grid.to_dict()}"
+        )
     rows = np.asarray(store.rows(survey=survey, split=split), dtype=np.int64)
     meta = store.meta.set_index("row", drop=False).loc[rows]
     if meta["label"].isna().any():
@@ -132,10 +154,8 @@ def calibrate_run(run_dir: str | Path, store_path: str | Path, split: str = "val
     labels = meta["label"].to_numpy(dtype=np.int64)
     check_enough(labels, split)
     with progress_bar("calibrate", total=int(rows.size), unit="spectra", quiet=quiet) as bar:
-        logits = np.asarray(score_store(model, store, rows, batch_size=batch_size, engine=engine, progress=bar),
-                            dtype=np.float64)
-    cal, fit = fit_calibration(labels, logits, store_id=(store.info or {}).get("store_id"), split=split,
-                               engine=engine)
+        logits = np.asarray(score_store(model, store, rows, batch_size=batch_size, engine=engine, progress=bar), dtype=np.float64)
+    cal, fit = fit_calibration(labels, logits, store_id=(store.info or {}).get("store_id"), split=split, engine=engine)
     path = write_calibration(run_dir, cal, {"model_sha256": info.sha256, "survey": survey, **fit})
     log.info("wrote %s (T = %.4f on %d %s spectra)", path, cal.temperature, cal.n_spectra, split)
     return json.loads(path.read_text())

@@ -58,12 +58,36 @@ class ExperimentSize:
 
 # DEFAULT is sized for <= 45 min on an idle 2-core CPU from per-step times measured with TINY
 # (see the README's experiment section: an estimate until a full run is timed).
-DEFAULT = ExperimentSize(n_lamost=4000, n_sdss=4000, lamost_qso_fraction=0.05, pretrain_epochs=2, train_batch=64,
-                         max_steps=30, eval_every=10, patience=2, fractions=(0.005, 0.02, 0.1, 0.3, 1.0), seeds=3,
-                         al_rounds=4, al_per_round=40, label_noise=0.05)
-TINY = ExperimentSize(n_lamost=400, n_sdss=400, lamost_qso_fraction=0.1, pretrain_epochs=1, train_batch=32,
-                      max_steps=4, eval_every=2, patience=1, fractions=(0.1, 1.0), seeds=2,
-                      al_rounds=1, al_per_round=10, label_noise=0.05)
+DEFAULT = ExperimentSize(
+    n_lamost=4000,
+    n_sdss=4000,
+    lamost_qso_fraction=0.05,
+    pretrain_epochs=2,
+    train_batch=64,
+    max_steps=30,
+    eval_every=10,
+    patience=2,
+    fractions=(0.005, 0.02, 0.1, 0.3, 1.0),
+    seeds=3,
+    al_rounds=4,
+    al_per_round=40,
+    label_noise=0.05,
+)
+TINY = ExperimentSize(
+    n_lamost=400,
+    n_sdss=400,
+    lamost_qso_fraction=0.1,
+    pretrain_epochs=1,
+    train_batch=32,
+    max_steps=4,
+    eval_every=2,
+    patience=1,
+    fractions=(0.1, 1.0),
+    seeds=2,
+    al_rounds=1,
+    al_per_round=10,
+    label_noise=0.05,
+)
 SIZES = {"default": DEFAULT, "tiny": TINY}
 
 
@@ -102,17 +126,36 @@ def _ingest(out: Path, name: str, quiet: bool) -> None:
 
 def _train_options(size: ExperimentSize) -> dict[str, Any]:
     # pos-weight: a few dozen steps of plain BCE keep every probability below 0.5 (see demo.py).
-    return {"max_steps": size.max_steps, "eval_every": size.eval_every, "patience": size.patience, "batch_size": size.train_batch,
-            "imbalance": "pos-weight", "precision": "fp32", "device": "cpu", "num_workers": 0}
+    return {
+        "max_steps": size.max_steps,
+        "eval_every": size.eval_every,
+        "patience": size.patience,
+        "batch_size": size.train_batch,
+        "imbalance": "pos-weight",
+        "precision": "fp32",
+        "device": "cpu",
+        "num_workers": 0,
+    }
 
 
 def _pretrain(out: Path, size: ExperimentSize, seed: int) -> None:
     from spectransfer.ml.train import TrainConfig, train
 
     run = out / "runs" / "pretrain"
-    cfg = TrainConfig(store=str(out / "stores" / "lamost"), out=str(run), mode="scratch", seed=seed, max_epochs=size.pretrain_epochs,
-                      batch_size=size.train_batch, eval_every=size.eval_every, patience=size.patience * 2,
-                      imbalance="pos-weight", precision="fp32", device="cpu", num_workers=0)
+    cfg = TrainConfig(
+        store=str(out / "stores" / "lamost"),
+        out=str(run),
+        mode="scratch",
+        seed=seed,
+        max_epochs=size.pretrain_epochs,
+        batch_size=size.train_batch,
+        eval_every=size.eval_every,
+        patience=size.patience * 2,
+        imbalance="pos-weight",
+        precision="fp32",
+        device="cpu",
+        num_workers=0,
+    )
     if not (run / "summary.json").is_file():
         train(cfg, resume=(run / "checkpoints" / "last.pt").exists(), quiet=True)
 
@@ -136,8 +179,15 @@ def learning_curve_intervals(lc: dict[str, Any]) -> list[dict[str, Any]]:
             groups.setdefault((c["mode"], c["fraction"]), []).append(c)
     rows = []
     for (mode, frac), cs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        rows.append({"mode": mode, "fraction": frac, "n_train_labels": sum(c["n_train_labels"] for c in cs) / len(cs),
-                     "f1": interval95([c.get("f1") for c in cs]), "pr_auc": interval95([c.get("pr_auc") for c in cs])})
+        rows.append(
+            {
+                "mode": mode,
+                "fraction": frac,
+                "n_train_labels": sum(c["n_train_labels"] for c in cs) / len(cs),
+                "f1": interval95([c.get("f1") for c in cs]),
+                "pr_auc": interval95([c.get("pr_auc") for c in cs]),
+            }
+        )
     return rows
 
 
@@ -163,12 +213,33 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def write_experiment_html(out: Path, doc: dict[str, Any], lc: dict[str, Any], al: dict[str, Any]) -> Path:
     """OUT/experiment.html: both figures embedded, tables with 95% intervals, links to the JSON."""
     zs = lc.get("zero_shot") or {}
-    lc_rows = [[html.escape(r["mode"]), f"{r['fraction']:g}", f"{r['n_train_labels']:.0f}", str(r["f1"]["n_seeds"]), _ci(r["f1"]), _ci(r["pr_auc"])]
-               for r in doc["learning_curve_intervals"]]
-    lc_rows.append(["zero-shot (source run as it is)", "–", "0", "–", f"{zs.get('f1', float('nan')):.3f}", f"{zs.get('pr_auc', float('nan')):.3f}"])
+    lc_rows = [
+        [
+            html.escape(r["mode"]),
+            f"{r['fraction']:g}",
+            f"{r['n_train_labels']:.0f}",
+            str(r["f1"]["n_seeds"]),
+            _ci(r["f1"]),
+            _ci(r["pr_auc"]),
+        ]
+        for r in doc["learning_curve_intervals"]
+    ]
+    lc_rows.append(
+        [
+            "zero-shot (source run as it is)",
+            "–",
+            "0",
+            "–",
+            f"{zs.get('f1', float('nan')):.3f}",
+            f"{zs.get('pr_auc', float('nan')):.3f}",
+        ]
+    )
     strategies = al["settings"]["strategies"]
-    al_rows = [[str(i), "–" if n is None else str(n)] + [_ci({k: al[f"{m}_{s}"][k][i] for k in ("mean", "lo", "hi")}) for s in strategies for m in ("f1", "pr_auc")]
-               for i, n in enumerate(al["n_inspected"])]
+    al_rows = [
+        [str(i), "–" if n is None else str(n)]
+        + [_ci({k: al[f"{m}_{s}"][k][i] for k in ("mean", "lo", "hi")}) for s in strategies for m in ("f1", "pr_auc")]
+        for i, n in enumerate(al["n_inspected"])
+    ]
     al_head = ["round", "inspected"] + [f"{m} {s}" for s in strategies for m in ("F1", "PR AUC")]
     size = doc["size"]
     parts = [
@@ -204,8 +275,9 @@ def write_experiment_html(out: Path, doc: dict[str, Any], lc: dict[str, Any], al
     return path
 
 
-def run_experiment(out_dir: str | os.PathLike[str], size: str | ExperimentSize = "default", seed: int = 0,
-                   quiet: bool = False) -> dict[str, Any]:
+def run_experiment(
+    out_dir: str | os.PathLike[str], size: str | ExperimentSize = "default", seed: int = 0, quiet: bool = False
+) -> dict[str, Any]:
     """Run (or resume) every stage; write OUT/experiment.json and OUT/experiment.html; return the document."""
     if isinstance(size, str):
         if size not in SIZES:
@@ -229,19 +301,54 @@ def run_experiment(out_dir: str | os.PathLike[str], size: str | ExperimentSize =
     _stage(out, "pretrain", timings, lambda: _pretrain(out, size, seed))
     results: dict[str, Any] = {}
     # the two curves resume cell by cell themselves; their stage marks only time the finished call
-    _stage(out, "learning-curve", timings, lambda: results.update(lc=run_learning_curve(
-        source, sdss, out / "learning_curve", size.fractions, size.seeds, train_options=opts, batch_size=512, quiet=quiet)))
-    _stage(out, "active-learning", timings, lambda: results.update(al=run_active_learning(
-        source, sdss, out / "surveys" / "sdss" / "truth.parquet", out / "active_learning", rounds=size.al_rounds,
-        per_round=size.al_per_round, seeds=size.seeds, label_noise=size.label_noise, train_options=opts, batch_size=512, quiet=quiet)))
+    _stage(
+        out,
+        "learning-curve",
+        timings,
+        lambda: results.update(
+            lc=run_learning_curve(
+                source, sdss, out / "learning_curve", size.fractions, size.seeds, train_options=opts, batch_size=512, quiet=quiet
+            )
+        ),
+    )
+    _stage(
+        out,
+        "active-learning",
+        timings,
+        lambda: results.update(
+            al=run_active_learning(
+                source,
+                sdss,
+                out / "surveys" / "sdss" / "truth.parquet",
+                out / "active_learning",
+                rounds=size.al_rounds,
+                per_round=size.al_per_round,
+                seeds=size.seeds,
+                label_noise=size.label_noise,
+                train_options=opts,
+                batch_size=512,
+                quiet=quiet,
+            )
+        ),
+    )
     prune_checkpoints(out / "learning_curve" / "runs")
     lc = results.get("lc") or json.loads((out / "learning_curve" / "learning_curve.json").read_text())
     al = results.get("al") or json.loads((out / "active_learning" / "active_learning.json").read_text())
-    doc = {"format": "spectransfer-experiment", "format_version": 1, "versions": dependency_versions(), **want,
-           "timings": timings, "complete": bool(al.get("complete")),
-           "learning_curve_intervals": learning_curve_intervals(lc),
-           "files": {"learning_curve": "learning_curve/learning_curve.json", "active_learning": "active_learning/active_learning.json",
-                     "learning_curve_png": "learning_curve/learning_curve.png", "active_learning_png": "active_learning/active_learning.png"}}
+    doc = {
+        "format": "spectransfer-experiment",
+        "format_version": 1,
+        "versions": dependency_versions(),
+        **want,
+        "timings": timings,
+        "complete": bool(al.get("complete")),
+        "learning_curve_intervals": learning_curve_intervals(lc),
+        "files": {
+            "learning_curve": "learning_curve/learning_curve.json",
+            "active_learning": "active_learning/active_learning.json",
+            "learning_curve_png": "learning_curve/learning_curve.png",
+            "active_learning_png": "active_learning/active_learning.png",
+        },
+    }
     write_text_atomic(out / "experiment.json", json.dumps(doc, indent=2) + "\n")
     write_experiment_html(out, doc, lc, al)
     return doc

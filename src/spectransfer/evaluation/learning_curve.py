@@ -13,8 +13,9 @@ import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -51,7 +52,9 @@ def cell_name(mode: str, fraction: float, seed: int) -> str:
     return f"{mode}-f{fraction:g}-s{seed}"
 
 
-def _test_metrics(run_dir: Path, store: Any, rows: np.ndarray, labels: np.ndarray, batch_size: int, engine: str) -> dict[str, Any]:
+def _test_metrics(
+    run_dir: Path, store: Any, rows: np.ndarray, labels: np.ndarray, batch_size: int, engine: str
+) -> dict[str, Any]:
     from spectransfer.ml.score import score_store
 
     logits = np.asarray(score_store(run_dir, store, rows, batch_size=batch_size, engine=engine), dtype=np.float64)
@@ -69,9 +72,13 @@ def summarise(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             groups.setdefault((c["mode"], c["fraction"]), []).append(c)
     out = []
     for (mode, frac), cs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        row: dict[str, Any] = {"mode": mode, "fraction": frac, "n_seeds": len(cs),
-                               "n_train_labels": float(np.mean([c["n_train_labels"] for c in cs])),
-                               "n_train_qso": float(np.mean([c["n_train_qso"] for c in cs]))}
+        row: dict[str, Any] = {
+            "mode": mode,
+            "fraction": frac,
+            "n_seeds": len(cs),
+            "n_train_labels": float(np.mean([c["n_train_labels"] for c in cs])),
+            "n_train_qso": float(np.mean([c["n_train_qso"] for c in cs])),
+        }
         for key in ("f1", "pr_auc", "precision", "recall", "roc_auc"):
             v = np.array([c[key] for c in cs if c.get(key) is not None], dtype=float)
             row[f"{key}_mean"] = float(v.mean()) if v.size else None
@@ -95,11 +102,11 @@ def run_learning_curve(
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Train and score every (mode, fraction, seed) cell not yet done; write DIR/learning_curve.json + .png."""
-    from spectransfer.ml.dataset import select
-    from spectransfer.progress import progress_bar
-    from spectransfer.evaluation.report import figure_png, plot_learning_curve
     from spectransfer.data.store import open_store
+    from spectransfer.evaluation.report import figure_png, plot_learning_curve
+    from spectransfer.ml.dataset import select
     from spectransfer.ml.train import TrainConfig, train
+    from spectransfer.progress import progress_bar
 
     out = Path(out_dir)
     source = Path(source_run)
@@ -164,13 +171,22 @@ def run_learning_curve(
                 continue
             sub = train_all.subset(frac, None, seed)
             cell: dict[str, Any] = {
-                "mode": mode, "fraction": frac, "seed": seed, "run_dir": str(cdir.relative_to(out)),
-                "n_train_labels": len(sub), "n_train_qso": sub.n_pos,
+                "mode": mode,
+                "fraction": frac,
+                "seed": seed,
+                "run_dir": str(cdir.relative_to(out)),
+                "n_train_labels": len(sub),
+                "n_train_qso": sub.n_pos,
             }
             cfg = TrainConfig(
-                store=str(store_path), out=str(cdir), survey=survey, mode=mode,
-                init=str(source) if mode == "finetune" else None, seed=seed,
-                train_fraction=frac if frac < 1 else None, **opts,
+                store=str(store_path),
+                out=str(cdir),
+                survey=survey,
+                mode=mode,
+                init=str(source) if mode == "finetune" else None,
+                seed=seed,
+                train_fraction=frac if frac < 1 else None,
+                **opts,
             )
             try:
                 resume = (cdir / "checkpoints" / "last.pt").exists() and not (cdir / "summary.json").exists()
@@ -196,4 +212,3 @@ def run_learning_curve(
             tmp.write_bytes(figure_png(plot_learning_curve(doc), dpi=110))
     log.info("wrote %s", doc_path)
     return doc
-

@@ -13,7 +13,8 @@ predicted positives) is None, never a number.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -233,9 +234,7 @@ def _chunks(n: int, n_resamples: int) -> Iterable[int]:
         done += b
 
 
-def _stats_under_weights(
-    w: np.ndarray, ys: np.ndarray, starts: np.ndarray, preds: Sequence[np.ndarray]
-) -> dict[str, np.ndarray]:
+def _stats_under_weights(w: np.ndarray, ys: np.ndarray, starts: np.ndarray, preds: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
     """Metrics of every resample; ``w``, ``ys`` and ``preds`` are all in ascending-score order."""
     pos_rows = w * ys
     if starts.size == ys.size:  # no tied scores: every row is its own threshold group
@@ -640,8 +639,9 @@ def verdict_corrected(
 Z_BREAKDOWN_EDGES = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 7.0)
 
 
-def redshift_report(z_pred: Any, z_true: Any, snr: Any = None, n_resamples: int = 200, confidence: float = 0.95,
-                    seed: int = 0) -> dict[str, Any]:
+def redshift_report(
+    z_pred: Any, z_true: Any, snr: Any = None, n_resamples: int = 200, confidence: float = 0.95, seed: int = 0
+) -> dict[str, Any]:
     """Redshift accuracy of ``z_pred`` against ``z_true`` (catalogue quasars): catastrophic fraction
     (|Δv| > 3000 km/s), median |Δv| [km/s] and NMAD of Δz/(1+z) (``ml.refine.redshift_metrics``),
     each with a percentile-bootstrap interval, and the same by catalogue z and by S/N quartile."""
@@ -653,8 +653,9 @@ def redshift_report(z_pred: Any, z_true: Any, snr: Any = None, n_resamples: int 
     n = z_true.size
     if n >= 2 and n_resamples > 0:
         rng = np.random.default_rng(seed)
-        stats = np.array([list(redshift_metrics(z_pred[i], z_true[i]).values())[1:]
-                          for i in rng.integers(0, n, size=(n_resamples, n))])
+        stats = np.array(
+            [list(redshift_metrics(z_pred[i], z_true[i]).values())[1:] for i in rng.integers(0, n, size=(n_resamples, n))]
+        )
         for k, col in zip(("catastrophic_fraction", "median_abs_dv_kms", "nmad"), stats.T):
             out[f"{k}_interval"] = _interval(col, confidence)
     out["by_z"] = _z_bins(z_pred, z_true, z_true, Z_BREAKDOWN_EDGES, ".1f")
@@ -667,7 +668,9 @@ def redshift_report(z_pred: Any, z_true: Any, snr: Any = None, n_resamples: int 
     return out
 
 
-def _z_bins(z_pred: np.ndarray, z_true: np.ndarray, var: np.ndarray, edges: Sequence[float] | np.ndarray, fmt: str) -> list[dict[str, Any]]:
+def _z_bins(
+    z_pred: np.ndarray, z_true: np.ndarray, var: np.ndarray, edges: Sequence[float] | np.ndarray, fmt: str
+) -> list[dict[str, Any]]:
     rows = []
     for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
         sel = (var >= lo) & ((var < hi) if i < len(edges) - 2 else (var <= hi))

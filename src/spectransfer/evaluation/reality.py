@@ -21,11 +21,11 @@ from spectransfer.candidates.classify import classify
 from spectransfer.ml.refine import velocity_offset_kms
 
 
-def reality_check(run: str | Path, paths: Sequence[str | Path], threshold: float = 0.5, engine: str = "onnx",
-                  refine: str = "full") -> dict[str, Any]:
+def reality_check(
+    run: str | Path, paths: Sequence[str | Path], threshold: float = 0.5, engine: str = "onnx", refine: str = "full"
+) -> dict[str, Any]:
     """Per-file answers and per-class counts of ``run`` on the real files under ``paths``."""
-    res = classify(run, paths, threshold=threshold, engine=engine, refine=refine,
-                   zwarning_filter=False, coverage_filter=False)
+    res = classify(run, paths, threshold=threshold, engine=engine, refine=refine, zwarning_filter=False, coverage_filter=False)
     t = res.table
     cls = t["CLASS"].astype("string").str.strip().str.upper() if "CLASS" in t else pd.Series(pd.NA, index=t.index)
     known = cls.notna() & (cls != "") & (cls != "UNKNOWN")
@@ -35,12 +35,19 @@ def reality_check(run: str | Path, paths: Sequence[str | Path], threshold: float
     for i, r in t.iterrows():
         z_pred, z_pipe = r.get("Z_PRED"), r.get("Z")
         dv = float(velocity_offset_kms(np.array([z_pred]), np.array([z_pipe]))[0]) if truth[i] else float("nan")
-        rows.append({
-            "file": Path(str(r["SOURCE_FILE"])).name, "survey": r.get("SURVEY"), "pipeline_class": None if not known[i] else str(cls[i]),
-            "pipeline_z": _num(z_pipe), "p_qso": float(r["P_QSO"]), "is_qso": bool(said[i]),
-            "right": None if not known[i] else bool(said[i] == truth[i]), "z_pred": _num(z_pred),
-            "dv_kms": None if not np.isfinite(dv) else dv,
-        })
+        rows.append(
+            {
+                "file": Path(str(r["SOURCE_FILE"])).name,
+                "survey": r.get("SURVEY"),
+                "pipeline_class": None if not known[i] else str(cls[i]),
+                "pipeline_z": _num(z_pipe),
+                "p_qso": float(r["P_QSO"]),
+                "is_qso": bool(said[i]),
+                "right": None if not known[i] else bool(said[i] == truth[i]),
+                "z_pred": _num(z_pred),
+                "dv_kms": None if not np.isfinite(dv) else dv,
+            }
+        )
     k = known.to_numpy(bool)
     per_class: dict[str, dict[str, int]] = {}
     for c in sorted(set(cls[known].tolist())):
@@ -50,15 +57,22 @@ def reality_check(run: str | Path, paths: Sequence[str | Path], threshold: float
     sdss, lamost = (t["SURVEY"] == "sdss").to_numpy(bool), (t["SURVEY"] == "lamost").to_numpy(bool)
     qz = [r["dv_kms"] for r in rows if r["pipeline_class"] == "QSO" and r["is_qso"]]
     return {
-        "run": str(run), "threshold": threshold, "engine": engine, "n_files": res.n_files,
-        "n_real": int(k.sum()), "n_qso": int(q.sum()), "n_other": int(o.sum()),
+        "run": str(run),
+        "threshold": threshold,
+        "engine": engine,
+        "n_files": res.n_files,
+        "n_real": int(k.sum()),
+        "n_qso": int(q.sum()),
+        "n_other": int(o.sum()),
         "real_qso_recall": _ratio(said[q].sum(), q.sum()),
         "real_precision": _ratio((said & q).sum(), (said & k).sum()),
         "real_accuracy": _ratio((said[k] == truth[k]).sum(), k.sum()),
         "real_fp_rate_sdss": _ratio((said & o & sdss).sum(), (o & sdss).sum()),
         "real_fp_rate_lamost": _ratio((said & o & lamost).sum(), (o & lamost).sum()),
         "real_z_within_3000_kms": _ratio(sum(1 for v in qz if v is not None and abs(v) <= 3000), len(qz)),
-        "per_class": per_class, "files": rows, "not_scored": [{"file": f, "reason": r} for f, r in res.failed],
+        "per_class": per_class,
+        "files": rows,
+        "not_scored": [{"file": f, "reason": r} for f, r in res.failed],
     }
 
 

@@ -160,7 +160,9 @@ def plot_breakdown(doc: dict[str, Any], variable: str) -> Any:
             hi = np.array([np.nan if b[key + "_interval"] is None else b[key + "_interval"][1] for b in bins], dtype=float)
             err = np.vstack([np.clip(val - lo, 0, None), np.clip(hi - val, 0, None)])
             ax.errorbar(x, val, yerr=err, marker="o", ms=4, capsize=3, lw=1.3, color=_COLORS[k % len(_COLORS)], label=name)
-    desc = next((e["breakdowns"][variable]["description"] for e in doc["runs"].values() if variable in e.get("breakdowns", {})), variable)
+    desc = next(
+        (e["breakdowns"][variable]["description"] for e in doc["runs"].values() if variable in e.get("breakdowns", {})), variable
+    )
     for ax, key in zip(axes, ("purity (precision)", "completeness (recall)")):
         ax.set_xticks(np.arange(len(labels)))
         ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
@@ -212,9 +214,7 @@ def plot_learning_curve(lc: dict[str, Any]) -> Any:
     return fig
 
 
-def plot_spectrum(
-    wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray | None, z: float | None, title: str
-) -> Any:
+def plot_spectrum(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray | None, z: float | None, title: str) -> Any:
     """One resampled spectrum with quasar emission lines marked at redshift ``z``."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.2, 2.6))
@@ -235,8 +235,16 @@ def plot_spectrum(
                 # Lines closer than ~4% of the axis (Hβ / [O III]) get their labels on two rows.
                 row = 1 - row if np.log10(obs / last) < 0.04 * span else 0
                 last = obs
-                ax.text(obs, 1.01 + 0.09 * row, name, color="#d62728", fontsize=7, ha="center", va="bottom",
-                        transform=ax.get_xaxis_transform())
+                ax.text(
+                    obs,
+                    1.01 + 0.09 * row,
+                    name,
+                    color="#d62728",
+                    fontsize=7,
+                    ha="center",
+                    va="bottom",
+                    transform=ax.get_xaxis_transform(),
+                )
     ax.set_xlim(wave[0], wave[-1])
     ax.set_ylim(-1.08, 1.08)
     ax.set_xlabel("wavelength [Å]", fontsize=8)
@@ -289,7 +297,10 @@ def _metrics_table(doc: dict[str, Any], which: str) -> str:
                 f"<b>{html.escape(name)}</b>",
                 _fmt(e.get("model_name")),
                 f"{m['threshold']:.4g}",
-                str(tp), str(fn), str(fp), str(tn),
+                str(tp),
+                str(fn),
+                str(fp),
+                str(tn),
                 _ci(m.get("precision"), iv.get("precision"), 4),
                 _ci(m.get("recall"), iv.get("recall"), 4),
                 _ci(m.get("f1"), iv.get("f1"), 4),
@@ -328,14 +339,20 @@ def _origin_note(doc: dict[str, Any]) -> str:
     evaluated = doc.get("store_origin", "unknown")
     trained = doc.get("trained_on") or {}
     sim = sorted(n for n, o in trained.items() if o == "simulated")
-    words = {"simulated": "simulated spectra (spectransfer simulate)", "real": "real survey spectra",
-             "mixed": "a mix of simulated and real spectra", "unknown": "spectra of unrecorded origin"}
+    words = {
+        "simulated": "simulated spectra (spectransfer simulate)",
+        "real": "real survey spectra",
+        "mixed": "a mix of simulated and real spectra",
+        "unknown": "spectra of unrecorded origin",
+    }
     text = f"Evaluated on {words.get(evaluated, evaluated)}. "
     if trained:
         text += "Trained on: " + "; ".join(f"{html.escape(n)}: {words.get(o, o)}" for n, o in trained.items()) + ". "
     if sim and evaluated == "simulated":
-        text += ("These figures measure the model on its own simulation; only real spectra "
-                 "(`spectransfer classify`, bench/sim_to_real.py) say how it does on the sky.")
+        text += (
+            "These figures measure the model on its own simulation; only real spectra "
+            "(`spectransfer classify`, bench/sim_to_real.py) say how it does on the sky."
+        )
     cls = "warn" if sim else "note"
     return f'<p class="{cls}"><b>Data origin.</b> {text}</p>'
 
@@ -374,9 +391,11 @@ def write_report(
 
     parts.append("<h2>Metrics at threshold 0.5</h2>")
     parts.append(_metrics_table(doc, "default"))
-    parts.append('<div class="cms">' + "".join(
-        f"<div><b>{html.escape(n)}</b>{_confusion_html(e['confusion_matrix'])}</div>" for n, e in doc["runs"].items()
-    ) + "</div>")
+    parts.append(
+        '<div class="cms">'
+        + "".join(f"<div><b>{html.escape(n)}</b>{_confusion_html(e['confusion_matrix'])}</div>" for n, e in doc["runs"].items())
+        + "</div>"
+    )
     parts.append("<h2>Metrics at the threshold chosen on the validation split</h2>")
     rules = {e["thresholds"]["validation"].get("rule") for e in doc["runs"].values()}
     parts.append(f'<p class="note">Rule: {html.escape("; ".join(sorted(r for r in rules if r)))}.</p>')
@@ -398,15 +417,44 @@ def write_report(
     for name, e in doc["runs"].items():
         c = e["calibration"]
         rec = c.get("recorded") or {}
-        applied = (f"{rec['temperature']:.4f} ({html.escape(str(rec.get('split')))}, n = {rec.get('n_spectra')}, "
-                   f"{html.escape(str(rec.get('engine')))}{', written now' if c.get('written') else ''})") if rec else "none"
-        rows.append([f"<b>{html.escape(name)}</b>", _fmt(c.get("temperature"), 4), _fmt(c.get("ece_before"), 4),
-                     _fmt(c.get("ece_after"), 4), _fmt(c.get("nll_before"), 4), _fmt(c.get("nll_after"), 4), applied])
-    parts.append(_table(["run", "temperature T", "ECE raw", "ECE scaled", "NLL raw", "NLL scaled",
-                         "RUN/calibration.json (applied by discover/classify)"], rows))
-    parts.append(f'<p class="note">{html.escape(doc.get("ece_definition", ""))}. Scaled: P = sigmoid(logit / T), '
-                 "T fitted on the validation split; RUN/calibration.json is written only by "
-                 "<code>spectransfer calibrate</code> or <code>evaluate --calibrate</code>.</p>")
+        applied = (
+            (
+                f"{rec['temperature']:.4f} ({html.escape(str(rec.get('split')))}, n = {rec.get('n_spectra')}, "
+                f"{html.escape(str(rec.get('engine')))}{', written now' if c.get('written') else ''})"
+            )
+            if rec
+            else "none"
+        )
+        rows.append(
+            [
+                f"<b>{html.escape(name)}</b>",
+                _fmt(c.get("temperature"), 4),
+                _fmt(c.get("ece_before"), 4),
+                _fmt(c.get("ece_after"), 4),
+                _fmt(c.get("nll_before"), 4),
+                _fmt(c.get("nll_after"), 4),
+                applied,
+            ]
+        )
+    parts.append(
+        _table(
+            [
+                "run",
+                "temperature T",
+                "ECE raw",
+                "ECE scaled",
+                "NLL raw",
+                "NLL scaled",
+                "RUN/calibration.json (applied by discover/classify)",
+            ],
+            rows,
+        )
+    )
+    parts.append(
+        f'<p class="note">{html.escape(doc.get("ece_definition", ""))}. Scaled: P = sigmoid(logit / T), '
+        "T fitted on the validation split; RUN/calibration.json is written only by "
+        "<code>spectransfer calibrate</code> or <code>evaluate --calibrate</code>.</p>"
+    )
     parts.append(_img(figure_png(plot_reliability(doc)), "reliability diagram"))
 
     variables: list[str] = []
@@ -434,9 +482,7 @@ def write_report(
 
     page = (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
-        + "\n".join(parts)
-        + "</body></html>\n"
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>" + "\n".join(parts) + "</body></html>\n"
     )
     path = out / "report.html"
     write_text_atomic(path, page)
@@ -469,9 +515,16 @@ def _redshift_section(out: Path, doc: dict[str, Any]) -> str:
             m = rz.get(method)
             if not m:
                 continue
-            rows.append([html.escape(name), method, str(m["n"]), _ci(m["catastrophic_fraction"], m.get("catastrophic_fraction_interval")),
-                         _ci(m["median_abs_dv_kms"], m.get("median_abs_dv_kms_interval"), 0),
-                         _ci(m["nmad"], m.get("nmad_interval"), 4)])
+            rows.append(
+                [
+                    html.escape(name),
+                    method,
+                    str(m["n"]),
+                    _ci(m["catastrophic_fraction"], m.get("catastrophic_fraction_interval")),
+                    _ci(m["median_abs_dv_kms"], m.get("median_abs_dv_kms_interval"), 0),
+                    _ci(m["nmad"], m.get("nmad_interval"), 4),
+                ]
+            )
         f = out / e.get("predictions_file", "")
         if f.is_file() and rz:
             pr = pd.read_parquet(f)
@@ -482,11 +535,13 @@ def _redshift_section(out: Path, doc: dict[str, Any]) -> str:
                 points["templates"] = (pr.loc[q, "catalog_z"].to_numpy(float), pr.loc[q, "z_templates"].to_numpy(float))
     if not rows:
         return ""
-    parts = ["<h2>Redshifts</h2>",
-             '<p class="note">On the catalogue quasars of the split: the network\'s z head (runs that have one) and '
-             "the DR16Q quasar templates fitted over z 0-7 (what discover and classify give as Z_PRED). Catastrophic: "
-             "|Δv| > 3000 km/s, Δv = c·Δz/(1+z); NMAD of Δz/(1+z). 95% bootstrap intervals.</p>",
-             _table(["run", "method", "quasars", "catastrophic", "median |Δv| [km/s]", "NMAD"], rows)]
+    parts = [
+        "<h2>Redshifts</h2>",
+        '<p class="note">On the catalogue quasars of the split: the network\'s z head (runs that have one) and '
+        "the DR16Q quasar templates fitted over z 0-7 (what discover and classify give as Z_PRED). Catastrophic: "
+        "|Δv| > 3000 km/s, Δv = c·Δz/(1+z); NMAD of Δz/(1+z). 95% bootstrap intervals.</p>",
+        _table(["run", "method", "quasars", "catastrophic", "median |Δv| [km/s]", "NMAD"], rows),
+    ]
     if points:
         parts.append(_img(figure_png(plot_redshifts(points)), "predicted against catalogue redshift"))
     return "\n".join(parts)
@@ -501,15 +556,28 @@ def _real_section(out: Path) -> str:
     rep = json.loads(f.read_text())
     if not rep.get("n_real"):
         return f'<h2>Real spectra</h2><p class="warn">Not checked: {html.escape(str(rep.get("skipped", "no real files")))}</p>'
-    rows = [[html.escape(str(r["file"])), html.escape(str(r.get("pipeline_class"))), _fmt(r.get("pipeline_z"), 4),
-             _fmt(r["p_qso"], 3), "yes" if r["is_qso"] else "no", "" if r.get("right") is None else ("right" if r["right"] else "WRONG"),
-             _fmt(r.get("z_pred"), 4)] for r in rep["files"]]
-    head = (f'<p class="note">Run <code>{html.escape(str(rep["run"]))}</code> on {rep["n_real"]} real files judged by their '
-            f"own pipeline class (P_QSO &ge; {rep['threshold']}): quasar recall {_fmt(rep['real_qso_recall'])}, precision "
-            f"{_fmt(rep['real_precision'])}, SDSS non-quasars called quasars {_fmt(rep['real_fp_rate_sdss'])}, LAMOST "
-            f"{_fmt(rep['real_fp_rate_lamost'])}; template z within 3000 km/s of the pipeline's for "
-            f"{_fmt(rep['real_z_within_3000_kms'])} of the quasars found.</p>")
-    return "<h2>Real spectra</h2>" + head + _table(["file", "pipeline class", "pipeline z", "P_QSO", "quasar?", "", "Z_PRED"], rows)
+    rows = [
+        [
+            html.escape(str(r["file"])),
+            html.escape(str(r.get("pipeline_class"))),
+            _fmt(r.get("pipeline_z"), 4),
+            _fmt(r["p_qso"], 3),
+            "yes" if r["is_qso"] else "no",
+            "" if r.get("right") is None else ("right" if r["right"] else "WRONG"),
+            _fmt(r.get("z_pred"), 4),
+        ]
+        for r in rep["files"]
+    ]
+    head = (
+        f'<p class="note">Run <code>{html.escape(str(rep["run"]))}</code> on {rep["n_real"]} real files judged by their '
+        f"own pipeline class (P_QSO &ge; {rep['threshold']}): quasar recall {_fmt(rep['real_qso_recall'])}, precision "
+        f"{_fmt(rep['real_precision'])}, SDSS non-quasars called quasars {_fmt(rep['real_fp_rate_sdss'])}, LAMOST "
+        f"{_fmt(rep['real_fp_rate_lamost'])}; template z within 3000 km/s of the pipeline's for "
+        f"{_fmt(rep['real_z_within_3000_kms'])} of the quasars found.</p>"
+    )
+    return (
+        "<h2>Real spectra</h2>" + head + _table(["file", "pipeline class", "pipeline z", "P_QSO", "quasar?", "", "Z_PRED"], rows)
+    )
 
 
 def _load_curves(out: Path, doc: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -534,16 +602,39 @@ def _verdicts_section(doc: dict[str, Any]) -> str:
         rule = v["rule"]
         for a in v["at"]:
             c, r = a["catalogue"], a["verdict_corrected"]
-            rows.append([
-                f"<b>{html.escape(name)}</b>", f"{a['threshold']:.4g}",
-                f"{a['false_positives_inspected']} / {a['false_positives_confirmed_qso']}",
-                _fmt(c["precision"], 4), _fmt(r["precision"], 4), _fmt(c["recall"], 4), _fmt(r["recall"], 4),
-                _fmt(c["f1"], 4), _fmt(r["f1"], 4),
-            ])
-    parts.append(_table(["run", "threshold", "FPs inspected / confirmed QSO", "precision (catalogue)", "precision (+verdicts)",
-                         "recall (catalogue)", "recall (+verdicts)", "F1 (catalogue)", "F1 (+verdicts)"], rows))
-    parts.append(f'<p class="note">Rule: {html.escape(rule)}. '
-                 f'Verdicts file: <code>{html.escape(str(doc.get("verdicts_file")))}</code>.</p>')
+            rows.append(
+                [
+                    f"<b>{html.escape(name)}</b>",
+                    f"{a['threshold']:.4g}",
+                    f"{a['false_positives_inspected']} / {a['false_positives_confirmed_qso']}",
+                    _fmt(c["precision"], 4),
+                    _fmt(r["precision"], 4),
+                    _fmt(c["recall"], 4),
+                    _fmt(r["recall"], 4),
+                    _fmt(c["f1"], 4),
+                    _fmt(r["f1"], 4),
+                ]
+            )
+    parts.append(
+        _table(
+            [
+                "run",
+                "threshold",
+                "FPs inspected / confirmed QSO",
+                "precision (catalogue)",
+                "precision (+verdicts)",
+                "recall (catalogue)",
+                "recall (+verdicts)",
+                "F1 (catalogue)",
+                "F1 (+verdicts)",
+            ],
+            rows,
+        )
+    )
+    parts.append(
+        f'<p class="note">Rule: {html.escape(rule)}. '
+        f"Verdicts file: <code>{html.escape(str(doc.get('verdicts_file')))}</code>.</p>"
+    )
     return "\n".join(parts)
 
 
@@ -555,17 +646,35 @@ def _comparison_section(doc: dict[str, Any]) -> str:
         pb = c.get("paired_bootstrap") or {}
         df1 = pb.get("delta_f1") or {}
         dap = pb.get("delta_pr_auc") or {}
-        rows.append([
-            f"<b>{html.escape(c['a'])}</b> vs <b>{html.escape(c['b'])}</b>",
-            f"{m['b_a_right_b_wrong']} / {m['c_a_wrong_b_right']}",
-            _pval(m["p_exact"]), _pval(m["p_chi2"]), _pval(mv["p_exact"]),
-            _ci(df1.get("observed"), df1.get("interval"), 4), _pval(df1.get("p_bootstrap")),
-            _ci(dap.get("observed"), dap.get("interval"), 4), _pval(dap.get("p_bootstrap")),
-        ])
+        rows.append(
+            [
+                f"<b>{html.escape(c['a'])}</b> vs <b>{html.escape(c['b'])}</b>",
+                f"{m['b_a_right_b_wrong']} / {m['c_a_wrong_b_right']}",
+                _pval(m["p_exact"]),
+                _pval(m["p_chi2"]),
+                _pval(mv["p_exact"]),
+                _ci(df1.get("observed"), df1.get("interval"), 4),
+                _pval(df1.get("p_bootstrap")),
+                _ci(dap.get("observed"), dap.get("interval"), 4),
+                _pval(dap.get("p_bootstrap")),
+            ]
+        )
     return (
         "<h2>Paired comparison of runs on the same spectra</h2>"
-        + _table(["A vs B", "only A right / only B right (t=0.5)", "McNemar exact p", "McNemar χ² p",
-                  "McNemar exact p (val. thresholds)", "ΔF1 = A − B (t=0.5)", "p", "ΔPR AUC", "p"], rows)
+        + _table(
+            [
+                "A vs B",
+                "only A right / only B right (t=0.5)",
+                "McNemar exact p",
+                "McNemar χ² p",
+                "McNemar exact p (val. thresholds)",
+                "ΔF1 = A − B (t=0.5)",
+                "p",
+                "ΔPR AUC",
+                "p",
+            ],
+            rows,
+        )
         + '<p class="note">McNemar: two-sided exact binomial test on the spectra where exactly one run is right '
         "(χ² with continuity correction alongside). Δ: paired bootstrap over the same resampled spectra for both runs.</p>"
     )
@@ -574,8 +683,9 @@ def _comparison_section(doc: dict[str, Any]) -> str:
 def _int8_note(calib: dict[str, Any] | None) -> str:
     if not calib:
         return ""
-    return (f" (int8 ranges set on {int(calib['n_spectra'])} spectra of store "
-            f"<code>{html.escape(str(calib.get('store_id')))}</code>)")
+    return (
+        f" (int8 ranges set on {int(calib['n_spectra'])} spectra of store <code>{html.escape(str(calib.get('store_id')))}</code>)"
+    )
 
 
 def _pval(p: Any) -> str:
@@ -591,26 +701,45 @@ def _breakdown_table(doc: dict[str, Any], variable: str) -> str:
         if not bd:
             continue
         for b in bd["bins"]:
-            rows.append([html.escape(name), html.escape(b["bin"]), str(b["n"]), str(b["n_qso"]), str(b["n_predicted_qso"]),
-                         _ci(b["purity"], b["purity_interval"]), _ci(b["completeness"], b["completeness_interval"])])
+            rows.append(
+                [
+                    html.escape(name),
+                    html.escape(b["bin"]),
+                    str(b["n"]),
+                    str(b["n_qso"]),
+                    str(b["n_predicted_qso"]),
+                    _ci(b["purity"], b["purity_interval"]),
+                    _ci(b["completeness"], b["completeness_interval"]),
+                ]
+            )
     return _table(["run", "bin", "spectra", "QSOs", "predicted QSOs", "purity", "completeness"], rows)
 
 
 def _learning_curve_table(lc: dict[str, Any]) -> str:
     rows = []
     for s in sorted(lc.get("summary", []), key=lambda s: (s["fraction"], s["mode"])):
-        rows.append([html.escape(s["mode"]), f"{s['fraction']:g}", f"{s['n_train_labels']:.0f}", str(s.get("n_seeds", "")),
-                     f"{_fmt(s.get('f1_mean'))} ± {_fmt(s.get('f1_std'))}",
-                     f"{_fmt(s.get('pr_auc_mean'))} ± {_fmt(s.get('pr_auc_std'))}"])
+        rows.append(
+            [
+                html.escape(s["mode"]),
+                f"{s['fraction']:g}",
+                f"{s['n_train_labels']:.0f}",
+                str(s.get("n_seeds", "")),
+                f"{_fmt(s.get('f1_mean'))} ± {_fmt(s.get('f1_std'))}",
+                f"{_fmt(s.get('pr_auc_mean'))} ± {_fmt(s.get('pr_auc_std'))}",
+            ]
+        )
     return _table(["mode", "fraction", "training labels", "seeds", "F1", "PR AUC"], rows)
 
 
 def _gallery_section(out: Path, doc: dict[str, Any], store: Any, k: int) -> str:
-    parts = ["<h2>Gallery: most confident false positives and false negatives</h2>",
-             '<p class="note">Resampled, normalised flux from the store (grey: no data); dashed red lines: '
-             "quasar emission lines (" + ", ".join(html.escape(n) for n, _ in QSO_LINES)
-             + ") at the pipeline redshift. False positives: highest P(QSO) among catalogue non-quasars; "
-             "false negatives: lowest P(QSO) among catalogue quasars (threshold 0.5).</p>"]
+    parts = [
+        "<h2>Gallery: most confident false positives and false negatives</h2>",
+        '<p class="note">Resampled, normalised flux from the store (grey: no data); dashed red lines: '
+        "quasar emission lines ("
+        + ", ".join(html.escape(n) for n, _ in QSO_LINES)
+        + ") at the pipeline redshift. False positives: highest P(QSO) among catalogue non-quasars; "
+        "false negatives: lowest P(QSO) among catalogue quasars (threshold 0.5).</p>",
+    ]
     wave = store.grid.centers
     for name, e in doc["runs"].items():
         f = out / e.get("predictions_file", "")
@@ -620,8 +749,10 @@ def _gallery_section(out: Path, doc: dict[str, Any], store: Any, k: int) -> str:
         fp = df[(df["label"] == 0) & (df["probability"] >= 0.5)].sort_values("probability", ascending=False).head(k)
         fn = df[(df["label"] == 1) & (df["probability"] < 0.5)].sort_values("probability").head(k)
         for kind, sel in (("false positives", fp), ("false negatives", fn)):
-            parts.append(f"<h3>{html.escape(name)}: {kind} ({len(sel)} shown of "
-                         f"{e['errors']['n_false_positives' if kind == 'false positives' else 'n_false_negatives']})</h3>")
+            parts.append(
+                f"<h3>{html.escape(name)}: {kind} ({len(sel)} shown of "
+                f"{e['errors']['n_false_positives' if kind == 'false positives' else 'n_false_negatives']})</h3>"
+            )
             if sel.empty or "row" not in sel.columns:
                 parts.append('<p class="note">none</p>')
                 continue

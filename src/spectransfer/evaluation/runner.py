@@ -14,10 +14,11 @@ import json
 import logging
 import os
 import tomllib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -39,20 +40,21 @@ from spectransfer.evaluation.metrics import (
     nll,
     paired_bootstrap,
     ranking_metrics,
+    redshift_report,
     reliability,
     sigmoid,
     summarise_verdicts,
-    redshift_report,
     threshold_metrics,
     verdict_corrected,
 )
 from spectransfer.ml.refine import refine_redshifts
 from spectransfer.ml.score import EngineSpec, build_scorer, check_engine, prepare_engine, read_arrays, score_rows
 from spectransfer.progress import progress_bar
-from spectransfer.surveys import id_columns
 from spectransfer.provenance import atomic_path, dependency_versions, write_text_atomic
+from spectransfer.surveys import id_columns
 
 log = logging.getLogger(__name__)
+
 
 def id_columns_of(meta: pd.DataFrame) -> list[str]:
     """The id columns copied beside each prediction: the survey, every registered survey's own
@@ -72,7 +74,6 @@ def read_verdicts(path: str | os.PathLike[str]) -> pd.DataFrame:
         raise EvaluateError(str(exc)) from None
     df = pd.DataFrame(rows, columns=["spectrum_id", "verdict", "z", "inspector", "created_at"])
     return summarise_verdicts(df)
-
 
 
 @dataclass
@@ -180,7 +181,9 @@ def evaluate_predictions(
         only = "QSO" if y.all() else "Other"
         msg = f"the {split} split holds one class only ({only}): ROC AUC and PR AUC are undefined (null)"
         if not y.any():
-            msg = f"the {split} split holds one class only ({only}): precision, recall, F1, ROC AUC and PR AUC are undefined (null)"
+            msg = (
+                f"the {split} split holds one class only ({only}): precision, recall, F1, ROC AUC and PR AUC are undefined (null)"
+            )
         log.warning(msg)
         doc_warnings.append(msg)
     breakdown_vars = breakdown_variables(meta)
@@ -188,7 +191,7 @@ def evaluate_predictions(
         "format": "spectransfer-metrics",
         "format_version": 1,
         "versions": dependency_versions(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "split": split,
         "n_rows": int(y.size),
         "n_qso": int(y.sum()),
@@ -207,8 +210,20 @@ def evaluate_predictions(
     probs: dict[str, np.ndarray] = {}
     for r in runs:
         entry, p, t_sel = _evaluate_one(
-            r, y, meta, val_labels, breakdown_vars, target_precision, target_recall, n_resamples, confidence, seed,
-            verdicts, calibrate, split, context or {},
+            r,
+            y,
+            meta,
+            val_labels,
+            breakdown_vars,
+            target_precision,
+            target_recall,
+            n_resamples,
+            confidence,
+            seed,
+            verdicts,
+            calibrate,
+            split,
+            context or {},
         )
         probs[r.name] = p
         chosen[r.name] = t_sel
@@ -257,15 +272,24 @@ def evaluate_predictions(
                     "threshold_b": tb,
                     "mcnemar": mcnemar_test(y, probs[a] >= ta, probs[b] >= tb),
                 }
-            comp["paired_bootstrap"] = paired_bootstrap(
-                y, probs[a], probs[b], 0.5, 0.5, n_resamples=n_resamples, confidence=confidence, seed=seed
-            ) if y.any() else None
+            comp["paired_bootstrap"] = (
+                paired_bootstrap(y, probs[a], probs[b], 0.5, 0.5, n_resamples=n_resamples, confidence=confidence, seed=seed)
+                if y.any()
+                else None
+            )
             doc["comparisons"].append(comp)
     return _json_clean(doc)
 
 
-def _redshift_entry(r: RunScores, y: np.ndarray, meta: pd.DataFrame, z_templates: np.ndarray | None,
-                    n_resamples: int, confidence: float, seed: int) -> dict[str, Any] | None:
+def _redshift_entry(
+    r: RunScores,
+    y: np.ndarray,
+    meta: pd.DataFrame,
+    z_templates: np.ndarray | None,
+    n_resamples: int,
+    confidence: float,
+    seed: int,
+) -> dict[str, Any] | None:
     """Redshift metrics on the catalogue quasars of the split: the network's z (a run with a z
     head) and the DR16Q-template z (the full-range fit discover and classify give positives)."""
     if "catalog_z" not in meta.columns:
@@ -278,7 +302,9 @@ def _redshift_entry(r: RunScores, y: np.ndarray, meta: pd.DataFrame, z_templates
     boot = min(n_resamples, 200)
     out: dict[str, Any] = {"n_quasars": int(q.sum()), "catastrophic_kms": 3000.0}
     out["network"] = redshift_report(r.z_net[q], z_true[q], snr, boot, confidence, seed) if r.z_net is not None else None
-    out["templates"] = redshift_report(z_templates[q], z_true[q], snr, boot, confidence, seed) if z_templates is not None else None
+    out["templates"] = (
+        redshift_report(z_templates[q], z_true[q], snr, boot, confidence, seed) if z_templates is not None else None
+    )
     return out
 
 
@@ -333,7 +359,9 @@ def _evaluate_one(
             run_warnings.append(str(exc))
     at_sel = threshold_metrics(y, p, t_sel)
     iv05, ivsel = bootstrap_intervals(y, p, (0.5, t_sel), n_resamples, confidence, seed)
-    entry.update({k: at05[k] for k in ("threshold", "confusion_matrix", "tp", "fn", "fp", "tn", "precision", "recall", "f1", "accuracy")})
+    entry.update(
+        {k: at05[k] for k in ("threshold", "confusion_matrix", "tp", "fn", "fp", "tn", "precision", "recall", "f1", "accuracy")}
+    )
     entry.update(rank)
     entry["intervals"] = iv05
     entry["thresholds"] = {
@@ -359,8 +387,13 @@ def _evaluate_one(
     if calibrate:
         if vy is None or r.val_logits is None:
             raise EvaluateError(f"run {r.name}: cannot calibrate without validation rows")
-        fitted, fit = fit_calibration(vy.astype(np.int64), r.val_logits, store_id=context.get("store_id"), split="val",
-                                      engine=context.get("engine", "torch"))
+        fitted, fit = fit_calibration(
+            vy.astype(np.int64),
+            r.val_logits,
+            store_id=context.get("store_id"),
+            split="val",
+            engine=context.get("engine", "torch"),
+        )
         write_calibration(r.run_dir, fitted, {"model_sha256": r.info.get("sha256"), **fit})
         cal["recorded"], cal["written"] = asdict(fitted), True
     entry["calibration"] = cal
@@ -410,9 +443,7 @@ def check_run_matches_store(run_dir: Path, store: Any) -> dict[str, Any]:
         raise EvaluateError(f"{run_dir}: cannot load run ({exc})") from None
     grid = getattr(info, "grid", None)
     if grid is not None and grid != store.grid:
-        raise EvaluateError(
-            f"{run_dir}: run was trained on grid {grid.to_dict()} but the store uses {store.grid.to_dict()}"
-        )
+        raise EvaluateError(f"{run_dir}: run was trained on grid {grid.to_dict()} but the store uses {store.grid.to_dict()}")
     mconf = getattr(info, "model_config", None)
     n_in = getattr(mconf, "n_bins", None)
     if n_in is not None and int(n_in) != store.grid.n_bins:
@@ -487,8 +518,7 @@ def evaluate_runs(
             if spec.int8_calibration is not None:
                 int8 = spec.int8_calibration.to_dict()
             info = {**info, "engine": engine}
-            scored.append(RunScores(name, Path(r), logits, vlogits if val_rows.size else None, info,
-                                    read_calibration(r), z_net))
+            scored.append(RunScores(name, Path(r), logits, vlogits if val_rows.size else None, info, read_calibration(r), z_net))
     context = {
         "engine": engine,
         "store_origin": str((store.info or {}).get("origin", "unknown")) if hasattr(store, "info") else "unknown",
@@ -501,9 +531,20 @@ def evaluate_runs(
         "verdicts_file": str(verdicts_path) if verdicts_path is not None else None,
     }
     doc = evaluate_predictions(
-        meta, scored, val_labels, out, split=split, target_precision=target_precision, target_recall=target_recall,
-        n_resamples=n_resamples, confidence=confidence, seed=seed, verdicts=verdicts, context=context,
-        calibrate=calibrate, z_templates=_template_redshifts(store, rows, meta, quiet),
+        meta,
+        scored,
+        val_labels,
+        out,
+        split=split,
+        target_precision=target_precision,
+        target_recall=target_recall,
+        n_resamples=n_resamples,
+        confidence=confidence,
+        seed=seed,
+        verdicts=verdicts,
+        context=context,
+        calibrate=calibrate,
+        z_templates=_template_redshifts(store, rows, meta, quiet),
     )
     atomic_write_text(out / "metrics.json", json.dumps(doc, indent=2) + "\n")
     if write_report:
@@ -542,8 +583,9 @@ def _template_redshifts(store: Any, rows: np.ndarray, meta: pd.DataFrame, quiet:
     return out
 
 
-def _score_run(run_dir: Path, store: Any, row_sets: list[np.ndarray], batch_size: int, engine: str,
-               bar: Any) -> tuple[list[np.ndarray], np.ndarray | None, EngineSpec]:
+def _score_run(
+    run_dir: Path, store: Any, row_sets: list[np.ndarray], batch_size: int, engine: str, bar: Any
+) -> tuple[list[np.ndarray], np.ndarray | None, EngineSpec]:
     """Float64 logits of each row set and the network z of the first (None without a z head),
     the engine prepared once for the run (one ONNX export)."""
     import tempfile

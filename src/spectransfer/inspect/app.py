@@ -45,11 +45,38 @@ MAX_PAGE = 500
 # Columns of the candidates contract this page uses; the first three are required.
 REQUIRED = ("SPECTRUM_ID", "P_QSO", "CATEGORY")
 OPTIONAL = (
-    "ROW", "SURVEY", "PLATE", "MJD", "FIBERID", "OBSID", "LMJD", "PLANID", "SPID", "RA", "DEC",
-    "CLASS", "SUBCLASS", "Z", "CAT_LABEL", "LABEL_SOURCE", "CATALOG_Z", "PIPE_NOT_QSO", "SOURCE_FILE",
+    "ROW",
+    "SURVEY",
+    "PLATE",
+    "MJD",
+    "FIBERID",
+    "OBSID",
+    "LMJD",
+    "PLANID",
+    "SPID",
+    "RA",
+    "DEC",
+    "CLASS",
+    "SUBCLASS",
+    "Z",
+    "CAT_LABEL",
+    "LABEL_SOURCE",
+    "CATALOG_Z",
+    "PIPE_NOT_QSO",
+    "SOURCE_FILE",
     # written by `discover` beyond the minimal contract; shown when present
-    "ZWARNING", "CATALOG_NAME", "SNR", "MAG", "QUALITY",
-    "Z_NET", "Z_NET_ERR", "Z_PRED", "Z_PRED_ERR", "ZWARN_PRED", "DELTACHI2", "P_QSO_STD",
+    "ZWARNING",
+    "CATALOG_NAME",
+    "SNR",
+    "MAG",
+    "QUALITY",
+    "Z_NET",
+    "Z_NET_ERR",
+    "Z_PRED",
+    "Z_PRED_ERR",
+    "ZWARN_PRED",
+    "DELTACHI2",
+    "P_QSO_STD",
 )
 CATEGORIES = ("new_candidate", "missed_by_model", "agree_qso", "agree_other")
 
@@ -89,9 +116,6 @@ def load_candidates(path: str | os.PathLike[str]) -> pd.DataFrame:
     if missing:
         raise InspectError(f"{path}: candidates table lacks column(s) {', '.join(missing)}")
     return prepare_candidates(df, str(path))
-
-
-ORDERS = ("uncertainty", "p_qso", "random")
 
 
 def prepare_candidates(df: pd.DataFrame, name: str = "candidates") -> pd.DataFrame:
@@ -273,7 +297,9 @@ class CandidateQueue:
         tmpdir = tempfile.TemporaryDirectory(prefix="spectransfer-queue-")
         db = Path(tmpdir.name) / "queue.sqlite"
         df = df.reset_index(drop=True)
-        _build((df.iloc[a : a + BUILD_BLOCK] for a in range(0, max(len(df), 1), BUILD_BLOCK)), db, name, {"version": QUEUE_VERSION})
+        _build(
+            (df.iloc[a : a + BUILD_BLOCK] for a in range(0, max(len(df), 1), BUILD_BLOCK)), db, name, {"version": QUEUE_VERSION}
+        )
         return cls(db, tmpdir)
 
     # -- reading --
@@ -300,12 +326,16 @@ class CandidateQueue:
     def _cols(self) -> str:
         return ", ".join(f'"{c}"' for c in self.columns)
 
-    def select(self, where: str, params: list[Any], done: Sequence[str], status: str, offset: int, limit: int) -> tuple[int, int, list[dict[str, Any]]]:
+    def select(
+        self, where: str, params: list[Any], done: Sequence[str], status: str, offset: int, limit: int
+    ) -> tuple[int, int, list[dict[str, Any]]]:
         """(total, inspected, page rows) of the rows passing ``where``; ``done`` are the ids with a verdict."""
         with self._lock:
             return self._select(where, params, done, status, offset, limit)
 
-    def _select(self, where: str, params: list[Any], done: Sequence[str], status: str, offset: int, limit: int) -> tuple[int, int, list[dict[str, Any]]]:
+    def _select(
+        self, where: str, params: list[Any], done: Sequence[str], status: str, offset: int, limit: int
+    ) -> tuple[int, int, list[dict[str, Any]]]:
         con = self._connect()
         con.execute("CREATE TEMP TABLE IF NOT EXISTS done (id TEXT PRIMARY KEY)")
         con.execute("DELETE FROM temp.done")
@@ -317,8 +347,10 @@ class CandidateQueue:
         elif status == "done":
             where += f" AND {has}"
         total = con.execute(f"SELECT COUNT(*) FROM queue WHERE {where}", params).fetchone()[0]
-        rows = con.execute(f"SELECT {self._cols} FROM queue WHERE {where} ORDER BY {ORDERS[self.order]} LIMIT ? OFFSET ?",
-                           [*params, limit, offset])
+        rows = con.execute(
+            f"SELECT {self._cols} FROM queue WHERE {where} ORDER BY {ORDERS[self.order]} LIMIT ? OFFSET ?",
+            [*params, limit, offset],
+        )
         return int(total), int(inspected), [self._row(r) for r in rows]
 
 
@@ -357,8 +389,10 @@ def _build(blocks: Iterator[pd.DataFrame], db: Path, name: str, stamp: dict[str,
             if df["SPECTRUM_ID"].isna().any():
                 raise InspectError(f"{name}: empty SPECTRUM_ID in the candidates table")
             marks = ", ".join("?" * len(columns))
-            con.executemany(f"INSERT INTO staging VALUES ({marks})",
-                            ([_cell(v) for v in r] for r in df[columns].itertuples(index=False, name=None)))
+            con.executemany(
+                f"INSERT INTO staging VALUES ({marks})",
+                ([_cell(v) for v in r] for r in df[columns].itertuples(index=False, name=None)),
+            )
         if columns is None:
             raise InspectError(f"{name}: candidates table is empty")
         dup = con.execute("SELECT SPECTRUM_ID FROM staging GROUP BY SPECTRUM_ID HAVING COUNT(*) > 1 LIMIT 1").fetchone()
@@ -368,19 +402,31 @@ def _build(blocks: Iterator[pd.DataFrame], db: Path, name: str, stamp: dict[str,
         spread = '"P_QSO_STD"' if "P_QSO_STD" in columns else "NULL"
         # three orders, each a precomputed position: P_QSO, MC-dropout spread (no spread last),
         # and a fixed shuffle (a multiplicative hash of the row number: the same every build)
-        con.execute("CREATE TABLE queue AS SELECT ROW_NUMBER() OVER (ORDER BY P_QSO DESC, SPECTRUM_ID) AS pos, "
-                    f"ROW_NUMBER() OVER (ORDER BY COALESCE({spread}, -1.0) DESC, P_QSO DESC, SPECTRUM_ID) AS pos_spread, "
-                    f"ROW_NUMBER() OVER (ORDER BY (rowid * 2654435761) % 4294967296, SPECTRUM_ID) AS pos_random, {quoted} FROM staging")
+        con.execute(
+            "CREATE TABLE queue AS SELECT ROW_NUMBER() OVER (ORDER BY P_QSO DESC, SPECTRUM_ID) AS pos, "
+            f"ROW_NUMBER() OVER (ORDER BY COALESCE({spread}, -1.0) DESC, P_QSO DESC, SPECTRUM_ID) AS pos_spread, "
+            f"ROW_NUMBER() OVER (ORDER BY (rowid * 2654435761) % 4294967296, SPECTRUM_ID) AS pos_random, {quoted} FROM staging"
+        )
         con.execute("DROP TABLE staging")
         con.execute("CREATE UNIQUE INDEX queue_id ON queue (SPECTRUM_ID)")
         for col in ("pos", "pos_spread", "pos_random"):
             con.execute(f"CREATE INDEX queue_{col} ON queue ({col})")
         has_spread = spread != "NULL" and con.execute(f"SELECT COUNT(*) FROM queue WHERE {spread} IS NOT NULL").fetchone()[0] > 0
         counts = dict(con.execute("SELECT CATEGORY, COUNT(*) FROM queue GROUP BY CATEGORY").fetchall())
-        classes = [r[0] for r in con.execute('SELECT DISTINCT "CLASS" FROM queue WHERE "CLASS" IS NOT NULL')] if "CLASS" in columns else []
+        classes = (
+            [r[0] for r in con.execute('SELECT DISTINCT "CLASS" FROM queue WHERE "CLASS" IS NOT NULL')]
+            if "CLASS" in columns
+            else []
+        )
         n = con.execute("SELECT COUNT(*) FROM queue").fetchone()[0]
-        info = {"columns": columns, "kinds": kinds, "n": n, "counts": counts, "classes": sorted(str(c) for c in classes),
-                "has_spread": bool(has_spread)}
+        info = {
+            "columns": columns,
+            "kinds": kinds,
+            "n": n,
+            "counts": counts,
+            "classes": sorted(str(c) for c in classes),
+            "has_spread": bool(has_spread),
+        }
         con.execute("CREATE TABLE info (key TEXT PRIMARY KEY, value TEXT)")
         con.executemany("INSERT INTO info VALUES (?, ?)", [("info", json.dumps(info)), ("stamp", json.dumps(stamp))])
         con.commit()
@@ -396,7 +442,9 @@ def _build(blocks: Iterator[pd.DataFrame], db: Path, name: str, stamp: dict[str,
 # ---- spectra ------------------------------------------------------------------------------------
 
 
-def downsample(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, max_points: int = MAX_POINTS) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def downsample(
+    wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, max_points: int = MAX_POINTS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Merge consecutive pixels (ivar-weighted flux, summed ivar) until at most ``max_points`` remain."""
     n = wave.shape[0]
     k = max(1, math.ceil(n / max_points))
@@ -450,15 +498,23 @@ SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"no-referrer"),
-    (b"content-security-policy", b"default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
-                                 b"form-action 'none'; frame-ancestors 'none'"),
+    (
+        b"content-security-policy",
+        b"default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+        b"form-action 'none'; frame-ancestors 'none'",
+    ),
 ]
 
 
 async def _send_json(send: Any, status: int, detail: str) -> None:
     body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -486,7 +542,10 @@ class Guards:
             if message["type"] == "http.response.start":
                 started = True
                 names = {k.lower() for k, _ in message.get("headers", [])}
-                message = {**message, "headers": [*message.get("headers", []), *(h for h in SECURITY_HEADERS if h[0] not in names)]}
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), *(h for h in SECURITY_HEADERS if h[0] not in names)],
+                }
             await send(message)
 
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
@@ -528,7 +587,9 @@ def _token_guard(token: str) -> Any:
         if auth.lower().startswith("bearer "):
             given = auth[7:].strip()
         if not secrets.compare_digest(given.encode(), token.encode()):
-            return JSONResponse({"detail": "missing or wrong token (send Authorization: Bearer, X-Token or ?token=)"}, status_code=401)
+            return JSONResponse(
+                {"detail": "missing or wrong token (send Authorization: Bearer, X-Token or ?token=)"}, status_code=401
+            )
         return await call_next(request)
 
     return require_token
@@ -592,7 +653,9 @@ class InspectState:
         # the lines go at the predicted z by default: the template fit, else the network's
         cand = out["candidate"]
         out["z_predicted"] = next((v for v in (cand.get("z_pred"), cand.get("z_net")) if _finite(v)), None)
-        out["z_predicted_from"] = "templates" if _finite(cand.get("z_pred")) else ("network" if _finite(cand.get("z_net")) else None)
+        out["z_predicted_from"] = (
+            "templates" if _finite(cand.get("z_pred")) else ("network" if _finite(cand.get("z_net")) else None)
+        )
         note = None
         path = self.source_path(row)
         if path is not None:
@@ -615,7 +678,9 @@ class InspectState:
         flux = np.asarray(store.flux[r], dtype="f8")
         ivar = np.asarray(store.ivar[r], dtype="f8")
         wave, flux, ivar, k = downsample(np.asarray(store.grid.centers, "f8"), flux, ivar)
-        out: dict[str, Any] = dict(source="resampled", flux_unit="normalised", n_pixels=int(store.flux.shape[1]), binned_by=k, note=note)
+        out: dict[str, Any] = dict(
+            source="resampled", flux_unit="normalised", n_pixels=int(store.flux.shape[1]), binned_by=k, note=note
+        )
         out["wave"], out["flux"], out["ivar"] = _finite_lists(wave, flux, ivar)
         return out
 
@@ -673,11 +738,14 @@ def info(st: InspectState = Depends(_state)) -> dict[str, Any]:
     }
 
 
-def _selection(st: InspectState, category: str | None, pipeline_class: str | None, p_min: float, p_max: float) -> tuple[str, list[Any]]:
+def _selection(
+    st: InspectState, category: str | None, pipeline_class: str | None, p_min: float, p_max: float
+) -> tuple[str, list[Any]]:
     """SQL condition (and its parameters) of the rows that pass the category, class and P_QSO filters."""
     if p_min > p_max:
         raise HTTPException(422, f"p_min ({p_min}) is larger than p_max ({p_max})")
-    where, params = ["P_QSO >= ? AND P_QSO <= ?"], [float(p_min), float(p_max)]
+    where: list[str] = ["P_QSO >= ? AND P_QSO <= ?"]
+    params: list[Any] = [float(p_min), float(p_max)]
     cats = _split(category, CATEGORIES, "category")
     if cats is not None:
         where.append(f"CATEGORY IN ({', '.join('?' * len(cats))})")
@@ -773,16 +841,27 @@ def create_app(
     if default_category is not None and default_category not in CATEGORIES:
         raise InspectError(f"--category must be one of {', '.join(CATEGORIES)}, not {default_category!r}")
     if isinstance(candidates, pd.DataFrame):
-        queue = CandidateQueue.from_frame(candidates.reset_index(drop=True) if candidates.index.name == "SPECTRUM_ID" else candidates)
+        queue = CandidateQueue.from_frame(
+            candidates.reset_index(drop=True) if candidates.index.name == "SPECTRUM_ID" else candidates
+        )
     else:
         queue = CandidateQueue.from_file(candidates)
         search_dirs = [Path(candidates).parent, *(search_dirs or [])]
     queue.order = queue.resolve_order(order)
-    state = InspectState(queue, store, VerdictDB(db_path), [Path(d) for d in (search_dirs or [])], default_category,
-                         index_html=_index_html(token), order=queue.order)
+    state = InspectState(
+        queue,
+        store,
+        VerdictDB(db_path),
+        [Path(d) for d in (search_dirs or [])],
+        default_category,
+        index_html=_index_html(token),
+        order=queue.order,
+    )
 
     # No Swagger page: it would load its assets from a CDN. The schema stays for scripts.
-    app = FastAPI(title="spectransfer inspect", version=__version__, docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
+    app = FastAPI(
+        title="spectransfer inspect", version=__version__, docs_url=None, redoc_url=None, openapi_url="/api/openapi.json"
+    )
     app.state.inspect = state
     app.state.queue = queue
     app.state.db = state.db

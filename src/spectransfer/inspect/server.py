@@ -51,7 +51,14 @@ def url_for(host: str, port: int, token: str | None = None) -> str:
     return f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
 
 
-def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, token: str | None = None, on_ready: Any = None, log_level: str = "warning") -> None:
+def serve(
+    app: Any,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    token: str | None = None,
+    on_ready: Any = None,
+    log_level: str = "warning",
+) -> None:
     """Serve ``app`` until interrupted; ``on_ready(url)`` is called once the socket is bound."""
     import uvicorn
 

@@ -14,7 +14,7 @@ import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ _COLUMNS = ("spectrum_id", "verdict", "z", "inspector", "created_at")
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 class VerdictDB:
@@ -125,8 +125,17 @@ class VerdictDB:
 # Output formats by file name ending. '.csv' is written as ECSV with comma delimiters: a CSV
 # whose '#' header lines carry each column's unit and description and the provenance, which
 # astropy reads back (format 'ascii' or 'ascii.ecsv') and pandas reads with comment='#'.
-EXPORT_FORMATS = {".fits": "fits", ".fit": "fits", ".fits.gz": "fits", ".parquet": "parquet", ".csv": "csv", ".ecsv": "csv",
-                  ".vot": "votable", ".votable": "votable", ".xml": "votable"}
+EXPORT_FORMATS = {
+    ".fits": "fits",
+    ".fit": "fits",
+    ".fits.gz": "fits",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".ecsv": "csv",
+    ".vot": "votable",
+    ".votable": "votable",
+    ".xml": "votable",
+}
 
 # column -> (unit or None, description); the description becomes TCOMMn in FITS.
 _EXPORT_COLUMNS: dict[str, tuple[str | None, str]] = {
@@ -148,7 +157,9 @@ def export_format(out: str | os.PathLike[str]) -> str:
     for ending, fmt in sorted(EXPORT_FORMATS.items(), key=lambda kv: -len(kv[0])):
         if name.endswith(ending):
             return fmt
-    raise InspectError(f"{out}: unknown table format {Path(out).suffix or '(no extension)'!r}; use one of {', '.join(EXPORT_FORMATS)}")
+    raise InspectError(
+        f"{out}: unknown table format {Path(out).suffix or '(no extension)'!r}; use one of {', '.join(EXPORT_FORMATS)}"
+    )
 
 
 def _candidate_columns(path: Path) -> dict[str, dict[str, Any]]:
@@ -166,8 +177,10 @@ def _candidate_columns(path: Path) -> dict[str, dict[str, Any]]:
     if missing:
         raise InspectError(f"{path}: candidates table lacks column(s) {', '.join(missing)}")
     ids = [str(x).strip() for x in t["SPECTRUM_ID"]]
-    return {i: {"RA": float(ra), "DEC": float(dec), "P_QSO": float(p), "CATEGORY": str(c).strip()}
-            for i, ra, dec, p, c in zip(ids, t["RA"], t["DEC"], t["P_QSO"], t["CATEGORY"])}
+    return {
+        i: {"RA": float(ra), "DEC": float(dec), "P_QSO": float(p), "CATEGORY": str(c).strip()}
+        for i, ra, dec, p, c in zip(ids, t["RA"], t["DEC"], t["P_QSO"], t["CATEGORY"])
+    }
 
 
 def verdict_table(db_path: str | os.PathLike[str], candidates: str | os.PathLike[str] | None = None) -> Any:
@@ -206,10 +219,14 @@ def verdict_table(db_path: str | os.PathLike[str], candidates: str | os.PathLike
     return t
 
 
-_META_COMMENTS = {"SRCDB": "verdict database this was exported from", "NVERDICT": "number of verdict rows",
-                  "VERDICTS": "allowed verdict values", "SRCCAND": "candidates joined (RA, DEC, P_QSO, CATEGORY)",
-                  "CANDSHA": "",  # its sha256: 64 hex digits leave no room for a comment "NNOCAND": "verdicts whose spectrum is not in the candidates",
-                  "DATE": "UTC time of the export"}
+_META_COMMENTS = {
+    "SRCDB": "verdict database this was exported from",
+    "NVERDICT": "number of verdict rows",
+    "VERDICTS": "allowed verdict values",
+    "SRCCAND": "candidates joined (RA, DEC, P_QSO, CATEGORY)",
+    "CANDSHA": "",  # its sha256: 64 hex digits leave no room for a comment "NNOCAND": "verdicts whose spectrum is not in the candidates",
+    "DATE": "UTC time of the export",
+}
 
 
 def _write_fits(t: Any, tmp: Path) -> None:
@@ -228,7 +245,11 @@ def _write_fits(t: Any, tmp: Path) -> None:
             width = max([1] + [len(v) for v in values])
             cols.append(fits.Column(name=name, format=f"{width}A", array=np.array(values, dtype=f"S{width}")))
         else:
-            cols.append(fits.Column(name=name, format="D" if a.dtype.itemsize == 8 else "E", array=a, unit=t[name].unit and str(t[name].unit)))
+            cols.append(
+                fits.Column(
+                    name=name, format="D" if a.dtype.itemsize == 8 else "E", array=a, unit=t[name].unit and str(t[name].unit)
+                )
+            )
     hdu = fits.BinTableHDU.from_columns(cols, name="VERDICTS")
     h = hdu.header
     for i, name in enumerate(t.colnames, start=1):
@@ -254,8 +275,12 @@ def _write_votable(t: Any, tmp: Path) -> None:
     vot.to_xml(str(tmp))
 
 
-def export_table(db_path: str | os.PathLike[str], out: str | os.PathLike[str], candidates: str | os.PathLike[str] | None = None,
-                 overwrite: bool = True) -> int:
+def export_table(
+    db_path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    candidates: str | os.PathLike[str] | None = None,
+    overwrite: bool = True,
+) -> int:
     """Write every verdict to ``out`` in the format its name says (see EXPORT_FORMATS), atomically; returns the row count.
 
     With ``candidates`` (discover's FITS or Parquet), each verdict gets its spectrum's RA, DEC,

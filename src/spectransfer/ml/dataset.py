@@ -73,7 +73,7 @@ class Selection:
             return np.full(rows.shape, np.nan, dtype=np.float32)
         return self.z[np.searchsorted(self.rows, rows)]
 
-    def subset(self, fraction: float | None = None, limit: int | None = None, seed: int = 0) -> "Selection":
+    def subset(self, fraction: float | None = None, limit: int | None = None, seed: int = 0) -> Selection:
         """A deterministic random subset: ``fraction`` of the rows, then at most ``limit``."""
         n = len(self)
         k = n
@@ -279,7 +279,11 @@ def _take(pending: list, n: int) -> tuple[tuple[torch.Tensor, torch.Tensor, torc
         x, y, r = out[0]
     else:
         x, y, r = (np.concatenate([o[i] for o in out]) for i in range(3))
-    batch = (torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y)), torch.from_numpy(np.ascontiguousarray(r)))
+    batch = (
+        torch.from_numpy(np.ascontiguousarray(x)),
+        torch.from_numpy(np.ascontiguousarray(y)),
+        torch.from_numpy(np.ascontiguousarray(r)),
+    )
     return batch, pending, left
 
 

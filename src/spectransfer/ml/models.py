@@ -25,9 +25,9 @@ a model file saved without the head says) means no redshift head.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,10 +36,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from spectransfer.provenance import atomic_path, sha256_file
 from spectransfer import __version__
 from spectransfer.config import Grid
 from spectransfer.errors import TrainError
+from spectransfer.provenance import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class ModelConfig:
     def has_z_head(self) -> bool:
         return self.z_bins > 0
 
-    def trunk(self) -> "ModelConfig":
+    def trunk(self) -> ModelConfig:
         """This config without its redshift head: what two runs must share to transfer weights."""
         return dataclasses.replace(self, z_bins=0, z_hidden=ModelConfig.z_hidden)
 
@@ -96,7 +96,7 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         keys = ("name", "n_bins", "in_channels", "dropout", "hidden", "z_bins", "z_hidden")
         return cls(**{k: d[k] for k in keys if k in d})
 
@@ -317,7 +317,9 @@ def load_init_weights(model: VGG1D, tensors: dict[str, torch.Tensor], source: st
         raise TrainError(f"{source}: weights do not fit model {model.config.name} ({exc})") from exc
     missing = [k for k in result.missing_keys if not k.startswith("z_head.")]
     if missing or result.unexpected_keys:
-        raise TrainError(f"{source}: weights do not fit model {model.config.name} (missing {missing}, unexpected {result.unexpected_keys})")
+        raise TrainError(
+            f"{source}: weights do not fit model {model.config.name} (missing {missing}, unexpected {result.unexpected_keys})"
+        )
     fresh = list(result.missing_keys)
     if fresh:
         log.info("%s holds no redshift head: the z head starts from fresh weights", source)

@@ -167,8 +167,9 @@ def window_trials(z_net: np.ndarray, grid: Grid = DEFAULT_GRID, half_width: floa
     return np.clip(centre[:, None] + np.arange(-below, above + 1)[None, :], 0, scan.n_trials - 1)
 
 
-def chi2_scan(flux: np.ndarray, ivar: np.ndarray, trials: np.ndarray, grid: Grid = DEFAULT_GRID,
-              workers: int = -1) -> tuple[np.ndarray, np.ndarray]:
+def chi2_scan(
+    flux: np.ndarray, ivar: np.ndarray, trials: np.ndarray, grid: Grid = DEFAULT_GRID, workers: int = -1
+) -> tuple[np.ndarray, np.ndarray]:
     """χ² (n, W) at the trial shifts ``trials`` (n, W) and the fitted coefficients (n, W, 5).
 
     Coefficients 0-3 multiply the template bases, 4 the constant.

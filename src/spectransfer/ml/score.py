@@ -27,10 +27,11 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -87,8 +88,7 @@ def export_onnx(model: Any, path: str | Path, opset: int = 17) -> Path:
                 torch.onnx.export(net, (example,), tmp, dynamo=False, opset_version=opset, dynamic_axes=dynamic, **names)
         except Exception as exc:  # legacy exporter gone in a future torch
             log.info("TorchScript ONNX export unavailable (%s); using torch.export", exc)
-            torch.onnx.export(net, (example,), tmp, dynamo=True,
-                              dynamic_shapes=({0: torch.export.Dim("batch")},), **names)
+            torch.onnx.export(net, (example,), tmp, dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},), **names)
     return path
 
 
@@ -199,14 +199,24 @@ def quantise_int8(model: Any, store: Any, target: str | Path) -> Int8Calibration
                 dense.append(n.name)
         with atomic_path(target) as tmp:
             quantize_static(
-                str(pre), str(tmp), _Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=convs[:1] + dense,
+                str(pre),
+                str(tmp),
+                _Reader(),
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                nodes_to_exclude=convs[:1] + dense,
             )
     finally:
         fp32.unlink(missing_ok=True)
         pre.unlink(missing_ok=True)
-    return Int8Calibration(store_id=(store.info or {}).get("store_id"), store_name=Path(store.path).name,
-                           n_spectra=int(rows.size), rows_sha256=rows_digest(rows))
+    return Int8Calibration(
+        store_id=(store.info or {}).get("store_id"),
+        store_name=Path(store.path).name,
+        n_spectra=int(rows.size),
+        rows_sha256=rows_digest(rows),
+    )
 
 
 # ---- engines -----------------------------------------------------------------------------------
@@ -226,8 +236,16 @@ class EngineSpec:
     temperature: float = 1.0  # the calibration the spread is measured in: sigmoid(logit / T)
 
 
-def prepare_engine(run_dir: str | Path, engine: str, work_dir: str | Path, store: Any = None, model: Any = None,
-                   threads: int | None = None, mc_samples: int = 0, temperature: float | None = None) -> EngineSpec:
+def prepare_engine(
+    run_dir: str | Path,
+    engine: str,
+    work_dir: str | Path,
+    store: Any = None,
+    model: Any = None,
+    threads: int | None = None,
+    mc_samples: int = 0,
+    temperature: float | None = None,
+) -> EngineSpec:
     """Export/quantise what ``engine`` runs into ``work_dir`` (reused when already there).
 
     ``store`` is needed for ``onnx-int8`` (its spectra set the int8 ranges); ``model`` saves
@@ -241,9 +259,14 @@ def prepare_engine(run_dir: str | Path, engine: str, work_dir: str | Path, store
     threads = int(threads) if threads else default_threads()
     if mc_samples < 0 or mc_samples == 1:
         raise EvaluateError(f"--mc-dropout must be 0 (off) or >= 2 passes, got {mc_samples}")
-    base = dict(run_dir=str(Path(run_dir).resolve()), engine=engine, threads=threads,
-                in_channels=int(model.config.in_channels), mc_samples=int(mc_samples),
-                temperature=float(temperature) if temperature else 1.0)
+    base = dict(
+        run_dir=str(Path(run_dir).resolve()),
+        engine=engine,
+        threads=threads,
+        in_channels=int(model.config.in_channels),
+        mc_samples=int(mc_samples),
+        temperature=float(temperature) if temperature else 1.0,
+    )
     if engine == "torch":
         return EngineSpec(onnx_path=None, **base)
     work_dir = Path(work_dir)
@@ -425,7 +448,7 @@ def _spans(store: Any, rows: np.ndarray, span: int, in_channels: int) -> Iterato
     if not starts:
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectra-reader") as pool:
-        pending = pool.submit(_read_rows, flux, ivar, rows[: span], in_channels)
+        pending = pool.submit(_read_rows, flux, ivar, rows[:span], in_channels)
         for k, a in enumerate(starts):
             x = pending.result()
             if k + 1 < len(starts):
@@ -434,8 +457,9 @@ def _spans(store: Any, rows: np.ndarray, span: int, in_channels: int) -> Iterato
             yield a, x
 
 
-def score_rows(scorer: Scorer, store: Any, rows: np.ndarray, batch_size: int = 1024, in_channels: int = 1,
-               progress: Any = None) -> Outputs:
+def score_rows(
+    scorer: Scorer, store: Any, rows: np.ndarray, batch_size: int = 1024, in_channels: int = 1, progress: Any = None
+) -> Outputs:
     """Named outputs for sorted ``rows`` of ``store``: read a span of chunks at a time, run in batches."""
     rows = np.asarray(rows, dtype=np.int64)
     out: Outputs = {}

@@ -30,9 +30,9 @@ import math
 import os
 import socket
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,17 +41,27 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from spectransfer.provenance import atomic_path, write_text_atomic
 from spectransfer import __version__
 from spectransfer.errors import TrainError
 from spectransfer.locks import OutputLock
 from spectransfer.ml.dataset import ChunkStream, Selection, select
 from spectransfer.ml.models import (
-    Z_BINS, VGG1D, ModelConfig, build_model, count_parameters, load_init_weights, load_run, read_weights,
-    redshift_from_head, save_weights, unwrap, z_targets,
+    VGG1D,
+    Z_BINS,
+    ModelConfig,
+    build_model,
+    count_parameters,
+    load_init_weights,
+    load_run,
+    read_weights,
+    redshift_from_head,
+    save_weights,
+    unwrap,
+    z_targets,
 )
 from spectransfer.ml.refine import CATASTROPHIC_KMS, velocity_offset_kms
 from spectransfer.progress import progress_bar
+from spectransfer.provenance import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +119,7 @@ class TrainConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -154,7 +164,9 @@ def plan(cfg: TrainConfig) -> Plan:
     store = open_store(cfg.store)
     surveys = sorted(store.meta["survey"].dropna().unique().tolist())
     if cfg.survey is not None and cfg.survey not in surveys:
-        raise TrainError(f"{cfg.store}: store has no spectra of survey {cfg.survey!r} (it holds: {', '.join(surveys) or 'nothing'})")
+        raise TrainError(
+            f"{cfg.store}: store has no spectra of survey {cfg.survey!r} (it holds: {', '.join(surveys) or 'nothing'})"
+        )
     train = select(store, cfg.survey, "train").subset(cfg.train_fraction, cfg.train_limit, cfg.seed)
     val = select(store, cfg.survey, "val")
     what = f"{cfg.store} (survey {cfg.survey or 'all'})"
@@ -183,7 +195,9 @@ def plan(cfg: TrainConfig) -> Plan:
                 f"channel(s) on {info.model_config.n_bins} bins, this run needs {mconfig.name} with {mconfig.in_channels} on {mconfig.n_bins}"
             )
         if info.grid != grid:
-            raise TrainError(f"{cfg.init}: incompatible --init: trained on grid {info.grid.to_dict()}, the store uses {grid.to_dict()}")
+            raise TrainError(
+                f"{cfg.init}: incompatible --init: trained on grid {info.grid.to_dict()}, the store uses {grid.to_dict()}"
+            )
         init_weights = Path(cfg.init) / "model.safetensors"
     return Plan(cfg, store, train, val, mconfig, init_weights)
 
@@ -291,7 +305,7 @@ class Session:
     model: VGG1D
     net: nn.Module  # the model, or its DistributedDataParallel wrapper
     optimizer: torch.optim.Optimizer
-    loss: "Loss"
+    loss: Loss
     train_stream: ChunkStream
     train_loader: Any
     val_loader: Any
@@ -307,8 +321,9 @@ class Loss:
     z_weight: float
     z_bins: int  # 0: no z head
 
-    def __call__(self, logits: torch.Tensor, z_logits: torch.Tensor | None, y: torch.Tensor,
-                 z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, logits: torch.Tensor, z_logits: torch.Tensor | None, y: torch.Tensor, z: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(total loss, the BCE part)."""
         bce = self.bce(logits.float(), y)
         if z_logits is None:
@@ -365,17 +380,34 @@ def _build_session(cfg: TrainConfig, p: Plan, world: World) -> Session:
     loss = Loss(bce, cfg.z_weight, p.model_config.z_bins)
 
     # training stream sharded by rank, validation likewise (no shuffling)
-    stream_args = dict(ivar=p.store.ivar, in_channels=cfg.in_channels, buffer_chunks=cfg.buffer_chunks,
-                       rank=world.rank, world_size=world.size)
-    train_stream = ChunkStream(p.store.flux, p.train, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed,
-                               balanced=cfg.imbalance == "balanced", **stream_args)
+    stream_args = dict(
+        ivar=p.store.ivar, in_channels=cfg.in_channels, buffer_chunks=cfg.buffer_chunks, rank=world.rank, world_size=world.size
+    )
+    train_stream = ChunkStream(
+        p.store.flux,
+        p.train,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        seed=cfg.seed,
+        balanced=cfg.imbalance == "balanced",
+        **stream_args,
+    )
     val_stream = ChunkStream(p.store.flux, p.val, batch_size=cfg.eval_batch_size, shuffle=False, **stream_args)
     # a private generator keeps the DataLoader from drawing on the global RNG (dropout's)
     loader_args = dict(pin_memory=world.use_cuda, generator=torch.Generator())
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if world.use_cuda else "fp32")
     autocast = torch.autocast(device_type=world.device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    return Session(model, net, optimizer, loss, train_stream, train_stream.loader(cfg.num_workers, **loader_args),
-                   val_stream.loader(cfg.num_workers, **loader_args), autocast, precision)
+    return Session(
+        model,
+        net,
+        optimizer,
+        loss,
+        train_stream,
+        train_stream.loader(cfg.num_workers, **loader_args),
+        val_stream.loader(cfg.num_workers, **loader_args),
+        autocast,
+        precision,
+    )
 
 
 def _pos_weight(cfg: TrainConfig, p: Plan) -> float | None:
@@ -440,14 +472,27 @@ def _run(cfg: TrainConfig, resume: bool, quiet: bool, checked: Plan | None = Non
             (out / "debug").mkdir(parents=True, exist_ok=True)
 
         steps_per_epoch = min(s.train_stream.batches_per_rank())
-        total = cfg.max_epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_epochs * steps_per_epoch, cfg.max_steps)
+        total = (
+            cfg.max_epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_epochs * steps_per_epoch, cfg.max_steps)
+        )
         if world.master:
             log.info(
                 "training %s (%s, %d parameters, %d trainable, z head %s) on %d train / %d val spectra "
                 "(%d / %d quasars, %d with z), %d step(s) per epoch, %d process(es) on %s, %s",
-                p.model_config.name, cfg.mode, count_parameters(s.model), count_parameters(s.model, True),
-                "on" if p.model_config.has_z_head else "off", len(p.train), len(p.val), p.train.n_pos, p.val.n_pos,
-                p.train.n_z, steps_per_epoch, world.size, world.device.type, s.precision,
+                p.model_config.name,
+                cfg.mode,
+                count_parameters(s.model),
+                count_parameters(s.model, True),
+                "on" if p.model_config.has_z_head else "off",
+                len(p.train),
+                len(p.val),
+                p.train.n_pos,
+                p.val.n_pos,
+                p.train.n_z,
+                steps_per_epoch,
+                world.size,
+                world.device.type,
+                s.precision,
             )
 
         window = _Window(world.device)  # training loss and throughput since the last evaluation
@@ -476,8 +521,15 @@ def _run(cfg: TrainConfig, resume: bool, quiet: bool, checked: Plan | None = Non
                 del batches
         if cfg.debug_rows:
             _save_final_weights(s.model, out / "debug" / f"final-rank{world.rank}.safetensors")
-        summary = {"metric": cfg.early_stop, "best": state.best, "best_step": state.best_step, "steps": state.step,
-                   "epochs_completed": state.epoch, "stopped_early": state.stopped, "run": str(out)}
+        summary = {
+            "metric": cfg.early_stop,
+            "best": state.best,
+            "best_step": state.best_step,
+            "steps": state.step,
+            "epochs_completed": state.epoch,
+            "stopped_early": state.stopped,
+            "run": str(out),
+        }
         if run_log is not None:
             run_log.close()
             _write_json_atomic(out / "summary.json", summary)
@@ -506,21 +558,22 @@ class _Window:
         self.seen += n
 
 
-def _evaluate(s: Session, p: Plan, world: World, window: _Window, state: TrainState, epoch: int,
-              cfg: TrainConfig) -> dict[str, Any]:
+def _evaluate(
+    s: Session, p: Plan, world: World, window: _Window, state: TrainState, epoch: int, cfg: TrainConfig
+) -> dict[str, Any]:
     """Validation metrics, early-stopping bookkeeping, and the training window's summary."""
     rate = window.seen * world.size / max(time.perf_counter() - window.t0, 1e-9)
     train_loss = _all_sum(torch.tensor([window.loss.item(), window.steps], dtype=torch.float64), world.size)
     metrics = evaluate_stream(s.net, s.val_loader, world.device, s.autocast, world.size, p.val)
-    metrics.update(step=state.step, epoch=epoch, train_loss=float(train_loss[0] / max(train_loss[1], 1)),
-                   spectra_per_s=rate)
+    metrics.update(step=state.step, epoch=epoch, train_loss=float(train_loss[0] / max(train_loss[1], 1)), spectra_per_s=rate)
     _early_stopping(state, metrics, cfg)
     window.reset()
     return metrics
 
 
-def evaluate_stream(net: nn.Module, loader: Any, device: torch.device, autocast: Any, world: int,
-                    selection: Selection | None = None) -> dict[str, Any]:
+def evaluate_stream(
+    net: nn.Module, loader: Any, device: torch.device, autocast: Any, world: int, selection: Selection | None = None
+) -> dict[str, Any]:
     """Validation loss and confusion counts at threshold 0.5, summed over every rank; with a
     z head and ``selection`` (for the rows' redshifts), the z head's cross-entropy and its
     catastrophic fraction (|Δv| > 3000 km/s) on the quasars with a catalogue z."""
@@ -546,18 +599,36 @@ def evaluate_stream(net: nn.Module, loader: Any, device: torch.device, autocast:
                     z_net, _ = redshift_from_head(z_logits[torch.from_numpy(ok).to(device)])
                     dv = np.abs(velocity_offset_kms(z_net, z_true[ok]))
                     z_part = [ce.item(), float(ok.sum()), float((dv > CATASTROPHIC_KMS).sum())]
-            sums += torch.tensor([loss.item(), len(y), (pred & pos).sum().item(), (pred & ~pos).sum().item(),
-                                  (~pred & pos).sum().item(), (~pred & ~pos).sum().item(), *z_part], dtype=torch.float64)
+            sums += torch.tensor(
+                [
+                    loss.item(),
+                    len(y),
+                    (pred & pos).sum().item(),
+                    (pred & ~pos).sum().item(),
+                    (~pred & pos).sum().item(),
+                    (~pred & ~pos).sum().item(),
+                    *z_part,
+                ],
+                dtype=torch.float64,
+            )
     loss_sum, n, tp, fp, fn, tn, z_ce, n_z, n_cat = _all_sum(sums, world).tolist()
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    out = {"val_loss": loss_sum / max(n, 1), "val_f1": f1, "val_precision": precision, "val_recall": recall,
-           "val_accuracy": (tp + tn) / max(n, 1), "val_n": int(n), "val_tp": int(tp), "val_fp": int(fp),
-           "val_fn": int(fn), "val_tn": int(tn)}
+    out = {
+        "val_loss": loss_sum / max(n, 1),
+        "val_f1": f1,
+        "val_precision": precision,
+        "val_recall": recall,
+        "val_accuracy": (tp + tn) / max(n, 1),
+        "val_n": int(n),
+        "val_tp": int(tp),
+        "val_fp": int(fp),
+        "val_fn": int(fn),
+        "val_tn": int(tn),
+    }
     if has_z:
-        out.update(val_z_loss=z_ce / n_z if n_z else None, val_z_n=int(n_z),
-                   val_z_catastrophic=n_cat / n_z if n_z else None)
+        out.update(val_z_loss=z_ce / n_z if n_z else None, val_z_n=int(n_z), val_z_catastrophic=n_cat / n_z if n_z else None)
     return out
 
 
@@ -589,8 +660,14 @@ def _checkpoint(path: Path, model: nn.Module, optimizer: Any, state: TrainState,
         dist.all_gather_object(rngs, rng)
     if not master:
         return
-    ckpt = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "state": dataclasses.asdict(state),
-            "rng": rngs, "world_size": world, "version": __version__}
+    ckpt = {
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "state": dataclasses.asdict(state),
+        "rng": rngs,
+        "world_size": world,
+        "version": __version__,
+    }
     with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
 
@@ -603,7 +680,7 @@ class _RunLog:
         self.tb = tb
 
     @classmethod
-    def open(cls, out: Path, cfg: TrainConfig, p: Plan, s: Session, world: World, step: int, resume: bool) -> "_RunLog":
+    def open(cls, out: Path, cfg: TrainConfig, p: Plan, s: Session, world: World, step: int, resume: bool) -> _RunLog:
         from torch.utils.tensorboard import SummaryWriter
 
         out.mkdir(parents=True, exist_ok=True)
@@ -614,15 +691,22 @@ class _RunLog:
 
     def write(self, metrics: dict[str, Any], model: VGG1D, state: TrainState, p: Plan) -> None:
         if metrics["improved"]:
-            save_weights(model, self.out / "model.safetensors", p.store.grid, p.cfg.mode,
-                         extra={"step": str(state.step), "store_id": str(p.store.info.get("store_id"))})
+            save_weights(
+                model,
+                self.out / "model.safetensors",
+                p.store.grid,
+                p.cfg.mode,
+                extra={"step": str(state.step), "store_id": str(p.store.info.get("store_id"))},
+            )
         _log_metrics(self.out, self.tb, metrics)
 
     def close(self) -> None:
         self.tb.close()
 
 
-def _write_config(out: Path, cfg: TrainConfig, p: Plan, precision: str, world: int, pos_weight: float | None, model: nn.Module) -> None:
+def _write_config(
+    out: Path, cfg: TrainConfig, p: Plan, precision: str, world: int, pos_weight: float | None, model: nn.Module
+) -> None:
     import tomli_w
 
     doc = {
@@ -640,7 +724,12 @@ def _write_config(out: Path, cfg: TrainConfig, p: Plan, precision: str, world: i
             **({"pos_weight": pos_weight} if pos_weight else {}),
         },
         "model": p.model_config.to_dict(),
-        "store": {"path": str(p.store.path), "store_id": str(p.store.info.get("store_id")), "origin": str(p.store.info.get("origin", "unknown")), "grid": p.store.grid.to_dict()},
+        "store": {
+            "path": str(p.store.path),
+            "store_id": str(p.store.info.get("store_id")),
+            "origin": str(p.store.info.get("origin", "unknown")),
+            "grid": p.store.grid.to_dict(),
+        },
         "spectransfer_version": __version__,
         "torch_version": torch.__version__,
     }
@@ -651,17 +740,33 @@ def _log_metrics(out: Path, tb: Any, metrics: dict[str, Any]) -> None:
     with open(out / "metrics.jsonl", "a") as fh:
         fh.write(json.dumps(metrics) + "\n")
     step = metrics["step"]
-    for key in ("train_loss", "val_loss", "val_f1", "val_precision", "val_recall", "spectra_per_s",
-                "val_z_loss", "val_z_catastrophic"):
+    for key in (
+        "train_loss",
+        "val_loss",
+        "val_f1",
+        "val_precision",
+        "val_recall",
+        "spectra_per_s",
+        "val_z_loss",
+        "val_z_catastrophic",
+    ):
         if metrics.get(key) is not None:
             tb.add_scalar(key.replace("_", "/", 1), metrics[key], step)
     tb.flush()
     z = ""
     if metrics.get("val_z_loss") is not None:
         z = f", z CE {metrics['val_z_loss']:.3f}, catastrophic {metrics['val_z_catastrophic']:.3f}"
-    log.info("step %d: train loss %.4f, val loss %.4f, F1 %.4f (P %.4f R %.4f)%s%s", step, metrics["train_loss"],
-             metrics["val_loss"], metrics["val_f1"], metrics["val_precision"], metrics["val_recall"], z,
-             " *" if metrics["improved"] else "")
+    log.info(
+        "step %d: train loss %.4f, val loss %.4f, F1 %.4f (P %.4f R %.4f)%s%s",
+        step,
+        metrics["train_loss"],
+        metrics["val_loss"],
+        metrics["val_f1"],
+        metrics["val_precision"],
+        metrics["val_recall"],
+        z,
+        " *" if metrics["improved"] else "",
+    )
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

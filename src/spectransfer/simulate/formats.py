@@ -85,7 +85,9 @@ def _tform(dt: np.dtype) -> str:
     return f"{count}{code}" if count != 1 else code
 
 
-def bintable_header(dtype: np.dtype, n_rows: int, extname: str, extra: Sequence[str] = (), units: dict[str, str] | None = None) -> list[str]:
+def bintable_header(
+    dtype: np.dtype, n_rows: int, extname: str, extra: Sequence[str] = (), units: dict[str, str] | None = None
+) -> list[str]:
     """Cards of a BINTABLE extension for a big-endian structured ``dtype`` (TUNITn from ``units``)."""
     cards = [
         card("XTENSION", "BINTABLE", "binary table extension"),
@@ -110,7 +112,16 @@ def bintable_header(dtype: np.dtype, n_rows: int, extname: str, extra: Sequence[
 # ---- SDSS spec-lite ---------------------------------------------------------------------------
 
 COADD_DTYPE = np.dtype(
-    [("flux", ">f4"), ("loglam", ">f4"), ("ivar", ">f4"), ("and_mask", ">i4"), ("or_mask", ">i4"), ("wdisp", ">f4"), ("sky", ">f4"), ("model", ">f4")]
+    [
+        ("flux", ">f4"),
+        ("loglam", ">f4"),
+        ("ivar", ">f4"),
+        ("and_mask", ">i4"),
+        ("or_mask", ">i4"),
+        ("wdisp", ">f4"),
+        ("sky", ">f4"),
+        ("model", ">f4"),
+    ]
 )
 
 # The HDU2 (SPALL) columns we fill, with the dtypes of the real DR14-DR16 (run2d v5_10+) files.
@@ -221,7 +232,9 @@ _COADD_HEADER_CACHE: dict[int, bytes] = {}
 
 def _coadd_header(n_rows: int) -> bytes:
     if n_rows not in _COADD_HEADER_CACHE:
-        _COADD_HEADER_CACHE[n_rows] = header_bytes(bintable_header(COADD_DTYPE, n_rows, "COADD", [card("COMMENT", comment="Coadded spectrum")]))
+        _COADD_HEADER_CACHE[n_rows] = header_bytes(
+            bintable_header(COADD_DTYPE, n_rows, "COADD", [card("COMMENT", comment="Coadded spectrum")])
+        )
     return _COADD_HEADER_CACHE[n_rows]
 
 

@@ -45,7 +45,11 @@ def _quasar_redshifts(rng: np.random.Generator, survey: str, n: int) -> tuple[np
     main-sample Seyfert 1s (SEYFERT_SHARE, part of the low-z tail)."""
     grid = np.linspace(0.5, 5.0, 2000)
     if survey == "sdss":
-        pdf = 0.30 * np.exp(-0.5 * ((grid - 1.1) / 0.45) ** 2) + 0.55 * np.exp(-0.5 * ((grid - 2.2) / 0.5) ** 2) + 0.15 * np.exp(-0.5 * ((grid - 3.0) / 0.7) ** 2)
+        pdf = (
+            0.30 * np.exp(-0.5 * ((grid - 1.1) / 0.45) ** 2)
+            + 0.55 * np.exp(-0.5 * ((grid - 2.2) / 0.5) ** 2)
+            + 0.15 * np.exp(-0.5 * ((grid - 3.0) / 0.7) ** 2)
+        )
     else:
         pdf = 0.65 * np.exp(-0.5 * ((grid - 1.2) / 0.5) ** 2) + 0.35 * np.exp(-0.5 * ((grid - 2.2) / 0.6) ** 2)
     cdf = np.cumsum(pdf)
@@ -161,14 +165,26 @@ def plan_survey(survey: str, n: int, seed: int, qso_fraction: float) -> dict[str
     strong = np.nonzero(o2_ew > 20.0)[0]
     if survey == "sdss":
         # Low-z quasars are the bright end (DR7/DR16Q low-z quasars: i < 19.1 targets).
-        mag[qo] = np.where(z[qo] < 0.5, rng.uniform(16.5, 20.5, qo.size), np.clip(22.0 - rng.exponential(1.3, qo.size), 16.5, 22.0))
+        mag[qo] = np.where(
+            z[qo] < 0.5, rng.uniform(16.5, 20.5, qo.size), np.clip(22.0 - rng.exponential(1.3, qo.size), 16.5, 22.0)
+        )
         mag[qo] = np.where(seyfert, np.clip(17.77 - rng.exponential(0.9, qo.size), 14.0, 17.77), mag[qo])
         pop = rng.choice(3, size=go.size, p=SDSS_GALAXY_MIX)  # main, LRG, ELG
-        z[go] = np.select([pop == 0, pop == 1], [np.clip(rng.gamma(3.0, 0.035, go.size), 0.005, 0.35), np.clip(rng.normal(0.45, 0.13, go.size), 0.15, 0.8)],
-                          rng.uniform(0.6, 1.1, go.size))
-        mag[go] = np.select([pop == 0, pop == 1], [np.clip(17.77 - rng.exponential(0.9, go.size), 14.0, 17.77), rng.uniform(18.5, 20.5, go.size)],
-                            rng.uniform(20.5, 22.3, go.size))
-        arch[go] = np.select([pop == 1, pop == 2], [rng.choice(passive, go.size), rng.choice(strong, go.size)], rng.integers(0, o2_ew.size, go.size))
+        z[go] = np.select(
+            [pop == 0, pop == 1],
+            [np.clip(rng.gamma(3.0, 0.035, go.size), 0.005, 0.35), np.clip(rng.normal(0.45, 0.13, go.size), 0.15, 0.8)],
+            rng.uniform(0.6, 1.1, go.size),
+        )
+        mag[go] = np.select(
+            [pop == 0, pop == 1],
+            [np.clip(17.77 - rng.exponential(0.9, go.size), 14.0, 17.77), rng.uniform(18.5, 20.5, go.size)],
+            rng.uniform(20.5, 22.3, go.size),
+        )
+        arch[go] = np.select(
+            [pop == 1, pop == 2],
+            [rng.choice(passive, go.size), rng.choice(strong, go.size)],
+            rng.integers(0, o2_ew.size, go.size),
+        )
         mag[so] = rng.uniform(15.0, 20.5, so.size)
     else:
         mag[qo] = rng.uniform(17.0, 20.0, qo.size)
@@ -329,10 +345,26 @@ def spectrum_id(survey: str, f: dict[str, np.ndarray], i: int) -> str:
 # ---- pipeline answers -------------------------------------------------------------------------
 
 # Line pairs a redshift finder confuses (true line taken for another): (true, assumed).
-_CONFUSIONS = ((2798.75, 3728.48), (1549.06, 2798.75), (2798.75, 4862.68), (1215.67, 1549.06), (1908.73, 2798.75), (4862.68, 6564.61))
+_CONFUSIONS = (
+    (2798.75, 3728.48),
+    (1549.06, 2798.75),
+    (2798.75, 4862.68),
+    (1215.67, 1549.06),
+    (1908.73, 2798.75),
+    (4862.68, 6564.61),
+)
 
 
-def pipeline_answers(rng: np.random.Generator, survey: str, cls: np.ndarray, z: np.ndarray, snr: np.ndarray, star_sub: list[str], gal_sf: np.ndarray, ew_ha: np.ndarray) -> dict[str, Any]:
+def pipeline_answers(
+    rng: np.random.Generator,
+    survey: str,
+    cls: np.ndarray,
+    z: np.ndarray,
+    snr: np.ndarray,
+    star_sub: list[str],
+    gal_sf: np.ndarray,
+    ew_ha: np.ndarray,
+) -> dict[str, Any]:
     """What the survey pipeline says: class, subclass, z, z error, warning flags.
 
     Mostly right, but a fraction (more at low S/N) is wrong in class or redshift, so a

@@ -58,7 +58,7 @@ class Instrument:
 
     @cached_property
     def wave(self) -> np.ndarray:
-        return 10.0 ** self.loglam
+        return 10.0**self.loglam
 
     @property
     def sigma_inst_log(self) -> float:
@@ -368,8 +368,17 @@ def observe(rng: np.random.Generator, inst: Instrument, model: np.ndarray, expos
             if sel.sum() > 5:
                 sn_bands[:, k] = _masked_median((flux * np.sqrt(ivar))[:, sel], good[:, sel])
     return Observation(
-        flux=flux, ivar=ivar, and_mask=and_mask, or_mask=or_mask, sky=np.broadcast_to(sky_n, (n, p)),
-        model=observed, snr_true=snr_true, snr_median=snr_med, sn_bands=sn_bands, first=first, last=last,
+        flux=flux,
+        ivar=ivar,
+        and_mask=and_mask,
+        or_mask=or_mask,
+        sky=np.broadcast_to(sky_n, (n, p)),
+        model=observed,
+        snr_true=snr_true,
+        snr_median=snr_med,
+        sn_bands=sn_bands,
+        first=first,
+        last=last,
     )
 
 

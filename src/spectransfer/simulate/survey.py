@@ -91,7 +91,9 @@ def _simulate_batch(survey: str, seed: int, batch: int, rows: dict[str, np.ndarr
     q = np.nonzero(prim & (cls == QSO))[0]
     if q.size:
         bal = rows["is_bal"][q]
-        model[q] = templated.quasar_model(rng, loglam, rows["z"][q], rows["host_ratio"][q], lambda rest: spectra.bal_absorption(rng, rest, bal), sig)
+        model[q] = templated.quasar_model(
+            rng, loglam, rows["z"][q], rows["host_ratio"][q], lambda rest: spectra.bal_absorption(rng, rest, bal), sig
+        )
     g = np.nonzero(prim & (cls == GALAXY))[0]
     if g.size:
         model[g] = templated.galaxy_model(rng, loglam, rows["z"][g], rows["archetype"][g], sig)
@@ -110,7 +112,9 @@ def _simulate_batch(survey: str, seed: int, batch: int, rows: dict[str, np.ndarr
     true_mags = spectra.synthetic_mags(wave, model)
     obs = spectra.observe(rng, inst, model, rows["exposure"])
 
-    star_sub = [spectra.star_subclass(str(t), float(tt)) if c == STAR else "" for c, t, tt in zip(cls, rows["star_type"], rows["temp"])]
+    star_sub = [
+        spectra.star_subclass(str(t), float(tt)) if c == STAR else "" for c, t, tt in zip(cls, rows["star_type"], rows["temp"])
+    ]
     pipe = pipeline_answers(rng, survey, cls, rows["z"], obs.snr_median, star_sub, rows["gal_sf"], ew_ha)
     psfmag = true_mags + rng.normal(0.0, 0.03, true_mags.shape)
 
@@ -160,8 +164,15 @@ def _objtype(c: int, survey: str) -> str:
 
 
 def _sdss_spall(
-    rng: np.random.Generator, rows: dict[str, np.ndarray], obs: spectra.Observation, pipe: dict[str, Any], psfmag: np.ndarray,
-    kept: np.ndarray, good: np.ndarray, wavemin: np.ndarray, wavemax: np.ndarray,
+    rng: np.random.Generator,
+    rows: dict[str, np.ndarray],
+    obs: spectra.Observation,
+    pipe: dict[str, Any],
+    psfmag: np.ndarray,
+    kept: np.ndarray,
+    good: np.ndarray,
+    wavemin: np.ndarray,
+    wavemax: np.ndarray,
 ) -> np.ndarray:
     """The HDU2 rows (one per file) of a batch, filled column by column."""
     n = rows["cls"].shape[0]
@@ -210,7 +221,9 @@ def _sdss_spall(
     return t
 
 
-def _sdss_file(inst: spectra.Instrument, rows: dict[str, np.ndarray], i: int, obs: spectra.Observation, spall_row: np.ndarray) -> bytes:
+def _sdss_file(
+    inst: spectra.Instrument, rows: dict[str, np.ndarray], i: int, obs: spectra.Observation, spall_row: np.ndarray
+) -> bytes:
     a, b = int(obs.first[i]), int(obs.last[i])
     coadd = np.empty(b - a, dtype=formats.COADD_DTYPE)
     coadd["flux"] = obs.flux[i, a:b]
@@ -224,14 +237,24 @@ def _sdss_file(inst: spectra.Instrument, rows: dict[str, np.ndarray], i: int, ob
     coadd["model"] = obs.model[i, a:b]
     exposure = float(rows["exposure"][i])
     meta = {
-        "plate": int(rows["plate"][i]), "mjd": int(rows["mjd"][i]), "fiberid": int(rows["fiberid"][i]),
-        "tile": int(rows["tile"][i]), "cartid": int(rows["plate"][i]) % 16 + 1,
-        "plate_ra": float(rows["field_ra"][i]), "plate_dec": float(rows["field_dec"][i]),
-        "exptime": round(3600.0 * exposure, 2), "nexp": 8,
+        "plate": int(rows["plate"][i]),
+        "mjd": int(rows["mjd"][i]),
+        "fiberid": int(rows["fiberid"][i]),
+        "tile": int(rows["tile"][i]),
+        "cartid": int(rows["plate"][i]) % 16 + 1,
+        "plate_ra": float(rows["field_ra"][i]),
+        "plate_dec": float(rows["field_dec"][i]),
+        "exptime": round(3600.0 * exposure, 2),
+        "nexp": 8,
         "helio_rv": round(float(np.sin(rows["mjd"][i] / 58.1) * 25.0), 6),
-        "sn2_g": round(12.0 * exposure, 4), "sn2_r": round(40.0 * exposure, 4), "sn2_i": round(32.0 * exposure, 4),
-        "coeff0": round(float(inst.loglam[a]), 4), "fbadpix": round(float(np.mean(obs.ivar[i, a:b] == 0)), 5),
-        "ra": float(rows["ra"][i]), "dec": float(rows["dec"][i]), "thing_id": int(rows["thing_id"][i]),
+        "sn2_g": round(12.0 * exposure, 4),
+        "sn2_r": round(40.0 * exposure, 4),
+        "sn2_i": round(32.0 * exposure, 4),
+        "coeff0": round(float(inst.loglam[a]), 4),
+        "fbadpix": round(float(np.mean(obs.ivar[i, a:b] == 0)), 5),
+        "ra": float(rows["ra"][i]),
+        "dec": float(rows["dec"][i]),
+        "thing_id": int(rows["thing_id"][i]),
     }
     return formats.sdss_file_bytes(formats.sdss_primary_cards(meta), coadd, spall_row)
 
@@ -259,7 +282,12 @@ def _designation(ra: float, dec: float) -> str:
 
 
 def _lamost_file(
-    inst: spectra.Instrument, rows: dict[str, np.ndarray], i: int, obs: spectra.Observation, pipe: dict[str, Any], psfmag: np.ndarray
+    inst: spectra.Instrument,
+    rows: dict[str, np.ndarray],
+    i: int,
+    obs: spectra.Observation,
+    pipe: dict[str, Any],
+    psfmag: np.ndarray,
 ) -> bytes:
     # LAMOST fluxes are relative (not flux-calibrated to absolute units): a per-spectrum scale.
     scale = float(rows["_lamost_scale"][i])
@@ -275,19 +303,29 @@ def _lamost_file(
     made = day + dt.timedelta(days=400 + lmjd % 97)
     fname = Path(rows["relpath"][i]).name
     meta = {
-        "filename": fname, "obsid": int(rows["obsid"][i]),
+        "filename": fname,
+        "obsid": int(rows["obsid"][i]),
         "date": f"{made.isoformat()}T{lmjd % 24:02d}:{lmjd % 60:02d}:{(lmjd * 7) % 60:02d}",
         "date_obs": f"{day.isoformat()}T16:20:00",
-        "lmjd": lmjd, "mjd": int(rows["mjd"][i]), "planid": str(rows["planid"][i]),
-        "ra": float(rows["ra"][i]), "dec": float(rows["dec"][i]),
+        "lmjd": lmjd,
+        "mjd": int(rows["mjd"][i]),
+        "planid": str(rows["planid"][i]),
+        "ra": float(rows["ra"][i]),
+        "dec": float(rows["dec"][i]),
         "desig": "LAMOST " + _designation(float(rows["ra"][i]), float(rows["dec"][i])),
-        "fiberid": int(rows["fiberid"][i]), "spid": int(rows["spid"][i]),
+        "fiberid": int(rows["fiberid"][i]),
+        "spid": int(rows["spid"][i]),
         "objtype": _objtype(int(rows["cls"][i]), "lamost"),
-        "mags": psfmag[i], "exptime": round(5400.0 * float(rows["exposure"][i]), 2),
-        "plan_ra": float(rows["field_ra"][i]), "plan_dec": float(rows["field_dec"][i]),
-        "helio_rv": round(float(np.sin(lmjd / 58.1) * 25.0), 5), "coeff0": float(inst.loglam0),
-        "class": str(pipe["class"][i]), "subclass": str(pipe["subclass"][i]),
-        "z": round(float(pipe["z"][i]), 8), "z_err": round(float(pipe["z_err"][i]), 8),
+        "mags": psfmag[i],
+        "exptime": round(5400.0 * float(rows["exposure"][i]), 2),
+        "plan_ra": float(rows["field_ra"][i]),
+        "plan_dec": float(rows["field_dec"][i]),
+        "helio_rv": round(float(np.sin(lmjd / 58.1) * 25.0), 5),
+        "coeff0": float(inst.loglam0),
+        "class": str(pipe["class"][i]),
+        "subclass": str(pipe["subclass"][i]),
+        "z": round(float(pipe["z"][i]), 8),
+        "z_err": round(float(pipe["z_err"][i]), 8),
         "snr_bands": obs.sn_bands[i],
     }
     return formats.lamost_file_bytes(formats.lamost_primary_cards(meta, inst.n_pix), image)
@@ -320,7 +358,11 @@ def _write_catalog(path: Path, survey: str, f: dict[str, np.ndarray], res: dict[
                 r = row_of_obj[int(f["object"][i])]
                 j = int(t["NSPEC"][r])
                 if j < ndup:
-                    t["PLATE_DUPLICATE"][r, j], t["MJD_DUPLICATE"][r, j], t["FIBERID_DUPLICATE"][r, j] = f["plate"][i], f["mjd"][i], f["fiberid"][i]
+                    t["PLATE_DUPLICATE"][r, j], t["MJD_DUPLICATE"][r, j], t["FIBERID_DUPLICATE"][r, j] = (
+                        f["plate"][i],
+                        f["mjd"][i],
+                        f["fiberid"][i],
+                    )
                 t["NSPEC"][r] += 1
         zc = np.array([z_cat_obj[int(f["object"][i])] for i in fi])
         vi = rng.random(k) < 0.3
@@ -469,8 +511,10 @@ def _prepare_target(out: Path, overwrite: bool) -> Path:
         if not overwrite:
             raise SimulationError(f"{out}: folder is not empty (use --overwrite to replace it)")
         if not (out / MARKER).is_file():
-            raise SimulationError(f"{out}: folder is not empty and was not written by `spectransfer simulate` "
-                                  f"(no {MARKER}); --overwrite replaces only simulated surveys")
+            raise SimulationError(
+                f"{out}: folder is not empty and was not written by `spectransfer simulate` "
+                f"(no {MARKER}); --overwrite replaces only simulated surveys"
+            )
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -543,7 +587,9 @@ def simulate_survey(
             ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
             pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
             try:
-                futs = [pool.submit(_simulate_batch, survey, int(seed), k, rows_of(a, b), str(tmp)) for k, (a, b) in enumerate(bounds)]
+                futs = [
+                    pool.submit(_simulate_batch, survey, int(seed), k, rows_of(a, b), str(tmp)) for k, (a, b) in enumerate(bounds)
+                ]
                 for k, fut in enumerate(futs):
                     results[k] = fut.result()
                     if progress:
@@ -569,9 +615,17 @@ def simulate_survey(
     missing = {int(o) for o, c, ic in zip(f["object"], cls, f["in_catalog"]) if c == QSO and not ic}
     log.info("simulated %d %s spectra (%s) in %s", n, survey, ", ".join(f"{k} {v}" for k, v in counts.items()), out)
     return SimulationResult(
-        out=out, survey=survey, seed=int(seed), n_files=int(n), counts=counts, n_repeats=int(f["is_repeat"].sum()),
-        n_quasar_objects=len(qobj), n_catalog_missing=len(missing), catalog=out / CATALOG_NAME[survey],
-        truth=out / "truth.parquet", files=[out / p for p in f["relpath"]],
+        out=out,
+        survey=survey,
+        seed=int(seed),
+        n_files=int(n),
+        counts=counts,
+        n_repeats=int(f["is_repeat"].sum()),
+        n_quasar_objects=len(qobj),
+        n_catalog_missing=len(missing),
+        catalog=out / CATALOG_NAME[survey],
+        truth=out / "truth.parquet",
+        files=[out / p for p in f["relpath"]],
     )
 
 

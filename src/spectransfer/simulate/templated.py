@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +42,16 @@ from spectransfer.templates import Template, load_templates
 
 COEFF_FILE = Path(__file__).with_name("qso_coeffs.json")
 LYA = 1215.67
-STAR_TEMPLATE = {"A": "star_a", "B": "star_b", "F": "star_f", "G": "star_g", "K": "star_k", "M": "star_m", "WD": "star_wd", "CV": "star_cv"}
+STAR_TEMPLATE = {
+    "A": "star_a",
+    "B": "star_b",
+    "F": "star_f",
+    "G": "star_g",
+    "K": "star_k",
+    "M": "star_m",
+    "WD": "star_wd",
+    "CV": "star_cv",
+}
 TILT_SD = 0.15
 ARCHETYPE_JITTER = 0.03  # relative rms jitter of each archetype coefficient
 
@@ -53,7 +62,7 @@ def qso_coeffs() -> dict:
     return json.loads(COEFF_FILE.read_text())
 
 
-@lru_cache(maxsize=None)
+@cache
 def unit_basis(name: str) -> np.ndarray:
     """The template's basis vectors scaled to unit rms (as scripts/fit_quasar_coeffs.py uses them)."""
     b = load_templates()[name].basis.astype(np.float64)
@@ -125,7 +134,12 @@ def forest_fluctuations(rng: np.random.Generator, wave: np.ndarray, z: np.ndarra
 
 
 def quasar_model(
-    rng: np.random.Generator, loglam: np.ndarray, z: np.ndarray, host_ratio: np.ndarray, bal_absorb: Callable[[np.ndarray], np.ndarray], sigma_inst_log: float
+    rng: np.random.Generator,
+    loglam: np.ndarray,
+    z: np.ndarray,
+    host_ratio: np.ndarray,
+    bal_absorb: Callable[[np.ndarray], np.ndarray],
+    sigma_inst_log: float,
 ) -> np.ndarray:
     """Quasar (+ host) spectra (N, P): PCA continuum and lines, tilt, forest, BALs, host light.
 
@@ -137,7 +151,7 @@ def quasar_model(
     n = z.shape[0]
     out = np.zeros((n, loglam.shape[0]))
     split = float(qso_coeffs()["z_split"])
-    tilt = rng.normal(0.0, TILT_SD, n)
+    tilt = np.asarray(rng.normal(0.0, TILT_SD, n))
     for name, sel in (("qso_loz", z < split), ("qso_hiz", z >= split)):
         idx = np.nonzero(sel)[0]
         if not idx.size:
@@ -158,7 +172,8 @@ def quasar_model(
 def host_model(rng: np.random.Generator, loglam: np.ndarray, z: np.ndarray, flux5100: np.ndarray) -> np.ndarray:
     """Host galaxies (N, P): random galaxy archetypes at z with mean rest 5050-5150 A flux ``flux5100``."""
     g = load_templates()["galaxy"]
-    rows = rng.integers(0, g.coeff.shape[0], z.shape[0])
+    assert g.coeff is not None  # the galaxy template has archetypes
+    rows = np.asarray(rng.integers(0, g.coeff.shape[0], z.shape[0]))
     rest = np.maximum(_jittered(rng, g, rows), 0.0)
     rest *= (flux5100 / np.maximum(_window_mean(g, rest, 5050.0, 5150.0), 1e-30))[:, None]
     return redshift_to(g, rest, z, loglam)
@@ -168,19 +183,24 @@ def host_model(rng: np.random.Generator, loglam: np.ndarray, z: np.ndarray, flux
 
 
 def _jittered(rng: np.random.Generator, t: Template, rows: np.ndarray) -> np.ndarray:
+    assert t.coeff is not None, f"template {t.name} has no archetypes"
     c = t.coeff[rows].astype(np.float64)
     c = c * (1.0 + rng.normal(0.0, ARCHETYPE_JITTER, c.shape))
     return c @ t.basis.astype(np.float64)
 
 
-def galaxy_model(rng: np.random.Generator, loglam: np.ndarray, z: np.ndarray, rows: np.ndarray, sigma_inst_log: float) -> np.ndarray:
+def galaxy_model(
+    rng: np.random.Generator, loglam: np.ndarray, z: np.ndarray, rows: np.ndarray, sigma_inst_log: float
+) -> np.ndarray:
     """Galaxy spectra (N, P): archetype ``rows`` of the galaxy template, jittered, at redshift z."""
     g = load_templates()["galaxy"]
     rest = np.maximum(_jittered(rng, g, rows), 0.0)
     return smooth(redshift_to(g, rest, z, loglam), sigma_inst_log)
 
 
-def star_model(rng: np.random.Generator, loglam: np.ndarray, kind: np.ndarray, rows: np.ndarray, z: np.ndarray, sigma_inst_log: float) -> np.ndarray:
+def star_model(
+    rng: np.random.Generator, loglam: np.ndarray, kind: np.ndarray, rows: np.ndarray, z: np.ndarray, sigma_inst_log: float
+) -> np.ndarray:
     """Stellar spectra (N, P): archetype ``rows`` of each star's type template (CV: basis mix), Doppler-shifted by z."""
     t = load_templates()
     out = np.zeros((kind.shape[0], loglam.shape[0]))

@@ -94,7 +94,6 @@ class SpectrumRecord:
             "wave_max": float(self.wave[-1]),
         }
 
-
     def to_specutils(self) -> Any:
         """This spectrum as a specutils ``Spectrum`` (``Spectrum1D`` before specutils 2.0).
 
@@ -173,7 +172,9 @@ class Survey:
 
     def format_id(self, ids: dict[str, Any]) -> str:
         """The spectrum id of a record with these ``ids`` (ints cast, so numpy ints format too)."""
-        values = {c: (None if ids.get(c) is None else int(ids[c]) if t == "int64" else str(ids[c]).strip()) for c, t in self.id_columns}
+        values = {
+            c: (None if ids.get(c) is None else int(ids[c]) if t == "int64" else str(ids[c]).strip()) for c, t in self.id_columns
+        }
         return self.spectrum_id.format(**values)
 
 
@@ -342,7 +343,9 @@ def _not_a_file(path: str) -> str:
 def _walk_folder(top: Path, walk: FileWalk) -> None:
     found: list[Path] = []
     seen: set[tuple[int, int]] = set()
-    for root, dirs, names in os.walk(top, followlinks=True, onerror=lambda e: walk.skip(e.filename or top, f"cannot list folder ({e.strerror})")):
+    for root, dirs, names in os.walk(
+        top, followlinks=True, onerror=lambda e: walk.skip(e.filename or top, f"cannot list folder ({e.strerror})")
+    ):
         st = os.stat(root)
         if (st.st_dev, st.st_ino) in seen:  # a symlink back to a folder already walked
             walk.skip(root, "symbolic link loop (folder already searched)")
@@ -509,9 +512,7 @@ def finish_record(record: SpectrumRecord) -> SpectrumRecord:
     if n == 0:
         raise SpectrumError(path, "empty spectrum (0 pixels)")
     if not (wave.size == ivar.size == mask.size == n):
-        raise SpectrumError(
-            path, f"array lengths differ (wave {wave.size}, flux {n}, ivar {ivar.size}, mask {mask.size})"
-        )
+        raise SpectrumError(path, f"array lengths differ (wave {wave.size}, flux {n}, ivar {ivar.size}, mask {mask.size})")
     if flux.dtype.kind != "f":
         flux = flux.astype(np.float32)
     if ivar.dtype.kind != "f":

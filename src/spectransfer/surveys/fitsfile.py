@@ -30,9 +30,19 @@ _GZIP_MAGIC = b"\x1f\x8b"
 
 # TFORM letter -> (bytes per element, numpy dtype for one element; None = raw bytes)
 _TFORM_SIZES = {
-    "L": (1, "i1"), "X": (1, None), "B": (1, "u1"), "I": (2, ">i2"), "J": (4, ">i4"),
-    "K": (8, ">i8"), "A": (1, "S"), "E": (4, ">f4"), "D": (8, ">f8"), "C": (8, ">c8"),
-    "M": (16, ">c16"), "P": (8, None), "Q": (16, None),
+    "L": (1, "i1"),
+    "X": (1, None),
+    "B": (1, "u1"),
+    "I": (2, ">i2"),
+    "J": (4, ">i4"),
+    "K": (8, ">i8"),
+    "A": (1, "S"),
+    "E": (4, ">f4"),
+    "D": (8, ">f8"),
+    "C": (8, ">c8"),
+    "M": (16, ">c16"),
+    "P": (8, None),
+    "Q": (16, None),
 }
 _TFORM_RE = re.compile(r"^\s*(\d*)\s*([LXBIJKAEDCMPQ])")
 _BITPIX = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
@@ -168,9 +178,7 @@ class FitsFile:
             raise SpectrumError(self.path, f"corrupt header: negative size for {what}")
         if not self.compressed and offset + size > self._file_size:
             have = max(self._file_size - offset, 0)
-            raise SpectrumError(
-                self.path, f"truncated file: {what} needs {size} bytes at offset {offset}, only {have} present"
-            )
+            raise SpectrumError(self.path, f"truncated file: {what} needs {size} bytes at offset {offset}, only {have} present")
         try:
             if offset != self._pos:
                 self._fh.seek(offset)

@@ -35,9 +35,7 @@ def read(path: str, fits: FitsFile) -> SpectrumRecord:
     table = {k: np.ravel(v[0]) for k, v in fits.table(1, cols, rows=slice(0, 1)).items()}
     n = table["FLUX"].size
     mask = table["ANDMASK"] if "ANDMASK" in table else np.zeros(n, dtype=np.uint32)
-    record = lamost_record(
-        path, LABEL, fits.header(0), fits.header(1), table["WAVELENGTH"], table["FLUX"], table["IVAR"], mask
-    )
+    record = lamost_record(path, LABEL, fits.header(0), fits.header(1), table["WAVELENGTH"], table["FLUX"], table["IVAR"], mask)
     return finish_record(record)
 
 

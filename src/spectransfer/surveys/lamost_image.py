@@ -85,9 +85,7 @@ def read(path: str, fits: FitsFile) -> SpectrumRecord:
             raise SpectrumError(path, "no usable wavelength row and no COEFF0/COEFF1 keywords")
         wave = 10.0 ** (float(hdr["COEFF0"]) + float(hdr["COEFF1"]) * np.arange(n, dtype=np.float64))
     mask = image[rows["andmask"]] if "andmask" in rows else np.zeros(n, dtype=np.uint32)
-    return finish_record(
-        lamost_record(path, LABEL, hdr, None, wave, image[rows["flux"]], image[rows["inverse"]], mask)
-    )
+    return finish_record(lamost_record(path, LABEL, hdr, None, wave, image[rows["flux"]], image[rows["inverse"]], mask))
 
 
 def lamost_record(

@@ -54,8 +54,21 @@ LABEL = "sdss-spec"
 REQUIRED_COLUMNS = ("flux", "loglam", "ivar")
 REQUIRED_ROW = ("PLATE", "MJD", "FIBERID", "CLASS", "Z", "ZWARNING")
 OPTIONAL_ROW = (
-    "SUBCLASS", "PLUG_RA", "PLUG_DEC", "RA", "DEC", "Z_ERR", "WAVEMIN", "WAVEMAX", "SN_MEDIAN_ALL",
-    "SN_MEDIAN", "PSFMAG", "SPECTROFLUX", "THING_ID", "OBJTYPE", "RUN2D",
+    "SUBCLASS",
+    "PLUG_RA",
+    "PLUG_DEC",
+    "RA",
+    "DEC",
+    "Z_ERR",
+    "WAVEMIN",
+    "WAVEMAX",
+    "SN_MEDIAN_ALL",
+    "SN_MEDIAN",
+    "PSFMAG",
+    "SPECTROFLUX",
+    "THING_ID",
+    "OBJTYPE",
+    "RUN2D",
 )
 
 
