@@ -31,6 +31,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
 from spectransfer import __version__
+from spectransfer.candidates.schema import CATEGORIES, COLUMNS
 from spectransfer.data.store import LABEL_REFERENCE, label_mode
 from spectransfer.inspect import InspectError
 from spectransfer.inspect.verdicts import VERDICTS, VerdictDB
@@ -44,41 +45,7 @@ MAX_PAGE = 500
 
 # Columns of the candidates contract this page uses; the first three are required.
 REQUIRED = ("SPECTRUM_ID", "P_QSO", "CATEGORY")
-OPTIONAL = (
-    "ROW",
-    "SURVEY",
-    "PLATE",
-    "MJD",
-    "FIBERID",
-    "OBSID",
-    "LMJD",
-    "PLANID",
-    "SPID",
-    "RA",
-    "DEC",
-    "CLASS",
-    "SUBCLASS",
-    "Z",
-    "CAT_LABEL",
-    "LABEL_SOURCE",
-    "CATALOG_Z",
-    "PIPE_NOT_QSO",
-    "SOURCE_FILE",
-    # written by `discover` beyond the minimal contract; shown when present
-    "ZWARNING",
-    "CATALOG_NAME",
-    "SNR",
-    "MAG",
-    "QUALITY",
-    "Z_NET",
-    "Z_NET_ERR",
-    "Z_PRED",
-    "Z_PRED_ERR",
-    "ZWARN_PRED",
-    "DELTACHI2",
-    "P_QSO_STD",
-)
-CATEGORIES = ("new_candidate", "missed_by_model", "agree_qso", "agree_other")
+OPTIONAL = tuple(c for c in COLUMNS if c not in REQUIRED)  # every column discover or classify writes, shown when present
 
 
 # ---- candidates table -------------------------------------------------------------------------
