@@ -155,6 +155,13 @@ def test_toy_survey_goes_through_ingest_train_discover(toy: Survey, tmp_path: Pa
         table = hdul["CANDIDATES"].data
         assert sorted(table["SPECTRUM_ID"]) == meta["spectrum_id"].tolist()
         assert np.all((table["P_QSO"] >= 0) & (table["P_QSO"] <= 1))
+        # the toy survey's own ids reach the candidate table, described, with no edit of the schema
+        names = [c.name for c in hdul["CANDIDATES"].columns]
+        assert {"EXPOSURE", "SLIT"} <= set(names) and f"TCOMM{names.index('SLIT') + 1}" in hdul["CANDIDATES"].header
+        by_id = meta.set_index("spectrum_id")
+        order = [str(x) for x in table["SPECTRUM_ID"]]
+        assert table["EXPOSURE"].tolist() == by_id.loc[order, "exposure"].astype(int).tolist()
+        assert table["SLIT"].tolist() == by_id.loc[order, "slit"].astype(int).tolist()
 
     # The store remembers its id columns: opened where the toy survey is not registered it
     # keeps them; an ingest there skips the unchanged files; one that must relabel stops on the

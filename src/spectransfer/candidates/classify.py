@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from spectransfer.candidates.redshifts import check_refine, redshift_columns
-from spectransfer.candidates.schema import CLASSIFY_COLUMNS, from_meta, header_cards, output_format, quality_bits, write_table
+from spectransfer.candidates.schema import classify_columns, from_meta, header_cards, output_format, quality_bits, write_table
 from spectransfer.data.ingest import IngestOptions, _meta_row, find_files, grid_records, read_checked
 from spectransfer.errors import EvaluateError
 from spectransfer.evaluation.calibration import NO_CALIBRATION_CARDS, read_calibration
@@ -133,7 +133,7 @@ def classify(
             outputs = score_array(build_scorer(spec, model=model), np.ascontiguousarray(x), batch_size)
             logits = outputs["logit"]
     p_qso = calibrated_probability(logits, cal.temperature if cal else None)
-    cols = from_meta(meta, CLASSIFY_COLUMNS) if len(meta) else {}
+    cols = from_meta(meta, classify_columns()) if len(meta) else {}
     cols.update(
         {
             "P_QSO": pd.Series(p_qso),
@@ -146,7 +146,7 @@ def classify(
         z = redshift_columns(outputs, p_qso >= threshold, flux, ivar, check_refine(refine), info.grid)
         cols.update({k: pd.Series(v) for k, v in z.items()})
         cols["P_QSO_STD"] = pd.Series(outputs.get("p_qso_std", np.full(len(meta), np.nan)).astype(np.float32))
-    table = pd.DataFrame({k: cols[k] for k in CLASSIFY_COLUMNS if k in cols})
+    table = pd.DataFrame({k: cols[k] for k in classify_columns() if k in cols})
     header: dict[str, tuple[Any, str]] = {
         "THRESH": (float(threshold), "P_QSO threshold for IS_QSO"),
         "MODELSHA": (info.sha256, ""),

@@ -28,9 +28,9 @@ import pandas as pd
 from spectransfer.candidates.redshifts import check_refine, redshift_columns
 from spectransfer.candidates.schema import (
     CATEGORIES,
-    DISCOVER_COLUMNS,
     QUALITY_BITS,
     categorise,
+    discover_columns,
     from_meta,
     header_cards,
     output_format,
@@ -304,7 +304,7 @@ def _table_blocks(job: _Job, logits: np.ndarray, p_qso: np.ndarray, extra: dict[
             raise StoreError(f"{job.store_path}: meta.parquet changed while the catalogue was written; run discover again")
         p = p_qso[a:b]
         label = meta["label"].fillna(0).to_numpy(dtype=np.int8)
-        cols = from_meta(meta, DISCOVER_COLUMNS)
+        cols = from_meta(meta, discover_columns())
         cols.update(
             {
                 "LOGIT": pd.Series(logits[a:b].astype(np.float32)),
@@ -316,7 +316,7 @@ def _table_blocks(job: _Job, logits: np.ndarray, p_qso: np.ndarray, extra: dict[
         )
         cols.update({k: pd.Series(v[a:b]) for k, v in extra.items()})
         a = b
-        yield pd.DataFrame({k: cols[k] for k in DISCOVER_COLUMNS if k in cols})
+        yield pd.DataFrame({k: cols[k] for k in discover_columns() if k in cols})
     if a != job.rows.shape[0]:
         raise StoreError(f"{job.store_path}: meta.parquet changed while the catalogue was written; run discover again")
 

@@ -22,6 +22,7 @@ import pandas as pd
 from spectransfer.candidates.redshifts import ZWARN_PRED_BITS
 from spectransfer.errors import EvaluateError
 from spectransfer.provenance import atomic_path, provenance_cards
+from spectransfer.surveys import id_columns
 
 EXTNAME = "CANDIDATES"
 REFERENCE = "Podsztavek, Skoda & Tvrdik 2021, ASP Conf. Ser. 532 (ADASS XXX)"
@@ -192,6 +193,39 @@ CLASSIFY_COLUMNS = (
 )
 
 
+def _with_registered_ids(names: Sequence[str]) -> list[str]:
+    """``names`` plus the id columns of surveys registered beyond SDSS and LAMOST (after SPID or
+    SURVEY): a new survey's ids reach the candidate table without an edit here."""
+    have = set(names)
+    extra = [c.upper() for c, _ in id_columns() if c.upper() not in have and c.upper() not in COLUMNS]
+    if not extra:
+        return list(names)
+    at = names.index("SPID") + 1 if "SPID" in names else names.index("SURVEY") + 1
+    return [*names[:at], *extra, *names[at:]]
+
+
+def discover_columns() -> list[str]:
+    """Columns of discover's candidate table, in order."""
+    return _with_registered_ids(DISCOVER_COLUMNS)
+
+
+def classify_columns() -> list[str]:
+    """Columns of classify's table, in order."""
+    return _with_registered_ids(CLASSIFY_COLUMNS)
+
+
+def column_def(name: str) -> Column:
+    """The definition of an output column; a registered survey's own id column gets a generic one."""
+    col = COLUMNS.get(name)
+    if col is not None:
+        return col
+    dtypes = {c.upper(): (c, t) for c, t in id_columns()}
+    if name not in dtypes:
+        raise KeyError(name)
+    src, t = dtypes[name]
+    return Column(name, "i8" if t == "int64" else "str", None, f"survey id {src} (-1 / empty = another survey)", src)
+
+
 # ---- categories and quality ------------------------------------------------------------------
 
 
@@ -253,7 +287,7 @@ def from_meta(meta: pd.DataFrame, names: Sequence[str]) -> dict[str, pd.Series]:
     """The columns of ``names`` that come from ``meta`` fields, under their output names."""
     out = {}
     for name in names:
-        src = COLUMNS[name].source
+        src = column_def(name).source
         if src is not None and src in meta.columns:
             out[name] = meta[src].reset_index(drop=True)
     return out
@@ -323,7 +357,7 @@ class _Layout:
         for block in blocks:
             if names is None:
                 names = list(block.columns)
-                widths = {k: 1 for k in names if COLUMNS[k].dtype == "str"}
+                widths = {k: 1 for k in names if column_def(k).dtype == "str"}
             elif list(block.columns) != names:
                 raise ValueError(f"blocks have different columns: {names} and {list(block.columns)}")
             n += len(block)
@@ -372,7 +406,7 @@ def _astropy_table(table: pd.DataFrame, cards: list[tuple[str, Any, str]]) -> An
 
     t = Table()
     for name in table.columns:
-        col = COLUMNS[name]
+        col = column_def(name)
         arr = _array(col, table[name])
         t[name] = arr.astype(str) if arr.dtype.kind == "S" else arr
         t[name].unit = col.unit
@@ -391,7 +425,7 @@ def _fits_dtype(layout: _Layout) -> np.dtype:
     """The big-endian record of one row (logicals as the ASCII 'T'/'F' bytes FITS stores)."""
     fields = []
     for name in layout.names:
-        dt = COLUMNS[name].dtype
+        dt = column_def(name).dtype
         fields.append((name, f"S{layout.widths[name]}" if dt == "str" else "S1" if dt == "bool" else ">" + dt))
     return np.dtype(fields)
 
@@ -402,13 +436,13 @@ def _fits_header(layout: _Layout, cards: list[tuple[str, Any, str]]) -> Any:
 
     columns = []
     for name in layout.names:
-        col = COLUMNS[name]
+        col = column_def(name)
         fmt = f"{layout.widths[name]}A" if col.dtype == "str" else _TFORM[col.dtype]
         columns.append(fits.Column(name=name, format=fmt, unit=col.unit, null=-1 if fmt == "K" else None))
     header = fits.BinTableHDU.from_columns(columns, nrows=0, name=EXTNAME).header
     header["NAXIS2"] = layout.n_rows
     for i, name in enumerate(layout.names, start=1):
-        header.set(f"TCOMM{i}", COLUMNS[name].description[:68], after=f"TFORM{i}")
+        header.set(f"TCOMM{i}", column_def(name).description[:68], after=f"TFORM{i}")
     for key, value, comment in cards:
         header[key] = (value, comment)
     header["CHECKSUM"] = ("0" * 16, "HDU checksum")
@@ -433,7 +467,7 @@ def _write_fits(blocks: Iterable[pd.DataFrame], layout: _Layout, cards: list[tup
         for block in blocks:
             rec = np.empty(len(block), dtype=dtype)
             for name in layout.names:
-                col = COLUMNS[name]
+                col = column_def(name)
                 arr = _array(col, block[name].reset_index(drop=True), layout.widths.get(name))
                 rec[name] = np.where(arr, b"T", b"F") if col.dtype == "bool" else arr
             data = rec.tobytes()
@@ -514,10 +548,10 @@ def _write_parquet(blocks: Iterable[pd.DataFrame], layout: _Layout, cards: list[
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([(n, getattr(pa, _ARROW[COLUMNS[n].dtype])()) for n in layout.names])
+    schema = pa.schema([(n, getattr(pa, _ARROW[column_def(n).dtype])()) for n in layout.names])
     doc: dict[str, Any] = {k: v for k, v, _c in cards if not k.startswith(("DEPNAM", "DEPVER"))}
     doc["provenance"] = {k: v for k, v, _c in provenance_cards()}
-    doc["columns"] = {n: {"unit": COLUMNS[n].unit, "description": COLUMNS[n].description} for n in layout.names}
+    doc["columns"] = {n: {"unit": column_def(n).unit, "description": column_def(n).description} for n in layout.names}
     meta = {b"spectransfer": json.dumps(doc, default=str).encode()}
     for name, width in layout.widths.items():  # string widths, so astropy reads fixed-width columns without guessing
         meta[f"table::len::{name}".encode()] = str(width).encode()
