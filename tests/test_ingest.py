@@ -450,24 +450,9 @@ def test_catalogue_beside_the_spectra_is_not_rejected_as_a_spectrum(tmp_path: Pa
 
 def _specobj(shared_data: Path, path: Path) -> Path:
     """A specObj-style table (PLATE, MJD, FIBERID, RA, DEC, CLASS, Z) from the real spec files' own HDU2 rows."""
-    from astropy.table import Table
+    from test_catalogs import _specobj_table
 
-    rows = []
-    for f in sorted((shared_data / "sdss").glob("spec-*.fits")):
-        with fits.open(f) as hdul:
-            r = hdul[2].data[0]
-            rows.append(
-                (
-                    int(r["PLATE"]),
-                    int(r["MJD"]),
-                    int(r["FIBERID"]),
-                    float(r["PLUG_RA"]),
-                    float(r["PLUG_DEC"]),
-                    str(r["CLASS"]).strip(),
-                    float(r["Z"]),
-                )
-            )
-    Table(rows=rows, names=["PLATE", "MJD", "FIBERID", "RA", "DEC", "CLASS", "Z"]).write(path)
+    _specobj_table(shared_data).write(path)
     return path
 
 

@@ -75,28 +75,32 @@ non_negative_float = _checked(lambda v: math.isfinite(v) and v >= 0, "a finite n
 fraction = _checked(lambda v: math.isfinite(v) and 0 < v <= 1, "a number in (0, 1]")
 
 
+def _probed(check: Callable[[Path], Any]) -> Callable[..., Any]:
+    """A typer callback that runs a provenance writability probe on an output path (creates nothing)."""
+
+    def callback(param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
+        if value is not None:
+            try:
+                check(value)
+            except SpectransferError as exc:
+                fail(f"{param.opts[0]} {exc}")
+        return value
+
+    return callback
+
+
 def writable_dir(param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
     """An output folder: existing and writable, or creatable below a writable folder. Creates nothing."""
     from spectransfer.provenance import check_writable_dir
 
-    if value is not None:
-        try:
-            check_writable_dir(value)
-        except SpectransferError as exc:
-            fail(f"{param.opts[0]} {exc}")
-    return value
+    return _probed(check_writable_dir)(param, value)
 
 
 def writable_file(param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
     """An output file: a regular file or a new name (a symlink counts as its target), in a writable folder."""
     from spectransfer.provenance import check_writable_file
 
-    if value is not None:
-        try:
-            check_writable_file(value)
-        except SpectransferError as exc:
-            fail(f"{param.opts[0]} {exc}")
-    return value
+    return _probed(check_writable_file)(param, value)
 
 
 def existing_file(param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
