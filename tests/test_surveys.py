@@ -23,6 +23,7 @@ from spectransfer.surveys import (
     iter_spectrum_files,
     read_spectrum,
 )
+from spectransfer.data.resample import resample_record
 from spectransfer.surveys.base import INFO_KEYS, SpectrumRecord
 from spectransfer.surveys.fitsfile import FitsFile
 from spectransfer.surveys.sdss_spec import SDSS_BAD_PIXEL_BITS
@@ -493,3 +494,22 @@ def test_to_specutils_units_uncertainty_and_masked_pixels(real_data: Path) -> No
     with fits.open(lamost) as hdul:
         np.testing.assert_allclose(lspec.spectral_axis.value, hdul[0].data[2].astype(np.float64), rtol=1e-7)
         assert lspec.mask[hdul[0].data[1] == 0].all()
+
+
+def test_boss_nodata_pixels_with_positive_ivar_are_kept(full_data):
+    """BOSS v5_4_45 coadds flag ~450 pixels NODATA in and_mask although their ivar is positive
+    (higher than the median): the reader keeps them, so the resampled spectrum has no hole."""
+    path = full_data / "sdss" / "spec-3851-55302-0530.fits"
+    with fits.open(path) as hdul:
+        coadd = hdul[1].data
+        wave = 10.0 ** coadd["loglam"].astype(np.float64)
+        ivar = coadd["ivar"].astype(np.float64)
+        nodata = (coadd["and_mask"].astype(np.int64) & (1 << 24)) != 0
+    flagged = nodata & (ivar > 0)
+    assert flagged.sum() > 300  # the file's own arrays: the quirk is there
+    assert np.median(ivar[flagged]) > np.median(ivar[ivar > 0])
+    rec = read_spectrum(path)
+    assert np.all(rec.mask[flagged] == 0)
+    _, out_iv = resample_record(rec)
+    inside = (DEFAULT_GRID.centers > wave[flagged].min()) & (DEFAULT_GRID.centers < wave[flagged].max())
+    assert inside.sum() > 200 and np.all(out_iv[inside] > 0)

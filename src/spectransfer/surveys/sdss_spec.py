@@ -7,6 +7,9 @@ Per-exposure HDUs of full files come after and are never read. Wavelengths are v
 a bit set in every exposure marks a bad pixel) restricted to the bits that mean the pixel
 holds no usable flux (``SDSS_BAD_PIXEL_BITS``): informational bits such as BRIGHTSKY (23) or
 MANYBADCOLUMNS (4) would otherwise discard 6-46% of the pixels of real BOSS spectra.
+NODATA (24) is not among them: a pixel without data has ivar 0 and is dropped for that, while
+BOSS v5_4_45 coadds set NODATA in and_mask on ~450 pixels (5200-7300 A) whose ivar is positive
+and higher than the spectrum's median; masking them cut a 700 A hole in those spectra.
 """
 
 from __future__ import annotations
@@ -33,10 +36,11 @@ from spectransfer.surveys.fitsfile import FitsFile
 
 # SDSS pixel mask bits (SDSS data model, SPPIXMASK) that make a pixel unusable: NOPLUG 0,
 # BADTRACE 1, BADFLAT 2, BADARC 3, MANYREJECTED 5, LARGESHIFT 6, FULLREJECT 18, NOSKY 22,
-# NODATA 24, COMBINEREJ 25, BADFLUXFACTOR 26, BADSKYCHI 27. Other bits (NEARBADPIXEL,
-# LOWFLAT, PARTIALREJECT, SCATTEREDLIGHT, CROSSTALK, BRIGHTSKY, REDMONSTER, the SMEAR*
-# and *WHOPPER fibre flags, MANYBADCOLUMNS) describe usable pixels and are not treated as bad.
-SDSS_BAD_PIXEL_BITS = np.uint32(sum(1 << b for b in (0, 1, 2, 3, 5, 6, 18, 22, 24, 25, 26, 27)))
+# COMBINEREJ 25, BADFLUXFACTOR 26, BADSKYCHI 27. Other bits (NEARBADPIXEL, LOWFLAT,
+# PARTIALREJECT, SCATTEREDLIGHT, CROSSTALK, BRIGHTSKY, REDMONSTER, the SMEAR* and *WHOPPER
+# fibre flags, MANYBADCOLUMNS) describe usable pixels and are not treated as bad. NODATA 24
+# is left to the ivar (see the module docstring): where there is truly no data, ivar is 0.
+SDSS_BAD_PIXEL_BITS = np.uint32(sum(1 << b for b in (0, 1, 2, 3, 5, 6, 18, 22, 25, 26, 27)))
 
 # SDSS (both file formats): a spectrum is plate, MJD, fibre; DR14Q/DR16Q list those triples.
 # The paper's quality cuts: ZWARNING == 0 and the coverage of config.PAPER_COVERAGE.
