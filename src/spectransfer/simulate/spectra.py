@@ -36,7 +36,15 @@ class Instrument:
 
     ``gain`` converts flux units into detected counts (so variance = counts + sky + read);
     ``calib_rms`` is the rms of the smooth multiplicative flux-calibration error;
-    ``arm_join`` (A) and ``arm_rms`` describe a blue/red arm join with a relative scale error.
+    ``arm_join`` (A) and ``arm_rms`` describe a blue/red arm join with a relative scale error;
+    ``blue_edge`` (A) is where the blue throughput has fallen to half.
+    The pixel defects seen in the real files (``../shared/data``, 17 LAMOST and 27 SDSS):
+    ``blue_loss`` is the share of spectra whose blue end is lost over ``blue_loss_px``
+    pixels (LAMOST: 4 of 17 lose 380-1030 pixels below 4000-4700 A, a failed or unexposed
+    blue-arm start); ``fixed_gaps`` are wavelength ranges masked in a share of spectra
+    (LAMOST DR1-DR3: 7580-7680 A in 9 of 17); ``long_gap`` is the share that loses a long
+    stretch anywhere (1 of 17 LAMOST lost 5600-7540 A); ``red_nodata_px`` bounds the red
+    pixels without data (LAMOST: 13-115).
     """
 
     name: str
@@ -50,6 +58,12 @@ class Instrument:
     arm_join: float | None = None
     arm_rms: float = 0.0
     dloglam: float = 1e-4
+    blue_edge: float = 3900.0
+    blue_loss: float = 0.0
+    blue_loss_px: tuple[int, int] = (0, 0)
+    fixed_gaps: tuple[tuple[float, float, float], ...] = ()
+    long_gap: float = 0.01
+    red_nodata_px: tuple[int, int] = (2, 30)
 
     @cached_property
     def loglam(self) -> np.ndarray:
@@ -69,7 +83,7 @@ class Instrument:
     def throughput(self) -> np.ndarray:
         """Relative system throughput: falls at both ends, dips at a dichroic if there is one."""
         w = self.wave
-        t = _smoothstep((w - 3900.0) / 120.0) * _smoothstep((9700.0 - w) / 250.0)
+        t = _smoothstep((w - self.blue_edge) / 120.0) * _smoothstep((9700.0 - w) / 250.0)
         t = 0.15 + 0.85 * t
         if self.arm_join is not None:
             t = t * (1.0 - 0.55 * np.exp(-0.5 * ((w - (self.arm_join - 80.0)) / 70.0) ** 2))
@@ -119,6 +133,13 @@ LAMOST = Instrument(
     calib_rms=0.07,
     arm_join=5900.0,  # blue arm 3700-5900 A, red arm 5700-9100 A
     arm_rms=0.06,
+    # The real LAMOST spectra are noisy up to ~4300 A (the blue arm's low throughput there).
+    blue_edge=4150.0,
+    blue_loss=0.2,
+    blue_loss_px=(300, 1100),
+    fixed_gaps=((7580.0, 7680.0, 0.5),),
+    long_gap=0.05,
+    red_nodata_px=(10, 120),
 )
 
 INSTRUMENTS = {"sdss": SDSS, "lamost": LAMOST}
@@ -305,10 +326,19 @@ def observe(rng: np.random.Generator, inst: Instrument, model: np.ndarray, expos
     flux = rng.standard_normal((n, p)) * sigma
     flux += observed
     # Sky-subtraction residuals: scale error + a sub-pixel wavelength shift of the sky model.
-    eps = rng.normal(0.0, 0.02, (n, 1))
-    dshift = rng.normal(0.0, 0.04, (n, 1))  # in pixels
+    # Each line has its own error on top of the spectrum's (a fibre's sky model is fitted,
+    # not exact, line by line); heavy-tailed, as the [O I] 5577 residuals of the real SDSS
+    # spectra reach many sigma and often set the min-max range.
+    eps = rng.normal(0.0, 0.02, (n, 1)) + rng.standard_t(3, (n, 1)) * 0.02
+    dshift = rng.normal(0.0, 0.06, (n, 1))  # in pixels
+    line_eps = rng.normal(0.0, 0.03, (n, len(SKY_LINES)))
     dsky = np.gradient(sky_lines)
     flux += sky_scale * (eps * sky_lines[None, :] + dshift * dsky[None, :])
+    sig_l = wave / (inst.resolution * 2.3548)
+    for k, (lam, strength) in enumerate(SKY_LINES):
+        near = np.abs(wave - lam) < 5 * sig_l
+        profile = strength * inst.sky_continuum * np.exp(-0.5 * ((wave[near] - lam) / sig_l[near]) ** 2)
+        flux[:, near] += sky_scale * line_eps[:, k : k + 1] * profile[None, :]
     ivar = 1.0 / var
 
     sky_bit = SDSS_BRIGHTSKY if inst.name == "sdss" else LAMOST_BRIGHTSKY
@@ -324,11 +354,19 @@ def observe(rng: np.random.Generator, inst: Instrument, model: np.ndarray, expos
     lengths = rng.integers(1, 7, total)
     for r, s, ln in zip(rows, starts, lengths):
         bad[r, s : s + ln] = True
-    # A few spectra lose a long stretch (a bad CCD column range / broken amplifier).
-    long_bad = rng.random(n) < 0.01
+    # Some spectra lose a long stretch (a bad CCD column range, a broken amplifier, an arm).
+    long_bad = rng.random(n) < inst.long_gap
     for r in np.nonzero(long_bad)[0]:
         s = int(rng.integers(0, p - 400))
-        bad[r, s : s + int(rng.integers(50, 350))] = True
+        bad[r, s : s + int(rng.integers(50, 1300))] = True
+    for lo, hi, share in inst.fixed_gaps:
+        in_gap = (wave >= lo) & (wave <= hi)
+        bad[np.ix_(rng.random(n) < share, in_gap)] = True
+    if inst.blue_loss > 0:
+        lost = np.nonzero(rng.random(n) < inst.blue_loss)[0]
+        n_lost = rng.integers(inst.blue_loss_px[0], inst.blue_loss_px[1] + 1, lost.size)
+        for r, k in zip(lost, n_lost):
+            bad[r, :k] = True
     rej_bit = np.int32(SDSS_FULLREJECT if inst.name == "sdss" else LAMOST_BADCCD)
     and_mask |= bad * rej_bit
     or_mask |= bad * rej_bit
@@ -350,7 +388,7 @@ def observe(rng: np.random.Generator, inst: Instrument, model: np.ndarray, expos
     else:
         first = np.zeros(n, dtype=np.int64)
         last = np.full(n, p, dtype=np.int64)
-        nodata_red = rng.integers(2, 30, n)
+        nodata_red = rng.integers(inst.red_nodata_px[0], inst.red_nodata_px[1], n)
         col = np.arange(p)[None, :]
         edge = col >= (p - nodata_red)[:, None]
         and_mask |= edge * np.int32(LAMOST_NODATA)
