@@ -10,13 +10,19 @@ measured in the same run; the scoring loop alone is printed too. torch with bf16
 is measured on the same spectra (loop only) to show whether it is worth an engine.
 Projections for the 4M spectra of SDSS follow from the measured rate.
 
+With ``--device cuda`` (or auto where torch sees a GPU) the run is also scored on the GPU in
+torch fp32 and bf16 autocast. `discover` itself has no device option (its torch engine runs
+on the CPU), so the GPU figure is its scoring loop (ml.score.score_rows: the store read in
+spans plus the network) with the network on the GPU, compared with the CPU engines' scoring
+loops measured above in the same run, and the largest logit change against CPU torch fp32.
+
 The scored model is a real trained run: ``--run RUN --store STORE`` (e.g. the demo's
 runs/finetune and stores/sdss), or by default a small SDSS-like survey simulated, ingested
 and trained here for the purpose (a few minutes). Timings exclude the one-time model
 preparation (ONNX export, int8 calibration), printed separately. Human lines first, one
 JSON line last.
 
-    python bench/discover.py [--run RUN --store STORE] [--n 6000] [--repeat 2]
+    python bench/discover.py [--run RUN --store STORE] [--n 6000] [--repeat 2] [--device cpu|cuda|auto]
 """
 
 from __future__ import annotations
@@ -136,6 +142,54 @@ def torch_bf16_rate(run: Path, store: object, rows: np.ndarray, threads: int | N
     return out
 
 
+def cuda_loop_rates(run: Path, store: object, rows: np.ndarray, reference: np.ndarray, device: str = "cuda") -> dict[str, float]:
+    """Scoring-loop spectra/s (store read + network) with the run's network on the GPU, in fp32
+    and under bf16 autocast at a few batch sizes, and the largest |logit - ``reference``|
+    (``device`` cpu runs the same code on the CPU, to test it where there is no GPU)."""
+    import torch
+
+    from spectransfer.ml.models import load_run, unwrap
+    from spectransfer.ml.score import read_block, score_rows
+
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    model, _ = load_run(run)
+    net = unwrap(model).to(dev).eval()
+    in_channels = int(net.config.in_channels)
+
+    def scorer(bf16: bool):
+        def run_cuda(x: np.ndarray) -> dict[str, np.ndarray]:
+            with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                logit = net(torch.from_numpy(np.ascontiguousarray(x)).to(dev, non_blocking=True))
+            return {"logit": logit.float().cpu().numpy()}
+
+        return run_cuda
+
+    out: dict[str, float] = {}
+    block = torch.from_numpy(read_block(store, rows[:4096], in_channels)).to(dev)
+    for name, bf16 in (("fp32", False), ("bf16", True)):
+        run_cuda = scorer(bf16)
+        run_cuda(np.asarray(read_block(store, rows[:256], in_channels)))  # warm-up: cuDNN algorithm choice
+        for bs in (256, 1024, 4096):
+            sync()
+            t0 = time.perf_counter()
+            got = score_rows(run_cuda, store, rows, bs, in_channels)["logit"]
+            out[f"{name}_loop_b{bs}"] = rows.size / (time.perf_counter() - t0)
+        out[f"{name}_max_dlogit"] = float(np.abs(got - reference).max()) if got.shape == reference.shape else float("nan")
+        with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):  # the network alone
+            net(block[:1024])
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(5):
+                for a in range(0, block.shape[0], 1024):
+                    net(block[a : a + 1024])
+            sync()
+        out[f"{name}_network_alone"] = 5 * block.shape[0] / (time.perf_counter() - t0)
+    out["fp32_loop"] = max(out[f"fp32_loop_b{bs}"] for bs in (256, 1024, 4096))
+    out["bf16_loop"] = max(out[f"bf16_loop_b{bs}"] for bs in (256, 1024, 4096))
+    return out
+
+
 def _cpu_model() -> str:
     try:
         for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
@@ -153,7 +207,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=6000, help="spectra of the simulated survey when --run is not given")
     ap.add_argument("--repeat", type=int, default=3, help="timed repetitions per engine (best is kept)")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="also score on the GPU (auto: if one)")
     args = ap.parse_args()
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device cuda: torch {torch.__version__} sees no CUDA device here")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
 
     from sklearn.metrics import roc_auc_score
 
@@ -264,7 +324,36 @@ def main() -> None:
             f"projected for {SDSS_SPECTRA:,} SDSS spectra here ({cores} cores, {fastest}): {hours:.2f} h "
             f"(end-to-end rate of this small store: {SDSS_SPECTRA / r / 3600:.2f} h); more nodes divide it (Dask --scheduler)"
         )
-        # GPU: not measured here (no GPU on this machine). VGG-A is 104 MFLOP per spectrum; an H100 at an
+        gpu: dict[str, object] = {}
+        if use_cuda:
+            g = cuda_loop_rates(run, st, rows, logits["torch"])
+            name = torch.cuda.get_device_name()
+            cpu_best = max(steady.values())
+            gpu = {
+                "gpu": name,
+                "cuda_fp32_loop_spectra_per_s": round(g["fp32_loop"], 1),
+                "cuda_bf16_loop_spectra_per_s": round(g["bf16_loop"], 1),
+                "cuda_fp32_network_alone_spectra_per_s": round(g["fp32_network_alone"], 1),
+                "cuda_bf16_network_alone_spectra_per_s": round(g["bf16_network_alone"], 1),
+                "cuda_fp32_loop_vs_cpu_torch": round(g["fp32_loop"] / steady["torch"], 2),
+                "cuda_bf16_loop_vs_cpu_onnx_int8": round(g["bf16_loop"] / steady["onnx-int8"], 2),
+                "cuda_fp32_loop_vs_best_cpu_loop": round(g["fp32_loop"] / cpu_best, 2),
+                "cuda_fp32_max_dlogit_vs_cpu_torch": round(g["fp32_max_dlogit"], 6),
+                "cuda_bf16_max_dlogit_vs_cpu_torch": round(g["bf16_max_dlogit"], 6),
+                "cuda_loop_by_batch": {k: round(v, 1) for k, v in g.items() if "_loop_b" in k},
+            }
+            print(
+                f"GPU {name}, scoring loop (store read + network on the GPU): fp32 {g['fp32_loop']:,.0f}/s "
+                f"({gpu['cuda_fp32_loop_vs_cpu_torch']}x CPU torch's loop, {gpu['cuda_fp32_loop_vs_best_cpu_loop']}x the best "
+                f"CPU loop), bf16 {g['bf16_loop']:,.0f}/s ({gpu['cuda_bf16_loop_vs_cpu_onnx_int8']}x CPU onnx-int8's loop)"
+            )
+            print(
+                f"GPU network alone (batch 1024 on the GPU): fp32 {g['fp32_network_alone']:,.0f}/s, bf16 {g['bf16_network_alone']:,.0f}/s; "
+                f"max |dlogit| vs CPU torch fp32: fp32 {g['fp32_max_dlogit']:.1e}, bf16 {g['bf16_max_dlogit']:.1e}"
+            )
+        else:
+            print("no cuda: GPU scoring not measured")
+        # GPU: assumed, not measured. VGG-A is 104 MFLOP per spectrum; an H100 at an
         # assumed 20% of its ~990 TFLOP/s dense bf16 peak does ~1.9M spectra/s, so the GPU is never the
         # bound: reading and decompressing the store is. We assume 8 reader processes at this machine's
         # measured per-core read rate.
@@ -303,6 +392,7 @@ def main() -> None:
                     "n_spectra": n,
                     "cores": cores,
                     "load_average": round(load, 1),
+                    **gpu,
                 }
             )
         )

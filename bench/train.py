@@ -8,7 +8,11 @@ Figures (spectra per second, all measured in this run on the same model):
 - infer_eager, infer_onnx: scoring in eager torch (inference_mode) and in onnxruntime after
   ONNX export (graph optimisation ALL, 2 intra-op threads), each at batches of 256 and
   1024 spectra; onnx_speedup = best onnx / best eager (target >= 2).
-Last line: one JSON object with the figures. Usage: python bench/train.py [--steps N]
+- with --device cuda (or auto where torch sees a GPU): the same step, batch and model on the
+  GPU: cuda_fp32_device (batch resident on the GPU), cuda_bf16_device (bf16 autocast),
+  cuda_fp32_store (fed from the same store by the DataLoader, copied per step), and the ratios
+  of each to the CPU's train_fp32_memory measured above in the same run.
+Last line: one JSON object with the figures. Usage: python bench/train.py [--steps N] [--device cpu|cuda|auto]
 """
 
 from __future__ import annotations
@@ -49,27 +53,66 @@ def make_store(path: Path, n: int) -> object:
     return write_store(path, flux, ivar, meta)
 
 
-def train_rate(model: torch.nn.Module, batches, steps: int, bf16: bool = False) -> float:
-    """Spectra/s of ``steps`` training steps after one warm-up step."""
+def train_rate(
+    model: torch.nn.Module, batches, steps: int, bf16: bool = False, device: torch.device | None = None, warmup: int = 1
+) -> float:
+    """Spectra/s of ``steps`` training steps on ``device`` (default CPU) after ``warmup`` steps."""
+    device = device or torch.device("cpu")
+    cuda = device.type == "cuda"
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     model.train()
     it = iter(batches)
     t0 = None
     n = 0
-    for i in range(steps + 1):
-        if i == 1:
+    for i in range(steps + warmup):
+        if i == warmup:
+            if cuda:
+                torch.cuda.synchronize(device)
             t0 = time.perf_counter()
         x, y = next(it)[:2]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
         loss = loss_fn(logits.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if i >= 1:
+        if i >= warmup:
             n += len(y)
+    if cuda:
+        torch.cuda.synchronize(device)
     return n / (time.perf_counter() - t0)
+
+
+def epochs(stream: ChunkStream, workers: int, pin: bool):
+    """The stream's batches pass after pass (a small store feeds any number of steps); the
+    workers persist, so that starting them is not timed again at every pass."""
+    loader = stream.loader(workers, generator=torch.Generator(), pin_memory=pin, persistent_workers=workers > 0)
+    while True:
+        yield from loader
+
+
+def cuda_rates(
+    store: object, sel: object, x_mem: torch.Tensor, y_mem: torch.Tensor, steps: int, workers: int, device: str = "cuda"
+) -> dict:
+    """Training spectra/s on the GPU: the bench's model, batch and store, fp32 and bf16
+    (``device`` cpu runs the same code on the CPU, to test it where there is no GPU)."""
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig()).to(dev)
+    xg, yg = x_mem.to(dev), y_mem.to(dev)
+    resident = iter(lambda: (xg, yg), None)
+    warm = 5  # cuDNN picks its algorithms in the first steps
+    out = {
+        "cuda_fp32_device": train_rate(model, resident, steps, device=dev, warmup=warm),
+        "cuda_bf16_device": train_rate(model, resident, steps, bf16=True, device=dev, warmup=warm),
+    }
+    stream = ChunkStream(store.flux, sel, batch_size=BATCH, seed=0)
+    out["cuda_fp32_store"] = train_rate(model, epochs(stream, workers, True), steps, device=dev, warmup=warm)
+    x4, y4 = torch.randn(1024, 1, x_mem.shape[-1], device=dev), (torch.rand(1024, device=dev) < 0.2).float()
+    out["gpu_train_bf16"] = train_rate(model, iter(lambda: (x4, y4), None), steps, bf16=True, device=dev, warmup=warm)
+    return out
 
 
 def infer_rate(run, x: np.ndarray, batch: int, n: int) -> float:
@@ -91,7 +134,14 @@ def main() -> None:
     ap.add_argument("--bf16-batch", type=int, default=64, help="batch of the bf16 measurement (emulated bf16 is slow)")
     ap.add_argument("--infer", type=int, default=2048, help="spectra scored per inference measurement")
     ap.add_argument("--workers", type=int, default=1, help="DataLoader workers for the store-fed run")
+    ap.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="also measure on the GPU (auto: when torch sees one)"
+    )
+    ap.add_argument("--cuda-steps", type=int, default=50, help="timed training steps per GPU measurement")
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device cuda: torch {torch.__version__} sees no CUDA device here")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     threads = torch.get_num_threads()
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     native_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
@@ -151,27 +201,32 @@ def main() -> None:
         eager, onnx = max(eager_by_batch.values()), max(onnx_by_batch.values())
         print(f"ONNX export took {export_s:.1f} s")
 
-    gpu = {}
-    if torch.cuda.is_available():  # data resident on the GPU: the compute ceiling of an epoch
-        dev = torch.device("cuda")
-        torch.manual_seed(0)
-        gmodel = build_model(ModelConfig()).to(dev)
-        xg = torch.randn(1024, 1, 2048, device=dev)
-        yg = (torch.rand(1024, device=dev) < 0.2).float()
-        opt = torch.optim.Adam(gmodel.parameters(), lr=1e-3)
-        for i in range(25):
-            if i == 5:
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(gmodel(xg).float(), yg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        torch.cuda.synchronize()
-        rate = 20 * 1024 / (time.perf_counter() - t)
-        gpu = {"gpu_train_bf16": round(rate, 1), "gpu_epoch_4M_s": round(4e6 / rate, 1), "gpu": torch.cuda.get_device_name()}
-        print(f"GPU {gpu['gpu']}: bf16 training {rate:.0f} spectra/s (batch 1024), 4M-spectrum epoch {4e6 / rate:.0f} s")
+        gpu = {}
+        if use_cuda:  # same model, batch and store as the CPU figures above
+            rates = cuda_rates(store, sel, x_mem, y_mem, args.cuda_steps, args.workers)
+            name = torch.cuda.get_device_name()
+            for key in ("cuda_fp32_device", "cuda_bf16_device", "cuda_fp32_store"):
+                gpu[key] = round(rates[key], 1)
+                gpu[key.replace("cuda_", "cuda_ratio_")] = round(rates[key] / memory, 2)
+            gpu["gpu_train_bf16"] = round(rates["gpu_train_bf16"], 1)
+            gpu["gpu_epoch_4M_s"] = round(4e6 / rates["gpu_train_bf16"], 1)
+            gpu["gpu"] = name
+            print(f"GPU {name}, batch {BATCH}, ratios against the CPU fp32 in RAM above ({memory:.1f} spectra/s):")
+            print(
+                f"  cuda fp32, batch on the GPU:   {rates['cuda_fp32_device']:9.1f} spectra/s ({gpu['cuda_ratio_fp32_device']}x CPU)"
+            )
+            print(
+                f"  cuda bf16 autocast, on GPU:    {rates['cuda_bf16_device']:9.1f} spectra/s ({gpu['cuda_ratio_bf16_device']}x CPU)"
+            )
+            print(
+                f"  cuda fp32, streamed from store:{rates['cuda_fp32_store']:9.1f} spectra/s ({gpu['cuda_ratio_fp32_store']}x CPU; "
+                f"{args.workers} DataLoader worker(s))"
+            )
+            print(
+                f"  cuda bf16, batch 1024 on GPU:  {rates['gpu_train_bf16']:9.1f} spectra/s, 4M-spectrum epoch {gpu['gpu_epoch_4M_s']:.0f} s"
+            )
+        else:
+            print("no cuda: GPU figures not measured")
 
     figures = {
         "train_fp32_memory": round(memory, 1),
