@@ -170,7 +170,8 @@ def train_args(store: Path, run: Path, steps: int, batch: int, device: str, devi
 
 
 def ddp_verdict(run: Path, ranks: int) -> tuple[bool, str]:
-    """Same number of steps on every rank, disjoint rows, identical final weights."""
+    """Same number of steps on every rank, disjoint rows within each epoch (a later epoch
+    reshuffles the windows over the ranks), identical final weights."""
     import torch
     from safetensors.torch import load_file
 
@@ -178,7 +179,7 @@ def ddp_verdict(run: Path, ranks: int) -> tuple[bool, str]:
         rows = []
         for r in range(ranks):
             lines = (run / "debug" / f"rows-rank{r}.txt").read_text().splitlines()
-            rows.append((len(lines), {int(x) for ln in lines for x in ln.split()[2:]}))
+            rows.append((len(lines), {(ln.split()[0], int(x)) for ln in lines for x in ln.split()[2:]}))
         weights = [load_file(str(run / "debug" / f"final-rank{r}.safetensors")) for r in range(ranks)]
     except (OSError, ValueError) as exc:
         return False, f"debug files unreadable: {exc}"

@@ -246,6 +246,7 @@ def test_two_process_ddp_on_cpu_sees_disjoint_data_and_ends_identical(store, tmp
             eval_every=4,
             max_steps=8,
             devices=2,
+            device="cpu",  # gloo CPU processes, also on a machine with one GPU
             num_workers=0,
             debug_rows=True,
             seed=2,
@@ -289,7 +290,13 @@ def test_bad_inputs_refused_before_training(store, scratch_run, tmp_path):
     nopos = make_store(tmp_path / "nopos", n=60, grid=SMALL, pos_frac=0.0)
     with pytest.raises(TrainError, match="no positive"):
         train(TrainConfig(**{**base, "store": str(nopos.path)}, out=str(tmp_path / "g")))
-    for name in "abcdefg":
+    # more processes than the store has windows for (240 rows in chunks of 16: 9 train windows
+    # of 4 chunks at most), and more GPU processes than GPUs
+    with pytest.raises(TrainError, match="too few for 16 processes"):
+        train(TrainConfig(out=str(tmp_path / "i"), devices=16, device="cpu", **base))
+    with pytest.raises(TrainError, match=f"this machine has {torch.cuda.device_count()} GPU"):
+        train(TrainConfig(out=str(tmp_path / "j"), devices=torch.cuda.device_count() + 1, device="cuda", **base))
+    for name in "abcdefgij":
         assert not (tmp_path / name / "checkpoints").exists()
     # the command line turns them into one line and exit code 2
     res = _run_cli(["train", "--store", str(nopos.path), "--out", str(tmp_path / "h"), "--quiet"])

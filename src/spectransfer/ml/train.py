@@ -178,6 +178,7 @@ def plan(cfg: TrainConfig) -> Plan:
         raise TrainError(f"{what}: the training rows hold no positive (quasar) example")
     if train.n_pos == len(train):
         raise TrainError(f"{what}: the training rows hold no negative (non-quasar) example")
+    _check_world(cfg, train, int(store.flux.chunks[0]), what)
 
     grid = store.grid
     mconfig = ModelConfig(name=cfg.model, n_bins=grid.n_bins, in_channels=cfg.in_channels, z_bins=Z_BINS if cfg.z_head else 0)
@@ -200,6 +201,24 @@ def plan(cfg: TrainConfig) -> Plan:
             )
         init_weights = Path(cfg.init) / "model.safetensors"
     return Plan(cfg, store, train, val, mconfig, init_weights)
+
+
+def _check_world(cfg: TrainConfig, train: Selection, chunk_rows: int, what: str) -> None:
+    """Refuse a world that cannot run: more local GPU processes than GPUs, or a rank that would
+    get no training batch (windows of ``buffer_chunks`` store chunks go to the ranks in turn)."""
+    size = int(os.environ.get("WORLD_SIZE", cfg.devices))
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if use_cuda and "WORLD_SIZE" not in os.environ and cfg.devices > torch.cuda.device_count():
+        raise TrainError(
+            f"--devices {cfg.devices} asks for {cfg.devices} GPU processes but this machine has "
+            f"{torch.cuda.device_count()} GPU(s); use --device cpu for CPU processes or fewer --devices"
+        )
+    n_windows = -(-np.unique(train.rows // chunk_rows).size // cfg.buffer_chunks)
+    if size > n_windows:
+        raise TrainError(
+            f"{what}: {len(train)} training rows fill {n_windows} window(s) of {cfg.buffer_chunks} store chunks, "
+            f"too few for {size} processes (each needs at least one); use fewer --devices or a larger store"
+        )
 
 
 # ---- entry point ---------------------------------------------------------------------------
