@@ -350,11 +350,13 @@ def test_class_fractions_match_what_was_asked(sdss_sim: Path) -> None:
         g = int((plan["cls"] == sim_survey.GALAXY).sum())
         pg = (1 - q) * GALAXY_SHARE[survey]
         assert abs(g - n * pg) < 4 * np.sqrt(n * pg * (1 - pg))
-    # Redshift ranges: quasars 0.02-5 peaking at 1.5-2.5 (SDSS), galaxies 0-1.1.
+    # Redshift ranges: quasars 0.001-5 peaking at 1.5-2.5 (SDSS), galaxies 0-1.1; local
+    # Seyferts (z < 0.02) are there but rare (a few tenths of a percent of the quasars).
     plan = sim_survey.plan_survey("sdss", 20000, seed=4, qso_fraction=0.5)
     zq = plan["z"][plan["cls"] == sim_survey.QSO]
     zg = plan["z"][plan["cls"] == sim_survey.GALAXY]
-    assert zq.min() >= 0.02 and zq.max() <= 5.0 and 1.5 <= np.median(zq) <= 2.5
+    assert zq.min() >= 0.001 and zq.max() <= 5.0 and 1.5 <= np.median(zq) <= 2.5
+    assert 0.0005 < np.mean(zq < 0.02) < 0.01
     assert zg.min() >= 0.0 and zg.max() <= 1.1
 
 

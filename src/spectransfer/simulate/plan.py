@@ -38,7 +38,7 @@ QSO, GALAXY, STAR = 0, 1, 2
 
 
 def _quasar_redshifts(rng: np.random.Generator, survey: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """z in [0.02, 5]: a low-z tail (share LOW_Z_SHARE below z = 0.5, p(z) rising as z: slower
+    """z in [0.001, 5]: a low-z tail (share LOW_Z_SHARE below z = 0.5, p(z) rising as z: slower
     than the volume, z^2, because the faint end of a flux-limited sample is lost) and above
     it a smooth distribution peaking at z ~ 1.5-2.5 (SDSS, as DR16Q, Lyke et al. 2020) or
     z ~ 1-1.5 (LAMOST quasars are brighter; Yao et al. 2019). Returns z and which objects are
@@ -61,7 +61,9 @@ def _quasar_redshifts(rng: np.random.Generator, survey: str, n: int) -> tuple[np
     # Below 0.5: p(z) ~ z on [0.05, 0.5], by inverting its CDF; Seyferts as main-sample galaxies.
     v = rng.random(n)
     z_low = np.sqrt(0.05**2 + v * (0.5**2 - 0.05**2))
-    z_sey = np.clip(rng.gamma(3.0, 0.035, n), 0.02, 0.3)
+    # Main-sample Seyferts reach the local volume (SDSS calls broad-line nuclei at z ~ 0.002
+    # QSO, e.g. NGC 4395 at z = 0.001): most at z ~ 0.05-0.15, a tail to z = 0.001.
+    z_sey = np.clip(rng.gamma(2.0, 0.045, n), 0.001, 0.3)
     return np.where(seyfert, z_sey, np.where(low, z_low, z)), seyfert
 
 
