@@ -320,3 +320,27 @@ def test_help_documents_the_imbalance_options():
         "--z-weight",
     ):
         assert word in text, word
+
+
+def test_epochs_whose_batch_count_differs_with_loader_workers_run_to_the_end(store, tmp_path):
+    """Two loader workers each end an epoch on their own partial batch and the windows fall
+    to them differently every epoch, so the number of batches moves between epochs; training
+    must follow each epoch's own count (it used to stop with 'the training stream ended')."""
+    from spectransfer.ml.dataset import ChunkStream, select
+    from spectransfer.ml.train import steps_per_epoch
+
+    cfg = TrainConfig(
+        store=str(store.path), out=str(tmp_path / "w"), batch_size=4, buffer_chunks=1, num_workers=2, max_epochs=2, seed=1
+    )
+    stream = ChunkStream(store.flux, select(store, None, "train"), batch_size=4, shuffle=True, seed=1, buffer_chunks=1)
+    stream.loader(2)
+    counts = steps_per_epoch(stream, 2)
+    assert len(set(counts)) > 1  # the case that matters: the epochs differ
+    actual = []
+    for epoch in range(2):  # what the DataLoader really yields
+        stream.set_epoch(epoch)
+        stream.set_start(0)
+        actual.append(sum(1 for _ in stream.loader(2)))
+    assert actual == counts
+    summary = train(cfg)
+    assert summary["epochs_completed"] == 2 and summary["steps"] == sum(counts)

@@ -203,6 +203,20 @@ def plan(cfg: TrainConfig) -> Plan:
     return Plan(cfg, store, train, val, mconfig, init_weights)
 
 
+def steps_per_epoch(stream: ChunkStream, epochs: int) -> list[int]:
+    """Optimisation steps of each epoch: the fewest batches any rank's stream yields in it.
+
+    With several loader workers the windows fall to the workers differently every epoch and
+    each worker ends on its own partial batch, so the count moves by a batch or two between
+    epochs; one count taken from the first epoch would end a later epoch early or wait for a
+    batch that never comes."""
+    counts = []
+    for epoch in range(epochs):
+        stream.set_epoch(epoch)
+        counts.append(min(stream.batches_per_rank()))
+    return counts
+
+
 def _check_world(cfg: TrainConfig, train: Selection, chunk_rows: int, what: str) -> None:
     """Refuse a world that cannot run: more local GPU processes than GPUs, or a rank that would
     get no training batch (windows of ``buffer_chunks`` store chunks go to the ranks in turn)."""
@@ -490,10 +504,8 @@ def _run(cfg: TrainConfig, resume: bool, quiet: bool, checked: Plan | None = Non
         if cfg.debug_rows:
             (out / "debug").mkdir(parents=True, exist_ok=True)
 
-        steps_per_epoch = min(s.train_stream.batches_per_rank())
-        total = (
-            cfg.max_epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_epochs * steps_per_epoch, cfg.max_steps)
-        )
+        per_epoch = steps_per_epoch(s.train_stream, cfg.max_epochs)
+        total = sum(per_epoch) if cfg.max_steps is None else min(sum(per_epoch), cfg.max_steps)
         if world.master:
             log.info(
                 "training %s (%s, %d parameters, %d trainable, z head %s) on %d train / %d val spectra "
@@ -508,7 +520,7 @@ def _run(cfg: TrainConfig, resume: bool, quiet: bool, checked: Plan | None = Non
                 p.train.n_pos,
                 p.val.n_pos,
                 p.train.n_z,
-                steps_per_epoch,
+                per_epoch[0],
                 world.size,
                 world.device.type,
                 s.precision,
@@ -520,13 +532,14 @@ def _run(cfg: TrainConfig, resume: bool, quiet: bool, checked: Plan | None = Non
             while not state.stopped and state.epoch < cfg.max_epochs and state.step < total:
                 s.train_stream.set_epoch(state.epoch)
                 s.train_stream.set_start(state.batch)
+                steps_this_epoch = per_epoch[state.epoch]
                 batches = iter(s.train_loader)
                 if cfg.debug_rows:
                     batches = _logged_rows(batches, out / "debug" / f"rows-rank{world.rank}.txt", state)
                 for x, y, rows in batches:
                     epoch = state.epoch
                     window.add(_train_step(s, x, y, torch.from_numpy(p.train.z_of(rows.numpy())), world.device), len(y))
-                    state.count_step(steps_per_epoch)
+                    state.count_step(steps_this_epoch)
                     bar.advance(1)
                     if state.step % cfg.eval_every == 0 or state.step >= total or state.epoch >= cfg.max_epochs:
                         metrics = _evaluate(s, p, world, window, state, epoch, cfg)
@@ -535,8 +548,8 @@ def _run(cfg: TrainConfig, resume: bool, quiet: bool, checked: Plan | None = Non
                         _checkpoint(ckpt_path, s.model, s.optimizer, state, world.size, world.master)
                     if state.stopped or state.step >= total or state.batch == 0:
                         break  # DDP: every rank stops after the same number of steps
-                else:  # every rank's stream holds at least steps_per_epoch batches
-                    raise TrainError(f"{cfg.store}: the training stream ended after {state.batch} of {steps_per_epoch} batches")
+                else:  # every rank's stream holds at least steps_this_epoch batches
+                    raise TrainError(f"{cfg.store}: the training stream ended after {state.batch} of {steps_this_epoch} batches")
                 del batches
         if cfg.debug_rows:
             _save_final_weights(s.model, out / "debug" / f"final-rank{world.rank}.safetensors")
