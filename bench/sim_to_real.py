@@ -1,12 +1,14 @@
 """How a model trained only on simulated spectra does on real SDSS and LAMOST spectra.
 
-Classifies every real file under DATA/sdss and DATA/lamost with the run (the same reading and
-resampling as ingest, no ZWARNING or coverage cut, so every readable file gets an answer;
-`spectransfer.evaluation.reality`, the check the demo runs on tests/data) and compares
-P(QSO) >= threshold with the files' own pipeline CLASS (a file the pipeline left
-unclassified is listed but not counted). Prints one line per file, counts per class, then
-one JSON line: real_qso_recall, real_precision, real_accuracy, n_real, real_fp_rate_sdss,
-real_fp_rate_lamost, real_z_within_3000_kms.
+Classifies every real file under DATA/sdss and DATA/lamost with the run (`classify`: the same
+reading, cuts and resampling as ingest; `spectransfer.evaluation.reality`, the check the demo
+runs on tests/data) and compares P(QSO) >= threshold with the files' own pipeline CLASS (a
+file the pipeline left unclassified is listed but not counted). The real_* figures count the
+files classify accepts; files its cuts refuse (grid not covered, ZWARNING != 0) are scored
+with the cuts off, marked "cut", and counted only in the all_files_* figures. Prints one line
+per file, counts per class, then one JSON line: real_qso_recall, real_precision,
+real_accuracy, n_real, real_fp_rate_sdss, real_fp_rate_lamost, real_z_within_3000_kms, n_cut
+and the all_files_* figures.
 
     .venv/bin/python bench/sim_to_real.py [--run demo-output/runs/finetune] [--data DIR]
 
@@ -64,6 +66,8 @@ def main() -> None:
             else f" z_pred={r['z_pred']:.4f}" + ("" if r["dv_kms"] is None else f" (dv {r['dv_kms']:+.0f} km/s)")
         )
         edge = f"  [edge: {EDGE_CASES[r['file']]}]" if r["file"] in EDGE_CASES else ""
+        if r.get("cut"):
+            verdict, edge = "cut", f"{edge}  [not counted; classify refuses it: {r['cut']}]"
         print(
             f"{str(r['survey']):7s} {str(r['pipeline_class']):8s} z={z} P(QSO)={r['p_qso']:.3f} {verdict} {r['file']}{zp}{edge}"
         )
@@ -80,6 +84,11 @@ def main() -> None:
         "real_fp_rate_sdss",
         "real_fp_rate_lamost",
         "real_z_within_3000_kms",
+        "n_cut",
+        "all_files_qso_recall",
+        "all_files_fp_rate_sdss",
+        "all_files_fp_rate_lamost",
+        "all_files_n",
         "run",
     )
     print(json.dumps({k: rep[k] for k in keys} | {"data": str(data)}))

@@ -33,6 +33,7 @@ from spectransfer.data.store import write_store
 from spectransfer.ml.dataset import ChunkStream, select
 from spectransfer.ml.models import ModelConfig, build_model
 from spectransfer.ml.score import export_onnx, onnx_session
+from spectransfer.ml.train import native_bf16_cpu
 
 BATCH = 256
 
@@ -143,8 +144,7 @@ def main() -> None:
         ap.error(f"--device cuda: torch {torch.__version__} sees no CUDA device here")
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     threads = torch.get_num_threads()
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    native_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+    native_bf16 = native_bf16_cpu()
     print(
         f"torch {torch.__version__}, {threads} threads, {os.cpu_count()} cores; batch {BATCH}; "
         f"native bf16 instructions: {'yes' if native_bf16 else 'no (bf16 autocast is emulated)'}"

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
+from spectransfer.candidates.classify import classify
 from spectransfer.config import DEFAULT_GRID
 from spectransfer.evaluation.reality import reality_check
 from test_discover import _run
@@ -23,8 +24,19 @@ def test_reality_check_counts_by_the_files_own_class(real_data: Path, tmp_path: 
         with fits.open(f) as hdul:
             assert files[f.name]["pipeline_class"] == str(hdul[2].data["CLASS"][0]).strip().upper()
     assert files["spec-55919-B5591903_sp01-001.fits"]["pipeline_class"] is None  # LAMOST 'Unknown': not counted
-    counted = [r for r in files.values() if r["pipeline_class"] is not None]
+    # the headline counts what classify itself accepts; the files its cuts refuse are scored
+    # with the cuts off, carry the reason, and count in the all_files_* figures only
+    labelled = [r for r in files.values() if r["pipeline_class"] is not None]
+    counted = [r for r in labelled if r["cut"] is None]
+    cut = [r for r in files.values() if r["cut"] is not None]
+    assert cut and rep["n_cut"] == len(cut) and all(r["cut"].startswith("fails filter") for r in cut)
+    refused = {Path(f).name for f, _ in classify(run, [real_data / "sdss", real_data / "lamost"], refine="none").failed}
+    assert {r["file"] for r in cut} <= refused
+    assert files["spec-7457-56746-0001.fits"]["cut"].startswith("fails filter: zwarning")  # ZWARNING = 5
     assert rep["n_real"] == len(counted) == sum(c["n"] for c in rep["per_class"].values())
+    assert rep["all_files_n"] == len(labelled)
+    everything = [r for r in labelled if r["pipeline_class"] == "QSO"]
+    assert rep["all_files_qso_recall"] == np.mean([r["is_qso"] for r in everything])
     qso = [r for r in counted if r["pipeline_class"] == "QSO"]
     assert rep["n_qso"] == len(qso) and rep["real_qso_recall"] == np.mean([r["is_qso"] for r in qso])
     assert rep["real_accuracy"] == np.mean([r["right"] for r in counted])

@@ -14,6 +14,7 @@ import pytest
 from astropy.io import fits
 
 from spectransfer.config import DEFAULT_GRID, Grid
+from spectransfer.data.resample import resample_record
 from spectransfer.errors import SpectrumError
 from spectransfer.surveys import (
     MASK_DTYPE,
@@ -23,7 +24,6 @@ from spectransfer.surveys import (
     iter_spectrum_files,
     read_spectrum,
 )
-from spectransfer.data.resample import resample_record
 from spectransfer.surveys.base import INFO_KEYS, SpectrumRecord
 from spectransfer.surveys.fitsfile import FitsFile
 from spectransfer.surveys.sdss_spec import SDSS_BAD_PIXEL_BITS

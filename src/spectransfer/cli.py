@@ -762,7 +762,9 @@ def train_cmd(
         + "none (the paper): plain BCE. pos-weight: BCE pos_weight = n_neg/n_pos, raises recall at 0.5 and lowers precision, probabilities shift up (calibrate with evaluate). balanced: stream resampled to ~half quasars per batch (positives repeat); same effect on probabilities.",
     ),
     precision: str = typer.Option(
-        "auto", "--precision", help="fp32 or bf16 (torch.amp autocast, also on CPU); auto = bf16 on GPU, fp32 on CPU."
+        "auto",
+        "--precision",
+        help="fp32 or bf16 (torch.amp autocast, also on CPU); auto = bf16 on GPU and on CPUs with bf16 instructions (AVX512-BF16, AMX), fp32 elsewhere (bf16 is emulated and slower there).",
     ),
     train_fraction: Optional[float] = typer.Option(
         None,

@@ -563,7 +563,9 @@ def _real_section(out: Path) -> str:
             _fmt(r.get("pipeline_z"), 4),
             _fmt(r["p_qso"], 3),
             "yes" if r["is_qso"] else "no",
-            "" if r.get("right") is None else ("right" if r["right"] else "WRONG"),
+            ("not counted: " + html.escape(str(r["cut"])))
+            if r.get("cut")
+            else ("" if r.get("right") is None else ("right" if r["right"] else "WRONG")),
             _fmt(r.get("z_pred"), 4),
         ]
         for r in rep["files"]
@@ -573,7 +575,10 @@ def _real_section(out: Path) -> str:
         f"own pipeline class (P_QSO &ge; {rep['threshold']}): quasar recall {_fmt(rep['real_qso_recall'])}, precision "
         f"{_fmt(rep['real_precision'])}, SDSS non-quasars called quasars {_fmt(rep['real_fp_rate_sdss'])}, LAMOST "
         f"{_fmt(rep['real_fp_rate_lamost'])}; template z within 3000 km/s of the pipeline's for "
-        f"{_fmt(rep['real_z_within_3000_kms'])} of the quasars found.</p>"
+        f"{_fmt(rep['real_z_within_3000_kms'])} of the quasars found. "
+        f"{rep.get('n_cut', 0)} file(s) that classify refuses (grid not covered, ZWARNING set) are scored with the "
+        f"cuts off and listed, not counted; with them: quasar recall {_fmt(rep.get('all_files_qso_recall'))}, SDSS "
+        f"{_fmt(rep.get('all_files_fp_rate_sdss'))}, LAMOST {_fmt(rep.get('all_files_fp_rate_lamost'))}.</p>"
     )
     return (
         "<h2>Real spectra</h2>" + head + _table(["file", "pipeline class", "pipeline z", "P_QSO", "quasar?", "", "Z_PRED"], rows)

@@ -203,6 +203,16 @@ def plan(cfg: TrainConfig) -> Plan:
     return Plan(cfg, store, train, val, mconfig, init_weights)
 
 
+def native_bf16_cpu() -> bool:
+    """True on CPUs with bf16 instructions (AVX512-BF16 or AMX), where bf16 autocast trains the
+    VGG ~1.4x (2 cores) to 2x (16 cores) faster than fp32; elsewhere it is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def steps_per_epoch(stream: ChunkStream, epochs: int) -> list[int]:
     """Optimisation steps of each epoch: the fewest batches any rank's stream yields in it.
 
@@ -428,7 +438,7 @@ def _build_session(cfg: TrainConfig, p: Plan, world: World) -> Session:
     val_stream = ChunkStream(p.store.flux, p.val, batch_size=cfg.eval_batch_size, shuffle=False, **stream_args)
     # a private generator keeps the DataLoader from drawing on the global RNG (dropout's)
     loader_args = dict(pin_memory=world.use_cuda, generator=torch.Generator())
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if world.use_cuda else "fp32")
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if world.use_cuda or native_bf16_cpu() else "fp32")
     autocast = torch.autocast(device_type=world.device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     return Session(
         model,
