@@ -94,6 +94,14 @@ def test_write_docs_writes_four_portable_files_and_nothing_else(experiment: dict
     assert json.loads((docs / "active_learning.json").read_text())["settings"]["truth"] == "surveys/sdss/truth.parquet"
 
 
+def test_write_docs_writes_only_the_parts_asked_for(experiment: dict, tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    written = write_docs(experiment["out"], docs, experiment["doc"], experiment["lc"], experiment["al"], ("learning_curve",))
+    assert (
+        sorted(p.name for p in docs.iterdir()) == sorted(p.name for p in written) == ["learning_curve.json", "learning_curve.png"]
+    )
+
+
 def test_portable_leaves_paths_outside_the_root_alone(tmp_path: Path) -> None:
     root = tmp_path / "exp"
     obj = {"a": [str(root / "x" / "y"), str(tmp_path / "expert"), str(root)], "b": 3, "c": "text"}

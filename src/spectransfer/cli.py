@@ -1477,7 +1477,7 @@ def experiment_cmd(
         None,
         "--docs",
         help="Also write the two figures and the JSON behind each here (learning_curve.png/.json, "
-        "active_learning.png/.json; the README's come from --docs docs) once the experiment is complete.",
+        "active_learning.png/.json; the README's come from --docs docs), each once its curve is complete.",
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
@@ -1495,9 +1495,7 @@ def experiment_cmd(
     typer.echo("stage wall/CPU s: " + ", ".join(f"{k} {v['wall_s']:.0f}/{v['cpu_s']:.0f}" for k, v in doc["timings"].items()))
     typer.echo(f"report: {out / 'experiment.html'}")
     if docs is not None:
-        typer.echo(
-            f"figures and JSON: {', '.join(doc['docs_written'])}" if doc["docs_written"] else f"{docs}: not written (incomplete)"
-        )
+        typer.echo(f"figures and JSON: {', '.join(doc['docs_written'])}")
 
 
 # ---- end of commands ------------------------------------------------------------------------

@@ -384,11 +384,18 @@ def portable(obj: Any, root: Path) -> Any:
     return obj
 
 
-def write_docs(out: Path, docs: Path, doc: dict[str, Any], lc: dict[str, Any], al: dict[str, Any]) -> list[Path]:
-    """DOCS/{learning_curve,active_learning}.{png,json}: each figure with the JSON it is drawn from.
+def write_docs(
+    out: Path,
+    docs: Path,
+    doc: dict[str, Any],
+    lc: dict[str, Any],
+    al: dict[str, Any],
+    parts: tuple[str, ...] = ("learning_curve", "active_learning"),
+) -> list[Path]:
+    """DOCS/{learning_curve,active_learning}.{png,json} (those of ``parts``): each figure with the JSON it is drawn from.
 
     The JSON is the curve's own document (paths made relative to OUT) plus ``answers`` (the
-    numbers the README quotes) and ``experiment`` (size, seed, stage timings). Only these four
+    numbers the README quotes) and ``experiment`` (size, seed, stage timings). Only these
     files are written, each atomically; nothing else in DOCS is touched.
     """
     docs.mkdir(parents=True, exist_ok=True)
@@ -399,6 +406,8 @@ def write_docs(out: Path, docs: Path, doc: dict[str, Any], lc: dict[str, Any], a
     }
     written = []
     for name, data in (("learning_curve", lc), ("active_learning", al)):
+        if name not in parts:
+            continue
         body = dict(portable(data, out), **extra[name], answer_text=doc["answers"]["text"], experiment=run)
         write_text_atomic(docs / f"{name}.json", json.dumps(body, indent=2) + "\n")
         with atomic_path(docs / f"{name}.png") as tmp:
@@ -416,8 +425,9 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run (or resume) every stage; write OUT/experiment.json and OUT/experiment.html; return the document.
 
-    With ``docs``, a complete experiment also writes its two figures and the JSON behind each
-    there (:func:`write_docs`); an incomplete one writes nothing there (``docs_written`` empty).
+    With ``docs``, each finished curve also writes its figure and the JSON behind it there
+    (:func:`write_docs`): the learning curve always (the stage returns only when every cell
+    is recorded), the active-learning curve only when every round finished (``docs_written``).
     """
     if isinstance(size, str):
         if size not in SIZES:
@@ -497,8 +507,8 @@ def run_experiment(
     write_experiment_html(out, doc, lc, al)
     doc["docs_written"] = []
     if docs is not None:
-        if doc["complete"]:
-            doc["docs_written"] = [str(p) for p in write_docs(out, Path(docs), doc, lc, al)]
-        else:
-            log.warning("%s: experiment incomplete, nothing written to %s (rerun to finish)", out, docs)
+        parts = ("learning_curve", "active_learning") if doc["complete"] else ("learning_curve",)
+        if not doc["complete"]:
+            log.warning("%s: active learning incomplete, its figure not written to %s (rerun to finish)", out, docs)
+        doc["docs_written"] = [str(p) for p in write_docs(out, Path(docs), doc, lc, al, parts)]
     return doc
