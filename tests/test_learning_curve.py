@@ -82,6 +82,8 @@ def test_transfer_gain_equals_direct_t_intervals_and_paired_differences() -> Non
         assert row["separated"] == disjoint
     assert got["per_fraction"][1]["winner"] == "finetune" and got["per_fraction"][2]["winner"] is None
     assert got["first_separated"]["fraction"] == next(r["fraction"] for r in got["per_fraction"] if r["separated"])
+    one_seed = transfer_gain([c for c in cells if c.get("seed") == 0])  # zero-width intervals: not evidence
+    assert not any(r["separated"] for r in one_seed["per_fraction"]) and one_seed["first_separated"] is None
     same = [dict(c, f1=0.5 + 0.01 * c["seed"]) for c in cells if c["status"] == "done"]
     assert transfer_gain(same)["first_separated"] is None
 

@@ -92,7 +92,7 @@ def transfer_gain(cells: Sequence[dict[str, Any]], key: str = "f1") -> dict[str,
 
     For each fraction with both modes done: each mode's mean and 95% t-interval over seeds
     (:func:`~spectransfer.evaluation.active_learning.interval95`), ``separated`` when the two
-    intervals do not overlap, ``winner`` (``finetune``, ``scratch`` or None when they
+    intervals do not overlap (never with fewer than 2 seeds in a mode), ``winner`` (``finetune``, ``scratch`` or None when they
     overlap), and ``gain``: fine-tuned minus scratch paired by seed (a seed draws the same
     label subset for both modes), its mean and 95% t-interval. ``first_separated`` is the
     row of the smallest fraction whose intervals separate, None when none does.
@@ -108,7 +108,9 @@ def transfer_gain(cells: Sequence[dict[str, Any]], key: str = "f1") -> dict[str,
         ft, sc = (interval95(list(by_mode[m].values())) for m in MODES)
         paired = sorted(set(by_mode["finetune"]) & set(by_mode["scratch"]))
         gain = interval95([by_mode["finetune"][s] - by_mode["scratch"][s] for s in paired], bounds=(-1.0, 1.0))
-        winner = "finetune" if ft["lo"] > sc["hi"] else "scratch" if sc["lo"] > ft["hi"] else None
+        # one seed has no interval (lo = hi = mean): never call that separated
+        both = ft["n_seeds"] > 1 and sc["n_seeds"] > 1
+        winner = None if not both else "finetune" if ft["lo"] > sc["hi"] else "scratch" if sc["lo"] > ft["hi"] else None
         n_labels = float(np.mean([c["n_train_labels"] for c in done if c["fraction"] == frac]))
         rows.append(
             {
