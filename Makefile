@@ -39,10 +39,12 @@ lint: setup
 demo: setup
 	$(VENV)/bin/spectransfer demo --out $(DEMO_DIR)
 
-# Transfer vs scratch vs zero-shot learning curve and the active-learning curve -> EXPERIMENT_DIR/experiment.html (resumable).
+# Transfer vs scratch vs zero-shot learning curve and the active-learning curve -> EXPERIMENT_DIR/experiment.html (resumable);
+# once complete, the README's two figures and the JSON behind each -> EXPERIMENT_DOCS (EXPERIMENT_DOCS= to skip).
 EXPERIMENT_DIR ?= experiment-output
+EXPERIMENT_DOCS ?= docs
 experiment: setup
-	$(VENV)/bin/spectransfer experiment --out $(EXPERIMENT_DIR)
+	$(VENV)/bin/spectransfer experiment --out $(EXPERIMENT_DIR) $(if $(EXPERIMENT_DOCS),--docs $(EXPERIMENT_DOCS))
 
 bench: setup
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -12,7 +12,13 @@ import pytest
 from spectransfer.config import Grid
 from spectransfer.data.store import open_store, write_store
 from spectransfer.errors import EvaluateError
-from spectransfer.evaluation.active_learning import interval95, run_active_learning, select_uncertain, true_labels
+from spectransfer.evaluation.active_learning import (
+    inspections_to_match,
+    interval95,
+    run_active_learning,
+    select_uncertain,
+    true_labels,
+)
 
 GRID = Grid(n_bins=64)
 N = 150
@@ -43,6 +49,66 @@ def test_interval95_matches_scipy_t_interval() -> None:
     assert interval95([0.5]) == {"mean": 0.5, "lo": 0.5, "hi": 0.5, "n_seeds": 1}
     wide = interval95([0.1, 0.9])  # t(1) = 12.7: the raw interval leaves [0, 1]
     assert (wide["lo"], wide["hi"]) == (0.0, 1.0) and wide["mean"] == pytest.approx(0.5)
+
+
+def _round_records(f1: dict[str, np.ndarray], per_round: int) -> list[dict]:
+    """Round records as run_active_learning writes them: round 0 shared ('both'), then one per strategy and round."""
+    recs = []
+    for seed in range(f1["random"].shape[0]):
+        recs.append(
+            {"seed": seed, "strategy": "both", "round": 0, "n_inspected": 0, "status": "done", "f1": f1["random"][seed, 0]}
+        )
+        for strategy, v in f1.items():
+            for rnd in range(1, v.shape[1]):
+                recs.append(
+                    {
+                        "seed": seed,
+                        "strategy": strategy,
+                        "round": rnd,
+                        "n_inspected": rnd * per_round,
+                        "status": "done",
+                        "f1": v[seed, rnd],
+                    }
+                )
+    return recs
+
+
+def test_inspections_to_match_equals_direct_numpy_computation() -> None:
+    from scipy import stats
+
+    rng = np.random.default_rng(5)  # seeds 0-3 reach the target at rounds 3, 2, 4, 3
+    seeds, rounds, per_round = 5, 6, 40
+    rand = np.cumsum(rng.uniform(0, 0.1, (seeds, rounds)), axis=1)
+    unc = np.cumsum(rng.uniform(0, 0.2, (seeds, rounds)), axis=1)
+    unc[:, 0] = rand[:, 0]  # round 0 is shared
+    unc[4, 1:] = rand[4, -1] - 0.01  # seed 4 never reaches random's final F1
+    got = inspections_to_match(_round_records({"uncertainty": unc, "random": rand}, per_round))
+    # direct: first round index where uncertainty >= random's last value, as a share of random's inspections
+    reached = (unc >= rand[:, -1:]).any(axis=1)
+    first = np.argmax(unc >= rand[:, -1:], axis=1)
+    ratio = first[reached] * per_round / ((rounds - 1) * per_round)
+    assert [s["ratio"] for s in got["per_seed"]] == pytest.approx(
+        [r if ok else None for r, ok in zip(first * per_round / ((rounds - 1) * per_round), reached)]
+    )
+    assert got["n_not_reached"] == int((~reached).sum()) == 1 and got["n_seeds"] == seeds
+    assert got["n_reference_no_gain"] == int((rand[:, -1] <= rand[:, 0]).sum()) == 0
+    lo, hi = stats.t.interval(0.95, ratio.size - 1, loc=ratio.mean(), scale=stats.sem(ratio))
+    assert got["ratio"]["mean"] == pytest.approx(ratio.mean())
+    assert got["ratio"]["lo"] == pytest.approx(max(0.0, lo)) and got["ratio"]["hi"] == pytest.approx(hi)
+    # a strategy matched against itself needs exactly the reference's budget unless it got there earlier
+    same = inspections_to_match(_round_records({"random": rand}, per_round), strategy="random")
+    assert all(s["ratio"] <= 1 for s in same["per_seed"]) and same["n_not_reached"] == 0
+
+
+def test_inspections_to_match_ignores_skipped_rounds_and_empty_budgets() -> None:
+    recs = _round_records({"uncertainty": np.array([[0.2, 0.5]]), "random": np.array([[0.2, 0.4]])}, per_round=10)
+    assert inspections_to_match(recs)["per_seed"][0]["ratio"] == pytest.approx(1.0)
+    flat = _round_records({"uncertainty": np.array([[0.2, 0.5]]), "random": np.array([[0.2, 0.1]])}, per_round=10)
+    got = inspections_to_match(flat)  # random ended below the start: matched at round 0, and flagged
+    assert got["per_seed"][0]["ratio"] == 0 and got["n_reference_no_gain"] == 1
+    recs[-1] = dict(recs[-1], status="skipped")  # random's only later round did not run
+    got = inspections_to_match(recs)
+    assert got["n_seeds"] == 0 and got["ratio"]["mean"] is None
 
 
 @pytest.fixture(scope="module")
@@ -184,5 +250,17 @@ def test_tiny_experiment_writes_report_and_resumes(tmp_path: Path) -> None:
     assert page.count("data:image/png;base64,") == 2 and "learning_curve/learning_curve.json" in page
     assert not list((out / "learning_curve" / "runs").glob("*/checkpoints")), "finished runs keep no checkpoint"
     al = (out / "active_learning" / "active_learning.json").read_text()
-    again = run_experiment(out, size="tiny", quiet=True)  # every stage is read back
+    again = run_experiment(out, size="tiny", quiet=True, docs=tmp_path / "docs")  # every stage is read back
     assert again["timings"] == doc["timings"] and (out / "active_learning" / "active_learning.json").read_text() == al
+    assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == [
+        "active_learning.json",
+        "active_learning.png",
+        "learning_curve.json",
+        "learning_curve.png",
+    ]
+    lc_doc = json.loads((tmp_path / "docs" / "learning_curve.json").read_text())
+    assert str(tmp_path) not in json.dumps(lc_doc) and lc_doc["source_run"] == "runs/pretrain"
+    assert lc_doc["answers"]["f1"]["per_fraction"] and again["answers"]["text"][0].startswith("Active learning")
+    assert (tmp_path / "docs" / "active_learning.png").read_bytes() == (
+        out / "active_learning" / "active_learning.png"
+    ).read_bytes()

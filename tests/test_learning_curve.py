@@ -13,7 +13,7 @@ import pytest
 
 from spectransfer.config import Grid
 from spectransfer.errors import EvaluateError
-from spectransfer.evaluation.learning_curve import parse_fractions, summarise
+from spectransfer.evaluation.learning_curve import parse_fractions, summarise, transfer_gain
 
 GRID = Grid(n_bins=64)
 
@@ -47,6 +47,45 @@ def test_summary_mean_and_sample_std() -> None:
     assert row["f1_mean"] == pytest.approx(0.5)
     assert row["f1_std"] == pytest.approx(np.std([0.2, 0.4, 0.9], ddof=1))
     assert row["roc_auc_mean"] is None
+
+
+def test_transfer_gain_equals_direct_t_intervals_and_paired_differences() -> None:
+    from scipy import stats
+
+    rng = np.random.default_rng(1)
+    fracs, seeds = (0.01, 0.1, 1.0), 4
+    f1 = {"finetune": rng.uniform(0.3, 0.5, (3, seeds)), "scratch": rng.uniform(0.0, 0.4, (3, seeds))}
+    f1["finetune"][1] += 0.4  # 0.1: far apart, the first separated fraction
+    f1["scratch"][2] = f1["finetune"][2] + rng.normal(0, 0.02, seeds)  # 1.0: the same
+    cells = [
+        {"mode": m, "fraction": f, "seed": s, "status": "done", "n_train_labels": int(f * 1000), "f1": f1[m][i, s]}
+        for m in f1
+        for i, f in enumerate(fracs)
+        for s in range(seeds)
+    ]
+    cells.append({"mode": "scratch", "fraction": 0.01, "seed": 9, "status": "skipped", "n_train_labels": 10})
+    got = transfer_gain(cells)
+
+    def t95(v: np.ndarray) -> tuple[float, float]:
+        return stats.t.interval(0.95, v.size - 1, loc=v.mean(), scale=stats.sem(v))
+
+    for i, row in enumerate(got["per_fraction"]):
+        ft, sc, d = f1["finetune"][i], f1["scratch"][i], f1["finetune"][i] - f1["scratch"][i]
+        assert row["fraction"] == fracs[i] and row["n_train_labels"] == int(fracs[i] * 1000)
+        for name, v in (("finetune", ft), ("scratch", sc)):
+            lo, hi = t95(v)
+            assert row[name]["mean"] == pytest.approx(v.mean())
+            assert (row[name]["lo"], row[name]["hi"]) == pytest.approx((max(lo, 0), min(hi, 1)))
+        lo, hi = t95(d)
+        assert (row["gain"]["mean"], row["gain"]["lo"], row["gain"]["hi"]) == pytest.approx((d.mean(), lo, hi))
+        disjoint = min(hi_ for _, hi_ in (t95(ft), t95(sc))) < max(lo_ for lo_, _ in (t95(ft), t95(sc)))
+        assert row["separated"] == disjoint
+    assert got["per_fraction"][1]["winner"] == "finetune" and got["per_fraction"][2]["winner"] is None
+    assert got["first_separated"]["fraction"] == next(r["fraction"] for r in got["per_fraction"] if r["separated"])
+    one_seed = transfer_gain([c for c in cells if c.get("seed") == 0])  # zero-width intervals: not evidence
+    assert not any(r["separated"] for r in one_seed["per_fraction"]) and one_seed["first_separated"] is None
+    same = [dict(c, f1=0.5 + 0.01 * c["seed"]) for c in cells if c["status"] == "done"]
+    assert transfer_gain(same)["first_separated"] is None
 
 
 def _store(path: Path) -> None:

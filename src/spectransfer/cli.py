@@ -1475,19 +1475,29 @@ def experiment_cmd(
         help="default (sized for <= 45 min on an idle 2-core CPU; an estimate, see README) or tiny (a smoke test of every stage).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the simulated surveys and of pretraining."),
+    docs: Optional[Path] = typer.Option(
+        None,
+        "--docs",
+        help="Also write the two figures and the JSON behind each here (learning_curve.png/.json, "
+        "active_learning.png/.json; the README's come from --docs docs), each once its curve is complete.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Simulate, pretrain, then the transfer/scratch/zero-shot learning curve and the active-learning curve in one HTML report."""
     from spectransfer.evaluation.experiment import run_experiment
 
-    doc = run_experiment(out, size=size, seed=seed, quiet=quiet)
+    doc = run_experiment(out, size=size, seed=seed, quiet=quiet, docs=docs)
     for r in doc["learning_curve_intervals"]:
         f1 = r["f1"]
         typer.echo(
             f"{r['mode']:8s} fraction {r['fraction']:<6g} labels {r['n_train_labels']:>7.0f}  F1 {f1['mean']:.3f} [{f1['lo']:.3f}, {f1['hi']:.3f}]"
         )
+    for line in doc["answers"]["text"]:
+        typer.echo(line)
     typer.echo("stage wall/CPU s: " + ", ".join(f"{k} {v['wall_s']:.0f}/{v['cpu_s']:.0f}" for k, v in doc["timings"].items()))
     typer.echo(f"report: {out / 'experiment.html'}")
+    if docs is not None:
+        typer.echo(f"figures and JSON: {', '.join(doc['docs_written'])}")
 
 
 # ---- end of commands ------------------------------------------------------------------------

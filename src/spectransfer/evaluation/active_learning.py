@@ -277,6 +277,54 @@ def summarise(records: Sequence[dict[str, Any]], strategies: Sequence[str], roun
     return out
 
 
+def inspections_to_match(
+    records: Sequence[dict[str, Any]], strategy: str = "uncertainty", reference: str = "random", key: str = "f1"
+) -> dict[str, Any]:
+    """How many inspections ``strategy`` needs to reach ``reference``'s final ``key``, as a share of the reference's.
+
+    Per seed: the target is the reference strategy's ``key`` at its last finished round (its
+    whole inspection budget); ``n_needed`` is the fewest inspections of the first ``strategy``
+    round (round 0, the shared start, included) whose ``key`` is at least the target; the
+    ratio is ``n_needed`` over the reference's inspections. The resolution is one round
+    (``per_round`` inspections). A seed where ``strategy`` never reaches the target has ratio
+    None and counts in ``n_not_reached``; ``ratio`` is the mean and 95% t-interval over the
+    seeds that reached it (a lower bound when any did not). ``n_reference_no_gain`` counts the
+    seeds whose reference ended no higher than round 0 (there the ratio is 0 trivially).
+    """
+    done = [r for r in records if r.get("status") == "done" and r.get(key) is not None]
+    per_seed = []
+    for seed in sorted({r["seed"] for r in done}):
+        ref = sorted((r for r in done if r["seed"] == seed and r["strategy"] in (reference, "both")), key=lambda r: r["round"])
+        own = sorted((r for r in done if r["seed"] == seed and r["strategy"] in (strategy, "both")), key=lambda r: r["round"])
+        if not ref or ref[-1]["round"] == 0 or ref[-1]["n_inspected"] <= 0:
+            continue  # the reference inspected nothing: no budget to compare with
+        target, n_ref = float(ref[-1][key]), int(ref[-1]["n_inspected"])
+        hit = next((r for r in own if r[key] >= target), None)
+        n_needed = None if hit is None else int(hit["n_inspected"])
+        per_seed.append(
+            {
+                "seed": seed,
+                "start": float(ref[0][key]) if ref[0]["round"] == 0 else None,
+                "target": target,
+                "n_reference": n_ref,
+                "n_needed": n_needed,
+                "ratio": None if n_needed is None else n_needed / n_ref,
+            }
+        )
+    ratios = [s["ratio"] for s in per_seed if s["ratio"] is not None]
+    return {
+        "strategy": strategy,
+        "reference": reference,
+        "metric": key,
+        "per_seed": per_seed,
+        "n_seeds": len(per_seed),
+        "n_not_reached": sum(s["ratio"] is None for s in per_seed),
+        # seeds where the reference ended no higher than the shared start: matched with 0 inspections, trivially
+        "n_reference_no_gain": sum(s["start"] is not None and s["target"] <= s["start"] for s in per_seed),
+        "ratio": interval95(ratios, bounds=(0.0, float("inf"))),
+    }
+
+
 def plot_active_learning(doc: dict[str, Any]) -> Any:
     """Test F1 and PR AUC against the number of inspected spectra, one band per strategy."""
     plt = _plt()

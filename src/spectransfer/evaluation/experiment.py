@@ -28,10 +28,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from spectransfer.errors import EvaluateError
-from spectransfer.evaluation.active_learning import interval95, run_active_learning
-from spectransfer.evaluation.learning_curve import run_learning_curve
-from spectransfer.provenance import dependency_versions, write_text_atomic
+from spectransfer.evaluation.active_learning import inspections_to_match, interval95, run_active_learning
+from spectransfer.evaluation.learning_curve import run_learning_curve, transfer_gain
+from spectransfer.evaluation.report import _plt, figure_png
+from spectransfer.provenance import atomic_path, dependency_versions, write_text_atomic
 from spectransfer.simulate import CATALOG_NAME, simulate_survey
 
 log = logging.getLogger(__name__)
@@ -89,6 +92,9 @@ TINY = ExperimentSize(
     label_noise=0.05,
 )
 SIZES = {"default": DEFAULT, "tiny": TINY}
+# The two figures (relative to OUT) and the JSON behind each; --docs copies both pairs.
+FIGURES = {"learning_curve": "figures/learning_curve.png", "active_learning": "active_learning/active_learning.png"}
+DATA = {"learning_curve": "learning_curve/learning_curve.json", "active_learning": "active_learning/active_learning.json"}
 
 
 def _cpu() -> float:
@@ -191,6 +197,96 @@ def learning_curve_intervals(lc: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def plot_learning_curve_intervals(lc: dict[str, Any]) -> Any:
+    """F1 and PR AUC against the number of training labels: mean and 95% t-interval band per mode, single seeds as dots."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {"finetune": ("#1f77b4", "o", "fine-tuned from source run"), "scratch": ("#d62728", "s", "from scratch")}
+    for ax, key, title in zip(axes, ("f1", "pr_auc"), ("F1 (threshold 0.5)", "PR AUC (average precision)")):
+        rows = transfer_gain(lc.get("cells", []), key)["per_fraction"]
+        x = np.array([r["n_train_labels"] for r in rows], dtype=float)
+        for mode, (color, marker, label) in styles.items():
+            mean, lo, hi = (
+                np.array([np.nan if r[mode][k] is None else r[mode][k] for r in rows], dtype=float) for k in ("mean", "lo", "hi")
+            )
+            ax.plot(x, mean, marker=marker, color=color, label=label, lw=1.5)
+            ax.fill_between(x, lo, hi, color=color, alpha=0.15)
+            dots = [(c["n_train_labels"], c[key]) for c in lc.get("cells", []) if c.get("status") == "done" and c["mode"] == mode]
+            if dots:
+                ax.plot(*zip(*dots), ".", color=color, alpha=0.4, ms=4)
+        for r in rows:
+            if r["separated"]:
+                ax.annotate("*", (r["n_train_labels"], 1.0), ha="center", va="top", fontsize=14)
+        zs = (lc.get("zero_shot") or {}).get(key)
+        if zs is not None:
+            ax.axhline(zs, color="0.4", ls="--", lw=1.2, label=f"zero-shot source run ({zs:.3f})")
+        ax.set_xscale("log")
+        ax.set(xlabel="number of training labels (target survey)", ylabel=f"test {title}", ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8, loc="lower right")
+    n_seeds = len(lc.get("seeds", [])) or "?"
+    fig.suptitle(
+        f"Learning curve: mean and 95% t-interval over {n_seeds} seeds (dots = single seeds; * = the two intervals separate)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    return fig
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.0f}%"
+
+
+def answers(lc: dict[str, Any], al: dict[str, Any]) -> dict[str, Any]:
+    """The issue's two questions, computed from the two JSON documents, with one sentence each."""
+    gain = {key: transfer_gain(lc.get("cells", []), key) for key in ("f1", "pr_auc")}
+    match = inspections_to_match(al.get("rounds", []))
+    text = []
+    r, per_round = match["ratio"], al.get("settings", {}).get("per_round")
+    if r["mean"] is None:
+        text.append("Active learning: no seed has both curves finished yet; no ratio.")
+    else:
+        n_ref = match["per_seed"][0]["n_reference"]
+        verdict = (
+            "met" if r["hi"] <= 0.5 else "met on the mean only (the interval reaches past 50%)" if r["mean"] <= 0.5 else "not met"
+        )
+        missed = (
+            f" In {match['n_not_reached']} of {match['n_seeds']} seeds uncertainty sampling never reached it, so this is a lower bound."
+            if match["n_not_reached"]
+            else ""
+        )
+        if match["n_reference_no_gain"]:
+            missed += (
+                f" In {match['n_reference_no_gain']} of {match['n_seeds']} seeds random sampling's final F1 was no higher than "
+                "the start (round 0, nothing inspected), so there the ratio is 0 trivially."
+            )
+        text.append(
+            f"Active learning: uncertainty sampling reached random sampling's final test F1 (after {n_ref} inspections) "
+            f"with {_pct(r['mean'])} of its inspections (95% t-interval over {r['n_seeds']} seeds: {_pct(r['lo'])} to {_pct(r['hi'])}; "
+            f"resolution one round = {_pct(per_round / n_ref if per_round else None)}); target <= 50%: {verdict}.{missed}"
+        )
+    for key, name in (("f1", "F1"), ("pr_auc", "PR AUC")):
+        first = gain[key]["first_separated"]
+        fr = gain[key]["per_fraction"]
+        if not fr:
+            text.append(f"Transfer vs scratch ({name}): no fraction has both modes finished yet.")
+        elif first is None:
+            text.append(
+                f"Transfer vs scratch ({name}): the 95% intervals over seeds overlap at every label fraction "
+                f"({', '.join(format(r['fraction'], 'g') for r in fr)}); they never separate."
+            )
+        else:
+            g = first["gain"]
+            text.append(
+                f"Transfer vs scratch ({name}): the smallest label fraction where the 95% intervals separate is {first['fraction']:g} "
+                f"({first['n_train_labels']:.0f} labels): {'transfer' if first['winner'] == 'finetune' else 'scratch'} wins, "
+                f"fine-tuned {_ci(first['finetune'])} vs scratch {_ci(first['scratch'])}; transfer's gain {g['mean']:+.3f} "
+                f"(paired over seeds, 95% t-interval [{g['lo']:+.3f}, {g['hi']:+.3f}]). Separated at: "
+                f"{', '.join(format(r['fraction'], 'g') + ' (' + r['winner'] + ')' for r in fr if r['separated'])}."
+            )
+    return {"transfer_gain": gain, "inspections_to_match": match, "text": text}
+
+
 def _ci(iv: dict[str, Any]) -> str:
     if iv.get("mean") is None:
         return "–"
@@ -251,10 +347,12 @@ def write_experiment_html(out: Path, doc: dict[str, Any], lc: dict[str, Any], al
         f"the target; test split of {lc.get('n_test', '?')} spectra ({lc.get('n_test_qso', '?')} catalogue quasars). "
         f"Every run trains at most {size['max_steps']} steps of {size['train_batch']} spectra (equal budget for every cell). "
         f"Intervals: 95% Student-t over {size['seeds']} seeds. {'Complete.' if doc['complete'] else 'INCOMPLETE: rerun to finish.'}</p>",
+        "<h2>Answers</h2>",
+        "<ul>" + "".join(f"<li>{html.escape(t)}</li>" for t in doc.get("answers", {}).get("text", [])) + "</ul>",
         "<h2>Learning curve</h2>",
         "<p class='note'>Test F1 at 0.5 and PR AUC against the number of SDSS-like training labels (catalogue labels). "
         "Data: <a href='learning_curve/learning_curve.json'>learning_curve/learning_curve.json</a>.</p>",
-        _img(out / "learning_curve" / "learning_curve.png", "learning curve"),
+        _img(out / FIGURES["learning_curve"], "learning curve"),
         _table(["mode", "fraction", "training labels", "seeds", "F1 (95% CI)", "PR AUC (95% CI)"], lc_rows),
         "<h2>Active learning</h2>",
         f"<p class='note'>Training labels: the SDSS-like catalogue ({al.get('n_catalog_wrong_train', '?')} wrong in the training split: "
@@ -263,7 +361,7 @@ def write_experiment_html(out: Path, doc: dict[str, Any], lc: dict[str, Any], al
         "uncertainty (P(QSO) of the previous round's model closest to 0.5) or at random; each round fine-tunes the source run "
         "again; test metrics against the true classes. "
         "Data: <a href='active_learning/active_learning.json'>active_learning/active_learning.json</a>.</p>",
-        _img(out / "active_learning" / "active_learning.png", "active learning"),
+        _img(out / FIGURES["active_learning"], "active learning"),
         _table(al_head, al_rows),
         "<h2>Run</h2>",
         f"<p class='note'>Stage wall and CPU seconds: {html.escape(json.dumps({k: {kk: round(vv, 1) for kk, vv in v.items()} for k, v in doc['timings'].items()}))}. "
@@ -275,10 +373,62 @@ def write_experiment_html(out: Path, doc: dict[str, Any], lc: dict[str, Any], al
     return path
 
 
+def portable(obj: Any, root: Path) -> Any:
+    """``obj`` (JSON data) with every string path under ``root`` made relative to it: no machine paths in docs/."""
+    if isinstance(obj, dict):
+        return {k: portable(v, root) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [portable(v, root) for v in obj]
+    if isinstance(obj, str) and (obj == str(root) or obj.startswith(str(root) + os.sep)):
+        return os.path.relpath(obj, root)
+    return obj
+
+
+def write_docs(
+    out: Path,
+    docs: Path,
+    doc: dict[str, Any],
+    lc: dict[str, Any],
+    al: dict[str, Any],
+    parts: tuple[str, ...] = ("learning_curve", "active_learning"),
+) -> list[Path]:
+    """DOCS/{learning_curve,active_learning}.{png,json} (those of ``parts``): each figure with the JSON it is drawn from.
+
+    The JSON is the curve's own document (paths made relative to OUT) plus ``answers`` (the
+    numbers the README quotes) and ``experiment`` (size, seed, stage timings). Only these
+    files are written, each atomically; nothing else in DOCS is touched.
+    """
+    docs.mkdir(parents=True, exist_ok=True)
+    run = {k: doc[k] for k in ("size", "seed", "timings", "complete", "versions")}
+    extra = {
+        "learning_curve": {"intervals_95": doc["learning_curve_intervals"], "answers": doc["answers"]["transfer_gain"]},
+        "active_learning": {"answers": doc["answers"]["inspections_to_match"]},
+    }
+    written = []
+    for name, data in (("learning_curve", lc), ("active_learning", al)):
+        if name not in parts:
+            continue
+        body = dict(portable(data, out), **extra[name], answer_text=doc["answers"]["text"], experiment=run)
+        write_text_atomic(docs / f"{name}.json", json.dumps(body, indent=2) + "\n")
+        with atomic_path(docs / f"{name}.png") as tmp:
+            shutil.copyfile(out / FIGURES[name], tmp)
+        written += [docs / f"{name}.png", docs / f"{name}.json"]
+    return written
+
+
 def run_experiment(
-    out_dir: str | os.PathLike[str], size: str | ExperimentSize = "default", seed: int = 0, quiet: bool = False
+    out_dir: str | os.PathLike[str],
+    size: str | ExperimentSize = "default",
+    seed: int = 0,
+    quiet: bool = False,
+    docs: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) every stage; write OUT/experiment.json and OUT/experiment.html; return the document."""
+    """Run (or resume) every stage; write OUT/experiment.json and OUT/experiment.html; return the document.
+
+    With ``docs``, each finished curve also writes its figure and the JSON behind it there
+    (:func:`write_docs`): the learning curve always (the stage returns only when every cell
+    is recorded), the active-learning curve only when every round finished (``docs_written``).
+    """
     if isinstance(size, str):
         if size not in SIZES:
             raise EvaluateError(f"--size must be one of {', '.join(SIZES)}, got {size!r}")
@@ -342,13 +492,23 @@ def run_experiment(
         "timings": timings,
         "complete": bool(al.get("complete")),
         "learning_curve_intervals": learning_curve_intervals(lc),
+        "answers": answers(lc, al),
         "files": {
-            "learning_curve": "learning_curve/learning_curve.json",
-            "active_learning": "active_learning/active_learning.json",
-            "learning_curve_png": "learning_curve/learning_curve.png",
-            "active_learning_png": "active_learning/active_learning.png",
+            "learning_curve": DATA["learning_curve"],
+            "active_learning": DATA["active_learning"],
+            "learning_curve_png": FIGURES["learning_curve"],
+            "active_learning_png": FIGURES["active_learning"],
         },
     }
+    if learning_curve_intervals(lc):
+        with atomic_path(out / FIGURES["learning_curve"]) as tmp:
+            tmp.write_bytes(figure_png(plot_learning_curve_intervals(lc), dpi=110))
     write_text_atomic(out / "experiment.json", json.dumps(doc, indent=2) + "\n")
     write_experiment_html(out, doc, lc, al)
+    doc["docs_written"] = []
+    if docs is not None:
+        parts = ("learning_curve", "active_learning") if doc["complete"] else ("learning_curve",)
+        if not doc["complete"]:
+            log.warning("%s: active learning incomplete, its figure not written to %s (rerun to finish)", out, docs)
+        doc["docs_written"] = [str(p) for p in write_docs(out, Path(docs), doc, lc, al, parts)]
     return doc

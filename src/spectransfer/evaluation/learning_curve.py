@@ -87,6 +87,46 @@ def summarise(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def transfer_gain(cells: Sequence[dict[str, Any]], key: str = "f1") -> dict[str, Any]:
+    """Fine-tuned vs scratch per label fraction: 95% intervals over seeds, whether they separate, the gain.
+
+    For each fraction with both modes done: each mode's mean and 95% t-interval over seeds
+    (:func:`~spectransfer.evaluation.active_learning.interval95`), ``separated`` when the two
+    intervals do not overlap (never with fewer than 2 seeds in a mode), ``winner`` (``finetune``, ``scratch`` or None when they
+    overlap), and ``gain``: fine-tuned minus scratch paired by seed (a seed draws the same
+    label subset for both modes), its mean and 95% t-interval. ``first_separated`` is the
+    row of the smallest fraction whose intervals separate, None when none does.
+    """
+    from spectransfer.evaluation.active_learning import interval95
+
+    done = [c for c in cells if c.get("status") == "done" and c.get(key) is not None]
+    rows = []
+    for frac in sorted({c["fraction"] for c in done}):
+        by_mode = {m: {c["seed"]: float(c[key]) for c in done if c["fraction"] == frac and c["mode"] == m} for m in MODES}
+        if not by_mode["finetune"] or not by_mode["scratch"]:
+            continue
+        ft, sc = (interval95(list(by_mode[m].values())) for m in MODES)
+        paired = sorted(set(by_mode["finetune"]) & set(by_mode["scratch"]))
+        gain = interval95([by_mode["finetune"][s] - by_mode["scratch"][s] for s in paired], bounds=(-1.0, 1.0))
+        # one seed has no interval (lo = hi = mean): never call that separated
+        both = ft["n_seeds"] > 1 and sc["n_seeds"] > 1
+        winner = None if not both else "finetune" if ft["lo"] > sc["hi"] else "scratch" if sc["lo"] > ft["hi"] else None
+        n_labels = float(np.mean([c["n_train_labels"] for c in done if c["fraction"] == frac]))
+        rows.append(
+            {
+                "fraction": frac,
+                "n_train_labels": n_labels,
+                "finetune": ft,
+                "scratch": sc,
+                "separated": winner is not None,
+                "winner": winner,
+                "gain": gain,
+            }
+        )
+    first = next((r for r in rows if r["separated"]), None)
+    return {"metric": key, "per_fraction": rows, "first_separated": first}
+
+
 def run_learning_curve(
     source_run: str | os.PathLike[str],
     store_path: str | os.PathLike[str],
