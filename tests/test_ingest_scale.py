@@ -1,5 +1,6 @@
 """Ingest at survey scale: the folder walk and the plan hold a batch, not the survey; metadata
-written block by block reads back as one table; a moved survey folder is found unchanged."""
+written block by block reads back as one table; the column split agrees with assign_splits; a
+moved survey folder is found unchanged."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -20,6 +22,8 @@ import spectransfer.data.ingest as ingest_mod
 from spectransfer.cli import app
 from spectransfer.data.ingest import IngestSummary, _Planner, _walk, ingest
 from spectransfer.data.ledger import Keys, Ledger, ledger_path
+from spectransfer.data.split_columns import assign_split_columns
+from spectransfer.data.splits import SPLITS, SplitConfig, assign_splits
 from spectransfer.data.store import create_store, open_store
 from spectransfer.errors import StoreError
 from spectransfer.surveys import iter_walk
@@ -217,3 +221,39 @@ def test_store_with_absolute_paths_still_opens_and_resumes(survey: Path, tmp_pat
     pd.testing.assert_frame_equal(
         open_store(store).meta.drop(columns="file_stamp"), old.meta.drop(columns="file_stamp"), check_dtype=False
     )
+
+
+def _split_input(n: int, seed: int) -> pd.DataFrame:
+    """Spectra with repeats (within 0.4 arcsec of an earlier one), missing positions, prior object
+    ids (of a second ingest) and two surveys: what ingest splits."""
+    rng = np.random.default_rng(seed)
+    ra, dec = rng.uniform(10, 12, n), rng.uniform(0, 2, n)
+    rep, j = rng.random(n) < 0.2, rng.integers(0, n, n)
+    ra = np.where(rep, ra[j] + rng.normal(0, 1e-4, n), ra)
+    dec = np.where(rep, dec[j] + rng.normal(0, 1e-4, n), dec)
+    ra[rng.random(n) < 0.01] = np.nan
+    survey = np.where(dec < 1.4, "sdss", "lamost").astype(object)
+    k = rng.integers(0, max(n // 3, 1), n)
+    prior = [f"obj-p{k[i]:05d}-{survey[i]}" if rng.random() < 0.3 else None for i in range(n)]
+    ids = [f"s-{seed}-{i:06d}" for i in rng.permutation(n)]
+    return pd.DataFrame({"spectrum_id": ids, "survey": survey, "ra": ra, "dec": dec, "object_id": prior})
+
+
+@pytest.mark.parametrize(
+    ("n", "cfg"),
+    [
+        (3000, SplitConfig()),
+        (5000, SplitConfig(size_threshold=1000, val_size=300, test_size=500, seed=3)),  # the paper's absolute sizes
+        (40, SplitConfig(seed=7)),
+        (2, SplitConfig()),
+    ],
+)
+def test_column_split_is_assign_splits(n: int, cfg: SplitConfig) -> None:
+    """The arrow/numpy split ingest uses gives assign_splits' object ids, splits and report."""
+    meta = _split_input(n, n)
+    ref, ref_report = assign_splits(meta, cfg)
+    object_id, split, report = assign_split_columns(pa.Table.from_pandas(meta, preserve_index=False), cfg)
+    assert object_id.to_pylist() == ref["object_id"].tolist()
+    assert [SPLITS[s] for s in split] == ref["split"].tolist()
+    assert report == ref_report
+    assert ref_report["leakage"]["repeat_objects"] > 0 or n < 10

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
 
@@ -44,7 +45,8 @@ from spectransfer.config import DEFAULT_GRID, LOGLAM_STEP, SIMULATE_MARKER, Grid
 from spectransfer.data.catalogs import label_spectra, load_catalog
 from spectransfer.data.ledger import Keys, Ledger, open_ledger, parquet_blocks, part_records
 from spectransfer.data.resample import normalise, resample_batch
-from spectransfer.data.splits import SplitConfig, assign_splits
+from spectransfer.data.split_columns import assign_split_columns
+from spectransfer.data.splits import SPLITS, SplitConfig
 from spectransfer.data.store import (
     LABEL_MODES,
     META_ROW_GROUP,
@@ -716,30 +718,27 @@ SPLIT_INPUT_COLUMNS = ["spectrum_id", "survey", "ra", "dec", "object_id"]
 
 
 def _write_split(store: Store, unsplit: Path, cfg: SplitConfig) -> tuple[dict[str, Any], int, int, dict[str, int]]:
-    """Object ids and splits for every live row (from the few columns they need), then meta.parquet
-    rewritten block by block with them: (split report, spectra whose split changed, live rows, rows per split)."""
-    table = pq.read_table(unsplit, columns=[*SPLIT_INPUT_COLUMNS, "split"], read_dictionary=["survey", "split"])
-    old = table.column("split").to_pandas()
-    lean = table.drop_columns(["split"]).to_pandas()
+    """Object ids and splits for every live row (from the few columns they need, as arrow and numpy
+    columns), then meta.parquet rewritten block by block with them: (split report, spectra whose
+    split changed, live rows, rows per split)."""
+    table = pq.read_table(unsplit, columns=[*SPLIT_INPUT_COLUMNS, "split"], read_dictionary=["survey"])
+    old = table.column("split").combine_chunks()
+    object_id, split, report = assign_split_columns(table.drop_columns(["split"]), cfg)
     del table
-    lean["survey"] = lean["survey"].astype(object)
-    assigned, report = assign_splits(lean, cfg)
-    del lean
-    object_id = assigned["object_id"].to_numpy(dtype=object)
-    split = assigned["split"].to_numpy(dtype=object)
-    del assigned
-    old_split = old.astype(object).to_numpy()
-    moved = int(np.sum(pd.notna(old_split) & (old_split != split)))
+    names = np.asarray(SPLITS, dtype=object)
+    was = pc.index_in(old, value_set=pa.array(SPLITS)).fill_null(-1).to_numpy(zero_copy_only=False)
+    moved = int(np.sum((was >= 0) & (was != split)))
+    del old, was
     schema = store.schema
     a = 0
     with atomic_path(store.path / "meta.parquet") as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for frame in parquet_blocks(unsplit, META_ROW_GROUP):
-            frame["object_id"] = object_id[a : a + len(frame)]
-            frame["split"] = split[a : a + len(frame)]
+            frame["object_id"] = object_id.slice(a, len(frame)).to_pylist()
+            frame["split"] = names[split[a : a + len(frame)]]
             a += len(frame)
             writer.write_table(pa.Table.from_pandas(conform(frame, schema), schema=schema, preserve_index=False))
     store.info["id_columns"] = schema_id_columns(schema)
-    counts = {str(k): int(v) for k, v in pd.Series(split).value_counts().items()}
+    counts = {str(names[k]): int(v) for k, v in enumerate(np.bincount(split, minlength=len(SPLITS))) if v}
     return report, moved, int(len(split)), counts
 
 
@@ -771,9 +770,10 @@ def _common_root(paths: Sequence[str]) -> str | None:
         is_file = path.is_file() or (not path.exists() and path.name.lower().endswith(SPECTRUM_SUFFIXES))
         dirs.append(str(path.parent if is_file else path))
     try:
-        return os.path.commonpath(dirs) if dirs else None
+        common = os.path.commonpath(dirs) if dirs else None
     except ValueError:
         return None
+    return None if common in (None, os.sep) else common  # nothing shared but "/": absolute paths
 
 
 def _check_root_holds(ledger: Ledger, keys: Keys, what: str) -> None:
@@ -1246,7 +1246,7 @@ def ingest(inputs: Sequence[str | os.PathLike[str]], store_path: str | os.PathLi
 
     Options are those of :func:`_ingest_unguarded` (survey, catalogs, qso_catalogs, labels,
     workers, scheduler, batch_size, zwarning_filter, coverage_filter, split_config, resplit,
-    grid, quiet). ``labels``: 'catalog' (quasar catalogues; the default) or 'pipeline' (the
+    grid, data_root, quiet). ``labels``: 'catalog' (quasar catalogues; the default) or 'pipeline' (the
     survey pipeline's CLASS == QSO); None keeps the store's. ``qso_catalogs``: tables every row
     of which is a quasar (no class column needed). Catalogues are read before anything is
     written, so a bad one leaves no store behind; when this call created the store and fails
