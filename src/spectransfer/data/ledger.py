@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS files (
     file_stamp TEXT, stamp_batch TEXT,
     content_hash TEXT, status TEXT, reason TEXT, batch_id TEXT, spectrum_id TEXT
 );
+CREATE INDEX IF NOT EXISTS files_spectrum ON files (spectrum_id);
 CREATE TABLE IF NOT EXISTS plan (batch_id TEXT PRIMARY KEY, row_start INTEGER, capacity INTEGER, files TEXT);
 CREATE TABLE IF NOT EXISTS planned (key TEXT PRIMARY KEY, batch_id TEXT);
 CREATE TABLE IF NOT EXISTS live (key TEXT PRIMARY KEY, batch_id TEXT);
@@ -158,9 +159,6 @@ class Ledger:
             planned = [(f[3], batch["batch_id"]) for f in batch["files"] if _encodable(f[3])]  # others: dropped on resume
             self.db.executemany("INSERT OR REPLACE INTO planned VALUES (?, ?)", planned)
 
-    def set_batch_files(self, batch_id: str, files: list[list[Any]]) -> None:
-        self.db.execute("UPDATE plan SET files=? WHERE batch_id=?", (json.dumps(files), batch_id))
-
     def clear_plan(self) -> None:
         with self._tx():
             self.db.execute("DELETE FROM plan")
@@ -230,7 +228,7 @@ class Ledger:
             """SELECT f.key AS source_file,
                       CASE WHEN f.status = 'rejected' THEN f.reason
                            ELSE 'duplicate: ' || f.spectrum_id || ' already ingested from ' || (
-                               SELECT l.key FROM live l JOIN files g ON g.key = l.key WHERE g.spectrum_id = f.spectrum_id)
+                               SELECT g.key FROM files g JOIN live l ON l.key = g.key WHERE g.spectrum_id = f.spectrum_id)
                       END AS reason,
                       f.content_hash, f.file_stamp, f.batch_id
                FROM files f
