@@ -781,7 +781,7 @@ def _check_root_holds(ledger: Ledger, keys: Keys, what: str) -> None:
     sample = ledger.sample_keys()
     if sample and not any(os.path.lexists(keys.path(k)) for k in sample):
         raise StoreError(
-            f"{what} {keys.root}: holds none of the store's source files (e.g. {sample[0]}); give the folder that does"
+            f"{what} {keys.root}: holds none of the store's source files (e.g. {sample[0]}); give the folder that does with --data-root"
         )
 
 
