@@ -29,7 +29,8 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -673,12 +674,35 @@ def _meta_blocks(store: Store, parts: list[Path]) -> Iterator[pd.DataFrame]:
         yield pd.concat(pending, ignore_index=True)
 
 
+@contextmanager
+def _table_writer(path: Path, schema: pa.Schema) -> Iterator[Callable[[pd.DataFrame], None]]:
+    """Write frames (conformed to ``schema``) one after the other as one parquet file, atomically,
+    with pandas' metadata as :func:`write_table`'s files have it (so readers get the same dtypes)."""
+    with atomic_path(path) as tmp:
+        writer: pq.ParquetWriter | None = None
+
+        def write(df: pd.DataFrame) -> None:
+            nonlocal writer
+            table = pa.Table.from_pandas(conform(df, schema), schema=schema, preserve_index=False)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+            writer.write_table(table)
+
+        try:
+            yield write
+            if writer is None:
+                write(pd.DataFrame())
+        finally:
+            if writer is not None:
+                writer.close()
+
+
 def _write_labelled(store: Store, ledger: Ledger, keys: Keys, parts: list[Path], out: Path, how: tuple) -> dict[str, Any]:
     """The live rows (each file's newest accepted record, the first file of each spectrum), labelled, to ``out``."""
     catalog_paths, label_mode, qso_paths, loaded = how
     schema = store.schema
     report: dict[str, Any] = {}
-    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+    with _table_writer(out, schema) as write:
         for frame in _meta_blocks(store, parts):
             if not len(frame):
                 continue
@@ -692,7 +716,7 @@ def _write_labelled(store: Store, ledger: Ledger, keys: Keys, parts: list[Path],
                 continue
             labelled = _label(frame.reset_index(drop=True), catalog_paths, label_mode, qso_paths, loaded, warn=not report)
             report = _merge_counts(report, labelled.attrs.get("label_report", {}))
-            writer.write_table(pa.Table.from_pandas(conform(labelled, schema), schema=schema, preserve_index=False))
+            write(labelled)
     if not report:
         report = _label(
             pd.DataFrame(columns=list(schema.names)), catalog_paths, label_mode, qso_paths, loaded, warn=False
@@ -731,12 +755,12 @@ def _write_split(store: Store, unsplit: Path, cfg: SplitConfig) -> tuple[dict[st
     del old, was
     schema = store.schema
     a = 0
-    with atomic_path(store.path / "meta.parquet") as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+    with _table_writer(store.path / "meta.parquet", schema) as write:
         for frame in parquet_blocks(unsplit, META_ROW_GROUP):
             frame["object_id"] = object_id.slice(a, len(frame)).to_pylist()
             frame["split"] = names[split[a : a + len(frame)]]
             a += len(frame)
-            writer.write_table(pa.Table.from_pandas(conform(frame, schema), schema=schema, preserve_index=False))
+            write(frame)
     store.info["id_columns"] = schema_id_columns(schema)
     counts = {str(names[k]): int(v) for k, v in enumerate(np.bincount(split, minlength=len(SPLITS))) if v}
     return report, moved, int(len(split)), counts
@@ -745,17 +769,12 @@ def _write_split(store: Store, unsplit: Path, cfg: SplitConfig) -> tuple[dict[st
 def _write_rejected(store: Store, ledger: Ledger) -> dict[str, int]:
     """rejected.parquet from the ledger, block by block; returns the rows per reason kind."""
     kinds: dict[str, int] = {}
-    with (
-        atomic_path(store.path / "rejected.parquet") as tmp,
-        pq.ParquetWriter(tmp, REJECTED_SCHEMA, compression="zstd") as writer,
-    ):
+    with _table_writer(store.path / "rejected.parquet", REJECTED_SCHEMA) as write:
         for frame in ledger.rejected(META_ROW_GROUP):
             frame["reason_kind"] = [reason_kind(str(r)) for r in frame["reason"]]
             for k, v in frame["reason_kind"].value_counts().items():
                 kinds[str(k)] = kinds.get(str(k), 0) + int(v)
-            writer.write_table(
-                pa.Table.from_pandas(conform(frame, REJECTED_SCHEMA), schema=REJECTED_SCHEMA, preserve_index=False)
-            )
+            write(frame)
     return kinds
 
 
