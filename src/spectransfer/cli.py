@@ -494,6 +494,11 @@ def ingest_cmd(
     resplit: bool = typer.Option(
         False, "--resplit", help="Allow split settings that differ from the store's (moves spectra between train, val and test)."
     ),
+    data_root: Optional[Path] = typer.Option(
+        None,
+        "--data-root",
+        help="Folder the store records source files relative to (default: the store's, else the folder the inputs share); give the new place after moving the survey folder, and its files are found unchanged.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -536,6 +541,7 @@ def ingest_cmd(
         zwarning_filter=not no_zwarning_filter,
         coverage_filter=not no_coverage_filter,
         split_config=split_config,
+        data_root=data_root,
         quiet=quiet or as_json,
     )
     if as_json:

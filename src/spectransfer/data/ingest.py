@@ -1,31 +1,36 @@
 """Survey files -> store, as Dask tasks that each own a row range; resumable and idempotent.
 
-How an ingest runs (and why it survives ``kill -9`` at any moment):
+How an ingest runs (and why it survives ``kill -9`` at any moment), holding one batch at a
+time on the driver, never the survey:
 
-1. List the input files and compare each with what the store already holds (by path and a
-   size:mtime stamp). Unchanged files are skipped without being opened.
-2. Group the remaining files into batches. Each batch gets a row range aligned to the
-   arrays' chunk boundaries, so no two tasks ever touch the same chunk. The plan is written
-   to ``STORE/pending.json`` before any task runs, and the arrays are grown to fit it.
+1. Walk the inputs (streamed, in path order) and look each file up in the ledger
+   (``STORE/ledger.sqlite``, :mod:`spectransfer.data.ledger`) by its path relative to the
+   store's data root and a size:mtime stamp. Unchanged files are skipped without being opened.
+2. Group the remaining files into batches as the walk goes. Each batch gets a row range
+   aligned to the arrays' chunk boundaries, after every row used before, so no two tasks ever
+   touch the same chunk; the arrays are grown to fit it and the batch goes into the ledger's
+   plan before its task is submitted (a few tasks in flight at a time).
 3. Each task (one per batch, on a Dask worker) hashes, reads, filters, resamples and
    normalises its files, writes its rows into the zarr arrays, and only then writes
    ``STORE/parts/BATCH.parquet`` (temporary name, then rename). A batch is done iff its part
-   file exists; a rerun after a crash resubmits only the batches without one, to the same
-   rows (writing the same bytes again is harmless).
-4. When every batch is done the parts are consolidated into ``meta.parquet`` and
-   ``rejected.parquet``: the newest record of each file wins (a changed file supersedes its
-   old row, which stays in the arrays as a dead row), catalogue labels and object-level
-   splits are recomputed on the metadata alone, and the parts are removed.
+   file exists; a rerun after a crash resubmits only the planned batches without one, to the
+   same rows (writing the same bytes again is harmless), then walks on.
+4. When every batch is done the parts are folded into the ledger (the newest record of each
+   file wins: a changed file supersedes its old row, which stays in the arrays as a dead
+   row), and ``meta.parquet`` and ``rejected.parquet`` are rewritten block by block:
+   catalogue labels per block, object-level splits from the few columns they need. Then the
+   plan and the parts are removed.
 """
 
 from __future__ import annotations
 
-import json
+import itertools
 import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,15 +38,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
 
 from spectransfer.config import DEFAULT_GRID, LOGLAM_STEP, SIMULATE_MARKER, Grid
 from spectransfer.data.catalogs import label_spectra, load_catalog
+from spectransfer.data.ledger import Keys, Ledger, open_ledger, parquet_blocks, part_records
 from spectransfer.data.resample import normalise, resample_batch
-from spectransfer.data.splits import SplitConfig, assign_splits
+from spectransfer.data.split_columns import assign_split_columns
+from spectransfer.data.splits import SPLITS, SplitConfig
 from spectransfer.data.store import (
     LABEL_MODES,
+    META_ROW_GROUP,
     REJECTED_SCHEMA,
     Store,
     conform,
@@ -49,7 +58,7 @@ from spectransfer.data.store import (
     meta_columns,
     meta_schema,
     open_store,
-    write_table,
+    schema_id_columns,
 )
 from spectransfer.data.store import (
     label_mode as label_mode_of,
@@ -57,17 +66,19 @@ from spectransfer.data.store import (
 from spectransfer.errors import SpectrumError, StoreError
 from spectransfer.locks import OutputLock
 from spectransfer.progress import progress_bar
-from spectransfer.provenance import atomic_path, sha256_file, write_text_atomic
+from spectransfer.provenance import atomic_path, sha256_file
 from spectransfer.surveys import (
     coverage_limits,
     get_survey,
     id_columns,
+    iter_walk,
     printable_path,
     read_spectrum,
     record_coverage,
     survey_names,
     walk_spectrum_files,
 )
+from spectransfer.surveys.base import SPECTRUM_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -279,8 +290,8 @@ def process_batch(task: dict[str, Any]) -> dict[str, Any]:
     grid = Grid.from_dict(task["grid"])
     records: list[dict[str, Any]] = []
     good: list[tuple[dict[str, Any], Any]] = []
-    for path, stamp, prev_hash in task["files"]:
-        base = {"source_file": path, "file_stamp": stamp, "batch_id": task["batch_id"]}
+    for path, stamp, prev_hash, *key in task["files"]:
+        base = {"source_file": key[0] if key else path, "file_stamp": stamp, "batch_id": task["batch_id"]}
         try:
             digest = "sha256:" + sha256_file(path)
         except OSError as exc:
@@ -306,10 +317,10 @@ def process_batch(task: dict[str, Any]) -> dict[str, Any]:
         for i, (base, rec) in enumerate(good):
             records.append({**base, **_meta_row(rec, float(snr[i])), "status": "accepted", "row": int(task["row_start"]) + i})
 
-    group = zarr.open_group(str(store_path / "spectra.zarr"), mode="r+")
+    flux, ivar = _open_arrays(store_path / "spectra.zarr")
     sl = slice(int(task["row_start"]), int(task["row_start"]) + capacity)
-    group["flux"][sl] = flux_block  # type: ignore[index]  # a zarr Array (Group.__getitem__ may also give a Group)
-    group["ivar"][sl] = ivar_block  # type: ignore[index]
+    flux[sl] = flux_block
+    ivar[sl] = ivar_block
 
     delay = float(os.environ.get(DELAY_ENV, "0") or 0)
     if delay > 0:
@@ -329,6 +340,20 @@ def process_batch(task: dict[str, Any]) -> dict[str, Any]:
         "skipped": False,
         "pid": os.getpid(),
     }
+
+
+def _open_arrays(path: Path, tries: int = 5) -> tuple[Any, Any]:
+    """The store's flux and ivar arrays for writing. The driver grows them (rewriting their
+    metadata) while tasks run, so a read that catches the metadata half written is retried."""
+    for attempt in range(tries):
+        try:
+            group = zarr.open_group(str(path), mode="r+")
+            return group["flux"], group["ivar"]
+        except Exception:  # noqa: BLE001 - retried; the last try raises
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 # Survey spectra on a logarithmic wavelength grid with steps of LOGLAM_STEP = 1e-4 in
@@ -448,11 +473,11 @@ def find_files(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[str], lis
     return sorted(found), walk.skipped
 
 
-def _record_skipped(store: Store, batch_id: str, skipped: list[tuple[str, str]]) -> None:
+def _record_skipped(store: Store, batch_id: str, skipped: list[tuple[str, str]], keys: Keys) -> None:
     """Entries the walk passed over become rejected records (a part file like a batch's)."""
     rows = [
         {
-            "source_file": path,
+            "source_file": keys.key(path),
             "file_stamp": None,
             "batch_id": batch_id,
             "status": "rejected",
@@ -496,56 +521,6 @@ def _drop_unencodable(batches: list[dict[str, Any]], skipped: list[tuple[str, st
         b["files"] = [f for f in b["files"] if printable_path(f[0]) == f[0]]
 
 
-def _read_parts(store: Store) -> pd.DataFrame:
-    parts_dir = store.path / "parts"
-    frames = []
-    if parts_dir.is_dir():
-        for p in sorted(parts_dir.glob("*.parquet")):
-            if p.name.startswith("."):
-                continue
-            frames.append(pq.read_table(p).to_pandas())
-    if not frames:
-        return pd.DataFrame(columns=part_columns())
-    return pd.concat(frames, ignore_index=True)
-
-
-def _ledger(store: Store) -> pd.DataFrame:
-    """Every record the store knows of, one per file: the newest (by batch id) wins.
-
-    An 'unchanged' record (same bytes, new stamp) refreshes the stamp of the record before it.
-    """
-    meta = store.meta.assign(status="accepted", reason=None)
-    rej = store.rejected.assign(status="rejected")
-    parts = _read_parts(store)
-    frames = [f for f in (meta, rej, parts) if len(f)]
-    if not frames:
-        return pd.DataFrame(columns=part_columns() + ["reason_kind"])
-    allrec = pd.concat(frames, ignore_index=True)
-    # Rows written by write_store have no file or batch: key them by spectrum id, oldest first.
-    allrec["_key"] = allrec["source_file"].where(allrec["source_file"].notna(), "id:" + allrec["spectrum_id"].astype(str))
-    allrec["_order"] = allrec["batch_id"].fillna("")
-    allrec = allrec.sort_values(["_key", "_order"], kind="stable")
-    latest_stamp = allrec.groupby("_key")["file_stamp"].last()
-    real = allrec[allrec["status"] != "unchanged"]
-    final = real.groupby("_key", sort=False).tail(1).copy()
-    final["file_stamp"] = latest_stamp.reindex(final["_key"]).to_numpy()
-    return final.drop(columns=["_key", "_order"]).reset_index(drop=True)
-
-
-def _plan_path(store: Store) -> Path:
-    return store.path / "pending.json"
-
-
-def _load_plan(store: Store) -> dict[str, Any] | None:
-    p = _plan_path(store)
-    if not p.exists():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise StoreError(f"{p}: cannot read the pending ingest plan ({exc})") from exc
-
-
 def _catalogs(store: Store, new: Sequence[str | os.PathLike[str]], key: str = "catalogs") -> list[str]:
     """Catalogue paths to label with: those of earlier ingests (if still there) plus the new ones."""
     paths = [str(Path(p).resolve()) for p in store.info.get(key, [])]
@@ -567,6 +542,7 @@ def _label(
     mode: str = "catalog",
     qso_paths: Sequence[str] = (),
     loaded: dict[str, Any] | None = None,
+    warn: bool = True,
 ) -> pd.DataFrame:
     """Labels by ``mode``; ``result.attrs['label_report']`` says how (what store.json keeps under 'labels')."""
     if mode == "pipeline":
@@ -577,7 +553,7 @@ def _label(
         meta["label_source"] = "none"
         meta["catalog_name"] = None
         meta["catalog_z"] = np.nan
-        if len(meta):
+        if len(meta) and warn:
             log.warning("no quasar catalogue: every spectrum is labelled 'other'; give --catalog FILE or --labels pipeline")
         meta.attrs["label_report"] = {"mode": "none"}
         return meta
@@ -620,6 +596,8 @@ def _pipeline_labels(meta: pd.DataFrame) -> pd.DataFrame:
 
 def consolidate(
     store: Store,
+    ledger: Ledger,
+    keys: Keys,
     catalog_paths: list[str],
     split_config: SplitConfig,
     *,
@@ -627,94 +605,396 @@ def consolidate(
     qso_paths: Sequence[str] = (),
     loaded: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Fold part files into meta.parquet / rejected.parquet, relabel, re-split; safe to repeat."""
-    ledger = _ledger(store)
-    accepted = ledger[ledger["status"] == "accepted"]
-    accepted = accepted.iloc[np.argsort(accepted["batch_id"].fillna("").to_numpy(), kind="stable")]
-    rejected = ledger[ledger["status"] == "rejected"]
-    # The same spectrum from two files (a copy, a full and a lite file): the first ingested stays.
-    dup = accepted["spectrum_id"].duplicated(keep="first")
-    n_dup = int(dup.sum())
-    if n_dup:
-        first = accepted[~dup].set_index("spectrum_id")["source_file"]
-        dups = accepted[dup].copy()
-        dups["status"] = "rejected"
-        dups["reason"] = [f"duplicate: {sid} already ingested from {first[sid]}" for sid in dups["spectrum_id"]]
-        rejected = pd.concat([rejected, dups], ignore_index=True)
-        accepted = accepted[~dup]
-    accepted = accepted.reset_index(drop=True)
-    meta = _label(accepted, catalog_paths, label_mode, qso_paths, loaded)
-    label_report = meta.attrs.get("label_report", {})
-    old_split = store.meta.set_index("spectrum_id")["split"] if len(store.meta) else pd.Series(dtype=object)
-    meta, report = assign_splits(meta, split_config)
-    meta = meta.sort_values("row", kind="stable")
-    rejected = rejected.copy()
-    rejected["reason_kind"] = [reason_kind(str(r)) for r in rejected["reason"]]
-    rejected = rejected.sort_values("source_file", kind="stable")
+    """Fold part files into the ledger, then write meta.parquet / rejected.parquet block by block
+    (relabelled, re-split); safe to repeat. Memory: a block of rows and the split's few columns."""
+    parts_dir = store.path / "parts"
+    parts = sorted(p for p in parts_dir.glob("*.parquet") if not p.name.startswith(".")) if parts_dir.is_dir() else []
+    for p in parts:
+        ledger.fold(part_records(_read_part(p), keys))
+    ledger.choose_live()
+    cats = _load_catalogs(catalog_paths, qso_paths, loaded)
+    loaded_all = dict(zip(catalog_paths, cats))
+    unsplit = store.path / ".meta-unsplit.parquet"
+    label_report = _write_labelled(store, ledger, keys, parts, unsplit, (catalog_paths, label_mode, qso_paths, loaded_all))
+    report, moved, n_live, splits = _write_split(store, unsplit, split_config)
+    rejected_kinds = _write_rejected(store, ledger)
 
     # Order matters for crash safety: tables first (each atomic), then store.json, then the
     # plan and parts go. A crash in between leaves parts that fold in again identically.
-    store.write_meta(meta)
-    write_table(rejected, store.path / "rejected.parquet", REJECTED_SCHEMA)
     store.info["catalogs"] = catalog_paths
     store.info["qso_catalogs"] = [p for p in catalog_paths if p in set(qso_paths)]
     store.info["labels"] = label_report
     store.info["splits"] = report
     store.info["n_rows"] = store.n_rows
-    store.info["n_live"] = int(len(meta))
+    store.info["n_live"] = n_live
     store.save_info()
-    _plan_path(store).unlink(missing_ok=True)
-    parts_dir = store.path / "parts"
-    if parts_dir.is_dir():
-        for p in parts_dir.iterdir():
-            p.unlink(missing_ok=True)
+    ledger.clear_plan()
+    (store.path / "pending.json").unlink(missing_ok=True)  # an older version's plan, now in the ledger
+    for p in parts_dir.iterdir() if parts_dir.is_dir() else []:
+        p.unlink(missing_ok=True)
+    unsplit.unlink(missing_ok=True)
     store.reload()
-    common = old_split.index.intersection(pd.Index(meta["spectrum_id"]))
-    moved = int((old_split.reindex(common).to_numpy() != meta.set_index("spectrum_id")["split"].reindex(common).to_numpy()).sum())
     return {
-        "duplicates": n_dup,
+        "duplicates": ledger.n_duplicates(),
         "leakage": report.get("leakage", {}),
-        "splits": meta["split"].value_counts().to_dict(),
+        "splits": splits,
+        "rejected_by_kind": rejected_kinds,
         "labels": label_report,
         "split_warnings": report.get("warnings", []),
         "moved": moved,
     }
 
 
+def _read_part(path: Path) -> pd.DataFrame:
+    try:
+        return pq.read_table(path).to_pandas()
+    except Exception as exc:  # noqa: BLE001 - any parquet failure means a damaged store
+        raise StoreError(f"{path}: cannot read a finished batch's records ({exc}); delete it and run the ingest again") from exc
+
+
+def _meta_blocks(store: Store, parts: list[Path]) -> Iterator[pd.DataFrame]:
+    """Every metadata row that may be live, in row order, in blocks of about META_ROW_GROUP rows:
+    meta.parquet's (less those of the parts, if an earlier consolidation was cut short after
+    writing it), then the parts' accepted ones."""
+    folded = {p.stem for p in parts}
+    path = store.path / "meta.parquet"
+    if path.exists():
+        for frame in parquet_blocks(path, META_ROW_GROUP):
+            yield frame[~frame["batch_id"].isin(folded)] if folded else frame
+    pending: list[pd.DataFrame] = []
+    size = 0
+    for p in parts:
+        frame = _read_part(p)
+        pending.append(frame[frame["status"] == "accepted"].drop(columns=["status", "reason"]))
+        size += len(pending[-1])
+        if size >= META_ROW_GROUP:
+            yield pd.concat(pending, ignore_index=True)
+            pending, size = [], 0
+    if size:
+        yield pd.concat(pending, ignore_index=True)
+
+
+@contextmanager
+def _table_writer(path: Path, schema: pa.Schema) -> Iterator[Callable[[pd.DataFrame], None]]:
+    """Write frames (conformed to ``schema``) one after the other as one parquet file, atomically,
+    with pandas' metadata as :func:`write_table`'s files have it (so readers get the same dtypes)."""
+    with atomic_path(path) as tmp:
+        writer: pq.ParquetWriter | None = None
+
+        def write(df: pd.DataFrame) -> None:
+            nonlocal writer
+            table = pa.Table.from_pandas(conform(df, schema), schema=schema, preserve_index=False)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+            writer.write_table(table)
+
+        try:
+            yield write
+            if writer is None:
+                write(pd.DataFrame())
+        finally:
+            if writer is not None:
+                writer.close()
+
+
+def _write_labelled(store: Store, ledger: Ledger, keys: Keys, parts: list[Path], out: Path, how: tuple) -> dict[str, Any]:
+    """The live rows (each file's newest accepted record, the first file of each spectrum), labelled, to ``out``."""
+    catalog_paths, label_mode, qso_paths, loaded = how
+    schema = store.schema
+    report: dict[str, Any] = {}
+    with _table_writer(out, schema) as write:
+        for frame in _meta_blocks(store, parts):
+            if not len(frame):
+                continue
+            src = frame["source_file"].tolist()
+            fkeys = [keys.key(str(s)) if s is not None else f"id:{sid}" for s, sid in zip(src, frame["spectrum_id"].tolist())]
+            live = ledger.live_batches(fkeys)
+            batch = frame["batch_id"].fillna("").astype(str).tolist()
+            keep = np.array([live.get(k) == b for k, b in zip(fkeys, batch)], dtype=bool)
+            frame = frame.assign(source_file=[None if s is None else k for s, k in zip(src, fkeys)])[keep]
+            if not len(frame):
+                continue
+            labelled = _label(frame.reset_index(drop=True), catalog_paths, label_mode, qso_paths, loaded, warn=not report)
+            report = _merge_counts(report, labelled.attrs.get("label_report", {}))
+            write(labelled)
+    if not report:
+        report = _label(
+            pd.DataFrame(columns=list(schema.names)), catalog_paths, label_mode, qso_paths, loaded, warn=False
+        ).attrs.get("label_report", {})
+    return report
+
+
+def _merge_counts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two blocks' label reports as one: counts added, everything else taken from either."""
+    out = dict(a)
+    for k, v in b.items():
+        if k in out and isinstance(v, dict) and isinstance(out[k], dict):
+            out[k] = _merge_counts(out[k], v)
+        elif k in out and isinstance(v, int) and isinstance(out[k], int) and not isinstance(v, bool):
+            out[k] = out[k] + v
+        else:
+            out.setdefault(k, v)
+    return out
+
+
+# What object grouping and splitting read of the metadata (the rest stays on disk meanwhile).
+SPLIT_INPUT_COLUMNS = ["spectrum_id", "survey", "ra", "dec", "object_id"]
+
+
+def _write_split(store: Store, unsplit: Path, cfg: SplitConfig) -> tuple[dict[str, Any], int, int, dict[str, int]]:
+    """Object ids and splits for every live row (from the few columns they need, as arrow and numpy
+    columns), then meta.parquet rewritten block by block with them: (split report, spectra whose
+    split changed, live rows, rows per split)."""
+    table = pq.read_table(unsplit, columns=[*SPLIT_INPUT_COLUMNS, "split"], read_dictionary=["survey"])
+    old = table.column("split").combine_chunks()
+    object_id, split, report = assign_split_columns(table.drop_columns(["split"]), cfg)
+    del table
+    names = np.asarray(SPLITS, dtype=object)
+    was = pc.index_in(old, value_set=pa.array(SPLITS)).fill_null(-1).to_numpy(zero_copy_only=False)
+    moved = int(np.sum((was >= 0) & (was != split)))
+    del old, was
+    schema = store.schema
+    a = 0
+    with _table_writer(store.path / "meta.parquet", schema) as write:
+        for frame in parquet_blocks(unsplit, META_ROW_GROUP):
+            frame["object_id"] = object_id.slice(a, len(frame)).to_pylist()
+            frame["split"] = names[split[a : a + len(frame)]]
+            a += len(frame)
+            write(frame)
+    store.info["id_columns"] = schema_id_columns(schema)
+    counts = {str(names[k]): int(v) for k, v in enumerate(np.bincount(split, minlength=len(SPLITS))) if v}
+    return report, moved, int(len(split)), counts
+
+
+def _write_rejected(store: Store, ledger: Ledger) -> dict[str, int]:
+    """rejected.parquet from the ledger, block by block; returns the rows per reason kind."""
+    kinds: dict[str, int] = {}
+    with _table_writer(store.path / "rejected.parquet", REJECTED_SCHEMA) as write:
+        for frame in ledger.rejected(META_ROW_GROUP):
+            frame["reason_kind"] = [reason_kind(str(r)) for r in frame["reason"]]
+            for k, v in frame["reason_kind"].value_counts().items():
+                kinds[str(k)] = kinds.get(str(k), 0) + int(v)
+            write(frame)
+    return kinds
+
+
+# ---- the data root -----------------------------------------------------------------------------
+
+
+def _common_root(paths: Sequence[str]) -> str | None:
+    """The folder ``paths`` share: a folder itself, a file's folder, their common parent."""
+    dirs = []
+    for p in paths:
+        path = Path(p)
+        is_file = path.is_file() or (not path.exists() and path.name.lower().endswith(SPECTRUM_SUFFIXES))
+        dirs.append(str(path.parent if is_file else path))
+    try:
+        common = os.path.commonpath(dirs) if dirs else None
+    except ValueError:
+        return None
+    return None if common in (None, os.sep) else common  # nothing shared but "/": absolute paths
+
+
+def _check_root_holds(ledger: Ledger, keys: Keys, what: str) -> None:
+    """Refuse a data root under which none of the store's (relative) source files is found."""
+    sample = ledger.sample_keys()
+    if sample and not any(os.path.lexists(keys.path(k)) for k in sample):
+        raise StoreError(
+            f"{what} {keys.root}: holds none of the store's source files (e.g. {sample[0]}); give the folder that does with --data-root"
+        )
+
+
+def _data_root(store: Store, ledger: Ledger, inputs: Sequence[str], data_root: str | os.PathLike[str] | None) -> Keys:
+    """The data root source files are keyed relative to (recorded in store.json ``data_root``).
+
+    ``data_root`` given: that folder (a moved survey). Else the recorded one while it exists;
+    when it is gone (the survey folder moved), or the store has none yet, the folder the inputs
+    share. A store written before data roots keyed files by absolute path: its keys under the
+    folder its recorded inputs share become relative on the way.
+    """
+    recorded = store.info.get("data_root")
+    if recorded is None:
+        legacy = _common_root(list(store.info.get("input_origins", {})))
+        if legacy is not None and ledger.n_files():
+            ledger.rekey(Keys(legacy))
+            recorded = legacy
+    if data_root is not None:
+        root = Path(data_root).resolve()
+        if not root.is_dir():
+            raise StoreError(f"--data-root {printable_path(data_root)}: no such folder")
+        keys = Keys(str(root))
+        if str(root) != recorded:
+            _check_root_holds(ledger, keys, "--data-root")
+    elif recorded is not None and Path(recorded).is_dir():
+        keys = Keys(recorded)
+    else:
+        keys = Keys(_common_root(inputs))
+        if recorded is not None:
+            log.warning("the store's data root %s is gone; looking for its files under %s", recorded, keys.root)
+            _check_root_holds(ledger, keys, f"data root {recorded} is gone and")
+    if keys.root != store.info.get("data_root"):
+        store.info["data_root"] = keys.root
+        store.save_info()
+    return keys
+
+
+# ---- planning: folder walk -> batches, on disk ------------------------------------------------
+
+
+@dataclass
+class _Planner:
+    """Turns the streamed folder walk into batches: each checked against the ledger, given a
+    chunk-aligned row range after every row ever used, and put in the on-disk plan before its task runs."""
+
+    store: Store
+    ledger: Ledger
+    keys: Keys
+    batch_size: int
+    seq: int
+    summary: IngestSummary
+    next_row: int = 0
+    n_batches: int = 0
+    n_skipped_parts: int = 0
+    todo: list[list[Any]] = field(default_factory=list)
+    todo_keys: set[str] = field(default_factory=set)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        chunk = self.store.chunk_rows
+        row = max(self.store.n_rows, self.ledger.plan_end())
+        self.next_row = (row + chunk - 1) // chunk * chunk
+
+    def batches(self, entries: Iterator[tuple[str, str | None]], exclude: set[str]) -> Iterator[dict[str, Any]]:
+        chunk: list[str] = []
+        for path, reason in entries:
+            if reason is not None:
+                self.skipped.append((path, reason))
+                if len(self.skipped) >= self.batch_size:
+                    self._flush_skipped()
+                continue
+            if path in exclude:
+                continue
+            chunk.append(path)
+            if len(chunk) >= self.batch_size:
+                yield from self._check(chunk)
+                chunk = []
+        yield from self._check(chunk)
+        if self.todo:
+            yield self._batch()
+        self._flush_skipped()
+
+    def _check(self, paths: list[str]) -> Iterator[dict[str, Any]]:
+        """New or changed files among ``paths`` (same size and mtime = unchanged, counted and skipped)."""
+        self.summary.files_seen += len(paths)
+        keyed = [(p, self.keys.key(p)) for p in paths]
+        known = self.ledger.known([k for _, k in keyed])
+        planned = self.ledger.planned([k for _, k in keyed])
+        for path, key in keyed:
+            if key in planned or key in self.todo_keys:
+                continue
+            try:
+                stamp = file_stamp(path)
+            except OSError as exc:
+                raise StoreError(f"{path}: cannot stat ({exc.strerror})") from exc
+            old_stamp, old_hash = known.get(key, (None, None))
+            if key in known and old_stamp == stamp:
+                self.summary.skipped_unchanged += 1
+                continue
+            self.todo.append([path, stamp, old_hash if key in known else None, key])
+            self.todo_keys.add(key)
+            if len(self.todo) >= self.batch_size:
+                yield self._batch()
+
+    def _batch(self) -> dict[str, Any]:
+        chunk = self.store.chunk_rows
+        files, self.todo = self.todo[: self.batch_size], self.todo[self.batch_size :]
+        self.todo_keys = {f[3] for f in self.todo}
+        capacity = (len(files) + chunk - 1) // chunk * chunk
+        batch = {
+            "batch_id": f"{self.seq:06d}-{self.n_batches:07d}",
+            "row_start": self.next_row,
+            "capacity": capacity,
+            "files": files,
+        }
+        self.store.resize(self.next_row + capacity)  # rows first: a crash now leaves dead rows, never a batch without rows
+        self.ledger.add_batch(batch)
+        self.next_row += capacity
+        self.n_batches += 1
+        return batch
+
+    def _flush_skipped(self) -> None:
+        if self.skipped:
+            self.summary.files_seen += len(self.skipped)
+            self.summary.rejected += len(self.skipped)
+            _record_skipped(self.store, f"{self.seq:06d}-skipped{self.n_skipped_parts:05d}", self.skipped, self.keys)
+            self.n_skipped_parts += 1
+            self.skipped = []
+
+
+def _walk(inputs: Sequence[str]) -> Iterator[tuple[str, str | None]]:
+    """The folder walk of ``inputs``, refusing (before anything is written) inputs that hold no spectrum file."""
+    for p in inputs:
+        if not os.path.lexists(p):
+            raise StoreError(f"{printable_path(p)}: no such file or folder")
+    entries = iter_walk(inputs)
+    first = next(entries, None)
+    if first is None:
+        raise StoreError(f"no spectrum files (*.fits, *.fit, *.fits.gz) in {', '.join(printable_path(p) for p in inputs)}")
+    if first[1] is not None:
+        log.warning("%s: %s; recorded as rejected", *first)
+    return itertools.chain([first], _logged(entries))
+
+
+def _logged(entries: Iterator[tuple[str, str | None]]) -> Iterator[tuple[str, str | None]]:
+    for path, reason in entries:
+        if reason is not None:
+            log.warning("%s: %s; recorded as rejected", path, reason)
+        yield path, reason
+
+
 def _run_tasks(
-    tasks: list[dict[str, Any]], workers: int, scheduler: str | None, quiet: bool
-) -> tuple[list[dict[str, Any]], float]:
-    """Run the batch tasks; returns their results and the seconds from first submit to last result."""
-    total = sum(len(t["files"]) for t in tasks)
-    results: list[dict[str, Any]] = []
-    if not tasks:
-        return results, 0.0
-    with progress_bar("ingest", total=total, unit="spectra", quiet=quiet) as bar:
+    tasks: Iterator[dict[str, Any]], workers: int, scheduler: str | None, quiet: bool, summary: IngestSummary
+) -> float:
+    """Run the batch tasks as the planner makes them, a few in flight at a time (so neither the
+    driver nor the scheduler holds the survey's plan); tallies their results into ``summary``
+    and returns the seconds from the first submit to the last result."""
+    pids: set[int] = set()
+    t0 = None
+    with progress_bar("ingest", total=None, unit="spectra", quiet=quiet) as bar:
         if scheduler is None and workers == 0:
-            t0 = time.perf_counter()
             for t in tasks:
+                t0 = t0 or time.perf_counter()
                 res = process_batch(t)
-                results.append(res)
+                _tally(res, summary, pids)
                 bar.advance(res["n_files"])
-            return results, time.perf_counter() - t0
+            return time.perf_counter() - t0 if t0 else 0.0
         from dask.distributed import as_completed
 
         from spectransfer.cluster import dask_client
 
         with dask_client(workers=workers, scheduler=scheduler) as client:
+            window = 2 * max(len(client.scheduler_info().get("workers", {})), workers, 1) + 2
+            pending = as_completed()
+
+            def submit(n: int) -> None:
+                for t in itertools.islice(tasks, n):
+                    pending.add(client.submit(process_batch, t, key=f"ingest-{t['batch_id']}", pure=False))
+
             t0 = time.perf_counter()
-            futures = [client.submit(process_batch, t, key=f"ingest-{t['batch_id']}", pure=False) for t in tasks]
-            for fut in as_completed(futures):
+            submit(window)
+            for fut in pending:
                 try:
                     res = fut.result()
                 except Exception as exc:  # noqa: BLE001 - e.g. KilledWorker: the finished batches stay done
                     raise StoreError(
                         f"ingest task {fut.key} failed ({type(exc).__name__}: {exc}); run the same command again to resume"
                     ) from exc
-                results.append(res)
+                _tally(res, summary, pids)
                 bar.advance(res["n_files"])
+                submit(1)
             compute = time.perf_counter() - t0
-    return results, compute
+    summary.worker_pids = sorted(pids)
+    return compute
 
 
 def _ingest_unguarded(
@@ -734,6 +1014,7 @@ def _ingest_unguarded(
     coverage_filter: bool = True,
     split_config: SplitConfig | None = None,
     grid: Grid = DEFAULT_GRID,
+    data_root: str | os.PathLike[str] | None = None,
     quiet: bool = False,
 ) -> IngestSummary:
     """Add the spectra in ``inputs`` (files or folders) to the store at ``store_path``.
@@ -742,7 +1023,8 @@ def _ingest_unguarded(
     skipped; files whose bytes changed are read again and replace their old row. An ingest
     interrupted in any way is finished by the next call. ``workers=0`` runs in this process
     (no Dask); ``scheduler`` is the address of an existing Dask cluster whose workers see the
-    same filesystem.
+    same filesystem. ``data_root``: the folder source files are recorded relative to (see
+    :func:`_data_root`; give it when the survey folder moved).
     """
     t0 = time.perf_counter()
     if survey != "auto" and survey not in survey_names():
@@ -751,21 +1033,23 @@ def _ingest_unguarded(
         raise StoreError(f"--workers must be >= 0, got {workers}")
     if batch_size < 1:
         raise StoreError(f"batch size must be >= 1, got {batch_size}")
-    found, skipped = find_files(inputs)
+    roots = [str(Path(p).resolve()) if _utf8_path(p) else os.fspath(p) for p in inputs]
+    entries = _walk(roots)
     store_path = Path(store_path)
     store = _open_or_create(store_path, grid, batch_size, split_config, resplit)
     # A catalogue often sits beside the spectra (the simulator puts it at the top of the
     # survey folder): it is an input of labelling, not a spectrum to reject -- also when the
     # store remembers it from an earlier ingest and this one does not name it.
     catalog_files = {str(Path(c).resolve()) for c in [*catalogs, *qso_catalogs, *store.info.get("catalogs", [])]}
-    files = [f for f in found if f not in catalog_files]
     chunk = store.chunk_rows
     batch_size = max(chunk, (batch_size + chunk - 1) // chunk * chunk)
-    summary = IngestSummary(store=str(store_path), files_seen=len(files) + len(skipped), rejected=len(skipped))
+    summary = IngestSummary(store=str(store_path))
     options = IngestOptions(survey=survey, zwarning_filter=zwarning_filter, coverage_filter=coverage_filter)
 
-    with OutputLock(store_path / "ingest.lock", "an ingest"):
+    with OutputLock(store_path / "ingest.lock", "an ingest"), _open_ledger(store) as ledger:
         store.reload()
+        root_before = store.info.get("data_root")
+        keys = _data_root(store, ledger, roots, data_root)
         if split_config is None:
             prior = store.info.get("splits", {}).get("config")
             split_config = SplitConfig.from_dict(prior) if prior else SplitConfig()
@@ -774,44 +1058,35 @@ def _ingest_unguarded(
         label_mode = labels or store.info.get("labels", {}).get("mode") or "catalog"
         label_mode = "catalog" if label_mode == "none" else label_mode
 
-        plan = _load_plan(store)
         parts_dir = store.path / "parts"
-        done = {p.stem for p in parts_dir.glob("*.parquet")} if parts_dir.is_dir() else set()
-        pending = [b for b in (plan or {}).get("batches", []) if b["batch_id"] not in done]
-        _drop_unencodable(pending, skipped)
-        summary.resumed_batches = len(pending)
-        in_flight = {f[0] for b in pending for f in b["files"]}
-
-        todo = _files_to_read(store, files, in_flight, summary)
-        seq, new_batches = _new_batches(store, plan, todo, batch_size)
-        batches = pending + new_batches
-        if new_batches or pending:
-            plan_out = {"run_seq": seq, "batches": batches}
-            write_text_atomic(_plan_path(store), json.dumps(plan_out) + "\n")
-            store.info["last_run_seq"] = seq
-            store.save_info()
-            store.resize(max(b["row_start"] + b["capacity"] for b in batches))
-        summary.batches = len(batches)
-        if skipped:
-            _record_skipped(store, f"{seq:06d}-skipped", skipped)
-
-        tasks = [{"store": str(store.path.resolve()), "options": asdict(options), "grid": grid.to_dict(), **b} for b in batches]
-        if pending:
-            log.info("resuming %d unfinished batches of an interrupted ingest", len(pending))
+        had_parts = parts_dir.is_dir() and any(parts_dir.glob("*.parquet"))
+        seq = max([int(store.info.get("last_run_seq", 0))] + [int(b[:6]) for b in _plan_ids(ledger)]) + 1
+        store.info["last_run_seq"] = seq
+        store.save_info()
+        planner = _Planner(store, ledger, keys, batch_size, seq, summary)
+        tasks = _tasks(_resumed(ledger, summary, planner), planner.batches(entries, catalog_files), store, options, grid)
         t_run = time.perf_counter()
-        results, summary.compute_seconds = _run_tasks(tasks, workers=workers, scheduler=scheduler, quiet=quiet)
+        summary.compute_seconds = _run_tasks(tasks, workers=workers, scheduler=scheduler, quiet=quiet, summary=summary)
         run_seconds = time.perf_counter() - t_run
-        _tally(results, summary)
+        summary.batches = planner.n_batches + summary.resumed_batches
 
         needs_consolidation = (
-            bool(batches or skipped or done or catalogs or qso_catalogs)
+            bool(summary.batches or planner.n_skipped_parts or had_parts or catalogs or qso_catalogs)
+            or keys.root != root_before
             or _effective_mode(label_mode, catalog_paths) != label_mode_of(store)
             or not (store.path / "meta.parquet").exists()
             or store.info.get("splits", {}).get("config") != split_config.to_dict()
         )
         if needs_consolidation:
             result = consolidate(
-                store, catalog_paths, split_config, label_mode=label_mode, qso_paths=qso_paths, loaded=loaded_catalogs
+                store,
+                ledger,
+                keys,
+                catalog_paths,
+                split_config,
+                label_mode=label_mode,
+                qso_paths=qso_paths,
+                loaded=loaded_catalogs,
             )
             summary.duplicates = result["duplicates"]
             summary.split_warnings = result["split_warnings"]
@@ -824,6 +1099,78 @@ def _ingest_unguarded(
     return summary
 
 
+def _utf8_path(p: str | os.PathLike[str]) -> bool:
+    return printable_path(p) == os.fspath(p)
+
+
+def _open_ledger(store: Store) -> Ledger:
+    return open_ledger(store.path, Keys(store.info.get("data_root")), parquet_blocks)
+
+
+def _plan_ids(ledger: Ledger) -> list[str]:
+    return [b for (b,) in ledger.db.execute("SELECT batch_id FROM plan")]
+
+
+def _resumed(ledger: Ledger, summary: IngestSummary, planner: _Planner) -> Iterator[dict[str, Any]]:
+    """The unfinished batches of an interrupted ingest (those without a part file), one at a time."""
+    parts_dir = planner.store.path / "parts"
+    n = 0
+    for b in ledger.pending():
+        if (parts_dir / f"{b['batch_id']}.parquet").exists():
+            continue
+        skipped: list[tuple[str, str]] = []
+        _drop_unencodable([b], skipped)
+        planner.skipped.extend(skipped)
+        if n == 0:
+            log.info("resuming the unfinished batches of an interrupted ingest")
+        n += 1
+        summary.resumed_batches = n
+        yield b
+
+
+def _tasks(
+    resumed: Iterator[dict[str, Any]], new: Iterator[dict[str, Any]], store: Store, options: IngestOptions, grid: Grid
+) -> Iterator[dict[str, Any]]:
+    """The batch tasks: the resumed batches first, then those the walk makes."""
+    base = {"store": str(store.path.resolve()), "options": asdict(options), "grid": grid.to_dict()}
+    for b in itertools.chain(resumed, new):
+        yield {**base, **b}
+
+
+def _tally(res: dict[str, Any], summary: IngestSummary, pids: set[int]) -> None:
+    summary.files_processed += res["n_files"]
+    summary.accepted += res["accepted"]
+    summary.rejected += res["rejected"]
+    summary.unchanged_content += res["unchanged"]
+    summary.task_seconds += res.get("seconds", 0.0)
+    summary.task_cpu_seconds += res.get("cpu_seconds", 0.0)
+    if "pid" in res:
+        pids.add(res["pid"])
+    summary.worker_pids = sorted(pids)
+
+
+def _column_counts(path: Path, column: str) -> dict[str, int]:
+    """Rows per value of one column of a store table (read dictionary-encoded: a few bytes a row)."""
+    if not path.exists():
+        return {}
+    col = pq.read_table(path, columns=[column], read_dictionary=[column]).column(column)
+    return {str(k): int(v) for k, v in col.to_pandas().value_counts().items()}
+
+
+def _finish_summary(store: Store, summary: IngestSummary, t0: float) -> None:
+    """What the consolidated store now holds: rows, rejections by kind, splits, labels, leakage."""
+    meta = store.path / "meta.parquet"
+    summary.live_rows = pq.read_metadata(meta).num_rows if meta.exists() else 0
+    summary.rows_allocated = store.n_rows
+    summary.rejected_by_kind = _column_counts(store.path / "rejected.parquet", "reason_kind")
+    summary.leakage = store.info.get("splits", {}).get("leakage", {})
+    summary.labels = store.info.get("labels", {})
+    if not summary.split_warnings:
+        summary.split_warnings = list(store.info.get("splits", {}).get("warnings", []))
+    summary.splits = _column_counts(meta, "split")
+    summary.seconds = time.perf_counter() - t0
+
+
 def _open_or_create(store_path: Path, grid: Grid, batch_size: int, split_config: SplitConfig | None, resplit: bool) -> Store:
     """The store to add to: opened (same grid; a change of split settings only with ``resplit``) or new."""
     if not (store_path / "store.json").exists():
@@ -833,73 +1180,6 @@ def _open_or_create(store_path: Path, grid: Grid, batch_size: int, split_config:
         raise StoreError(f"{store_path}: store grid {store.grid} differs from the requested {grid}")
     _check_resplit(store, split_config, resplit)
     return store
-
-
-def _files_to_read(store: Store, files: Sequence[str], in_flight: set[str], summary: IngestSummary) -> list[list[Any]]:
-    """[path, stamp, old content hash] of the files that are new or changed since the ledger saw
-    them (same size and mtime = unchanged, counted and skipped); files of pending batches excluded."""
-    ledger = _ledger(store)
-    known = ledger[ledger["source_file"].notna()].set_index("source_file")[["file_stamp", "content_hash"]]
-    todo: list[list[Any]] = []
-    for path in files:
-        if path in in_flight:
-            continue
-        try:
-            stamp = file_stamp(path)
-        except OSError as exc:
-            raise StoreError(f"{path}: cannot stat ({exc.strerror})") from exc
-        if path in known.index:
-            old_stamp, old_hash = known.at[path, "file_stamp"], known.at[path, "content_hash"]
-            if old_stamp == stamp:
-                summary.skipped_unchanged += 1
-                continue
-            todo.append([path, stamp, None if pd.isna(old_hash) else str(old_hash)])
-        else:
-            todo.append([path, stamp, None])
-    return todo
-
-
-def _new_batches(
-    store: Store, plan: dict[str, Any] | None, todo: list[list[Any]], batch_size: int
-) -> tuple[int, list[dict[str, Any]]]:
-    """This run's sequence number and its batches of ``todo``, each a chunk-aligned block of rows
-    placed after every row any plan or the metadata has ever used (so workers never share a chunk)."""
-    chunk = store.chunk_rows
-    seq = max(int(store.info.get("last_run_seq", 0)), int((plan or {}).get("run_seq", 0))) + 1
-    plan_end = max([b["row_start"] + b["capacity"] for b in (plan or {}).get("batches", [])] + [0])
-    row = max(store.n_rows, plan_end)
-    row = (row + chunk - 1) // chunk * chunk
-    batches = []
-    for i in range(0, len(todo), batch_size):
-        files_b = todo[i : i + batch_size]
-        capacity = (len(files_b) + chunk - 1) // chunk * chunk
-        batches.append({"batch_id": f"{seq:06d}-{i // batch_size:07d}", "row_start": row, "capacity": capacity, "files": files_b})
-        row += capacity
-    return seq, batches
-
-
-def _tally(results: list[dict[str, Any]], summary: IngestSummary) -> None:
-    for r in results:
-        summary.files_processed += r["n_files"]
-        summary.accepted += r["accepted"]
-        summary.rejected += r["rejected"]
-        summary.unchanged_content += r["unchanged"]
-        summary.task_seconds += r.get("seconds", 0.0)
-        summary.task_cpu_seconds += r.get("cpu_seconds", 0.0)
-    summary.worker_pids = sorted({r["pid"] for r in results if "pid" in r})
-
-
-def _finish_summary(store: Store, summary: IngestSummary, t0: float) -> None:
-    """What the consolidated store now holds: rows, rejections by kind, splits, labels, leakage."""
-    summary.live_rows = len(store.meta)
-    summary.rows_allocated = store.n_rows
-    summary.rejected_by_kind = {str(k): int(v) for k, v in store.rejected["reason_kind"].value_counts().items()}
-    summary.leakage = store.info.get("splits", {}).get("leakage", {})
-    summary.labels = store.info.get("labels", {})
-    if not summary.split_warnings:
-        summary.split_warnings = list(store.info.get("splits", {}).get("warnings", []))
-    summary.splits = {str(k): int(v) for k, v in store.meta["split"].value_counts().items()}
-    summary.seconds = time.perf_counter() - t0
 
 
 def _record_history(store: Store, summary: IngestSummary, seq: int, workers: Any, run_seconds: float) -> None:
@@ -959,9 +1239,10 @@ def _useful(store_path: Path) -> bool:
     parts = store_path / "parts"
     if parts.is_dir() and any(p.suffix == ".parquet" for p in parts.iterdir()):
         return True
+    meta = store_path / "meta.parquet"
     try:
-        return len(open_store(store_path).meta) > 0
-    except StoreError:
+        return meta.exists() and pq.read_metadata(meta).num_rows > 0
+    except Exception:  # noqa: BLE001 - a damaged table is not worth keeping either
         return False
 
 
@@ -984,7 +1265,7 @@ def ingest(inputs: Sequence[str | os.PathLike[str]], store_path: str | os.PathLi
 
     Options are those of :func:`_ingest_unguarded` (survey, catalogs, qso_catalogs, labels,
     workers, scheduler, batch_size, zwarning_filter, coverage_filter, split_config, resplit,
-    grid, quiet). ``labels``: 'catalog' (quasar catalogues; the default) or 'pipeline' (the
+    grid, data_root, quiet). ``labels``: 'catalog' (quasar catalogues; the default) or 'pipeline' (the
     survey pipeline's CLASS == QSO); None keeps the store's. ``qso_catalogs``: tables every row
     of which is a quasar (no class column needed). Catalogues are read before anything is
     written, so a bad one leaves no store behind; when this call created the store and fails

@@ -7,6 +7,11 @@ discovery read without loading it into memory::
     STORE/spectra.zarr      zarr v3 group: ``flux`` and ``ivar``, float32 (N, n_bins), row chunks
     STORE/meta.parquet      one row per live spectrum; ``row`` indexes the arrays
     STORE/rejected.parquet  one row per rejected file with the reason
+    STORE/ledger.sqlite     ingest's ledger and plan (:mod:`spectransfer.data.ledger`)
+
+``source_file`` is recorded relative to the data root in store.json (``data_root``) when the
+file lies under it, so the survey folder can move; :attr:`Store.meta`, :attr:`Store.rejected`
+and :meth:`Store.iter_meta` give absolute paths.
 
 The arrays may hold rows no live metadata row points to (a file that was re-read because its
 content changed keeps its old row; files that fail a filter leave their slot of a batch
@@ -34,6 +39,7 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from spectransfer.config import DEFAULT_GRID, Grid
+from spectransfer.data.ledger import absolute_sources
 from spectransfer.data.splits import SplitConfig, assign_splits
 from spectransfer.errors import StoreError
 from spectransfer.provenance import atomic_path, dependency_versions, write_text_atomic
@@ -234,9 +240,22 @@ class Store:
         self.info["id_columns"] = schema_id_columns(schema)
 
     @property
+    def data_root(self) -> str | None:
+        """The folder source files are recorded relative to (None: absolute paths, older stores)."""
+        root = self.info.get("data_root")
+        return str(root) if root else None
+
+    def _sources(self, df: pd.DataFrame) -> pd.DataFrame:
+        """``df`` with its ``source_file`` paths absolute (the tables keep them relative to the data root)."""
+        if self.data_root and len(df):
+            paths = absolute_sources(df["source_file"].tolist(), self.data_root)
+            df["source_file"] = pd.Series(paths, index=df.index, dtype=object)
+        return df
+
+    @property
     def meta(self) -> pd.DataFrame:
         if self._meta is None:
-            self._meta = read_table(self.path / "meta.parquet", self.schema)
+            self._meta = self._sources(read_table(self.path / "meta.parquet", self.schema))
         return self._meta
 
     def live_rows(self, survey: str | None = None) -> np.ndarray:
@@ -268,14 +287,14 @@ class Store:
         try:
             batches = pq.ParquetFile(path).iter_batches(batch_size=batch_size)
             for batch in batches:
-                yield conform(batch.to_pandas(), self.schema)
+                yield self._sources(conform(batch.to_pandas(), self.schema))
         except Exception as exc:  # noqa: BLE001 - any parquet failure means a damaged store
             raise StoreError(f"{path}: cannot read ({exc})") from exc
 
     @property
     def rejected(self) -> pd.DataFrame:
         if self._rejected is None:
-            self._rejected = read_table(self.path / "rejected.parquet", REJECTED_SCHEMA)
+            self._rejected = self._sources(read_table(self.path / "rejected.parquet", REJECTED_SCHEMA))
         return self._rejected
 
     def rows(self, survey: str | None = None, split: str | None = None) -> np.ndarray:

@@ -17,7 +17,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -340,58 +340,82 @@ def _not_a_file(path: str) -> str:
     return "unreadable (permission denied)"
 
 
-def _walk_folder(top: Path, walk: FileWalk) -> None:
-    found: list[Path] = []
-    seen: set[tuple[int, int]] = set()
-    for root, dirs, names in os.walk(
-        top, followlinks=True, onerror=lambda e: walk.skip(e.filename or top, f"cannot list folder ({e.strerror})")
-    ):
-        st = os.stat(root)
-        if (st.st_dev, st.st_ino) in seen:  # a symlink back to a folder already walked
-            walk.skip(root, "symbolic link loop (folder already searched)")
-            dirs[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        for d in [d for d in dirs if not _utf8(d)]:
-            walk.skip(os.path.join(root, d), "folder name is not valid UTF-8 (rename it)")
-            dirs.remove(d)
-        dirs.sort()
-        for name in names:
-            if not name.lower().endswith(SPECTRUM_SUFFIXES):
-                continue
-            full = os.path.join(root, name)
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a link loop or a vanished entry: judged as a file by name below
+        return False
+
+
+def _walk_folder(top: str, seen: set[tuple[int, int]]) -> Iterator[tuple[str, str | None]]:
+    """Depth first, each folder's entries in name order (a folder's files and subfolders
+    interleaved), so the files come out sorted as paths while only the folders on the way
+    down are held in memory."""
+    try:
+        st = os.stat(top)
+    except OSError as exc:
+        yield printable_path(top), f"cannot list folder ({exc.strerror})"
+        return
+    if (st.st_dev, st.st_ino) in seen:  # a symlink back to a folder already walked
+        yield printable_path(top), "symbolic link loop (folder already searched)"
+        return
+    seen.add((st.st_dev, st.st_ino))
+    try:
+        with os.scandir(top) as it:
+            entries = sorted((e.name, _is_dir(e)) for e in it)
+    except OSError as exc:
+        yield printable_path(top), f"cannot list folder ({exc.strerror})"
+        return
+    for name, is_dir in entries:
+        full = os.path.join(top, name)
+        if is_dir:
             if not _utf8(name):
-                walk.skip(full, "file name is not valid UTF-8 (rename it)")
-            elif os.path.isfile(full) and os.access(full, os.R_OK):
-                found.append(Path(full))
+                yield printable_path(full), "folder name is not valid UTF-8 (rename it)"
             else:
-                walk.skip(full, _not_a_file(full))
-    walk.files.extend(sorted(found))
+                yield from _walk_folder(full, seen)
+        elif name.lower().endswith(SPECTRUM_SUFFIXES):
+            if not _utf8(name):
+                yield printable_path(full), "file name is not valid UTF-8 (rename it)"
+            elif os.path.isfile(full) and os.access(full, os.R_OK):
+                yield full, None
+            else:
+                yield printable_path(full), _not_a_file(full)
+
+
+def iter_walk(paths: Iterable[str | os.PathLike[str]]) -> Iterator[tuple[str, str | None]]:
+    """Stream the candidate spectrum files of ``paths`` as (path, None), and each entry passed over
+    as (printable path, reason); memory is one folder listing per level, not the survey.
+
+    A folder is searched recursively (symlinked folders followed once) for ``*.fits, *.fit,
+    *.fits.gz, *.fit.gz`` (any case), in path order; a file named explicitly is kept whatever
+    its name. Names that are not valid UTF-8, broken or looping links, unlistable folders,
+    non-regular files and missing paths are passed over with the reason, never silently.
+    """
+    seen: set[tuple[int, int]] = set()
+    for p in paths:
+        p = os.fspath(p)
+        if not _utf8(p):
+            yield printable_path(p), "file name is not valid UTF-8 (rename it)"
+        elif os.path.isdir(p):
+            yield from _walk_folder(str(p), seen)
+        elif os.path.isfile(p) and os.access(p, os.R_OK):
+            yield str(p), None
+        elif os.path.lexists(p):
+            yield printable_path(p), _not_a_file(str(p))
+        else:
+            yield printable_path(p), MISSING
 
 
 def walk_spectrum_files(paths: Iterable[str | os.PathLike[str]]) -> FileWalk:
-    """Expand files and folders to the candidate spectrum files, recording what is passed over.
-
-    A folder is searched recursively (symlinked folders followed once) for ``*.fits, *.fit,
-    *.fits.gz, *.fit.gz`` (any case), sorted; a file named explicitly is kept whatever its
-    name. Names that are not valid UTF-8, broken or looping links, unlistable folders,
-    non-regular files and missing paths land in ``skipped`` with the reason, never silently.
-    """
+    """Expand files and folders to the candidate spectrum files (unique, in path order per folder),
+    recording what is passed over (see :func:`iter_walk`)."""
     walk = FileWalk()
-    for p in paths:
-        p = Path(p)
-        if not _utf8(p):
-            walk.skip(p, "file name is not valid UTF-8 (rename it)")
-        elif p.is_dir():
-            _walk_folder(p, walk)
-        elif p.is_file() and os.access(p, os.R_OK):
-            walk.files.append(p)
-        elif os.path.lexists(p):
-            walk.skip(p, _not_a_file(str(p)))
+    for path, reason in iter_walk(paths):
+        if reason is None:
+            walk.files.append(Path(path))
         else:
-            walk.skip(p, MISSING)
-    unique = list(dict.fromkeys(walk.files))
-    walk.files = unique
+            walk.skip(path, reason)
+    walk.files = list(dict.fromkeys(walk.files))
     return walk
 
 
