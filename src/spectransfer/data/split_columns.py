@@ -26,6 +26,7 @@ from spectransfer.data.splits import (
     _effective_fractions,
     chord_length,
     empty_split_warning,
+    no_leakage,
     unit_hash,
     unit_vectors,
 )
@@ -138,12 +139,7 @@ def assign_split_columns(table: pa.Table, cfg: SplitConfig = SplitConfig()) -> t
     n = table.num_rows
     report: dict[str, Any] = {"config": cfg.to_dict(), "by_survey": {}}
     if n == 0:
-        report["leakage"] = {
-            "repeat_objects": 0,
-            "repeat_spectra": 0,
-            "leaked_per_spectrum_split": 0,
-            "eval_spectra_with_train_twin": 0,
-        }
+        report["leakage"] = no_leakage()
         return pa.array([], pa.string()), np.zeros(0, dtype=np.int8), report
     table = pa.table(
         {

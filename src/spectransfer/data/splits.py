@@ -161,6 +161,11 @@ def _effective_fractions(n: int, cfg: SplitConfig) -> tuple[bool, float, float]:
     return False, cfg.val_fraction, cfg.test_fraction
 
 
+def no_leakage() -> dict[str, int]:
+    """The leakage report of a survey with no spectra."""
+    return {"repeat_objects": 0, "repeat_spectra": 0, "leaked_per_spectrum_split": 0, "eval_spectra_with_train_twin": 0}
+
+
 def assign_splits(meta: pd.DataFrame, cfg: SplitConfig = SplitConfig()) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Return ``meta`` with ``object_id`` and ``split`` set, and a report of what was done.
 
@@ -175,12 +180,7 @@ def assign_splits(meta: pd.DataFrame, cfg: SplitConfig = SplitConfig()) -> tuple
     meta["split"] = None
     report: dict[str, Any] = {"config": cfg.to_dict(), "by_survey": {}}
     if n == 0:
-        report["leakage"] = {
-            "repeat_objects": 0,
-            "repeat_spectra": 0,
-            "leaked_per_spectrum_split": 0,
-            "eval_spectra_with_train_twin": 0,
-        }
+        report["leakage"] = no_leakage()
         return meta, report
 
     survey = meta["survey"].fillna("(none)").astype(str) if "survey" in meta.columns else pd.Series(["(none)"] * n)
