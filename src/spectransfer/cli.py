@@ -798,6 +798,16 @@ def train_cmd(
         "--z-weight",
         help="Weight of the redshift cross-entropy (quasars with a catalogue z) added to the classification BCE (every spectrum).",
     ),
+    z_head_kind: str = typer.Option(
+        "shift",
+        "--z-head-kind",
+        help="The redshift head: shift (one learnt rest-frame pattern correlated with the trunk's features at every redshift, since a redshift is a shift on the log grid) or dense (8192 -> 256 -> 300 bins).",
+    ),
+    z_shift: int = typer.Option(
+        256,
+        "--z-shift",
+        help="Redshift augmentation: each training quasar is also shown to the z head moved by up to this many grid bins, at most an eighth of the grid (a shift of k bins is the spectrum at (1+z)*10**(k*log_step)); 0 = off. The classifier sees only the unshifted spectra.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Train the 1-D VGG on a store: pretrain, fine-tune (--init) or the scratch baseline."""
@@ -833,6 +843,8 @@ def train_cmd(
         debug_rows=debug_rows,
         z_head=z_head,
         z_weight=z_weight,
+        z_shift=z_shift,
+        z_head_kind=z_head_kind,
     )
     summary = train(cfg, resume=resume, quiet=quiet)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports

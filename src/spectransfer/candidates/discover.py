@@ -438,7 +438,7 @@ def discover(
 # ---- the block work (here or in a Dask worker) -------------------------------------------------
 
 _SCORERS: dict[EngineSpec, Any] = {}
-BLOCK_OUTPUTS = ("logit", "z_net", "z_net_err", "p_qso_std")  # the columns of a saved block, in order
+BLOCK_OUTPUTS = ("logit", "z_net", "z_net_err", "p_qso_std", "z_net_prob")  # the columns of a saved block, in order
 REFINE_BLOCK = 4096  # positives read and fitted at a time: memory bounded by the block
 
 

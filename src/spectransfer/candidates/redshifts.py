@@ -1,7 +1,7 @@
 """The redshift columns of a candidate table: the network's z and its template refinement.
 
-Every row gets the network's redshift (``Z_NET``, ``Z_NET_ERR``: the z head's distribution,
-NaN for a run without one). Spectra the model calls quasars are then fitted with the DR16Q
+Every row gets the network's redshift (``Z_NET``, ``Z_NET_ERR``, ``Z_NET_PROB``: read from the
+z head's distribution, NaN for a run without one). Spectra the model calls quasars are then fitted with the DR16Q
 quasar templates (``ml.refine``): ``Z_PRED``, ``Z_PRED_ERR``, ``ZWARN_PRED``, ``DELTACHI2``
 (NaN and ZWARN_NOT_FITTED for the others). DESI refits only a window around QuasarNET's z;
 here a network trained on simulated spectra is not yet that good a guide on real ones
@@ -24,7 +24,9 @@ from spectransfer.ml.refine import ZWARN_BITS, ZWARN_NO_NETWORK_Z, refine_redshi
 REFINE_MODES = ("full", "window", "none")
 ZWARN_NOT_FITTED = 1 << 8  # not fitted: the model does not call it a quasar, or refinement is off
 ZWARN_PRED_BITS = {**ZWARN_BITS, "NOT_FITTED": ZWARN_NOT_FITTED}
-REDSHIFT_COLUMNS = ("Z_NET", "Z_NET_ERR", "Z_PRED", "Z_PRED_ERR", "ZWARN_PRED", "DELTACHI2")
+# --refine window scans the whole range for spectra whose Z_NET_PROB is below this
+FULL_SCAN_BELOW = 0.5
+REDSHIFT_COLUMNS = ("Z_NET", "Z_NET_ERR", "Z_NET_PROB", "Z_PRED", "Z_PRED_ERR", "ZWARN_PRED", "DELTACHI2")
 
 
 def check_refine(mode: str) -> str:
@@ -36,8 +38,8 @@ def check_refine(mode: str) -> str:
 def redshift_columns(
     outputs: dict[str, np.ndarray], positive: np.ndarray, flux: Any, ivar: Any, mode: str = "full", grid: Grid = DEFAULT_GRID
 ) -> dict[str, np.ndarray]:
-    """The six redshift columns for n spectra: network z from ``outputs`` (``z_net``,
-    ``z_net_err`` when the run has a z head), refined z for the ``positive`` ones.
+    """The redshift columns for n spectra: network z from ``outputs`` (``z_net``, ``z_net_err``,
+    ``z_net_prob`` when the run has a z head), refined z for the ``positive`` ones.
 
     ``flux``, ``ivar``: (n, n_bins) arrays on ``grid`` (the store's), or a callable that
     returns them for an index array (so only the positives are read)."""
@@ -49,6 +51,7 @@ def redshift_columns(
     cols = {
         "Z_NET": z_net.copy(),
         "Z_NET_ERR": z_err.copy(),
+        "Z_NET_PROB": np.asarray(outputs.get("z_net_prob", nan), dtype=np.float64).copy(),
         "Z_PRED": nan.copy(),
         "Z_PRED_ERR": nan.copy(),
         "ZWARN_PRED": np.full(n, ZWARN_NOT_FITTED, dtype=np.int32),
@@ -62,10 +65,13 @@ def redshift_columns(
     else:
         f, iv = np.asarray(flux)[fit], np.asarray(ivar)[fit]
     window = mode == "window" and np.isfinite(z_net[fit]).all()
-    res = refine_redshifts(f, iv, z_net[fit] if window else None, z_err[fit] if window else None, grid)
+    guide = z_net[fit].copy()
+    if window:  # where the head itself doubts its z, the window might miss the truth: scan it all
+        guide[cols["Z_NET_PROB"][fit] < FULL_SCAN_BELOW] = np.nan
+    res = refine_redshifts(f, iv, guide if window else None, z_err[fit] if window else None, grid)
     zwarn = res.zwarn.copy()
-    if not window:  # a full scan on purpose: "no network z" only where the network gave none
-        zwarn[np.isfinite(z_net[fit])] &= ~ZWARN_NO_NETWORK_Z
+    # a full scan on purpose: "no network z" only where the network gave none
+    zwarn[np.isfinite(z_net[fit])] &= ~ZWARN_NO_NETWORK_Z
     cols["Z_PRED"][fit] = res.z
     cols["Z_PRED_ERR"][fit] = res.z_err
     cols["DELTACHI2"][fit] = res.deltachi2
