@@ -20,6 +20,7 @@ from spectransfer.ml.models import (
     build_model,
     forward_outputs,
     load_init_weights,
+    redshift_from_head,
     redshift_probability,
     shift_z_bins,
 )
@@ -163,3 +164,21 @@ def test_old_dense_head_configs_load_and_a_dense_init_gives_a_fresh_shift_head()
         torch.testing.assert_close(new.state_dict()[k], v, rtol=0, atol=0)
     with pytest.raises(TrainError, match="even number"):
         ModelConfig(n_bins=256, z_bins=41, z_head_kind="shift")
+
+
+def test_z_err_is_the_half_width_holding_68_percent() -> None:
+    n = 300
+    edges = np.linspace(0.0, np.log1p(Z_MAX), n + 1)
+    width = edges[1] - edges[0]
+    one = np.full(n, -60.0)
+    one[120] = 0.0  # all the mass in one bin: 68% lie within 0.68 half-widths of its centre
+    split = np.full(n, -60.0)
+    split[[50, 200]] = np.log([0.6, 0.4])  # the mode holds 60%: the interval must reach bin 200
+    z, z_err = redshift_from_head(np.stack([one, split]))
+    u0 = 0.5 * (edges[120] + edges[121])
+    assert z[0] == pytest.approx(np.expm1(u0))
+    assert z_err[0] == pytest.approx((1 + z[0]) * np.sinh(0.68 * width / 2), rel=1e-6)
+    # direct: 60% in bin 50 in full, and 8/40 of bin 200 (uniform in it), from the near edge
+    u50 = 0.5 * (edges[50] + edges[51])
+    r = edges[200] + 0.2 * width - u50
+    assert z_err[1] == pytest.approx((1 + z[1]) * np.sinh(r), rel=1e-6)

@@ -1138,7 +1138,7 @@ def discover_cmd(
     refine: str = typer.Option(
         "full",
         "--refine",
-        help="Redshifts of the positives with the DR16Q quasar templates (Z_PRED): full (scan z 0-7; default, measured right on 13 of 14 real SDSS quasars), window (DESI's ±0.0784(1+z) around the network's Z_NET, ~10x faster) or none.",
+        help="Redshifts of the positives with the DR16Q quasar templates (Z_PRED): full (scan z 0-7; default, measured right on 13 of 14 real SDSS quasars), window (DESI's ±0.0784(1+z) around the network's Z_NET, the whole range where Z_NET_PROB < 0.7; faster) or none.",
     ),
     mc_dropout: int = typer.Option(
         0,
@@ -1244,7 +1244,7 @@ def classify_cmd(
     refine: str = typer.Option(
         "full",
         "--refine",
-        help="Redshifts of the positives with the DR16Q quasar templates (Z_PRED): full (scan z 0-7; default, measured right on 13 of 14 real SDSS quasars), window (DESI's ±0.0784(1+z) around the network's Z_NET, ~10x faster) or none.",
+        help="Redshifts of the positives with the DR16Q quasar templates (Z_PRED): full (scan z 0-7; default, measured right on 13 of 14 real SDSS quasars), window (DESI's ±0.0784(1+z) around the network's Z_NET, the whole range where Z_NET_PROB < 0.7; faster) or none.",
     ),
     mc_dropout: int = typer.Option(
         0,

@@ -10,17 +10,22 @@ A model file alone rebuilds its network: ``model.safetensors`` carries the model
 the grid, the package version and the training mode in its metadata (nanoGPT keeps the
 config inside the checkpoint for the same reason).
 
-The optional redshift head branches from the same flattened trunk features as the
-classifier (which stays the paper's): 8192 -> 256 -> dropout -> ``z_bins`` logits, a
-probability distribution over redshift bins uniform in ln(1+z) on [0, 7], trained with
-cross-entropy against Gaussian-smoothed one-hot targets. A distribution rather than a
-Gaussian (z, σ) output because the typical failure of a quasar redshift is a line confusion
-(Mg II taken for C IV, say), which puts probability at two distant redshifts: a distribution
-keeps both, its mode picks one, and its spread flags the doubt, where a single Gaussian
-would average the two into a redshift that is neither. 300 bins are 2080 km/s wide; the
-mean of the bins next to the mode gives the sub-bin redshift (``redshift_from_head``), and
-the template fit (``ml.refine``) takes it from there. ``z_bins = 0`` (the default, and what
-a model file saved without the head says) means no redshift head.
+The optional redshift head branches from the same trunk features as the classifier (which
+stays the paper's) and gives a probability distribution over redshift bins uniform in
+ln(1+z) on [0, 7], trained with cross-entropy against Gaussian-smoothed one-hot targets. A
+distribution rather than a Gaussian (z, σ) output because the typical failure of a quasar
+redshift is a line confusion (Mg II taken for C IV, say), which puts probability at two
+distant redshifts: a distribution keeps both, its mode picks one, and the probability near
+the mode says how far to trust it (``redshift_probability``), where a single Gaussian would
+average the two into a redshift that is neither. Two heads: ``shift`` (``ShiftZHead``, new
+runs: one rest-frame pattern matched at every redshift, since a redshift is a shift on the
+logarithmic grid; 316 bins of 1975 km/s) and ``dense`` (8192 -> 256 -> dropout -> 300 bins of
+2080 km/s, the first head; runs saved with it keep loading). Measured on the demo's simulated
+SDSS store, fine-tuned 375 steps from the same LAMOST run: the dense head 38% catastrophic on
+816 independent test quasars, the shift head 7.8%. The mean of the bins next to the mode
+gives the sub-bin redshift (``redshift_from_head``), and the template fit (``ml.refine``)
+takes it from there. ``z_bins = 0`` (the default, and what a model file saved without the
+head says) means no redshift head.
 """
 
 from __future__ import annotations
@@ -245,25 +250,59 @@ def redshift_from_head(z_logits: np.ndarray | torch.Tensor, around_mode: int = 3
     """The network's redshift and its uncertainty from z-head logits (B, n_bins).
 
     z: the probability-weighted mean of ln(1+z) over the ``around_mode`` bins either side of
-    the most probable bin (sub-bin precision without averaging two rival peaks); z_err: the
-    standard deviation of z over the whole distribution, so a line confusion that splits the
-    probability between two redshifts gives a large error.
+    the most probable bin (sub-bin precision without averaging two rival peaks). z_err: the
+    half-width around z that holds 68% of the head's probability (each bin's probability
+    spread evenly over it in ln(1+z)), as (1+z)·sinh(r) for the radius r in ln(1+z). A single
+    peak gives its width (1σ for a Gaussian); when the peak holds less than 68%, the interval
+    must reach the rival redshifts and the error grows to their distance. The standard
+    deviation did worse at flagging failures: on 816 simulated test quasars the 10% with the
+    largest std held 24% catastrophic redshifts, with the largest 68% half-width 35%.
     """
-    if isinstance(z_logits, torch.Tensor):
-        z_logits = z_logits.detach().float().cpu().numpy()
-    logits = np.asarray(z_logits, dtype=np.float64)
-    p = np.exp(logits - logits.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
+    p = _probabilities(z_logits)
     n = p.shape[1]
     u = z_bin_centres(n)
     mode = p.argmax(axis=1)
     near = np.abs(np.arange(n)[None, :] - mode[:, None]) <= around_mode
     pn = np.where(near, p, 0.0)
-    z = np.expm1((pn * u).sum(axis=1) / pn.sum(axis=1))
-    zc = np.expm1(u)
-    mean = (p * zc).sum(axis=1)
-    z_err = np.sqrt(np.maximum((p * (zc[None, :] - mean[:, None]) ** 2).sum(axis=1), 0.0))
-    return z, z_err
+    centre = (pn * u).sum(axis=1) / pn.sum(axis=1)
+    z = np.expm1(centre)
+    r = _radius_holding(p, centre, 0.68)
+    return z, (1.0 + z) * np.sinh(r)
+
+
+def _probabilities(z_logits: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(z_logits, torch.Tensor):
+        z_logits = z_logits.detach().float().cpu().numpy()
+    logits = np.asarray(z_logits, dtype=np.float64)
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def _mass_between(p: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Probability (B,) in [lo, hi] of ln(1+z), each bin's mass uniform over the bin."""
+    n = p.shape[1]
+    width = float(np.log1p(Z_MAX)) / n
+    before = np.concatenate([np.zeros((p.shape[0], 1)), np.cumsum(p, axis=1)], axis=1)  # mass below edge k
+    rows = np.arange(p.shape[0])
+
+    def cdf(x: np.ndarray) -> np.ndarray:
+        t = np.clip(x / width, 0.0, float(n))
+        k = np.minimum(np.floor(t).astype(np.int64), n - 1)
+        return before[rows, k] + p[rows, k] * (t - k)
+
+    return cdf(hi) - cdf(lo)
+
+
+def _radius_holding(p: np.ndarray, centre: np.ndarray, mass: float) -> np.ndarray:
+    """The radius r (B,) in ln(1+z) for which [centre - r, centre + r] holds ``mass`` (bisection)."""
+    lo = np.zeros(p.shape[0])
+    hi = np.full(p.shape[0], float(np.log1p(Z_MAX)))
+    for _ in range(40):  # 2.08 / 2**40: far below any bin
+        mid = 0.5 * (lo + hi)
+        enough = _mass_between(p, centre - mid, centre + mid) >= mass
+        hi = np.where(enough, mid, hi)
+        lo = np.where(enough, lo, mid)
+    return hi
 
 
 def redshift_probability(
@@ -274,18 +313,14 @@ def redshift_probability(
     |Δv| = c·|z - z_true|/(1 + z_true) <= v is z_true in [(1+z)/(1+v/c) - 1, (1+z)/(1-v/c) - 1],
     an interval of ln(1+z); each bin's probability counts in proportion to its overlap with it
     (uniform in ln(1+z) within the bin). With the default 3000 km/s, one minus it is the head's
-    own probability that ``z`` is a catastrophic failure."""
-    if isinstance(z_logits, torch.Tensor):
-        z_logits = z_logits.detach().float().cpu().numpy()
-    logits = np.asarray(z_logits, dtype=np.float64)
-    p = np.exp(logits - logits.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
-    edges = np.linspace(0.0, np.log1p(Z_MAX), p.shape[1] + 1)
-    u = np.log1p(np.asarray(z, dtype=np.float64))[:, None]
+    own probability that ``z`` is a catastrophic failure. It flags failures best of what we
+    tried (std, 68% half-width, entropy, peak height): on 816 simulated test quasars the 10%
+    with the lowest probability held 44% catastrophic redshifts, the other 90% 3.8%.
+    """
+    p = _probabilities(z_logits)
+    u = np.log1p(np.asarray(z, dtype=np.float64))
     beta = half_width_kms / C_KMS
-    lo, hi = u - np.log1p(beta), u - np.log1p(-beta)
-    overlap = np.clip(np.minimum(edges[None, 1:], hi) - np.maximum(edges[None, :-1], lo), 0.0, None)
-    return (p * overlap / np.diff(edges)[None, :]).sum(axis=1)
+    return _mass_between(p, u - np.log1p(beta), u - np.log1p(-beta))
 
 
 def _xavier(module: nn.Module) -> None:
