@@ -11,8 +11,10 @@ pretrained run and trains all layers with a fresh optimizer.
 
 The redshift head (``--z-head``, on by default) adds ``z_weight`` x its cross-entropy on the
 training quasars that have a catalogue redshift (``catalog_z``) to the BCE of every spectrum;
-early stopping still watches the classifier. Transfer loads the z head with the rest when the
-init run has one and starts a fresh one when it has not.
+early stopping still watches the classifier. With ``--z-shift`` each such quasar is seen by the
+z head a second time, moved along the logarithmic grid to another redshift (see ``_train_step``).
+Transfer loads the z head with the rest when the init run has one of the same kind and starts
+a fresh one when it has not.
 
 Determinism: with a fixed seed a run's result depends only on its settings. The data order
 is a function of (seed, epoch, rank, world size, workers) (see ``dataset.ChunkStream``), the
@@ -69,7 +71,7 @@ from spectransfer.provenance import atomic_path, write_text_atomic
 log = logging.getLogger(__name__)
 
 MODES = ("scratch", "finetune", "freeze-conv")
-# Weight of the z head's cross-entropy against the classifier's BCE. Measured on a simulated
+# Weight of the z head's cross-entropy against the classifier's BCE. Measured (dense head) on a simulated
 # SDSS-like store (3127 train spectra, 800 steps of 32, test 386 with 119 quasars): test F1
 # 0.971 without the z head, 0.967 at 0.1 (paired bootstrap ΔF1 -0.004 [-0.028, 0.017]),
 # 0.954 at 1.0 (ΔF1 -0.017 [-0.039, 0.004], p 0.13) which learns z faster (val catastrophic
