@@ -319,3 +319,16 @@ def test_help_documents_the_imbalance_options():
         "--z-weight",
     ):
         assert word in text, word
+
+
+def test_a_run_saved_before_the_z_head_options_resumes_without_them(tmp_path):
+    from spectransfer.ml.train import _resume_config
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"")
+    (tmp_path / "config.toml").write_text(f'[train]\nstore = "s"\nout = "{tmp_path}"\nseed = 4\n')
+    cfg = _resume_config(TrainConfig(store="other", out=str(tmp_path)))
+    assert (cfg.store, cfg.seed, cfg.z_head, cfg.z_shift, cfg.z_head_kind) == ("s", 4, False, 0, "dense")
+    (tmp_path / "config.toml").write_text(f'[train]\nstore = "s"\nout = "{tmp_path}"\nz_head = true\n')
+    cfg = _resume_config(TrainConfig(store="other", out=str(tmp_path)))
+    assert (cfg.z_head, cfg.z_shift, cfg.z_head_kind) == (True, 0, "dense")  # the dense head, no shifts
