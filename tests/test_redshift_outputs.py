@@ -95,7 +95,9 @@ def test_discover_writes_redshift_columns_with_units_and_bits(zdata: dict) -> No
         names = [h[f"TTYPE{i}"] for i in range(1, h["TFIELDS"] + 1)]
         assert set(REDSHIFT_COLUMNS) <= set(names)
         assert all(h.get(f"TCOMM{names.index(c) + 1}") for c in REDSHIFT_COLUMNS)
-        assert h["ZREFINE"] == "full" and h["ZBIT8"] == "NOT_FITTED" and h["ZBIT0"] == "SMALL_DELTACHI2"
+        # the default: DESI's window, and the whole range where the (untrained) head doubts its z
+        assert h["ZREFINE"] == "window" and h["ZBIT8"] == "NOT_FITTED" and h["ZBIT0"] == "SMALL_DELTACHI2"
+        assert (t["Z_NET_PROB"] < 0.7).all()
         order = np.argsort(t["PLATE"])
         z_pred, z_net = t["Z_PRED"][order], t["Z_NET"][order]
         assert np.isfinite(z_net).all()  # the z head answers for every spectrum

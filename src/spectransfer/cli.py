@@ -1136,9 +1136,9 @@ def discover_cmd(
         help="torch (eager fp32), onnx (onnxruntime fp32) or onnx-int8 (int8 calibrated on this store; fastest, see bench/discover.py).",
     ),
     refine: str = typer.Option(
-        "full",
+        "window",
         "--refine",
-        help="Redshifts of the positives with the DR16Q quasar templates (Z_PRED): full (scan z 0-7; default, measured right on 13 of 14 real SDSS quasars), window (DESI's ±0.0784(1+z) around the network's Z_NET, the whole range where Z_NET_PROB < 0.7; faster) or none.",
+        help="Redshifts of the positives with the DR16Q quasar templates (Z_PRED): window (default: DESI's ±0.0784(1+z) around the network's Z_NET, the whole range where Z_NET_PROB < 0.7 or the run has no z head), full (scan z 0-7 for every positive; ~2-3x slower) or none.",
     ),
     mc_dropout: int = typer.Option(
         0,
@@ -1242,9 +1242,9 @@ def classify_cmd(
         "torch", "--engine", help="torch (eager fp32) or onnx (onnxruntime fp32); onnx-int8 needs a store: use discover."
     ),
     refine: str = typer.Option(
-        "full",
+        "window",
         "--refine",
-        help="Redshifts of the positives with the DR16Q quasar templates (Z_PRED): full (scan z 0-7; default, measured right on 13 of 14 real SDSS quasars), window (DESI's ±0.0784(1+z) around the network's Z_NET, the whole range where Z_NET_PROB < 0.7; faster) or none.",
+        help="Redshifts of the positives with the DR16Q quasar templates (Z_PRED): window (default: DESI's ±0.0784(1+z) around the network's Z_NET, the whole range where Z_NET_PROB < 0.7 or the run has no z head), full (scan z 0-7 for every positive; ~2-3x slower) or none.",
     ),
     mc_dropout: int = typer.Option(
         0,

@@ -107,7 +107,7 @@ class _Job:
     workers: int | None
     scheduler: str | None
     survey: str | None
-    refine: str = "full"
+    refine: str = "window"
     mc_samples: int = 0
     store: Any = None
     info: Any = None
@@ -384,7 +384,7 @@ def discover(
     threads: int | None = None,
     survey: str | None = None,
     quiet: bool = False,
-    refine: str = "full",
+    refine: str = "window",
     mc_samples: int = 0,
 ) -> DiscoverResult:
     """Score every spectrum of ``store_path`` with the run and write the catalogue ``out``.

@@ -3,14 +3,14 @@
 Every row gets the network's redshift (``Z_NET``, ``Z_NET_ERR``, ``Z_NET_PROB``: read from the
 z head's distribution, NaN for a run without one). Spectra the model calls quasars are then
 fitted with the DR16Q quasar templates (``ml.refine``): ``Z_PRED``, ``Z_PRED_ERR``, ``ZWARN_PRED``, ``DELTACHI2``
-(NaN and ZWARN_NOT_FITTED for the others). DESI refits only a window around QuasarNET's z;
-here the network's z, trained on simulated spectra, is not yet that good a guide (measured
-with the shift head after the demo's 375 fine-tuning steps: 7.8% catastrophic on 816 simulated
-test quasars, 8 of 14 real SDSS quasars within 3000 km/s), so the default scans the whole
-range (full: 0.37% catastrophic on those simulated quasars, 13 of 14 real ones right, the
-miss the z = 6.39 spectrum whose Lyα is off the grid). ``window`` is DESI's refit, with a full
-scan wherever the head doubts its own z (``Z_NET_PROB`` < FULL_SCAN_BELOW): 0.61% and 12 of
-14 with the threshold at 0.5, 2.7x faster than full on those quasars.
+(NaN and ZWARN_NOT_FITTED for the others). The default is DESI's chain: QuasarNET's z, then
+the templates in a window of ±0.0784(1+z) around it. Our network alone is not yet that good a
+guide (shift head, LAMOST-pretrained, the demo's 375 fine-tuning steps: 4.7% catastrophic on
+816 simulated test quasars, 9 of 14 real SDSS quasars within 3000 km/s), but it knows when:
+the spectra whose ``Z_NET_PROB`` is below FULL_SCAN_BELOW get the whole range instead.
+Measured on those 816: window 0.25% catastrophic, full scan of every positive 0.37%, the
+window 2-2.7x faster; on the 14 real quasars 13 right either way, the miss the z = 6.39
+spectrum whose Lyα is off the grid.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ REFINE_MODES = ("full", "window", "none")
 ZWARN_NOT_FITTED = 1 << 8  # not fitted: the model does not call it a quasar, or refinement is off
 ZWARN_PRED_BITS = {**ZWARN_BITS, "NOT_FITTED": ZWARN_NOT_FITTED}
 # --refine window scans the whole range for spectra whose Z_NET_PROB is below this. Measured
-# with the shift head (375 fine-tuning steps): of 816 simulated test quasars, the 59% at or
-# above 0.7 held no catastrophic network z (those >= 0.5: 0.65%); of 14 real SDSS quasars, a
-# z = 0.38 one at 0.51 had its window around a wrong z = 1.48.
+# with the shift head (375 fine-tuning steps, two runs): of 816 simulated test quasars, the
+# 59-64% at or above 0.7 held no catastrophic network z (those >= 0.5: 0.15-0.65%); of 14 real
+# SDSS quasars, a z = 0.38 one at 0.51 had its window around a wrong z = 1.48.
 FULL_SCAN_BELOW = 0.7
 REDSHIFT_COLUMNS = ("Z_NET", "Z_NET_ERR", "Z_NET_PROB", "Z_PRED", "Z_PRED_ERR", "ZWARN_PRED", "DELTACHI2")
 
