@@ -82,6 +82,9 @@ Z_WEIGHT = 0.1
 Z_HEAD_KIND = "shift"
 # Largest redshift augmentation shift, in grid bins (``dataset.redshift_shift``), and never more
 # than an eighth of the grid: on the paper's grid 256 bins are 0.046 dex, (1+z) times 0.90-1.11.
+# Measured with the shift head (375 fine-tuning steps, 816 simulated test quasars): 7.8%
+# catastrophic network z with shifts of up to 256 bins, 8.1% without: little gain, ~14% more
+# rows per SDSS batch; kept, as the demo's figures were measured with it.
 Z_SHIFT = 256
 IMBALANCE = ("none", "pos-weight", "balanced")
 IMBALANCE_HELP = (
