@@ -54,22 +54,26 @@ def _loop_reference(flux: np.ndarray, ivar: np.ndarray, z_net: np.ndarray) -> np
     return best
 
 
-def _forward_rate(z_bins: int, batch: int, repeats: int) -> float:
+def _forward_rates(heads: dict[str, tuple[int, str]], batch: int, repeats: int) -> dict[str, float]:
+    """Spectra/s of the network's forward with each z head (name -> (z_bins, kind)); the
+    models take turns, so a shared machine's changing load falls on all of them alike."""
     import torch
 
     from spectransfer.ml.models import ModelConfig, build_model, forward_outputs
 
     torch.manual_seed(0)
-    model = build_model(ModelConfig(n_bins=2048, z_bins=z_bins)).eval()
+    models = {k: build_model(ModelConfig(n_bins=2048, z_bins=b, z_head_kind=kind)).eval() for k, (b, kind) in heads.items()}
     x = torch.randn(batch, 1, 2048)
-    best = np.inf
+    best = dict.fromkeys(models, np.inf)
     with torch.no_grad():
-        forward_outputs(model, x)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
+        for model in models.values():
             forward_outputs(model, x)
-            best = min(best, time.perf_counter() - t0)
-    return batch / best
+        for _ in range(repeats):
+            for k, model in models.items():
+                t0 = time.perf_counter()
+                forward_outputs(model, x)
+                best[k] = min(best[k], time.perf_counter() - t0)
+    return {k: batch / v for k, v in best.items()}
 
 
 def real_files(folder: str) -> list[dict]:
@@ -210,12 +214,16 @@ def main() -> None:
         f"same best trial (within one step) for {agree:.0%}"
     )
 
-    with_z = _forward_rate(300, args.batch, 5)
-    without = _forward_rate(0, args.batch, 5)
+    from spectransfer.config import DEFAULT_GRID
+    from spectransfer.ml.models import Z_BINS, shift_z_bins
+
+    heads = {"none": (0, "dense"), "shift": (shift_z_bins(DEFAULT_GRID.log_step), "shift"), "dense": (Z_BINS, "dense")}
+    rates = _forward_rates(heads, args.batch, 6)
+    without, with_z, with_dense = rates["none"], rates["shift"], rates["dense"]
     drop = 1 - with_z / without
     print(
         f"network forward (VGG-A, 2048 bins, batch {args.batch}): {without:.0f} spectra/s without the z head, "
-        f"{with_z:.0f} with it ({drop:+.1%} slower)"
+        f"{with_z:.0f} with the shift z head ({drop:+.1%} slower), {with_dense:.0f} with the dense one"
     )
     real = {}
     if args.real:
@@ -240,6 +248,7 @@ def main() -> None:
                 "forward_per_s_without_z_head": round(without, 1),
                 "forward_per_s_with_z_head": round(with_z, 1),
                 "forward_drop_fraction": round(drop, 4),
+                "forward_per_s_with_dense_z_head": round(with_dense, 1),
                 "threads": args.threads,
                 **real,
                 **({"store": on_store} if on_store else {}),

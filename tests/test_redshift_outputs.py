@@ -64,10 +64,11 @@ def _z_store(path: Path):
 def _run(path: Path, z_head: bool) -> Path:
     import torch
 
-    from spectransfer.ml.models import ModelConfig, build_model, save_weights
+    from spectransfer.ml.models import ModelConfig, build_model, save_weights, shift_z_bins
 
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name="vgg-a", n_bins=GRID.n_bins, z_bins=300 if z_head else 0))
+    bins = shift_z_bins(GRID.log_step) if z_head else 0
+    model = build_model(ModelConfig(name="vgg-a", n_bins=GRID.n_bins, z_bins=bins, z_head_kind="shift"))
     save_weights(model, path / "model.safetensors", GRID, mode="scratch")
     return path
 
@@ -94,10 +95,14 @@ def test_discover_writes_redshift_columns_with_units_and_bits(zdata: dict) -> No
         names = [h[f"TTYPE{i}"] for i in range(1, h["TFIELDS"] + 1)]
         assert set(REDSHIFT_COLUMNS) <= set(names)
         assert all(h.get(f"TCOMM{names.index(c) + 1}") for c in REDSHIFT_COLUMNS)
-        assert h["ZREFINE"] == "full" and h["ZBIT8"] == "NOT_FITTED" and h["ZBIT0"] == "SMALL_DELTACHI2"
+        # the default: DESI's window, and the whole range where the (untrained) head doubts its z
+        assert h["ZREFINE"] == "window" and h["ZBIT8"] == "NOT_FITTED" and h["ZBIT0"] == "SMALL_DELTACHI2"
+        assert (t["Z_NET_PROB"] < 0.7).all()
         order = np.argsort(t["PLATE"])
         z_pred, z_net = t["Z_PRED"][order], t["Z_NET"][order]
         assert np.isfinite(z_net).all()  # the z head answers for every spectrum
+        prob = t["Z_NET_PROB"]
+        assert np.isfinite(prob).all() and ((prob >= 0) & (prob <= 1 + 1e-6)).all()
         step = (1 + Z_TRUE) * np.log(10) * GRID.log_step
         assert np.all(np.abs(z_pred[: Z_TRUE.size] - Z_TRUE) <= 1.5 * step)
         assert np.all(t["DELTACHI2"][order][: Z_TRUE.size] > 9)
@@ -107,7 +112,7 @@ def test_a_run_without_z_head_still_scores_and_fits_only_positives(zdata: dict) 
     out = zdata["base"] / "old.parquet"
     discover(zdata["old_run"], zdata["store"], out, threshold=0.999999, engine="onnx", quiet=True, refine="full")
     t = pd.read_parquet(out)
-    assert t["Z_NET"].isna().all() and t["Z_NET_ERR"].isna().all()
+    assert t["Z_NET"].isna().all() and t["Z_NET_ERR"].isna().all() and t["Z_NET_PROB"].isna().all()
     neg = t["P_QSO"] < 0.999999
     assert neg.all() and t.loc[neg, "Z_PRED"].isna().all()
     assert (t.loc[neg, "ZWARN_PRED"] & ZWARN_NOT_FITTED).all()
@@ -118,7 +123,7 @@ def test_onnx_and_torch_give_the_same_network_redshift(zdata: dict) -> None:
 
     a = score_store_outputs(zdata["z_run"], zdata["store"], engine="torch")
     b = score_store_outputs(zdata["z_run"], zdata["store"], engine="onnx")
-    assert set(a) == set(b) == {"logit", "z_net", "z_net_err"}
+    assert set(a) == set(b) == {"logit", "z_net", "z_net_err", "z_net_prob"}
     np.testing.assert_allclose(a["z_net"], b["z_net"], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(a["logit"], b["logit"], rtol=1e-4, atol=1e-5)
 
@@ -128,6 +133,13 @@ def test_redshift_columns_window_mode_needs_the_network_z() -> None:
     scaled, ivar = normalise(flux.astype(np.float32), np.ones_like(flux, dtype=np.float32))
     cols = redshift_columns({"z_net": np.array([1.32]), "z_net_err": np.array([0.05])}, np.array([True]), scaled, ivar, "window")
     assert abs(cols["Z_PRED"][0] - 1.3) < 0.01 and cols["Z_NET"][0] == pytest.approx(1.32)
+    # a far-off network z: trusted by the head, the window cannot reach the truth; doubted, the
+    # whole range is scanned and the truth found
+    far = {"z_net": np.array([2.6, 2.6]), "z_net_err": np.array([0.05, 0.05]), "z_net_prob": np.array([0.9, 0.1])}
+    two = np.repeat(scaled, 2, axis=0), np.repeat(ivar, 2, axis=0)
+    cols = redshift_columns(far, np.array([True, True]), *two, "window")
+    assert abs(cols["Z_PRED"][0] - 1.3) > 0.5 and abs(cols["Z_PRED"][1] - 1.3) < 0.01
+    assert cols["Z_NET_PROB"][1] == pytest.approx(0.1)
     none = redshift_columns({}, np.array([True]), scaled, ivar, "none")
     assert np.isnan(none["Z_PRED"][0]) and none["ZWARN_PRED"][0] == ZWARN_NOT_FITTED
 

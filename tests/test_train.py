@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from spectransfer.config import Grid
 from spectransfer.errors import TrainError
-from spectransfer.ml.models import load_run, read_weights
+from spectransfer.ml.models import load_run, read_weights, shift_z_bins
 from spectransfer.ml.train import TrainConfig, train
 from test_dataset import make_store
 
@@ -142,12 +142,13 @@ def test_z_head_learns_the_catalogue_redshift(scratch_run):
     out, _ = scratch_run
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     z_loss = [m["val_z_loss"] for m in lines]
-    # validation cross-entropy of the z head falls from near ln(300) (know nothing) as it trains
-    assert z_loss[0] < math.log(300) + 0.5
-    assert z_loss[-1] < z_loss[0] - 0.1  # 5.69 -> 5.47 in 25 steps at the default weight 0.1
+    bins = shift_z_bins(SMALL.log_step)  # the default head: two bins per 32 grid bins over z 0-7
+    # validation cross-entropy of the z head falls from near ln(bins) (know nothing) as it trains
+    assert z_loss[0] < math.log(bins) + 0.5
+    assert z_loss[-1] < z_loss[0] - 0.1  # in 25 steps at the default weight 0.1
     assert all(m["val_z_n"] > 0 and 0 <= m["val_z_catastrophic"] <= 1 for m in lines)
     model, info = load_run(out)
-    assert info.model_config.z_bins == 300 and model.z_head is not None
+    assert info.model_config.z_bins == bins and info.model_config.z_head_kind == "shift" and model.z_head is not None
 
 
 def test_finetune_from_a_run_without_z_head_starts_a_fresh_z_head(store, tmp_path):
@@ -175,7 +176,12 @@ def test_finetune_from_a_run_without_z_head_starts_a_fresh_z_head(store, tmp_pat
     tuned = _weights(tmp_path / "ft" / "model.safetensors")
     for k, v in base.items():
         torch.testing.assert_close(tuned[k], v, rtol=0, atol=0)
-    assert {k for k in tuned if k.startswith("z_head.")} == {f"z_head.{i}.{w}" for i in (1, 4) for w in ("weight", "bias")}
+    assert {k for k in tuned if k.startswith("z_head.")} == {
+        "z_head.pattern",
+        "z_head.prior",
+        "z_head.mix.weight",
+        "z_head.mix.bias",
+    }
     lines = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["val_z_loss"] is not None
 
@@ -344,3 +350,16 @@ def test_epochs_whose_batch_count_differs_with_loader_workers_run_to_the_end(sto
     assert actual == counts
     summary = train(cfg)
     assert summary["epochs_completed"] == 2 and summary["steps"] == sum(counts)
+
+
+def test_a_run_saved_before_the_z_head_options_resumes_without_them(tmp_path):
+    from spectransfer.ml.train import _resume_config
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"")
+    (tmp_path / "config.toml").write_text(f'[train]\nstore = "s"\nout = "{tmp_path}"\nseed = 4\n')
+    cfg = _resume_config(TrainConfig(store="other", out=str(tmp_path)))
+    assert (cfg.store, cfg.seed, cfg.z_head, cfg.z_shift, cfg.z_head_kind) == ("s", 4, False, 0, "dense")
+    (tmp_path / "config.toml").write_text(f'[train]\nstore = "s"\nout = "{tmp_path}"\nz_head = true\n')
+    cfg = _resume_config(TrainConfig(store="other", out=str(tmp_path)))
+    assert (cfg.z_head, cfg.z_shift, cfg.z_head_kind) == (True, 0, "dense")  # the dense head, no shifts

@@ -806,6 +806,16 @@ def train_cmd(
         "--z-weight",
         help="Weight of the redshift cross-entropy (quasars with a catalogue z) added to the classification BCE (every spectrum).",
     ),
+    z_head_kind: str = typer.Option(
+        "shift",
+        "--z-head-kind",
+        help="The redshift head: shift (one learnt rest-frame pattern correlated with the trunk's features at every redshift, since a redshift is a shift on the log grid) or dense (8192 -> 256 -> 300 bins).",
+    ),
+    z_shift: int = typer.Option(
+        256,
+        "--z-shift",
+        help="Redshift augmentation: each training quasar is also shown to the z head moved by up to this many grid bins, at most an eighth of the grid (a shift of k bins is the spectrum at (1+z)*10**(k*log_step)); 0 = off. The classifier sees only the unshifted spectra.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Train the 1-D VGG on a store: pretrain, fine-tune (--init) or the scratch baseline."""
@@ -841,6 +851,8 @@ def train_cmd(
         debug_rows=debug_rows,
         z_head=z_head,
         z_weight=z_weight,
+        z_shift=z_shift,
+        z_head_kind=z_head_kind,
     )
     summary = train(cfg, resume=resume, quiet=quiet)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
@@ -1132,9 +1144,9 @@ def discover_cmd(
         help="torch (eager fp32), onnx (onnxruntime fp32) or onnx-int8 (int8 calibrated on this store; fastest, see bench/discover.py).",
     ),
     refine: str = typer.Option(
-        "full",
+        "window",
         "--refine",
-        help="Redshifts of the positives with the DR16Q quasar templates (Z_PRED): full (scan z 0-7; default, measured right on 13 of 14 real SDSS quasars), window (DESI's ±0.0784(1+z) around the network's Z_NET, ~10x faster) or none.",
+        help="Redshifts of the positives with the DR16Q quasar templates (Z_PRED): window (default: DESI's ±0.0784(1+z) around the network's Z_NET, the whole range where Z_NET_PROB < 0.7 or the run has no z head), full (scan z 0-7 for every positive; ~2-3x slower) or none.",
     ),
     mc_dropout: int = typer.Option(
         0,
@@ -1238,9 +1250,9 @@ def classify_cmd(
         "torch", "--engine", help="torch (eager fp32) or onnx (onnxruntime fp32); onnx-int8 needs a store: use discover."
     ),
     refine: str = typer.Option(
-        "full",
+        "window",
         "--refine",
-        help="Redshifts of the positives with the DR16Q quasar templates (Z_PRED): full (scan z 0-7; default, measured right on 13 of 14 real SDSS quasars), window (DESI's ±0.0784(1+z) around the network's Z_NET, ~10x faster) or none.",
+        help="Redshifts of the positives with the DR16Q quasar templates (Z_PRED): window (default: DESI's ±0.0784(1+z) around the network's Z_NET, the whole range where Z_NET_PROB < 0.7 or the run has no z head), full (scan z 0-7 for every positive; ~2-3x slower) or none.",
     ),
     mc_dropout: int = typer.Option(
         0,

@@ -85,7 +85,7 @@ def classify(
     batch_size: int = 256,
     threads: int | None = None,
     progress: Any = None,
-    refine: str = "full",
+    refine: str = "window",
     mc_samples: int = 0,
     zwarning_filter: bool = True,
     coverage_filter: bool = True,

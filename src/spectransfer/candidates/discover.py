@@ -107,7 +107,7 @@ class _Job:
     workers: int | None
     scheduler: str | None
     survey: str | None
-    refine: str = "full"
+    refine: str = "window"
     mc_samples: int = 0
     store: Any = None
     info: Any = None
@@ -384,7 +384,7 @@ def discover(
     threads: int | None = None,
     survey: str | None = None,
     quiet: bool = False,
-    refine: str = "full",
+    refine: str = "window",
     mc_samples: int = 0,
 ) -> DiscoverResult:
     """Score every spectrum of ``store_path`` with the run and write the catalogue ``out``.
@@ -438,7 +438,7 @@ def discover(
 # ---- the block work (here or in a Dask worker) -------------------------------------------------
 
 _SCORERS: dict[EngineSpec, Any] = {}
-BLOCK_OUTPUTS = ("logit", "z_net", "z_net_err", "p_qso_std")  # the columns of a saved block, in order
+BLOCK_OUTPUTS = ("logit", "z_net", "z_net_err", "p_qso_std", "z_net_prob")  # the columns of a saved block, in order
 REFINE_BLOCK = 4096  # positives read and fitted at a time: memory bounded by the block
 
 

@@ -26,7 +26,7 @@ from spectransfer.ml.refine import velocity_offset_kms
 
 
 def reality_check(
-    run: str | Path, paths: Sequence[str | Path], threshold: float = 0.5, engine: str = "onnx", refine: str = "full"
+    run: str | Path, paths: Sequence[str | Path], threshold: float = 0.5, engine: str = "onnx", refine: str = "window"
 ) -> dict[str, Any]:
     """Per-file answers and per-class counts of ``run`` on the real files under ``paths``."""
     res = classify(run, paths, threshold=threshold, engine=engine, refine=refine)

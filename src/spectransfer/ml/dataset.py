@@ -299,3 +299,63 @@ def _round_robin_skips(counts: list[int], consumed: int) -> tuple[list[int], int
             left -= 1
         nxt = (nxt + 1) % len(counts)
     return skips, nxt
+
+
+# ---- redshift augmentation: a quasar moved along the logarithmic grid ---------------------------
+
+
+def redshift_shift_draws(z: np.ndarray, max_shift: int, log_step: float, z_max: float, rng: np.random.Generator) -> np.ndarray:
+    """Whole-bin shifts (int64, one per ``z``) drawn uniformly from [-max_shift, max_shift],
+    limited so that the shifted redshift stays in [0, z_max]."""
+    lg = np.log10(1.0 + np.asarray(z, dtype=np.float64))
+    lo = np.maximum(-max_shift, np.ceil(-lg / log_step - 1e-9)).astype(np.int64)
+    hi = np.minimum(max_shift, np.floor((np.log10(1.0 + z_max) - lg) / log_step + 1e-9)).astype(np.int64)
+    hi = np.maximum(hi, lo)
+    return lo + np.floor(rng.random(lg.size) * (hi - lo + 1)).astype(np.int64)
+
+
+def redshift_shift(x: torch.Tensor, z: torch.Tensor, shift: torch.Tensor, log_step: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spectra ``x`` (B, C, n_bins) on the logarithmic grid as they would look at another redshift.
+
+    On a grid uniform in log10(λ), observing a spectrum at (1+z') = (1+z)·10**(k·log_step)
+    moves every feature by k bins (k > 0: redder). Bin i of the result is bin i - k of the
+    input; bins that come from outside the grid hold 0, the store's "no data". The result is
+    normalised again as the store normalises (``data.resample.normalise``): flux min-max
+    scaled to [-1, 1] over its bins with data (non-zero), the second (ivar) channel divided by
+    its maximum; so it is the store's row for that spectrum at z' over the narrower coverage.
+    Returns (shifted x, z').
+    """
+    n = x.shape[-1]
+    shift = shift.to(device=x.device, dtype=torch.long)
+    src = torch.arange(n, device=x.device)[None, :] - shift[:, None]  # (B, n)
+    inside = (src >= 0) & (src < n)
+    idx = src.clamp(0, n - 1)[:, None, :].expand(-1, x.shape[1], -1)
+    out = torch.where(inside[:, None, :], torch.gather(x, 2, idx), torch.zeros((), dtype=x.dtype, device=x.device))
+    flux = out[:, 0]
+    good = flux != 0
+    big = torch.finfo(flux.dtype).max
+    fmin = torch.where(good, flux, torch.full_like(flux, big)).amin(dim=1, keepdim=True)
+    fmax = torch.where(good, flux, torch.full_like(flux, -big)).amax(dim=1, keepdim=True)
+    span = fmax - fmin
+    ok = good.any(dim=1, keepdim=True) & (span > 0)
+    scaled = ((flux - fmin) * (2.0 / torch.where(ok, span, torch.ones_like(span))) - 1.0).clamp(-1.0, 1.0)
+    out[:, 0] = torch.where(good & ok, scaled, torch.zeros_like(flux))
+    if x.shape[1] == 2:
+        peak = out[:, 1].amax(dim=1, keepdim=True)
+        out[:, 1] = torch.where(peak > 0, out[:, 1] / torch.where(peak > 0, peak, torch.ones_like(peak)), out[:, 1])
+    z_new = (1.0 + z.to(torch.float64)) * torch.pow(10.0, shift.to(torch.float64) * log_step) - 1.0
+    return out, z_new.to(z.dtype)
+
+
+def redshift_augment(
+    x: torch.Tensor, z: torch.Tensor, max_shift: int, log_step: float, z_max: float, seed: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shifted copies (``redshift_shift``) of the rows of ``x`` with a finite redshift ``z``, each
+    by its own random whole number of bins in [-max_shift, max_shift] (z' kept in [0, z_max]);
+    the draws are a function of ``seed`` (anything ``np.random.default_rng`` takes)."""
+    has = torch.isfinite(z)
+    if max_shift <= 0 or not bool(has.any()):
+        return x[:0], z[:0]
+    zq = z[has]
+    shifts = redshift_shift_draws(zq.double().cpu().numpy(), max_shift, log_step, z_max, np.random.default_rng(seed))
+    return redshift_shift(x[has], zq, torch.from_numpy(shifts), log_step)

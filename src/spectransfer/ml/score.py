@@ -307,15 +307,17 @@ def _as_column(v: Any) -> np.ndarray:
 
 
 def with_redshift(out: Outputs) -> Outputs:
-    """Turn a redshift head's logits (B, z_bins) into the network's ``z_net`` and ``z_net_err`` (B,):
+    """Turn a redshift head's logits (B, z_bins) into the network's ``z_net``, ``z_net_err`` and
+    ``z_net_prob`` (B,; the head's probability that z_net is within 3000 km/s of the truth):
     every engine hands the same named columns on, and no caller carries 300 numbers per spectrum."""
     z_logits = out.pop("z_logits", None)
     if z_logits is not None:
-        from spectransfer.ml.models import redshift_from_head
+        from spectransfer.ml.models import redshift_from_head, redshift_probability
 
         z, z_err = redshift_from_head(z_logits)
         out["z_net"] = z.astype(np.float32)
         out["z_net_err"] = z_err.astype(np.float32)
+        out["z_net_prob"] = redshift_probability(z_logits, z).astype(np.float32)
     return out
 
 
