@@ -145,11 +145,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True  # the rest never comes
             return
-        if path in srv.trickle:
-            for i in range(0, len(payload), 8192):
+        if path in srv.trickle:  # ~20 KB/s: a 300 KB file takes ~15 s, long enough for a loaded machine to interrupt it
+            for i in range(0, len(payload), 1024):
                 if srv.release.wait(0.05):
                     return
-                self.wfile.write(payload[i : i + 8192])
+                self.wfile.write(payload[i : i + 1024])
                 self.wfile.flush()
             return
         self.wfile.write(payload)
