@@ -145,11 +145,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True  # the rest never comes
             return
-        if path in srv.trickle:  # ~20 KB/s: a 300 KB file takes ~15 s, long enough for a loaded machine to interrupt it
-            for i in range(0, len(payload), 1024):
+        if path in srv.trickle:
+            for i in range(0, len(payload), 8192):
                 if srv.release.wait(0.05):
                     return
-                self.wfile.write(payload[i : i + 1024])
+                self.wfile.write(payload[i : i + 8192])
                 self.wfile.flush()
             return
         self.wfile.write(payload)
@@ -595,7 +595,16 @@ def test_cli_interrupt_keeps_part_and_the_next_run_resumes(
         server.url + "/sas",
         "--quiet",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A job started in the background by a non-interactive shell (nohup, `make test &`) inherits
+    # SIGINT ignored, and Python then never turns it into KeyboardInterrupt: give the child the
+    # default disposition, as a terminal would.
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         for _ in range(400):  # wait (at most ~40 s) until some bytes have arrived
             if part.exists() and part.stat().st_size > 0:
