@@ -250,11 +250,16 @@ def steps_per_epoch(stream: ChunkStream, epochs: int) -> list[int]:
     return counts
 
 
+def _uses_cuda(cfg: TrainConfig) -> bool:
+    """Whether this run's processes train on GPUs (``--device cuda``, or auto with one present)."""
+    return cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+
+
 def _check_world(cfg: TrainConfig, train: Selection, chunk_rows: int, what: str) -> None:
     """Refuse a world that cannot run: more local GPU processes than GPUs, or a rank that would
     get no training batch (windows of ``buffer_chunks`` store chunks go to the ranks in turn)."""
     size = int(os.environ.get("WORLD_SIZE", cfg.devices))
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    use_cuda = _uses_cuda(cfg)
     if use_cuda and "WORLD_SIZE" not in os.environ and cfg.devices > torch.cuda.device_count():
         raise TrainError(
             f"--devices {cfg.devices} asks for {cfg.devices} GPU processes but this machine has "
@@ -418,7 +423,7 @@ def _join_world(cfg: TrainConfig) -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    use_cuda = _uses_cuda(cfg)
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if size > 1:
         if use_cuda:
