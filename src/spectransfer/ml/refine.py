@@ -96,14 +96,18 @@ class RefineResult:
 
 @dataclass(frozen=True)
 class _Template:
-    """One quasar template on the grid: trial shifts m in [lo, hi), FFTs of its products."""
+    """One template on the grid: trial shifts m in [lo, hi), FFTs of its products."""
 
     name: str
     lo: int
     hi: int
-    ext: np.ndarray  # (N_BASES, n_bins + hi - lo - 1); model at shift m, pixel j = ext[:, j - m + hi - 1]
+    ext: np.ndarray  # (k, n_bins + hi - lo - 1); model at shift m, pixel j = ext[:, j - m + hi - 1]
     nfft: int
-    spectra: np.ndarray  # (14, nfft//2+1): rfft of the 4 bases and their 10 pair products
+    spectra: np.ndarray  # (k + k(k+1)/2, nfft//2+1): rfft of the k bases and their pair products
+
+    @property
+    def k(self) -> int:
+        return int(self.ext.shape[0])
 
 
 @dataclass(frozen=True)
@@ -122,7 +126,8 @@ class _Scan:
         return np.log10(1.0 + np.asarray(z, dtype=np.float64)) / self.step
 
 
-_PAIRS = [(a, b) for a in range(N_BASES) for b in range(a, N_BASES)]
+def _pairs(k: int) -> list[tuple[int, int]]:
+    return [(a, b) for a in range(k) for b in range(a, k)]
 
 
 def _rebin_to_grid(loglam: np.ndarray, basis: np.ndarray, centres: np.ndarray, step: float) -> np.ndarray:
@@ -138,21 +143,24 @@ def _rebin_to_grid(loglam: np.ndarray, basis: np.ndarray, centres: np.ndarray, s
 @lru_cache(maxsize=4)
 def _scan(grid: Grid = DEFAULT_GRID) -> _Scan:
     step = float(grid.log_step)
-    n = grid.n_bins
     split = int(round(np.log10(1 + Z_SPLIT) / step))
     n_trials = int(np.floor(np.log10(1 + Z_MAX) / step)) + 1
-    temps = load_templates()
-    out = []
-    for name, lo, hi in (("qso_loz", 0, split), ("qso_hiz", split, n_trials)):
-        t = temps[name]
-        # pixel j at shift m sits at rest log-λ  log10(λ_j) - m·step; index n = j - m + hi - 1
-        idx = np.arange(n + hi - lo - 1) - (hi - 1)
-        centres = np.log10(grid.wave_min) + idx * step
-        ext = _rebin_to_grid(t.loglam, t.basis.astype(np.float64), centres, step)
-        nfft = scipy.fft.next_fast_len(ext.shape[1] + 1, real=True)
-        products = np.concatenate([ext, np.array([ext[a] * ext[b] for a, b in _PAIRS])])
-        out.append(_Template(name, lo, hi, ext, nfft, scipy.fft.rfft(products, nfft, axis=1)))
-    return _Scan(grid, step, n_trials, tuple(out))
+    out = (template_on_grid("qso_loz", 0, split, grid), template_on_grid("qso_hiz", split, n_trials, grid))
+    return _Scan(grid, step, n_trials, out)
+
+
+@lru_cache(maxsize=32)
+def template_on_grid(name: str, lo: int, hi: int, grid: Grid = DEFAULT_GRID) -> _Template:
+    """Template ``name`` rebinned for the trial shifts [lo, hi) (in grid log steps; negative = blueshift)."""
+    t = load_templates()[name]
+    step, n = float(grid.log_step), grid.n_bins
+    # pixel j at shift m sits at rest log-λ  log10(λ_j) - m·step; index n = j - m + hi - 1
+    idx = np.arange(n + hi - lo - 1) - (hi - 1)
+    centres = np.log10(grid.wave_min) + idx * step
+    ext = _rebin_to_grid(t.loglam, t.basis.astype(np.float64), centres, step)
+    nfft = scipy.fft.next_fast_len(ext.shape[1] + 1, real=True)
+    products = np.concatenate([ext, np.array([ext[a] * ext[b] for a, b in _pairs(ext.shape[0])])])
+    return _Template(name, lo, hi, ext, nfft, scipy.fft.rfft(products, nfft, axis=1))
 
 
 def window_trials(z_net: np.ndarray, grid: Grid = DEFAULT_GRID, half_width: float = DESI_WINDOW) -> np.ndarray:
@@ -174,15 +182,32 @@ def chi2_scan(
 
     Coefficients 0-3 multiply the template bases, 4 the constant.
     """
-    scan = _scan(grid)
+    return chi2_templates(flux, ivar, trials, _scan(grid).templates, workers)
+
+
+def chi2_templates(
+    flux: np.ndarray,
+    ivar: np.ndarray,
+    trials: np.ndarray,
+    templates: tuple[_Template, ...],
+    workers: int = -1,
+    n_poly: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """χ² (n, W) at trial shifts ``trials`` (n, W) of k-basis ``templates`` (each covering its own
+    [lo, hi) shifts, all with the same k) plus ``n_poly`` Legendre terms of the observed
+    wavelength (1: a constant), and the coefficients (n, W, k + n_poly)."""
+    kb = templates[0].k
+    nk = kb + n_poly
+    pairs = _pairs(kb)
     f = np.asarray(flux, dtype=np.float64)
     w = np.clip(np.nan_to_num(np.asarray(ivar, dtype=np.float64)), 0.0, None)
     f = np.where(w > 0, np.nan_to_num(f), 0.0)
     wf = w * f
     n, width = trials.shape
-    ata = np.zeros((n, width, 5, 5))
-    atb = np.zeros((n, width, 5))
-    for t in scan.templates:
+    polys = np.polynomial.legendre.legvander(np.linspace(-1.0, 1.0, f.shape[1]), n_poly - 1).T  # (n_poly, P)
+    ata = np.zeros((n, width, nk, nk))
+    atb = np.zeros((n, width, nk))
+    for t in templates:
         inside = (trials >= t.lo) & (trials < t.hi)
         rows = np.flatnonzero(inside.any(axis=1))
         if rows.size == 0:
@@ -191,27 +216,47 @@ def chi2_scan(
         fw = scipy.fft.rfft(w[rows], t.nfft, axis=1, workers=workers)
         fwf = scipy.fft.rfft(wf[rows], t.nfft, axis=1, workers=workers)
         cw = scipy.fft.irfft(np.conj(fw)[:, None, :] * t.spectra[None], t.nfft, axis=2, workers=workers)
-        cwf = scipy.fft.irfft(np.conj(fwf)[:, None, :] * t.spectra[None, :N_BASES], t.nfft, axis=2, workers=workers)
-        lag = np.clip(t.hi - 1 - trials[rows], 0, t.hi - t.lo - 1)
-        sel = inside[rows]
-        r_idx = np.broadcast_to(lag[:, None, :], (rows.size, cw.shape[1], width))
-        sw = np.take_along_axis(cw, r_idx, axis=2)  # (k, 14, W)
-        swf = np.take_along_axis(cwf, r_idx[:, :N_BASES], axis=2)  # (k, 4, W)
-        blk_a = np.zeros((rows.size, width, 5, 5))
-        for p, (a, b) in enumerate(_PAIRS):
-            blk_a[:, :, a, b] = blk_a[:, :, b, a] = sw[:, N_BASES + p]
-        blk_a[:, :, :N_BASES, 4] = blk_a[:, :, 4, :N_BASES] = np.moveaxis(sw[:, :N_BASES], 1, 2)
-        blk_b = np.zeros((rows.size, width, 5))
-        blk_b[:, :, :N_BASES] = np.moveaxis(swf, 1, 2)
-        ata[rows] = np.where(sel[:, :, None, None], blk_a, ata[rows])
-        atb[rows] = np.where(sel[:, :, None], blk_b, atb[rows])
-    ata[:, :, 4, 4] = w.sum(axis=1)[:, None]
-    atb[:, :, 4] = wf.sum(axis=1)[:, None]
+        cwf = scipy.fft.irfft(np.conj(fwf)[:, None, :] * t.spectra[None, :kb], t.nfft, axis=2, workers=workers)
+        cols = np.flatnonzero(inside[rows].any(axis=0))  # only the trials this template covers
+        sel = inside[np.ix_(rows, cols)]
+        lag = np.clip(t.hi - 1 - trials[np.ix_(rows, cols)], 0, t.hi - t.lo - 1)
+        wid = cols.size
+
+        sw = _gather(cw, lag)  # (r, k + pairs, W')
+        swf = _gather(cwf, lag)  # (r, k, W')
+        blk_a = np.zeros((rows.size, wid, nk, nk))
+        for p, (a, b) in enumerate(pairs):
+            blk_a[:, :, a, b] = blk_a[:, :, b, a] = sw[:, kb + p]
+        blk_a[:, :, :kb, kb] = blk_a[:, :, kb, :kb] = np.moveaxis(sw[:, :kb], 1, 2)
+        for order in range(1, n_poly):  # Σ w P_l T_a: the template against each higher Legendre term
+            fwp = scipy.fft.rfft(w[rows] * polys[order], t.nfft, axis=1, workers=workers)
+            cwp = scipy.fft.irfft(np.conj(fwp)[:, None, :] * t.spectra[None, :kb], t.nfft, axis=2, workers=workers)
+            swp = np.moveaxis(_gather(cwp, lag), 1, 2)  # (r, W', k)
+            blk_a[:, :, :kb, kb + order] = blk_a[:, :, kb + order, :kb] = swp
+        blk_b = np.zeros((rows.size, wid, nk))
+        blk_b[:, :, :kb] = np.moveaxis(swf, 1, 2)
+        at = np.ix_(rows, cols)
+        if sel.all():
+            ata[at], atb[at] = blk_a, blk_b
+        else:
+            ata[at] = np.where(sel[:, :, None, None], blk_a, ata[at])
+            atb[at] = np.where(sel[:, :, None], blk_b, atb[at])
+    for a in range(n_poly):  # the polynomial block does not move with z
+        atb[:, :, kb + a] = (wf @ polys[a])[:, None]
+        for b in range(a, n_poly):
+            ata[:, :, kb + a, kb + b] = ata[:, :, kb + b, kb + a] = (w @ (polys[a] * polys[b]))[:, None]
     # a ridge of 1e-14 of the mean diagonal keeps degenerate and empty spectra solvable (zeros)
-    ridge = 1e-14 * np.trace(ata, axis1=2, axis2=3)[..., None, None] / 5 + 1e-300
-    coef = _solve_spd(ata + ridge * np.eye(5), atb)
+    ridge = 1e-14 * np.trace(ata, axis1=2, axis2=3)[..., None, None] / nk + 1e-300
+    coef = _solve_spd(ata + ridge * np.eye(nk), atb)
     chi2 = (wf * f).sum(axis=1)[:, None] - np.einsum("nwk,nwk->nw", atb, coef)
     return chi2, coef
+
+
+def _gather(c: np.ndarray, lag: np.ndarray) -> np.ndarray:
+    """c[r, :, lag[r]] for every spectrum r: the cross-correlations at each spectrum's trial lags."""
+    if (lag == lag[:1]).all():  # every spectrum has the same trials: one plain index
+        return c[:, :, lag[0]]
+    return np.take_along_axis(c, np.broadcast_to(lag[:, None, :], (*c.shape[:2], lag.shape[1])), axis=2)
 
 
 def _solve_spd(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -1,0 +1,142 @@
+"""Template families (ml.spectype) and the quasar decision (candidates.decision).
+
+The χ² engine equals a direct weighted least-squares solve; spectra built from the templates'
+own archetypes are given their own family (M stars included: their PCA basis is negative);
+the real files in tests/data are given the family their survey pipeline gave them; the
+decision asks the templates only about the uncertain band and lets them decide only where
+decisive."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spectransfer.candidates.decision import DECISIVE, UNCERTAIN, check_templates, decide, to_fit
+from spectransfer.config import DEFAULT_GRID
+from spectransfer.data.resample import normalise
+from spectransfer.errors import EvaluateError
+from spectransfer.ml.refine import chi2_templates, template_on_grid
+from spectransfer.ml.spectype import fit_spectype
+from spectransfer.simulate.templated import redshift_to
+from spectransfer.templates import load_templates
+
+GRID = DEFAULT_GRID
+
+
+def _loglam() -> np.ndarray:
+    return np.log10(GRID.wave_min) + np.arange(GRID.n_bins) * GRID.log_step
+
+
+def _observed(name: str, rest: np.ndarray, z: float, snr: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A template spectrum at z with Gaussian noise of median S/N ``snr``, scaled like the store."""
+    t = load_templates()[name]
+    model = redshift_to(t, rest[None, :], np.array([z]), _loglam())[0]
+    sigma = np.median(np.abs(model)) / snr
+    flux = model + rng.normal(0.0, sigma, model.size)
+    f, iv = normalise(flux, np.full(model.size, 1.0 / sigma**2))
+    return f.astype(np.float64), iv.astype(np.float64)
+
+
+@pytest.mark.parametrize("n_poly", [1, 3])
+def test_chi2_equals_direct_weighted_least_squares(n_poly: int) -> None:
+    rng = np.random.default_rng(3)
+    lo, hi = 0, 900
+    tpl = template_on_grid("galaxy", lo, hi, GRID)
+    n, p = 3, GRID.n_bins
+    flux = rng.normal(0.0, 1.0, (n, p))
+    ivar = rng.uniform(0.5, 2.0, (n, p))
+    ivar[:, 100:160] = 0.0
+    trials = np.array([[0, 17, 450, 899]] * n)
+    chi2, coef = chi2_templates(flux, ivar, trials, (tpl,), workers=1, n_poly=n_poly)
+    x = np.linspace(-1, 1, p)
+    polys = np.polynomial.legendre.legvander(x, n_poly - 1)
+    for i in range(n):
+        for j, m in enumerate(trials[i]):
+            start = hi - 1 - m
+            design = np.column_stack([tpl.ext[:, start : start + p].T, polys])
+            sw = np.sqrt(ivar[i])
+            sol, *_ = np.linalg.lstsq(design * sw[:, None], flux[i] * sw, rcond=None)
+            direct = float(np.sum(ivar[i] * (flux[i] - design @ sol) ** 2))
+            assert chi2[i, j] == pytest.approx(direct, rel=1e-6)
+            np.testing.assert_allclose(coef[i, j], sol, rtol=1e-5, atol=1e-8 * np.abs(sol).max())
+
+
+def test_archetypes_are_fitted_by_their_own_family() -> None:
+    rng = np.random.default_rng(11)
+    t = load_templates()
+    cases = []
+    gal = t["galaxy"]
+    for row, z in ((5, 0.12), (400, 0.45), (700, 0.8)):
+        cases.append(("GALAXY", "galaxy", gal.archetypes(np.array([row]))[0], z))
+    for name, row in (("star_m", 30), ("star_a", 10), ("star_k", 500), ("star_wd", 7)):
+        cases.append(("STAR", name, t[name].archetypes(np.array([row]))[0], 0.0))
+    q = t["qso_loz"].basis[0].astype(np.float64)
+    h = t["qso_hiz"].basis[0].astype(np.float64)
+    cases += [("QSO", "qso_loz", q, 0.05), ("QSO", "qso_loz", q, 1.1), ("QSO", "qso_hiz", h, 2.4)]
+    obs = [_observed(name, np.maximum(rest, 0) if name != "star_m" else rest, z, 8.0, rng) for _, name, rest, z in cases]
+    res = fit_spectype(np.stack([o[0] for o in obs]), np.stack([o[1] for o in obs]), GRID)
+    for k, (family, name, _rest, z) in enumerate(cases):
+        assert res.spectype[k] == family, (name, z, res.chi2[k])
+        col = ("QSO", "GALAXY", "STAR").index(family)
+        assert abs(res.z[k, col] - z) / (1 + z) < 1e-3, (name, z, res.z[k])
+        if name in ("star_m", "star_wd"):  # neighbouring types (A/F, G/K) may share a spectrum; these may not
+            assert res.star_type[k] == name.removeprefix("star_").upper()
+        assert (res.dchi2_qso[k] > 0) == (family == "QSO")
+
+
+def test_real_files_get_their_pipeline_family(real_data: Path) -> None:
+    from spectransfer.candidates.classify import _read
+    from spectransfer.data.ingest import find_files
+
+    files, _ = find_files([real_data / "sdss", real_data / "lamost"])
+    meta, flux, ivar, _failed = _read(files, GRID, None)  # ingest's cuts: what classify scores
+    cls = meta["pipeline_class"].astype(str).str.strip().str.upper().to_numpy()
+    keep = np.isin(cls, ["QSO", "GALAXY", "STAR"])
+    assert keep.sum() >= 12 and {"QSO", "GALAXY", "STAR"} <= set(cls[keep])
+    res = fit_spectype(flux[keep], ivar[keep], GRID)
+    wrong = [Path(f).name for f, c, s in zip(meta["source_file"][keep], cls[keep], res.spectype) if c != s]
+    assert not wrong, wrong
+
+
+def test_decision_asks_the_templates_only_where_the_network_is_unsure() -> None:
+    rng = np.random.default_rng(5)
+    t = load_templates()
+    galaxy = _observed("galaxy", t["galaxy"].archetypes(np.array([200]))[0], 0.3, 10.0, rng)
+    quasar = _observed("qso_loz", t["qso_loz"].basis[0].astype(np.float64), 0.6, 10.0, rng)
+    flux = np.stack([galaxy[0], galaxy[0], quasar[0], quasar[0]])
+    ivar = np.stack([galaxy[1], galaxy[1], quasar[1], quasar[1]])
+    p = np.array([0.7, 0.995, 0.1, 0.001])  # unsure galaxy, sure (wrong) galaxy, unsure quasar, sure (wrong) quasar
+    assert to_fit(p, "uncertain").tolist() == [0, 2]
+    assert to_fit(p, "all").tolist() == [0, 1, 2, 3] and to_fit(p, "none").size == 0
+    asked: list[list[int]] = []
+
+    def read(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        asked.append(idx.tolist())
+        return flux[idx], ivar[idx]
+
+    got = decide(p, 0.5, read, None, "uncertain", GRID)
+    assert asked == [[0, 2]]
+    assert got["IS_QSO"].tolist() == [False, True, True, False]
+    assert got["DECIDED_BY"].tolist() == ["templates", "network", "templates", "network"]
+    assert got["SPECTYPE"].tolist() == ["GALAXY", "", "QSO", ""]
+    assert np.isnan(got["DCHI2_QSO"][[1, 3]]).all() and got["DCHI2_QSO"][0] < 0 < got["DCHI2_QSO"][2]
+    every = decide(p, 0.5, flux, ivar, "all", GRID)
+    assert every["IS_QSO"].tolist() == [False, False, True, True]
+    none = decide(p, 0.5, flux, ivar, "none", GRID)
+    assert none["IS_QSO"].tolist() == (p >= 0.5).tolist() and set(none["DECIDED_BY"]) == {"network"}
+    assert 0 < UNCERTAIN[0] < 0.5 < UNCERTAIN[1] < 1 and 0 < DECISIVE < 1
+    with pytest.raises(EvaluateError, match="--templates"):
+        check_templates("sometimes")
+
+
+def test_a_near_tie_is_left_to_the_network() -> None:
+    """Two families within DECISIVE of each other: the network's P decides."""
+    rng = np.random.default_rng(8)
+    flux = rng.normal(0.0, 1.0, (2, GRID.n_bins))  # pure noise: every family fits it about equally badly
+    ivar = np.ones_like(flux)
+    got = decide(np.array([0.6, 0.3]), 0.5, flux, ivar, "all", GRID)
+    rel = np.abs(got["DCHI2_QSO"]) / GRID.n_bins
+    assert (rel < DECISIVE).all()
+    assert got["IS_QSO"].tolist() == [True, False] and set(got["DECIDED_BY"]) == {"network"}
