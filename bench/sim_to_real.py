@@ -2,15 +2,17 @@
 
 Classifies every real file under DATA/sdss and DATA/lamost with the run (`classify`: the same
 reading, cuts and resampling as ingest; `spectransfer.evaluation.reality`, the check the demo
-runs on tests/data) and compares P(QSO) >= threshold with the files' own pipeline CLASS (a
-file the pipeline left unclassified is listed but not counted). The real_* figures count the
+runs on tests/data) and compares its IS_QSO decision (P(QSO) >= threshold, or the template
+families where the network is unsure: --templates) with the files' own pipeline CLASS (a
+file the pipeline left unclassified is listed but not counted); network_* figures judge
+P(QSO) >= threshold alone. The real_* figures count the
 files classify accepts; files its cuts refuse (grid not covered, ZWARNING != 0) are scored
 with the cuts off, marked "cut", and counted only in the all_files_* figures. Prints one line
 per file, counts per class, then one JSON line: real_qso_recall, real_precision,
 real_accuracy, n_real, real_fp_rate_sdss, real_fp_rate_lamost, real_z_within_3000_kms, n_cut
 and the all_files_* figures.
 
-    .venv/bin/python bench/sim_to_real.py [--run demo-output/runs/finetune] [--data DIR]
+    .venv/bin/python bench/sim_to_real.py [--run demo-output/runs/finetune] [--data DIR] [--templates none]
 
 Edge cases among the shared real files (PROVENANCE.md), flagged in the per-file lines: a QSO
 at z = 6.39 with ZWARNING = 5 (unreliable pipeline answer), a "QSO" at z = 0.0018, and an
@@ -47,6 +49,7 @@ def main() -> None:
     )
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--engine", default="onnx")
+    ap.add_argument("--templates", default="uncertain", help="uncertain, all or none (see classify --templates)")
     args = ap.parse_args()
     data = args.data or default_data()
     if not (args.run / "model.safetensors").exists():
@@ -56,7 +59,7 @@ def main() -> None:
     from spectransfer.evaluation.reality import reality_check
 
     folders = [data / s for s in ("sdss", "lamost") if (data / s).is_dir()]
-    rep = reality_check(args.run, folders, threshold=args.threshold, engine=args.engine)
+    rep = reality_check(args.run, folders, threshold=args.threshold, engine=args.engine, templates=args.templates)
     for r in sorted(rep["files"], key=lambda r: (str(r["survey"]), str(r["pipeline_class"]), r["file"])):
         verdict = "n/a" if r["right"] is None else ("ok " if r["right"] else "BAD")
         z = "   n/a  " if r["pipeline_z"] is None else f"{r['pipeline_z']:8.4f}"
@@ -68,8 +71,9 @@ def main() -> None:
         edge = f"  [edge: {EDGE_CASES[r['file']]}]" if r["file"] in EDGE_CASES else ""
         if r.get("cut"):
             verdict, edge = "cut", f"{edge}  [not counted; classify refuses it: {r['cut']}]"
+        tpl = f"{r['spectype'] or '-':6s}{'*' if r['decided_by'] == 'templates' else ' '}"
         print(
-            f"{str(r['survey']):7s} {str(r['pipeline_class']):8s} z={z} P(QSO)={r['p_qso']:.3f} {verdict} {r['file']}{zp}{edge}"
+            f"{str(r['survey']):7s} {str(r['pipeline_class']):8s} z={z} P(QSO)={r['p_qso']:.3f} tpl={tpl} {verdict} {r['file']}{zp}{edge}"
         )
     for f in rep["not_scored"]:
         print(f"not scored: {f['file']}: {f['reason']}")
@@ -89,6 +93,13 @@ def main() -> None:
         "all_files_fp_rate_sdss",
         "all_files_fp_rate_lamost",
         "all_files_n",
+        "network_real_qso_recall",
+        "network_real_fp_rate_sdss",
+        "network_real_fp_rate_lamost",
+        "network_all_files_qso_recall",
+        "network_all_files_fp_rate_sdss",
+        "network_all_files_fp_rate_lamost",
+        "templates",
         "run",
     )
     print(json.dumps({k: rep[k] for k in keys} | {"data": str(data)}))

@@ -55,7 +55,14 @@ def test_classify_equals_ingest_plus_discover(real: dict) -> None:
     np.testing.assert_allclose(
         t["P_QSO"].to_numpy(np.float64), cand.loc[t.index, "P_QSO"].to_numpy(np.float64), rtol=0, atol=1e-6
     )
-    assert (t["IS_QSO"] == (t["P_QSO"] >= 0.5)).all()
+    # the same decision: where the templates did not decide, P_QSO >= threshold
+    for col in ("IS_QSO", "SPECTYPE", "DECIDED_BY"):
+        assert t[col].tolist() == cand.loc[t.index, col].tolist(), col
+    np.testing.assert_allclose(t["DCHI2_QSO"], cand.loc[t.index, "DCHI2_QSO"], rtol=1e-5, equal_nan=True)
+    net = t["DECIDED_BY"] == "network"
+    assert (t.loc[net, "IS_QSO"] == (t.loc[net, "P_QSO"] >= 0.5)).all()
+    alone = classify(real["run"], [real["files"]], engine="torch", templates="none").table
+    assert (alone["IS_QSO"] == (alone["P_QSO"] >= 0.5)).all() and set(alone["DECIDED_BY"]) == {"network"}
     # the files ingest rejected are exactly the ones classify lists, with ingest's reasons
     assert len(res.failed) == res.n_files - len(t)
     assert all(reason.startswith(("fails filter", "unreadable")) for _f, reason in res.failed)
@@ -133,6 +140,7 @@ def test_classify_refuses_bad_arguments_in_one_line(real: dict, tmp_path: Path) 
         (["--out", str(tmp_path / "x.txt")], "must end in"),
         (["--engine", "onnx-int8"], "int8"),
         (["--threshold", "2"], "threshold"),
+        (["--templates", "sometimes"], "--templates"),
     ):
         r = subprocess.run(
             [sys.executable, "-m", "spectransfer", "classify", str(real["run"]), str(real["files"]), *extra, "--quiet"],

@@ -1137,7 +1137,11 @@ def discover_cmd(
         callback=writable_file,
         help="Candidate catalogue; the format follows the extension: .fits (EXTNAME CANDIDATES, with a .parquet copy beside it), .parquet, .csv or .vot.",
     ),
-    threshold: float = typer.Option(0.5, "--threshold", help="P_QSO at or above which a spectrum counts as a quasar."),
+    threshold: float = typer.Option(
+        0.5,
+        "--threshold",
+        help="P_QSO at or above which a spectrum counts as a quasar (where the templates do not decide, see --templates).",
+    ),
     engine: str = typer.Option(
         "onnx-int8",
         "--engine",
@@ -1153,6 +1157,11 @@ def discover_cmd(
         "--mc-dropout",
         callback=non_negative_int,
         help="MC-dropout passes of the dense head for P_QSO_STD, the spread that `inspect --order uncertainty` sorts by (0 = off, as fast as without; 10-20 is usual; see bench/discover.py for its cost).",
+    ),
+    templates: str = typer.Option(
+        "uncertain",
+        "--templates",
+        help="Which spectra the real-spectrum template families (quasar, galaxy, star: redrock's DR16Q/BOSS templates) may decide IS_QSO for: uncertain (default: those with 0.02 <= P_QSO <= 0.98, where the family fit is decisive), all, or none (the network alone). P_QSO stays the network's; SPECTYPE, DCHI2_QSO and DECIDED_BY say what the templates said.",
     ),
     workers: int = typer.Option(
         0,
@@ -1207,6 +1216,7 @@ def discover_cmd(
             quiet=quiet,
             refine=refine,
             mc_samples=mc_dropout,
+            templates=templates,
         )
     from spectransfer.data.store import label_mode, open_store
 
@@ -1245,7 +1255,9 @@ def classify_cmd(
     out: Optional[Path] = typer.Option(
         None, "--out", help="Also write the table; format by extension: .fits (EXTNAME CANDIDATES), .parquet, .csv or .vot."
     ),
-    threshold: float = typer.Option(0.5, "--threshold", help="P_QSO at or above which IS_QSO is true."),
+    threshold: float = typer.Option(
+        0.5, "--threshold", help="P_QSO at or above which IS_QSO is true (where the templates do not decide, see --templates)."
+    ),
     engine: str = typer.Option(
         "torch", "--engine", help="torch (eager fp32) or onnx (onnxruntime fp32); onnx-int8 needs a store: use discover."
     ),
@@ -1259,6 +1271,11 @@ def classify_cmd(
         "--mc-dropout",
         callback=non_negative_int,
         help="MC-dropout passes of the dense head for P_QSO_STD, the spread that `inspect --order uncertainty` sorts by (0 = off, as fast as without; 10-20 is usual; see bench/discover.py for its cost).",
+    ),
+    templates: str = typer.Option(
+        "uncertain",
+        "--templates",
+        help="Which spectra the real-spectrum template families (quasar, galaxy, star: redrock's DR16Q/BOSS templates) may decide IS_QSO for: uncertain (default: those with 0.02 <= P_QSO <= 0.98, where the family fit is decisive), all, or none (the network alone). P_QSO stays the network's; SPECTYPE, DCHI2_QSO and DECIDED_BY say what the templates said.",
     ),
     no_zwarning_filter: bool = typer.Option(
         False, "--no-zwarning-filter", help="Also score SDSS spectra with ZWARNING != 0 (ingest's cut, off)."
@@ -1295,6 +1312,7 @@ def classify_cmd(
             progress=bar,
             refine=refine,
             mc_samples=mc_dropout,
+            templates=templates,
             zwarning_filter=not no_zwarning_filter,
             coverage_filter=not no_coverage_filter,
         )
@@ -1315,10 +1333,10 @@ def classify_cmd(
     else:
         table = Table(
             title=f"{len(t)} of {res.n_files} files scored (P_QSO{' calibrated' if res.calibrated else ', not calibrated'}; "
-            f"engine {res.engine}; IS_QSO = P_QSO >= {res.threshold:g})",
+            f"engine {res.engine}; IS_QSO = P_QSO >= {res.threshold:g} or the templates where decisive)",
             title_justify="left",
         )
-        for col in ("file", "spectrum", "class", "z", "P_QSO", "is_qso", "z_pred"):
+        for col in ("file", "spectrum", "class", "z", "P_QSO", "templates", "is_qso", "z_pred"):
             table.add_column(col, justify="right" if col in ("z", "P_QSO", "z_pred") else "left")
 
         def _z(v: object) -> str:
@@ -1331,11 +1349,14 @@ def classify_cmd(
                 str(r.get("CLASS") or ""),
                 _z(r.get("Z")),
                 f"{float(r['P_QSO']):.4f}",
+                str(r.get("SPECTYPE") or "") + ("*" if r.get("DECIDED_BY") == "templates" else ""),
                 str(bool(r["IS_QSO"])),
                 _z(r.get("Z_PRED")),
             )
         console = Console()
         console.print(table)
+        if "DECIDED_BY" in t and (t["DECIDED_BY"] == "templates").any():
+            typer.echo("templates: the best-fitting template family; * = it decided IS_QSO (see --templates)")
         for f, reason in res.failed:
             typer.echo(f"not scored: {f}: {reason}")
     if res.out is not None and not as_json:

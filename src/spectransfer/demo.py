@@ -379,7 +379,19 @@ def summarise(out: str | Path) -> dict[str, Any]:
         runs[key]["role"] = RUN_ROLES.get(key, key)
     cand = pd.read_parquet(
         out / "candidates.parquet",
-        columns=["SPECTRUM_ID", "PLATE", "MJD", "FIBERID", "CATEGORY", "PIPE_NOT_QSO", "CLASS", "P_QSO"],
+        columns=[
+            "SPECTRUM_ID",
+            "PLATE",
+            "MJD",
+            "FIBERID",
+            "CATEGORY",
+            "PIPE_NOT_QSO",
+            "CLASS",
+            "P_QSO",
+            "IS_QSO",
+            "DECIDED_BY",
+            "SPLIT",
+        ],
     )
     truth = pd.read_parquet(
         out / "surveys" / "sdss" / "truth.parquet", columns=["plate", "mjd", "fiberid", "true_class", "in_catalog"]
@@ -395,7 +407,28 @@ def summarise(out: str | Path) -> dict[str, Any]:
         return float(is_new[mask].mean()) if mask.any() else None
 
     new_by_truth = joined.loc[is_new, "true_class"].fillna("(not in truth)").value_counts().to_dict()
+    test = (joined["SPLIT"] == "test").to_numpy() & joined["true_class"].notna().to_numpy()
+
+    def scores(pred: np.ndarray) -> dict[str, float | None]:
+        tp, fp, fn = (
+            int((pred & true_qso & test).sum()),
+            int((pred & ~true_qso & test).sum()),
+            int((~pred & true_qso & test).sum()),
+        )
+        return {
+            "precision": tp / (tp + fp) if tp + fp else None,
+            "recall": tp / (tp + fn) if tp + fn else None,
+            "f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0,
+        }
+
+    decision = {
+        "n_test": int(test.sum()),
+        "tool": scores(joined["IS_QSO"].to_numpy(dtype=bool)),
+        "network": scores(joined["P_QSO"].to_numpy() >= 0.5),
+        "decided_by_templates": int(((joined["DECIDED_BY"] == "templates").to_numpy() & test).sum()),
+    }
     return {
+        "decision_test_truth": decision,
         "out": str(out),
         "runs": runs,
         "categories": {
@@ -490,18 +523,28 @@ def print_summary(summary: dict[str, Any]) -> None:
                 f"{f(m.get('catastrophic_fraction'))}, median |dv| {f(m.get('median_abs_dv_kms'))} km/s, "
                 f"NMAD {f(m.get('nmad'))}"
             )
+    dec = summary.get("decision_test_truth")
+    if dec and dec.get("n_test"):
+        console.print(
+            f"the tool's decision on the {dec['n_test']} test spectra, against the simulation's truth: IS_QSO (the template "
+            f"families decide {dec['decided_by_templates']} where the network is unsure) F1 {f(dec['tool']['f1'])} "
+            f"(precision {f(dec['tool']['precision'])}, recall {f(dec['tool']['recall'])}); the network alone "
+            f"(P_QSO >= 0.5) F1 {f(dec['network']['f1'])}"
+        )
     real = summary.get("real_check") or {}
     console.print("[bold]Every model above was trained on simulated spectra only.[/bold]")
     if real.get("n_real"):
         pc = real["per_class"]
         console.print(
             f"real spectra ({real['n_real']} files in {real.get('data')}, judged by their own pipeline class; "
-            f"fine-tuned model, P_QSO >= {real['threshold']}): "
+            f"fine-tuned model; IS_QSO: P_QSO >= {real['threshold']}, the template families where the network is unsure): "
             + ", ".join(f"{c} {v['right']}/{v['n']} right" for c, v in pc.items())
             + f"; quasar recall {f(real['real_qso_recall'])}, SDSS others called quasars {f(real['real_fp_rate_sdss'])}, "
             f"LAMOST {f(real['real_fp_rate_lamost'])}; template z within 3000 km/s {f(real['real_z_within_3000_kms'])}; "
             f"{real.get('n_cut', 0)} file(s) refused by classify's cuts (not counted; with them: recall "
-            f"{f(real.get('all_files_qso_recall'))}, LAMOST others called quasars {f(real.get('all_files_fp_rate_lamost'))})"
+            f"{f(real.get('all_files_qso_recall'))}, LAMOST others called quasars {f(real.get('all_files_fp_rate_lamost'))}); "
+            f"the network alone: recall {f(real.get('network_real_qso_recall'))}, SDSS others called quasars "
+            f"{f(real.get('network_real_fp_rate_sdss'))}, LAMOST {f(real.get('network_real_fp_rate_lamost'))}"
         )
     elif real:
         console.print(f"real spectra: {real.get('skipped', 'not checked')}")

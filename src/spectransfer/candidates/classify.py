@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from spectransfer.candidates.decision import check_templates, decide, template_cards
 from spectransfer.candidates.redshifts import check_refine, redshift_columns
 from spectransfer.candidates.schema import classify_columns, from_meta, header_cards, output_format, quality_bits, write_table
 from spectransfer.data.ingest import IngestOptions, _meta_row, find_files, grid_records, read_checked
@@ -89,16 +90,19 @@ def classify(
     mc_samples: int = 0,
     zwarning_filter: bool = True,
     coverage_filter: bool = True,
+    templates: str = "uncertain",
 ) -> ClassifyResult:
     """P(QSO) for every spectrum file under ``paths`` (files or folders); writes ``out`` if given.
 
     ``progress`` is an optional object with ``advance(n)``, told of every file read.
+    ``templates``: which spectra the template families may decide (``candidates.decision``).
     """
     run_dir = Path(run_dir)
     if not 0.0 < threshold < 1.0:
         raise EvaluateError(f"threshold {threshold} must lie strictly between 0 and 1")
     check_engine(engine)
     check_refine(refine)
+    check_templates(templates)
     if engine not in CLASSIFY_ENGINES:
         raise EvaluateError(
             f"--engine {engine}: int8 ranges are set on a store's spectra; classify runs "
@@ -134,16 +138,17 @@ def classify(
             logits = outputs["logit"]
     p_qso = calibrated_probability(logits, cal.temperature if cal else None)
     cols = from_meta(meta, classify_columns()) if len(meta) else {}
+    decision = decide(p_qso, threshold, flux, ivar, templates, info.grid)
+    cols.update({k: pd.Series(v) for k, v in decision.items()})
     cols.update(
         {
             "P_QSO": pd.Series(p_qso),
-            "IS_QSO": pd.Series(p_qso >= threshold),
             "LOGIT": pd.Series(np.asarray(logits, np.float32)),
             "QUALITY": pd.Series(quality_bits(meta)),
         }
     )
     if len(meta):  # the same redshift columns as discover: network z, templates on the positives
-        z = redshift_columns(outputs, p_qso >= threshold, flux, ivar, check_refine(refine), info.grid)
+        z = redshift_columns(outputs, decision["IS_QSO"], flux, ivar, check_refine(refine), info.grid)
         cols.update({k: pd.Series(v) for k, v in z.items()})
         cols["P_QSO_STD"] = pd.Series(outputs.get("p_qso_std", np.full(len(meta), np.nan)).astype(np.float32))
     table = pd.DataFrame({k: cols[k] for k in classify_columns() if k in cols})
@@ -155,6 +160,7 @@ def classify(
         "RUN": (run_dir.name, "run folder name"),
         "ENGINE": (engine, "scoring engine"),
         "ZREFINE": (refine, "Z_PRED fit: full, window or none"),
+        **template_cards(templates),
         "MCDROP": (int(mc_samples), "MC-dropout passes behind P_QSO_STD (0 = off)"),
         "NFILES": (len(files), "spectrum files given"),
         "NSPEC": (len(table), "spectra scored (one row each)"),

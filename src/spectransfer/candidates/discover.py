@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from spectransfer.candidates.decision import check_templates, decide, template_cards, to_fit
 from spectransfer.candidates.redshifts import check_refine, redshift_columns
 from spectransfer.candidates.schema import (
     CATEGORIES,
@@ -109,6 +110,7 @@ class _Job:
     survey: str | None
     refine: str = "window"
     mc_samples: int = 0
+    templates: str = "uncertain"
     store: Any = None
     info: Any = None
     model: Any = None
@@ -259,7 +261,10 @@ def _finish(
     logits = outputs["logit"]
     p_qso = calibrated_probability(logits, cal.temperature if cal else None)
     t0 = time.perf_counter()
-    extra = _redshifts(job, outputs, p_qso >= job.threshold, quiet)
+    extra = _decision(job, p_qso, quiet)
+    job.timings["templates_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    extra.update(_redshifts(job, outputs, extra["IS_QSO"], quiet))
     extra["P_QSO_STD"] = outputs.get("p_qso_std", np.full(p_qso.size, np.nan)).astype(np.float32)
     job.timings["refine_s"] = time.perf_counter() - t0
     counts = dict.fromkeys(CATEGORIES, 0)
@@ -303,14 +308,15 @@ def _table_blocks(job: _Job, logits: np.ndarray, p_qso: np.ndarray, extra: dict[
         if not np.array_equal(meta["row"].to_numpy(dtype=np.int64), job.rows[a:b]):
             raise StoreError(f"{job.store_path}: meta.parquet changed while the catalogue was written; run discover again")
         p = p_qso[a:b]
+        pos = extra["IS_QSO"][a:b]
         label = meta["label"].fillna(0).to_numpy(dtype=np.int8)
         cols = from_meta(meta, discover_columns())
         cols.update(
             {
                 "LOGIT": pd.Series(logits[a:b].astype(np.float32)),
                 "P_QSO": pd.Series(p),
-                "CATEGORY": pd.Series(categorise(p, label, job.threshold).astype(str)),
-                "PIPE_NOT_QSO": pd.Series(pipe_not_qso(p, meta["pipeline_class"], job.threshold)),
+                "CATEGORY": pd.Series(categorise(p, label, job.threshold, pos).astype(str)),
+                "PIPE_NOT_QSO": pd.Series(pipe_not_qso(p, meta["pipeline_class"], job.threshold, pos)),
                 "QUALITY": pd.Series(quality_bits(meta)),
             }
         )
@@ -319,6 +325,17 @@ def _table_blocks(job: _Job, logits: np.ndarray, p_qso: np.ndarray, extra: dict[
         yield pd.DataFrame({k: cols[k] for k in discover_columns() if k in cols})
     if a != job.rows.shape[0]:
         raise StoreError(f"{job.store_path}: meta.parquet changed while the catalogue was written; run discover again")
+
+
+def _decision(job: _Job, p_qso: np.ndarray, quiet: bool) -> dict[str, np.ndarray]:
+    """IS_QSO and the template columns: the spectra the network is unsure of are read and fitted."""
+    n_fit = int(to_fit(p_qso, job.templates).size)
+
+    def read(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return read_arrays(job.store.flux, job.store.ivar, job.rows[idx])
+
+    with progress_bar("templates", total=n_fit, unit="spectra", quiet=quiet or n_fit == 0) as bar:
+        return decide(p_qso, job.threshold, read, None, job.templates, job.store.grid, bar.advance)
 
 
 def _redshifts(job: _Job, outputs: dict[str, np.ndarray], positive: np.ndarray, quiet: bool) -> dict[str, np.ndarray]:
@@ -357,6 +374,7 @@ def _header(job: _Job, cal: Calibration | None) -> list[tuple[str, Any, str]]:
         "GRIDLOG": (True, "grid bins are logarithmically spaced"),
         "ENGINE": (job.engine, "scoring engine"),
         "ZREFINE": (job.refine, "Z_PRED fit: full, window or none"),
+        **template_cards(job.templates),
         "MCDROP": (int(job.mc_samples), "MC-dropout passes behind P_QSO_STD (0 = off)"),
         "DATE": (datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S"), "UTC creation time"),
     }
@@ -386,6 +404,7 @@ def discover(
     quiet: bool = False,
     refine: str = "window",
     mc_samples: int = 0,
+    templates: str = "uncertain",
 ) -> DiscoverResult:
     """Score every spectrum of ``store_path`` with the run and write the catalogue ``out``.
 
@@ -393,7 +412,8 @@ def discover(
     gets a .parquet copy beside it (what `inspect` reads fastest). ``workers`` > 1 or
     ``scheduler`` score blocks on Dask workers; otherwise in this process. A killed call
     resumes from the blocks saved under ``OUT.parts/`` when called again with the same run,
-    store, engine and block size.
+    store, engine and block size. ``templates`` says which spectra the template families may
+    decide (``candidates.decision``; P_QSO stays the network's).
     """
     t0 = time.perf_counter()
     job = _Job(
@@ -409,6 +429,7 @@ def discover(
         survey,
         check_refine(refine),
         int(mc_samples),
+        check_templates(templates),
     )
     _plan(job, threads)
     _prepare(job)

@@ -105,7 +105,10 @@ COLUMNS: dict[str, Column] = {
         _C("SPLIT", "str", None, "train/val/test split of the store", "split"),
         _C("LOGIT", "f4", None, "network output before calibration"),
         _C("P_QSO", "f4", None, "P(QSO) = sigmoid(LOGIT / TEMPER), see CALIBR"),
-        _C("IS_QSO", "bool", None, "P_QSO >= THRESH"),
+        _C("IS_QSO", "bool", None, "quasar: P_QSO >= THRESH, or the templates where DECIDED_BY says so"),
+        _C("SPECTYPE", "str", None, "best-fitting template family: QSO, GALAXY, STAR (empty = not fitted)"),
+        _C("DCHI2_QSO", "f4", None, "best non-quasar minus best quasar template chi2 (NaN = not fitted)"),
+        _C("DECIDED_BY", "str", None, "IS_QSO from: network (P_QSO >= THRESH) or templates (SPECTYPE)"),
         _C("CATEGORY", "str", None, "model vs catalogue: " + ", ".join(CATEGORIES)),
         _C("PIPE_NOT_QSO", "bool", None, "positive the pipeline calls STAR or GALAXY"),
         _C("QUALITY", "i4", None, "bitmask of doubts, see QBITn cards (0 = none)"),
@@ -149,8 +152,12 @@ DISCOVER_COLUMNS = (
     "SOURCE_FILE",
     "LOGIT",
     "P_QSO",
+    "IS_QSO",
     "CATEGORY",
     "PIPE_NOT_QSO",
+    "SPECTYPE",
+    "DCHI2_QSO",
+    "DECIDED_BY",
     "QUALITY",
     "P_QSO_STD",
     "Z_NET",
@@ -166,6 +173,9 @@ CLASSIFY_COLUMNS = (
     "SPECTRUM_ID",
     "P_QSO",
     "IS_QSO",
+    "SPECTYPE",
+    "DCHI2_QSO",
+    "DECIDED_BY",
     "LOGIT",
     "SURVEY",
     "PLATE",
@@ -232,17 +242,18 @@ def column_def(name: str) -> Column:
 # ---- categories and quality ------------------------------------------------------------------
 
 
-def categorise(p_qso: np.ndarray, label: np.ndarray, threshold: float) -> np.ndarray:
-    """CATEGORY per spectrum from the model's probability and the catalogue label (1/0).
+def categorise(p_qso: np.ndarray, label: np.ndarray, threshold: float, positive: np.ndarray | None = None) -> np.ndarray:
+    """CATEGORY per spectrum from the model's decision and the catalogue label (1/0).
 
-    Positive means ``p_qso >= threshold``: new_candidate (positive, not in the catalogue),
-    missed_by_model (catalogue quasar, negative), agree_qso, agree_other.
+    Positive means ``p_qso >= threshold``, or ``positive`` where given (IS_QSO):
+    new_candidate (positive, not in the catalogue), missed_by_model (catalogue quasar,
+    negative), agree_qso, agree_other.
     """
     p_qso = np.asarray(p_qso)
     label = np.asarray(label)
     if p_qso.shape != label.shape or p_qso.ndim != 1:
         raise ValueError(f"p_qso and label must be 1-D of equal length, got {p_qso.shape} and {label.shape}")
-    pos = p_qso >= threshold
+    pos = p_qso >= threshold if positive is None else np.asarray(positive, dtype=bool)
     lab = label.astype(bool)
     out = np.empty(p_qso.shape[0], dtype=object)
     out[pos & ~lab] = "new_candidate"
@@ -277,10 +288,13 @@ def _numeric(values: pd.Series) -> np.ndarray:
     return pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
 
 
-def pipe_not_qso(p_qso: np.ndarray, pipeline_class: pd.Series, threshold: float) -> np.ndarray:
-    """Positives (p >= threshold) that the survey pipeline classes as STAR or GALAXY."""
+def pipe_not_qso(
+    p_qso: np.ndarray, pipeline_class: pd.Series, threshold: float, positive: np.ndarray | None = None
+) -> np.ndarray:
+    """Positives (p >= threshold, or ``positive``) that the survey pipeline classes as STAR or GALAXY."""
     cls = pipeline_class.astype("string").str.strip().str.upper().fillna("").to_numpy(dtype=object)
-    return (np.asarray(p_qso) >= threshold) & np.isin(cls, ["STAR", "GALAXY"])
+    pos = np.asarray(p_qso) >= threshold if positive is None else np.asarray(positive, dtype=bool)
+    return pos & np.isin(cls, ["STAR", "GALAXY"])
 
 
 # ---- building and writing tables -----------------------------------------------------------------

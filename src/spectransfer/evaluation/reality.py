@@ -2,7 +2,9 @@
 
 A model trained on simulated spectra is a hypothesis about the sky until real spectra confirm
 it. This classifies real files (``classify``, the same reading and resampling as ingest) and
-compares P(QSO) >= threshold with the class the survey pipeline gave each file (QSO or not; a
+compares its IS_QSO (P(QSO) >= threshold, or the template families where the network is unsure
+and they are decisive; the network alone is reported beside it) with the class the survey
+pipeline gave each file (QSO or not; a
 file the pipeline left unclassified is listed but not counted). The headline figures count the
 files the tool itself classifies, i.e. those that pass ingest's cuts (the paper's coverage of
 the grid, ZWARNING = 0): a spectrum whose blue end is lost is refused with that reason by
@@ -26,24 +28,42 @@ from spectransfer.ml.refine import velocity_offset_kms
 
 
 def reality_check(
-    run: str | Path, paths: Sequence[str | Path], threshold: float = 0.5, engine: str = "onnx", refine: str = "window"
+    run: str | Path,
+    paths: Sequence[str | Path],
+    threshold: float = 0.5,
+    engine: str = "onnx",
+    refine: str = "window",
+    templates: str = "uncertain",
 ) -> dict[str, Any]:
-    """Per-file answers and per-class counts of ``run`` on the real files under ``paths``."""
-    res = classify(run, paths, threshold=threshold, engine=engine, refine=refine)
+    """Per-file answers and per-class counts of ``run`` on the real files under ``paths``.
+
+    The headline figures judge IS_QSO, the tool's decision (with ``templates``, see
+    ``candidates.decision``); the ``network_*`` figures judge P_QSO >= threshold alone."""
+    kw: dict[str, Any] = {"threshold": threshold, "engine": engine, "refine": refine, "templates": templates}
+    res = classify(run, paths, **kw)
     cut = [f for f, reason in res.failed if reason.startswith("fails filter")]
     cut_reason = dict(res.failed)
     tables = [res.table.assign(_cut=None)]
     if cut:  # what the model would have said about the files the cuts refuse
-        more = classify(run, cut, threshold=threshold, engine=engine, refine=refine, zwarning_filter=False, coverage_filter=False)
+        more = classify(run, cut, **kw, zwarning_filter=False, coverage_filter=False)
         tables.append(more.table.assign(_cut=[cut_reason.get(str(f)) for f in more.table["SOURCE_FILE"]]))
     t = pd.concat([x for x in tables if len(x)], ignore_index=True) if any(len(x) for x in tables) else res.table
     if "_cut" not in t:
         t = t.assign(_cut=None)
     rows = [_file_row(r) for _, r in t.iterrows()]
     counted = np.array([r["cut"] is None for r in rows], dtype=bool)
-    out: dict[str, Any] = {"run": str(run), "threshold": threshold, "engine": engine, "n_files": res.n_files}
+    out: dict[str, Any] = {
+        "run": str(run),
+        "threshold": threshold,
+        "engine": engine,
+        "templates": templates,
+        "n_files": res.n_files,
+    }
     out.update(_figures(rows, counted, prefix="real_"))
     out.update(_figures(rows, np.ones(len(rows), dtype=bool), prefix="all_files_"))
+    alone = [{**r, "is_qso": r["p_qso"] >= threshold} for r in rows]  # the network without the templates
+    out.update(_figures(alone, counted, prefix="network_real_"))
+    out.update(_figures(alone, np.ones(len(rows), dtype=bool), prefix="network_all_files_"))
     out["per_class"] = _per_class(rows, counted)
     out["n_cut"] = len(cut)
     out["files"] = rows
@@ -66,6 +86,8 @@ def _file_row(r: pd.Series) -> dict[str, Any]:
         "pipeline_z": _num(z_pipe),
         "p_qso": float(r["P_QSO"]),
         "is_qso": said,
+        "spectype": str(r.get("SPECTYPE") or "") or None,
+        "decided_by": r.get("DECIDED_BY"),
         "right": None if not known else bool(said == truth),
         "z_pred": _num(z_pred),
         "dv_kms": None if not np.isfinite(dv) else dv,

@@ -562,6 +562,7 @@ def _real_section(out: Path) -> str:
             html.escape(str(r.get("pipeline_class"))),
             _fmt(r.get("pipeline_z"), 4),
             _fmt(r["p_qso"], 3),
+            html.escape(str(r.get("spectype") or "")) + (" (decides)" if r.get("decided_by") == "templates" else ""),
             "yes" if r["is_qso"] else "no",
             ("not counted: " + html.escape(str(r["cut"])))
             if r.get("cut")
@@ -572,16 +573,21 @@ def _real_section(out: Path) -> str:
     ]
     head = (
         f'<p class="note">Run <code>{html.escape(str(rep["run"]))}</code> on {rep["n_real"]} real files judged by their '
-        f"own pipeline class (P_QSO &ge; {rep['threshold']}): quasar recall {_fmt(rep['real_qso_recall'])}, precision "
+        f"own pipeline class (IS_QSO: P_QSO &ge; {rep['threshold']}, or the template family where the network is "
+        f"unsure and the family fit is decisive): quasar recall {_fmt(rep['real_qso_recall'])}, precision "
         f"{_fmt(rep['real_precision'])}, SDSS non-quasars called quasars {_fmt(rep['real_fp_rate_sdss'])}, LAMOST "
         f"{_fmt(rep['real_fp_rate_lamost'])}; template z within 3000 km/s of the pipeline's for "
         f"{_fmt(rep['real_z_within_3000_kms'])} of the quasars found. "
         f"{rep.get('n_cut', 0)} file(s) that classify refuses (grid not covered, ZWARNING set) are scored with the "
         f"cuts off and listed, not counted; with them: quasar recall {_fmt(rep.get('all_files_qso_recall'))}, SDSS "
-        f"{_fmt(rep.get('all_files_fp_rate_sdss'))}, LAMOST {_fmt(rep.get('all_files_fp_rate_lamost'))}.</p>"
+        f"{_fmt(rep.get('all_files_fp_rate_sdss'))}, LAMOST {_fmt(rep.get('all_files_fp_rate_lamost'))}. "
+        f"The network alone (P_QSO &ge; {rep['threshold']}): quasar recall {_fmt(rep.get('network_real_qso_recall'))}, "
+        f"SDSS {_fmt(rep.get('network_real_fp_rate_sdss'))}, LAMOST {_fmt(rep.get('network_real_fp_rate_lamost'))}.</p>"
     )
     return (
-        "<h2>Real spectra</h2>" + head + _table(["file", "pipeline class", "pipeline z", "P_QSO", "quasar?", "", "Z_PRED"], rows)
+        "<h2>Real spectra</h2>"
+        + head
+        + _table(["file", "pipeline class", "pipeline z", "P_QSO", "template family", "quasar?", "", "Z_PRED"], rows)
     )
 
 

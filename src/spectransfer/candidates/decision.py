@@ -1,0 +1,104 @@
+"""The quasar decision: the network's P(QSO), with real-spectrum templates where it is unsure.
+
+The network is trained on simulated spectra; on real ones its probabilities are less sure
+than they look (a z = 0.0018 Seyfert at P 0.05, a z = 0.51 galaxy at P 0.74 in the shared
+SDSS files). The redrock templates were built from real spectra, so their family fit
+(``ml.spectype``: the lowest χ² among quasar, galaxy and star templates) errs in other
+places. DESI combines QuasarNET and redrock for the same reason. Here a spectrum whose
+calibrated P_QSO lies in the UNCERTAIN band (or every spectrum, ``--templates all``) is
+fitted, and where one family is DECISIVE (the best non-quasar χ² and the best quasar χ²
+differ by more than 5% of the best χ²) the family decides IS_QSO; elsewhere P_QSO >=
+threshold does. P_QSO itself stays the network's calibrated probability.
+
+Measured with the demo's fine-tuned model (2-core Xeon): on its simulated SDSS-like test
+split (770 spectra, 102 quasars) the network alone has F1 0.965 (recall 97, 2 false
+positives), the template families alone 0.985 (99, 0; inflated: the simulation draws its
+spectra from these templates), the combination 0.985; a decisive margin anywhere from 0 to
+5% gives the same. On the 47 real files of the shared set the families agree with the
+survey pipeline's class for 44 and the network for 42; the families' misses are a
+z = 6.39 quasar whose Lyα is off the grid, an S/N 1.1 z = 0.098 quasar, and a LAMOST star
+with a lost blue arm (refused by classify's coverage cut).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from spectransfer.config import DEFAULT_GRID, Grid
+from spectransfer.errors import EvaluateError
+from spectransfer.ml.spectype import fit_spectype
+
+TEMPLATE_MODES = ("uncertain", "all", "none")
+UNCERTAIN = (0.02, 0.98)  # P_QSO band the templates are asked about in the default mode
+DECISIVE = 0.05  # |Δχ²| / best χ² above which the family fit decides
+READ_BLOCK = 4096  # spectra read and fitted at a time: memory bounded by the block
+DECISION_COLUMNS = ("IS_QSO", "SPECTYPE", "DCHI2_QSO", "DECIDED_BY")
+
+
+def check_templates(mode: str) -> str:
+    if mode not in TEMPLATE_MODES:
+        raise EvaluateError(f"--templates must be one of {', '.join(TEMPLATE_MODES)}, got {mode!r}")
+    return mode
+
+
+def to_fit(p_qso: np.ndarray, mode: str) -> np.ndarray:
+    """Indices of the spectra the templates are asked about under ``mode``."""
+    p = np.asarray(p_qso, dtype=np.float64)
+    if mode == "none":
+        return np.zeros(0, np.int64)
+    if mode == "all":
+        return np.arange(p.size)
+    return np.flatnonzero((p >= UNCERTAIN[0]) & (p <= UNCERTAIN[1]))
+
+
+def decide(
+    p_qso: np.ndarray,
+    threshold: float,
+    flux: Any,
+    ivar: Any = None,
+    mode: str = "uncertain",
+    grid: Grid = DEFAULT_GRID,
+    advance: Callable[[int], Any] | None = None,
+) -> dict[str, np.ndarray]:
+    """The decision columns (DECISION_COLUMNS) for n spectra with calibrated ``p_qso``.
+
+    ``flux``, ``ivar``: (n, n_bins) arrays on ``grid``, or ``flux`` a callable that returns
+    (flux, ivar) for an index array (so only the spectra to fit are read); ``advance(k)`` is
+    told of every k spectra fitted."""
+    p = np.asarray(p_qso, dtype=np.float64)
+    n = p.size
+    cols: dict[str, np.ndarray] = {
+        "IS_QSO": p >= threshold,
+        "SPECTYPE": np.full(n, "", dtype=object),
+        "DCHI2_QSO": np.full(n, np.nan, dtype=np.float32),
+        "DECIDED_BY": np.full(n, "network", dtype=object),
+    }
+    fit = to_fit(p, check_templates(mode))
+    for start in range(0, fit.size, READ_BLOCK):
+        idx = fit[start : start + READ_BLOCK]
+        f, iv = flux(idx) if callable(flux) else (np.asarray(flux)[idx], np.asarray(ivar)[idx])
+        res = fit_spectype(f, iv, grid)
+        best = res.chi2.min(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rel = res.dchi2_qso / best
+        decisive = np.isfinite(rel) & (np.abs(rel) > DECISIVE)
+        cols["SPECTYPE"][idx] = np.where(np.isfinite(best), res.spectype, "")
+        cols["DCHI2_QSO"][idx] = np.where(np.isfinite(res.dchi2_qso), res.dchi2_qso, np.nan)
+        cols["IS_QSO"][idx[decisive]] = res.spectype[decisive] == "QSO"
+        cols["DECIDED_BY"][idx[decisive]] = "templates"
+        if advance is not None:
+            advance(idx.size)
+    return cols
+
+
+def template_cards(mode: str) -> dict[str, tuple[Any, str]]:
+    """Header cards saying how IS_QSO was decided."""
+    return {
+        "TPLMODE": (mode, "spectra the template families may decide"),
+        "TPLPLO": (UNCERTAIN[0], "uncertain band: P_QSO from"),
+        "TPLPHI": (UNCERTAIN[1], "uncertain band: P_QSO to"),
+        "TPLDECI": (DECISIVE, "family decides where |DCHI2_QSO|/chi2 > this"),
+    }
