@@ -540,11 +540,11 @@ def _redshift_section(out: Path, doc: dict[str, Any]) -> str:
     ]
     if flagged:
         parts.append(
-            '<p class="note">Does the z head know when it is wrong? The 10% of those quasars it doubts most '
-            "(lowest Z_NET_PROB; largest Z_NET_ERR/(1+Z_NET)) against the other 90%: catastrophic rate of each "
-            "and the flagged share of all catastrophic redshifts.</p>"
+            '<p class="note">Does the z head know when its z is wrong? The 10% of those quasars it doubts most '
+            "against the other 90%: catastrophic rate of the network's z in each, and the share of all its "
+            "catastrophic redshifts that the 10% hold.</p>"
         )
-        header = ["run", "flagged by", "method", "flagged", "catastrophic, flagged", "catastrophic, rest", "share held"]
+        header = ["run", "flagged by", "flagged", "catastrophic, flagged", "catastrophic, rest", "share held"]
         parts.append(_table(header, flagged))
     if points:
         parts.append(_img(figure_png(plot_redshifts(points)), "predicted against catalogue redshift"))
@@ -564,22 +564,22 @@ def _z_figures(m: dict[str, Any]) -> list[str]:
 
 
 def _flagged_rows(name: str, rz: dict[str, Any]) -> list[list[str]]:
-    """Rows of the uncertainty table for one run (none without a z head)."""
+    """Rows of the uncertainty table for one run: the network's z (none without a z head; the
+    same figures for Z_PRED are in metrics.json)."""
     rows = []
-    for key, what in (("lowest_z_net_prob", "lowest Z_NET_PROB"), ("largest_z_net_err", "largest Z_NET_ERR")):
-        for method, m in ((rz.get("uncertainty") or {}).get(key) or {}).items():
-            if m:
-                rows.append(
-                    [
-                        html.escape(name),
-                        what,
-                        _z_method(method, rz),
-                        f"{m['n_flagged']} of {m['n']}",
-                        _ci(m["catastrophic_flagged"], m.get("catastrophic_flagged_interval")),
-                        _ci(m["catastrophic_rest"], m.get("catastrophic_rest_interval")),
-                        _ci(m["share_of_catastrophic"], m.get("share_of_catastrophic_interval")) + f" of {m['n_catastrophic']}",
-                    ]
-                )
+    for key, what in (("lowest_z_net_prob", "lowest Z_NET_PROB"), ("largest_z_net_err", "largest Z_NET_ERR/(1+Z_NET)")):
+        m = ((rz.get("uncertainty") or {}).get(key) or {}).get("network")
+        if m:
+            rows.append(
+                [
+                    html.escape(name),
+                    what,
+                    f"{m['n_flagged']} of {m['n']}",
+                    _ci(m["catastrophic_flagged"], m.get("catastrophic_flagged_interval")),
+                    _ci(m["catastrophic_rest"], m.get("catastrophic_rest_interval")),
+                    _ci(m["share_of_catastrophic"], m.get("share_of_catastrophic_interval")) + f" of {m['n_catastrophic']}",
+                ]
+            )
     return rows
 
 
