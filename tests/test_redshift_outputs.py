@@ -187,6 +187,11 @@ def test_evaluate_reports_redshift_metrics_per_run(zdata: dict) -> None:
     direct = redshift_columns(outputs, np.ones(q.sum(), bool), flux, ivar, "window")
     np.testing.assert_array_equal(preds["z_pred"].to_numpy()[q], direct["Z_PRED"])
     assert preds["z_pred"].isna().sum() == (~q).sum()
+    # and what discover writes for them with its defaults, every spectrum a positive
+    discover(zdata["z_run"], zdata["store"], zdata["base"] / "chain.parquet", threshold=1e-6, engine="torch", quiet=True)
+    cand = pd.read_parquet(zdata["base"] / "chain.parquet").set_index("SPECTRUM_ID")
+    ids = preds["spectrum_id"].to_numpy()[q]
+    np.testing.assert_allclose(cand.loc[ids, "Z_PRED"].to_numpy(), direct["Z_PRED"], rtol=0, atol=1e-9)
 
 
 def _flagged_direct(z_pred: np.ndarray, z_true: np.ndarray, prob: np.ndarray) -> tuple[float, float, float]:
