@@ -15,7 +15,8 @@ from spectransfer.candidates.discover import discover
 from spectransfer.candidates.redshifts import REDSHIFT_COLUMNS, ZWARN_NOT_FITTED, redshift_columns
 from spectransfer.config import DEFAULT_GRID as GRID
 from spectransfer.data.resample import normalise
-from spectransfer.evaluation.metrics import redshift_report
+from spectransfer.data.store import open_store
+from spectransfer.evaluation.metrics import flagged_catastrophic, redshift_report
 from spectransfer.ml import refine
 from spectransfer.templates import load_templates
 
@@ -170,7 +171,99 @@ def test_evaluate_reports_redshift_metrics_per_run(zdata: dict) -> None:
     doc = json.loads((out / "metrics.json").read_text())
     new, old = doc["runs"]["zrun"]["redshift"], doc["runs"]["oldrun"]["redshift"]
     assert new["n_quasars"] == Z_TRUE.size and new["network"]["n"] == Z_TRUE.size and old["network"] is None
+    assert new["refine"] == old["refine"] == "window" == doc["refine"]
     assert new["templates"]["catastrophic_fraction"] == 0.0 == old["templates"]["catastrophic_fraction"]
-    assert "Redshifts" in (out / "report.html").read_text()
+    # the run without z head: no network figures, no uncertainty figures, still Z_PRED (full range)
+    assert old["uncertainty"] is None
+    assert new["uncertainty"]["lowest_z_net_prob"]["network"]["n_flagged"] == 1  # ceil(10% of 6)
+    html = (out / "report.html").read_text()
+    assert "Redshifts" in html and "lowest Z_NET_PROB" in html
     preds = pd.read_parquet(out / "zrun" / "predictions.parquet")
-    assert {"z_net", "z_templates"} <= set(preds.columns)
+    assert {"z_net", "z_net_err", "z_net_prob", "z_pred"} <= set(preds.columns)
+    # Z_PRED is what discover's redshift_columns gives these spectra with the run's own z head
+    q = preds["label"].to_numpy() == 1
+    rows = preds["row"].to_numpy()[q]
+    st = open_store(zdata["store"])
+    outputs = {k: preds[k].to_numpy()[q] for k in ("z_net", "z_net_err", "z_net_prob")}
+    flux, ivar = np.asarray(st.flux[:])[rows], np.asarray(st.ivar[:])[rows]
+    direct = redshift_columns(outputs, np.ones(q.sum(), bool), flux, ivar, "window")
+    np.testing.assert_array_equal(preds["z_pred"].to_numpy()[q], direct["Z_PRED"])
+    assert preds["z_pred"].isna().sum() == (~q).sum()
+    # and what discover writes for them with its defaults, every spectrum a positive
+    discover(zdata["z_run"], zdata["store"], zdata["base"] / "chain.parquet", threshold=1e-6, engine="torch", quiet=True)
+    cand = pd.read_parquet(zdata["base"] / "chain.parquet").set_index("SPECTRUM_ID")
+    ids = preds["spectrum_id"].to_numpy()[q]
+    np.testing.assert_allclose(cand.loc[ids, "Z_PRED"].to_numpy(), direct["Z_PRED"], rtol=0, atol=1e-9)
+
+
+def _flagged_direct(z_pred: np.ndarray, z_true: np.ndarray, prob: np.ndarray) -> tuple[float, float, float]:
+    cat = np.abs(299792.458 * (z_pred - z_true) / (1 + z_true)) > 3000
+    low = np.zeros(prob.size, bool)
+    low[np.argsort(prob)[: int(np.ceil(0.1 * prob.size))]] = True
+    return cat[low].mean(), cat[~low].mean(), cat[low].sum() / cat.sum()
+
+
+def _doubtful_case(n: int = 400) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Quasars whose z is catastrophic more often the lower the head's probability."""
+    rng = np.random.default_rng(5)
+    z_true = rng.uniform(0.1, 4, n)
+    prob = rng.uniform(0, 1, n)
+    z_pred = z_true + rng.normal(0, 0.001, n) * (1 + z_true)
+    bad = rng.uniform(0, 1, n) > 0.4 + 0.6 * prob  # ~30%: mostly low prob
+    z_pred[bad] += rng.uniform(0.2, 1.0, bad.sum())
+    return z_pred, z_true, prob
+
+
+def test_flagged_catastrophic_equals_a_direct_computation() -> None:
+    z_pred, z_true, prob = _doubtful_case()
+    got = flagged_catastrophic(z_pred, z_true, prob, lowest=True, n_resamples=100)
+    flagged, rest, share = _flagged_direct(z_pred, z_true, prob)
+    assert got["n_flagged"] == 40 and got["n"] == 400
+    assert got["catastrophic_flagged"] == pytest.approx(flagged) and got["catastrophic_rest"] == pytest.approx(rest)
+    assert got["share_of_catastrophic"] == pytest.approx(share)
+    assert got["flag_cut"] == pytest.approx(np.sort(prob)[39])
+    for k in ("catastrophic_flagged", "catastrophic_rest", "share_of_catastrophic"):
+        lo, hi = got[f"{k}_interval"]
+        assert lo <= got[k] <= hi
+    assert flagged > rest  # the case was built so: the low-probability tenth fails more often
+    # a predicted error: the largest flagged; the same as the lowest of its negative
+    err = 1 - prob
+    by_err = flagged_catastrophic(z_pred, z_true, err, lowest=False, n_resamples=0)
+    assert by_err["share_of_catastrophic"] == pytest.approx(share) and "share_of_catastrophic_interval" not in by_err
+    # a missing network z is catastrophic, a missing score most doubtful
+    z_nan, p_nan = z_pred.copy(), prob.copy()
+    z_nan[0], p_nan[1] = np.nan, np.nan
+    got = flagged_catastrophic(z_nan, z_true, p_nan, n_resamples=0)
+    cat = ~(np.abs(299792.458 * (z_nan - z_true) / (1 + z_true)) <= 3000)
+    low = np.argsort(np.where(np.isnan(p_nan), -np.inf, p_nan))[:40]
+    assert 1 in low and got["catastrophic_flagged"] == pytest.approx(cat[low].mean())
+    assert flagged_catastrophic([], [], []) is None
+
+
+def test_evaluate_predictions_reports_the_uncertainty_figures(tmp_path: Path) -> None:
+    from spectransfer.evaluation.runner import RunScores, evaluate_predictions
+
+    z_pred, z_true, prob = _doubtful_case()
+    n_other = 100
+    y = np.r_[np.ones(z_true.size, int), np.zeros(n_other, int)]
+    cat_z = np.r_[z_true, np.full(n_other, np.nan)]
+    meta = pd.DataFrame({"spectrum_id": [f"id{i}" for i in range(y.size)], "label": y, "catalog_z": cat_z})
+    pad = np.full(n_other, 0.5)
+    err = np.r_[(1 - prob) * (1 + z_pred), pad]
+    logits = np.where(y == 1, 2.0, -2.0)
+    run = RunScores("r", tmp_path / "run", logits, None, z_net=np.r_[z_pred, pad], z_net_err=err, z_net_prob=np.r_[prob, pad])
+    run.z_pred = cat_z  # a perfect refinement
+    old = RunScores("old", tmp_path / "old", logits, None)
+    doc = evaluate_predictions(meta, [run, old], None, tmp_path / "rep", n_resamples=50, context={"refine": "window"})
+    u = doc["runs"]["r"]["redshift"]["uncertainty"]
+    flagged, rest, share = _flagged_direct(z_pred, z_true, prob)
+    net = u["lowest_z_net_prob"]["network"]
+    assert u["fraction"] == 0.1 and net["n_flagged"] == 40
+    assert (net["catastrophic_flagged"], net["catastrophic_rest"]) == (pytest.approx(flagged), pytest.approx(rest))
+    assert net["share_of_catastrophic"] == pytest.approx(share)
+    # Z_NET_ERR/(1+Z_NET) = 1 - prob here: the same tenth
+    assert u["largest_z_net_err"]["network"]["share_of_catastrophic"] == pytest.approx(share)
+    assert u["lowest_z_net_prob"]["templates"]["n_catastrophic"] == 0
+    assert doc["runs"]["r"]["redshift"]["refine"] == "window"
+    assert doc["runs"]["old"]["redshift"]["network"] is None and doc["runs"]["old"]["redshift"]["uncertainty"] is None
+    assert json.loads(json.dumps(doc))

@@ -523,6 +523,13 @@ def print_summary(summary: dict[str, Any]) -> None:
                 f"{f(m.get('catastrophic_fraction'))}, median |dv| {f(m.get('median_abs_dv_kms'))} km/s, "
                 f"NMAD {f(m.get('nmad'))}"
             )
+    u = ((z.get("uncertainty") or {}).get("lowest_z_net_prob") or {}).get("network")
+    if u:
+        console.print(
+            f"the {u['n_flagged']} of them with the lowest Z_NET_PROB: network z catastrophic {f(u['catastrophic_flagged'])} "
+            f"(the other {u['n'] - u['n_flagged']}: {f(u['catastrophic_rest'])}), holding {f(u['share_of_catastrophic'])} "
+            f"of its {u['n_catastrophic']} catastrophic redshifts"
+        )
     dec = summary.get("decision_test_truth")
     if dec and dec.get("n_test"):
         console.print(

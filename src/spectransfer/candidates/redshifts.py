@@ -24,6 +24,7 @@ from spectransfer.errors import EvaluateError
 from spectransfer.ml.refine import ZWARN_BITS, ZWARN_NO_NETWORK_Z, refine_redshifts
 
 REFINE_MODES = ("full", "window", "none")
+DEFAULT_REFINE = "window"  # what discover and classify do unless told otherwise (evaluate scores the same)
 ZWARN_NOT_FITTED = 1 << 8  # not fitted: the model does not call it a quasar, or refinement is off
 ZWARN_PRED_BITS = {**ZWARN_BITS, "NOT_FITTED": ZWARN_NOT_FITTED}
 # --refine window scans the whole range for spectra whose Z_NET_PROB is below this. Measured

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from spectransfer.errors import EvaluateError
-from spectransfer.ml.refine import redshift_metrics
+from spectransfer.ml.refine import CATASTROPHIC_KMS, redshift_metrics, velocity_offset_kms
 
 CONFUSION_LAYOUT = (
     "rows = true class [QSO, Other], columns = predicted class [QSO, Other], "
@@ -637,6 +637,9 @@ def verdict_corrected(
 # ---- redshifts -----------------------------------------------------------------------------------
 
 Z_BREAKDOWN_EDGES = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 7.0)
+# The share of quasars whose redshift the network doubts most, set apart when judging its
+# uncertainty (Bayesian SZNet quotes its catastrophic rate after dropping the 10% most uncertain).
+FLAGGED_FRACTION = 0.1
 
 
 def redshift_report(
@@ -677,3 +680,71 @@ def _z_bins(
         if sel.any():
             rows.append({"bin": _bin_label(lo, hi, fmt), **redshift_metrics(z_pred[sel], z_true[sel])})
     return rows
+
+
+def catastrophic(z_pred: Any, z_true: Any) -> np.ndarray:
+    """Per pair: |Δv| > 3000 km/s, a NaN prediction counted as catastrophic (as in
+    ``ml.refine.redshift_metrics``)."""
+    dv = np.abs(velocity_offset_kms(z_pred, z_true))
+    return ~(np.nan_to_num(dv, nan=np.inf) <= CATASTROPHIC_KMS)
+
+
+def flagged_catastrophic(
+    z_pred: Any,
+    z_true: Any,
+    score: Any,
+    lowest: bool = True,
+    fraction: float = FLAGGED_FRACTION,
+    n_resamples: int = 200,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any] | None:
+    """Does a per-quasar score single out the catastrophic redshifts? The ceil(fraction·n)
+    quasars with the lowest ``score`` (a probability of being right; ``lowest=False``: the
+    highest, a predicted error) are flagged: catastrophic fraction of the flagged and of the
+    rest, and the flagged share of all catastrophic ones, with percentile-bootstrap intervals
+    (the flagged set chosen again in every resample). A NaN score ranks as most doubtful;
+    pairs without a finite ``z_true`` are left out. None without any pair."""
+    z_true = np.asarray(z_true, dtype=np.float64).ravel()
+    keep = np.isfinite(z_true)
+    cat = catastrophic(np.asarray(z_pred, dtype=np.float64).ravel()[keep], z_true[keep])
+    s = np.asarray(score, dtype=np.float64).ravel()[keep]
+    n = cat.size
+    if n == 0:
+        return None
+    doubt = np.nan_to_num(-s if lowest else s, nan=np.inf)
+    k = min(n, max(1, int(np.ceil(round(fraction * n, 9)))))
+    order = np.argsort(-doubt, kind="stable")  # most doubtful first
+    flagged, rest, share = _flag_stats(cat[order][None, :], k)
+    out: dict[str, Any] = {
+        "fraction": fraction,
+        "n": n,
+        "n_flagged": k,
+        "flag_cut": _finite_or_none(float(s[order[k - 1]])),
+        "n_catastrophic": int(cat.sum()),
+        "catastrophic_flagged": _finite_or_none(flagged[0]),
+        "catastrophic_rest": _finite_or_none(rest[0]),
+        "share_of_catastrophic": _finite_or_none(share[0]),
+    }
+    if n >= 2 and n_resamples > 0:
+        rng = np.random.default_rng(seed)
+        parts = []
+        for b in _chunks(n, n_resamples):
+            idx = rng.integers(0, n, size=(b, n))
+            o = np.argsort(-doubt[idx], axis=1, kind="stable")
+            parts.append(np.array(_flag_stats(np.take_along_axis(cat[idx], o, axis=1), k)))
+        stats = np.concatenate(parts, axis=1)
+        for key, col in zip(("catastrophic_flagged", "catastrophic_rest", "share_of_catastrophic"), stats):
+            out[f"{key}_interval"] = _interval(col, confidence)
+    return out
+
+
+def _flag_stats(cat_sorted: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row of (b, n) catastrophic flags, most doubtful first: catastrophic fraction of the
+    first k, of the others, and the first k's share of all (NaN where undefined)."""
+    n = cat_sorted.shape[1]
+    cf = cat_sorted[:, :k].sum(axis=1).astype(np.float64)
+    cr = cat_sorted[:, k:].sum(axis=1).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rest = cr / (n - k) if n > k else np.full(cf.shape, np.nan)
+        return cf / k, rest, cf / (cf + cr)

@@ -491,10 +491,14 @@ def write_report(
 
 
 def plot_redshifts(points: dict[str, tuple[np.ndarray, np.ndarray]]) -> Any:
-    """Predicted against catalogue z, one panel per method, the ±3000 km/s band shaded."""
+    """Predicted against catalogue z, one panel per method (three to a row), the ±3000 km/s band shaded."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(points), figsize=(4.2 * len(points), 4), squeeze=False)
-    for ax, (name, (z_true, z_pred)) in zip(axes[0], points.items()):
+    ncols = min(3, len(points))
+    nrows = -(-len(points) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 4 * nrows), squeeze=False)
+    for ax in axes.ravel()[len(points) :]:
+        ax.set_visible(False)
+    for ax, (name, (z_true, z_pred)) in zip(axes.ravel(), points.items()):
         top = float(np.nanmax(np.concatenate([z_true, z_pred[np.isfinite(z_pred)]]))) * 1.05 + 0.1
         zz = np.linspace(0, top, 50)
         band = 3000.0 / 299792.458 * (1 + zz)
@@ -507,44 +511,76 @@ def plot_redshifts(points: dict[str, tuple[np.ndarray, np.ndarray]]) -> Any:
 
 
 def _redshift_section(out: Path, doc: dict[str, Any]) -> str:
-    """Redshift accuracy on the split's catalogue quasars: network z and template z per run."""
-    rows, points = [], {}
+    """Redshift accuracy on the split's catalogue quasars per run: the network's z and Z_PRED
+    (the templates as discover fits them), and how the z head's doubt singles out the failures."""
+    rows, flagged, points = [], [], {}
     for name, e in doc["runs"].items():
         rz = e.get("redshift") or {}
         for method in ("network", "templates"):
             m = rz.get(method)
-            if not m:
-                continue
-            rows.append(
-                [
-                    html.escape(name),
-                    method,
-                    str(m["n"]),
-                    _ci(m["catastrophic_fraction"], m.get("catastrophic_fraction_interval")),
-                    _ci(m["median_abs_dv_kms"], m.get("median_abs_dv_kms_interval"), 0),
-                    _ci(m["nmad"], m.get("nmad_interval"), 4),
-                ]
-            )
+            if m:
+                rows.append([html.escape(name), _z_method(method, rz), str(m["n"]), *_z_figures(m)])
+        flagged += _flagged_rows(name, rz)
         f = out / e.get("predictions_file", "")
         if f.is_file() and rz:
             pr = pd.read_parquet(f)
             q = (pr["label"] == 1) & np.isfinite(pd.to_numeric(pr.get("catalog_z"), errors="coerce"))
-            if "z_net" in pr and f"{name}: network" not in points:
-                points[f"{name}: network"] = (pr.loc[q, "catalog_z"].to_numpy(float), pr.loc[q, "z_net"].to_numpy(float))
-            if "z_templates" in pr and "templates" not in points:
-                points["templates"] = (pr.loc[q, "catalog_z"].to_numpy(float), pr.loc[q, "z_templates"].to_numpy(float))
+            for col, what in (("z_net", "network"), ("z_pred", "Z_PRED")):
+                if col in pr:
+                    points[f"{name}: {what}"] = (pr.loc[q, "catalog_z"].to_numpy(float), pr.loc[q, col].to_numpy(float))
     if not rows:
         return ""
     parts = [
         "<h2>Redshifts</h2>",
-        '<p class="note">On the catalogue quasars of the split: the network\'s z head (runs that have one) and '
-        "the DR16Q quasar templates fitted over z 0-7 (what discover and classify give as Z_PRED). Catastrophic: "
-        "|Δv| > 3000 km/s, Δv = c·Δz/(1+z); NMAD of Δz/(1+z). 95% bootstrap intervals.</p>",
+        '<p class="note">On every catalogue quasar of the split: the network\'s z head (runs that have one) and '
+        "Z_PRED, the DR16Q quasar templates fitted as discover and classify fit their positives (window: "
+        "±0.0784(1+z) around the network's z, z 0-7 where its Z_NET_PROB is below 0.7 or the run has no z head; "
+        "full: z 0-7). Catastrophic: |Δv| > 3000 km/s, Δv = c·Δz/(1+z); NMAD of Δz/(1+z). 95% bootstrap intervals.</p>",
         _table(["run", "method", "quasars", "catastrophic", "median |Δv| [km/s]", "NMAD"], rows),
     ]
+    if flagged:
+        parts.append(
+            '<p class="note">Does the z head know when its z is wrong? The 10% of those quasars it doubts most '
+            "against the other 90%: catastrophic rate of the network's z in each, and the share of all its "
+            "catastrophic redshifts that the 10% hold.</p>"
+        )
+        header = ["run", "flagged by", "flagged", "catastrophic, flagged", "catastrophic, rest", "share held"]
+        parts.append(_table(header, flagged))
     if points:
         parts.append(_img(figure_png(plot_redshifts(points)), "predicted against catalogue redshift"))
     return "\n".join(parts)
+
+
+def _z_method(method: str, rz: dict[str, Any]) -> str:
+    return f"Z_PRED ({html.escape(str(rz.get('refine', 'full')))})" if method == "templates" else method
+
+
+def _z_figures(m: dict[str, Any]) -> list[str]:
+    return [
+        _ci(m["catastrophic_fraction"], m.get("catastrophic_fraction_interval")),
+        _ci(m["median_abs_dv_kms"], m.get("median_abs_dv_kms_interval"), 0),
+        _ci(m["nmad"], m.get("nmad_interval"), 4),
+    ]
+
+
+def _flagged_rows(name: str, rz: dict[str, Any]) -> list[list[str]]:
+    """Rows of the uncertainty table for one run: the network's z (none without a z head; the
+    same figures for Z_PRED are in metrics.json)."""
+    rows = []
+    for key, what in (("lowest_z_net_prob", "lowest Z_NET_PROB"), ("largest_z_net_err", "largest Z_NET_ERR/(1+Z_NET)")):
+        m = ((rz.get("uncertainty") or {}).get(key) or {}).get("network")
+        if m:
+            rows.append(
+                [
+                    html.escape(name),
+                    what,
+                    f"{m['n_flagged']} of {m['n']}",
+                    _ci(m["catastrophic_flagged"], m.get("catastrophic_flagged_interval")),
+                    _ci(m["catastrophic_rest"], m.get("catastrophic_rest_interval")),
+                    _ci(m["share_of_catastrophic"], m.get("share_of_catastrophic_interval")) + f" of {m['n_catastrophic']}",
+                ]
+            )
+    return rows
 
 
 def _real_section(out: Path) -> str:

@@ -23,11 +23,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from spectransfer.candidates.redshifts import DEFAULT_REFINE, check_refine, redshift_columns
 from spectransfer.errors import EvaluateError
 from spectransfer.evaluation.calibration import Calibration, fit_calibration, read_calibration, write_calibration
 from spectransfer.evaluation.metrics import (
     CONFUSION_LAYOUT,
     ECE_DEFINITION,
+    FLAGGED_FRACTION,
     _as_labels,
     _as_scores,
     bootstrap_intervals,
@@ -36,6 +38,7 @@ from spectransfer.evaluation.metrics import (
     calibrated_probability,
     choose_threshold,
     fit_temperature,
+    flagged_catastrophic,
     mcnemar_test,
     nll,
     paired_bootstrap,
@@ -47,7 +50,6 @@ from spectransfer.evaluation.metrics import (
     threshold_metrics,
     verdict_corrected,
 )
-from spectransfer.ml.refine import refine_redshifts
 from spectransfer.ml.score import EngineSpec, build_scorer, check_engine, prepare_engine, read_arrays, score_rows
 from spectransfer.progress import progress_bar
 from spectransfer.provenance import atomic_path, dependency_versions, write_text_atomic
@@ -87,6 +89,14 @@ class RunScores:
     info: dict[str, Any] = field(default_factory=dict)
     recorded: Calibration | None = None  # the run's calibration.json, applied to ``p_qso``
     z_net: np.ndarray | None = None  # the z head's redshift on the evaluated rows (None: no head)
+    z_net_err: np.ndarray | None = None  # its 68% half-width
+    z_net_prob: np.ndarray | None = None  # the head's probability that z_net is within 3000 km/s
+    z_pred: np.ndarray | None = None  # Z_PRED as discover gives it with this run (catalogue quasars; NaN elsewhere)
+
+    def z_outputs(self) -> dict[str, np.ndarray]:
+        """The z head's columns under the scorer's names (empty for a run without one)."""
+        named = (("z_net", self.z_net), ("z_net_err", self.z_net_err), ("z_net_prob", self.z_net_prob))
+        return {k: v for k, v in named if v is not None}
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -162,7 +172,6 @@ def evaluate_predictions(
     verdicts: pd.DataFrame | None = None,
     calibrate: bool = False,
     context: dict[str, Any] | None = None,
-    z_templates: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Metrics, intervals, calibration, breakdowns, error lists and comparisons for scored runs.
 
@@ -171,7 +180,8 @@ def evaluate_predictions(
     false_positives.csv / false_negatives.csv, and returns the metrics document (the caller
     writes metrics.json and the report). With ``calibrate`` the temperature fitted on the
     validation rows is written to RUN/calibration.json (refused below MIN_SPECTRA); without,
-    no run folder is touched. ``context`` (store_id, engine, ...) goes into the document.
+    no run folder is touched. ``context`` (store_id, engine, ...) goes into the document; its
+    ``refine`` names the mode that gave each run's ``z_pred``.
     """
     if len(meta) == 0:
         raise EvaluateError(f"the {split} split is empty: nothing to evaluate")
@@ -240,11 +250,12 @@ def evaluate_predictions(
         preds["split"] = split
         for c in extra_cols:
             preds[c] = meta[c].to_numpy()
-        entry["redshift"] = _redshift_entry(r, y, meta, z_templates, n_resamples, confidence, seed)
-        if r.z_net is not None:
-            preds["z_net"] = r.z_net.astype(np.float64)
-        if z_templates is not None:
-            preds["z_templates"] = z_templates
+        refine = (context or {}).get("refine", DEFAULT_REFINE)
+        entry["redshift"] = _redshift_entry(r, y, meta, refine, n_resamples, confidence, seed)
+        for k, v in r.z_outputs().items():
+            preds[k] = v.astype(np.float64)
+        if r.z_pred is not None:
+            preds["z_pred"] = r.z_pred
         _atomic_write_parquet(preds, run_out / "predictions.parquet")
         fp = preds[(preds["label"] == 0) & (p >= 0.5)].sort_values("probability", ascending=False)
         fn = preds[(preds["label"] == 1) & (p < 0.5)].sort_values("probability", ascending=True)
@@ -285,13 +296,15 @@ def _redshift_entry(
     r: RunScores,
     y: np.ndarray,
     meta: pd.DataFrame,
-    z_templates: np.ndarray | None,
+    refine: str,
     n_resamples: int,
     confidence: float,
     seed: int,
 ) -> dict[str, Any] | None:
     """Redshift metrics on the catalogue quasars of the split: the network's z (a run with a z
-    head) and the DR16Q-template z (the full-range fit discover and classify give positives)."""
+    head), Z_PRED as discover and classify give it with this run (``refine``: the DR16Q
+    templates in a window around the network's z, or over the whole range), and whether the
+    head's own doubt points at the catastrophic ones (``uncertainty``)."""
     if "catalog_z" not in meta.columns:
         return None
     z_true = pd.to_numeric(meta["catalog_z"], errors="coerce").to_numpy(dtype=np.float64)
@@ -300,11 +313,32 @@ def _redshift_entry(
         return None
     snr = meta["snr"].to_numpy(dtype=np.float64)[q] if "snr" in meta.columns else None
     boot = min(n_resamples, 200)
-    out: dict[str, Any] = {"n_quasars": int(q.sum()), "catastrophic_kms": 3000.0}
+    out: dict[str, Any] = {"n_quasars": int(q.sum()), "catastrophic_kms": 3000.0, "refine": refine}
     out["network"] = redshift_report(r.z_net[q], z_true[q], snr, boot, confidence, seed) if r.z_net is not None else None
-    out["templates"] = (
-        redshift_report(z_templates[q], z_true[q], snr, boot, confidence, seed) if z_templates is not None else None
-    )
+    out["templates"] = redshift_report(r.z_pred[q], z_true[q], snr, boot, confidence, seed) if r.z_pred is not None else None
+    out["uncertainty"] = _uncertainty_entry(r, q, z_true, boot, confidence, seed)
+    return out
+
+
+def _uncertainty_entry(
+    r: RunScores, q: np.ndarray, z_true: np.ndarray, n_resamples: int, confidence: float, seed: int
+) -> dict[str, Any] | None:
+    """The catastrophic rate of the FLAGGED_FRACTION of quasars the z head doubts most (lowest
+    Z_NET_PROB; largest Z_NET_ERR/(1+Z_NET), the predicted error in velocity) against the
+    rest, for the network's z and for Z_PRED. None for a run without a z head."""
+    if r.z_net is None or r.z_net_prob is None:
+        return None
+    methods = [(m, z) for m, z in (("network", r.z_net), ("templates", r.z_pred)) if z is not None]
+
+    def flagged(score: np.ndarray, lowest: bool) -> dict[str, Any]:
+        return {
+            m: flagged_catastrophic(z[q], z_true[q], score, lowest, FLAGGED_FRACTION, n_resamples, confidence, seed)
+            for m, z in methods
+        }
+
+    out: dict[str, Any] = {"fraction": FLAGGED_FRACTION, "lowest_z_net_prob": flagged(r.z_net_prob[q], True)}
+    if r.z_net_err is not None:
+        out["largest_z_net_err"] = flagged(r.z_net_err[q] / (1 + r.z_net[q]), False)
     return out
 
 
@@ -475,11 +509,13 @@ def evaluate_runs(
     quiet: bool = False,
     write_report: bool = True,
     calibrate: bool = False,
+    refine: str = DEFAULT_REFINE,
 ) -> dict[str, Any]:
     """Score every run on ``split`` of the store and write metrics.json, predictions and report.html.
 
     ``engine`` scores every run (named in metrics.json and the report); ``calibrate`` also
     writes each run's calibration.json from its validation scores (see ``evaluate_predictions``).
+    ``refine``: the Z_PRED fit judged, as discover's ``--refine`` (default the same as discover's).
     """
     from spectransfer.data.store import open_store
 
@@ -509,16 +545,21 @@ def evaluate_runs(
             raise EvaluateError(f"{r}: run folder not found")
         infos.append(check_run_matches_store(Path(r), store))
     check_engine(engine)
+    check_refine(refine)
     scored: list[RunScores] = []
     int8: dict[str, Any] | None = None
     total = len(run_dirs) * (rows.size + val_rows.size)
     with progress_bar("scoring", total=total, quiet=quiet) as bar:
         for name, r, info in zip(names, run_dirs, infos):
-            (logits, vlogits), z_net, spec = _score_run(Path(r), store, [rows, val_rows], batch_size, engine, bar)
+            (logits, vlogits), zo, spec = _score_run(Path(r), store, [rows, val_rows], batch_size, engine, bar)
             if spec.int8_calibration is not None:
                 int8 = spec.int8_calibration.to_dict()
             info = {**info, "engine": engine}
-            scored.append(RunScores(name, Path(r), logits, vlogits if val_rows.size else None, info, read_calibration(r), z_net))
+            val = vlogits if val_rows.size else None
+            scored.append(RunScores(name, Path(r), logits, val, info, read_calibration(r), **zo))
+    guide_free: dict[str, np.ndarray | None] = {}  # the Z_PRED of runs that give no window: the same for all
+    for s in scored:
+        s.z_pred = _chain_redshifts(store, rows, meta, s, refine, quiet, guide_free)
     context = {
         "engine": engine,
         "store_origin": str((store.info or {}).get("origin", "unknown")) if hasattr(store, "info") else "unknown",
@@ -528,6 +569,7 @@ def evaluate_runs(
         "store_id": (store.info or {}).get("store_id") if hasattr(store, "info") else None,
         "survey": survey,
         "n_val_rows": int(val_rows.size),
+        "refine": refine,
         "verdicts_file": str(verdicts_path) if verdicts_path is not None else None,
     }
     doc = evaluate_predictions(
@@ -544,7 +586,6 @@ def evaluate_runs(
         verdicts=verdicts,
         context=context,
         calibrate=calibrate,
-        z_templates=_template_redshifts(store, rows, meta, quiet),
     )
     atomic_write_text(out / "metrics.json", json.dumps(doc, indent=2) + "\n")
     if write_report:
@@ -561,33 +602,47 @@ def evaluate_runs(
     return doc
 
 
-def _template_redshifts(store: Any, rows: np.ndarray, meta: pd.DataFrame, quiet: bool) -> np.ndarray | None:
-    """The DR16Q-template redshift (full-range fit, as discover gives positives) of every
-    catalogue quasar among ``rows``; NaN elsewhere. The same for every run: fitted once."""
-    if "catalog_z" not in meta.columns or "label" not in meta.columns:
+Z_OUTPUTS = ("z_net", "z_net_err", "z_net_prob")  # the scorer's z head columns
+REFINE_BLOCK = 4096  # quasars read and fitted at a time: memory bounded by the block
+
+
+def _chain_redshifts(
+    store: Any, rows: np.ndarray, meta: pd.DataFrame, run: RunScores, refine: str, quiet: bool, guide_free: dict
+) -> np.ndarray | None:
+    """Z_PRED of every catalogue quasar among ``rows`` as discover gives it with ``run``: the
+    same ``redshift_columns`` on the run's z head outputs with ``refine``; NaN elsewhere, None
+    when nothing is fitted. A run without z head (or ``refine`` full) gets the whole-range fit,
+    which is the same for every such run and kept in ``guide_free``."""
+    if "catalog_z" not in meta.columns or "label" not in meta.columns or refine == "none":
         return None
     z_true = pd.to_numeric(meta["catalog_z"], errors="coerce").to_numpy(dtype=np.float64)
     q = np.flatnonzero((meta["label"].to_numpy() == 1) & np.isfinite(z_true))
-    out = np.full(rows.size, np.nan)
     if q.size == 0:
         return None
+    outputs = run.z_outputs()
+    shared = "z_net" not in outputs or refine == "full"
+    if shared and "z_pred" in guide_free:
+        return guide_free["z_pred"]
+    out = np.full(rows.size, np.nan)
     with progress_bar("redshifts", total=int(q.size), quiet=quiet) as bar:
-        for start in range(0, q.size, 4096):
-            idx = q[start : start + 4096]
-            order = np.argsort(rows[idx])
-            flux, ivar = read_arrays(store.flux, store.ivar, rows[idx][order])
-            z = np.empty(idx.size)
-            z[order] = refine_redshifts(flux, ivar, grid=store.grid).z
-            out[idx] = z
+        for start in range(0, q.size, REFINE_BLOCK):
+            idx = q[start : start + REFINE_BLOCK]
+            idx = idx[np.argsort(rows[idx])]  # the store is read in row order
+            flux, ivar = read_arrays(store.flux, store.ivar, rows[idx])
+            part = {k: v[idx] for k, v in outputs.items()}
+            cols = redshift_columns(part, np.ones(idx.size, bool), flux, ivar, refine, store.grid)
+            out[idx] = cols["Z_PRED"]
             bar.advance(idx.size)
+    if shared:
+        guide_free["z_pred"] = out
     return out
 
 
 def _score_run(
     run_dir: Path, store: Any, row_sets: list[np.ndarray], batch_size: int, engine: str, bar: Any
-) -> tuple[list[np.ndarray], np.ndarray | None, EngineSpec]:
-    """Float64 logits of each row set and the network z of the first (None without a z head),
-    the engine prepared once for the run (one ONNX export)."""
+) -> tuple[list[np.ndarray], dict[str, np.ndarray], EngineSpec]:
+    """Float64 logits of each row set and the z head's outputs on the first (z_net, z_net_err,
+    z_net_prob; empty without a z head), the engine prepared once for the run (one ONNX export)."""
     import tempfile
 
     try:
@@ -595,14 +650,14 @@ def _score_run(
             spec = prepare_engine(run_dir, engine, tmp, store=store)
             scorer = build_scorer(spec)
             out = []
-            z_net = None
+            z_out: dict[str, np.ndarray] = {}
             for k, rows in enumerate(row_sets):
                 uniq = np.unique(rows)
                 got = score_rows(scorer, store, uniq, batch_size, spec.in_channels, progress=bar)
                 where = np.searchsorted(uniq, rows)
                 out.append(np.asarray(got["logit"], dtype=np.float64)[where])
-                if k == 0 and "z_net" in got:
-                    z_net = np.asarray(got["z_net"], dtype=np.float64)[where]
+                if k == 0:
+                    z_out = {c: np.asarray(got[c], dtype=np.float64)[where] for c in Z_OUTPUTS if c in got}
     except EvaluateError:
         raise
     except Exception as exc:
@@ -612,4 +667,4 @@ def _score_run(
             raise EvaluateError(f"{run_dir}: scoring returned {logits.size} logits for {rows.size} rows")
         if not np.isfinite(logits).all():
             raise EvaluateError(f"{run_dir}: the model produced NaN/inf logits")
-    return out, z_net, spec
+    return out, z_out, spec
