@@ -919,6 +919,11 @@ def evaluate_cmd(
         "--calibrate",
         help="Also write each run's calibration.json from the temperature fitted on val (same as `spectransfer calibrate`); without it no run folder is changed.",
     ),
+    refine: str = typer.Option(
+        "window",
+        "--refine",
+        help="How the redshift metrics fit Z_PRED to the split's catalogue quasars, as discover and classify do: window (default), full or none.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Score runs on a split: metrics with intervals, calibration, breakdowns, paired tests, HTML report."""
@@ -948,6 +953,7 @@ def evaluate_cmd(
         gallery=gallery,
         quiet=quiet,
         calibrate=calibrate,
+        refine=refine,
     )
 
     def f(v: object) -> str:

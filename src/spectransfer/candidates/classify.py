@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from spectransfer.candidates.decision import check_templates, decide, template_cards
-from spectransfer.candidates.redshifts import check_refine, redshift_columns
+from spectransfer.candidates.redshifts import DEFAULT_REFINE, check_refine, redshift_columns
 from spectransfer.candidates.schema import classify_columns, from_meta, header_cards, output_format, quality_bits, write_table
 from spectransfer.data.ingest import IngestOptions, _meta_row, find_files, grid_records, read_checked
 from spectransfer.errors import EvaluateError
@@ -86,7 +86,7 @@ def classify(
     batch_size: int = 256,
     threads: int | None = None,
     progress: Any = None,
-    refine: str = "window",
+    refine: str = DEFAULT_REFINE,
     mc_samples: int = 0,
     zwarning_filter: bool = True,
     coverage_filter: bool = True,

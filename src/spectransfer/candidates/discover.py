@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from spectransfer.candidates.decision import check_templates, decide, template_cards, to_fit
-from spectransfer.candidates.redshifts import check_refine, redshift_columns
+from spectransfer.candidates.redshifts import DEFAULT_REFINE, check_refine, redshift_columns
 from spectransfer.candidates.schema import (
     CATEGORIES,
     QUALITY_BITS,
@@ -108,7 +108,7 @@ class _Job:
     workers: int | None
     scheduler: str | None
     survey: str | None
-    refine: str = "window"
+    refine: str = DEFAULT_REFINE
     mc_samples: int = 0
     templates: str = "uncertain"
     store: Any = None
@@ -402,7 +402,7 @@ def discover(
     threads: int | None = None,
     survey: str | None = None,
     quiet: bool = False,
-    refine: str = "window",
+    refine: str = DEFAULT_REFINE,
     mc_samples: int = 0,
     templates: str = "uncertain",
 ) -> DiscoverResult:
