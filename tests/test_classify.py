@@ -48,7 +48,7 @@ def real(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def test_classify_equals_ingest_plus_discover(real: dict) -> None:
-    res = classify(real["run"], [real["files"]], engine="torch")
+    res = classify(real["run"], [real["files"]], engine="torch", templates="uncertain")  # discover's default
     cand = real["cand"].set_index("SPECTRUM_ID")
     t = res.table.set_index("SPECTRUM_ID")
     assert len(t) == len(cand) > 5 and sorted(t.index) == sorted(cand.index)

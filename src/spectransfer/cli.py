@@ -1279,9 +1279,9 @@ def classify_cmd(
         help="MC-dropout passes of the dense head for P_QSO_STD, the spread that `inspect --order uncertainty` sorts by (0 = off, as fast as without; 10-20 is usual; see bench/discover.py for its cost).",
     ),
     templates: str = typer.Option(
-        "uncertain",
+        "all",
         "--templates",
-        help="Which spectra the real-spectrum template families (quasar, galaxy, star: redrock's DR16Q/BOSS templates) may decide IS_QSO for: uncertain (default: those with 0.02 <= P_QSO <= 0.98, where the family fit is decisive), all, or none (the network alone). P_QSO stays the network's; SPECTYPE, DCHI2_QSO and DECIDED_BY say what the templates said.",
+        help="Which spectra the real-spectrum template families (quasar, galaxy, star: redrock's DR16Q/BOSS templates) may decide IS_QSO for, where their fit is decisive: all (default here: a handful of files costs ~1/60 s each), uncertain (discover's default: those with 0.02 <= P_QSO <= 0.98) or none (the network alone). P_QSO stays the network's; SPECTYPE, DCHI2_QSO and DECIDED_BY say what the templates said.",
     ),
     no_zwarning_filter: bool = typer.Option(
         False, "--no-zwarning-filter", help="Also score SDSS spectra with ZWARNING != 0 (ingest's cut, off)."

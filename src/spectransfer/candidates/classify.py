@@ -90,7 +90,7 @@ def classify(
     mc_samples: int = 0,
     zwarning_filter: bool = True,
     coverage_filter: bool = True,
-    templates: str = "uncertain",
+    templates: str = "all",
 ) -> ClassifyResult:
     """P(QSO) for every spectrum file under ``paths`` (files or folders); writes ``out`` if given.
 

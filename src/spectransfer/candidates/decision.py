@@ -5,7 +5,8 @@ than they look (a z = 0.0018 Seyfert at P 0.05, a z = 0.51 galaxy at P 0.74 in t
 SDSS files). The redrock templates were built from real spectra, so their family fit
 (``ml.spectype``: the lowest χ² among quasar, galaxy and star templates) errs in other
 places. DESI combines QuasarNET and redrock for the same reason. Here a spectrum whose
-calibrated P_QSO lies in the UNCERTAIN band (or every spectrum, ``--templates all``) is
+calibrated P_QSO lies in the UNCERTAIN band (discover's default: a survey's millions are mostly
+sure) or every spectrum (``--templates all``, classify's default: a handful of files) is
 fitted, and where one family is DECISIVE (the best non-quasar χ² and the best quasar χ²
 differ by more than 5% of the best χ²) the family decides IS_QSO; elsewhere P_QSO >=
 threshold does. P_QSO itself stays the network's calibrated probability.

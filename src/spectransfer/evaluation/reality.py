@@ -33,7 +33,7 @@ def reality_check(
     threshold: float = 0.5,
     engine: str = "onnx",
     refine: str = "window",
-    templates: str = "uncertain",
+    templates: str = "all",
 ) -> dict[str, Any]:
     """Per-file answers and per-class counts of ``run`` on the real files under ``paths``.
 
