@@ -49,7 +49,9 @@ def main() -> None:
     )
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--engine", default="onnx")
-    ap.add_argument("--templates", default="all", help="all (classify's default), uncertain (discover's) or none: see classify --templates")
+    ap.add_argument(
+        "--templates", default="all", help="all (classify's default), uncertain (discover's) or none: see classify --templates"
+    )
     args = ap.parse_args()
     data = args.data or default_data()
     if not (args.run / "model.safetensors").exists():
