@@ -11,13 +11,15 @@ import pandas as pd
 import pytest
 from astropy.io import fits
 
+from spectransfer.candidates.decision import QSO_CHI2
 from spectransfer.candidates.discover import discover
-from spectransfer.candidates.redshifts import REDSHIFT_COLUMNS, ZWARN_NOT_FITTED, redshift_columns
+from spectransfer.candidates.redshifts import REDSHIFT_COLUMNS, RESCAN_BITS, ZWARN_NOT_FITTED, redshift_columns
 from spectransfer.config import DEFAULT_GRID as GRID
 from spectransfer.data.resample import normalise
 from spectransfer.data.store import open_store
 from spectransfer.evaluation.metrics import flagged_catastrophic, redshift_report
 from spectransfer.ml import refine
+from spectransfer.ml.spectype import fit_spectype
 from spectransfer.templates import load_templates
 
 COEF = np.array([1.0, 0.15, -0.08, 0.05])
@@ -136,13 +138,26 @@ def test_redshift_columns_window_mode_needs_the_network_z() -> None:
     scaled, ivar = normalise(flux.astype(np.float32), np.ones_like(flux, dtype=np.float32))
     cols = redshift_columns({"z_net": np.array([1.32]), "z_net_err": np.array([0.05])}, np.array([True]), scaled, ivar, "window")
     assert abs(cols["Z_PRED"][0] - 1.3) < 0.01 and cols["Z_NET"][0] == pytest.approx(1.32)
-    # a far-off network z: trusted by the head, the window cannot reach the truth; doubted, the
-    # whole range is scanned and the truth found
+    # a far-off network z: doubted by the head, the whole range is scanned and the truth found;
+    # trusted, the window alone cannot reach the truth, but its fit warns (edge or a close rival),
+    # so the whole range is scanned too and the better fit kept
     far = {"z_net": np.array([2.6, 2.6]), "z_net_err": np.array([0.05, 0.05]), "z_net_prob": np.array([0.9, 0.1])}
     two = np.repeat(scaled, 2, axis=0), np.repeat(ivar, 2, axis=0)
+    alone = refine.refine_redshifts(scaled, ivar, np.array([2.6]), None, GRID)
+    assert abs(alone.z[0] - 1.3) > 0.5 and alone.zwarn[0] & RESCAN_BITS
     cols = redshift_columns(far, np.array([True, True]), *two, "window")
-    assert abs(cols["Z_PRED"][0] - 1.3) > 0.5 and abs(cols["Z_PRED"][1] - 1.3) < 0.01
+    assert abs(cols["Z_PRED"][0] - 1.3) < 0.01 and abs(cols["Z_PRED"][1] - 1.3) < 0.01
     assert cols["Z_NET_PROB"][1] == pytest.approx(0.1)
+    # the template decision already knows the quasar χ² over the whole range: a window fit
+    # far above it is rescanned even without a warning of its own
+    low = np.array([_template(0.45)])
+    s2, iv2 = normalise(low.astype(np.float32), np.ones_like(low, dtype=np.float32))
+    trusted = {"z_net": np.array([1.6]), "z_net_err": np.array([0.05]), "z_net_prob": np.array([0.9])}
+    window_only = refine.refine_redshifts(s2, iv2, np.array([1.6]), None, GRID)
+    assert abs(window_only.z[0] - 0.45) > 0.5
+    family = fit_spectype(s2, iv2, GRID)
+    cols = redshift_columns({**trusted, QSO_CHI2: family.chi2[:, 0]}, np.array([True]), s2, iv2, "window")
+    assert family.chi2[0, 0] < window_only.chi2[0] - 9 and abs(cols["Z_PRED"][0] - 0.45) < 0.01
     none = redshift_columns({}, np.array([True]), scaled, ivar, "none")
     assert np.isnan(none["Z_PRED"][0]) and none["ZWARN_PRED"][0] == ZWARN_NOT_FITTED
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from spectransfer.candidates.decision import check_templates, decide, template_cards
+from spectransfer.candidates.decision import QSO_CHI2, check_templates, decide, template_cards
 from spectransfer.candidates.redshifts import DEFAULT_REFINE, check_refine, redshift_columns
 from spectransfer.candidates.schema import classify_columns, from_meta, header_cards, output_format, quality_bits, write_table
 from spectransfer.data.ingest import IngestOptions, _meta_row, find_files, grid_records, read_checked
@@ -139,6 +139,7 @@ def classify(
     p_qso = calibrated_probability(logits, cal.temperature if cal else None)
     cols = from_meta(meta, classify_columns()) if len(meta) else {}
     decision = decide(p_qso, threshold, flux, ivar, templates, info.grid)
+    outputs[QSO_CHI2] = decision.pop(QSO_CHI2)  # the quasar family's χ² guides the redshift fit
     cols.update({k: pd.Series(v) for k, v in decision.items()})
     cols.update(
         {

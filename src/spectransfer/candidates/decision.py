@@ -37,6 +37,7 @@ UNCERTAIN = (0.02, 0.98)  # P_QSO band the templates are asked about in the defa
 DECISIVE = 0.05  # |Δχ²| / best χ² above which the family fit decides
 READ_BLOCK = 4096  # spectra read and fitted at a time: memory bounded by the block
 DECISION_COLUMNS = ("IS_QSO", "SPECTYPE", "DCHI2_QSO", "DECIDED_BY")
+QSO_CHI2 = "qso_chi2"  # decide() also returns the quasar family's best χ² (redshifts.redshift_columns uses it)
 
 
 def check_templates(mode: str) -> str:
@@ -64,7 +65,7 @@ def decide(
     grid: Grid = DEFAULT_GRID,
     advance: Callable[[int], Any] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The decision columns (DECISION_COLUMNS) for n spectra with calibrated ``p_qso``.
+    """The decision columns (DECISION_COLUMNS, and QSO_CHI2) for n spectra with calibrated ``p_qso``.
 
     ``flux``, ``ivar``: (n, n_bins) arrays on ``grid``, or ``flux`` a callable that returns
     (flux, ivar) for an index array (so only the spectra to fit are read); ``advance(k)`` is
@@ -76,6 +77,7 @@ def decide(
         "SPECTYPE": np.full(n, "", dtype=object),
         "DCHI2_QSO": np.full(n, np.nan, dtype=np.float32),
         "DECIDED_BY": np.full(n, "network", dtype=object),
+        QSO_CHI2: np.full(n, np.nan),  # not a column: the best quasar χ² over z 0-7, for the redshift fit
     }
     fit = to_fit(p, check_templates(mode))
     for start in range(0, fit.size, READ_BLOCK):
@@ -88,6 +90,7 @@ def decide(
         decisive = np.isfinite(rel) & (np.abs(rel) > DECISIVE)
         cols["SPECTYPE"][idx] = np.where(np.isfinite(best), res.spectype, "")
         cols["DCHI2_QSO"][idx] = np.where(np.isfinite(res.dchi2_qso), res.dchi2_qso, np.nan)
+        cols[QSO_CHI2][idx] = np.where(np.isfinite(res.chi2[:, 0]), res.chi2[:, 0], np.nan)
         cols["IS_QSO"][idx[decisive]] = res.spectype[decisive] == "QSO"
         cols["DECIDED_BY"][idx[decisive]] = "templates"
         if advance is not None:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from spectransfer.candidates.decision import check_templates, decide, template_cards, to_fit
+from spectransfer.candidates.decision import QSO_CHI2, check_templates, decide, template_cards, to_fit
 from spectransfer.candidates.redshifts import DEFAULT_REFINE, check_refine, redshift_columns
 from spectransfer.candidates.schema import (
     CATEGORIES,
@@ -264,7 +264,7 @@ def _finish(
     extra = _decision(job, p_qso, quiet)
     job.timings["templates_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    extra.update(_redshifts(job, outputs, extra["IS_QSO"], quiet))
+    extra.update(_redshifts(job, {**outputs, QSO_CHI2: extra.pop(QSO_CHI2)}, extra["IS_QSO"], quiet))
     extra["P_QSO_STD"] = outputs.get("p_qso_std", np.full(p_qso.size, np.nan)).astype(np.float32)
     job.timings["refine_s"] = time.perf_counter() - t0
     counts = dict.fromkeys(CATEGORIES, 0)

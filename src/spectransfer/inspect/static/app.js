@@ -273,6 +273,7 @@
       for (const id of ["c-category", "c-survey"]) $(id).textContent = "";
       $("c-mine").hidden = true;
       $("c-p").textContent = "–";
+      $("c-tpl").textContent = "";
       for (const id of ["c-pos", "c-ids", "c-pipe", "c-cat", "c-src", "c-verdicts"]) setText(id, "–");
       return;
     }
@@ -286,6 +287,7 @@
       mine.textContent = `you: ${VERDICT_LABEL[c.verdict]}`;
     }
     $("c-p").textContent = fmt(c.p_qso, 3);
+    $("c-tpl").textContent = c.spectype ? `templates: ${c.spectype}${c.decided_by === "templates" ? " (decided)" : ""}` : "";
     setText("c-pos", c.ra !== null && c.ra !== undefined
       ? `${fmt(c.ra, 5)}, ${fmt(c.dec, 5)}  (${sexagesimal(c.ra, true)} ${sexagesimal(c.dec, false)})` : "–");
     setText("c-ids", surveyIds(c));
