@@ -802,7 +802,7 @@ def train_cmd(
         help="Also learn the quasar redshift: a second head (a distribution over 300 bins in ln(1+z), 0-7) trained on the catalogue z of the training quasars. --no-z-head: the paper's classifier alone.",
     ),
     z_weight: float = typer.Option(
-        0.1,
+        0.6,
         "--z-weight",
         help="Weight of the redshift cross-entropy (quasars with a catalogue z) added to the classification BCE (every spectrum).",
     ),
