@@ -140,3 +140,10 @@ def test_a_near_tie_is_left_to_the_network() -> None:
     rel = np.abs(got["DCHI2_QSO"]) / GRID.n_bins
     assert (rel < DECISIVE).all()
     assert got["IS_QSO"].tolist() == [True, False] and set(got["DECIDED_BY"]) == {"network"}
+
+
+def test_a_spectrum_without_good_pixels_gets_no_family() -> None:
+    flux = np.zeros((1, GRID.n_bins))
+    got = decide(np.array([0.7]), 0.5, flux, np.zeros_like(flux), "all", GRID)
+    assert got["SPECTYPE"].tolist() == [""] and np.isnan(got["DCHI2_QSO"][0])
+    assert got["IS_QSO"].tolist() == [True] and got["DECIDED_BY"].tolist() == ["network"]
