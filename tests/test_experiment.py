@@ -106,3 +106,17 @@ def test_portable_leaves_paths_outside_the_root_alone(tmp_path: Path) -> None:
     root = tmp_path / "exp"
     obj = {"a": [str(root / "x" / "y"), str(tmp_path / "expert"), str(root)], "b": 3, "c": "text"}
     assert portable(obj, root) == {"a": ["x/y", str(tmp_path / "expert"), "."], "b": 3, "c": "text"}
+
+
+def test_the_converged_size_trains_as_deep_as_the_demo_on_the_device_asked() -> None:
+    import math
+
+    from spectransfer.demo import FULL
+    from spectransfer.evaluation.experiment import SIZES, _train_options
+
+    deep = SIZES["converged"]
+    demo_steps = FULL.finetune_epochs * math.ceil(0.8 * FULL.n_sdss / 64)  # ~588: the demo's fine-tuning
+    assert deep.max_steps >= 0.95 * demo_steps and deep.n_sdss == FULL.n_sdss and deep.seeds >= 3
+    opts = _train_options(deep, "cuda")
+    assert opts["device"] == "cuda" and opts["precision"] == "auto" and opts["max_steps"] == deep.max_steps
+    assert _train_options(SIZES["default"])["precision"] == "fp32" and _train_options(SIZES["default"])["device"] == "cpu"

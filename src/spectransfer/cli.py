@@ -1517,7 +1517,13 @@ def experiment_cmd(
     size: str = typer.Option(
         "default",
         "--size",
-        help="default (sized for <= 45 min on an idle 2-core CPU; an estimate, see README) or tiny (a smoke test of every stage).",
+        help="default (sized for <= 45 min on an idle 2-core CPU; an estimate, see README), converged (every cell and round trained as deep as the demo's fine-tuning, up to 600 steps: ~3.6 h on 2 CPU cores, minutes with --device cuda) or tiny (a smoke test of every stage).",
+    ),
+    device: str = typer.Option(
+        "cpu",
+        "--device",
+        callback=available_device,
+        help="Where every run trains: cpu (default) or cuda (auto: CUDA when present).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the simulated surveys and of pretraining."),
     docs: Optional[Path] = typer.Option(
@@ -1531,7 +1537,7 @@ def experiment_cmd(
     """Simulate, pretrain, then the transfer/scratch/zero-shot learning curve and the active-learning curve in one HTML report."""
     from spectransfer.evaluation.experiment import run_experiment
 
-    doc = run_experiment(out, size=size, seed=seed, quiet=quiet, docs=docs)
+    doc = run_experiment(out, size=size, seed=seed, quiet=quiet, docs=docs, device=device)
     for r in doc["learning_curve_intervals"]:
         f1 = r["f1"]
         typer.echo(

@@ -57,6 +57,7 @@ class ExperimentSize:
     al_rounds: int
     al_per_round: int
     label_noise: float
+    precision: str = "fp32"  # train --precision of every run (auto: bf16 where the device has it)
 
 
 # DEFAULT is sized for <= 45 min on an idle 2-core CPU from per-step times measured with TINY
@@ -91,7 +92,26 @@ TINY = ExperimentSize(
     al_per_round=10,
     label_noise=0.05,
 )
-SIZES = {"default": DEFAULT, "tiny": TINY}
+# CONVERGED trains every cell and round as deep as the demo's fine-tuning (at most 600 steps of
+# 64, early stopping on val F1), so the curves describe trained networks: ~57 runs of ~230 s on
+# an idle 2-core Xeon with bf16 (~3.6 h), minutes on a GPU (`--device cuda`).
+CONVERGED = ExperimentSize(
+    n_lamost=12000,
+    n_sdss=8000,
+    lamost_qso_fraction=0.02,
+    pretrain_epochs=2,
+    train_batch=64,
+    max_steps=600,
+    eval_every=60,
+    patience=6,
+    fractions=(0.005, 0.02, 0.1, 0.3, 1.0),
+    seeds=3,
+    al_rounds=4,
+    al_per_round=40,
+    label_noise=0.05,
+    precision="auto",
+)
+SIZES = {"default": DEFAULT, "tiny": TINY, "converged": CONVERGED}
 # The two figures (relative to OUT) and the JSON behind each; --docs copies both pairs.
 FIGURES = {"learning_curve": "figures/learning_curve.png", "active_learning": "active_learning/active_learning.png"}
 DATA = {"learning_curve": "learning_curve/learning_curve.json", "active_learning": "active_learning/active_learning.json"}
@@ -130,7 +150,7 @@ def _ingest(out: Path, name: str, quiet: bool) -> None:
     ingest(spectra, out / "stores" / name, survey=name, catalogs=[folder / CATALOG_NAME[name]], workers=0, quiet=quiet)
 
 
-def _train_options(size: ExperimentSize) -> dict[str, Any]:
+def _train_options(size: ExperimentSize, device: str = "cpu") -> dict[str, Any]:
     # pos-weight: a few dozen steps of plain BCE keep every probability below 0.5 (see demo.py).
     return {
         "max_steps": size.max_steps,
@@ -138,13 +158,13 @@ def _train_options(size: ExperimentSize) -> dict[str, Any]:
         "patience": size.patience,
         "batch_size": size.train_batch,
         "imbalance": "pos-weight",
-        "precision": "fp32",
-        "device": "cpu",
+        "precision": size.precision,
+        "device": device,
         "num_workers": 0,
     }
 
 
-def _pretrain(out: Path, size: ExperimentSize, seed: int) -> None:
+def _pretrain(out: Path, size: ExperimentSize, seed: int, device: str = "cpu") -> None:
     from spectransfer.ml.train import TrainConfig, train
 
     run = out / "runs" / "pretrain"
@@ -158,8 +178,8 @@ def _pretrain(out: Path, size: ExperimentSize, seed: int) -> None:
         eval_every=size.eval_every,
         patience=size.patience * 2,
         imbalance="pos-weight",
-        precision="fp32",
-        device="cpu",
+        precision=size.precision,
+        device=device,
         num_workers=0,
     )
     if not (run / "summary.json").is_file():
@@ -422,8 +442,11 @@ def run_experiment(
     seed: int = 0,
     quiet: bool = False,
     docs: str | os.PathLike[str] | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Run (or resume) every stage; write OUT/experiment.json and OUT/experiment.html; return the document.
+
+    ``device``: where every run trains (cpu, cuda); not part of the experiment's identity.
 
     With ``docs``, each finished curve also writes its figure and the JSON behind it there
     (:func:`write_docs`): the learning curve always (the stage returns only when every cell
@@ -443,12 +466,12 @@ def run_experiment(
         raise EvaluateError(f"{out}: holds an experiment of another size or seed ({sfile}); choose a new --out")
     write_text_atomic(sfile, json.dumps(want, indent=2) + "\n")
     timings: dict[str, dict[str, float]] = {}
-    opts = _train_options(size)
+    opts = _train_options(size, device)
     source, sdss = out / "runs" / "pretrain", out / "stores" / "sdss"
     _stage(out, "simulate", timings, lambda: _simulate(out, size, seed))
     _stage(out, "ingest-lamost", timings, lambda: _ingest(out, "lamost", quiet))
     _stage(out, "ingest-sdss", timings, lambda: _ingest(out, "sdss", quiet))
-    _stage(out, "pretrain", timings, lambda: _pretrain(out, size, seed))
+    _stage(out, "pretrain", timings, lambda: _pretrain(out, size, seed, device))
     results: dict[str, Any] = {}
     # the two curves resume cell by cell themselves; their stage marks only time the finished call
     _stage(
