@@ -10,7 +10,8 @@ redrock combined find quasars that either alone misses).
 
 Families, each its PCA bases plus a constant (the store's min-max scaling, see ``ml.refine``):
 
-* QSO: the DR16Q LOZ/HIZ bases over z 0-7, exactly as ``ml.refine`` scans them;
+* QSO: the DR16Q LOZ/HIZ bases over z 0-7 as ``ml.refine`` scans them, every second trial
+  (246 km/s: broad lines; the redshift refinement refits z on every trial);
 * GALAXY: the 5 galaxy bases over z 0-1.6 (redrock scans galaxies to 1.7);
 * STAR: each of the A, B, F, G, K, M, WD and CV bases within ±STAR_KMS of rest.
 
@@ -30,6 +31,7 @@ from spectransfer.config import DEFAULT_GRID, Grid
 from spectransfer.ml.refine import _scan, chi2_templates, template_on_grid
 
 GALAXY_Z_MAX = 1.6
+QSO_STEP = 2  # quasar trials two grid steps (246 km/s) apart: broad lines; ml.refine refits z finely
 STAR_KMS = 600.0  # radial velocities of Galactic stars and the grid's wavelength zero points
 STAR_TYPES = ("star_a", "star_b", "star_f", "star_g", "star_k", "star_m", "star_wd", "star_cv")
 FAMILIES = ("QSO", "GALAXY", "STAR")
@@ -51,7 +53,7 @@ def _trials(grid: Grid) -> dict[str, np.ndarray]:
     step = float(grid.log_step)
     n_star = int(np.ceil(np.log10(1 + STAR_KMS / 299_792.458) / step))
     return {
-        "qso": np.arange(_scan(grid).n_trials),
+        "qso": np.arange(0, _scan(grid).n_trials, QSO_STEP),
         "galaxy": np.arange(int(np.floor(np.log10(1 + GALAXY_Z_MAX) / step)) + 1),
         "star": np.arange(-n_star, n_star + 1),
     }
