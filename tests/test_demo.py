@@ -103,7 +103,11 @@ def test_categories_follow_probability_threshold_and_catalogue(demo: dict) -> No
         temper = hdul["CANDIDATES"].header["TEMPER"]
     counts = cand["CATEGORY"].value_counts().to_dict()
     assert sum(counts.get(c, 0) for c in CATEGORIES) == len(cand)
-    pos = cand["P_QSO"].to_numpy() >= thresh
+    pos = cand["IS_QSO"].to_numpy(dtype=bool)  # the decision: P_QSO >= THRESH where the network decided
+    by_net = (cand["DECIDED_BY"] == "network").to_numpy()
+    assert (pos[by_net] == (cand["P_QSO"].to_numpy()[by_net] >= thresh)).all()
+    assert set(cand.loc[~by_net, "SPECTYPE"]) <= {"QSO", "GALAXY", "STAR"}
+    assert (pos[~by_net] == (cand.loc[~by_net, "SPECTYPE"] == "QSO").to_numpy()).all()
     lab = cand["CAT_LABEL"].to_numpy() == 1
     cat = cand["CATEGORY"].to_numpy()
     assert ((cat == "new_candidate") == (pos & ~lab)).all()
