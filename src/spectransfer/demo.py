@@ -471,6 +471,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from spectransfer.candidates.decision import describe
+
     console = Console(width=max(Console().width, 120))
 
     def f(v: Any) -> str:
@@ -544,7 +546,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         pc = real["per_class"]
         console.print(
             f"real spectra ({real['n_real']} files in {real.get('data')}, judged by their own pipeline class; "
-            f"fine-tuned model; IS_QSO: P_QSO >= {real['threshold']}, the template families where the network is unsure): "
+            f"fine-tuned model; IS_QSO: {describe(real.get('templates', 'none'), real['threshold'])}): "
             + ", ".join(f"{c} {v['right']}/{v['n']} right" for c, v in pc.items())
             + f"; quasar recall {f(real['real_qso_recall'])}, SDSS others called quasars {f(real['real_fp_rate_sdss'])}, "
             f"LAMOST {f(real['real_fp_rate_lamost'])}; template z within 3000 km/s {f(real['real_z_within_3000_kms'])}; "

@@ -106,3 +106,15 @@ def template_cards(mode: str) -> dict[str, tuple[Any, str]]:
         "TPLPHI": (UNCERTAIN[1], "uncertain band: P_QSO to"),
         "TPLDECI": (DECISIVE, "family decides where |DCHI2_QSO|/chi2 > this"),
     }
+
+
+def describe(mode: str, threshold: float = 0.5) -> str:
+    """How IS_QSO was decided under ``mode``, in words (for reports and printed summaries)."""
+    if mode == "none":
+        return f"P_QSO >= {threshold:g} (the network alone)"
+    where = (
+        "where its fit is decisive"
+        if mode == "all"
+        else f"where {UNCERTAIN[0]:g} <= P_QSO <= {UNCERTAIN[1]:g} and its fit is decisive"
+    )
+    return f"P_QSO >= {threshold:g}, or the template family {where}"

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from spectransfer.candidates.decision import describe
 from spectransfer.evaluation.metrics import pr_curve_points, roc_curve_points
 from spectransfer.provenance import write_text_atomic
 
@@ -609,8 +610,8 @@ def _real_section(out: Path) -> str:
     ]
     head = (
         f'<p class="note">Run <code>{html.escape(str(rep["run"]))}</code> on {rep["n_real"]} real files judged by their '
-        f"own pipeline class (IS_QSO: P_QSO &ge; {rep['threshold']}, or the template family where the network is "
-        f"unsure and the family fit is decisive): quasar recall {_fmt(rep['real_qso_recall'])}, precision "
+        f"own pipeline class (IS_QSO: {html.escape(describe(rep.get('templates', 'none'), rep['threshold']))}): "
+        f"quasar recall {_fmt(rep['real_qso_recall'])}, precision "
         f"{_fmt(rep['real_precision'])}, SDSS non-quasars called quasars {_fmt(rep['real_fp_rate_sdss'])}, LAMOST "
         f"{_fmt(rep['real_fp_rate_lamost'])}; template z within 3000 km/s of the pipeline's for "
         f"{_fmt(rep['real_z_within_3000_kms'])} of the quasars found. "
