@@ -279,3 +279,17 @@ def test_column_split_streamed_from_parquet_in_small_blocks_is_assign_splits(
         assert [SPLITS[s] for s in split] == ref["split"].tolist()
         assert report == ref_report
         assert ref_report["leakage"]["repeat_objects"] > 0
+
+
+def test_summary_counts_read_a_row_group_at_a_time_match_the_tables(
+    survey: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The summary's rows per split and rejections per kind, counted a row group at a time (groups
+    of 5 rows here), are the tables' own value counts."""
+    monkeypatch.setattr(ingest_mod, "META_ROW_GROUP", 5)
+    summary = ingest([survey / "spectra"], tmp_path / "S", catalogs=[_catalog(survey)], workers=0, quiet=True)
+    store = open_store(tmp_path / "S")
+    assert pq.ParquetFile(tmp_path / "S" / "meta.parquet").metadata.num_row_groups > 2
+    assert summary.splits == store.meta["split"].value_counts().to_dict()
+    assert summary.rejected_by_kind == store.rejected["reason_kind"].value_counts().to_dict()
+    assert sum(summary.splits.values()) == len(store.meta) and summary.rejected_by_kind

@@ -44,7 +44,7 @@ import zarr
 
 from spectransfer.config import DEFAULT_GRID, LOGLAM_STEP, SIMULATE_MARKER, Grid
 from spectransfer.data.catalogs import label_spectra, load_catalog
-from spectransfer.data.ledger import Keys, Ledger, open_ledger, parquet_blocks, part_records
+from spectransfer.data.ledger import Keys, Ledger, open_ledger, parquet_batches, parquet_blocks, part_records
 from spectransfer.data.resample import normalise, resample_batch
 from spectransfer.data.split_columns import parquet_column_blocks, split_columns
 from spectransfer.data.splits import SPLITS, SplitConfig
@@ -1146,11 +1146,16 @@ def _tally(res: dict[str, Any], summary: IngestSummary, pids: set[int]) -> None:
 
 
 def _column_counts(path: Path, column: str) -> dict[str, int]:
-    """Rows per value of one column of a store table (read dictionary-encoded: a few bytes a row)."""
+    """Rows per value of one column of a store table (read a row group at a time)."""
     if not path.exists():
         return {}
-    col = pq.read_table(path, columns=[column], read_dictionary=[column]).column(column)
-    return {str(k): int(v) for k, v in col.to_pandas().value_counts().items()}
+    counts: dict[str, int] = {}
+    for batch in parquet_batches(path, columns=[column]):
+        vc = batch.column(0).value_counts()
+        for k, v in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()):
+            if k is not None:
+                counts[str(k)] = counts.get(str(k), 0) + int(v)
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def _finish_summary(store: Store, summary: IngestSummary, t0: float) -> None:
