@@ -340,9 +340,10 @@ def parquet_batches(path: Path, block: int = 65536, columns: Sequence[str] | Non
     one row group at a time. ``ParquetFile.iter_batches`` over the whole file pre-buffers the row
     groups ahead of the reader (pyarrow 26: 65,536-row batches of a 186 MB file peaked at 243 MB of
     arrow memory, 80 MB at a tenth of the size; one row group at a time, 11 MB at both)."""
-    f = pq.ParquetFile(path)
+    f = pq.ParquetFile(path, pre_buffer=False)
+    cols = None if columns is None else list(columns)
     for i in range(f.num_row_groups):
-        yield from f.iter_batches(batch_size=block, row_groups=[i], columns=None if columns is None else list(columns))
+        yield from f.iter_batches(batch_size=block, row_groups=[i], columns=cols, use_threads=False)
 
 
 def parquet_blocks(path: Path, block: int = 65536) -> Iterator[pd.DataFrame]:
