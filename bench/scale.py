@@ -2,16 +2,25 @@
 what they project for the paper's surveys (4M SDSS, 9M LAMOST spectra).
 
     .venv/bin/python bench/scale.py [--small 2000] [--large 20000] [--keep DIR] [--stages ingest,discover]
+                                    [--ingest-copies K]
 
 Each size is a survey written by ``spectransfer simulate --survey sdss --n N`` (spec-lite files,
 ~165 KB each; simulating is not timed). Each stage runs in its own Python process (this script
-re-run with ``--stage``), so its peak RSS is its own: ``ru_maxrss`` of the process and of its
-reaped children (Dask workers), whichever is larger.
+re-run with ``--stage``), so its peak RSS is its own: VmHWM of the process and ``ru_maxrss`` of
+its reaped children (Dask workers), whichever is larger. (Not the process's own ``ru_maxrss``:
+Linux carries the spawning process's resident memory into it across exec, so a stage started by
+a driver holding 394 MB reported 394 MB whatever it used itself.)
 
 - ingest: ``ingest --workers 0`` of the whole folder into a fresh store (the driver does all),
   its metadata folded in blocks of BLOCK rows (the shipped block is 65,536 rows, above both sizes:
   the slope would show the block filling up, not the survey growing); meta.parquet is then
-  rewritten here in the shipped 65,536-row groups, which discover reads.
+  rewritten here in the shipped 65,536-row groups, which discover reads. ``--ingest-copies K``
+  ingests the folder and K - 1 hard-linked copies of it (K x n files on the disk of one; every
+  file is read, resampled and written, the copies' spectra recorded as duplicates): the driver
+  runs K times the batches. At 2,000 and 20,000 spectra a batch's transient (~260 MB) is the
+  peak at both sizes and the slope is its noise (262 -> 267 MB, "0.27 KB/spectrum"); 20,000 x 5
+  = 100,000 files gave 265.5 MB (0.03 KB/spectrum), the driver at ~224 MB between batches from
+  the 40th batch to the 391st.
 - ingest_end: what ingest does last, alone, at metadata sizes no simulated survey here reaches:
   the ingested store's metadata replicated END_FACTOR times (new spectrum ids and files, sky
   positions moved 36 arcsec per copy, rows after each other; written by the driver, not timed)
@@ -64,8 +73,9 @@ def _stage_ingest(work: Path) -> int:
 
     ingest_mod.META_ROW_GROUP = BLOCK  # fold metadata in blocks below both sizes, as discover's
 
+    copies = sorted(str(c) for c in (work / "copies").glob("c*")) if (work / "copies").is_dir() else []
     s = ingest(
-        [str(work / "sim" / "spectra")],
+        [str(work / "sim" / "spectra"), *copies],
         work / "store",
         survey="sdss",
         catalogs=[str(next((work / "sim").glob("*quasar_catalog.fits")))],
@@ -121,6 +131,15 @@ def _stage_inspect(work: Path) -> int:
     return int(n)
 
 
+def _own_peak_kb() -> int:
+    """This process image's peak resident memory in KB (VmHWM; ru_maxrss where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def run_stage(stage: str, work: Path) -> None:
     """Run one stage here and print one JSON line: spectra, seconds, peak RSS (MB)."""
     import logging
@@ -136,7 +155,7 @@ def run_stage(stage: str, work: Path) -> None:
     }
     n = stages[stage](work)
     sec = time.perf_counter() - t0
-    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    peak = max(_own_peak_kb(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     print(json.dumps({"stage": stage, "n": n, "seconds": sec, "rss_mb": peak / 1024}))
 
 
@@ -193,6 +212,12 @@ def _replicate(work: Path, factor: int) -> None:
             cols["row"] = pc.add(cols["row"], step * r)
             cols["object_id"] = pa.nulls(table.num_rows, cols["object_id"].type)
             writer.write_table(pa.table(cols, schema=table.schema), row_group_size=META_ROW_GROUP)
+
+
+def _link_copies(work: Path, copies: int) -> None:
+    """WORK/copies/c1 .. c(copies - 1): the simulated spectra folder again, as hard links."""
+    for i in range(1, copies):
+        shutil.copytree(work / "sim" / "spectra", work / "copies" / f"c{i}", copy_function=os.link)
 
 
 def prepare(work: Path, n: int, seed: int) -> None:
@@ -261,6 +286,12 @@ def main() -> None:
         default=",".join(STAGES),
         help=f"comma-separated stages to run (default all: {','.join(STAGES)}; ingest_end and discover need ingest)",
     )
+    ap.add_argument(
+        "--ingest-copies",
+        type=int,
+        default=1,
+        help="ingest the simulated folder and this many - 1 hard-linked copies of it (more batches, no more disk)",
+    )
     ap.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -279,6 +310,7 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
             t0 = time.perf_counter()
             prepare(work, n, args.seed)
+            _link_copies(work, args.ingest_copies)
             print(f"{label}: simulated {n} spectra in {time.perf_counter() - t0:.0f} s")
             for stage in stages:
                 r = results[stage][label] = _child(stage, work)
