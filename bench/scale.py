@@ -2,18 +2,37 @@
 what they project for the paper's surveys (4M SDSS, 9M LAMOST spectra).
 
     .venv/bin/python bench/scale.py [--small 2000] [--large 20000] [--keep DIR] [--stages ingest,discover]
+                                    [--ingest-copies K]
 
 Each size is a survey written by ``spectransfer simulate --survey sdss --n N`` (spec-lite files,
 ~165 KB each; simulating is not timed). Each stage runs in its own Python process (this script
-re-run with ``--stage``), so its peak RSS is its own: ``ru_maxrss`` of the process and of its
-reaped children (Dask workers), whichever is larger.
+re-run with ``--stage``), so its peak RSS is its own: VmHWM of the process and ``ru_maxrss`` of
+its reaped children (Dask workers), whichever is larger. (Not the process's own ``ru_maxrss``:
+Linux carries the spawning process's resident memory into it across exec, so a stage started by
+a driver holding 394 MB reported 394 MB whatever it used itself.)
 
 - ingest: ``ingest --workers 0`` of the whole folder into a fresh store (the driver does all),
   its metadata folded in blocks of BLOCK rows (the shipped block is 65,536 rows, above both sizes:
   the slope would show the block filling up, not the survey growing); meta.parquet is then
-  rewritten here in the shipped 65,536-row groups, which discover reads.
+  rewritten here in the shipped 65,536-row groups, which discover reads. ``--ingest-copies K``
+  ingests the folder and K - 1 hard-linked copies of it (K x n files on the disk of one; every
+  file is read, resampled and written, the copies' spectra recorded as duplicates): the driver
+  runs K times the batches. At 2,000 and 20,000 spectra a batch's transient (~260 MB) is the
+  peak at both sizes and the slope is its noise (262 -> 267 MB, "0.27 KB/spectrum"); 20,000 x 5
+  = 100,000 files gave 265.5 MB (0.03 KB/spectrum), the driver at ~224 MB between batches from
+  the 40th batch to the 391st.
+- ingest_end: what ingest does last, alone, at metadata sizes no simulated survey here reaches:
+  the ingested store's metadata replicated END_FACTOR times (new spectrum ids and files, sky
+  positions moved 36 arcsec per copy, rows after each other; written by the driver, not timed)
+  is split into objects and train/val/test and meta.parquet rewritten with them, in the shipped
+  65,536-row groups (``_write_split``), then counted per split as the summary does. Its n is
+  that number of rows (END_FACTOR x the survey's live spectra).
 - discover: ``discover --engine torch --block-size 1024`` of the store with an untrained VGG-A run (the weights do
-  not change the memory or the time), writing a .fits catalogue and its .parquet copy.
+  not change the memory or the time), writing a .fits catalogue and its .parquet copy. Its
+  redshift refinement reads and fits the positives (with untrained weights nearly all spectra)
+  in blocks of BLOCK too, not the shipped 4,096: at 2,000 spectra the shipped block is not
+  full and the slope showed it filling up (813 MB at 20k vs 643 MB at 2k; 661 vs 645 MB with
+  1,024-spectrum blocks).
 - inspect_build: the first start of the app on the catalogue, which copies it into the queue
   file beside it (SQLite); inspect: a later start (the queue file reused), as
   ``spectransfer inspect`` starts it, then the first requests the page makes (info, one page of
@@ -39,9 +58,10 @@ import tempfile
 import time
 from pathlib import Path
 
-STAGES = ("ingest", "discover", "inspect_build", "inspect")
+STAGES = ("ingest", "ingest_end", "discover", "inspect_build", "inspect")
 SURVEYS = {"4m": 4_000_000, "9m": 9_000_000}
 BLOCK = 1024  # discover's block: below both sizes, so what grows between them is per survey, not per block
+END_FACTOR = 100  # ingest_end: the survey's metadata replicated this many times (2,000 -> ~200k rows, 20,000 -> ~2M)
 
 
 # ---- the stages, each run in a child process ----------------------------------------------------
@@ -53,8 +73,9 @@ def _stage_ingest(work: Path) -> int:
 
     ingest_mod.META_ROW_GROUP = BLOCK  # fold metadata in blocks below both sizes, as discover's
 
+    copies = sorted(str(c) for c in (work / "copies").glob("c*")) if (work / "copies").is_dir() else []
     s = ingest(
-        [str(work / "sim" / "spectra")],
+        [str(work / "sim" / "spectra"), *copies],
         work / "store",
         survey="sdss",
         catalogs=[str(next((work / "sim").glob("*quasar_catalog.fits")))],
@@ -64,9 +85,23 @@ def _stage_ingest(work: Path) -> int:
     return int(s.files_seen)
 
 
+def _stage_ingest_end(work: Path) -> int:
+    from spectransfer.data.ingest import _column_counts, _write_split
+    from spectransfer.data.splits import SplitConfig
+    from spectransfer.data.store import open_store
+
+    store = open_store(work / "end", mode="r+")
+    cfg = SplitConfig.from_dict(store.info["splits"]["config"])
+    _, _, n, _ = _write_split(store, work / "end" / ".meta-unsplit.parquet", cfg)
+    _column_counts(work / "end" / "meta.parquet", "split")
+    return n
+
+
 def _stage_discover(work: Path) -> int:
+    import spectransfer.candidates.discover as discover_mod
     from spectransfer.candidates.discover import discover
 
+    discover_mod.REFINE_BLOCK = BLOCK  # refine positives in blocks below both sizes, as the scoring
     res = discover(work / "run", work / "store", work / "cand.fits", engine="torch", block_size=BLOCK, quiet=True)
     return res.n_spectra
 
@@ -96,6 +131,15 @@ def _stage_inspect(work: Path) -> int:
     return int(n)
 
 
+def _own_peak_kb() -> int:
+    """This process image's peak resident memory in KB (VmHWM; ru_maxrss where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def run_stage(stage: str, work: Path) -> None:
     """Run one stage here and print one JSON line: spectra, seconds, peak RSS (MB)."""
     import logging
@@ -104,13 +148,14 @@ def run_stage(stage: str, work: Path) -> None:
     t0 = time.perf_counter()
     stages = {
         "ingest": _stage_ingest,
+        "ingest_end": _stage_ingest_end,
         "discover": _stage_discover,
         "inspect_build": _stage_inspect_build,
         "inspect": _stage_inspect,
     }
     n = stages[stage](work)
     sec = time.perf_counter() - t0
-    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    peak = max(_own_peak_kb(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     print(json.dumps({"stage": stage, "n": n, "seconds": sec, "rss_mb": peak / 1024}))
 
 
@@ -140,6 +185,39 @@ def _regroup(path: Path) -> None:
     table = pq.read_table(path)
     pq.write_table(table, path.with_suffix(".tmp"), compression="zstd", row_group_size=META_ROW_GROUP)
     os.replace(path.with_suffix(".tmp"), path)
+
+
+def _replicate(work: Path, factor: int) -> None:
+    """WORK/end: a store holding the ingested metadata ``factor`` times over, as consolidation's
+    unsplit table (new spectrum ids and files, ra + 0.01 deg per copy, rows after each other, no
+    prior object ids), in the shipped row groups; its arrays are not needed and not copied."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from spectransfer.data.store import META_ROW_GROUP
+
+    end = work / "end"
+    shutil.rmtree(end, ignore_errors=True)
+    (end / "spectra.zarr").mkdir(parents=True)
+    shutil.copy2(work / "store" / "store.json", end / "store.json")
+    table = pq.read_table(work / "store" / "meta.parquet")
+    step = pc.max(table.column("row")).as_py() + 1
+    with pq.ParquetWriter(end / ".meta-unsplit.parquet", table.schema, compression="zstd") as writer:
+        for r in range(factor):
+            cols = {name: table.column(name) for name in table.column_names}
+            cols["spectrum_id"] = pc.binary_join_element_wise(cols["spectrum_id"], pa.scalar(f"r{r:04d}"), "-")
+            cols["source_file"] = pc.binary_join_element_wise(pa.scalar(f"r{r:04d}"), cols["source_file"], "/")
+            cols["ra"] = pc.add(cols["ra"], 0.01 * r)
+            cols["row"] = pc.add(cols["row"], step * r)
+            cols["object_id"] = pa.nulls(table.num_rows, cols["object_id"].type)
+            writer.write_table(pa.table(cols, schema=table.schema), row_group_size=META_ROW_GROUP)
+
+
+def _link_copies(work: Path, copies: int) -> None:
+    """WORK/copies/c1 .. c(copies - 1): the simulated spectra folder again, as hard links."""
+    for i in range(1, copies):
+        shutil.copytree(work / "sim" / "spectra", work / "copies" / f"c{i}", copy_function=os.link)
 
 
 def prepare(work: Path, n: int, seed: int) -> None:
@@ -206,7 +284,13 @@ def main() -> None:
     ap.add_argument(
         "--stages",
         default=",".join(STAGES),
-        help=f"comma-separated stages to run (default all: {','.join(STAGES)}; discover needs ingest)",
+        help=f"comma-separated stages to run (default all: {','.join(STAGES)}; ingest_end and discover need ingest)",
+    )
+    ap.add_argument(
+        "--ingest-copies",
+        type=int,
+        default=1,
+        help="ingest the simulated folder and this many - 1 hard-linked copies of it (more batches, no more disk)",
     )
     ap.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -226,11 +310,14 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
             t0 = time.perf_counter()
             prepare(work, n, args.seed)
+            _link_copies(work, args.ingest_copies)
             print(f"{label}: simulated {n} spectra in {time.perf_counter() - t0:.0f} s")
             for stage in stages:
                 r = results[stage][label] = _child(stage, work)
                 if stage == "ingest":
                     _regroup(work / "store" / "meta.parquet")
+                    if "ingest_end" in stages:
+                        _replicate(work, END_FACTOR)
                 print(
                     f"  {stage:13s} n={r['n']:>7d}  {r['seconds']:7.1f} s  {r['n'] / r['seconds']:8.1f} spectra/s  peak RSS {r['rss_mb']:7.1f} MB"
                 )

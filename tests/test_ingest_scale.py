@@ -19,6 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 import spectransfer.data.ingest as ingest_mod
+import spectransfer.data.split_columns as split_columns_mod
 from spectransfer.cli import app
 from spectransfer.data.ingest import IngestSummary, _Planner, _walk, ingest
 from spectransfer.data.ledger import Keys, Ledger, ledger_path
@@ -257,3 +258,38 @@ def test_column_split_is_assign_splits(n: int, cfg: SplitConfig) -> None:
     assert [SPLITS[s] for s in split] == ref["split"].tolist()
     assert report == ref_report
     assert ref_report["leakage"]["repeat_objects"] > 0 or n < 10
+
+
+def test_column_split_streamed_from_parquet_in_small_blocks_is_assign_splits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read from a parquet file of 97-row groups in 50-row blocks, its per-row arrays worked on
+    333 rows at a time, the split still gives assign_splits' object ids, splits and report (both
+    split modes)."""
+    monkeypatch.setattr(split_columns_mod, "CHUNK", 333)
+    meta = _split_input(3000, 11)
+    path = tmp_path / "meta.parquet"
+    pq.write_table(pa.Table.from_pandas(meta, preserve_index=False), path, row_group_size=97)
+    for cfg in (SplitConfig(seed=2), SplitConfig(size_threshold=1000, val_size=200, test_size=300, seed=5)):
+        ref, ref_report = assign_splits(meta, cfg)
+        source = split_columns_mod.parquet_column_blocks(path, block=50)
+        ids, split, report = split_columns_mod.split_columns(source, len(meta), cfg)
+        got = pa.concat_arrays(list(ids.iter_blocks(source))).to_pylist()
+        assert got == ref["object_id"].tolist()
+        assert [SPLITS[s] for s in split] == ref["split"].tolist()
+        assert report == ref_report
+        assert ref_report["leakage"]["repeat_objects"] > 0
+
+
+def test_summary_counts_read_a_row_group_at_a_time_match_the_tables(
+    survey: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The summary's rows per split and rejections per kind, counted a row group at a time (groups
+    of 5 rows here), are the tables' own value counts."""
+    monkeypatch.setattr(ingest_mod, "META_ROW_GROUP", 5)
+    summary = ingest([survey / "spectra"], tmp_path / "S", catalogs=[_catalog(survey)], workers=0, quiet=True)
+    store = open_store(tmp_path / "S")
+    assert pq.ParquetFile(tmp_path / "S" / "meta.parquet").metadata.num_row_groups > 2
+    assert summary.splits == store.meta["split"].value_counts().to_dict()
+    assert summary.rejected_by_kind == store.rejected["reason_kind"].value_counts().to_dict()
+    assert sum(summary.splits.values()) == len(store.meta) and summary.rejected_by_kind

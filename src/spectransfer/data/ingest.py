@@ -44,9 +44,9 @@ import zarr
 
 from spectransfer.config import DEFAULT_GRID, LOGLAM_STEP, SIMULATE_MARKER, Grid
 from spectransfer.data.catalogs import label_spectra, load_catalog
-from spectransfer.data.ledger import Keys, Ledger, open_ledger, parquet_blocks, part_records
+from spectransfer.data.ledger import Keys, Ledger, open_ledger, parquet_batches, parquet_blocks, part_records
 from spectransfer.data.resample import normalise, resample_batch
-from spectransfer.data.split_columns import assign_split_columns
+from spectransfer.data.split_columns import parquet_column_blocks, split_columns
 from spectransfer.data.splits import SPLITS, SplitConfig
 from spectransfer.data.store import (
     LABEL_MODES,
@@ -737,28 +737,24 @@ def _merge_counts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# What object grouping and splitting read of the metadata (the rest stays on disk meanwhile).
-SPLIT_INPUT_COLUMNS = ["spectrum_id", "survey", "ra", "dec", "object_id"]
-
-
 def _write_split(store: Store, unsplit: Path, cfg: SplitConfig) -> tuple[dict[str, Any], int, int, dict[str, int]]:
-    """Object ids and splits for every live row (from the few columns they need, as arrow and numpy
-    columns), then meta.parquet rewritten block by block with them: (split report, spectra whose
-    split changed, live rows, rows per split)."""
-    table = pq.read_table(unsplit, columns=[*SPLIT_INPUT_COLUMNS, "split"], read_dictionary=["survey"])
-    old = table.column("split").combine_chunks()
-    object_id, split, report = assign_split_columns(table.drop_columns(["split"]), cfg)
-    del table
+    """Object ids and splits for every live row (read column by column, block by block, keeping a
+    few bytes a row: :func:`split_columns`), then meta.parquet rewritten block by block with them:
+    (split report, spectra whose split changed, live rows, rows per split)."""
+    n = pq.read_metadata(unsplit).num_rows
+    object_ids, split, report = split_columns(parquet_column_blocks(unsplit), n, cfg)
     names = np.asarray(SPLITS, dtype=object)
-    was = pc.index_in(old, value_set=pa.array(SPLITS)).fill_null(-1).to_numpy(zero_copy_only=False)
-    moved = int(np.sum((was >= 0) & (was != split)))
-    del old, was
     schema = store.schema
-    a = 0
+    a = moved = 0
     with _table_writer(store.path / "meta.parquet", schema) as write:
         for frame in parquet_blocks(unsplit, META_ROW_GROUP):
-            frame["object_id"] = object_id.slice(a, len(frame)).to_pylist()
-            frame["split"] = names[split[a : a + len(frame)]]
+            new = split[a : a + len(frame)]
+            was = pc.index_in(pa.array(frame["split"], pa.string()), value_set=pa.array(SPLITS)).fill_null(-1)
+            was_np = was.to_numpy(zero_copy_only=False)
+            moved += int(np.sum((was_np >= 0) & (was_np != new)))
+            ids = object_ids.block(a, pa.array(frame["spectrum_id"], pa.string()), pa.array(frame["object_id"], pa.string()))
+            frame["object_id"] = ids.to_pylist()
+            frame["split"] = names[new]
             a += len(frame)
             write(frame)
     store.info["id_columns"] = schema_id_columns(schema)
@@ -1150,11 +1146,16 @@ def _tally(res: dict[str, Any], summary: IngestSummary, pids: set[int]) -> None:
 
 
 def _column_counts(path: Path, column: str) -> dict[str, int]:
-    """Rows per value of one column of a store table (read dictionary-encoded: a few bytes a row)."""
+    """Rows per value of one column of a store table (read a row group at a time)."""
     if not path.exists():
         return {}
-    col = pq.read_table(path, columns=[column], read_dictionary=[column]).column(column)
-    return {str(k): int(v) for k, v in col.to_pandas().value_counts().items()}
+    counts: dict[str, int] = {}
+    for batch in parquet_batches(path, columns=[column]):
+        vc = batch.column(0).value_counts()
+        for k, v in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()):
+            if k is not None:
+                counts[str(k)] = counts.get(str(k), 0) + int(v)
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def _finish_summary(store: Store, summary: IngestSummary, t0: float) -> None:

@@ -39,7 +39,7 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from spectransfer.config import DEFAULT_GRID, Grid
-from spectransfer.data.ledger import absolute_sources
+from spectransfer.data.ledger import absolute_sources, parquet_batches
 from spectransfer.data.splits import SplitConfig, assign_splits
 from spectransfer.errors import StoreError
 from spectransfer.provenance import atomic_path, dependency_versions, write_text_atomic
@@ -285,7 +285,7 @@ class Store:
                 yield meta.iloc[a : a + batch_size].reset_index(drop=True)
             return
         try:
-            batches = pq.ParquetFile(path).iter_batches(batch_size=batch_size)
+            batches = parquet_batches(path, batch_size)
             for batch in batches:
                 yield self._sources(conform(batch.to_pandas(), self.schema))
         except Exception as exc:  # noqa: BLE001 - any parquet failure means a damaged store
