@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from spectransfer.config import DEFAULT_GRID, Grid
 from spectransfer.errors import EvaluateError
@@ -37,6 +38,7 @@ UNCERTAIN = (0.02, 0.98)  # P_QSO band the templates are asked about in the defa
 DECISIVE = 0.05  # |Δχ²| / best χ² above which the family fit decides
 READ_BLOCK = 4096  # spectra read and fitted at a time: memory bounded by the block
 DECISION_COLUMNS = ("IS_QSO", "SPECTYPE", "DCHI2_QSO", "DECIDED_BY")
+SPECTYPES = np.array(["", "GALAXY", "QSO", "STAR"])  # sorted after "": SPECTYPE's values ('' = not fitted)
 QSO_CHI2 = "qso_chi2"  # decide() also returns the quasar family's best χ² (redshifts.redshift_columns uses it)
 
 
@@ -64,7 +66,7 @@ def decide(
     mode: str = "uncertain",
     grid: Grid = DEFAULT_GRID,
     advance: Callable[[int], Any] | None = None,
-) -> dict[str, np.ndarray]:
+) -> dict[str, Any]:
     """The decision columns (DECISION_COLUMNS, and QSO_CHI2) for n spectra with calibrated ``p_qso``.
 
     ``flux``, ``ivar``: (n, n_bins) arrays on ``grid``, or ``flux`` a callable that returns
@@ -72,12 +74,12 @@ def decide(
     told of every k spectra fitted."""
     p = np.asarray(p_qso, dtype=np.float64)
     n = p.size
-    cols: dict[str, np.ndarray] = {
+    family = np.zeros(n, dtype=np.int8)  # index into SPECTYPES: a byte a spectrum, not a string
+    by_templates = np.zeros(n, dtype=bool)
+    cols: dict[str, Any] = {
         "IS_QSO": p >= threshold,
-        "SPECTYPE": np.full(n, "", dtype=object),
         "DCHI2_QSO": np.full(n, np.nan, dtype=np.float32),
-        "DECIDED_BY": np.full(n, "network", dtype=object),
-        QSO_CHI2: np.full(n, np.nan),  # not a column: the best quasar χ² over z 0-7, for the redshift fit
+        QSO_CHI2: np.full(n, np.nan, dtype=np.float32),  # not a column: the best quasar χ² over z 0-7, for the redshift fit
     }
     fit = to_fit(p, check_templates(mode))
     for start in range(0, fit.size, READ_BLOCK):
@@ -88,13 +90,15 @@ def decide(
         with np.errstate(invalid="ignore", divide="ignore"):
             rel = res.dchi2_qso / best
         decisive = np.isfinite(rel) & (np.abs(rel) > DECISIVE)
-        cols["SPECTYPE"][idx] = np.where(np.isfinite(best), res.spectype, "")
+        family[idx] = np.where(np.isfinite(best), np.searchsorted(SPECTYPES[1:], res.spectype) + 1, 0)
         cols["DCHI2_QSO"][idx] = np.where(np.isfinite(res.dchi2_qso), res.dchi2_qso, np.nan)
         cols[QSO_CHI2][idx] = np.where(np.isfinite(res.chi2[:, 0]), res.chi2[:, 0], np.nan)
         cols["IS_QSO"][idx[decisive]] = res.spectype[decisive] == "QSO"
-        cols["DECIDED_BY"][idx[decisive]] = "templates"
+        by_templates[idx[decisive]] = True
         if advance is not None:
             advance(idx.size)
+    cols["SPECTYPE"] = pd.Categorical.from_codes(family, categories=list(SPECTYPES))
+    cols["DECIDED_BY"] = pd.Categorical.from_codes(by_templates.astype(np.int8), categories=["network", "templates"])
     return cols
 
 

@@ -217,14 +217,26 @@ def _score(job: _Job, quiet: bool) -> dict[str, np.ndarray]:
             for i in todo:
                 bar.advance(_score_block(job.spec, job.store, job.blocks[i], job.part_files[i], job.batch_size, scorer))
     job.timings["score_s"] = time.perf_counter() - t0
-    blocks = [np.load(f) for f in job.part_files]
-    if len({b.shape[1:] for b in blocks}) > 1:
-        raise EvaluateError(f"{parts_dir(job.out)}: scored blocks are inconsistent (delete the folder and run again)")
-    stacked = np.concatenate(blocks).reshape(job.rows.shape[0], -1) if blocks else np.zeros((0, 1), np.float32)
+    stacked = _stack_parts(job)
     if stacked.shape[0] != job.rows.shape[0] or not np.isfinite(stacked[:, 0]).all():
         raise EvaluateError(f"{parts_dir(job.out)}: scored blocks are inconsistent (delete the folder and run again)")
     cols = {name: stacked[:, i] for i, name in enumerate(BLOCK_OUTPUTS[: stacked.shape[1]])}
     return {k: v for k, v in cols.items() if k == "logit" or not np.isnan(v).all()}  # heads the run has
+
+
+def _stack_parts(job: _Job) -> np.ndarray:
+    """The saved blocks' outputs in row order, filled into one array (never two copies at once)."""
+    heads = [np.load(f, mmap_mode="r") for f in job.part_files]
+    if not heads:
+        return np.zeros((0, 1), np.float32)
+    if len({h.shape[1:] for h in heads}) > 1 or heads[0].ndim != 2:
+        raise EvaluateError(f"{parts_dir(job.out)}: scored blocks are inconsistent (delete the folder and run again)")
+    out = np.empty((sum(h.shape[0] for h in heads), heads[0].shape[1]), heads[0].dtype)
+    at = 0
+    for h in heads:
+        out[at : at + h.shape[0]] = h
+        at += h.shape[0]
+    return out
 
 
 def _score_on_dask(job: _Job, todo: list[int], advance: Callable[[int], Any]) -> None:
