@@ -98,17 +98,21 @@ def _stage_ingest_end(work: Path) -> int:
 
 
 def _stage_discover(work: Path) -> int:
+    import spectransfer.candidates.decision as decision_mod
     import spectransfer.candidates.discover as discover_mod
     from spectransfer.candidates.discover import discover
 
     discover_mod.REFINE_BLOCK = BLOCK  # refine positives in blocks below both sizes, as the scoring
+    decision_mod.READ_BLOCK = BLOCK  # and the template decision's reads
     res = discover(work / "run", work / "store", work / "cand.fits", engine="torch", block_size=BLOCK, quiet=True)
     return res.n_spectra
 
 
 def _stage_inspect_build(work: Path) -> int:
+    import spectransfer.inspect.app as app_mod
     from spectransfer.inspect.app import create_app
 
+    app_mod.BUILD_BLOCK = BLOCK  # copy in blocks below both sizes, so the slope is the survey's
     app = create_app(work / "cand.parquet", None, work / "verdicts.sqlite")  # copies the catalogue into its queue file
     return int(app.state.queue.n)
 

@@ -36,7 +36,7 @@ from spectransfer.ml.spectype import fit_spectype
 TEMPLATE_MODES = ("uncertain", "all", "none")
 UNCERTAIN = (0.02, 0.98)  # P_QSO band the templates are asked about in the default mode
 DECISIVE = 0.05  # |Δχ²| / best χ² above which the family fit decides
-READ_BLOCK = 4096  # spectra read and fitted at a time: memory bounded by the block
+READ_BLOCK = 1024  # spectra read and fitted at a time: memory bounded by the block (~17 MB of float32)
 DECISION_COLUMNS = ("IS_QSO", "SPECTYPE", "DCHI2_QSO", "DECIDED_BY")
 SPECTYPES = np.array(["", "GALAXY", "QSO", "STAR"])  # sorted after "": SPECTYPE's values ('' = not fitted)
 QSO_CHI2 = "qso_chi2"  # decide() also returns the quasar family's best χ² (redshifts.redshift_columns uses it)

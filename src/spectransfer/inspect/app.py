@@ -147,16 +147,20 @@ QUEUE_VERSION = 2  # 2: the uncertainty and random orders
 BUILD_BLOCK = 8192
 
 
-def _candidate_blocks(path: Path, block: int = BUILD_BLOCK) -> Iterator[pd.DataFrame]:
-    """The candidates table's columns of interest, a block at a time (the .parquet beside a FITS when present)."""
+def _candidate_blocks(path: Path, block: int | None = None) -> Iterator[pd.DataFrame]:
+    """The candidates table's columns of interest, a block at a time (the .parquet beside a FITS when
+    present, read one row group at a time: ``data.ledger.parquet_batches``)."""
+    block = block or BUILD_BLOCK
     parquet = path.with_suffix(".parquet")
     if path.suffix == ".parquet" or parquet.is_file():
         import pyarrow.parquet as pq
 
-        src = pq.ParquetFile(path if path.suffix == ".parquet" else parquet)
-        upper = {n.upper(): n for n in src.schema_arrow.names}
+        from spectransfer.data.ledger import parquet_batches
+
+        src_path = path if path.suffix == ".parquet" else parquet
+        upper = {n.upper(): n for n in pq.ParquetFile(src_path).schema_arrow.names}
         want = [upper[c] for c in REQUIRED + OPTIONAL if c in upper]
-        for batch in src.iter_batches(batch_size=block, columns=want):
+        for batch in parquet_batches(src_path, block, want):
             df = batch.to_pandas()
             df.columns = [c.upper() for c in df.columns]
             yield df

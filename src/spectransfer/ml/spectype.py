@@ -88,8 +88,7 @@ def fit_spectype(
     workers: int = -1,
 ) -> SpectypeResult:
     """Fit every family to each spectrum (n, n_bins) on ``grid`` (scaled store arrays are fine)."""
-    flux = np.atleast_2d(np.asarray(flux, dtype=np.float64))
-    ivar = np.atleast_2d(np.asarray(ivar, dtype=np.float64))
+    flux, ivar = np.atleast_2d(flux), np.atleast_2d(ivar)  # float64 a batch at a time, below
     if flux.shape != ivar.shape or flux.shape[1] != grid.n_bins:
         raise ValueError(f"flux {flux.shape} and ivar {ivar.shape} must both be (n, {grid.n_bins})")
     n = flux.shape[0]
@@ -104,7 +103,7 @@ def fit_spectype(
     star_idx = np.zeros(n, dtype=np.int64)
     for start in range(0, n, batch_size):
         sl = slice(start, min(start + batch_size, n))
-        f, w = flux[sl], ivar[sl]
+        f, w = np.asarray(flux[sl], dtype=np.float64), np.asarray(ivar[sl], dtype=np.float64)
         chi2[sl, 0], m_best[sl, 0] = _family(f, w, tr["qso"], scan.templates, workers, n_poly)
         chi2[sl, 1], m_best[sl, 1] = _family(f, w, tr["galaxy"], gal, workers, n_poly)
         per_type = [_family(f, w, tr["star"], s, workers, n_poly) for s in stars]
