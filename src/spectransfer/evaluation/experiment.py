@@ -24,12 +24,13 @@ import os
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from spectransfer.demo import FULL as DEMO_FULL
 from spectransfer.errors import EvaluateError
 from spectransfer.evaluation.active_learning import inspections_to_match, interval95, run_active_learning
 from spectransfer.evaluation.learning_curve import run_learning_curve, transfer_gain
@@ -92,23 +93,17 @@ TINY = ExperimentSize(
     al_per_round=10,
     label_noise=0.05,
 )
-# CONVERGED trains every cell and round as deep as the demo's fine-tuning (at most 600 steps of
+# CONVERGED is DEFAULT on the demo's surveys, every cell and round as deep as the demo's fine-tuning (at most 600 steps of
 # 64, early stopping on val F1), so the curves describe trained networks: ~57 runs of ~230 s on
 # an idle 2-core Xeon with bf16 (~3.6 h), minutes on a GPU (`--device cuda`).
-CONVERGED = ExperimentSize(
-    n_lamost=12000,
-    n_sdss=8000,
-    lamost_qso_fraction=0.02,
-    pretrain_epochs=2,
-    train_batch=64,
+CONVERGED = replace(
+    DEFAULT,
+    n_lamost=DEMO_FULL.n_lamost,
+    n_sdss=DEMO_FULL.n_sdss,
+    lamost_qso_fraction=DEMO_FULL.lamost_qso_fraction,
     max_steps=600,
     eval_every=60,
     patience=6,
-    fractions=(0.005, 0.02, 0.1, 0.3, 1.0),
-    seeds=3,
-    al_rounds=4,
-    al_per_round=40,
-    label_noise=0.05,
     precision="auto",
 )
 SIZES = {"default": DEFAULT, "tiny": TINY, "converged": CONVERGED}
@@ -168,19 +163,11 @@ def _pretrain(out: Path, size: ExperimentSize, seed: int, device: str = "cpu") -
     from spectransfer.ml.train import TrainConfig, train
 
     run = out / "runs" / "pretrain"
+    # the cells' options, but epochs instead of a step budget and twice the patience
+    opts = {**_train_options(size, device), "patience": size.patience * 2}
+    del opts["max_steps"]
     cfg = TrainConfig(
-        store=str(out / "stores" / "lamost"),
-        out=str(run),
-        mode="scratch",
-        seed=seed,
-        max_epochs=size.pretrain_epochs,
-        batch_size=size.train_batch,
-        eval_every=size.eval_every,
-        patience=size.patience * 2,
-        imbalance="pos-weight",
-        precision=size.precision,
-        device=device,
-        num_workers=0,
+        store=str(out / "stores" / "lamost"), out=str(run), mode="scratch", seed=seed, max_epochs=size.pretrain_epochs, **opts
     )
     if not (run / "summary.json").is_file():
         train(cfg, resume=(run / "checkpoints" / "last.pt").exists(), quiet=True)
