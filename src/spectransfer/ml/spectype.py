@@ -28,7 +28,7 @@ from functools import lru_cache
 import numpy as np
 
 from spectransfer.config import DEFAULT_GRID, Grid
-from spectransfer.ml.refine import _scan, chi2_templates, template_on_grid
+from spectransfer.ml.refine import C_KMS, _scan, chi2_templates, template_on_grid
 
 GALAXY_Z_MAX = 1.6
 QSO_STEP = 2  # quasar trials two grid steps (246 km/s) apart: broad lines; ml.refine refits z finely
@@ -51,7 +51,7 @@ class SpectypeResult:
 @lru_cache(maxsize=4)
 def _trials(grid: Grid) -> dict[str, np.ndarray]:
     step = float(grid.log_step)
-    n_star = int(np.ceil(np.log10(1 + STAR_KMS / 299_792.458) / step))
+    n_star = int(np.ceil(np.log10(1 + STAR_KMS / C_KMS) / step))
     return {
         "qso": np.arange(0, _scan(grid).n_trials, QSO_STEP),
         "galaxy": np.arange(int(np.floor(np.log10(1 + GALAXY_Z_MAX) / step)) + 1),
@@ -92,7 +92,6 @@ def fit_spectype(
     if flux.shape != ivar.shape or flux.shape[1] != grid.n_bins:
         raise ValueError(f"flux {flux.shape} and ivar {ivar.shape} must both be (n, {grid.n_bins})")
     n = flux.shape[0]
-    step = float(grid.log_step)
     tr = _trials(grid)
     scan = _scan(grid)
     gal = (template_on_grid("galaxy", 0, int(tr["galaxy"][-1]) + 1, grid),)
@@ -113,7 +112,7 @@ def fit_spectype(
         chi2[sl, 2] = c[rows, k]
         m_best[sl, 2] = np.stack([p[1] for p in per_type], axis=1)[rows, k]
         star_idx[sl] = k
-    z = 10.0 ** (m_best * step) - 1.0
+    z = scan.z_of(m_best)
     fam = np.argmin(chi2, axis=1)
     names = np.array([s.removeprefix("star_").upper() for s in STAR_TYPES])
     with np.errstate(invalid="ignore"):  # no physical fit at all: inf - inf
