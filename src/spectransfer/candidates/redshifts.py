@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from spectransfer.candidates.decision import QSO_CHI2
 from spectransfer.config import DEFAULT_GRID, Grid
 from spectransfer.errors import EvaluateError
 from spectransfer.ml.refine import (
@@ -89,11 +90,7 @@ def redshift_columns(
         guide[cols["Z_NET_PROB"][fit] < FULL_SCAN_BELOW] = np.nan
     res = refine_redshifts(f, iv, guide if window else None, z_err if window else None, grid)
     if window:
-        known = (
-            np.asarray(outputs.get("qso_chi2", nan), dtype=np.float64)[fit]
-            if "qso_chi2" in outputs
-            else np.full(fit.size, np.nan)
-        )
+        known = np.asarray(outputs.get(QSO_CHI2, nan), dtype=np.float64)[fit]
         res = _rescan_doubtful(res, f, iv, np.isfinite(guide), known, grid)
     zwarn = res.zwarn.copy()
     # a full scan on purpose: "no network z" only where the network gave none
