@@ -65,12 +65,11 @@ def _store_spectra(store: str, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _loop_reference(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
     """The best χ² of each family per spectrum by np.linalg.lstsq at every trial."""
+    from spectransfer.config import DEFAULT_GRID as GRID
     from spectransfer.ml.refine import _scan, template_on_grid
     from spectransfer.ml.spectype import STAR_TYPES, _trials
 
     grid_n = flux.shape[1]
-    from spectransfer.config import DEFAULT_GRID as GRID
-
     tr = _trials(GRID)
     fams = [[(t, tr["qso"][(tr["qso"] >= t.lo) & (tr["qso"] < t.hi)]) for t in _scan(GRID).templates]]
     fams.append([(template_on_grid("galaxy", 0, int(tr["galaxy"][-1]) + 1, GRID), tr["galaxy"])])
