@@ -6,7 +6,7 @@ runs on tests/data) and compares its IS_QSO decision (P(QSO) >= threshold, or th
 families where the network is unsure: --templates) with the files' own pipeline CLASS (a
 file the pipeline left unclassified is listed but not counted); network_* figures judge
 P(QSO) >= threshold alone. The real_* figures count the
-files classify accepts; files its cuts refuse (grid not covered, ZWARNING != 0) are scored
+files classify accepts (a pipeline ZWARNING is flagged, not refused); files its cut refuses (grid not covered) are scored
 with the cuts off, marked "cut", and counted only in the all_files_* figures. Prints one line
 per file, counts per class, then one JSON line: real_qso_recall, real_precision,
 real_accuracy, n_real, real_fp_rate_sdss, real_fp_rate_lamost, real_z_within_3000_kms, n_cut

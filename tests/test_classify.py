@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from spectransfer.candidates.classify import classify
-from spectransfer.candidates.schema import CLASSIFY_COLUMNS, COLUMNS, REFERENCE
+from spectransfer.candidates.schema import CLASSIFY_COLUMNS, COLUMNS, QUALITY_BITS, REFERENCE
 from test_discover import _run
 
 SDSS = [
@@ -24,7 +24,7 @@ SDSS = [
     "spec-0266-51602-0013.fits",
     "spec-3586-55181-0002.fits",
     "spec-7877-56898-0604.fits",
-]  # the first fails ingest's ZWARNING cut
+]  # the first has ZWARNING = 256: ingest refuses it by default, classify scores it
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def real(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     for f in sorted((shared_data / "lamost").iterdir())[:8]:
         shutil.copy(f, files / f.name)
     run = _run(base / "run", seed=7, temperature=0.8, grid=DEFAULT_GRID)
-    ingest([files], base / "store", workers=0, quiet=True)
+    ingest([files], base / "store", workers=0, quiet=True, zwarning_filter=False)  # as classify
     discover(run, base / "store", base / "cand.parquet", engine="torch", quiet=True)
     return {"files": files, "run": run, "cand": pd.read_parquet(base / "cand.parquet"), "base": base}
 
@@ -68,6 +68,13 @@ def test_classify_equals_ingest_plus_discover(real: dict) -> None:
     assert all(reason.startswith(("fails filter", "unreadable")) for _f, reason in res.failed)
     for col in ("SURVEY", "CLASS", "Z", "RA", "DEC", "SOURCE_FILE"):
         assert col in t.columns
+    # a pipeline redshift warning is a doubt about the label, not the spectrum: scored and flagged
+    warned = t[t["SOURCE_FILE"].str.endswith(SDSS[0])]
+    assert len(warned) == 1 and int(warned["ZWARNING"].iloc[0]) == 256
+    assert int(warned["QUALITY"].iloc[0]) & (1 << QUALITY_BITS["ZWARNING"])
+    strict = classify(real["run"], [real["files"]], engine="torch", templates="none", refine="none", zwarning_filter=True)
+    assert [(Path(f).name, r) for f, r in strict.failed if "zwarning" in r] == [(SDSS[0], "fails filter: zwarning=256")]
+    assert len(strict.table) == len(t) - 1
     np.testing.assert_allclose(t["Z"].to_numpy(np.float64), cand.loc[t.index, "Z"].to_numpy(np.float64))
 
 

@@ -1283,8 +1283,10 @@ def classify_cmd(
         "--templates",
         help="Which spectra the real-spectrum template families (quasar, galaxy, star: redrock's DR16Q/BOSS templates) may decide IS_QSO for, where their fit is decisive: all (default here: a handful of files costs ~1/60 s each), uncertain (discover's default: those with 0.02 <= P_QSO <= 0.98) or none (the network alone). P_QSO stays the network's; SPECTYPE, DCHI2_QSO and DECIDED_BY say what the templates said.",
     ),
-    no_zwarning_filter: bool = typer.Option(
-        False, "--no-zwarning-filter", help="Also score SDSS spectra with ZWARNING != 0 (ingest's cut, off)."
+    zwarning_filter: bool = typer.Option(
+        False,
+        "--zwarning-filter/--no-zwarning-filter",
+        help="Refuse SDSS spectra whose pipeline set ZWARNING != 0, as ingest does for training labels. Off by default: the network and the templates do not use the pipeline's redshift, so such files are scored and flagged (ZWARNING column, QUALITY bit 3).",
     ),
     no_coverage_filter: bool = typer.Option(
         False, "--no-coverage-filter", help="Also score spectra that do not cover the whole grid (missing bins are empty)."
@@ -1295,7 +1297,7 @@ def classify_cmd(
 ) -> None:
     """P(QSO) for spectrum files, no store needed: same reading, cuts and resampling as ingest.
 
-    Files that cannot be read or fail ingest's quality cuts are listed with their reason and the others still scored; the exit code is then 1 (0 when every file was scored, 2 on bad arguments).
+    Unlike ingest, a pipeline ZWARNING != 0 is flagged, not refused (--zwarning-filter refuses it). Files that cannot be read or fail the grid-coverage cut are listed with their reason and the others still scored; the exit code is then 1 (0 when every file was scored, 2 on bad arguments).
     """
     import json
 
@@ -1319,7 +1321,7 @@ def classify_cmd(
             refine=refine,
             mc_samples=mc_dropout,
             templates=templates,
-            zwarning_filter=not no_zwarning_filter,
+            zwarning_filter=zwarning_filter,
             coverage_filter=not no_coverage_filter,
         )
     t = res.table

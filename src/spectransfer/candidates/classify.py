@@ -5,7 +5,10 @@ The files go through exactly the reading, quality cuts, resampling and normalisa
 ``spectransfer.data.ingest`` (``read_checked``, ``grid_records``), then through the one
 scorer, then the run's recorded temperature: so a file gets the P(QSO) that ingest +
 discover would give it with the same engine. Files that cannot be read or fail a cut are
-listed with their reason; the others are still scored.
+listed with their reason; the others are still scored. One cut of ingest is off by default
+here: ZWARNING != 0 is a doubt about the pipeline's redshift, which decides whether a
+spectrum's *label* can train a network, not whether the spectrum can be classified; such
+files are scored and flagged (ZWARNING, QUALITY bit 3), ``zwarning_filter=True`` refuses them.
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ def classify(
     progress: Any = None,
     refine: str = DEFAULT_REFINE,
     mc_samples: int = 0,
-    zwarning_filter: bool = True,
+    zwarning_filter: bool = False,
     coverage_filter: bool = True,
     templates: str = "all",
 ) -> ClassifyResult:

@@ -57,7 +57,7 @@ QUALITY_BITS = {
     "LOW_SNR": 0,  # median S/N on the grid below LOW_SNR
     "NO_PIPELINE_CLASS": 1,  # the pipeline gave no class (missing, or LAMOST 'Unknown')
     "NO_PIPELINE_Z": 2,  # the pipeline gave no redshift (LAMOST z = -9999 is stored as null)
-    "ZWARNING": 3,  # the pipeline's redshift warning flag is set (kept with --no-zwarning-filter)
+    "ZWARNING": 3,  # the pipeline's redshift warning flag is set (classify scores these by default)
 }
 LOW_SNR = 2.0
 

@@ -6,10 +6,11 @@ compares its IS_QSO (P(QSO) >= threshold, or the template families where the net
 and they are decisive; the network alone is reported beside it) with the class the survey
 pipeline gave each file (QSO or not; a
 file the pipeline left unclassified is listed but not counted). The headline figures count the
-files the tool itself classifies, i.e. those that pass ingest's cuts (the paper's coverage of
-the grid, ZWARNING = 0): a spectrum whose blue end is lost is refused with that reason by
-``classify`` and ``ingest``, not called a quasar or a star. Those files are still scored with
-the cuts off, listed with their reason, and counted in the ``all_files_*`` figures. Used by
+files the tool itself classifies, i.e. those that pass classify's cuts (the paper's coverage of
+the grid; a pipeline ZWARNING is flagged, not refused): a spectrum whose blue end is lost is
+refused with that reason by ``classify`` and ``ingest``, not called a quasar or a star. Those
+files are still scored with the cuts off, listed with their reason, and counted in the
+``all_files_*`` figures. Used by
 ``spectransfer demo`` on the real files shipped in ``tests/data`` and by
 ``bench/sim_to_real.py`` on the fuller set.
 """
