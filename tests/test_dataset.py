@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from spectransfer.config import Grid
+from spectransfer.data.resample import normalise
 from spectransfer.data.store import write_store
-from spectransfer.ml.dataset import ChunkStream, Selection, _round_robin_skips, make_input, select
+from spectransfer.ml.dataset import DEPTH_SNR_MIN, ChunkStream, Selection, _round_robin_skips, make_input, select, shallower
 
 
 def make_store(
@@ -25,6 +26,7 @@ def make_store(
     grid: Grid | None = None,
     signal: float = 0.8,
     with_z: bool = False,
+    with_snr: bool = False,
 ):
     """A small store whose quasars carry broad emission bumps (so a network can learn them).
 
@@ -67,6 +69,8 @@ def make_store(
     )
     if with_z:
         meta["catalog_z"] = catalog_z
+    if with_snr:  # a median S/N per row as ingest records it, some below the depth floor
+        meta["snr"] = np.exp(rng.uniform(np.log(0.5), np.log(40.0), n))
     return write_store(path, flux, ivar, meta, grid=grid, chunk_rows=chunk_rows)
 
 
@@ -200,3 +204,93 @@ def test_memory_stays_bounded_on_a_store_larger_than_the_budget(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert int(out[0]) == n
     assert int(out[1]) < 800  # MiB; the flux array alone is 1600 MiB
+
+
+def _two_level(n: int, n_bins: int, snr: np.ndarray, rng: np.random.Generator) -> tuple:
+    """Noise-free raw spectra at flux 1 (first half) and 2 (second half) with ivar giving ``snr``
+    at flux 1.5 (the median), some bins empty; normalised as the store holds them."""
+    raw = np.where(np.arange(n_bins) < n_bins // 2, 1.0, 2.0)[None, :].repeat(n, axis=0)
+    ivar = np.repeat((snr / 1.5)[:, None] ** 2, n_bins, axis=1)
+    ivar[:, :40] = 0.0
+    raw[:, :40] = 0.0
+    f, iv = normalise(raw, ivar)
+    return f, iv
+
+
+def test_shallower_reaches_a_log_uniform_depth():
+    from scipy import stats
+
+    rng = np.random.default_rng(5)
+    n, n_bins = 400, 2048
+    snr = np.exp(rng.uniform(np.log(3.0), np.log(60.0), n))
+    f, iv = _two_level(n, n_bins, snr, rng)
+    f2, iv2 = shallower(f, iv, snr, 1.0, np.random.default_rng(11))
+    good = iv[0] > 0
+    lo_bins, hi_bins = good & (np.arange(n_bins) < n_bins // 2), np.arange(n_bins) >= n_bins // 2
+    # the step between the two levels, in units of the new noise, is the new S/N at flux 1
+    step = f2[:, hi_bins].mean(axis=1) - f2[:, lo_bins].mean(axis=1)
+    new_snr = 1.5 * step * np.sqrt(iv2[:, good].mean(axis=1))
+    k = snr / new_snr
+    assert np.all(k > 1.0 - 0.05) and np.all(new_snr > DEPTH_SNR_MIN * 0.9) and np.all(new_snr < snr * 1.05)
+    # log(target) is uniform on [log 1, log snr]: its position in that range is U(0, 1)
+    u = np.log(new_snr / DEPTH_SNR_MIN) / np.log(snr / DEPTH_SNR_MIN)
+    assert stats.kstest(np.clip(u, 0, 1), "uniform").pvalue > 1e-3
+    # the scatter about each level is the added noise: sqrt(k^2 - 1) / k of the new sigma
+    resid = np.concatenate(
+        [
+            f2[:, lo_bins] - f2[:, lo_bins].mean(axis=1, keepdims=True),
+            f2[:, hi_bins] - f2[:, hi_bins].mean(axis=1, keepdims=True),
+        ],
+        axis=1,
+    )
+    scatter = (resid * np.sqrt(iv2[:, good][:, :1])).std(axis=1)
+    off = np.abs(scatter - np.sqrt(k**2 - 1) / k)  # k itself is estimated from the noisy levels
+    assert np.median(off) < 0.02 and off.max() < 0.1
+    # what the store holds: flux in [-1, 1], empty bins still empty
+    assert f2.min() >= -1.0 and f2.max() <= 1.0
+    assert np.all(f2[:, ~good] == 0) and np.all(iv2[:, ~good] == 0)
+
+
+def test_shallower_changes_only_the_drawn_rows():
+    rng = np.random.default_rng(6)
+    n = 2000
+    snr = np.exp(rng.uniform(np.log(0.3), np.log(50.0), n))
+    snr[::50] = np.nan
+    f, iv = _two_level(n, 256, np.nan_to_num(snr, nan=10.0), rng)
+    f2, iv2 = shallower(f, iv, snr, 0.3, np.random.default_rng(3))
+    changed = np.any(f2 != f, axis=1) | np.any(iv2 != iv, axis=1)
+    eligible = np.isfinite(snr) & (snr > DEPTH_SNR_MIN)
+    assert not changed[~eligible].any()  # unknown or already faint: left as they are
+    m = int(eligible.sum())
+    lo, hi = stats_bounds(m, 0.3)
+    assert lo <= int(changed.sum()) <= hi
+    again = shallower(f, iv, snr, 0.3, np.random.default_rng(3))
+    np.testing.assert_array_equal(again[0], f2)
+    np.testing.assert_array_equal(shallower(f, iv, snr, 0.0, np.random.default_rng(3))[0], f)
+
+
+def stats_bounds(n: int, p: float) -> tuple[int, int]:
+    from scipy import stats
+
+    return int(stats.binom.ppf(1e-4, n, p)), int(stats.binom.ppf(1 - 1e-4, n, p))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_depth_augmented_stream_resumes_exactly(tmp_path, num_workers):
+    st = make_store(tmp_path / "s", n=200, chunk_rows=16, with_snr=True)
+    sel = select(st, split="train")
+    assert sel.snr is not None and np.isfinite(sel.snr).all()
+    stream = ChunkStream(st.flux, sel, ivar=st.ivar, batch_size=5, seed=2, buffer_chunks=1, depth=0.5)
+    stream.set_epoch(3)
+    full = [(x.numpy(), r.numpy()) for x, _, r in stream.loader(num_workers)]
+    plain = ChunkStream(st.flux, sel, ivar=st.ivar, batch_size=5, seed=2, buffer_chunks=1)
+    plain.set_epoch(3)
+    unchanged = [x.numpy() for x, _, _ in plain.loader(num_workers)]
+    differs = np.concatenate([np.any(a[0] != b, axis=(1, 2)) for a, b in zip(full, unchanged)])
+    assert 0 < differs.sum() < differs.size  # some rows shown shallower, not all
+    stream.set_start(7)
+    rest = [(x.numpy(), r.numpy()) for x, _, r in stream.loader(num_workers)]
+    assert len(rest) == len(full) - 7
+    for (gx, gr), (wx, wr) in zip(rest, full[7:]):
+        np.testing.assert_array_equal(gr, wr)
+        np.testing.assert_array_equal(gx, wx)

@@ -816,6 +816,11 @@ def train_cmd(
         "--z-shift",
         help="Redshift augmentation: each training quasar is also shown to the z head moved by up to this many grid bins, at most an eighth of the grid (a shift of k bins is the spectrum at (1+z)*10**(k*log_step)); 0 = off. The classifier sees only the unshifted spectra.",
     ),
+    depth_augment: float = typer.Option(
+        0.5,
+        "--depth-augment",
+        help="Depth augmentation: this fraction of the training spectra is shown each epoch as a shorter exposure would record it (noise scaled up to a median S/N drawn log-uniformly between 1 and the spectrum's own, then normalised again), so that faint galaxies and stars do not look like quasars to the network; 0 = off.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Train the 1-D VGG on a store: pretrain, fine-tune (--init) or the scratch baseline."""
@@ -853,6 +858,7 @@ def train_cmd(
         z_weight=z_weight,
         z_shift=z_shift,
         z_head_kind=z_head_kind,
+        depth_augment=depth_augment,
     )
     summary = train(cfg, resume=resume, quiet=quiet)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports

@@ -21,10 +21,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 log = logging.getLogger(__name__)
+
+DEPTH_SNR_MIN = 1.0  # the faintest median S/N per pixel the depth augmentation goes down to
 
 
 def make_input(flux: np.ndarray, ivar: np.ndarray | None, in_channels: int) -> np.ndarray:
@@ -53,6 +56,7 @@ class Selection:
     rows: np.ndarray  # int64, sorted, unique
     labels: np.ndarray  # float32, aligned with rows
     z: np.ndarray | None = None  # float32, aligned with rows; None: the store has no catalog_z
+    snr: np.ndarray | None = None  # float32 median S/N per row (meta ``snr``; NaN unknown); None: no column
 
     def __len__(self) -> int:
         return int(self.rows.size)
@@ -84,7 +88,12 @@ class Selection:
         if k >= n:
             return self
         pick = np.sort(np.random.default_rng([seed, 0x5EED]).permutation(n)[:k])
-        return Selection(self.rows[pick], self.labels[pick], None if self.z is None else self.z[pick])
+        return Selection(
+            self.rows[pick],
+            self.labels[pick],
+            None if self.z is None else self.z[pick],
+            None if self.snr is None else self.snr[pick],
+        )
 
 
 def select(store: Any, survey: str | None = None, split: str | None = None) -> Selection:
@@ -101,10 +110,17 @@ def select(store: Any, survey: str | None = None, split: str | None = None) -> S
         z_by_row = np.full(size, np.nan, dtype=np.float32)
         z = meta["catalog_z"].to_numpy(dtype=np.float32, na_value=np.nan)
         z_by_row[at] = np.where((labels_by_row[at] > 0.5) & np.isfinite(z) & (z >= 0), z, np.nan)
+    snr_by_row = None
+    if "snr" in meta.columns:
+        snr_by_row = np.full(size, np.nan, dtype=np.float32)
+        snr_by_row[at] = pd.to_numeric(meta["snr"], errors="coerce").to_numpy(dtype=np.float32, na_value=np.nan)
     rows = np.unique(rows)
-    if not rows.size:
-        return Selection(rows, np.zeros(0, np.float32), None if z_by_row is None else np.zeros(0, np.float32))
-    return Selection(rows, labels_by_row[rows], None if z_by_row is None else z_by_row[rows])
+    return Selection(
+        rows,
+        labels_by_row[rows] if rows.size else np.zeros(0, np.float32),
+        None if z_by_row is None else z_by_row[rows],
+        None if snr_by_row is None else snr_by_row[rows],
+    )
 
 
 class ChunkStream(IterableDataset):
@@ -117,6 +133,9 @@ class ChunkStream(IterableDataset):
     ``balanced=True`` resamples each window with replacement so that positives and negatives
     are drawn with equal total weight (a streaming WeightedRandomSampler): every batch is
     about half quasars, at the cost of repeating the rare positives.
+
+    ``depth`` > 0: that fraction of the rows is shown as if observed more shallowly
+    (``shallower``), drawn afresh for every window and epoch from the seed.
     """
 
     def __init__(
@@ -133,12 +152,16 @@ class ChunkStream(IterableDataset):
         balanced: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        depth: float = 0.0,
     ) -> None:
         super().__init__()
         if in_channels == 2 and ivar is None:
             raise ValueError("a two-channel input needs the ivar array")
+        if depth > 0 and (ivar is None or selection.snr is None):
+            raise ValueError("depth augmentation needs the ivar array and the rows' S/N (meta column snr)")
         self.flux = flux
-        self.ivar = ivar if in_channels == 2 else None
+        self.ivar = ivar if in_channels == 2 or depth > 0 else None
+        self.depth = float(depth)
         self.sel = selection
         self.in_channels = in_channels
         self.batch_size = int(batch_size)
@@ -230,14 +253,18 @@ class ChunkStream(IterableDataset):
 
     def _read_window(self, windows: list[np.ndarray], w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         xs, ys, rs = [], [], []
+        depth_rng = np.random.default_rng([self.seed, self.epoch, 3, w])
         for c in windows[w]:
             chunk = int(self._chunks[c])
             lo = chunk * self.chunk_rows
-            rows = self.sel.rows[self._chunk_start[c] : self._chunk_stop[c]]
+            part = slice(self._chunk_start[c], self._chunk_stop[c])
+            rows = self.sel.rows[part]
             local = rows - lo
             hi = lo + int(local.max()) + 1
             flux = np.asarray(self.flux[lo:hi])[local]  # one whole-chunk read
             ivar = np.asarray(self.ivar[lo:hi])[local] if self.ivar is not None else None
+            if self.depth > 0 and ivar is not None and self.sel.snr is not None:
+                flux, ivar = shallower(flux, ivar, self.sel.snr[part], self.depth, depth_rng)
             xs.append(make_input(flux, ivar, self.in_channels))
             ys.append(self.sel.labels[self._chunk_start[c] : self._chunk_stop[c]])
             rs.append(rows)
@@ -299,6 +326,50 @@ def _round_robin_skips(counts: list[int], consumed: int) -> tuple[list[int], int
             left -= 1
         nxt = (nxt + 1) % len(counts)
     return skips, nxt
+
+
+# ---- depth augmentation: a spectrum as a shorter exposure would have recorded it -----------------
+
+
+def shallower(
+    flux: np.ndarray,
+    ivar: np.ndarray,
+    snr: np.ndarray,
+    fraction: float,
+    rng: np.random.Generator,
+    snr_min: float = DEPTH_SNR_MIN,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Store rows (normalised flux, ivar) with ``fraction`` of them re-observed at a lower S/N.
+
+    Surveys record the same kinds of object at every depth, down to a median S/N of ~1 per
+    pixel (BOSS's galaxies and quasars, LAMOST's faint stars), while a simulation's S/N
+    follows its own magnitude model per class: the demo's SDSS-like quasars are fainter than
+    its galaxies and stars, so without this a network can learn "noisy means quasar" and call
+    real faint galaxies and stars quasars. A chosen row with median S/N ``snr`` (above
+    ``snr_min``) gets a target S/N drawn log-uniformly from [snr_min, snr]; its noise is
+    scaled by k = snr / target, as in a k**2 times shorter sky-limited exposure: Gaussian
+    noise of variance (k**2 - 1)/ivar is added and ivar divided by k**2; the row is then
+    min-max normalised again as the store does (``data.resample.normalise``). Bins without
+    data stay empty. Returns float32 copies; the inputs are not changed.
+    """
+    from spectransfer.data.resample import normalise
+
+    flux = np.asarray(flux, dtype=np.float32)
+    ivar = np.asarray(ivar, dtype=np.float32)
+    s = np.asarray(snr, dtype=np.float64)
+    pick = (rng.random(s.size) < fraction) & np.isfinite(s) & (s > snr_min)
+    target = np.exp(rng.uniform(np.log(snr_min), np.log(np.where(pick, s, snr_min * np.e))))
+    idx = np.flatnonzero(pick)
+    if not idx.size:
+        return flux, ivar
+    k2 = (s[idx] / target[idx])[:, None] ** 2
+    iv = ivar[idx].astype(np.float64)
+    sigma = np.where(iv > 0, 1.0 / np.sqrt(np.where(iv > 0, iv, 1.0)), 0.0)
+    noisy = flux[idx] + rng.standard_normal(iv.shape) * sigma * np.sqrt(k2 - 1.0)
+    f2, iv2 = normalise(np.where(iv > 0, noisy, 0.0), iv / k2)
+    flux, ivar = flux.copy(), ivar.copy()
+    flux[idx], ivar[idx] = f2, iv2
+    return flux, ivar
 
 
 # ---- redshift augmentation: a quasar moved along the logarithmic grid ---------------------------

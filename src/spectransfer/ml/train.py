@@ -91,6 +91,9 @@ Z_HEAD_KIND = "shift"
 # catastrophic network z with shifts of up to 256 bins, 8.1% without: little gain, ~14% more
 # rows per SDSS batch; kept, as the demo's figures were measured with it.
 Z_SHIFT = 256
+# Fraction of the training rows shown at a lower S/N each epoch (``dataset.shallower``): real
+# surveys hold galaxies and stars down to S/N ~1, the simulation's are brighter than its quasars.
+DEPTH_AUGMENT = 0.5
 IMBALANCE = ("none", "pos-weight", "balanced")
 IMBALANCE_HELP = (
     "How to treat the rare class. 'none' (the paper): plain BCE on the natural mix. "
@@ -135,6 +138,7 @@ class TrainConfig:
     z_weight: float = Z_WEIGHT
     z_shift: int = Z_SHIFT
     z_head_kind: str = Z_HEAD_KIND
+    depth_augment: float = DEPTH_AUGMENT
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -181,6 +185,8 @@ def plan(cfg: TrainConfig) -> Plan:
         raise TrainError(f"--z-weight must be >= 0, got {cfg.z_weight}")
     if cfg.z_head_kind not in Z_HEAD_KINDS:
         raise TrainError(f"--z-head-kind must be one of {', '.join(Z_HEAD_KINDS)}, got {cfg.z_head_kind!r}")
+    if not 0.0 <= cfg.depth_augment <= 1.0:
+        raise TrainError(f"--depth-augment must be in [0, 1] (0 = off), got {cfg.depth_augment}")
     if cfg.z_shift < 0:
         raise TrainError(f"--z-shift must be >= 0 bins (0 = no redshift augmentation), got {cfg.z_shift}")
     if cfg.train_limit is not None and cfg.train_limit < 1:
@@ -331,8 +337,8 @@ def _resume_config(cfg: TrainConfig) -> TrainConfig:
         raise TrainError(f"{out}: nothing to resume (no checkpoints/last.pt)")
     with open(out / "config.toml", "rb") as fh:
         saved = tomllib.load(fh)
-    # a run started before the redshift head (or its augmentation) existed has none
-    return TrainConfig.from_dict({"z_head": False, "z_shift": 0, "z_head_kind": "dense", **saved["train"]})
+    # a run started before the redshift head (or its augmentations) existed has none
+    return TrainConfig.from_dict({"z_head": False, "z_shift": 0, "z_head_kind": "dense", "depth_augment": 0.0, **saved["train"]})
 
 
 # ---- the run ------------------------------------------------------------------------------
@@ -471,6 +477,7 @@ def _build_session(cfg: TrainConfig, p: Plan, world: World) -> Session:
         shuffle=True,
         seed=cfg.seed,
         balanced=cfg.imbalance == "balanced",
+        depth=cfg.depth_augment if p.train.snr is not None else 0.0,
         **stream_args,
     )
     val_stream = ChunkStream(p.store.flux, p.val, batch_size=cfg.eval_batch_size, shuffle=False, **stream_args)
