@@ -41,3 +41,25 @@ def test_reality_check_counts_by_the_files_own_class(real_data: Path, tmp_path: 
     qso = [r for r in counted if r["pipeline_class"] == "QSO"]
     assert rep["n_qso"] == len(qso) and rep["real_qso_recall"] == np.mean([r["is_qso"] for r in qso])
     assert rep["real_accuracy"] == np.mean([r["right"] for r in counted])
+
+
+def test_reality_at_depth_makes_the_files_fainter(real_data: Path, tmp_path: Path) -> None:
+    from spectransfer.candidates.classify import _read
+    from spectransfer.data.ingest import IngestOptions, find_files
+    from spectransfer.evaluation.reality import reality_at_depth
+
+    run = _run(tmp_path / "run", seed=5, grid=DEFAULT_GRID)
+    folders = [real_data / "sdss", real_data / "lamost"]
+    head = reality_check(run, folders, threshold=0.5, engine="onnx", refine="none")
+    deep = reality_at_depth(run, folders, [1e9, 2.0], draws=2, engine="onnx")
+    # a level above every file's S/N leaves them as they are: the headline figures, twice over
+    same = deep["levels"]["1e+09"]
+    assert same["fainter"] == 0.0
+    for key in ("real_qso_recall", "real_fp_rate_sdss", "real_fp_rate_lamost"):
+        assert same[key] == head[key] and same[f"network_{key}"] == head[f"network_{key}"]
+    assert same["n_real"] == 2 * head["n_real"]
+    # at S/N 2 the files brighter than that (nearly all shared ones) are scored noisier
+    files, _ = find_files(folders)
+    meta = _read(files, DEFAULT_GRID, None, IngestOptions(zwarning_filter=False))[0]
+    assert deep["levels"]["2"]["fainter"] == np.mean(meta["snr"].to_numpy(float) > 2.0) > 0.5
+    assert deep["levels"]["2"]["n_real"] == 2 * head["n_real"]

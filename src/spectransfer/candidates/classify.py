@@ -123,6 +123,65 @@ def classify(
     for path, reason in failed:
         log.warning("%s: not scored (%s)", path, reason)
     cal = read_calibration(run_dir)
+    table = score_spectra(
+        run_dir,
+        (model, info),
+        meta,
+        flux,
+        ivar,
+        threshold=threshold,
+        engine=engine,
+        batch_size=batch_size,
+        threads=threads,
+        refine=refine,
+        mc_samples=mc_samples,
+        templates=templates,
+    )
+    header: dict[str, tuple[Any, str]] = {
+        "THRESH": (float(threshold), "P_QSO threshold for IS_QSO"),
+        "MODELSHA": (info.sha256, ""),
+        "MODEL": (info.model_name, "network"),
+        "RUNID": (info.sha256[:16], "run id: sha256 prefix of its weights"),
+        "RUN": (run_dir.name, "run folder name"),
+        "ENGINE": (engine, "scoring engine"),
+        "ZREFINE": (refine, "Z_PRED fit: full, window or none"),
+        **template_cards(templates),
+        "MCDROP": (int(mc_samples), "MC-dropout passes behind P_QSO_STD (0 = off)"),
+        "NFILES": (len(files), "spectrum files given"),
+        "NSPEC": (len(table), "spectra scored (one row each)"),
+        "NFAILED": (len(failed), "files not scored (unreadable or failing a cut)"),
+        "GRIDN": (info.grid.n_bins, "grid bins"),
+        "DATE": (datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S"), "UTC creation time"),
+    }
+    for key, value, comment in cal.header_cards() if cal else NO_CALIBRATION_CARDS:
+        header[key] = (value, comment)
+    cards = header_cards(header)
+    res = ClassifyResult(table, failed, len(files), threshold, engine, cal is not None, header=cards)
+    if out is not None:
+        res.out = write_table(table, cards, out)
+    return res
+
+
+def score_spectra(
+    run_dir: Path,
+    loaded: tuple[Any, Any],
+    meta: pd.DataFrame,
+    flux: np.ndarray,
+    ivar: np.ndarray,
+    *,
+    threshold: float = 0.5,
+    engine: str = "torch",
+    batch_size: int = 256,
+    threads: int | None = None,
+    refine: str = DEFAULT_REFINE,
+    mc_samples: int = 0,
+    templates: str = "all",
+) -> pd.DataFrame:
+    """Classify's table for spectra already on the run's grid (``_read``'s meta, flux, ivar):
+    the network's calibrated P_QSO, the template decision, the redshift columns.
+    ``loaded``: (model, info) of ``models.load_run(run_dir)``."""
+    model, info = loaded
+    cal = read_calibration(run_dir)
     logits = np.zeros(0, np.float32)
     outputs: dict[str, np.ndarray] = {}
     if len(meta):
@@ -155,27 +214,4 @@ def classify(
         z = redshift_columns(outputs, decision["IS_QSO"], flux, ivar, check_refine(refine), info.grid)
         cols.update({k: pd.Series(v) for k, v in z.items()})
         cols["P_QSO_STD"] = pd.Series(outputs.get("p_qso_std", np.full(len(meta), np.nan)).astype(np.float32))
-    table = pd.DataFrame({k: cols[k] for k in classify_columns() if k in cols})
-    header: dict[str, tuple[Any, str]] = {
-        "THRESH": (float(threshold), "P_QSO threshold for IS_QSO"),
-        "MODELSHA": (info.sha256, ""),
-        "MODEL": (info.model_name, "network"),
-        "RUNID": (info.sha256[:16], "run id: sha256 prefix of its weights"),
-        "RUN": (run_dir.name, "run folder name"),
-        "ENGINE": (engine, "scoring engine"),
-        "ZREFINE": (refine, "Z_PRED fit: full, window or none"),
-        **template_cards(templates),
-        "MCDROP": (int(mc_samples), "MC-dropout passes behind P_QSO_STD (0 = off)"),
-        "NFILES": (len(files), "spectrum files given"),
-        "NSPEC": (len(table), "spectra scored (one row each)"),
-        "NFAILED": (len(failed), "files not scored (unreadable or failing a cut)"),
-        "GRIDN": (info.grid.n_bins, "grid bins"),
-        "DATE": (datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S"), "UTC creation time"),
-    }
-    for key, value, comment in cal.header_cards() if cal else NO_CALIBRATION_CARDS:
-        header[key] = (value, comment)
-    cards = header_cards(header)
-    res = ClassifyResult(table, failed, len(files), threshold, engine, cal is not None, header=cards)
-    if out is not None:
-        res.out = write_table(table, cards, out)
-    return res
+    return pd.DataFrame({k: cols[k] for k in classify_columns() if k in cols})

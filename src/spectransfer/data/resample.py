@@ -285,3 +285,22 @@ def normalise(flux: np.ndarray, ivar: np.ndarray) -> tuple[np.ndarray, np.ndarra
     if one:
         return out_f32[0], out_iv32[0]
     return out_f32, out_iv32
+
+
+def scale_noise(flux: np.ndarray, ivar: np.ndarray, k: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised rows (N, n_bins) as a k times noisier observation would give them.
+
+    Each row's noise grows by its k >= 1 (a k**2 times shorter sky-limited exposure): Gaussian
+    noise of variance (k**2 - 1)/ivar is added and ivar divided by k**2, then the row is
+    min-max normalised again (``normalise``). Linear scaling commutes with this, so it works
+    on normalised store rows as on raw fluxes. Bins without data stay empty; float32 out.
+    """
+    f = np.asarray(flux, dtype=np.float64)
+    iv = np.asarray(ivar, dtype=np.float64)
+    k2 = np.asarray(k, dtype=np.float64).reshape(-1, 1) ** 2
+    if np.any(k2 < 1.0):
+        raise ValueError("noise can only grow: every k must be >= 1")
+    good = iv > 0
+    sigma = np.where(good, 1.0 / np.sqrt(np.where(good, iv, 1.0)), 0.0)
+    noisy = f + rng.standard_normal(f.shape) * sigma * np.sqrt(k2 - 1.0)
+    return normalise(np.where(good, noisy, 0.0), iv / k2)

@@ -24,7 +24,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from spectransfer.candidates.classify import classify
+from spectransfer.candidates.classify import _read, classify, score_spectra
+from spectransfer.data.ingest import IngestOptions, find_files
+from spectransfer.data.resample import scale_noise
 from spectransfer.ml.refine import velocity_offset_kms
 
 
@@ -69,6 +71,52 @@ def reality_check(
     out["n_cut"] = len(cut)
     out["files"] = rows
     out["not_scored"] = [{"file": f, "reason": r} for f, r in res.failed if f not in set(cut)]
+    return out
+
+
+def reality_at_depth(
+    run: str | Path,
+    paths: Sequence[str | Path],
+    snr_levels: Sequence[float],
+    draws: int = 4,
+    threshold: float = 0.5,
+    engine: str = "onnx",
+    templates: str = "all",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The reality check on the same real files observed more shallowly.
+
+    Real survey spectra reach a median S/N of ~1 per pixel (BOSS's galaxies and quasars,
+    LAMOST's faint stars), while the shared real files are mostly bright. Each file classify
+    accepts, with a known pipeline class, is scored ``draws`` times at each median S/N of
+    ``snr_levels`` (noise scaled up by k = S/N / level, ``data.resample.scale_noise``; a
+    file already fainter than the level is scored as it is), and judged like the headline
+    figures: IS_QSO and, beside it, the network alone. Returns, per level, the figures of
+    ``_figures`` over all its draws, with the share of files that were made fainter.
+    """
+    from spectransfer.ml.models import load_run
+
+    files, _ = find_files(paths)
+    loaded = load_run(Path(run))
+    meta, flux, ivar, _ = _read(files, loaded[1].grid, None, IngestOptions(zwarning_filter=False))
+    snr = pd.to_numeric(meta["snr"], errors="coerce").to_numpy(dtype=np.float64) if len(meta) else np.zeros(0)
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {"run": str(run), "draws": draws, "templates": templates, "levels": {}}
+    for level in snr_levels:
+        k = np.where(np.isfinite(snr) & (snr > level), snr / level, 1.0)
+        rows: list[dict[str, Any]] = []
+        for _ in range(draws):
+            f, iv = scale_noise(flux, ivar, k, rng)
+            t = score_spectra(
+                Path(run), loaded, meta, f, iv, threshold=threshold, engine=engine, refine="none", templates=templates
+            )
+            rows += [_file_row(r) for _, r in t.iterrows()]
+        use = np.ones(len(rows), dtype=bool)
+        fig = _figures(rows, use, prefix="real_")
+        alone = [{**r, "is_qso": r["p_qso"] >= threshold} for r in rows]
+        fig.update({f"network_{k_}": v for k_, v in _figures(alone, use, prefix="real_").items() if k_.startswith("real_")})
+        fig["fainter"] = float(np.mean(k > 1.0)) if k.size else 0.0
+        out["levels"][f"{level:g}"] = fig
     return out
 
 

@@ -347,12 +347,11 @@ def shallower(
     its galaxies and stars, so without this a network can learn "noisy means quasar" and call
     real faint galaxies and stars quasars. A chosen row with median S/N ``snr`` (above
     ``snr_min``) gets a target S/N drawn log-uniformly from [snr_min, snr]; its noise is
-    scaled by k = snr / target, as in a k**2 times shorter sky-limited exposure: Gaussian
-    noise of variance (k**2 - 1)/ivar is added and ivar divided by k**2; the row is then
-    min-max normalised again as the store does (``data.resample.normalise``). Bins without
-    data stay empty. Returns float32 copies; the inputs are not changed.
+    scaled by k = snr / target (``data.resample.scale_noise``: a k**2 times shorter
+    sky-limited exposure, normalised again as the store does). Returns float32 copies; the
+    inputs are not changed.
     """
-    from spectransfer.data.resample import normalise
+    from spectransfer.data.resample import scale_noise
 
     flux = np.asarray(flux, dtype=np.float32)
     ivar = np.asarray(ivar, dtype=np.float32)
@@ -362,11 +361,7 @@ def shallower(
     idx = np.flatnonzero(pick)
     if not idx.size:
         return flux, ivar
-    k2 = (s[idx] / target[idx])[:, None] ** 2
-    iv = ivar[idx].astype(np.float64)
-    sigma = np.where(iv > 0, 1.0 / np.sqrt(np.where(iv > 0, iv, 1.0)), 0.0)
-    noisy = flux[idx] + rng.standard_normal(iv.shape) * sigma * np.sqrt(k2 - 1.0)
-    f2, iv2 = normalise(np.where(iv > 0, noisy, 0.0), iv / k2)
+    f2, iv2 = scale_noise(flux[idx], ivar[idx], s[idx] / target[idx], rng)
     flux, ivar = flux.copy(), ivar.copy()
     flux[idx], ivar[idx] = f2, iv2
     return flux, ivar
