@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spectransfer.candidates.decision import DECISIVE, UNCERTAIN, check_templates, decide, to_fit
+from spectransfer.candidates.decision import DECISIVE, DECISIVE_DCHI2, UNCERTAIN, check_templates, decide, margin, to_fit
 from spectransfer.config import DEFAULT_GRID
 from spectransfer.data.resample import normalise
 from spectransfer.errors import EvaluateError
@@ -132,14 +132,22 @@ def test_decision_asks_the_templates_only_where_the_network_is_unsure() -> None:
 
 
 def test_a_near_tie_is_left_to_the_network() -> None:
-    """Two families within DECISIVE of each other: the network's P decides."""
+    """Two families within the margin of each other: the network's P decides."""
     rng = np.random.default_rng(8)
-    flux = rng.normal(0.0, 1.0, (2, GRID.n_bins))  # pure noise: every family fits it about equally badly
+    flux = rng.normal(0.0, 1.0, (8, GRID.n_bins))  # pure noise: every family fits it about equally badly
     ivar = np.ones_like(flux)
-    got = decide(np.array([0.6, 0.3]), 0.5, flux, ivar, "all", GRID)
-    rel = np.abs(got["DCHI2_QSO"]) / GRID.n_bins
-    assert (rel < DECISIVE).all()
-    assert got["IS_QSO"].tolist() == [True, False] and set(got["DECIDED_BY"]) == {"network"}
+    p = np.tile([0.6, 0.3], 4)
+    got = decide(p, 0.5, flux, ivar, "all", GRID)
+    assert (np.abs(got["DCHI2_QSO"]) < DECISIVE_DCHI2).all()  # noise alone never reaches the floor
+    assert got["IS_QSO"].tolist() == (p >= 0.5).tolist() and set(got["DECIDED_BY"]) == {"network"}
+
+
+def test_the_margin_grows_with_the_templates_mismatch() -> None:
+    n_bins = np.array([2000, 2000, 2000, 1000])
+    best = np.array([1500.0, 2000.0, 12000.0, 12000.0])  # below, at, far above the noise
+    got = margin(best, n_bins)
+    np.testing.assert_allclose(got, DECISIVE_DCHI2 + DECISIVE * np.array([0.0, 0.0, 10000.0, 11000.0]))
+    assert 0 < DECISIVE < 1 < DECISIVE_DCHI2
 
 
 def test_a_spectrum_without_good_pixels_gets_no_family() -> None:

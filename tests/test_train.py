@@ -12,6 +12,7 @@ import time
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -363,3 +364,24 @@ def test_a_run_saved_before_the_z_head_options_resumes_without_them(tmp_path):
     (tmp_path / "config.toml").write_text(f'[train]\nstore = "s"\nout = "{tmp_path}"\nz_head = true\n')
     cfg = _resume_config(TrainConfig(store="other", out=str(tmp_path)))
     assert (cfg.z_head, cfg.z_shift, cfg.z_head_kind) == (True, 0, "dense")  # the dense head, no shifts
+
+
+def test_depth_augmented_training_sees_noisier_rows_and_records_the_setting(tmp_path):
+    from spectransfer.ml.train import World, _build_session, plan
+
+    st = make_store(tmp_path / "s", n=120, chunk_rows=16, grid=SMALL, splits=(0.6, 0.25), with_z=True, with_snr=True)
+    base = dict(store=str(st.path), batch_size=16, eval_every=4, max_steps=4, num_workers=0, seed=3)
+    summary = train(TrainConfig(out=str(tmp_path / "run"), depth_augment=0.5, **base))
+    assert summary["steps"] == 4
+    assert "depth_augment = 0.5" in (tmp_path / "run" / "config.toml").read_text()
+    with pytest.raises(TrainError, match="--depth-augment"):
+        train(TrainConfig(out=str(tmp_path / "bad"), depth_augment=1.5, **base))
+    # the training stream shows some rows noisier than the store holds them; validation does not
+    cfg = TrainConfig(out=str(tmp_path / "x"), depth_augment=0.5, **base)
+    s = _build_session(cfg, plan(cfg), World(1, 0, 0, torch.device("cpu"), False))
+    assert s.train_stream.depth == 0.5
+    x, _, rows = next(iter(s.train_stream.loader(0)))
+    held = np.asarray(st.flux.get_orthogonal_selection((np.sort(rows.numpy()), slice(None))))
+    order = np.argsort(rows.numpy())
+    changed = np.any(x.numpy()[order, 0] != held, axis=1)
+    assert 0 < changed.sum() < changed.size
