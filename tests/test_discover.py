@@ -131,9 +131,9 @@ def _store(path: Path, n: int = 300, seed: int = 0, chunk_rows: int = 64, grid: 
             "source_file": [f"spec-{i}.fits" for i in range(n)],
         }
     )
-    return write_store(
-        path, _spectra(rng, n, grid), np.ones((n, grid.n_bins), np.float32), meta, grid=grid, chunk_rows=chunk_rows
-    )
+    # ivar as the noise _spectra adds (sigma 0.05 before the [-1, 1] scaling, about 0.03-0.1 after)
+    ivar = np.full((n, grid.n_bins), 400.0, np.float32)
+    return write_store(path, _spectra(rng, n, grid), ivar, meta, grid=grid, chunk_rows=chunk_rows)
 
 
 def _run(path: Path, seed: int = 0, temperature: float | None = None, grid: Grid = GRID) -> Path:
