@@ -357,7 +357,7 @@ def shallower(
     ivar = np.asarray(ivar, dtype=np.float32)
     s = np.asarray(snr, dtype=np.float64)
     pick = (rng.random(s.size) < fraction) & np.isfinite(s) & (s > snr_min)
-    target = np.exp(rng.uniform(np.log(snr_min), np.log(np.where(pick, s, snr_min * np.e))))
+    target = np.exp(rng.uniform(np.log(snr_min), np.log(np.where(pick, s, 2.0 * snr_min))))  # unpicked: any span
     idx = np.flatnonzero(pick)
     if not idx.size:
         return flux, ivar
