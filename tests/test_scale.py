@@ -201,3 +201,66 @@ def test_writing_in_blocks_holds_one_block_not_the_table(tmp_path: Path, fmt: st
     small, large = peak(4), peak(40)
     assert large < 1.5 * small, (small, large)
     assert (tmp_path / f"t40.{fmt}").stat().st_size > 5 * (tmp_path / f"t4.{fmt}").stat().st_size
+
+
+# ---- survey-sized discover: nothing per spectrum beyond its own columns ----------------------------
+
+
+def test_int8_calibration_rows_read_the_row_column_only(tmp_path: Path) -> None:
+    """The rows that set the int8 ranges are spread over the sorted live rows, whatever
+    meta.parquet's order, and choosing them leaves the metadata table unread (it would stay
+    cached for the whole discover run: ~1.6 KB a spectrum)."""
+    import pyarrow.parquet as pq
+
+    from spectransfer.data.store import open_store
+    from spectransfer.ml.score import int8_calibration_rows
+    from test_discover import _store
+
+    _store(tmp_path / "store", n=700, chunk_rows=32)
+    meta_path = tmp_path / "store" / "meta.parquet"
+    meta = pq.read_table(meta_path)
+    keep = np.random.default_rng(1).permutation(len(meta))[:650]  # 50 dead rows, the rest shuffled
+    pq.write_table(meta.take(keep), meta_path)
+    store = open_store(tmp_path / "store")
+    got = int8_calibration_rows(store, n=512)
+    assert store._meta is None
+    live = np.sort(meta.column("row").to_numpy()[keep])
+    want = np.unique(live[np.round(np.linspace(0, live.size - 1, 512)).astype(np.int64)])
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(int8_calibration_rows(store, n=1000), live)  # fewer live rows than asked: all
+
+
+def _bench_scale() -> object:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "scale.py"
+    spec = importlib.util.spec_from_file_location("bench_scale", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_replicated_store_repeats_the_base_rows_under_new_ids(tmp_path: Path) -> None:
+    """bench/scale.py's survey-sized stores: row j reads the base's row j mod nb (symlinked
+    chunks), the metadata repeats the base's under unique ids, in the shipped row groups."""
+    import pyarrow.parquet as pq
+
+    from spectransfer.data.store import META_ROW_GROUP, open_store
+    from test_discover import _store
+
+    base = _store(tmp_path / "base", n=150, chunk_rows=32)  # trimmed to 128 rows
+    nb = _bench_scale().replicate_store(tmp_path / "base", tmp_path / "big", 500)
+    big = open_store(tmp_path / "big")
+    assert nb == 128 and big.n_rows == 500 and big.flux.chunks == base.flux.chunks
+    j = np.arange(500)
+    np.testing.assert_array_equal(big.flux[:], base.flux[:][j % nb])
+    np.testing.assert_array_equal(big.ivar[:], base.ivar[:][j % nb])
+    assert (tmp_path / "big" / "spectra.zarr" / "flux" / "c" / "5" / "0").is_symlink()
+    m, bm = big.meta, base.meta.set_index("row")
+    np.testing.assert_array_equal(m["row"].to_numpy(), j)
+    assert m["spectrum_id"].is_unique and big.info["store_id"] != base.info["store_id"]
+    assert m["spectrum_id"].tolist() == [f"{bm.loc[r % nb, 'spectrum_id']}-r{r // nb}" for r in j]
+    np.testing.assert_array_equal(m["plate"].to_numpy(), bm.loc[j % nb, "plate"].to_numpy() + (j // nb) * 1_000_000)
+    np.testing.assert_array_equal(m["ra"].to_numpy(), bm.loc[j % nb, "ra"].to_numpy())
+    groups = pq.ParquetFile(tmp_path / "big" / "meta.parquet").metadata
+    assert groups.row_group(0).num_rows == min(500, META_ROW_GROUP)
