@@ -264,3 +264,43 @@ def test_replicated_store_repeats_the_base_rows_under_new_ids(tmp_path: Path) ->
     np.testing.assert_array_equal(m["ra"].to_numpy(), bm.loc[j % nb, "ra"].to_numpy())
     groups = pq.ParquetFile(tmp_path / "big" / "meta.parquet").metadata
     assert groups.row_group(0).num_rows == min(500, META_ROW_GROUP)
+
+
+def test_filled_column_slices_as_the_dense_column() -> None:
+    from spectransfer.candidates.discover import _Filled
+
+    rng = np.random.default_rng(4)
+    n = 1000
+    at = np.sort(rng.choice(n, 130, replace=False))
+    values = rng.normal(size=at.size)
+    dense = np.full(n, np.nan)
+    dense[at] = values
+    sparse, whole, none = _Filled(values, np.nan, np.float64, n, at=at), _Filled(dense, 0, np.float64, n), _Filled(None, 7, np.int32, n)
+    for a, b in [(0, n), (0, 1), (13, 400), (999, 1000), (500, 2000), (at[5], at[5] + 1), (at[5] + 1, at[6])]:
+        np.testing.assert_array_equal(sparse[a:b], dense[a:b])
+        np.testing.assert_array_equal(whole[a:b], dense[a:b])
+        assert none[a:b].dtype == np.int32 and (none[a:b] == 7).all() and none[a:b].size == dense[a:b].size
+
+
+def test_blocked_redshifts_equal_the_whole_store_fitted_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """discover keeps only the positives' fitted redshifts, refined a few at a time; its columns
+    equal redshift_columns over the whole store in one call (the in-memory reference)."""
+    from astropy.table import Table
+
+    import spectransfer.candidates.discover as discover_mod
+    from spectransfer.candidates.redshifts import REDSHIFT_COLUMNS, redshift_columns
+    from spectransfer.data.store import open_store
+    from test_discover import _run, _store
+
+    _store(tmp_path / "store", n=160, chunk_rows=32)
+    run = _run(tmp_path / "run")
+    monkeypatch.setattr(discover_mod, "REFINE_BLOCK", 7)
+    discover_mod.discover(run, tmp_path / "store", tmp_path / "c.fits", engine="torch", block_size=30, templates="none", quiet=True)
+    t = Table.read(tmp_path / "c.fits")
+    store = open_store(tmp_path / "store")
+    positive = np.asarray(t["IS_QSO"], bool)
+    assert 0 < positive.sum() < len(t)  # some fitted, some not
+    outputs = {k.lower(): np.asarray(t[k], np.float32) for k in ("Z_NET", "Z_NET_ERR", "Z_NET_PROB")}
+    want = redshift_columns(outputs, positive, store.flux[:], store.ivar[:], "window", store.grid)
+    for k in REDSHIFT_COLUMNS:
+        np.testing.assert_allclose(np.asarray(t[k]), want[k], rtol=1e-10, err_msg=k)
