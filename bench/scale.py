@@ -3,6 +3,8 @@ what they project for the paper's surveys (4M SDSS, 9M LAMOST spectra).
 
     .venv/bin/python bench/scale.py [--small 2000] [--large 20000] [--keep DIR] [--stages ingest,discover]
                                     [--ingest-copies K]
+    .venv/bin/python bench/scale.py --discover-base STORE --small 203008 --large 1015040 [--run RUN]
+                                    [--templates none] [--engine onnx-int8] [--block-size 16384] [--keep DIR]
 
 Each size is a survey written by ``spectransfer simulate --survey sdss --n N`` (spec-lite files,
 ~165 KB each; simulating is not timed). Each stage runs in its own Python process (this script
@@ -37,6 +39,17 @@ a driver holding 394 MB reported 394 MB whatever it used itself.)
   file beside it (SQLite); inspect: a later start (the queue file reused), as
   ``spectransfer inspect`` starts it, then the first requests the page makes (info, one page of
   candidates, one spectrum).
+
+``--discover-base STORE`` runs discover alone, as the CLI does by default (onnx-int8, 16,384-row
+blocks, the shipped refinement and template blocks, ``--templates`` as given), on survey-sized
+stores replicated from STORE without copying a spectrum (``replicate_store``: chunk i of the
+arrays is a symlink to STORE's chunk i mod its whole chunks; meta.parquet repeats STORE's rows
+under new spectrum and object ids and plates, in the shipped 65,536-row groups): 1M spectra
+need ~25 MB of disk besides the catalogue. Its result also gives each step's own peak
+(``phases_mb``: VmHWM reset before ``_prepare`` (the int8 quantisation), ``_score``,
+``_finish`` (templates, redshifts, counts) and each ``write_blocks``; ``between``: the rest),
+the share of spectra in the templates' uncertain band with the run given (``band_fraction``)
+and the process's CPU time a spectrum (steadier than spectra/s on a shared machine).
 
 The per-spectrum growth is the slope between the two sizes; the projection adds it to the
 small size's peak. Human lines first, then one JSON line:
@@ -217,7 +230,9 @@ def run_stage(stage: str, work: Path) -> None:
     peak = max(_own_peak_kb(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     phases = {k: round(v, 1) for k, v in _PHASES.items() if k != "band_fraction"}
     peak = max([peak / 1024, *phases.values()])  # the steps' peaks: VmHWM was reset between them
-    out = {"stage": stage, "n": n, "seconds": sec, "rss_mb": peak}
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = use.ru_utime + use.ru_stime  # this process's CPU seconds: steadier than the rate on a shared machine
+    out = {"stage": stage, "n": n, "seconds": sec, "rss_mb": peak, "cpu_s": round(cpu, 1)}
     if phases:
         out["phases_mb"] = phases
     if "band_fraction" in _PHASES:
@@ -424,6 +439,9 @@ def summarise(small: dict, large: dict) -> dict:
         out[f"projected_rss_gb_{name}"] = round(projected / 1024, 2)
     out["spectra_per_s_small"] = round(ns / small["seconds"], 1)
     out["spectra_per_s_large"] = round(nl / large["seconds"], 1)
+    if "cpu_s" in small and "cpu_s" in large:
+        out["cpu_ms_per_spectrum_small"] = round(1000 * small["cpu_s"] / max(ns, 1), 3)
+        out["cpu_ms_per_spectrum_large"] = round(1000 * large["cpu_s"] / max(nl, 1), 3)
     for key in ("phases_mb", "band_fraction"):  # discover: each step's own peak; the templates' band
         if key in small:
             out[f"{key}_small"], out[f"{key}_large"] = small[key], large.get(key)
@@ -492,6 +510,7 @@ def main() -> None:
                     f"  {stage:13s} n={r['n']:>7d}  {r['seconds']:7.1f} s  {r['n'] / r['seconds']:8.1f} spectra/s  peak RSS {r['rss_mb']:7.1f} MB"
                     + (f"  steps {r['phases_mb']}" if "phases_mb" in r else "")
                     + (f"  band {r['band_fraction']:.1%}" if "band_fraction" in r else "")
+                    + (f"  {1000 * r['cpu_s'] / max(r['n'], 1):.2f} ms CPU a spectrum" if "cpu_s" in r else "")
                 )
             if args.keep is None:
                 shutil.rmtree(work, ignore_errors=True)

@@ -225,16 +225,17 @@ def _score(job: _Job, quiet: bool) -> dict[str, np.ndarray]:
 
 
 def _stack_parts(job: _Job) -> np.ndarray:
-    """The saved blocks' outputs in row order, filled into one array (never two copies at once)."""
-    heads = [np.load(f, mmap_mode="r") for f in job.part_files]
+    """The saved blocks' outputs in row order, filled into one array (never two copies at once:
+    each block is read, copied and dropped; mapped files would keep every page read resident)."""
+    heads = [np.load(f, mmap_mode="r") for f in job.part_files]  # shapes: only the headers are read
     if not heads:
         return np.zeros((0, 1), np.float32)
     if len({h.shape[1:] for h in heads}) > 1 or heads[0].ndim != 2:
         raise EvaluateError(f"{parts_dir(job.out)}: scored blocks are inconsistent (delete the folder and run again)")
     out = np.empty((sum(h.shape[0] for h in heads), heads[0].shape[1]), heads[0].dtype)
     at = 0
-    for h in heads:
-        out[at : at + h.shape[0]] = h
+    for f, h in zip(job.part_files, heads):
+        out[at : at + h.shape[0]] = np.load(f)
         at += h.shape[0]
     return out
 
