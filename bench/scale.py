@@ -3,6 +3,8 @@ what they project for the paper's surveys (4M SDSS, 9M LAMOST spectra).
 
     .venv/bin/python bench/scale.py [--small 2000] [--large 20000] [--keep DIR] [--stages ingest,discover]
                                     [--ingest-copies K]
+    .venv/bin/python bench/scale.py --discover-base STORE --small 203008 --large 1015040 [--run RUN]
+                                    [--templates none] [--engine onnx-int8] [--block-size 16384] [--keep DIR]
 
 Each size is a survey written by ``spectransfer simulate --survey sdss --n N`` (spec-lite files,
 ~165 KB each; simulating is not timed). Each stage runs in its own Python process (this script
@@ -37,6 +39,17 @@ a driver holding 394 MB reported 394 MB whatever it used itself.)
   file beside it (SQLite); inspect: a later start (the queue file reused), as
   ``spectransfer inspect`` starts it, then the first requests the page makes (info, one page of
   candidates, one spectrum).
+
+``--discover-base STORE`` runs discover alone, as the CLI does by default (onnx-int8, 16,384-row
+blocks, the shipped refinement and template blocks, ``--templates`` as given), on survey-sized
+stores replicated from STORE without copying a spectrum (``replicate_store``: chunk i of the
+arrays is a symlink to STORE's chunk i mod its whole chunks; meta.parquet repeats STORE's rows
+under new spectrum and object ids and plates, in the shipped 65,536-row groups): 1M spectra
+need ~25 MB of disk besides the catalogue. Its result also gives each step's own peak
+(``phases_mb``: VmHWM reset before ``_prepare`` (the int8 quantisation), ``_score``,
+``_finish`` (templates, redshifts, counts) and each ``write_blocks``; ``between``: the rest),
+the share of spectra in the templates' uncertain band with the run given (``band_fraction``)
+and the process's CPU time a spectrum (steadier than spectra/s on a shared machine).
 
 The per-spectrum growth is the slope between the two sizes; the projection adds it to the
 small size's peak. Human lines first, then one JSON line:
@@ -102,10 +115,65 @@ def _stage_discover(work: Path) -> int:
     import spectransfer.candidates.discover as discover_mod
     from spectransfer.candidates.discover import discover
 
-    discover_mod.REFINE_BLOCK = BLOCK  # refine positives in blocks below both sizes, as the scoring
-    decision_mod.READ_BLOCK = BLOCK  # and the template decision's reads
-    res = discover(work / "run", work / "store", work / "cand.fits", engine="torch", block_size=BLOCK, quiet=True)
+    cfg = json.loads((work / "discover.json").read_text()) if (work / "discover.json").is_file() else {}
+    if not cfg:  # a simulated survey: blocks below both sizes
+        discover_mod.REFINE_BLOCK = BLOCK  # refine positives in blocks below both sizes, as the scoring
+        decision_mod.READ_BLOCK = BLOCK  # and the template decision's reads
+    _watch_phases(discover_mod, ("_prepare", "_score", "_finish", "write_blocks"))
+    res = discover(
+        Path(cfg.get("run", work / "run")),
+        work / "store",
+        work / "cand.fits",
+        engine=cfg.get("engine", "torch"),
+        block_size=int(cfg.get("block_size", BLOCK)),
+        templates=cfg.get("templates", "uncertain"),
+        quiet=True,
+    )
+    if cfg:  # the share of spectra in the templates' uncertain band (what --templates uncertain fits)
+        import pyarrow.parquet as pq
+
+        lo, hi = decision_mod.UNCERTAIN
+        p = pq.read_table(work / "cand.parquet", columns=["P_QSO"]).column("P_QSO").to_numpy()
+        _PHASES["band_fraction"] = float(((p >= lo) & (p <= hi)).mean()) if p.size else 0.0
     return res.n_spectra
+
+
+# peak RSS (MB) of each watched step since the previous one ended (VmHWM reset between steps)
+_PHASES: dict[str, float] = {}
+
+
+def _reset_peak() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux: 5 > /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _watch_phases(module: object, names: tuple[str, ...]) -> None:
+    """Wrap ``module``'s functions ``names`` so that each call records its own peak RSS in _PHASES
+    (a step called twice, as write_blocks for the .fits and its .parquet copy, keeps the larger)."""
+    if not _reset_peak():
+        return
+    import functools
+
+    for name in names:
+        fn = getattr(module, name)
+
+        def wrapped(*a: object, _fn: object = fn, _name: str = name, **k: object) -> object:
+            before = _own_peak_kb() / 1024  # what ran since the last step (opening, summaries)
+            _PHASES["between"] = max(_PHASES.get("between", 0.0), before)
+            _reset_peak()
+            try:
+                return _fn(*a, **k)  # type: ignore[operator]
+            finally:
+                _PHASES[_name] = max(_PHASES.get(_name, 0.0), _own_peak_kb() / 1024)
+                _reset_peak()
+
+        functools.update_wrapper(wrapped, fn)
+        setattr(module, name, wrapped)
 
 
 def _stage_inspect_build(work: Path) -> int:
@@ -160,7 +228,16 @@ def run_stage(stage: str, work: Path) -> None:
     n = stages[stage](work)
     sec = time.perf_counter() - t0
     peak = max(_own_peak_kb(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-    print(json.dumps({"stage": stage, "n": n, "seconds": sec, "rss_mb": peak / 1024}))
+    phases = {k: round(v, 1) for k, v in _PHASES.items() if k != "band_fraction"}
+    peak = max([peak / 1024, *phases.values()])  # the steps' peaks: VmHWM was reset between them
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = use.ru_utime + use.ru_stime  # this process's CPU seconds: steadier than the rate on a shared machine
+    out = {"stage": stage, "n": n, "seconds": sec, "rss_mb": peak, "cpu_s": round(cpu, 1)}
+    if phases:
+        out["phases_mb"] = phases
+    if "band_fraction" in _PHASES:
+        out["band_fraction"] = round(_PHASES["band_fraction"], 4)
+    print(json.dumps(out))
 
 
 # ---- the driver ---------------------------------------------------------------------------------
@@ -224,6 +301,71 @@ def _link_copies(work: Path, copies: int) -> None:
         shutil.copytree(work / "sim" / "spectra", work / "copies" / f"c{i}", copy_function=os.link)
 
 
+PLATE_STEP = 1_000_000  # plates of copy r: the base's + r x this (the demo-derived base's plates stay below 600,000)
+
+
+def replicate_store(base: Path, out: Path, n: int) -> int:
+    """OUT: a store of ``n`` spectra built from BASE without copying a spectrum.
+
+    BASE is trimmed to whole chunks (nb rows, its meta.parquet in row order 0..nb-1 live);
+    chunk i of OUT's flux and ivar is a symlink to BASE's chunk i mod (nb / chunk), so row j
+    holds BASE's row j mod nb. Its zarr.json files say (n, n_bins); meta.parquet repeats BASE's
+    rows with copy r = j // nb's own spectrum and object ids (suffix ``-rR``), plates + R x
+    PLATE_STEP and rows + R x nb, in the shipped 65,536-row groups. Returns nb."""
+    import uuid
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from spectransfer.data.store import META_ROW_GROUP, open_store
+
+    src = open_store(base)
+    chunk = src.chunk_rows
+    nb = (src.n_rows // chunk) * chunk
+    table = pq.read_table(base / "meta.parquet").cast(src.schema)
+    rows = table.column("row").to_numpy()
+    if not (rows.size >= nb and (rows[:nb] == range(nb)).all()):
+        sys.exit(f"{base}: meta.parquet is not rows 0..{nb - 1} in order (replicate needs a store written whole)")
+    table = table.slice(0, nb)
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "spectra.zarr").mkdir(parents=True)
+    shutil.copy2(base / "spectra.zarr" / "zarr.json", out / "spectra.zarr" / "zarr.json")
+    n_chunks = -(-n // chunk)
+    for name in ("flux", "ivar"):
+        meta = json.loads((base / "spectra.zarr" / name / "zarr.json").read_text())
+        meta["shape"][0] = n
+        (out / "spectra.zarr" / name / "c").mkdir(parents=True)
+        (out / "spectra.zarr" / name / "zarr.json").write_text(json.dumps(meta, indent=2))
+        for i in range(n_chunks):
+            target = (base / "spectra.zarr" / name / "c" / str(i % (nb // chunk)) / "0").resolve()
+            if target.is_file():  # zarr leaves an all-fill chunk unwritten: the copy reads the fill too
+                (out / "spectra.zarr" / name / "c" / str(i)).mkdir()
+                os.symlink(target, out / "spectra.zarr" / name / "c" / str(i) / "0")
+    info = json.loads((base / "store.json").read_text())
+    info["store_id"] = str(uuid.uuid4())
+    info["replicated_from"] = {"store_id": src.info.get("store_id"), "rows": nb, "n": n}
+    (out / "store.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    shutil.copy2(base / "rejected.parquet", out / "rejected.parquet")
+    with pq.ParquetWriter(out / "meta.parquet", table.schema, compression="zstd") as writer:
+        pending = table.slice(0, 0)
+        for r in range(-(-n // nb)):
+            part = table.slice(0, min(nb, n - r * nb))
+            cols = {k: part.column(k) for k in part.column_names}
+            for k in ("spectrum_id", "object_id"):
+                cols[k] = pc.binary_join_element_wise(cols[k], pa.scalar(f"r{r}"), "-")
+            cols["plate"] = pc.add(cols["plate"], PLATE_STEP * r)
+            cols["row"] = pc.add(cols["row"], nb * r)
+            pending = pa.concat_tables([pending, pa.table(cols, schema=table.schema)])
+            full = (pending.num_rows // META_ROW_GROUP) * META_ROW_GROUP
+            if full:
+                writer.write_table(pending.slice(0, full), row_group_size=META_ROW_GROUP)
+                pending = pending.slice(full).combine_chunks()
+        if pending.num_rows:
+            writer.write_table(pending, row_group_size=META_ROW_GROUP)
+    return nb
+
+
 def prepare(work: Path, n: int, seed: int) -> None:
     """Simulate an SDSS-like survey of n spectra and write an untrained run on the default grid."""
     import torch
@@ -260,6 +402,27 @@ def prepare(work: Path, n: int, seed: int) -> None:
     )
 
 
+def prepare_replicated(work: Path, n: int, args: argparse.Namespace) -> None:
+    """WORK/store: n spectra replicated from --discover-base; WORK/discover.json: discover's settings."""
+    import torch
+
+    from spectransfer.ml.models import ModelConfig, build_model, save_weights
+
+    work.mkdir(parents=True, exist_ok=True)
+    replicate_store(args.discover_base, work / "store", n)
+    run = args.run
+    if run is None:
+        from spectransfer.data.store import open_store
+
+        torch.manual_seed(0)
+        run = work / "run"
+        run.mkdir(exist_ok=True)
+        grid = open_store(work / "store").grid
+        save_weights(build_model(ModelConfig(name="vgg-a", n_bins=grid.n_bins)), run / "model.safetensors", grid, mode="scratch")
+    cfg = {"run": str(Path(run).resolve()), "engine": args.engine, "templates": args.templates, "block_size": args.block_size}
+    (work / "discover.json").write_text(json.dumps(cfg))
+
+
 def summarise(small: dict, large: dict) -> dict:
     """Slope between the sizes and what it projects for the paper's surveys."""
     ns, nl = small["n"], large["n"]
@@ -276,6 +439,12 @@ def summarise(small: dict, large: dict) -> dict:
         out[f"projected_rss_gb_{name}"] = round(projected / 1024, 2)
     out["spectra_per_s_small"] = round(ns / small["seconds"], 1)
     out["spectra_per_s_large"] = round(nl / large["seconds"], 1)
+    if "cpu_s" in small and "cpu_s" in large:
+        out["cpu_ms_per_spectrum_small"] = round(1000 * small["cpu_s"] / max(ns, 1), 3)
+        out["cpu_ms_per_spectrum_large"] = round(1000 * large["cpu_s"] / max(nl, 1), 3)
+    for key in ("phases_mb", "band_fraction"):  # discover: each step's own peak; the templates' band
+        if key in small:
+            out[f"{key}_small"], out[f"{key}_large"] = small[key], large.get(key)
     return out
 
 
@@ -296,6 +465,17 @@ def main() -> None:
         default=1,
         help="ingest the simulated folder and this many - 1 hard-linked copies of it (more batches, no more disk)",
     )
+    ap.add_argument(
+        "--discover-base",
+        type=Path,
+        default=None,
+        help="run only discover, on stores of --small and --large spectra replicated from this store "
+        "(chunk files symlinked, metadata repeated under new ids: no spectrum copied)",
+    )
+    ap.add_argument("--run", type=Path, default=None, help="with --discover-base: the run to score with (default an untrained VGG-A)")
+    ap.add_argument("--engine", default="onnx-int8", help="with --discover-base: discover's engine (default: the CLI's, onnx-int8)")
+    ap.add_argument("--templates", default="uncertain", help="with --discover-base: discover's --templates (default: the CLI's)")
+    ap.add_argument("--block-size", type=int, default=16384, help="with --discover-base: discover's block (default: the CLI's)")
     ap.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -305,7 +485,7 @@ def main() -> None:
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"{cores} cores, load average {os.getloadavg()[0]:.1f} (a shared machine makes the rates noisy; memory is not)")
-    stages = [s for s in STAGES if s in args.stages.split(",")]
+    stages = ["discover"] if args.discover_base else [s for s in STAGES if s in args.stages.split(",")]
     base = args.keep or Path(tempfile.mkdtemp(prefix="bench-scale-"))
     results: dict[str, dict[str, dict]] = {s: {} for s in stages}
     try:
@@ -313,9 +493,13 @@ def main() -> None:
             work = base / f"n{n}"
             shutil.rmtree(work, ignore_errors=True)
             t0 = time.perf_counter()
-            prepare(work, n, args.seed)
-            _link_copies(work, args.ingest_copies)
-            print(f"{label}: simulated {n} spectra in {time.perf_counter() - t0:.0f} s")
+            if args.discover_base:
+                prepare_replicated(work, n, args)
+                print(f"{label}: {n} spectra replicated from {args.discover_base} in {time.perf_counter() - t0:.0f} s")
+            else:
+                prepare(work, n, args.seed)
+                _link_copies(work, args.ingest_copies)
+                print(f"{label}: simulated {n} spectra in {time.perf_counter() - t0:.0f} s")
             for stage in stages:
                 r = results[stage][label] = _child(stage, work)
                 if stage == "ingest":
@@ -324,6 +508,9 @@ def main() -> None:
                         _replicate(work, END_FACTOR)
                 print(
                     f"  {stage:13s} n={r['n']:>7d}  {r['seconds']:7.1f} s  {r['n'] / r['seconds']:8.1f} spectra/s  peak RSS {r['rss_mb']:7.1f} MB"
+                    + (f"  steps {r['phases_mb']}" if "phases_mb" in r else "")
+                    + (f"  band {r['band_fraction']:.1%}" if "band_fraction" in r else "")
+                    + (f"  {1000 * r['cpu_s'] / max(r['n'], 1):.2f} ms CPU a spectrum" if "cpu_s" in r else "")
                 )
             if args.keep is None:
                 shutil.rmtree(work, ignore_errors=True)

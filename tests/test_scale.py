@@ -201,3 +201,106 @@ def test_writing_in_blocks_holds_one_block_not_the_table(tmp_path: Path, fmt: st
     small, large = peak(4), peak(40)
     assert large < 1.5 * small, (small, large)
     assert (tmp_path / f"t40.{fmt}").stat().st_size > 5 * (tmp_path / f"t4.{fmt}").stat().st_size
+
+
+# ---- survey-sized discover: nothing per spectrum beyond its own columns ----------------------------
+
+
+def test_int8_calibration_rows_read_the_row_column_only(tmp_path: Path) -> None:
+    """The rows that set the int8 ranges are spread over the sorted live rows, whatever
+    meta.parquet's order, and choosing them leaves the metadata table unread (it would stay
+    cached for the whole discover run: ~1.6 KB a spectrum)."""
+    import pyarrow.parquet as pq
+
+    from spectransfer.data.store import open_store
+    from spectransfer.ml.score import int8_calibration_rows
+    from test_discover import _store
+
+    _store(tmp_path / "store", n=700, chunk_rows=32)
+    meta_path = tmp_path / "store" / "meta.parquet"
+    meta = pq.read_table(meta_path)
+    keep = np.random.default_rng(1).permutation(len(meta))[:650]  # 50 dead rows, the rest shuffled
+    pq.write_table(meta.take(keep), meta_path)
+    store = open_store(tmp_path / "store")
+    got = int8_calibration_rows(store, n=512)
+    assert store._meta is None
+    live = np.sort(meta.column("row").to_numpy()[keep])
+    want = np.unique(live[np.round(np.linspace(0, live.size - 1, 512)).astype(np.int64)])
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(int8_calibration_rows(store, n=1000), live)  # fewer live rows than asked: all
+
+
+def _bench_scale() -> object:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "scale.py"
+    spec = importlib.util.spec_from_file_location("bench_scale", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_replicated_store_repeats_the_base_rows_under_new_ids(tmp_path: Path) -> None:
+    """bench/scale.py's survey-sized stores: row j reads the base's row j mod nb (symlinked
+    chunks), the metadata repeats the base's under unique ids, in the shipped row groups."""
+    import pyarrow.parquet as pq
+
+    from spectransfer.data.store import META_ROW_GROUP, open_store
+    from test_discover import _store
+
+    base = _store(tmp_path / "base", n=150, chunk_rows=32)  # trimmed to 128 rows
+    nb = _bench_scale().replicate_store(tmp_path / "base", tmp_path / "big", 500)
+    big = open_store(tmp_path / "big")
+    assert nb == 128 and big.n_rows == 500 and big.flux.chunks == base.flux.chunks
+    j = np.arange(500)
+    np.testing.assert_array_equal(big.flux[:], base.flux[:][j % nb])
+    np.testing.assert_array_equal(big.ivar[:], base.ivar[:][j % nb])
+    assert (tmp_path / "big" / "spectra.zarr" / "flux" / "c" / "5" / "0").is_symlink()
+    m, bm = big.meta, base.meta.set_index("row")
+    np.testing.assert_array_equal(m["row"].to_numpy(), j)
+    assert m["spectrum_id"].is_unique and big.info["store_id"] != base.info["store_id"]
+    assert m["spectrum_id"].tolist() == [f"{bm.loc[r % nb, 'spectrum_id']}-r{r // nb}" for r in j]
+    np.testing.assert_array_equal(m["plate"].to_numpy(), bm.loc[j % nb, "plate"].to_numpy() + (j // nb) * 1_000_000)
+    np.testing.assert_array_equal(m["ra"].to_numpy(), bm.loc[j % nb, "ra"].to_numpy())
+    groups = pq.ParquetFile(tmp_path / "big" / "meta.parquet").metadata
+    assert groups.row_group(0).num_rows == min(500, META_ROW_GROUP)
+
+
+def test_filled_column_slices_as_the_dense_column() -> None:
+    from spectransfer.candidates.discover import _Filled
+
+    rng = np.random.default_rng(4)
+    n = 1000
+    at = np.sort(rng.choice(n, 130, replace=False))
+    values = rng.normal(size=at.size)
+    dense = np.full(n, np.nan)
+    dense[at] = values
+    sparse, whole, none = _Filled(values, np.nan, np.float64, n, at=at), _Filled(dense, 0, np.float64, n), _Filled(None, 7, np.int32, n)
+    for a, b in [(0, n), (0, 1), (13, 400), (999, 1000), (500, 2000), (at[5], at[5] + 1), (at[5] + 1, at[6])]:
+        np.testing.assert_array_equal(sparse[a:b], dense[a:b])
+        np.testing.assert_array_equal(whole[a:b], dense[a:b])
+        assert none[a:b].dtype == np.int32 and (none[a:b] == 7).all() and none[a:b].size == dense[a:b].size
+
+
+def test_blocked_redshifts_equal_the_whole_store_fitted_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """discover keeps only the positives' fitted redshifts, refined a few at a time; its columns
+    equal redshift_columns over the whole store in one call (the in-memory reference)."""
+    from astropy.table import Table
+
+    import spectransfer.candidates.discover as discover_mod
+    from spectransfer.candidates.redshifts import REDSHIFT_COLUMNS, redshift_columns
+    from spectransfer.data.store import open_store
+    from test_discover import _run, _store
+
+    _store(tmp_path / "store", n=160, chunk_rows=32)
+    run = _run(tmp_path / "run")
+    monkeypatch.setattr(discover_mod, "REFINE_BLOCK", 7)
+    discover_mod.discover(run, tmp_path / "store", tmp_path / "c.fits", engine="torch", block_size=30, templates="none", quiet=True)
+    t = Table.read(tmp_path / "c.fits")
+    store = open_store(tmp_path / "store")
+    positive = np.asarray(t["IS_QSO"], bool)
+    assert 0 < positive.sum() < len(t)  # some fitted, some not
+    outputs = {k.lower(): np.asarray(t[k], np.float32) for k in ("Z_NET", "Z_NET_ERR", "Z_NET_PROB")}
+    want = redshift_columns(outputs, positive, store.flux[:], store.ivar[:], "window", store.grid)
+    for k in REDSHIFT_COLUMNS:
+        np.testing.assert_allclose(np.asarray(t[k]), want[k], rtol=1e-10, err_msg=k)

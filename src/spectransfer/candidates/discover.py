@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from spectransfer.candidates.decision import QSO_CHI2, check_templates, decide, template_cards, to_fit
-from spectransfer.candidates.redshifts import DEFAULT_REFINE, check_refine, redshift_columns
+from spectransfer.candidates.redshifts import DEFAULT_REFINE, REDSHIFT_COLUMNS, check_refine, redshift_columns
 from spectransfer.candidates.schema import (
     CATEGORIES,
     QUALITY_BITS,
@@ -196,6 +197,9 @@ def _prepare(job: _Job) -> None:
         temperature=cal.temperature if cal else None,
     )
     job.timings["prepare_s"] = time.perf_counter() - t0
+    # the metadata reads above (the rows, the int8 calibration's choice) leave arrow's pool holding
+    # freed pages: ~0.03 KB a spectrum (100 MB at 4M) that the rest of the run would carry
+    pa.default_memory_pool().release_unused()
     job.blocks = [job.rows[i : i + job.block_size] for i in range(0, job.rows.shape[0], job.block_size)]
     job.part_files = [parts / f"block-{i:06d}.npy" for i in range(len(job.blocks))]
     todo = sum(b.shape[0] for b, f in zip(job.blocks, job.part_files) if not f.is_file())
@@ -225,16 +229,17 @@ def _score(job: _Job, quiet: bool) -> dict[str, np.ndarray]:
 
 
 def _stack_parts(job: _Job) -> np.ndarray:
-    """The saved blocks' outputs in row order, filled into one array (never two copies at once)."""
-    heads = [np.load(f, mmap_mode="r") for f in job.part_files]
+    """The saved blocks' outputs in row order, filled into one array (never two copies at once:
+    each block is read, copied and dropped; mapped files would keep every page read resident)."""
+    heads = [np.load(f, mmap_mode="r") for f in job.part_files]  # shapes: only the headers are read
     if not heads:
         return np.zeros((0, 1), np.float32)
     if len({h.shape[1:] for h in heads}) > 1 or heads[0].ndim != 2:
         raise EvaluateError(f"{parts_dir(job.out)}: scored blocks are inconsistent (delete the folder and run again)")
     out = np.empty((sum(h.shape[0] for h in heads), heads[0].shape[1]), heads[0].dtype)
     at = 0
-    for h in heads:
-        out[at : at + h.shape[0]] = h
+    for f, h in zip(job.part_files, heads):
+        out[at : at + h.shape[0]] = np.load(f)
         at += h.shape[0]
     return out
 
@@ -271,13 +276,15 @@ def _finish(
     """Probabilities, categories, flags and redshifts; the table (as its row blocks) and header; the summary counts."""
     cal = read_calibration(job.run_dir)
     logits = outputs["logit"]
-    p_qso = calibrated_probability(logits, cal.temperature if cal else None)
+    p_qso = np.empty(logits.size, np.float32)  # float32, as stored; a block at a time: no survey-long float64
+    for a in range(0, logits.size, job.block_size):
+        p_qso[a : a + job.block_size] = calibrated_probability(logits[a : a + job.block_size], cal.temperature if cal else None)
     t0 = time.perf_counter()
-    extra = _decision(job, p_qso, quiet)
+    extra: dict[str, Any] = dict(_decision(job, p_qso, quiet))
     job.timings["templates_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     extra.update(_redshifts(job, {**outputs, QSO_CHI2: extra.pop(QSO_CHI2)}, extra["IS_QSO"], quiet))
-    extra["P_QSO_STD"] = outputs.get("p_qso_std", np.full(p_qso.size, np.nan)).astype(np.float32)
+    extra["P_QSO_STD"] = _Filled(outputs.get("p_qso_std"), np.float32(np.nan), np.float32, logits.size)
     job.timings["refine_s"] = time.perf_counter() - t0
     counts = dict.fromkeys(CATEGORIES, 0)
     by_class = {"STAR": 0, "GALAXY": 0}
@@ -311,9 +318,10 @@ def _meta_blocks(job: _Job) -> Iterator[pd.DataFrame]:
             yield meta
 
 
-def _table_blocks(job: _Job, logits: np.ndarray, p_qso: np.ndarray, extra: dict[str, np.ndarray]) -> Iterator[pd.DataFrame]:
+def _table_blocks(job: _Job, logits: np.ndarray, p_qso: np.ndarray, extra: dict[str, Any]) -> Iterator[pd.DataFrame]:
     """The catalogue's rows, one block at a time (so writing it needs one block's memory);
-    ``extra`` holds further per-spectrum columns (redshifts, MC-dropout spread) in row order."""
+    ``extra`` holds further per-spectrum columns (redshifts, MC-dropout spread) in row order,
+    each an array or a :class:`_Filled` (sliced ``[a:b]`` either way)."""
     a = 0
     for meta in _meta_blocks(job):
         b = a + len(meta)
@@ -350,20 +358,51 @@ def _decision(job: _Job, p_qso: np.ndarray, quiet: bool) -> dict[str, np.ndarray
         return decide(p_qso, job.threshold, read, None, job.templates, job.store.grid, bar.advance)
 
 
-def _redshifts(job: _Job, outputs: dict[str, np.ndarray], positive: np.ndarray, quiet: bool) -> dict[str, np.ndarray]:
-    """The redshift columns: refinement reads and fits the positives a block at a time."""
-    cols = redshift_columns(outputs, np.zeros(positive.size, bool), None, None, "none", job.store.grid)
+def _redshifts(job: _Job, outputs: dict[str, np.ndarray], positive: np.ndarray, quiet: bool) -> dict[str, Any]:
+    """The redshift columns: refinement reads and fits the positives a block at a time.
+
+    Kept as the network's outputs (``Z_NET``...) and the fitted positives' values only
+    (``Z_PRED``...), each filled in a block at a time as the table is written: 45 bytes a
+    spectrum less than full columns (~0.4 GB at 9M spectra)."""
+    n = positive.size
     fit = np.flatnonzero(positive) if job.refine != "none" else np.zeros(0, np.int64)
+    net = {"Z_NET": "z_net", "Z_NET_ERR": "z_net_err", "Z_NET_PROB": "z_net_prob"}
+    cols: dict[str, Any] = {k: _Filled(outputs.get(v), np.float32(np.nan), np.float32, n) for k, v in net.items()}
+    got: dict[str, list[np.ndarray]] = {k: [] for k in REDSHIFT_COLUMNS if k not in net}
     with progress_bar("redshifts", total=int(fit.size), unit="spectra", quiet=quiet or fit.size == 0) as bar:
         for start in range(0, fit.size, REFINE_BLOCK):
             idx = fit[start : start + REFINE_BLOCK]
             flux, ivar = read_arrays(job.store.flux, job.store.ivar, job.rows[idx])
             mask = np.ones(idx.size, bool)
             part = redshift_columns({k: v[idx] for k, v in outputs.items()}, mask, flux, ivar, job.refine, job.store.grid)
-            for k, v in part.items():
-                cols[k][idx] = v
+            for k in got:
+                got[k].append(part[k])
             bar.advance(idx.size)
+    # the values a spectrum not fitted gets (what redshift_columns gives the non-positives)
+    empty = redshift_columns({}, np.zeros(1, bool), None, None, "none", job.store.grid)
+    for k, parts in got.items():
+        values = np.concatenate(parts) if parts else np.zeros(0, empty[k].dtype)
+        cols[k] = _Filled(values, empty[k][0], empty[k].dtype, n, at=fit)
     return cols
+
+
+class _Filled:
+    """A per-spectrum column held as the values it has (``values`` at rows ``at``, sorted; or
+    ``values`` for every row; or none) and ``fill`` elsewhere: ``col[a:b]`` gives rows a..b-1
+    as a ``dtype`` array, so a column that is mostly fill costs memory only where it is not."""
+
+    def __init__(self, values: np.ndarray | None, fill: Any, dtype: Any, n: int, at: np.ndarray | None = None) -> None:
+        self.values, self.fill, self.dtype, self.n, self.at = values, fill, np.dtype(dtype), n, at
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        a, b, _ = rows.indices(self.n)
+        if self.values is not None and self.at is None:
+            return np.asarray(self.values[a:b], dtype=self.dtype)
+        out = np.full(max(b - a, 0), self.fill, dtype=self.dtype)
+        if self.values is not None and self.at is not None:
+            lo, hi = np.searchsorted(self.at, [a, b])
+            out[self.at[lo:hi] - a] = self.values[lo:hi]
+        return out
 
 
 def _header(job: _Job, cal: Calibration | None) -> list[tuple[str, Any, str]]:
