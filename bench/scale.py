@@ -472,8 +472,12 @@ def main() -> None:
         help="run only discover, on stores of --small and --large spectra replicated from this store "
         "(chunk files symlinked, metadata repeated under new ids: no spectrum copied)",
     )
-    ap.add_argument("--run", type=Path, default=None, help="with --discover-base: the run to score with (default an untrained VGG-A)")
-    ap.add_argument("--engine", default="onnx-int8", help="with --discover-base: discover's engine (default: the CLI's, onnx-int8)")
+    ap.add_argument(
+        "--run", type=Path, default=None, help="with --discover-base: the run to score with (default an untrained VGG-A)"
+    )
+    ap.add_argument(
+        "--engine", default="onnx-int8", help="with --discover-base: discover's engine (default: the CLI's, onnx-int8)"
+    )
     ap.add_argument("--templates", default="uncertain", help="with --discover-base: discover's --templates (default: the CLI's)")
     ap.add_argument("--block-size", type=int, default=16384, help="with --discover-base: discover's block (default: the CLI's)")
     ap.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)

@@ -275,7 +275,11 @@ def test_filled_column_slices_as_the_dense_column() -> None:
     values = rng.normal(size=at.size)
     dense = np.full(n, np.nan)
     dense[at] = values
-    sparse, whole, none = _Filled(values, np.nan, np.float64, n, at=at), _Filled(dense, 0, np.float64, n), _Filled(None, 7, np.int32, n)
+    sparse, whole, none = (
+        _Filled(values, np.nan, np.float64, n, at=at),
+        _Filled(dense, 0, np.float64, n),
+        _Filled(None, 7, np.int32, n),
+    )
     for a, b in [(0, n), (0, 1), (13, 400), (999, 1000), (500, 2000), (at[5], at[5] + 1), (at[5] + 1, at[6])]:
         np.testing.assert_array_equal(sparse[a:b], dense[a:b])
         np.testing.assert_array_equal(whole[a:b], dense[a:b])
@@ -295,7 +299,9 @@ def test_blocked_redshifts_equal_the_whole_store_fitted_at_once(tmp_path: Path, 
     _store(tmp_path / "store", n=160, chunk_rows=32)
     run = _run(tmp_path / "run")
     monkeypatch.setattr(discover_mod, "REFINE_BLOCK", 7)
-    discover_mod.discover(run, tmp_path / "store", tmp_path / "c.fits", engine="torch", block_size=30, templates="none", quiet=True)
+    discover_mod.discover(
+        run, tmp_path / "store", tmp_path / "c.fits", engine="torch", block_size=30, templates="none", quiet=True
+    )
     t = Table.read(tmp_path / "c.fits")
     store = open_store(tmp_path / "store")
     positive = np.asarray(t["IS_QSO"], bool)
