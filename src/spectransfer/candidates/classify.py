@@ -29,7 +29,7 @@ from spectransfer.candidates.redshifts import DEFAULT_REFINE, check_refine, reds
 from spectransfer.candidates.schema import classify_columns, from_meta, header_cards, output_format, quality_bits, write_table
 from spectransfer.data.ingest import IngestOptions, _meta_row, find_files, grid_records, read_checked
 from spectransfer.errors import EvaluateError
-from spectransfer.evaluation.calibration import NO_CALIBRATION_CARDS, read_calibration
+from spectransfer.evaluation.calibration import NO_CALIBRATION_CARDS, Calibration, read_calibration
 from spectransfer.evaluation.metrics import calibrated_probability
 from spectransfer.ml.dataset import make_input
 from spectransfer.ml.score import build_scorer, check_engine, prepare_engine, score_array
@@ -126,6 +126,7 @@ def classify(
     table = score_spectra(
         run_dir,
         (model, info),
+        cal,
         meta,
         flux,
         ivar,
@@ -165,6 +166,7 @@ def classify(
 def score_spectra(
     run_dir: Path,
     loaded: tuple[Any, Any],
+    cal: Calibration | None,
     meta: pd.DataFrame,
     flux: np.ndarray,
     ivar: np.ndarray,
@@ -179,9 +181,10 @@ def score_spectra(
 ) -> pd.DataFrame:
     """Classify's table for spectra already on the run's grid (``_read``'s meta, flux, ivar):
     the network's calibrated P_QSO, the template decision, the redshift columns.
-    ``loaded``: (model, info) of ``models.load_run(run_dir)``."""
+    ``loaded``: (model, info) of ``models.load_run(run_dir)``; ``cal``: its
+    ``read_calibration`` (None: uncalibrated). A call prepares the engine once (an ONNX export
+    for onnx): score many spectra in one call rather than a call each."""
     model, info = loaded
-    cal = read_calibration(run_dir)
     logits = np.zeros(0, np.float32)
     outputs: dict[str, np.ndarray] = {}
     if len(meta):

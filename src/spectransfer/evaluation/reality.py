@@ -27,6 +27,7 @@ import pandas as pd
 from spectransfer.candidates.classify import _read, classify, score_spectra
 from spectransfer.data.ingest import IngestOptions, find_files
 from spectransfer.data.resample import scale_noise
+from spectransfer.evaluation.calibration import read_calibration
 from spectransfer.ml.refine import velocity_offset_kms
 
 
@@ -98,19 +99,27 @@ def reality_at_depth(
 
     files, _ = find_files(paths)
     loaded = load_run(Path(run))
+    cal = read_calibration(Path(run))
     meta, flux, ivar, _ = _read(files, loaded[1].grid, None, IngestOptions(zwarning_filter=False))
     snr = pd.to_numeric(meta["snr"], errors="coerce").to_numpy(dtype=np.float64) if len(meta) else np.zeros(0)
     rng = np.random.default_rng(seed)
     out: dict[str, Any] = {"run": str(run), "draws": draws, "templates": templates, "levels": {}}
     for level in snr_levels:
         k = np.where(np.isfinite(snr) & (snr > level), snr / level, 1.0)
-        rows: list[dict[str, Any]] = []
-        for _ in range(draws):
-            f, iv = scale_noise(flux, ivar, k, rng)
-            t = score_spectra(
-                Path(run), loaded, meta, f, iv, threshold=threshold, engine=engine, refine="none", templates=templates
-            )
-            rows += [_file_row(r) for _, r in t.iterrows()]
+        noisy = [scale_noise(flux, ivar, k, rng) for _ in range(draws)]  # every draw scored in one call
+        t = score_spectra(
+            Path(run),
+            loaded,
+            cal,
+            pd.concat([meta] * draws, ignore_index=True),
+            np.concatenate([f for f, _ in noisy]),
+            np.concatenate([iv for _, iv in noisy]),
+            threshold=threshold,
+            engine=engine,
+            refine="none",
+            templates=templates,
+        )
+        rows = [_file_row(r) for _, r in t.iterrows()]
         use = np.ones(len(rows), dtype=bool)
         fig = _figures(rows, use, prefix="real_")
         alone = [{**r, "is_qso": r["p_qso"] >= threshold} for r in rows]
