@@ -65,7 +65,7 @@ def reality_check(
     }
     out.update(_figures(rows, counted, prefix="real_"))
     out.update(_figures(rows, np.ones(len(rows), dtype=bool), prefix="all_files_"))
-    alone = [{**r, "is_qso": r["p_qso"] >= threshold} for r in rows]  # the network without the templates
+    alone = _network_alone(rows, threshold)
     out.update(_figures(alone, counted, prefix="network_real_"))
     out.update(_figures(alone, np.ones(len(rows), dtype=bool), prefix="network_all_files_"))
     out["per_class"] = _per_class(rows, counted)
@@ -122,7 +122,7 @@ def reality_at_depth(
         rows = [_file_row(r) for _, r in t.iterrows()]
         use = np.ones(len(rows), dtype=bool)
         fig = _figures(rows, use, prefix="real_")
-        alone = [{**r, "is_qso": r["p_qso"] >= threshold} for r in rows]
+        alone = _network_alone(rows, threshold)
         fig.update({f"network_{k_}": v for k_, v in _figures(alone, use, prefix="real_").items() if k_.startswith("real_")})
         fig["fainter"] = float(np.mean(k > 1.0)) if k.size else 0.0
         out["levels"][f"{level:g}"] = fig
@@ -151,6 +151,11 @@ def _file_row(r: pd.Series) -> dict[str, Any]:
         "dv_kms": None if not np.isfinite(dv) else dv,
         "cut": r.get("_cut"),
     }
+
+
+def _network_alone(rows: list[dict[str, Any]], threshold: float) -> list[dict[str, Any]]:
+    """The rows as the network without the templates would have called them (P_QSO >= threshold)."""
+    return [{**r, "is_qso": r["p_qso"] >= threshold} for r in rows]
 
 
 def _figures(rows: list[dict[str, Any]], use: np.ndarray, prefix: str) -> dict[str, Any]:
