@@ -207,6 +207,8 @@ def test_resume_after_sigkill_ends_with_the_uninterrupted_weights(store, tmp_pat
         "3",
         "--workers",
         "2",
+        "--ema",
+        "0.9",
         "--quiet",
     ]
     whole = _run_cli(args + ["--out", str(tmp_path / "whole")])
@@ -237,6 +239,8 @@ def test_resume_after_sigkill_ends_with_the_uninterrupted_weights(store, tmp_pat
     assert a["state"] == b["state"]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+        assert torch.equal(a["ema"]["model"][k], b["ema"]["model"][k]), k  # the weights' average resumes too
+    assert a["ema"]["updates"] == b["ema"]["updates"] == 12
     wa, wb = _weights(tmp_path / "whole" / "model.safetensors"), _weights(tmp_path / "cut" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
@@ -385,3 +389,37 @@ def test_depth_augmented_training_sees_noisier_rows_and_records_the_setting(tmp_
     order = np.argsort(rows.numpy())
     changed = np.any(x.numpy()[order, 0] != held, axis=1)
     assert 0 < changed.sum() < changed.size
+    # a store without each spectrum's S/N cannot be trained shallower: told, not silently ignored
+    bare = make_store(tmp_path / "bare", n=120, chunk_rows=16, grid=SMALL, splits=(0.6, 0.25), with_z=True)
+    with pytest.raises(TrainError, match="meta column snr"):
+        plan(TrainConfig(out=str(tmp_path / "y"), depth_augment=0.5, **{**base, "store": str(bare.path)}))
+    assert not np.isfinite(plan(TrainConfig(out=str(tmp_path / "y"), **{**base, "store": str(bare.path)})).train.snr).any()
+
+
+def test_weight_average_follows_its_rule_and_is_what_the_run_saves(store, tmp_path):
+    from spectransfer.ml.train import WeightAverage
+
+    # the update rule against a direct computation: decay warmed up as min(d, (1+t)/(10+t))
+    lin = torch.nn.Linear(3, 1)
+    avg = WeightAverage(lin, 0.99)
+    start = lin.weight.detach().clone().numpy()
+    expected = start.copy()
+    for t in range(1, 6):
+        with torch.no_grad():
+            lin.weight.add_(1.0)
+        d = min(0.99, (1 + t) / (10 + t))
+        expected = d * expected + (1 - d) * lin.weight.detach().numpy()
+        avg.update(lin)
+    np.testing.assert_allclose(avg.model.weight.numpy(), expected, rtol=1e-6)
+    assert not np.allclose(expected, lin.weight.detach().numpy())  # it lags the stepped weights
+    # a run with --ema saves (and validates) the average, not the weights it stepped
+    base = dict(store=str(store.path), batch_size=8, eval_every=8, max_steps=8, num_workers=0, seed=2)
+    train(TrainConfig(out=str(tmp_path / "ema"), ema=0.9, **base))  # one evaluation: the saved weights are the last
+    ckpt = torch.load(tmp_path / "ema" / "checkpoints" / "last.pt", weights_only=False)
+    saved = _weights(tmp_path / "ema" / "model.safetensors")
+    assert json.loads((tmp_path / "ema" / "summary.json").read_text())["best_step"] == 8
+    k = next(k for k in saved if k.endswith("weight"))
+    assert not torch.equal(ckpt["ema"]["model"][k], ckpt["model"][k])
+    assert all(torch.equal(saved[n], ckpt["ema"]["model"][n]) for n in saved)
+    with pytest.raises(TrainError, match="--ema"):
+        train(TrainConfig(out=str(tmp_path / "bad"), ema=1.0, **base))

@@ -101,6 +101,12 @@ Z_SHIFT = 256
 # settings (S/N 2, SDSS others: 3-8% at 0, 10-17% at 0.5). The simulated test split's F1 rose
 # (0.944-0.964 -> 0.970-0.975), the simulation's own test, which is not where the doubt lies.
 DEPTH_AUGMENT = 0.0
+# Weight averaging (--ema): the run keeps, beside the weights it steps, their exponential moving
+# average over the steps (Polyak averaging; decay 0.99 averages over ~100 steps), and validates,
+# early-stops on and saves the average. A short fine-tune ends while its weights still wander
+# from step to step; averaging them removes that wander without another step of training.
+# 0 = off (the paper's recipe: the stepped weights).
+EMA_DECAY = 0.0
 IMBALANCE = ("none", "pos-weight", "balanced")
 IMBALANCE_HELP = (
     "How to treat the rare class. 'none' (the paper): plain BCE on the natural mix. "
@@ -146,6 +152,7 @@ class TrainConfig:
     z_shift: int = Z_SHIFT
     z_head_kind: str = Z_HEAD_KIND
     depth_augment: float = DEPTH_AUGMENT
+    ema: float = EMA_DECAY
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -192,6 +199,8 @@ def plan(cfg: TrainConfig) -> Plan:
         raise TrainError(f"--z-weight must be >= 0, got {cfg.z_weight}")
     if cfg.z_head_kind not in Z_HEAD_KINDS:
         raise TrainError(f"--z-head-kind must be one of {', '.join(Z_HEAD_KINDS)}, got {cfg.z_head_kind!r}")
+    if not 0.0 <= cfg.ema < 1.0:
+        raise TrainError(f"--ema must be in [0, 1) (0 = off), got {cfg.ema}")
     if not 0.0 <= cfg.depth_augment <= 1.0:
         raise TrainError(f"--depth-augment must be in [0, 1] (0 = off), got {cfg.depth_augment}")
     if cfg.z_shift < 0:
@@ -216,6 +225,11 @@ def plan(cfg: TrainConfig) -> Plan:
         raise TrainError(f"{what}: the training rows hold no positive (quasar) example")
     if train.n_pos == len(train):
         raise TrainError(f"{what}: the training rows hold no negative (non-quasar) example")
+    if cfg.depth_augment > 0 and (train.snr is None or not np.isfinite(train.snr).any()):
+        raise TrainError(
+            f"{what}: --depth-augment needs each spectrum's median S/N (meta column snr), which this store "
+            "has not got (ingest it again, or train with --depth-augment 0)"
+        )
     _check_world(cfg, train, int(store.flux.chunks[0]), what)
 
     grid = store.grid
@@ -404,6 +418,48 @@ class Session:
     log_step: float = 0.0  # the store grid's log10 step: what one bin of shift means in z
     seed: int = 0
     rank: int = 0
+    ema: WeightAverage | None = None  # the weights' moving average (--ema), validated and saved in their stead
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The network that validation sees and the run saves: the average if kept, else the one stepped."""
+        return self.ema.model if self.ema is not None else self.net
+
+    @property
+    def saved(self) -> VGG1D:
+        return self.ema.model if self.ema is not None else self.model
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights, updated after every step.
+
+    The decay warms up as min(decay, (1 + t) / (10 + t)) after t updates (TensorFlow's
+    ExponentialMovingAverage with num_updates), so the first steps away from the initial
+    (e.g. pretrained) weights are not averaged in at 99%."""
+
+    def __init__(self, model: VGG1D, decay: float) -> None:
+        import copy
+
+        self.decay = decay
+        self.updates = 0
+        self.model = copy.deepcopy(model).eval()
+        for q in self.model.parameters():
+            q.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: VGG1D) -> None:
+        self.updates += 1
+        d = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
+        mine = [q for q in self.model.parameters() if q.dtype.is_floating_point]
+        theirs = [q.detach() for q in model.parameters() if q.dtype.is_floating_point]
+        torch._foreach_lerp_(mine, theirs, 1.0 - d)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = int(state["updates"])
 
 
 @dataclass
@@ -484,7 +540,7 @@ def _build_session(cfg: TrainConfig, p: Plan, world: World) -> Session:
         shuffle=True,
         seed=cfg.seed,
         balanced=cfg.imbalance == "balanced",
-        depth=cfg.depth_augment if p.train.snr is not None else 0.0,
+        depth=cfg.depth_augment,
         **stream_args,
     )
     val_stream = ChunkStream(p.store.flux, p.val, batch_size=cfg.eval_batch_size, shuffle=False, **stream_args)
@@ -506,6 +562,7 @@ def _build_session(cfg: TrainConfig, p: Plan, world: World) -> Session:
         p.store.grid.log_step,
         cfg.seed,
         world.rank,
+        WeightAverage(model, cfg.ema) if cfg.ema > 0 else None,
     )
 
 
@@ -520,6 +577,10 @@ def _restore(path: Path, s: Session, world: World) -> TrainState:
         raise TrainError(f"{path}: saved with {ckpt['world_size']} process(es), resumed with {world.size}")
     s.model.load_state_dict(ckpt["model"])
     s.optimizer.load_state_dict(ckpt["optimizer"])
+    if s.ema is not None:
+        if ckpt.get("ema") is None:
+            raise TrainError(f"{path}: saved without --ema, resumed with it")
+        s.ema.load_state_dict(ckpt["ema"])
     torch.set_rng_state(ckpt["rng"][world.rank]["cpu"])
     if world.use_cuda and ckpt["rng"][world.rank].get("cuda") is not None:
         torch.cuda.set_rng_state(ckpt["rng"][world.rank]["cuda"])
@@ -546,6 +607,8 @@ def _train_step(s: Session, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, d
     s.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     s.optimizer.step()
+    if s.ema is not None:
+        s.ema.update(s.model)
     return loss.detach()
 
 
@@ -621,8 +684,8 @@ def _run(cfg: TrainConfig, resume: bool, quiet: bool, checked: Plan | None = Non
                     if state.step % cfg.eval_every == 0 or state.step >= total or state.epoch >= cfg.max_epochs:
                         metrics = _evaluate(s, p, world, window, state, epoch, cfg)
                         if run_log is not None:
-                            run_log.write(metrics, s.model, state, p)
-                        _checkpoint(ckpt_path, s.model, s.optimizer, state, world.size, world.master)
+                            run_log.write(metrics, s.saved, state, p)
+                        _checkpoint(ckpt_path, s, state, world.size, world.master)
                     if state.stopped or state.step >= total or state.batch == 0:
                         break  # DDP: every rank stops after the same number of steps
                 else:  # every rank's stream holds at least steps_this_epoch batches
@@ -673,7 +736,7 @@ def _evaluate(
     """Validation metrics, early-stopping bookkeeping, and the training window's summary."""
     rate = window.seen * world.size / max(time.perf_counter() - window.t0, 1e-9)
     train_loss = _all_sum(torch.tensor([window.loss.item(), window.steps], dtype=torch.float64), world.size)
-    metrics = evaluate_stream(s.net, s.val_loader, world.device, s.autocast, world.size, p.val)
+    metrics = evaluate_stream(s.evaluated, s.val_loader, world.device, s.autocast, world.size, p.val)
     metrics.update(step=state.step, epoch=epoch, train_loss=float(train_loss[0] / max(train_loss[1], 1)), spectra_per_s=rate)
     _early_stopping(state, metrics, cfg)
     window.reset()
@@ -760,8 +823,8 @@ def _all_sum(t: torch.Tensor, world: int) -> torch.Tensor:
     return t
 
 
-def _checkpoint(path: Path, model: nn.Module, optimizer: Any, state: TrainState, world: int, master: bool) -> None:
-    """Model, optimizer, stream position and every rank's RNG state, written atomically."""
+def _checkpoint(path: Path, s: Session, state: TrainState, world: int, master: bool) -> None:
+    """Model, optimizer, the weights' average, stream position and every rank's RNG state, written atomically."""
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     rngs = [rng]
     if world > 1:
@@ -770,8 +833,9 @@ def _checkpoint(path: Path, model: nn.Module, optimizer: Any, state: TrainState,
     if not master:
         return
     ckpt = {
-        "model": unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": unwrap(s.model).state_dict(),
+        "optimizer": s.optimizer.state_dict(),
+        "ema": None if s.ema is None else s.ema.state_dict(),
         "state": dataclasses.asdict(state),
         "rng": rngs,
         "world_size": world,
