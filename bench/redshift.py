@@ -81,6 +81,7 @@ def real_files(folder: str) -> list[dict]:
     resampled onto the grid as ingest does; Δv against the file's own pipeline z."""
     from pathlib import Path
 
+    from spectransfer.config import DEFAULT_GRID
     from spectransfer.data.resample import normalise, resample_record
     from spectransfer.errors import SpectrumError
     from spectransfer.ml import refine
@@ -94,7 +95,7 @@ def real_files(folder: str) -> list[dict]:
             continue
         if rec.cls != "QSO" or rec.z is None:
             continue
-        flux, ivar = normalise(*resample_record(rec))
+        flux, ivar = normalise(*resample_record(rec), DEFAULT_GRID)
         res = refine.refine_redshifts(flux[None], ivar[None], None)
         dv = float(refine.velocity_offset_kms(res.z[0], rec.z))
         rows.append(

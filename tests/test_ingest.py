@@ -4,6 +4,7 @@ changed files are re-read, a killed ingest finishes on the next run, real Dask g
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ from typer.testing import CliRunner
 from spectransfer.cli import app
 from spectransfer.config import DEFAULT_GRID
 from spectransfer.data.ingest import DELAY_ENV, ingest
+from spectransfer.data.resample import SCALING
 from spectransfer.data.store import open_store
 from spectransfer.errors import StoreError
 
@@ -236,6 +238,17 @@ def test_second_ingest_appends_and_keeps_existing_rows(real_data: Path, tmp_path
     for sid in meta0.index:
         np.testing.assert_array_equal(x1[sid], x0[sid])
         assert meta1.loc[sid, ["row", "split", "object_id"]].tolist() == meta0.loc[sid, ["row", "split", "object_id"]].tolist()
+    # a store scaled by the earlier rule (min-max over every bin, no "scaling" in store.json) is
+    # not mixed with rows scaled away from the sky lines: refused, its rows untouched
+    info_path = tmp_path / "s" / "store.json"
+    info = json.loads(info_path.read_text())
+    assert info["scaling"] == SCALING
+    del info["scaling"]
+    info_path.write_text(json.dumps(info))
+    more = _copy(real_data, tmp_path / "more", ["spec-7338-57859-0739.fits"])
+    with pytest.raises(StoreError, match="scaled by an earlier rule.*new store"):
+        ingest([more], tmp_path / "s", workers=0, quiet=True, batch_size=4)
+    assert len(_by_id(tmp_path / "s")[0]) == 4
 
 
 def test_survey_option_filters_and_duplicates(real_data: Path, tmp_path: Path) -> None:

@@ -13,8 +13,18 @@ from spectres import spectres
 from spectres.spectral_resampling import make_bins
 
 from spectransfer.config import DEFAULT_GRID, Grid
-from spectransfer.data.resample import normalise, overlap_matrix, pixel_edges, resample_batch, resample_record
+from spectransfer.data.resample import (
+    BRIGHT_SKY_LINES,
+    normalise,
+    overlap_matrix,
+    pixel_edges,
+    resample_batch,
+    resample_record,
+    scale_bins,
+)
 from spectransfer.surveys.base import SpectrumRecord
+
+from conftest import REAL_DATA as DATA
 
 
 def _spectres(grid: Grid, wave, flux, err):
@@ -288,3 +298,44 @@ def test_normalise_min_max_and_ivar_scaling():
     f1, _ = normalise(row, np.ones(2048))
     np.testing.assert_allclose(f1, minmax_scale(row, feature_range=(-1, 1)), atol=1e-6)
     assert f1.min() == -1 and f1.max() == 1
+
+
+def test_the_bright_sky_lines_do_not_set_the_scale():
+    # the grid bins left out are those within 5 Å of [O I] 5577, Na D and [O I] 6300/6364
+    keep = scale_bins(DEFAULT_GRID)
+    near = np.min(np.abs(DEFAULT_GRID.centers[:, None] - np.array(BRIGHT_SKY_LINES)[None]), axis=1)
+    np.testing.assert_array_equal(~keep, near <= 5.0)
+    assert 15 <= (~keep).sum() <= 30
+    # a residual spike at 5577 no longer squeezes the spectrum: the scale is that of the rest
+    rng = np.random.default_rng(3)
+    row = rng.uniform(0.0, 1.0, DEFAULT_GRID.n_bins)
+    spiked = row.copy()
+    spiked[np.argmin(np.abs(DEFAULT_GRID.centers - 5578.89))] = 50.0
+    plain, _ = normalise(spiked, np.ones_like(row))
+    sky, _ = normalise(spiked, np.ones_like(row), DEFAULT_GRID)
+    ref, _ = normalise(np.where(keep, row, 0.5), np.ones_like(row))  # the same spectrum without the residual
+    np.testing.assert_allclose(sky[keep], ref[keep], atol=1e-6)
+    assert sky.max() == 1.0 and np.ptp(plain[keep]) < 0.05  # clipped at 1; unclipped, the rest fills 1/50 of the range
+    # a spectrum with data only near the sky lines falls back to those bins
+    iv = (~keep).astype(float)
+    only, _ = normalise(spiked, iv, DEFAULT_GRID)
+    np.testing.assert_array_equal(only, normalise(spiked, iv)[0])
+    with pytest.raises(ValueError, match="bins"):
+        normalise(row[:100], np.ones(100), DEFAULT_GRID)
+
+
+def test_the_5577_residual_of_a_real_boss_file_no_longer_squeezes_it():
+    """The z = 6.39 quasar in tests/data: its brightest and faintest bins are the 5577 residual."""
+    from spectransfer.surveys import read_spectrum
+
+    rec = read_spectrum(DATA / "sdss" / "spec-7457-56746-0001.fits")
+    f, iv = resample_record(rec)
+    keep = scale_bins(DEFAULT_GRID)
+    good = iv > 0
+    assert abs(DEFAULT_GRID.centers[np.argmax(np.where(good, f, -np.inf))] - 5578.89) < 5  # the file's own extreme
+    plain, _ = normalise(f, iv)
+    sky, _ = normalise(f, iv, DEFAULT_GRID)
+    rest = good & keep
+    # the object's own bins now span the whole range, instead of a small part of it
+    assert np.ptp(sky[rest]) == pytest.approx(2.0)
+    assert np.ptp(plain[rest]) < 0.5 * np.ptp(sky[rest])

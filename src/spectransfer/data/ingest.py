@@ -45,7 +45,7 @@ import zarr
 from spectransfer.config import DEFAULT_GRID, LOGLAM_STEP, SIMULATE_MARKER, Grid
 from spectransfer.data.catalogs import label_spectra, load_catalog
 from spectransfer.data.ledger import Keys, Ledger, open_ledger, parquet_batches, parquet_blocks, part_records
-from spectransfer.data.resample import normalise, resample_batch
+from spectransfer.data.resample import SCALING, normalise, resample_batch
 from spectransfer.data.split_columns import parquet_column_blocks, split_columns
 from spectransfer.data.splits import SPLITS, SplitConfig
 from spectransfer.data.store import (
@@ -259,7 +259,7 @@ def grid_records(good: list, records: list, grid: Grid = DEFAULT_GRID) -> tuple[
     try:
         f, iv = resample_records([rec for _, rec in good], grid)
         snr = _median_snr(f, iv)
-        fn, ivn = normalise(f, iv)
+        fn, ivn = normalise(f, iv, grid)
     except Exception:  # noqa: BLE001 - find the one bad spectrum rather than lose the batch
         f, iv, fn, ivn, snr, good = _resample_one_by_one(good, records, grid)
     return fn, ivn, snr, good
@@ -435,7 +435,7 @@ def _resample_one_by_one(good: list, records: list, grid: Grid) -> tuple:
         ivs.append(iv[0])
     f = np.array(fs).reshape(-1, grid.n_bins)
     iv = np.array(ivs).reshape(-1, grid.n_bins)
-    fn, ivn = normalise(f, iv)
+    fn, ivn = normalise(f, iv, grid)
     return f, iv, fn, ivn, _median_snr(f, iv), kept
 
 
@@ -1179,6 +1179,11 @@ def _open_or_create(store_path: Path, grid: Grid, batch_size: int, split_config:
     store = open_store(store_path, mode="r+")
     if store.grid != grid:
         raise StoreError(f"{store_path}: store grid {store.grid} differs from the requested {grid}")
+    if store.info.get("scaling", "min-max") != SCALING:
+        raise StoreError(
+            f"{store_path}: its spectra were scaled by an earlier rule ({store.info.get('scaling', 'min-max over every bin')}), "
+            f"new ones would be scaled {SCALING}; ingest into a new store folder"
+        )
     _check_resplit(store, split_config, resplit)
     return store
 

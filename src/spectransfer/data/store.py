@@ -40,6 +40,7 @@ from zarr.codecs import BloscCodec, BloscShuffle
 
 from spectransfer.config import DEFAULT_GRID, Grid
 from spectransfer.data.ledger import absolute_sources, parquet_batches
+from spectransfer.data.resample import SCALING
 from spectransfer.data.splits import SplitConfig, assign_splits
 from spectransfer.errors import StoreError
 from spectransfer.provenance import atomic_path, dependency_versions, write_text_atomic
@@ -378,6 +379,7 @@ def create_store(path: str | os.PathLike[str], grid: Grid = DEFAULT_GRID, chunk_
         "format_version": FORMAT_VERSION,
         "store_id": str(uuid.uuid4()),
         "grid": grid.to_dict(),
+        "scaling": SCALING,
         "created": _now(),
         "versions": dependency_versions(),
     }

@@ -106,7 +106,7 @@ def reality_at_depth(
     out: dict[str, Any] = {"run": str(run), "draws": draws, "templates": templates, "levels": {}}
     for level in snr_levels:
         k = np.where(np.isfinite(snr) & (snr > level), snr / level, 1.0)
-        noisy = [scale_noise(flux, ivar, k, rng) for _ in range(draws)]  # every draw scored in one call
+        noisy = [scale_noise(flux, ivar, k, rng, loaded[1].grid) for _ in range(draws)]  # every draw scored in one call
         t = score_spectra(
             Path(run),
             loaded,

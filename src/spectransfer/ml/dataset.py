@@ -135,7 +135,8 @@ class ChunkStream(IterableDataset):
     about half quasars, at the cost of repeating the rare positives.
 
     ``depth`` > 0: that fraction of the rows is shown as if observed more shallowly
-    (``shallower``), drawn afresh for every window and epoch from the seed.
+    (``shallower``, scaled again over ``grid``'s scale bins as ingest does), drawn afresh for
+    every window and epoch from the seed.
     """
 
     def __init__(
@@ -153,6 +154,7 @@ class ChunkStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         depth: float = 0.0,
+        grid: Any = None,
     ) -> None:
         super().__init__()
         if in_channels == 2 and ivar is None:
@@ -162,6 +164,7 @@ class ChunkStream(IterableDataset):
         self.flux = flux
         self.ivar = ivar if in_channels == 2 or depth > 0 else None
         self.depth = float(depth)
+        self.grid = grid  # the store's grid: shallower rows are scaled as ingest scales them
         self.sel = selection
         self.in_channels = in_channels
         self.batch_size = int(batch_size)
@@ -264,7 +267,7 @@ class ChunkStream(IterableDataset):
             flux = np.asarray(self.flux[lo:hi])[local]  # one whole-chunk read
             ivar = np.asarray(self.ivar[lo:hi])[local] if self.ivar is not None else None
             if self.depth > 0 and ivar is not None and self.sel.snr is not None:
-                flux, ivar = shallower(flux, ivar, self.sel.snr[part], self.depth, depth_rng)
+                flux, ivar = shallower(flux, ivar, self.sel.snr[part], self.depth, depth_rng, grid=self.grid)
             xs.append(make_input(flux, ivar, self.in_channels))
             ys.append(self.sel.labels[self._chunk_start[c] : self._chunk_stop[c]])
             rs.append(rows)
@@ -338,6 +341,7 @@ def shallower(
     fraction: float,
     rng: np.random.Generator,
     snr_min: float = DEPTH_SNR_MIN,
+    grid: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Store rows (normalised flux, ivar) with ``fraction`` of them re-observed at a lower S/N.
 
@@ -348,8 +352,8 @@ def shallower(
     real faint galaxies and stars quasars. A chosen row with median S/N ``snr`` (above
     ``snr_min``) gets a target S/N drawn log-uniformly from [snr_min, snr]; its noise is
     scaled by k = snr / target (``data.resample.scale_noise``: a k**2 times shorter
-    sky-limited exposure, normalised again as the store does). Returns float32 copies; the
-    inputs are not changed.
+    sky-limited exposure, normalised again as the store does: over ``grid``'s scale bins
+    when given). Returns float32 copies; the inputs are not changed.
     """
     from spectransfer.data.resample import scale_noise
 
@@ -361,7 +365,7 @@ def shallower(
     idx = np.flatnonzero(pick)
     if not idx.size:
         return flux, ivar
-    f2, iv2 = scale_noise(flux[idx], ivar[idx], s[idx] / target[idx], rng)
+    f2, iv2 = scale_noise(flux[idx], ivar[idx], s[idx] / target[idx], rng, grid)
     flux, ivar = flux.copy(), ivar.copy()
     flux[idx], ivar[idx] = f2, iv2
     return flux, ivar

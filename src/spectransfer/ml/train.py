@@ -541,6 +541,7 @@ def _build_session(cfg: TrainConfig, p: Plan, world: World) -> Session:
         seed=cfg.seed,
         balanced=cfg.imbalance == "balanced",
         depth=cfg.depth_augment,
+        grid=p.store.grid,
         **stream_args,
     )
     val_stream = ChunkStream(p.store.flux, p.val, batch_size=cfg.eval_batch_size, shuffle=False, **stream_args)

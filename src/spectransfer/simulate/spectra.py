@@ -15,12 +15,15 @@ from functools import cached_property
 
 import numpy as np
 
+from spectransfer.data.resample import BRIGHT_SKY_LINES
+
 C_KMS = 299792.458
 LN10 = np.log(10.0)
 
-# Night-sky emission lines (vacuum): [O I] 5577, Na D, [O I] 6300/6364 and the OH Meinel
-# bands that crowd the red end (Osterbrock et al. 1996, PASP 108, 277).
-SKY_LINES = ((5578.89, 60.0), (5891.5, 15.0), (5897.5, 10.0), (6302.05, 25.0), (6365.54, 8.0))
+# Night-sky emission lines (vacuum; data.resample's BRIGHT_SKY_LINES, with their strengths):
+# [O I] 5577, Na D, [O I] 6300/6364 and the OH Meinel bands that crowd the red end
+# (Osterbrock et al. 1996, PASP 108, 277).
+SKY_LINES = tuple(zip(BRIGHT_SKY_LINES, (60.0, 15.0, 10.0, 25.0, 8.0)))
 
 
 def _smoothstep(x: np.ndarray) -> np.ndarray:
