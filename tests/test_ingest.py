@@ -220,7 +220,7 @@ def test_rerun_adds_nothing_and_changed_file_is_reread(real_data: Path, tmp_path
         assert meta3.loc[other, "split"] == meta0.loc[other, "split"]
 
 
-def test_second_ingest_appends_and_keeps_existing_rows(real_data: Path, tmp_path: Path) -> None:
+def test_second_ingest_appends_and_keeps_existing_rows(real_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     sdss = _copy(real_data, tmp_path / "sdss", ["spec-0266-51602-0013.fits", "spec-7340-57576-0740.fits"])
     lamost = _copy(
         real_data,
@@ -248,6 +248,9 @@ def test_second_ingest_appends_and_keeps_existing_rows(real_data: Path, tmp_path
     more = _copy(real_data, tmp_path / "more", ["spec-7338-57859-0739.fits"])
     with pytest.raises(StoreError, match="scaled by an earlier rule.*new store"):
         ingest([more], tmp_path / "s", workers=0, quiet=True, batch_size=4)
+    with caplog.at_level("WARNING", logger="spectransfer.data.store"):
+        open_store(tmp_path / "s")  # reading it (train, discover) warns once that it was scaled otherwise
+    assert "scaled by an earlier rule" in caplog.text
     assert len(_by_id(tmp_path / "s")[0]) == 4
 
 

@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -352,7 +353,21 @@ def open_store(path: str | os.PathLike[str], mode: StoreMode = "r") -> Store:
     store = Store(path=path, info=_read_info(path), mode=mode)
     if not (path / "spectra.zarr").is_dir():
         raise StoreError(f"{path}: store has no spectra.zarr")
+    if store.info.get("scaling") != SCALING:
+        _warn_scaling(str(path.resolve()), str(store.info.get("scaling", "min-max over every bin")))
     return store
+
+
+@lru_cache(maxsize=64)
+def _warn_scaling(path: str, scaling: str) -> None:
+    """Once per store: its rows were scaled otherwise than this version scales new spectra."""
+    log.warning(
+        "%s: its spectra were scaled by an earlier rule (%s), this version scales %s (classify, new stores); "
+        "ingest the files again into a new store folder to score and train on one scaling",
+        path,
+        scaling,
+        SCALING,
+    )
 
 
 def create_store(path: str | os.PathLike[str], grid: Grid = DEFAULT_GRID, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Store:
