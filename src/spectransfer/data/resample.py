@@ -50,9 +50,9 @@ _cache_lock = threading.Lock()
 
 # The brightest night-sky emission lines (vacuum Å): [O I] 5577, Na D, [O I] 6300 and 6364
 # (Osterbrock et al. 1996, PASP 108, 277). Sky subtraction leaves residuals there whose
-# amplitude is set by the sky, not the object: in the shared real BOSS files the residual at
-# 5577 is the brightest or faintest pixel of 7 of 27 SDSS spectra (the simulation: 2%), and
-# min-max scaling over it squeezed the object's own spectrum into 1/7 to 1/55 of the range.
+# amplitude is set by the sky, not the object: in the shared real files the residual at 5577
+# is the brightest or faintest bin of 9 of 27 SDSS spectra (the simulation: 2%), and in 4 of
+# them min-max scaling over it squeezed the object's own spectrum into 1/7 to 1/55 of the range.
 # ``normalise`` with a grid therefore takes the scale from the other bins (SKY_HALF_WIDTH Å
 # either side of each line left out); the sky bins keep their data, clipped to [-1, 1].
 BRIGHT_SKY_LINES = (5578.89, 5891.5, 5897.5, 6302.05, 6365.54)
