@@ -1179,9 +1179,9 @@ def _open_or_create(store_path: Path, grid: Grid, batch_size: int, split_config:
     store = open_store(store_path, mode="r+")
     if store.grid != grid:
         raise StoreError(f"{store_path}: store grid {store.grid} differs from the requested {grid}")
-    if store.info.get("scaling", "min-max") != SCALING:
+    if store.scaling != SCALING:
         raise StoreError(
-            f"{store_path}: its spectra were scaled by an earlier rule ({store.info.get('scaling', 'min-max over every bin')}), "
+            f"{store_path}: its spectra were scaled by an earlier rule ({store.scaling}), "
             f"new ones would be scaled {SCALING}; ingest into a new store folder"
         )
     _check_resplit(store, split_config, resplit)

@@ -296,13 +296,15 @@ def normalise(flux: np.ndarray, ivar: np.ndarray, grid: Grid | None = None) -> t
     if f2.shape != iv2.shape:
         raise ValueError(f"flux {f.shape} and ivar {iv.shape} shapes differ")
     good = (iv2 > 0) & np.isfinite(iv2) & np.isfinite(f2)
-    fmin, fmax = _extremes(f2, good)
-    if grid is not None:
+    if grid is None:
+        fmin, fmax = _extremes(f2, good)
+    else:
         if grid.n_bins != f2.shape[1]:
             raise ValueError(f"flux has {f2.shape[1]} bins, the grid {grid.n_bins}")
-        smin, smax = _extremes(f2, good & scale_bins(grid))
-        away = np.isfinite(smax - smin) & (smax > smin)
-        fmin, fmax = np.where(away, smin, fmin), np.where(away, smax, fmax)
+        fmin, fmax = _extremes(f2, good & scale_bins(grid))
+        back = ~(np.isfinite(fmax - fmin) & (fmax > fmin))  # no span away from the sky lines: all good bins
+        if back.any():
+            fmin[back], fmax[back] = _extremes(f2[back], good[back])
     span = fmax - fmin
     ok = np.isfinite(span) & (span > 0)
     scale = np.where(ok, 2.0 / np.where(ok, span, 1.0), 1.0)

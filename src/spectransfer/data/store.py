@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "spectransfer-store"
 FORMAT_VERSION = 1
+LEGACY_SCALING = "min-max over every bin"  # what a store.json without "scaling" holds (stores written before it)
 DEFAULT_CHUNK_ROWS = 256
 StoreMode = Literal["r", "r+"]  # read only; r+: ingest writes to the arrays
 
@@ -208,6 +209,11 @@ class Store:
         return Grid.from_dict(self.info["grid"])
 
     @property
+    def scaling(self) -> str:
+        """How the rows were scaled (``data.resample.SCALING`` since it is recorded; earlier stores: LEGACY_SCALING)."""
+        return str(self.info.get("scaling", LEGACY_SCALING))
+
+    @property
     def group(self) -> Any:
         if self._group is None:
             self._group = zarr.open_group(str(self.path / "spectra.zarr"), mode=self.mode)
@@ -353,8 +359,8 @@ def open_store(path: str | os.PathLike[str], mode: StoreMode = "r") -> Store:
     store = Store(path=path, info=_read_info(path), mode=mode)
     if not (path / "spectra.zarr").is_dir():
         raise StoreError(f"{path}: store has no spectra.zarr")
-    if store.info.get("scaling") != SCALING:
-        _warn_scaling(str(path.resolve()), str(store.info.get("scaling", "min-max over every bin")))
+    if store.scaling != SCALING:
+        _warn_scaling(str(path.resolve()), store.scaling)
     return store
 
 
