@@ -11,7 +11,8 @@ arrays are (N, n_pix). Wavelengths are vacuum Angstrom throughout; fluxes are f_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -20,10 +21,32 @@ from spectransfer.data.resample import BRIGHT_SKY_LINES
 C_KMS = 299792.458
 LN10 = np.log(10.0)
 
-# Night-sky emission lines (vacuum; data.resample's BRIGHT_SKY_LINES, with their strengths):
-# [O I] 5577, Na D, [O I] 6300/6364 and the OH Meinel bands that crowd the red end
-# (Osterbrock et al. 1996, PASP 108, 277).
-SKY_LINES = tuple(zip(BRIGHT_SKY_LINES, (60.0, 15.0, 10.0, 25.0, 8.0)))
+# Measured on real files by scripts/make_instrument_curves.py: the night sky (the median of
+# the sky spectra real SDSS/BOSS files carry: [O I] 5577/6300/6364, Na D and the OH Meinel
+# bands, at the wavelengths where real spectra carry their sky-subtraction residuals) and each
+# survey's sensitivity (counts per unit flux, from the real files' own ivar).
+CURVES_FILE = Path(__file__).with_name("instrument_curves.npz")
+# The brightest lines (vacuum; data.resample's BRIGHT_SKY_LINES), each with its own residual
+# error on top of the spectrum's (Osterbrock et al. 1996, PASP 108, 277).
+SKY_LINES = BRIGHT_SKY_LINES
+SENSITIVITY_FLOOR = 0.005  # of the median over the grid: BOSS below 3600 Å is ~0.01
+
+
+@lru_cache(maxsize=1)
+def instrument_curves() -> dict[str, np.ndarray]:
+    """The measured curves on their lattice: ``wave`` (Å), ``continuum`` and ``lines`` of the
+    night sky (relative to its 5000-5500 Å level), ``sdss_sensitivity``, ``lamost_sensitivity``
+    (relative to their median over the network's grid)."""
+    with np.load(CURVES_FILE) as data:
+        out = {k: np.asarray(data[k], dtype=np.float64) for k in ("continuum", "lines", "sdss_sensitivity", "lamost_sensitivity")}
+        out["wave"] = 10.0 ** (float(data["loglam0"]) + float(data["dloglam"]) * np.arange(out["lines"].size))
+    return out
+
+
+def night_sky() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(wavelength Å, continuum, lines) of the real night sky, relative to its 5000-5500 Å level."""
+    c = instrument_curves()
+    return c["wave"], c["continuum"], c["lines"]
 
 
 def _smoothstep(x: np.ndarray) -> np.ndarray:
@@ -40,7 +63,7 @@ class Instrument:
     ``gain`` converts flux units into detected counts (so variance = counts + sky + read);
     ``calib_rms`` is the rms of the smooth multiplicative flux-calibration error;
     ``arm_join`` (A) and ``arm_rms`` describe a blue/red arm join with a relative scale error;
-    ``blue_edge`` (A) is where the blue throughput has fallen to half.
+    the sensitivity and the sky are measured on real files (``instrument_curves``).
     The pixel defects seen in the real files (``../shared/data``, 17 LAMOST and 27 SDSS):
     ``blue_loss`` is the share of spectra whose blue end is lost over ``blue_loss_px``
     pixels (LAMOST: 4 of 17 lose 380-1030 pixels below 4000-4700 A, a failed or unexposed
@@ -62,7 +85,6 @@ class Instrument:
     arm_join: float | None = None
     arm_rms: float = 0.0
     dloglam: float = 1e-4
-    blue_edge: float = 3900.0
     blue_loss: float = 0.0
     blue_loss_px: tuple[int, int] = (0, 0)
     fixed_gaps: tuple[tuple[float, float, float], ...] = ()
@@ -85,32 +107,25 @@ class Instrument:
 
     @cached_property
     def throughput(self) -> np.ndarray:
-        """Relative system throughput: falls at both ends, dips at a dichroic if there is one."""
-        w = self.wave
-        t = _smoothstep((w - self.blue_edge) / 120.0) * _smoothstep((9700.0 - w) / 250.0)
-        t = 0.15 + 0.85 * t
-        if self.arm_join is not None:
-            t = t * (1.0 - 0.55 * np.exp(-0.5 * ((w - (self.arm_join - 80.0)) / 70.0) ** 2))
-        return t
+        """Relative sensitivity (counts per unit flux) on this instrument's pixels, as measured on
+        the survey's real files (``instrument_curves``): BOSS loses a factor 4 from 5500 to 4000 Å
+        to the atmosphere and the blue optics, LAMOST more; both red arms are the most sensitive."""
+        c = instrument_curves()
+        return np.maximum(np.interp(self.wave, c["wave"], c[f"{self.name}_sensitivity"]), SENSITIVITY_FLOOR)
 
     @cached_property
     def sky(self) -> tuple[np.ndarray, np.ndarray]:
-        """(sky spectrum, its line part) in flux units per pixel, fixed for the instrument."""
+        """(sky spectrum, its line part) in flux units per pixel, fixed for the instrument.
+
+        The real sky (``night_sky``, observed at R ≈ 2000 like both instruments) on this
+        instrument's pixels, scaled so that its continuum over 5000-5500 Å is ``sky_continuum``.
+        """
+        wave, cont, lines = night_sky()
+        band = (wave >= 5000.0) & (wave < 5500.0)
+        scale = self.sky_continuum / float(np.median(cont[band]))
         w = self.wave
-        cont = self.sky_continuum * (0.6 + 0.4 * (w / 5500.0)) * (1.0 + 0.5 * _smoothstep((w - 7000.0) / 300.0))
-        lines = np.zeros_like(w)
-        sig = w / (self.resolution * 2.3548)
-        for lam, strength in SKY_LINES:
-            lines += strength * self.sky_continuum * np.exp(-0.5 * ((w - lam) / sig) ** 2)
-        # OH forest: a fixed pseudo-random set of lines whose density and strength grow to
-        # the red, mimicking the Meinel bands beyond 6800 A (same lines in every run).
-        rng = np.random.default_rng(20010521)
-        n_oh = 160
-        lam_oh = np.sort(6800.0 + 3600.0 * rng.beta(1.3, 1.0, n_oh))
-        amp_oh = rng.lognormal(np.log(8.0), 0.8, n_oh) * (1.0 + (lam_oh - 6800.0) / 1800.0)
-        for lam, a in zip(lam_oh, amp_oh):
-            lines += a * self.sky_continuum * np.exp(-0.5 * ((w - lam) / sig) ** 2)
-        return cont + lines, lines
+        line_part = scale * np.interp(w, wave, lines)
+        return scale * np.interp(w, wave, cont) + line_part, line_part
 
 
 SDSS = Instrument(
@@ -137,8 +152,6 @@ LAMOST = Instrument(
     calib_rms=0.07,
     arm_join=5900.0,  # blue arm 3700-5900 A, red arm 5700-9100 A
     arm_rms=0.06,
-    # The real LAMOST spectra are noisy up to ~4300 A (the blue arm's low throughput there).
-    blue_edge=4150.0,
     blue_loss=0.2,
     blue_loss_px=(300, 1100),
     fixed_gaps=((7580.0, 7680.0, 0.5),),
@@ -339,10 +352,9 @@ def observe(rng: np.random.Generator, inst: Instrument, model: np.ndarray, expos
     dsky = np.gradient(sky_lines)
     flux += sky_scale * (eps * sky_lines[None, :] + dshift * dsky[None, :])
     sig_l = wave / (inst.resolution * 2.3548)
-    for k, (lam, strength) in enumerate(SKY_LINES):
+    for k, lam in enumerate(SKY_LINES):
         near = np.abs(wave - lam) < 5 * sig_l
-        profile = strength * inst.sky_continuum * np.exp(-0.5 * ((wave[near] - lam) / sig_l[near]) ** 2)
-        flux[:, near] += sky_scale * line_eps[:, k : k + 1] * profile[None, :]
+        flux[:, near] += sky_scale * line_eps[:, k : k + 1] * sky_lines[None, near]
     ivar = 1.0 / var
 
     sky_bit = SDSS_BRIGHTSKY if inst.name == "sdss" else LAMOST_BRIGHTSKY
