@@ -403,7 +403,7 @@ def test_simulated_noise_has_the_real_files_wavelength_profile(real_data: Path, 
     assert len(boss) >= 3
     t = _truth(sdss_sim)
     sim = _band_profile([sdss_sim / p for p in t.path[t.snr < 5][:60]], "sigma")
-    # (three in-repo BOSS files, so 35%; the analytic throughput it replaced was 36-85% off)
+    # (three in-repo BOSS files, so 35%; the analytic throughput it replaced was 37-83% off)
     np.testing.assert_allclose(sim, _band_profile(boss, "sigma"), rtol=0.35)
     # LAMOST: bright stars' S/N (source-dominated) against the real LAMOST stars'.
     t = _truth(lamost_sim)
