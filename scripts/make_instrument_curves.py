@@ -20,8 +20,10 @@ over files is smoothed (running median over 101 pixels, then mean over 51).
 Everything is on the BOSS pixel lattice (log10 λ = 3.5523 + 1e-4 i, 3565-10399 Å, which holds
 LAMOST's 3700-9100 Å), float32, with the names of the files used.
 
-Usage: python scripts/make_instrument_curves.py [DATA_DIR ...]
-(default ../shared/data and tests/data; each with sdss/ and lamost/ inside)
+Usage: .venv/bin/python scripts/make_instrument_curves.py [DATA_DIR ...]
+(default ../shared/data and tests/data, each with sdss/ and lamost/ inside; the shipped file was
+made from both, and the script refuses to run on the default when ../shared/data is absent
+rather than replace it with curves from fewer files)
 """
 
 from __future__ import annotations
@@ -141,9 +143,14 @@ def gather(data_dirs: list[Path], survey: str) -> list[Path]:
 def main(argv: list[str]) -> int:
     root = Path(__file__).resolve().parents[1]
     dirs = [Path(a) for a in argv] or [root.parent / "shared" / "data", root / "tests" / "data"]
+    missing = [str(d) for d in dirs if not d.is_dir()]
+    if missing:
+        raise SystemExit(f"data folder not found: {', '.join(missing)} (give the folders to read as arguments)")
     curves = measure(gather(dirs, "sdss"), gather(dirs, "lamost"))
     arrays = {k: v if k == "files" else v.astype(np.float32) for k, v in curves.items()}
-    np.savez_compressed(OUT, loglam0=np.float64(LOGLAM0), dloglam=np.float64(DLOGLAM), **arrays)
+    tmp = OUT.with_name(OUT.stem + ".partial.npz")
+    np.savez_compressed(tmp, loglam0=np.float64(LOGLAM0), dloglam=np.float64(DLOGLAM), **arrays)
+    tmp.replace(OUT)  # atomic: a failed run leaves the shipped file as it was
     print(f"{OUT.name}: sky and sensitivities from {len(curves['files'])} real files")
     return 0
 
