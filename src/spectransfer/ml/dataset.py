@@ -25,6 +25,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from spectransfer.data.resample import scale_noise
+
 log = logging.getLogger(__name__)
 
 DEPTH_SNR_MIN = 1.0  # the faintest median S/N per pixel the depth augmentation goes down to
@@ -269,7 +271,7 @@ class ChunkStream(IterableDataset):
             if self.depth > 0 and ivar is not None and self.sel.snr is not None:
                 flux, ivar = shallower(flux, ivar, self.sel.snr[part], self.depth, depth_rng, grid=self.grid)
             xs.append(make_input(flux, ivar, self.in_channels))
-            ys.append(self.sel.labels[self._chunk_start[c] : self._chunk_stop[c]])
+            ys.append(self.sel.labels[part])
             rs.append(rows)
         x, y, r = np.concatenate(xs), np.concatenate(ys), np.concatenate(rs)
         if self.shuffle or self.balanced:
@@ -355,8 +357,6 @@ def shallower(
     sky-limited exposure, normalised again as the store does: over ``grid``'s scale bins
     when given). Returns float32 copies; the inputs are not changed.
     """
-    from spectransfer.data.resample import scale_noise
-
     flux = np.asarray(flux, dtype=np.float32)
     ivar = np.asarray(ivar, dtype=np.float32)
     s = np.asarray(snr, dtype=np.float64)

@@ -358,8 +358,10 @@ def _resume_config(cfg: TrainConfig) -> TrainConfig:
         raise TrainError(f"{out}: nothing to resume (no checkpoints/last.pt)")
     with open(out / "config.toml", "rb") as fh:
         saved = tomllib.load(fh)
-    # a run started before the redshift head (or its augmentations) existed has none
-    return TrainConfig.from_dict({"z_head": False, "z_shift": 0, "z_head_kind": "dense", "depth_augment": 0.0, **saved["train"]})
+    # a run started before the redshift head, its augmentations or --ema existed has none of them
+    return TrainConfig.from_dict(
+        {"z_head": False, "z_shift": 0, "z_head_kind": "dense", "depth_augment": 0.0, "ema": 0.0, **saved["train"]}
+    )
 
 
 # ---- the run ------------------------------------------------------------------------------

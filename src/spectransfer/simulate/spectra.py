@@ -26,9 +26,6 @@ LN10 = np.log(10.0)
 # bands, at the wavelengths where real spectra carry their sky-subtraction residuals) and each
 # survey's sensitivity (counts per unit flux, from the real files' own ivar).
 CURVES_FILE = Path(__file__).with_name("instrument_curves.npz")
-# The brightest lines (vacuum; data.resample's BRIGHT_SKY_LINES), each with its own residual
-# error on top of the spectrum's (Osterbrock et al. 1996, PASP 108, 277).
-SKY_LINES = BRIGHT_SKY_LINES
 SENSITIVITY_FLOOR = 0.005  # of the median over the grid: BOSS below 3600 Å is ~0.01
 
 
@@ -348,11 +345,13 @@ def observe(rng: np.random.Generator, inst: Instrument, model: np.ndarray, expos
     # spectra reach many sigma and often set the min-max range.
     eps = rng.normal(0.0, 0.02, (n, 1)) + rng.standard_t(3, (n, 1)) * 0.02
     dshift = rng.normal(0.0, 0.06, (n, 1))  # in pixels
-    line_eps = rng.normal(0.0, 0.03, (n, len(SKY_LINES)))
+    # The brightest lines (data.resample's BRIGHT_SKY_LINES: [O I] 5577, Na D, [O I] 6300/6364;
+    # Osterbrock et al. 1996, PASP 108, 277) each have their own residual error on top.
+    line_eps = rng.normal(0.0, 0.03, (n, len(BRIGHT_SKY_LINES)))
     dsky = np.gradient(sky_lines)
     flux += sky_scale * (eps * sky_lines[None, :] + dshift * dsky[None, :])
     sig_l = wave / (inst.resolution * 2.3548)
-    for k, lam in enumerate(SKY_LINES):
+    for k, lam in enumerate(BRIGHT_SKY_LINES):
         near = np.abs(wave - lam) < 5 * sig_l
         flux[:, near] += sky_scale * line_eps[:, k : k + 1] * sky_lines[None, near]
     ivar = 1.0 / var
