@@ -246,8 +246,10 @@ def test_second_ingest_appends_and_keeps_existing_rows(real_data: Path, tmp_path
     del info["scaling"]
     info_path.write_text(json.dumps(info))
     more = _copy(real_data, tmp_path / "more", ["spec-7338-57859-0739.fits"])
-    with pytest.raises(StoreError, match="scaled by an earlier rule.*new store"):
-        ingest([more], tmp_path / "s", workers=0, quiet=True, batch_size=4)
+    with caplog.at_level("WARNING", logger="spectransfer.data.store"):
+        with pytest.raises(StoreError, match="scaled by an earlier rule.*new store"):
+            ingest([more], tmp_path / "s", workers=0, quiet=True, batch_size=4)
+    assert "scaled by an earlier rule" not in caplog.text  # the refusal is the one message, no warning before it
     with caplog.at_level("WARNING", logger="spectransfer.data.store"):
         open_store(tmp_path / "s")  # reading it (train, discover) warns once that it was scaled otherwise
     assert "scaled by an earlier rule" in caplog.text

@@ -1176,7 +1176,7 @@ def _open_or_create(store_path: Path, grid: Grid, batch_size: int, split_config:
     """The store to add to: opened (same grid; a change of split settings only with ``resplit``) or new."""
     if not (store_path / "store.json").exists():
         return create_store(store_path, grid=grid, chunk_rows=batch_size)
-    store = open_store(store_path, mode="r+")
+    store = open_store(store_path, mode="r+", warn_scaling=False)  # refused below, in one message
     if store.grid != grid:
         raise StoreError(f"{store_path}: store grid {store.grid} differs from the requested {grid}")
     if store.scaling != SCALING:

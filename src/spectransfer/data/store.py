@@ -349,8 +349,11 @@ def _read_info(path: Path) -> dict[str, Any]:
     return info
 
 
-def open_store(path: str | os.PathLike[str], mode: StoreMode = "r") -> Store:
-    """Open an existing store (``mode="r+"`` to let ingest write to its arrays)."""
+def open_store(path: str | os.PathLike[str], mode: StoreMode = "r", *, warn_scaling: bool = True) -> Store:
+    """Open an existing store (``mode="r+"`` to let ingest write to its arrays).
+
+    A store scaled by an earlier rule is logged once; ``warn_scaling=False`` leaves that to a
+    caller that refuses such a store itself (ingest), so the user reads one message."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise StoreError(f"{path}: is a file, not a store (a store is the folder that ingest writes)")
@@ -359,7 +362,7 @@ def open_store(path: str | os.PathLike[str], mode: StoreMode = "r") -> Store:
     store = Store(path=path, info=_read_info(path), mode=mode)
     if not (path / "spectra.zarr").is_dir():
         raise StoreError(f"{path}: store has no spectra.zarr")
-    if store.scaling != SCALING:
+    if warn_scaling and store.scaling != SCALING:
         _warn_scaling(str(path.resolve()), store.scaling)
     return store
 
