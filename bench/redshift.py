@@ -22,6 +22,7 @@ import numpy as np
 
 def _spectra(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Noisy template quasars (S/N ~ 5 per pixel) on the grid, scaled as the store keeps them."""
+    from spectransfer.config import DEFAULT_GRID
     from spectransfer.data.resample import normalise
     from spectransfer.ml.refine import template_spectrum
 
@@ -30,7 +31,7 @@ def _spectra(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     coef = np.column_stack([np.ones(n), rng.normal(0, 0.15, (n, 3))])
     clean = np.array([template_spectrum(zi, ci) for zi, ci in zip(z, coef)])
     sigma = 0.2 * np.abs(clean).mean(axis=1, keepdims=True)
-    flux, ivar = normalise(clean + rng.normal(size=clean.shape) * sigma, np.broadcast_to(1 / sigma**2, clean.shape))
+    flux, ivar = normalise(clean + rng.normal(size=clean.shape) * sigma, np.broadcast_to(1 / sigma**2, clean.shape), DEFAULT_GRID)
     return flux, ivar, z
 
 

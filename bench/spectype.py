@@ -49,7 +49,7 @@ def _spectra(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         out.append(redshift_to(tpl, rest[None, :], np.array([z]), loglam)[0])
     clean = np.array(out)
     sigma = 0.2 * np.abs(clean).mean(axis=1, keepdims=True)
-    f, iv = normalise(clean + rng.normal(size=clean.shape) * sigma, np.broadcast_to(1 / sigma**2, clean.shape))
+    f, iv = normalise(clean + rng.normal(size=clean.shape) * sigma, np.broadcast_to(1 / sigma**2, clean.shape), GRID)
     return f.astype(np.float64), iv.astype(np.float64)
 
 

@@ -13,7 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spectransfer.candidates.decision import DECISIVE, DECISIVE_DCHI2, UNCERTAIN, check_templates, decide, margin, to_fit
+from spectransfer.candidates.decision import (
+    DECISIVE,
+    DECISIVE_DCHI2,
+    TEMPLATE_WEIGHT,
+    UNCERTAIN,
+    check_templates,
+    decide,
+    margin,
+    to_fit,
+    weigh,
+)
 from spectransfer.config import DEFAULT_GRID
 from spectransfer.data.resample import normalise
 from spectransfer.errors import EvaluateError
@@ -131,15 +141,34 @@ def test_decision_asks_the_templates_only_where_the_network_is_unsure() -> None:
         check_templates("sometimes")
 
 
-def test_a_near_tie_is_left_to_the_network() -> None:
-    """Two families within the margin of each other: the network's P decides."""
+def test_a_near_tie_only_weighs_on_an_unsure_network() -> None:
+    """Families within the margin of each other never decide; their evidence (< one margin,
+    so < TEMPLATE_WEIGHT in log-odds) cannot turn a network that is sure, and does turn a coin flip."""
     rng = np.random.default_rng(8)
-    flux = rng.normal(0.0, 1.0, (8, GRID.n_bins))  # pure noise: every family fits it about equally badly
+    flux = rng.normal(0.0, 1.0, (12, GRID.n_bins))  # pure noise: every family fits it about equally badly
     ivar = np.ones_like(flux)
-    p = np.tile([0.6, 0.3], 4)
+    sure = 1.0 / (1.0 + np.exp(-(TEMPLATE_WEIGHT + 0.1)))  # log-odds just beyond what evidence < 1 margin moves
+    p = np.tile([sure, 1.0 - sure, 0.5], 4)
     got = decide(p, 0.5, flux, ivar, "all", GRID)
-    assert (np.abs(got["DCHI2_QSO"]) < DECISIVE_DCHI2).all()  # noise alone never reaches the floor
-    assert got["IS_QSO"].tolist() == (p >= 0.5).tolist() and set(got["DECIDED_BY"]) == {"network"}
+    d = got["DCHI2_QSO"]
+    assert (np.abs(d) < DECISIVE_DCHI2).all()  # noise alone never reaches the floor
+    assert got["IS_QSO"][p != 0.5].tolist() == (p[p != 0.5] >= 0.5).tolist()
+    assert got["IS_QSO"][p == 0.5].tolist() == (d[p == 0.5] > 0).tolist()  # a coin flip: the evidence's sign
+    turned = (p == 0.5) & (d < 0)
+    assert turned.any() and (got["DECIDED_BY"] == "templates").tolist() == turned.tolist()
+
+
+def test_weigh_adds_the_evidence_in_log_odds() -> None:
+    """weigh(p, e, t) is sigmoid(logit(p) + TEMPLATE_WEIGHT * e) >= t, checked against scipy."""
+    from scipy.special import expit, logit
+
+    rng = np.random.default_rng(3)
+    p, e, t = rng.uniform(0.001, 0.999, 500), rng.uniform(-1.0, 1.0, 500), rng.uniform(0.05, 0.95, 500)
+    want = expit(logit(p) + TEMPLATE_WEIGHT * e) >= t
+    assert [bool(weigh(p[i : i + 1], e[i : i + 1], float(t[i]))[0]) for i in range(500)] == want.tolist()
+    assert weigh(np.array([0.3]), np.array([0.0]), 0.5).tolist() == [False]  # no evidence: the network's call
+    assert weigh(np.array([0.3]), np.array([0.4]), 0.5).tolist() == [True]  # logit 0.3 = -0.85, moved by +1.0
+    assert weigh(np.array([1.0, 0.0]), np.array([-1.0, 1.0]), 0.5).tolist() == [True, False]  # sure stays sure
 
 
 def test_the_margin_grows_with_the_templates_mismatch() -> None:

@@ -1158,7 +1158,7 @@ def discover_cmd(
     threshold: float = typer.Option(
         0.5,
         "--threshold",
-        help="P_QSO at or above which a spectrum counts as a quasar (where the templates do not decide, see --templates).",
+        help="P_QSO at or above which a spectrum counts as a quasar (where the templates do not decide; their evidence short of that is added to its log-odds, see --templates).",
     ),
     engine: str = typer.Option(
         "onnx-int8",
@@ -1179,7 +1179,7 @@ def discover_cmd(
     templates: str = typer.Option(
         "uncertain",
         "--templates",
-        help="Which spectra the real-spectrum template families (quasar, galaxy, star: redrock's DR16Q/BOSS templates) may decide IS_QSO for: uncertain (default: those with 0.02 <= P_QSO <= 0.98, where the family fit is decisive), all, or none (the network alone). P_QSO stays the network's; SPECTYPE, DCHI2_QSO and DECIDED_BY say what the templates said.",
+        help="Which spectra the real-spectrum template families (quasar, galaxy, star: redrock's DR16Q/BOSS templates) are asked about: uncertain (default: those with 0.02 <= P_QSO <= 0.98), all, or none (the network alone). Where a family fits decisively it decides IS_QSO; elsewhere its evidence (DCHI2_QSO over the decisive margin) is added to the network's log-odds. P_QSO stays the network's; SPECTYPE, DCHI2_QSO and DECIDED_BY say what the templates said.",
     ),
     workers: int = typer.Option(
         0,
@@ -1274,7 +1274,9 @@ def classify_cmd(
         None, "--out", help="Also write the table; format by extension: .fits (EXTNAME CANDIDATES), .parquet, .csv or .vot."
     ),
     threshold: float = typer.Option(
-        0.5, "--threshold", help="P_QSO at or above which IS_QSO is true (where the templates do not decide, see --templates)."
+        0.5,
+        "--threshold",
+        help="P_QSO at or above which IS_QSO is true (where the templates do not decide; their evidence short of that is added to its log-odds, see --templates).",
     ),
     engine: str = typer.Option(
         "torch", "--engine", help="torch (eager fp32) or onnx (onnxruntime fp32); onnx-int8 needs a store: use discover."
@@ -1293,7 +1295,7 @@ def classify_cmd(
     templates: str = typer.Option(
         "all",
         "--templates",
-        help="Which spectra the real-spectrum template families (quasar, galaxy, star: redrock's DR16Q/BOSS templates) may decide IS_QSO for, where their fit is decisive: all (default here: a handful of files costs ~1/60 s each), uncertain (discover's default: those with 0.02 <= P_QSO <= 0.98) or none (the network alone). P_QSO stays the network's; SPECTYPE, DCHI2_QSO and DECIDED_BY say what the templates said.",
+        help="Which spectra the real-spectrum template families (quasar, galaxy, star: redrock's DR16Q/BOSS templates) are asked about: all (default here: a handful of files costs ~1/60 s each), uncertain (discover's default: those with 0.02 <= P_QSO <= 0.98) or none (the network alone). Where a family fits decisively it decides IS_QSO; elsewhere its evidence (DCHI2_QSO over the decisive margin) is added to the network's log-odds. P_QSO stays the network's; SPECTYPE, DCHI2_QSO and DECIDED_BY say what the templates said.",
     ),
     zwarning_filter: bool = typer.Option(
         False,
@@ -1353,7 +1355,7 @@ def classify_cmd(
     else:
         table = Table(
             title=f"{len(t)} of {res.n_files} files scored (P_QSO{' calibrated' if res.calibrated else ', not calibrated'}; "
-            f"engine {res.engine}; IS_QSO = P_QSO >= {res.threshold:g} or the templates where decisive)",
+            f"engine {res.engine}; IS_QSO = P_QSO >= {res.threshold:g} weighed with the templates, or their family where decisive)",
             title_justify="left",
         )
         for col in ("file", "spectrum", "class", "z", "P_QSO", "templates", "is_qso", "z_pred"):
@@ -1376,7 +1378,9 @@ def classify_cmd(
         console = Console()
         console.print(table)
         if "DECIDED_BY" in t and (t["DECIDED_BY"] == "templates").any():
-            typer.echo("templates: the best-fitting template family; * = it decided IS_QSO (see --templates)")
+            typer.echo(
+                "templates: the best-fitting template family; * = it decided IS_QSO or turned the network's call (see --templates)"
+            )
         for f, reason in res.failed:
             typer.echo(f"not scored: {f}: {reason}")
     if res.out is not None and not as_json:

@@ -2,8 +2,8 @@
 
 A model trained on simulated spectra is a hypothesis about the sky until real spectra confirm
 it. This classifies real files (``classify``, the same reading and resampling as ingest) and
-compares its IS_QSO (P(QSO) >= threshold, or the template families where the network is unsure
-and they are decisive; the network alone is reported beside it) with the class the survey
+compares its IS_QSO (P(QSO) >= threshold weighed with the template families' evidence, or the
+family where its fit is decisive; the network alone is reported beside it) with the class the survey
 pipeline gave each file (QSO or not; a
 file the pipeline left unclassified is listed but not counted). The headline figures count the
 files the tool itself classifies, i.e. those that pass classify's cuts (the paper's coverage of
