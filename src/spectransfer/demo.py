@@ -548,7 +548,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     if dec and dec.get("n_test"):
         console.print(
             f"the tool's decision on the {dec['n_test']} test spectra, against the simulation's truth: IS_QSO (the template "
-            f"families decide {dec['decided_by_templates']} where the network is unsure) F1 {f(dec['tool']['f1'])} "
+            f"families decide or turn {dec['decided_by_templates']} calls where the network is unsure) F1 {f(dec['tool']['f1'])} "
             f"(precision {f(dec['tool']['precision'])}, recall {f(dec['tool']['recall'])}); the network alone "
             f"(P_QSO >= 0.5) F1 {f(dec['network']['f1'])}"
         )
