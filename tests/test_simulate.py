@@ -441,6 +441,26 @@ def test_snr_follows_magnitude_and_lamost_is_noisier(sdss_sim: Path, lamost_sim:
     assert at17["lamost"] < at17["sdss"] / 1.5
 
 
+def test_lamost_stars_have_the_surveys_snr_distribution(tmp_path: Path) -> None:
+    """LAMOST DR5 (Luo et al. 2019, VizieR V/164): 5,808,985 of 9,026,365 spectra have g-band
+    S/N > 10 and 7,701,235 i-band S/N > 10, so 31-36% of its stars lie at S/N_g <= 10 and
+    8-15% at S/N_i <= 10 (plan.LAMOST_LIGHT). The simulated stars' own SNRG/SNRI header values,
+    with 4-sigma binomial room (the stars alone, before the fibre light share: 8% and 0%)."""
+    from astropy.io import fits
+
+    out = tmp_path / "lamost"
+    simulate_survey("lamost", 800, out, seed=5, qso_fraction=0.0035, workers=1)
+    t = _truth(out)
+    stars = t[t.true_class == "STAR"]
+    g = np.array([fits.getheader(out / p)["SNRG"] for p in stars.path])
+    i = np.array([fits.getheader(out / p)["SNRI"] for p in stars.path])
+    n = len(stars)
+    assert n > 700
+    for frac, (lo, hi) in (((g <= 10).mean(), (0.31, 0.36)), ((i <= 10).mean(), (0.08, 0.15))):
+        room = 4 * np.sqrt(((lo + hi) / 2) * (1 - (lo + hi) / 2) / n)
+        assert lo - room <= frac <= hi + room, (frac, lo, hi)
+
+
 def test_class_fractions_match_what_was_asked(sdss_sim: Path) -> None:
     t = _truth(sdss_sim)
     n, q = len(t), 0.3

@@ -94,6 +94,14 @@ def host_ratio(rng: np.random.Generator, z: np.ndarray, mag_r: np.ndarray) -> np
 # Star types (redrock template names) and their shares among the stars each survey observes.
 # SDSS: F stars (spectrophotometric standards and halo targets) and M dwarfs dominate, with
 # K/G dwarfs, A stars and BHBs, white dwarfs and a few CVs (SDSS DR16 specObj star subclasses).
+# LAMOST fibres catch a varying share of a source's light (open-loop fibre positioning of 3.3"
+# fibres under Xinglong's ~3" seeing, sky transparency): ln(share) ~ N(mu, sigma), capped at 1,
+# relative to the bright stars the LAMOST sensitivity was measured on (simulate/instrument_curves.npz).
+# Calibrated on the survey's own S/N: LAMOST DR5 (Luo et al. 2019, VizieR V/164) lists
+# 5,808,985 of 9,026,365 spectra with g-band S/N > 10 and 7,701,235 with i-band S/N > 10, so
+# ~31-36% of its stars are at S/N_g <= 10 and ~8-15% at S/N_i <= 10 (the range: the 637,889
+# unclassified spectra, mostly faint, counted or not); the simulated stars had 8% and 0%.
+LAMOST_LIGHT = (-0.9, 1.0)
 # LAMOST: a magnitude-limited disk sample, mostly F/G/K with some A and M (Luo et al. 2015).
 STAR_KINDS = ("B", "A", "F", "G", "K", "M", "WD", "CV")
 STAR_TYPE_P = {
@@ -255,6 +263,9 @@ def plan_survey(survey: str, n: int, seed: int, qso_fraction: float) -> dict[str
     first_of_obj[obj_of_file[first_idx]] = first_idx
     files["first_file"] = first_of_obj[obj_of_file]
     _assign_ids(rng, survey, files, n_fields)
+    # Drawn last, so the SDSS-like plan (light 1) is what it was before LAMOST_LIGHT existed.
+    n_files = files["cls"].shape[0]
+    files["light"] = np.ones(n_files) if survey == "sdss" else np.minimum(rng.lognormal(*LAMOST_LIGHT, n_files), 1.0)
     return files
 
 

@@ -307,7 +307,9 @@ LAMOST_BRIGHTSKY = 8
 LAMOST_NODATA = 32
 
 
-def observe(rng: np.random.Generator, inst: Instrument, model: np.ndarray, exposure: np.ndarray) -> Observation:
+def observe(
+    rng: np.random.Generator, inst: Instrument, model: np.ndarray, exposure: np.ndarray, light: np.ndarray | None = None
+) -> Observation:
     """Pass noiseless f_lambda spectra (N, P) through ``inst``.
 
     Steps: smooth multiplicative calibration error (Legendre terms up to order 3, plus a
@@ -315,7 +317,10 @@ def observe(rng: np.random.Generator, inst: Instrument, model: np.ndarray, expos
     variance is (source + sky) / (gain * throughput * exposure) + read noise; sky-subtraction
     residuals at the sky lines (scale error and a small wavelength shift, giving the typical
     P-Cygni-like residuals); rejected pixel runs and, for some spectra, a long bad stretch;
-    and the blue/red ends with no data.
+    and the blue/red ends with no data. ``light`` (default 1) is the share of the source's
+    light the fibre catches relative to the spectra the sensitivity was measured on: the
+    counts of the source scale by it, the flux calibration divides it out again, so the
+    spectrum keeps its flux and its noise grows (see ``plan.LAMOST_LIGHT``).
     """
     n, p = model.shape
     wave = inst.wave
@@ -335,7 +340,9 @@ def observe(rng: np.random.Generator, inst: Instrument, model: np.ndarray, expos
     sky_n = sky[None, :] * sky_scale
     inv_gain = (1.0 / (inst.gain * inst.throughput))[None, :]
     inv_exp = (1.0 / exposure)[:, None]
-    var = (np.maximum(observed, 0.0) + sky_n) * inv_gain * inv_exp + inst.read_var * inv_exp
+    share = np.ones((n, 1)) if light is None else np.asarray(light, dtype=np.float64)[:, None]
+    # counts of the source: observed * share; calibrated back to flux: divided by share
+    var = ((np.maximum(observed, 0.0) * share + sky_n) * inv_gain * inv_exp + inst.read_var * inv_exp) / share**2
     sigma = np.sqrt(var)
     flux = rng.standard_normal((n, p)) * sigma
     flux += observed
@@ -349,11 +356,11 @@ def observe(rng: np.random.Generator, inst: Instrument, model: np.ndarray, expos
     # Osterbrock et al. 1996, PASP 108, 277) each have their own residual error on top.
     line_eps = rng.normal(0.0, 0.03, (n, len(BRIGHT_SKY_LINES)))
     dsky = np.gradient(sky_lines)
-    flux += sky_scale * (eps * sky_lines[None, :] + dshift * dsky[None, :])
+    flux += sky_scale / share * (eps * sky_lines[None, :] + dshift * dsky[None, :])  # sky counts, calibrated
     sig_l = wave / (inst.resolution * 2.3548)
     for k, lam in enumerate(BRIGHT_SKY_LINES):
         near = np.abs(wave - lam) < 5 * sig_l
-        flux[:, near] += sky_scale * line_eps[:, k : k + 1] * sky_lines[None, near]
+        flux[:, near] += sky_scale / share * line_eps[:, k : k + 1] * sky_lines[None, near]
     ivar = 1.0 / var
 
     sky_bit = SDSS_BRIGHTSKY if inst.name == "sdss" else LAMOST_BRIGHTSKY

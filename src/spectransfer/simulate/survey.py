@@ -110,7 +110,7 @@ def _simulate_batch(survey: str, seed: int, batch: int, rows: dict[str, np.ndarr
         model[i] = model[j] * 10.0 ** (-0.4 * rows["dmag"][i])
         ew_ha[i] = ew_ha[j]
     true_mags = spectra.synthetic_mags(wave, model)
-    obs = spectra.observe(rng, inst, model, rows["exposure"])
+    obs = spectra.observe(rng, inst, model, rows["exposure"], rows["light"])
 
     star_sub = [
         spectra.star_subclass(str(t), float(tt)) if c == STAR else "" for c, t, tt in zip(cls, rows["star_type"], rows["temp"])
