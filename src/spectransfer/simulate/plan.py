@@ -91,9 +91,6 @@ def host_ratio(rng: np.random.Generator, z: np.ndarray, mag_r: np.ndarray) -> np
     return np.where(x < 1.053, ratio * 10.0 ** rng.normal(0.0, 0.3, z.shape[0]), 0.0)
 
 
-# Star types (redrock template names) and their shares among the stars each survey observes.
-# SDSS: F stars (spectrophotometric standards and halo targets) and M dwarfs dominate, with
-# K/G dwarfs, A stars and BHBs, white dwarfs and a few CVs (SDSS DR16 specObj star subclasses).
 # LAMOST fibres catch a varying share of a source's light (open-loop fibre positioning of 3.3"
 # fibres under Xinglong's ~3" seeing, sky transparency): ln(share) ~ N(mu, sigma), capped at 1,
 # relative to the bright stars the LAMOST sensitivity was measured on (simulate/instrument_curves.npz).
@@ -102,6 +99,10 @@ def host_ratio(rng: np.random.Generator, z: np.ndarray, mag_r: np.ndarray) -> np
 # ~31-36% of its stars are at S/N_g <= 10 and ~8-15% at S/N_i <= 10 (the range: the 637,889
 # unclassified spectra, mostly faint, counted or not); the simulated stars had 8% and 0%.
 LAMOST_LIGHT = (-0.9, 1.0)
+
+# Star types (redrock template names) and their shares among the stars each survey observes.
+# SDSS: F stars (spectrophotometric standards and halo targets) and M dwarfs dominate, with
+# K/G dwarfs, A stars and BHBs, white dwarfs and a few CVs (SDSS DR16 specObj star subclasses).
 # LAMOST: a magnitude-limited disk sample, mostly F/G/K with some A and M (Luo et al. 2015).
 STAR_KINDS = ("B", "A", "F", "G", "K", "M", "WD", "CV")
 STAR_TYPE_P = {
