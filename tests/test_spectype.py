@@ -118,18 +118,18 @@ def _faint_real_fits(folders: list[Path], draws: int, seed: int) -> tuple[np.nda
 
     files, _ = find_files(folders)
     recs = [r for r, _why in (read_checked(f, IngestOptions(zwarning_filter=False), GRID) for f in files) if r is not None]
-    recs = [r for r in recs if str(r.cls).strip().upper() in ("QSO", "GALAXY", "STAR")]
-    flux, ivar = resample_records(recs, GRID)  # fluxes as observed: S/N before any scaling
-    is_qso = np.array([str(r.cls).strip().upper() == "QSO" for r in recs])
+    cls = np.array([str(r.cls).strip().upper() for r in recs])
+    keep = np.isin(cls, ["QSO", "GALAXY", "STAR"])
+    flux, ivar = resample_records([r for r, k in zip(recs, keep) if k], GRID)  # as observed: S/N before any scaling
     k = np.maximum(_median_snr(flux, ivar) / 2.0, 1.0)
     rng = np.random.default_rng(seed)
-    out = []
+    dchi2, short = [], []
     for _ in range(draws):
         f, iv = scale_noise(flux, ivar, k, rng, GRID)
         r = fit_spectype(f, iv, GRID)
-        short = np.abs(r.dchi2_qso) <= margin(r.chi2.min(axis=1), (iv > 0).sum(axis=1))
-        out.append((r.dchi2_qso, short, is_qso))
-    return tuple(np.concatenate([o[i] for o in out]) for i in range(3))  # type: ignore[return-value]
+        dchi2.append(r.dchi2_qso)
+        short.append(np.abs(r.dchi2_qso) <= margin(r.chi2.min(axis=1), (iv > 0).sum(axis=1)))
+    return np.concatenate(dchi2), np.concatenate(short), np.tile(cls[keep] == "QSO", draws)
 
 
 def test_on_faint_real_spectra_the_template_fit_points_the_right_way(real_data: Path) -> None:
