@@ -27,6 +27,7 @@ LOW_Z_SHARE = {"sdss": 0.10, "lamost": 0.08}  # quasars below z = 0.5 (DR16Q: ~8
 # redshifts and magnitudes (r < 17.77), so low luminosity and host-dominated; the pipeline
 # calls them QSO BROADLINE and DR16Q keeps them (it has no luminosity cut).
 SEYFERT_SHARE = {"sdss": 0.04, "lamost": 0.02}
+LOW_Z_MAG_MAX = 22.0  # faintest r of the SDSS quasars below z = 0.5 (main-sample Seyferts apart)
 EBV_MEAN = {"sdss": 0.04, "lamost": 0.15}  # mean Milky Way colour excess E(B-V) of the targets
 HOST_Z_MAX = 1.0  # host light drawn below this redshift (at higher z the quasar outshines it)  # share of true quasars the catalogue leaves out
 
@@ -112,6 +113,22 @@ STAR_TYPE_P = {
 # SDSS galaxies: the main sample (r < 17.77, z ~ 0.1), LRGs (BOSS LOWZ/CMASS, z 0.2-0.7) and
 # emission-line galaxies (eBOSS ELG, z 0.6-1.1); shares of the galaxy spectra.
 SDSS_GALAXY_MIX = (0.35, 0.50, 0.15)
+# What a fibre sees of an SDSS target. The main-sample and LRG magnitudes above are the ones
+# the targets were selected on (Petrosian r < 17.77; BOSS LOWZ r and CMASS i cmodel < 19.6 /
+# 19.9), which count a resolved galaxy's whole light; the spectrum (3" SDSS / 2" BOSS fibres,
+# flux-calibrated on point sources) and its PSF magnitude see ~1 mag less of it. Shift, mag:
+# N(mean, sd), >= 0; emission-line galaxies (compact, z ~ 0.8, already drawn at PSF-like
+# magnitudes) keep theirs. Checked on the real files of ../shared/data: SDSS-I main-sample
+# spectra have spectro-flux r 16.2-18.5 and median S/N ~30 per grid pixel, the BOSS galaxies
+# PSF r 20.8-21.8 and S/N 3.6-6.5; the simulated ones without the shift: main sample median
+# r 17.1 and S/N ~50, LRGs r 18.5-20.5 and S/N ~12.
+SDSS_GALAXY_APERTURE = (1.0, 0.3)
+# Stars among the faint targets: BOSS and eBOSS colour-selected quasar candidates to g = 22
+# (Ross et al. 2012; Myers et al. 2015) and CMASS galaxy candidates (Bolton et al. 2012: most of
+# the 4.6% of CMASS targets that are not galaxies are M stars) are often stars, observed at
+# r ~ 20-22 (the shared real BOSS star: r 21.3, S/N 4.7), where SEGUE's and the standards' stars
+# (r 15-20.5, above) are bright. Share of the SDSS stars and their r range.
+SDSS_FAINT_STARS = (0.3, 20.0, 22.0)
 
 
 def _radec_in_field(rng: np.random.Generator, ra0: np.ndarray, dec0: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
@@ -165,6 +182,7 @@ def plan_survey(survey: str, n: int, seed: int, qso_fraction: float) -> dict[str
     is_bal = np.zeros(n_obj, dtype=bool)
     arch = np.zeros(n_obj, dtype=np.int64)  # archetype row (galaxies, stars)
     host = np.zeros(n_obj)  # host / quasar flux at rest 5100 A
+    resolved = np.zeros(n_obj, dtype=bool)  # SDSS main-sample and LRG galaxies
     qo = np.nonzero(obj_cls == QSO)[0]
     go = np.nonzero(obj_cls == GALAXY)[0]
     so = np.nonzero(obj_cls == STAR)[0]
@@ -175,12 +193,14 @@ def plan_survey(survey: str, n: int, seed: int, qso_fraction: float) -> dict[str
     passive = np.nonzero((o2_ew < 5.0) & (ha_ew < 5.0))[0]
     strong = np.nonzero(o2_ew > 20.0)[0]
     if survey == "sdss":
-        # Low-z quasars are the bright end (DR7/DR16Q low-z quasars: i < 19.1 targets).
+        # Low-z quasars: SDSS-I/II's (i < 19.1 targets) and eBOSS's X-ray selected AGN (SPIDERS,
+        # Dwelly et al. 2017: to r ~ 22, mostly z < 0.6, often host-dominated).
         mag[qo] = np.where(
-            z[qo] < 0.5, rng.uniform(16.5, 20.5, qo.size), np.clip(22.0 - rng.exponential(1.3, qo.size), 16.5, 22.0)
+            z[qo] < 0.5, rng.uniform(16.5, LOW_Z_MAG_MAX, qo.size), np.clip(22.0 - rng.exponential(1.3, qo.size), 16.5, 22.0)
         )
         mag[qo] = np.where(seyfert, np.clip(17.77 - rng.exponential(0.9, qo.size), 14.0, 17.77), mag[qo])
         pop = rng.choice(3, size=go.size, p=SDSS_GALAXY_MIX)  # main, LRG, ELG
+        resolved[go] = pop < 2
         z[go] = np.select(
             [pop == 0, pop == 1],
             [np.clip(rng.gamma(3.0, 0.035, go.size), 0.005, 0.35), np.clip(rng.normal(0.45, 0.13, go.size), 0.15, 0.8)],
@@ -267,6 +287,12 @@ def plan_survey(survey: str, n: int, seed: int, qso_fraction: float) -> dict[str
     # Drawn last, so the SDSS-like plan (light 1) is what it was before LAMOST_LIGHT existed.
     n_files = files["cls"].shape[0]
     files["light"] = np.ones(n_files) if survey == "sdss" else np.minimum(rng.lognormal(*LAMOST_LIGHT, n_files), 1.0)
+    if survey == "sdss":  # drawn last too: the quasars (and every LAMOST-like file) stay as they were
+        shift = np.where(resolved, np.maximum(rng.normal(*SDSS_GALAXY_APERTURE, n_obj), 0.0), 0.0)
+        share, lo, hi = SDSS_FAINT_STARS
+        faint = (obj_cls == STAR) & (rng.random(n_obj) < share)
+        obj_mag = np.where(faint, rng.uniform(lo, hi, n_obj), mag + shift)
+        files["mag"] = obj_mag[obj_of_file]
     return files
 
 
