@@ -284,15 +284,16 @@ def plan_survey(survey: str, n: int, seed: int, qso_fraction: float) -> dict[str
     first_of_obj[obj_of_file[first_idx]] = first_idx
     files["first_file"] = first_of_obj[obj_of_file]
     _assign_ids(rng, survey, files, n_fields)
-    # Drawn last, so the SDSS-like plan (light 1) is what it was before LAMOST_LIGHT existed.
-    n_files = files["cls"].shape[0]
-    files["light"] = np.ones(n_files) if survey == "sdss" else np.minimum(rng.lognormal(*LAMOST_LIGHT, n_files), 1.0)
-    if survey == "sdss":  # drawn last too: the quasars (and every LAMOST-like file) stay as they were
+    # What the fibres see, drawn last so that every earlier draw of either survey stays as it
+    # was: SDSS's fibre aperture and faint stars (its light share is 1), LAMOST's light share.
+    if survey == "sdss":
+        files["light"] = np.ones(n)
         shift = np.where(resolved, np.maximum(rng.normal(*SDSS_GALAXY_APERTURE, n_obj), 0.0), 0.0)
         share, lo, hi = SDSS_FAINT_STARS
         faint = (obj_cls == STAR) & (rng.random(n_obj) < share)
-        obj_mag = np.where(faint, rng.uniform(lo, hi, n_obj), mag + shift)
-        files["mag"] = obj_mag[obj_of_file]
+        files["mag"] = np.where(faint, rng.uniform(lo, hi, n_obj), mag + shift)[obj_of_file]
+    else:
+        files["light"] = np.minimum(rng.lognormal(*LAMOST_LIGHT, n), 1.0)
     return files
 
 
