@@ -464,15 +464,14 @@ def test_lamost_stars_have_the_surveys_snr_distribution(tmp_path: Path) -> None:
 
 
 def _median_snr_of(files: list[Path]) -> pd.DataFrame:
-    """Class, redshift and median S/N per grid pixel of spectrum files, read as ingest reads them."""
+    """Pipeline class, redshift and median S/N per grid pixel of spectrum files, as classify and
+    ingest read them (``classify._read``)."""
+    from spectransfer.candidates.classify import _read
     from spectransfer.config import DEFAULT_GRID
-    from spectransfer.data.ingest import IngestOptions, _median_snr, read_checked, resample_records
+    from spectransfer.data.ingest import IngestOptions
 
-    recs = [
-        r for r, _why in (read_checked(f, IngestOptions(zwarning_filter=False), DEFAULT_GRID) for f in files) if r is not None
-    ]
-    flux, ivar = resample_records(recs, DEFAULT_GRID)
-    return pd.DataFrame({"cls": [r.cls for r in recs], "z": [r.z for r in recs], "snr": _median_snr(flux, ivar)})
+    meta, _flux, _ivar, _failed = _read([str(f) for f in files], DEFAULT_GRID, None, IngestOptions(zwarning_filter=False))
+    return meta[["pipeline_class", "z", "snr"]]
 
 
 def test_sdss_galaxies_and_stars_are_as_faint_as_the_real_files(tmp_path: Path) -> None:
@@ -488,13 +487,13 @@ def test_sdss_galaxies_and_stars_are_as_faint_as_the_real_files(tmp_path: Path) 
     t = _truth(out)
     sim = _median_snr_of([out / p for p in t.path])
     real = _median_snr_of(real_files("sdss"))
-    sim_main = sim[(sim.cls == "GALAXY") & (sim.z < 0.25)].snr
-    real_main = real[(real.cls == "GALAXY") & (real.z < 0.25)].snr
+    sim_main = sim[(sim.pipeline_class == "GALAXY") & (sim.z < 0.25)].snr
+    real_main = real[(real.pipeline_class == "GALAXY") & (real.z < 0.25)].snr
     assert len(sim_main) > 300 and len(real_main) >= 5
     assert 0.7 < sim_main.median() / real_main.median() < 1.4, (sim_main.median(), real_main.median())
-    real_boss = real[(real.cls == "GALAXY") & (real.z > 0.3)].snr
+    real_boss = real[(real.pipeline_class == "GALAXY") & (real.z > 0.3)].snr
     if len(real_boss) >= 3:  # the BOSS galaxies are in the fuller set only
-        sim_boss = sim[(sim.cls == "GALAXY") & (sim.z > 0.3) & (sim.z < 0.8)].snr
+        sim_boss = sim[(sim.pipeline_class == "GALAXY") & (sim.z > 0.3) & (sim.z < 0.8)].snr
         assert sim_boss.median() < 2.0 * real_boss.median(), (sim_boss.median(), real_boss.median())
     stars = t[t.true_class == "STAR"]
     assert len(stars) > 200 and (stars.mag_r > 20.0).mean() > 0.25
