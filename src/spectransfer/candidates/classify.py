@@ -203,7 +203,8 @@ def score_spectra(
             logits = outputs["logit"]
     p_qso = calibrated_probability(logits, cal.temperature if cal else None)
     cols = from_meta(meta, classify_columns()) if len(meta) else {}
-    decision = decide(p_qso, threshold, flux, ivar, templates, info.grid)
+    surveys = meta["survey"].to_numpy(dtype=object) if len(meta) else None
+    decision = decide(p_qso, threshold, flux, ivar, templates, info.grid, survey=surveys)
     outputs[QSO_CHI2] = decision.pop(QSO_CHI2)  # the quasar family's χ² guides the redshift fit
     cols.update({k: pd.Series(v) for k, v in decision.items()})
     cols.update(

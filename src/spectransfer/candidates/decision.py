@@ -82,12 +82,14 @@ def decide(
     mode: str = "uncertain",
     grid: Grid = DEFAULT_GRID,
     advance: Callable[[int], Any] | None = None,
+    survey: Any = None,
 ) -> dict[str, Any]:
     """The decision columns (DECISION_COLUMNS, and QSO_CHI2) for n spectra with calibrated ``p_qso``.
 
     ``flux``, ``ivar``: (n, n_bins) arrays on ``grid``, or ``flux`` a callable that returns
     (flux, ivar) for an index array (so only the spectra to fit are read); ``advance(k)`` is
-    told of every k spectra fitted."""
+    told of every k spectra fitted; ``survey``: one survey name, or n of them (an array or a
+    pandas Categorical), whose calibration terms the families are fitted with (``ml.spectype``)."""
     p = np.asarray(p_qso, dtype=np.float64)
     n = p.size
     family = np.zeros(n, dtype=np.int8)  # index into SPECTYPES: a byte a spectrum, not a string
@@ -101,7 +103,8 @@ def decide(
     for start in range(0, fit.size, READ_BLOCK):
         idx = fit[start : start + READ_BLOCK]
         f, iv = flux(idx) if callable(flux) else (np.asarray(flux)[idx], np.asarray(ivar)[idx])
-        res = fit_spectype(f, iv, grid)
+        sv = survey if survey is None or isinstance(survey, str) else np.asarray(survey[idx], dtype=object)
+        res = fit_spectype(f, iv, grid, survey=sv)
         best = res.chi2.min(axis=1)
         evidence = np.where(np.isfinite(res.dchi2_qso), res.dchi2_qso / margin(best, (np.asarray(iv) > 0).sum(axis=1)), 0.0)
         decisive = np.abs(evidence) > 1.0

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from pandas.api.types import union_categoricals
 
 from spectransfer.candidates.decision import QSO_CHI2, check_templates, decide, template_cards, to_fit
 from spectransfer.candidates.redshifts import DEFAULT_REFINE, REDSHIFT_COLUMNS, check_refine, redshift_columns
@@ -354,8 +355,15 @@ def _decision(job: _Job, p_qso: np.ndarray, quiet: bool) -> dict[str, np.ndarray
     def read(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return read_arrays(job.store.flux, job.store.ivar, job.rows[idx])
 
+    surveys = _surveys(job) if n_fit else None
     with progress_bar("templates", total=n_fit, unit="spectra", quiet=quiet or n_fit == 0) as bar:
-        return decide(p_qso, job.threshold, read, None, job.templates, job.store.grid, bar.advance)
+        return decide(p_qso, job.threshold, read, None, job.templates, job.store.grid, bar.advance, surveys)
+
+
+def _surveys(job: _Job) -> pd.Categorical:
+    """Each scored spectrum's survey in row order (a byte a spectrum): its calibration terms."""
+    parts = [pd.Categorical(m["survey"].astype(str)) for m in _meta_blocks(job)]
+    return union_categoricals(parts) if parts else pd.Categorical([])
 
 
 def _redshifts(job: _Job, outputs: dict[str, np.ndarray], positive: np.ndarray, quiet: bool) -> dict[str, Any]:

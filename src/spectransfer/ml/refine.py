@@ -192,11 +192,21 @@ def chi2_templates(
     templates: tuple[_Template, ...],
     workers: int = -1,
     n_poly: int = 1,
+    terms: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """χ² (n, W) at trial shifts ``trials`` (n, W) of k-basis ``templates`` (each covering its own
     [lo, hi) shifts, all with the same k) plus ``n_poly`` Legendre terms of the observed
-    wavelength (1: a constant), and the coefficients (n, W, k + n_poly)."""
+    wavelength (1: a constant), and the coefficients (n, W, k + n_poly). ``terms`` (q, P), if
+    given, replaces the Legendre terms by any q additive terms that do not move with z (the
+    first must be the constant), e.g. a survey's calibration freedom (``ml.spectype``)."""
     kb = templates[0].k
+    if terms is None:
+        polys = np.polynomial.legendre.legvander(np.linspace(-1.0, 1.0, np.shape(flux)[-1]), n_poly - 1).T  # (n_poly, P)
+    else:
+        polys = np.asarray(terms, dtype=np.float64)
+        if polys.ndim != 2 or polys.shape[1] != np.shape(flux)[-1] or not np.all(polys[0] == 1.0):
+            raise ValueError(f"terms must be (q, {np.shape(flux)[-1]}) with the constant first, got {polys.shape}")
+    n_poly = polys.shape[0]
     nk = kb + n_poly
     pairs = _pairs(kb)
     f = np.asarray(flux, dtype=np.float64)
@@ -204,7 +214,6 @@ def chi2_templates(
     f = np.where(w > 0, np.nan_to_num(f), 0.0)
     wf = w * f
     n, width = trials.shape
-    polys = np.polynomial.legendre.legvander(np.linspace(-1.0, 1.0, f.shape[1]), n_poly - 1).T  # (n_poly, P)
     ata = np.zeros((n, width, nk, nk))
     atb = np.zeros((n, width, nk))
     for t in templates:
@@ -228,7 +237,7 @@ def chi2_templates(
         for p, (a, b) in enumerate(pairs):
             blk_a[:, :, a, b] = blk_a[:, :, b, a] = sw[:, kb + p]
         blk_a[:, :, :kb, kb] = blk_a[:, :, kb, :kb] = np.moveaxis(sw[:, :kb], 1, 2)
-        for order in range(1, n_poly):  # Σ w P_l T_a: the template against each higher Legendre term
+        for order in range(1, n_poly):  # Σ w P_l T_a: the template against each further term
             fwp = scipy.fft.rfft(w[rows] * polys[order], t.nfft, axis=1, workers=workers)
             cwp = scipy.fft.irfft(np.conj(fwp)[:, None, :] * t.spectra[None, :kb], t.nfft, axis=2, workers=workers)
             swp = np.moveaxis(_gather(cwp, lag), 1, 2)  # (r, W', k)

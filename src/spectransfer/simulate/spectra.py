@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from spectransfer.data.resample import BRIGHT_SKY_LINES
+from spectransfer.surveys.lamost_image import ARM_JOIN
 
 C_KMS = 299792.458
 LN10 = np.log(10.0)
@@ -147,7 +148,7 @@ LAMOST = Instrument(
     read_var=0.03,
     sky_continuum=1.6,
     calib_rms=0.07,
-    arm_join=5900.0,  # blue arm 3700-5900 A, red arm 5700-9100 A
+    arm_join=ARM_JOIN,  # blue arm 3700-5900 A, red arm 5700-9100 A
     arm_rms=0.06,
     blue_loss=0.2,
     blue_loss_px=(300, 1100),

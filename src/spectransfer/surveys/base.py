@@ -152,6 +152,10 @@ class Survey:
     is matched on the first tuple both sides have. ``zwarning_cut``: whether a non-zero
     pipeline redshift warning rejects a spectrum. ``coverage``: the (largest WAVEMIN, smallest
     WAVEMAX) a spectrum must reach on the default grid (scaled for other grids).
+    ``calibration_order``: the Legendre order of the smooth flux-calibration error its spectra
+    carry beyond a scale (0: a constant only); ``arm_join``: the wavelength (Angstrom) where two
+    spectrograph arms are spliced with their own scales, or None. The template families
+    (``ml.spectype``) fit both as nuisance terms, every family alike.
     """
 
     name: str
@@ -160,6 +164,8 @@ class Survey:
     catalogue_keys: tuple[tuple[str, ...], ...] = ()
     zwarning_cut: bool = False
     coverage: tuple[float, float] = PAPER_COVERAGE
+    calibration_order: int = 0
+    arm_join: float | None = None
 
     def __post_init__(self) -> None:
         names = [c for c, _ in self.id_columns]

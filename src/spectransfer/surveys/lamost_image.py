@@ -34,7 +34,12 @@ from spectransfer.surveys.fitsfile import FitsFile, Header
 
 # LAMOST LRS (both file layouts): a spectrum is LMJD, plan, spectrograph, fibre; DR3+ files
 # and the quasar catalogues also carry OBSID, matched first when both sides have it. LAMOST
-# has no redshift warning flag; the coverage cut is the paper's SDSS one.
+# has no redshift warning flag; the coverage cut is the paper's SDSS one. Its relative flux
+# calibration is good to ~10% in broad-band shape (Du et al. 2016, ApJS 227, 27), and each
+# spectrum is spliced from a blue (3700-5900 A) and a red arm (5700-9000 A; Cui et al. 2012,
+# RAA 12, 1197) whose scales differ: the template fits carry a quadratic calibration and a
+# red-arm step at ARM_JOIN (the simulator's LAMOST instrument draws both errors there).
+ARM_JOIN = 5900.0
 LAMOST = register_survey(
     Survey(
         name="lamost",
@@ -42,6 +47,8 @@ LAMOST = register_survey(
         spectrum_id="lamost-{lmjd}-{planid}-{spid:02d}-{fiberid:03d}",
         catalogue_keys=(("obsid",), ("lmjd", "planid", "spid", "fiberid")),
         zwarning_cut=False,
+        calibration_order=2,
+        arm_join=ARM_JOIN,
     )
 )
 
