@@ -28,7 +28,7 @@ from spectransfer.config import DEFAULT_GRID
 from spectransfer.data.resample import normalise
 from spectransfer.errors import EvaluateError
 from spectransfer.ml.refine import chi2_templates, template_on_grid
-from spectransfer.ml.spectype import calibration_terms, fit_spectype
+from spectransfer.ml.spectype import BROADLINE_MIN_GAIN, calibration_terms, fit_spectype
 from spectransfer.simulate.templated import redshift_to
 from spectransfer.templates import load_templates
 
@@ -129,6 +129,34 @@ def test_lamost_calibration_terms_keep_the_quasar_family_off_lamost_galaxies_and
     assert other.sum() >= 200 and (~other).sum() >= 50
     assert before >= 4 and after <= before // 2
     assert np.mean(decisive_qso["lamost"][~other]) >= np.mean(decisive_qso[None][~other]) - 0.05
+
+
+def test_a_host_dominated_quasar_is_a_broad_line_agn_and_a_galaxy_is_not() -> None:
+    """A quasar whose host gives 80% of the light (a galaxy archetype plus the DR16Q quasar
+    mean spectrum at the same z) fits the galaxies better than the quasar PCA; the broad-line
+    AGN (host + broad lines) beats the host alone by far more than BROADLINE_MIN_GAIN, so the
+    quasar side wins. The same galaxy without the quasar gains nothing from broad lines."""
+    rng = np.random.default_rng(21)
+    t = load_templates()
+    loglam = _loglam()
+    cases = []
+    for row, z in ((120, 0.08), (450, 0.25), (620, 0.15)):
+        host = redshift_to(t["galaxy"], t["galaxy"].archetypes(np.array([row])), np.array([z]), loglam)[0]
+        agn = redshift_to(t["qso_loz"], t["qso_loz"].basis[:1].astype(np.float64), np.array([z]), loglam)[0]
+        agn = np.maximum(agn, 0.0)
+        at = (loglam > np.log10(5000 * (1 + z))) & (loglam < np.log10(5200 * (1 + z)))  # continuum near 5100 A rest
+        mix = host + 0.25 * agn * np.median(host[at]) / np.median(agn[at])  # host: 80% of the light at 5100 A
+        for model in (mix, host):
+            sigma = np.median(np.abs(model)) / 15.0
+            f, iv = normalise(model + rng.normal(0.0, sigma, model.size), np.full(model.size, 1.0 / sigma**2))
+            cases.append((f.astype(np.float64), iv.astype(np.float64)))
+    res = fit_spectype(np.stack([c[0] for c in cases]), np.stack([c[1] for c in cases]), GRID, survey="sdss")
+    agn_rows, host_rows = np.arange(0, 6, 2), np.arange(1, 6, 2)
+    assert (res.chi2[agn_rows, 1] < res.chi2[agn_rows, 0]).all()  # the quasar PCA alone loses to the galaxies
+    assert (res.broadline_gain[agn_rows] > BROADLINE_MIN_GAIN).all(), res.broadline_gain
+    assert (res.spectype[agn_rows] == "QSO").all() and (res.dchi2_qso[agn_rows] > 0).all()
+    assert (res.broadline_gain[host_rows] < BROADLINE_MIN_GAIN).all(), res.broadline_gain
+    assert (res.spectype[host_rows] == "GALAXY").all() and (res.dchi2_qso[host_rows] < 0).all()
 
 
 def test_archetypes_are_fitted_by_their_own_family() -> None:

@@ -105,7 +105,7 @@ def decide(
         f, iv = flux(idx) if callable(flux) else (np.asarray(flux)[idx], np.asarray(ivar)[idx])
         sv = survey if survey is None or isinstance(survey, str) else np.asarray(survey[idx], dtype=object)
         res = fit_spectype(f, iv, grid, survey=sv)
-        best = res.chi2.min(axis=1)
+        best = res.best
         evidence = np.where(np.isfinite(res.dchi2_qso), res.dchi2_qso / margin(best, (np.asarray(iv) > 0).sum(axis=1)), 0.0)
         decisive = np.abs(evidence) > 1.0
         family[idx] = np.where(np.isfinite(best), np.searchsorted(SPECTYPES[1:], res.spectype) + 1, 0)

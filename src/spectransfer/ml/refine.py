@@ -153,11 +153,19 @@ def _scan(grid: Grid = DEFAULT_GRID) -> _Scan:
 def template_on_grid(name: str, lo: int, hi: int, grid: Grid = DEFAULT_GRID) -> _Template:
     """Template ``name`` rebinned for the trial shifts [lo, hi) (in grid log steps; negative = blueshift)."""
     t = load_templates()[name]
-    step, n = float(grid.log_step), grid.n_bins
-    # pixel j at shift m sits at rest log-λ  log10(λ_j) - m·step; index n = j - m + hi - 1
-    idx = np.arange(n + hi - lo - 1) - (hi - 1)
-    centres = np.log10(grid.wave_min) + idx * step
-    ext = _rebin_to_grid(t.loglam, t.basis.astype(np.float64), centres, step)
+    ext = _rebin_to_grid(t.loglam, t.basis.astype(np.float64), rest_loglam(lo, hi, grid), float(grid.log_step))
+    return template_from_ext(name, lo, hi, ext)
+
+
+def rest_loglam(lo: int, hi: int, grid: Grid = DEFAULT_GRID) -> np.ndarray:
+    """Rest-frame log10(λ) of the columns of a template's ``ext`` for trial shifts [lo, hi):
+    pixel j at shift m sits at rest log-λ log10(λ_j) - m·step, column j - m + hi - 1."""
+    idx = np.arange(grid.n_bins + hi - lo - 1) - (hi - 1)
+    return np.log10(grid.wave_min) + idx * float(grid.log_step)
+
+
+def template_from_ext(name: str, lo: int, hi: int, ext: np.ndarray) -> _Template:
+    """A template from its k bases sampled on ``rest_loglam(lo, hi)`` (k, columns)."""
     nfft = scipy.fft.next_fast_len(ext.shape[1] + 1, real=True)
     products = np.concatenate([ext, np.array([ext[a] * ext[b] for a, b in _pairs(ext.shape[0])])])
     return _Template(name, lo, hi, ext, nfft, scipy.fft.rfft(products, nfft, axis=1))
