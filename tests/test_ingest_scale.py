@@ -125,7 +125,7 @@ def test_metadata_written_in_small_blocks_reads_back_as_one_table(
     survey: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two ingests appending batches of 8, metadata folded 5 rows at a time, give the same table as
-    one block: same rows, labels, objects and splits; iter_meta and live_rows agree with it."""
+    one block: same rows, labels, objects and splits; iter_meta, live_rows and live_surveys agree with it."""
     files = sorted((survey / "spectra").rglob("*.fits"))
     first, second = tmp_path / "in" / "a", tmp_path / "in" / "b"
     for dest, part in ((first, files[:25]), (second, files[25:])):
@@ -150,6 +150,9 @@ def test_metadata_written_in_small_blocks_reads_back_as_one_table(
     blocks = list(b.iter_meta(batch_size=7))
     pd.testing.assert_frame_equal(pd.concat(blocks, ignore_index=True), b.meta)
     np.testing.assert_array_equal(b.live_rows(), b.meta["row"].to_numpy())
+    fresh = open_store(small)  # read from disk, one or two columns only
+    np.testing.assert_array_equal(fresh.live_rows(), b.meta["row"].to_numpy())
+    assert list(fresh.live_surveys()) == list(b.meta["survey"]) == list(b.live_surveys())
     assert list(b.meta["row"]) == sorted(b.meta["row"])
     assert len(b.meta) + len(b.rejected) == len(files)
 

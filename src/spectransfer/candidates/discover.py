@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from pandas.api.types import union_categoricals
 
 from spectransfer.candidates.decision import QSO_CHI2, check_templates, decide, template_cards, to_fit
 from spectransfer.candidates.redshifts import DEFAULT_REFINE, REDSHIFT_COLUMNS, check_refine, redshift_columns
@@ -360,10 +359,14 @@ def _decision(job: _Job, p_qso: np.ndarray, quiet: bool) -> dict[str, np.ndarray
         return decide(p_qso, job.threshold, read, None, job.templates, job.store.grid, bar.advance, surveys)
 
 
-def _surveys(job: _Job) -> pd.Categorical:
-    """Each scored spectrum's survey in row order (a byte a spectrum): its calibration terms."""
-    parts = [pd.Categorical(m["survey"].astype(str)) for m in _meta_blocks(job)]
-    return union_categoricals(parts) if parts else pd.Categorical([])
+def _surveys(job: _Job) -> str | pd.Categorical:
+    """Each scored spectrum's survey in row order (its calibration terms): the one asked for, or
+    the store's survey column alone (a byte a spectrum), in the order ``job.rows`` has."""
+    if job.survey is not None:
+        return job.survey
+    if job.meta is not None:  # rows re-sorted in memory (see _plan)
+        return pd.Categorical(job.meta["survey"].astype(str))
+    return job.store.live_surveys()  # job.rows = live_rows(): meta.parquet's file order
 
 
 def _redshifts(job: _Job, outputs: dict[str, np.ndarray], positive: np.ndarray, quiet: bool) -> dict[str, Any]:

@@ -266,23 +266,38 @@ class Store:
             self._meta = self._sources(read_table(self.path / "meta.parquet", self.schema))
         return self._meta
 
+    def _meta_columns(self, columns: list[str]) -> pa.Table:
+        """Only ``columns`` of meta.parquet, in file order (``survey`` dictionary-encoded)."""
+        path = self.path / "meta.parquet"
+        try:
+            return pq.read_table(path, columns=columns, read_dictionary=["survey"])
+        except Exception as exc:  # noqa: BLE001 - any parquet failure means a damaged store
+            raise StoreError(f"{path}: cannot read ({exc})") from exc
+
     def live_rows(self, survey: str | None = None) -> np.ndarray:
         """The ``row`` column of meta.parquet in file order (of one survey), without reading the rest."""
         if self._meta is not None or not (self.path / "meta.parquet").exists():
             m = self.meta
             keep = (m["survey"] == survey).to_numpy() if survey is not None else slice(None)
             return m["row"].to_numpy(dtype=np.int64)[keep]
-        path = self.path / "meta.parquet"
-        try:
-            import pyarrow.compute as pc
+        import pyarrow.compute as pc
 
-            t = pq.read_table(path, columns=["row", "survey"], read_dictionary=["survey"])
-        except Exception as exc:  # noqa: BLE001 - any parquet failure means a damaged store
-            raise StoreError(f"{path}: cannot read ({exc})") from exc
+        t = self._meta_columns(["row", "survey"])
         rows = t.column("row")
         if survey is not None:
             rows = rows.filter(pc.fill_null(pc.equal(t.column("survey").cast(pa.string()), survey), False))
         return rows.to_numpy().astype(np.int64, copy=False)
+
+    def live_surveys(self) -> pd.Categorical:
+        """The ``survey`` of every row of meta.parquet in file order (as ``live_rows()`` orders
+        them), a byte a spectrum, without reading the rest; a missing survey is ''."""
+        in_memory = self._meta is not None or not (self.path / "meta.parquet").exists()
+        col = (self.meta["survey"] if in_memory else self._meta_columns(["survey"]).column("survey").to_pandas()).astype(
+            "category"
+        )
+        if col.isna().any():
+            col = col.cat.add_categories([c for c in [""] if c not in col.cat.categories]).fillna("")
+        return pd.Categorical(col)
 
     def iter_meta(self, batch_size: int = 65536) -> Iterator[pd.DataFrame]:
         """meta.parquet in file order as conformed frames of at most ``batch_size`` rows (memory: one batch)."""

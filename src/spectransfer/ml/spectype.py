@@ -42,7 +42,7 @@ the best non-quasar χ² minus the best quasar χ²: positive where a quasar fit
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -84,13 +84,16 @@ class SpectypeResult:
     @property
     def qso_side(self) -> np.ndarray:
         """The quasar side's χ²: the quasar PCA, or the broad-line AGN where it counts."""
-        counts = self.broadline_gain > BROADLINE_MIN_GAIN
-        return np.where(counts, np.minimum(self.chi2[:, 0], self.chi2_broadline), self.chi2[:, 0])
+        return _qso_side(self.chi2[:, 0], self.chi2_broadline, self.broadline_gain)
 
     @property
     def best(self) -> np.ndarray:
         """The lowest χ² of the quasar side, the galaxies and the stars."""
         return np.minimum(self.qso_side, self.chi2[:, 1:].min(axis=1))
+
+
+def _qso_side(chi2_qso: np.ndarray, chi2_broadline: np.ndarray, gain: np.ndarray) -> np.ndarray:
+    return np.where(gain > BROADLINE_MIN_GAIN, np.minimum(chi2_qso, chi2_broadline), chi2_qso)
 
 
 @lru_cache(maxsize=4)
@@ -218,9 +221,8 @@ def fit_spectype(
             chi2_bl[sl], gain_bl[sl] = _broadline(f, w, grid, workers, terms, host)
     z = scan.z_of(m_best)
     names = np.array([s.removeprefix("star_").upper() for s in STAR_TYPES])
-    empty = np.zeros(0)
-    res = SpectypeResult(chi2, z, names[star_idx], empty, empty, chi2_bl, gain_bl)
-    sides = np.column_stack([res.qso_side, chi2[:, 1:]])
+    qso_side = _qso_side(chi2[:, 0], chi2_bl, gain_bl)
+    spectype = np.array(FAMILIES)[np.argmin(np.column_stack([qso_side, chi2[:, 1:]]), axis=1)]
     with np.errstate(invalid="ignore"):  # no physical fit at all: inf - inf
-        dchi2 = np.minimum(chi2[:, 1], chi2[:, 2]) - res.qso_side
-    return replace(res, spectype=np.array(FAMILIES)[np.argmin(sides, axis=1)], dchi2_qso=dchi2)
+        dchi2 = np.minimum(chi2[:, 1], chi2[:, 2]) - qso_side
+    return SpectypeResult(chi2, z, names[star_idx], spectype, dchi2, chi2_bl, gain_bl)
