@@ -121,9 +121,10 @@ def test_info_and_ingest_agree_on_the_cuts_of_every_real_file(shared_data: Path,
         assert c["pass"] == (path in kept), (path, c)
         if not c["pass"]:
             assert c["reason"].split("; data cover")[0] == reasons[path]
-    # The LAMOST files whose first pixels carry no data fail on coverage, and info says so.
-    lamost_fail = [c["reason"] for p, c in cuts.items() if "/lamost/" in p and not c["pass"]]
-    assert lamost_fail and all(r.startswith("fails filter: wavemin") for r in lamost_fail)
+    # Every LAMOST file reaches the grid's blue end, the early ones whose low-signal blue
+    # pixels the pipeline zeroed included (the reader gives them back), and info says so.
+    lamost = {p: c for p, c in cuts.items() if "/lamost/" in p}
+    assert lamost and all(c["pass"] for c in lamost.values()), {p: c["reason"] for p, c in lamost.items() if not c["pass"]}
 
 
 def test_info_human_line_ends_with_the_cuts(shared_data: Path) -> None:

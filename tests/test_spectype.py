@@ -77,14 +77,18 @@ def test_chi2_equals_direct_weighted_least_squares(n_poly: int | str) -> None:
 
 
 def test_calibration_terms_are_the_surveys() -> None:
-    """SDSS: a constant; LAMOST: constant, Legendre 1 and 2, and a step at its arm join (5900 A)."""
+    """SDSS: a constant; LAMOST: constant, Legendre 1 and 2, a step at its arm join (5900 A) and
+    a hump over the arms' overlap (5700-5900 A)."""
     sdss, lamost, other = (calibration_terms(GRID, s) for s in ("sdss", "lamost", None))
     assert sdss.shape == other.shape == (1, GRID.n_bins) and np.all(sdss == 1.0)
-    assert lamost.shape == (4, GRID.n_bins) and np.all(lamost[0] == 1.0)
+    assert lamost.shape == (5, GRID.n_bins) and np.all(lamost[0] == 1.0)
     x = np.linspace(-1, 1, GRID.n_bins)
     np.testing.assert_allclose(lamost[2], 1.5 * x**2 - 0.5)
     red = GRID.centers >= 5900.0
     assert lamost[3][red].min() == 1.0 and lamost[3][~red].max() == 0.0 and 0.3 < red.mean() < 0.6
+    inside = (GRID.centers > 5700.0) & (GRID.centers < 5900.0)
+    assert lamost[4][~inside].max() == 0.0 and lamost[4][inside].min() > 0.0 and lamost[4].max() > 0.99
+    assert abs(GRID.centers[np.argmax(lamost[4])] - 5800.0) < 5.0
     with pytest.raises(ValueError, match="constant first"):
         chi2_templates(
             np.ones((1, GRID.n_bins)),
@@ -316,3 +320,26 @@ def test_a_spectrum_without_good_pixels_gets_no_family() -> None:
     got = decide(np.array([0.7]), 0.5, flux, np.zeros_like(flux), "all", GRID)
     assert got["SPECTYPE"].tolist() == [""] and np.isnan(got["DCHI2_QSO"][0])
     assert got["IS_QSO"].tolist() == [True] and got["DECIDED_BY"].tolist() == ["network"]
+
+
+def test_the_arm_overlap_hump_keeps_a_lamost_splice_residual_off_the_quasar_family(real_data: Path) -> None:
+    """A real LAMOST K5 star (DR2, S/N ~8) whose blue and red arms were spliced with a broad
+    hump at 5700-5880 A: fitted without the overlap term the quasar templates take the hump
+    for Mg II at z ~1.08 and win decisively; with LAMOST's own terms the stars win."""
+    from dataclasses import replace
+
+    from spectransfer.candidates.classify import _read
+    from spectransfer.surveys import SURVEYS
+    from spectransfer.surveys.base import register_survey, unregister_survey
+
+    meta, flux, ivar, failed = _read([real_data / "lamost" / "spec-55916-B5591606_sp01-001.fits"], GRID, None)
+    assert not failed and len(meta) == 1  # its zeroed blue end restored, it passes the cuts
+    register_survey(replace(SURVEYS["lamost"], name="lamost-no-overlap", arm_overlap=None))
+    try:
+        without = fit_spectype(flux, ivar, GRID, survey="lamost-no-overlap")
+    finally:
+        unregister_survey("lamost-no-overlap")
+    with_terms = fit_spectype(flux, ivar, GRID, survey="lamost")
+    assert without.spectype[0] == "QSO" and 1.0 < without.z[0, 0] < 1.15
+    assert without.dchi2_qso[0] > margin(without.best, (ivar > 0).sum(axis=1))[0]
+    assert with_terms.spectype[0] == "STAR" and with_terms.dchi2_qso[0] < -margin(with_terms.best, (ivar > 0).sum(axis=1))[0]

@@ -378,7 +378,10 @@ def test_covers_grid_uses_pipeline_range_and_paper_limits(real_data: Path) -> No
     sdss = read_spectrum(real_data / "sdss" / "spec-0266-51602-0001.fits")  # WAVEMIN 3806, WAVEMAX 9202
     assert covers_grid(sdss)
     assert not covers_grid(sdss, Grid(n_bins=2048, wave_min=3700.0, wave_max=8915.0))
-    short = read_spectrum(real_data / "lamost" / "spec-55862-B6212_sp06-049.fits")  # good pixels from 4039 A
+    short = read_spectrum(real_data / "lamost" / "spec-55862-B6212_sp06-049.fits")
+    assert covers_grid(short)  # its zeroed blue end restored by the reader (see restore_zeroed)
+    short.ivar[short.wave < 4039.0] = 0.0  # a blue end without data
+    short.extra["wavemin"] = short.extra["wavemax"] = None  # LAMOST states none: the good pixels decide
     assert not covers_grid(short)
     sdss.extra["wavemin"], sdss.extra["wavemax"] = 3839.7244, 8914.597  # exactly the paper's cut
     assert covers_grid(sdss, DEFAULT_GRID)
@@ -513,3 +516,53 @@ def test_boss_nodata_pixels_with_positive_ivar_are_kept(full_data):
     _, out_iv = resample_record(rec)
     inside = (DEFAULT_GRID.centers > wave[flagged].min()) & (DEFAULT_GRID.centers < wave[flagged].max())
     assert inside.sum() > 200 and np.all(out_iv[inside] > 0)
+
+
+def test_restore_zeroed_gives_back_the_pixels_the_early_lamost_pipeline_zeroed(real_data: Path) -> None:
+    """The early LAMOST pipeline zeroed the ivar of low-signal pixels (flux kept, no flag), so
+    the pixels left are those that scattered high. Emulated on a DR7 file (which keeps its
+    non-positive pixels) made fainter with known noise: the zeroed pixels come back, with their
+    noise to within a third, and the blue end's mean is unbiased again."""
+    from spectransfer.surveys.lamost_image import restore_zeroed
+
+    rec = read_spectrum(real_data / "lamost" / "spec-55859-F5902_sp01-001_dr7.fits.gz")
+    assert rec.extra["restored_pixels"] == 0  # a DR7 file: nothing zeroed to give back
+    rng = np.random.default_rng(3)
+    good = rec.ivar > 0
+    sigma = np.where(good, 1.0 / np.sqrt(np.where(good, rec.ivar, 1.0)), 0.0) * np.sqrt(26.0)
+    flux = rec.flux + rng.normal(size=rec.flux.size) * sigma * 5.0 / np.sqrt(26.0)  # total noise sqrt(26) x the file's
+    ivar_true = np.where(good, 1.0 / np.maximum(sigma, 1e-30) ** 2, 0.0)
+    zeroed = good & (flux <= 0)  # what the early pipeline did
+    ivar_early = np.where(zeroed, 0.0, ivar_true)
+    restored, n = restore_zeroed(flux, ivar_early, np.zeros(flux.size, np.uint32))
+    blue = (rec.wave > 3840) & (rec.wave < 4500)
+    assert zeroed[blue].mean() > 0.2  # the blue end is faint enough for the zeroing to bite
+    assert n >= 0.9 * zeroed.sum() and np.all(restored[~zeroed] == ivar_early[~zeroed])
+    back = zeroed & (restored > 0)
+    ratio = np.sqrt(ivar_true[back] / restored[back])
+    assert 0.75 < np.median(ratio) < 1.33
+    full = flux[blue & good]
+    err = full.std() / np.sqrt(full.size)
+    assert flux[blue & (ivar_early > 0)].mean() - full.mean() > 5 * err  # zeroed: biased high
+    assert abs(flux[blue & (restored > 0)].mean() - full.mean()) < 3 * err  # restored: not
+
+
+def test_early_lamost_files_are_read_with_their_zeroed_blue_ends_restored(real_data: Path) -> None:
+    """DR2 files of faint sources: the pipeline zeroed the ivar below 4237 A (a K5 star) and
+    4692 A (an unclassified source) but kept the flux; the reader gives those pixels back
+    (noise from the flux's own scatter), so the spectra cover the grid; DR7+ files are untouched."""
+    for name, first_good in (("spec-55916-B5591606_sp01-001.fits", 4237.0), ("spec-55919-B5591903_sp01-001.fits", 4692.0)):
+        path = real_data / "lamost" / name
+        with fits.open(path) as hdul:
+            raw_ivar, raw_wave = hdul[0].data[1], hdul[0].data[2]
+        assert raw_wave[raw_ivar > 0][0] > first_good - 1.0  # as the file has it
+        rec = read_spectrum(path)
+        assert rec.extra["restored_pixels"] > 500 and covers_grid(rec)
+        blue = (rec.wave > 3840) & (rec.wave < first_good - 10)
+        assert np.all(rec.ivar[blue] > 0) or np.mean(rec.ivar[blue] > 0) > 0.95
+        # the restored noise joins the pipeline's own at the first pixels it kept
+        near = (rec.wave > first_good) & (rec.wave < first_good + 200) & (raw_ivar > 0)
+        just_below = (rec.wave > first_good - 200) & (rec.wave < first_good) & (raw_ivar == 0)
+        assert 0.4 < np.median(rec.ivar[just_below]) / np.median(raw_ivar[near]) < 2.5
+    for name in ("spec-58397-EG014118N254444M01_sp03-031.fits", "spec-59517-EG025613N082253M02_sp08-200.fits.gz"):
+        assert read_spectrum(real_data / "lamost" / name).extra["restored_pixels"] == 0

@@ -154,8 +154,10 @@ class Survey:
     WAVEMAX) a spectrum must reach on the default grid (scaled for other grids).
     ``calibration_order``: the Legendre order of the smooth flux-calibration error its spectra
     carry beyond a scale (0: a constant only); ``arm_join``: the wavelength (Angstrom) where two
-    spectrograph arms are spliced with their own scales, or None. The template families
-    (``ml.spectype``) fit both as nuisance terms, every family alike.
+    spectrograph arms are spliced with their own scales, or None; ``arm_overlap``: the
+    (start, end) in Angstrom of the range both arms cover, where the splice leaves residuals of
+    either sign, or None. The template families (``ml.spectype``) fit all three as nuisance
+    terms, every family alike.
     """
 
     name: str
@@ -166,6 +168,7 @@ class Survey:
     coverage: tuple[float, float] = PAPER_COVERAGE
     calibration_order: int = 0
     arm_join: float | None = None
+    arm_overlap: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         names = [c for c, _ in self.id_columns]

@@ -5,8 +5,9 @@ most releases, but the earliest (pipeline v2.6) files carry 'Subcontinuum' in ro
 the wavelength; then the wavelength comes from the log-linear COEFF0/COEFF1 keywords.
 LAMOST wavelengths are vacuum and the flux is relative (not absolutely calibrated).
 Header ids: OBSID (absent before DR3), LMJD, PLANID, SPID, FIBERID. CLASS 'Unknown',
-SUBCLASS 'Non' and Z = -9999 are missing values and become None. The header parsing here is
-shared with the DR8+ COADD reader.
+SUBCLASS 'Non' and Z = -9999 are missing values and become None. The header parsing here,
+and the restoration of the pixels the early pipeline zeroed (``restore_zeroed``), are shared
+with the DR8+ COADD reader.
 """
 
 from __future__ import annotations
@@ -38,8 +39,14 @@ from spectransfer.surveys.fitsfile import FitsFile, Header
 # calibration is good to ~10% in broad-band shape (Du et al. 2016, ApJS 227, 27), and each
 # spectrum is spliced from a blue (3700-5900 A) and a red arm (5700-9000 A; Cui et al. 2012,
 # RAA 12, 1197) whose scales differ: the template fits carry a quadratic calibration and a
-# red-arm step at ARM_JOIN (the simulator's LAMOST instrument draws both errors there).
+# red-arm step at ARM_JOIN (the simulator's LAMOST instrument draws both errors there), and a
+# free feature over the arms' overlap ARM_OVERLAP, where the splice leaves residuals: in the
+# real files of ../shared/data their excess over the continuum across 5700-5930 A is a few A
+# of equivalent width in most (|EW| < 7 A in 17 of 19 with data there, up to 31 sigma at high
+# S/N) and 32 and 76 A in two faint DR2 files, a broad hump that the quasar templates took for
+# Mg II at z 1.08 in a K5 star.
 ARM_JOIN = 5900.0
+ARM_OVERLAP = (5700.0, 5900.0)
 LAMOST = register_survey(
     Survey(
         name="lamost",
@@ -49,6 +56,7 @@ LAMOST = register_survey(
         zwarning_cut=False,
         calibration_order=2,
         arm_join=ARM_JOIN,
+        arm_overlap=ARM_OVERLAP,
     )
 )
 
@@ -118,6 +126,7 @@ def lamost_record(
             raise SpectrumError(path, f"header lacks keyword {key}")
     if get("VACUUM") is False:
         wave = air_to_vacuum(wave)
+    ivar, restored = restore_zeroed(flux, ivar, mask)
     obsid = missing_int(get("OBSID"))
     extra: dict[str, Any] = {
         "wavemin": None,  # LAMOST states no coverage: taken from the good pixels
@@ -129,6 +138,7 @@ def lamost_record(
         "designation": missing_str(get("DESIG")),
         "objtype": missing_str(get("OBJTYPE")),
         "data_release": missing_str(get("DATA_V")),
+        "restored_pixels": restored,
     }
     return SpectrumRecord(
         path=path,
@@ -154,6 +164,72 @@ def lamost_record(
         flux_unit=FLUX_UNIT,
         extra=extra,
     )
+
+
+# The early LAMOST 1-D pipeline (DR1-DR2 files, pipeline v2.6-2.7, no DATA_V keyword) sets the
+# inverse variance of low-signal pixels to 0 without an ANDMASK flag while keeping their flux:
+# in the 16 such files of ../shared/data no pixel with ivar > 0 has flux <= 0 (DR7-DR10 files:
+# 1-2% do), and at low S/N whole blue ends are zeroed (first pixel with ivar > 0 at 4039-4692 A
+# in 4 of them; the flux is there, down to 3700 A). Taken as it is, such a spectrum fails the
+# coverage cut, or is read from the pixels that scattered high only (a bluer, brighter blue end
+# than the source's: two of those files, a K7 star and an unclassified source, scored P(QSO)
+# 0.57 and 0.72). The paper's own reader used every pixel's flux. So a zeroed pixel with flux
+# and no flag, where the signal around it is low (local S/N < RESTORE_MAX_SNR), gets its
+# variance back from the scatter of the flux around it (the DER_SNR estimator, Stoehr et al.
+# 2008, ASPC 394, 505, over blocks of RESTORE_BLOCK pixels) scaled to the pipeline's
+# own noise where it gave one. Zeroed pixels at high S/N (the fixed telluric mask 7580-7680 A,
+# cores of strong absorption lines in bright stars) stay masked.
+RESTORE_MAX_SNR = 5.0
+RESTORE_BLOCK = 81  # pixels (~1e-4 dex each) per block of the local noise and signal estimates
+_DER_SNR = 1.482602 / np.sqrt(6.0)  # median |2f_i - f_i-2 - f_i+2| of unit Gaussian noise -> sigma
+
+
+def restore_zeroed(flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """(ivar with the unflagged low-signal pixels the pipeline zeroed given back, their number).
+
+    The local noise (DER_SNR) and signal (median flux) are block medians over RESTORE_BLOCK
+    pixels, interpolated between block centres. Works on the reader's raw arrays (any float
+    dtype, NaN possible); ``ivar`` is returned as it came (not copied) when no pixel qualifies."""
+    f = np.asarray(flux, dtype=np.float64)
+    iv = np.asarray(ivar, dtype=np.float64)
+    has = np.isfinite(f) & (f != 0.0)
+    cand = ~(iv > 0) & (np.asarray(mask) == 0) & has
+    if not cand.any():
+        return ivar, 0
+    fv = np.where(has, f, np.nan)
+    second = np.full(f.shape, np.nan)
+    second[2:-2] = np.abs(2.0 * fv[2:-2] - fv[:-4] - fv[4:])
+    sigma = _DER_SNR * _block_median(second)
+    level = _block_median(fv)
+    good = (iv > 0) & np.isfinite(iv) & (sigma > 0)
+    ratio = 1.0 / np.sqrt(iv[good]) / sigma[good] if good.any() else np.ones(1)
+    scale = float(np.clip(np.median(ratio), 0.5, 2.0))  # DER_SNR -> the pipeline's noise convention
+    cand &= (sigma > 0) & (np.abs(level) < RESTORE_MAX_SNR * sigma)
+    if not cand.any():
+        return ivar, 0
+    out = np.array(iv, copy=True)
+    out[cand] = 1.0 / (scale * sigma[cand]) ** 2
+    return out.astype(np.asarray(ivar).dtype, copy=False), int(cand.sum())
+
+
+def _block_median(values: np.ndarray) -> np.ndarray:
+    """Per pixel: the medians of RESTORE_BLOCK-pixel blocks of ``values`` (NaN ignored; blocks
+    with fewer than a quarter finite left out), interpolated linearly between the blocks'
+    centres (constant beyond the first and last); NaN everywhere when no block qualifies."""
+    n, w = values.size, RESTORE_BLOCK
+    nb = -(-n // w)
+    v = np.full(nb * w, np.inf)
+    ok = np.isfinite(values)
+    v[:n] = np.where(ok, values, np.inf)
+    v = np.sort(v.reshape(nb, w), axis=1)
+    k = np.isfinite(v).sum(axis=1)
+    rows = np.arange(nb)
+    med = 0.5 * (v[rows, np.clip((k - 1) // 2, 0, w - 1)] + v[rows, np.clip(k // 2, 0, w - 1)])
+    use = k >= w // 4
+    if not use.any():
+        return np.full(n, np.nan)
+    centres = rows * w + 0.5 * (np.minimum(rows * w + w, n) - rows * w - 1)
+    return np.interp(np.arange(n), centres[use], med[use])
 
 
 def _snr(get: Any) -> float | None:
