@@ -177,6 +177,33 @@ def test_files_read_back_with_the_package_readers(sdss_sim: Path, lamost_sim: Pa
             assert rec.ra == pytest.approx(t.ra, abs=1e-5) and rec.dec == pytest.approx(t.dec, abs=1e-5)
 
 
+def test_lamost_files_carry_the_early_pipelines_zeroed_low_signal_pixels(lamost_sim: Path) -> None:
+    """As in the real DR1-DR2 files, about half the simulated LAMOST files (zeroed_share 0.5)
+    have low-signal pixels whose ivar was zeroed without a flag, flux kept, and no pixel with
+    ivar > 0 and flux <= 0; the others keep their non-positive pixels. The reader gives the
+    zeroed pixels back, so the spectra cover the grid."""
+    from spectransfer.surveys.base import covers_grid
+
+    truth = _truth(lamost_sim)
+    early, kept_nonpositive, restored, covered = [], [], [], []
+    for path in truth["path"]:
+        with fits.open(lamost_sim / path) as hdul:
+            flux, ivar, _wave, andmask = (np.asarray(r, dtype=np.float64) for r in hdul[0].data[:4])
+        zeroed = (ivar == 0) & (andmask == 0) & (flux != 0)
+        nonpositive = (ivar > 0) & (flux <= 0)
+        early.append(zeroed.any())
+        kept_nonpositive.append(nonpositive.any())
+        rec = read_spectrum(lamost_sim / path)
+        restored.append(rec.extra["restored_pixels"])
+        covered.append(covers_grid(rec))
+    early_a, kept_a, restored_a = np.array(early), np.array(kept_nonpositive), np.array(restored)
+    assert 0.3 < early_a.mean() < 0.6
+    assert not (early_a & kept_a).any()  # the early pipeline's rule: no kept pixel <= 0
+    assert kept_a[~early_a].mean() > 0.3  # the later one keeps them
+    assert np.all(restored_a[~early_a] == 0) and np.mean(restored_a[early_a] > 0) > 0.9
+    assert np.mean(covered) > 0.97
+
+
 def test_catalogues_have_real_columns_and_load_with_the_catalogue_reader(sdss_sim: Path, lamost_sim: Path) -> None:
     from spectransfer.data.catalogs import load_catalog
 

@@ -63,13 +63,16 @@ class Instrument:
     ``arm_join`` (A) and ``arm_rms`` describe a blue/red arm join with a relative scale error;
     the sensitivity and the sky are measured on real files (``instrument_curves``).
     The pixel defects seen in the real files (``../shared/data``, 17 LAMOST and 27 SDSS):
-    ``blue_loss`` is the share of spectra whose blue end is lost over ``blue_loss_px``
-    pixels (LAMOST: 4 of 17 lose 380-1030 pixels below 4000-4700 A, a failed or unexposed
-    blue-arm start); ``fixed_gaps`` are wavelength ranges masked in a share of spectra
+    ``zeroed_share`` is the share of spectra whose pipeline zeroed the inverse variance of
+    low-signal pixels, unflagged, keeping their flux (LAMOST DR1-DR2, pipeline v2.6-2.7: in
+    the 16 such real files no pixel with ivar > 0 has flux <= 0, and faint ones lose their
+    whole blue end below 4000-4700 A that way; the readers give those pixels back, see
+    ``surveys.lamost_image.restore_zeroed``): a pixel is zeroed where any of
+    ``n_exposures`` exposures averaged into it was <= 0; ``fixed_gaps`` are wavelength ranges masked in a share of spectra
     (LAMOST DR1-DR3: 7580-7680 A in 9 of 17); ``long_gap`` is the share that loses a long
     stretch anywhere (1 of 17 LAMOST lost 5600-7540 A); ``red_nodata_px`` bounds the red
     pixels without data (LAMOST: 13-50 in 14 of 17 files; more would end the spectrum short of
-    the grid's 8915 A, and such spectra are cut at ingest like the blue-end losses).
+    the grid's 8915 A, and such spectra are cut at ingest).
     """
 
     name: str
@@ -83,8 +86,8 @@ class Instrument:
     arm_join: float | None = None
     arm_rms: float = 0.0
     dloglam: float = 1e-4
-    blue_loss: float = 0.0
-    blue_loss_px: tuple[int, int] = (0, 0)
+    zeroed_share: float = 0.0
+    n_exposures: int = 3
     fixed_gaps: tuple[tuple[float, float, float], ...] = ()
     long_gap: float = 0.01
     red_nodata_px: tuple[int, int] = (2, 30)
@@ -150,8 +153,7 @@ LAMOST = Instrument(
     calib_rms=0.07,
     arm_join=ARM_JOIN,  # blue arm 3700-5900 A, red arm 5700-9100 A
     arm_rms=0.06,
-    blue_loss=0.2,
-    blue_loss_px=(300, 1100),
+    zeroed_share=0.5,
     fixed_gaps=((7580.0, 7680.0, 0.5),),
     long_gap=0.05,
     red_nodata_px=(10, 60),
@@ -385,15 +387,12 @@ def observe(
     for lo, hi, share in inst.fixed_gaps:
         in_gap = (wave >= lo) & (wave <= hi)
         bad[np.ix_(rng.random(n) < share, in_gap)] = True
-    if inst.blue_loss > 0:
-        lost = np.nonzero(rng.random(n) < inst.blue_loss)[0]
-        n_lost = rng.integers(inst.blue_loss_px[0], inst.blue_loss_px[1] + 1, lost.size)
-        for r, k in zip(lost, n_lost):
-            bad[r, :k] = True
     rej_bit = np.int32(SDSS_FULLREJECT if inst.name == "sdss" else LAMOST_BADCCD)
     and_mask |= bad * rej_bit
     or_mask |= bad * rej_bit
     ivar[bad] = 0.0
+    if inst.zeroed_share > 0:
+        _zero_low_signal(rng, inst, flux, ivar, sigma, rng.random(n) < inst.zeroed_share)
 
     # The ends: SDSS spectra start and stop a few pixels apart (per fibre); LAMOST writes the
     # full grid with zero flux and ivar where the red end has no data.
@@ -441,6 +440,30 @@ def observe(
         first=first,
         last=last,
     )
+
+
+def _zero_low_signal(
+    rng: np.random.Generator, inst: Instrument, flux: np.ndarray, ivar: np.ndarray, sigma: np.ndarray, rows: np.ndarray
+) -> None:
+    """Zero, in place and without a flag, the ivar of ``rows``' pixels where any of the
+    instrument's ``n_exposures`` equal exposures averaged into the pixel was <= 0: each
+    exposure is the coadd plus a zero-mean deviation (exposure noise sigma * sqrt(k), less
+    the k exposures' mean, which the coadd already holds)."""
+    idx = np.flatnonzero(rows)
+    if not idx.size:
+        return
+    k = inst.n_exposures
+    f, s = flux[idx], sigma[idx] * np.sqrt(k)
+    lowest = np.full(f.shape, np.inf)
+    total = np.zeros(f.shape)
+    for _ in range(k):
+        d = rng.standard_normal(f.shape) * s
+        lowest = np.minimum(lowest, d)
+        total += d
+    zero = f + lowest - total / k <= 0.0
+    sub = ivar[idx]
+    sub[zero] = 0.0
+    ivar[idx] = sub
 
 
 def _masked_median(values: np.ndarray, good: np.ndarray) -> np.ndarray:
