@@ -99,8 +99,18 @@ def read_lamost(path: Path, wave: np.ndarray) -> np.ndarray | None:
         return None
     flux = median_filter(np.asarray(rec.flux, dtype=np.float64), 31, mode="nearest")
     ivar = np.asarray(rec.ivar, dtype=np.float64)
+    if rec.extra.get("restored_pixels"):  # the pipeline's own variances only, not the reader's restored ones
+        ivar = np.where(_pipeline_ivar(path) > 0, ivar, 0.0)
     sens = np.where((ivar > 0) & (flux > 0), flux * ivar, np.nan)
     return _relative(wave, np.interp(wave, np.asarray(rec.wave), sens, left=np.nan, right=np.nan), *GRID_RANGE)
+
+
+def _pipeline_ivar(path: Path) -> np.ndarray:
+    """A LAMOST file's inverse variance as written (image row 1, or the COADD table's IVAR)."""
+    with fits.open(path) as hdul:
+        if hdul[0].data is not None and hdul[0].data.ndim == 2:
+            return np.asarray(hdul[0].data[1], dtype=np.float64)
+        return np.asarray(hdul[1].data["IVAR"][0], dtype=np.float64)
 
 
 def smooth(curve: np.ndarray) -> np.ndarray:
