@@ -707,6 +707,26 @@ def test_templates_reproduce_the_redrock_archetype_spectra(shared_data: Path) ->
         assert np.max(np.abs(got - ref) / scale) < 1e-3, name
 
 
+def test_quasar_uv_continua_follow_the_sdss_population() -> None:
+    """The LOZ quasar draws blueward of rest 4200 A, where the four real quasars behind their
+    coefficients did not reach, take the SDSS quasars' slope (alpha_nu = -0.44 +- 0.30, Vanden
+    Berk et al. 2001): at z = 1 the observed 4100-4500 / 7300-7700 A flux ratio (rest ~2150 /
+    3750 A) has the composite's value, (2150/3750)^-1.56 = 2.4, at its median and no quasar
+    bluer than the population allows (the earlier draws: median 4.7, 10% above 11)."""
+    from spectransfer.simulate import templated
+
+    rng = np.random.default_rng(4)
+    loglam = np.log10(3800.0) + 1e-4 * np.arange(3800)
+    wave = 10.0**loglam
+    n = 600
+    spec = templated.quasar_model(rng, loglam, np.full(n, 1.0), np.zeros(n), lambda rest: np.zeros_like(rest), 0.5e-4)
+    blue, red = (wave > 4100) & (wave < 4500), (wave > 7300) & (wave < 7700)
+    ratio = np.median(spec[:, blue], axis=1) / np.median(spec[:, red], axis=1)
+    composite = (2150.0 / 3750.0) ** -1.56
+    assert abs(np.median(ratio) / composite - 1.0) < 0.2
+    assert np.percentile(ratio, 95) < 2.0 * composite and np.percentile(ratio, 5) > 0.5 * composite
+
+
 def test_low_z_quasars_carry_host_light(sdss_sim: Path) -> None:
     """Quasars below z = 0.4 have host light recorded in the truth; above z = 1.5 none; the
     host share grows toward low redshift (Shen et al. 2011 host/AGN ratio vs luminosity)."""
