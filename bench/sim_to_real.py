@@ -34,7 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 EDGE_CASES = {
-    "spec-7457-56746-0001.fits": "z=6.39 ZWARNING=5",
+    "spec-7457-56746-0001.fits": "a sky fibre: OBJTYPE SKY, ZWARNING=5 (SKY), pipeline QSO z=6.39",
     "spec-8851-57460-0020.fits": "QSO at z=0.0018",
     "spSpec-51630-0266-638.fit": "target QSO, pipeline GALAXY",
 }

@@ -13,27 +13,47 @@ from spectransfer.evaluation.reality import reality_check
 from test_discover import _run
 
 
+def _with_a_cut_file(real_data: Path, out: Path) -> list[Path]:
+    """The real files' folders and a third folder holding one LAMOST file whose blue end is
+    flagged bad (BADCCD, ivar 0): a spectrum classify's coverage cut refuses."""
+    (out / "cut").mkdir(parents=True)
+    with fits.open(real_data / "lamost" / "spec-55862-B6212_sp06-049.fits") as hdul:
+        hdr, image = hdul[0].header.copy(), hdul[0].data.copy()
+    image[1, :400] = 0.0
+    image[3, :400] = 1  # ANDMASK BADCCD: a flagged loss, which the reader does not restore
+    hdr["FIBERID"] = 250
+    fits.PrimaryHDU(image, header=hdr).writeto(out / "cut" / "spec-55862-B6212_sp06-250.fits")
+    return [real_data / "sdss", real_data / "lamost", out / "cut"]
+
+
 def test_reality_check_counts_by_the_files_own_class(real_data: Path, tmp_path: Path) -> None:
     run = _run(tmp_path / "run", seed=5, grid=DEFAULT_GRID)
-    rep = reality_check(run, [real_data / "sdss", real_data / "lamost"], threshold=0.5, engine="onnx", refine="none")
+    folders = _with_a_cut_file(real_data, tmp_path / "extra")
+    rep = reality_check(run, folders, threshold=0.5, engine="onnx", refine="none")
     files = {r["file"]: r for r in rep["files"]}
-    n_files = len(list((real_data / "sdss").iterdir())) + len(list((real_data / "lamost").iterdir()))
+    n_files = len(list((real_data / "sdss").iterdir())) + len(list((real_data / "lamost").iterdir())) + 1
     assert len(files) + len(rep["not_scored"]) == n_files
     # the reference: each SDSS spec file's own HDU2 CLASS
     for f in sorted((real_data / "sdss").glob("spec-*.fits")):
         with fits.open(f) as hdul:
-            assert files[f.name]["pipeline_class"] == str(hdul[2].data["CLASS"][0]).strip().upper()
+            sky = int(hdul[2].data["ZWARNING"][0]) & 1
+            assert files[f.name]["pipeline_class"] == (None if sky else str(hdul[2].data["CLASS"][0]).strip().upper())
     assert files["spec-55919-B5591903_sp01-001.fits"]["pipeline_class"] is None  # LAMOST 'Unknown': not counted
     # the headline counts what classify itself accepts; the files its cuts refuse are scored
     # with the cuts off, carry the reason, and count in the all_files_* figures only
     labelled = [r for r in files.values() if r["pipeline_class"] is not None]
     counted = [r for r in labelled if r["cut"] is None]
     cut = [r for r in files.values() if r["cut"] is not None]
-    assert cut and rep["n_cut"] == len(cut) and all(r["cut"].startswith("fails filter") for r in cut)
-    refused = {Path(f).name for f, _ in classify(run, [real_data / "sdss", real_data / "lamost"], refine="none").failed}
-    assert {r["file"] for r in cut} <= refused
+    assert [r["file"] for r in cut] == ["spec-55862-B6212_sp06-250.fits"] and rep["n_cut"] == 1
+    assert cut[0]["cut"].startswith("fails filter: wavemin")
+    refused = {Path(f).name for f, _ in classify(run, folders, refine="none").failed}
+    assert {r["file"] for r in cut} == refused
     assert all("zwarning" not in r["cut"] for r in cut)  # classify scores ZWARNING != 0 files
     assert files["spec-7457-56746-0001.fits"]["cut"] is None and files["spec-7457-56746-0001.fits"]["is_qso"] is not None
+    # a BOSS sky fibre (ZWARNING bit 0 SKY; its header's OBJTYPE is SKY): scored, not counted as the QSO the pipeline fitted
+    with fits.open(real_data / "sdss" / "spec-7457-56746-0001.fits") as hdul:
+        assert hdul[2].data["OBJTYPE"][0].strip() == "SKY" and int(hdul[2].data["ZWARNING"][0]) & 1
+    assert files["spec-7457-56746-0001.fits"]["pipeline_class"] is None
     assert rep["n_real"] == len(counted) == sum(c["n"] for c in rep["per_class"].values())
     assert rep["all_files_n"] == len(labelled)
     everything = [r for r in labelled if r["pipeline_class"] == "QSO"]

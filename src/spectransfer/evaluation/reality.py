@@ -5,10 +5,11 @@ it. This classifies real files (``classify``, the same reading and resampling as
 compares its IS_QSO (P(QSO) >= threshold weighed with the template families' evidence, or the
 family where its fit is decisive; the network alone is reported beside it) with the class the survey
 pipeline gave each file (QSO or not; a
-file the pipeline left unclassified is listed but not counted). The headline figures count the
+file the pipeline left unclassified, or flagged as a sky fibre, is listed but not counted). The headline figures count the
 files the tool itself classifies, i.e. those that pass classify's cuts (the paper's coverage of
 the grid; a pipeline ZWARNING is flagged, not refused): a spectrum whose blue end is lost is
-refused with that reason by ``classify`` and ``ingest``, not called a quasar or a star. Those
+refused with that reason by ``classify`` and ``ingest``, not called a quasar or a star (a blue
+end the early LAMOST pipeline zeroed for low signal is given back by the reader and counts). Those
 files are still scored with the cuts off, listed with their reason, and counted in the
 ``all_files_*`` figures. Used by
 ``spectransfer demo`` on the real files shipped in ``tests/data`` and by
@@ -129,10 +130,18 @@ def reality_at_depth(
     return out
 
 
+# SDSS ZWARNING bit 0, SKY: the fibre was placed on blank sky. The pipeline still fits it and
+# names a class (a BOSS sky fibre in the shared files: CLASS QSO at z 6.39, S/N 0.26, OBJTYPE
+# SKY), but that class names no object, so such a file is listed and not counted.
+ZWARNING_SKY = 1
+
+
 def _file_row(r: pd.Series) -> dict[str, Any]:
     cls = r.get("CLASS")
     cls = None if cls is None or pd.isna(cls) else str(cls).strip().upper()
-    known = cls not in (None, "", "UNKNOWN")
+    zwarning = r.get("ZWARNING")
+    sky = zwarning is not None and not pd.isna(zwarning) and int(zwarning) >= 0 and bool(int(zwarning) & ZWARNING_SKY)
+    known = cls not in (None, "", "UNKNOWN") and not sky
     truth = cls == "QSO"
     said = bool(r["IS_QSO"])
     z_pred, z_pipe = r.get("Z_PRED"), r.get("Z")
