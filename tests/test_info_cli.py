@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,9 @@ def test_info_json_missing_values_are_null(real_data: Path) -> None:
     assert obj["class"] is None and obj["subclass"] is None and obj["z"] is None
     assert obj["ids"]["obsid"] is None and obj["ids"]["planid"] == "B5591903"
     assert '"z": null' in result.stdout
+    # a DR2 file whose blue end the pipeline zeroed for low signal: it passes, and info says what the reader gave back
+    assert obj["cuts"]["pass"] and obj["cuts"]["reason"].startswith("passes; data cover 3700.0-")
+    assert re.search(r"\((\d+) zeroed low-signal pixels restored\)", obj["cuts"]["reason"])
 
 
 def test_info_goes_on_after_a_bad_file_and_exits_1(real_data: Path, tmp_path: Path) -> None:

@@ -193,11 +193,14 @@ def quality_failure(rec: Any, options: IngestOptions, grid: Grid = DEFAULT_GRID)
 
 def passes_cuts(rec: Any, options: IngestOptions | None = None, grid: Grid = DEFAULT_GRID) -> tuple[bool, str]:
     """(passes, why) for one record under the ingest cuts: :func:`quality_failure` itself, plus the
-    coverage it judged (pipeline WAVEMIN/WAVEMAX where stated, else the pixels with data), so
-    ``info`` and ``ingest`` can never disagree."""
+    coverage it judged (pipeline WAVEMIN/WAVEMAX where stated, else the pixels with data, and how
+    many of those the reader restored), so ``info`` and ``ingest`` can never disagree."""
     failure = quality_failure(rec, options or IngestOptions(), grid)
     wmin, wmax = record_coverage(rec)
     cov = f"data cover {wmin:.1f}-{wmax:.1f} A"
+    restored = (rec.extra or {}).get("restored_pixels")
+    if restored:  # early LAMOST files: pixels the pipeline zeroed for low signal, given back by the reader
+        cov += f" ({restored} zeroed low-signal pixels restored)"
     if failure is None:
         return True, f"passes; {cov}"
     return False, f"{failure}; {cov}"
