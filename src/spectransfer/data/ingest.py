@@ -198,7 +198,7 @@ def passes_cuts(rec: Any, options: IngestOptions | None = None, grid: Grid = DEF
     failure = quality_failure(rec, options or IngestOptions(), grid)
     wmin, wmax = record_coverage(rec)
     cov = f"data cover {wmin:.1f}-{wmax:.1f} A"
-    restored = (rec.extra or {}).get("restored_pixels")
+    restored = rec.extra.get("restored_pixels")
     if restored:  # early LAMOST files: pixels the pipeline zeroed for low signal, given back by the reader
         cov += f" ({restored} zeroed low-signal pixels restored)"
     if failure is None:

@@ -296,7 +296,9 @@ class Store:
             "category"
         )
         if col.isna().any():
-            col = col.cat.add_categories([c for c in [""] if c not in col.cat.categories]).fillna("")
+            if "" not in col.cat.categories:
+                col = col.cat.add_categories([""])
+            col = col.fillna("")
         return pd.Categorical(col)
 
     def iter_meta(self, batch_size: int = 65536) -> Iterator[pd.DataFrame]:

@@ -117,17 +117,16 @@ def calibration_terms(grid: Grid = DEFAULT_GRID, survey: str | None = None) -> n
     (sin² across the range, 0 outside: the splice's residual, of either sign). Unknown or no
     survey: the constant."""
     info = SURVEYS.get(survey or "")
-    order = info.calibration_order if info is not None else 0
-    terms = np.polynomial.legendre.legvander(np.linspace(-1.0, 1.0, grid.n_bins), order).T
-    join = info.arm_join if info is not None else None
-    if join is not None and grid.wave_min < join < grid.wave_max:
-        terms = np.vstack([terms, (grid.centers >= join).astype(np.float64)])
-    overlap = info.arm_overlap if info is not None else None
-    if overlap is not None and grid.wave_min < overlap[0] and overlap[1] < grid.wave_max:
-        lo, hi = overlap
-        inside = (grid.centers > lo) & (grid.centers < hi)
-        hump = np.where(inside, np.sin(np.pi * (grid.centers - lo) / (hi - lo)) ** 2, 0.0)
-        terms = np.vstack([terms, hump])
+    terms = np.polynomial.legendre.legvander(np.linspace(-1.0, 1.0, grid.n_bins), info.calibration_order if info else 0).T
+    if info is not None:
+        join, overlap = info.arm_join, info.arm_overlap
+        if join is not None and grid.wave_min < join < grid.wave_max:
+            terms = np.vstack([terms, (grid.centers >= join).astype(np.float64)])
+        if overlap is not None and grid.wave_min < overlap[0] and overlap[1] < grid.wave_max:
+            lo, hi = overlap
+            inside = (grid.centers > lo) & (grid.centers < hi)
+            hump = np.where(inside, np.sin(np.pi * (grid.centers - lo) / (hi - lo)) ** 2, 0.0)
+            terms = np.vstack([terms, hump])
     terms.setflags(write=False)
     return terms
 

@@ -22,8 +22,8 @@ real spectra look like rather than hand-built caricatures:
   alpha_lambda -2.5 and 5% below -4.5, bluer than any quasar population, and the simulated
   z 0.9-1.3 quasars' observed 4100-4500 / 7300-7700 A flux ratio median 3.8 (10% above 12)
   where the composite gives 2.4 and the real z 0.97 quasar of the shared files 1.4. So each
-  LOZ draw's continuum is bent blueward of rest 3000 A (f_lambda times (lambda/3000)^d there)
-  to a 2200-3000 A slope drawn from the SDSS quasars' (alpha_nu = QSO_ALPHA_NU, Vanden Berk
+  LOZ draw's continuum is bent blueward of rest 3025 A (f_lambda times (lambda/3025)^d there,
+  3025 A the centre of the red slope window) to a 2200-3000 A slope drawn from the SDSS quasars' (alpha_nu = QSO_ALPHA_NU, Vanden Berk
   et al. 2001, AJ 122, 549; spread as Richards et al. 2003, AJ 126, 1131); redward of 3000 A,
   which the real quasars' spectra covered, the draws are kept (bending from 4200 A instead
   reddened their 3000-4200 A shape too, and the demo's network lost real z 0.4-0.5 quasars
@@ -192,12 +192,13 @@ def set_uv_slope(rng: np.random.Generator, tpl: Template, rest: np.ndarray) -> n
     (b_lo, b_hi), (r_lo, r_hi) = SLOPE_WINDOWS
     blue, red = _window_mean(tpl, rest, b_lo, b_hi), _window_mean(tpl, rest, r_lo, r_hi)
     lever = np.log(0.5 * (b_lo + b_hi) / (0.5 * (r_lo + r_hi)))
-    ok = (blue > 0) & (red > 0)
-    alpha = np.where(ok, np.log(np.where(ok, blue / np.where(red > 0, red, 1.0), 1.0)) / lever, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a window <= 0: that row is left as drawn
+        alpha = np.log(blue / red) / lever
     target = -2.0 - rng.normal(QSO_ALPHA_NU[0], QSO_ALPHA_NU[1], rest.shape[0])
     pivot = 0.5 * (r_lo + r_hi)
     bend = np.log(np.minimum(tpl.wave, pivot) / pivot)  # 0 redward of the pivot
-    return rest * np.exp(np.where(ok, target - alpha, 0.0)[:, None] * bend[None, :])
+    delta = np.where((blue > 0) & (red > 0), target - alpha, 0.0)
+    return rest * np.exp(delta[:, None] * bend[None, :])
 
 
 def host_model(rng: np.random.Generator, loglam: np.ndarray, z: np.ndarray, flux5100: np.ndarray) -> np.ndarray:
