@@ -20,8 +20,10 @@ surveys reach a median S/N of ~1 per pixel, most shared files are bright; the JS
 then carries "depth": {level: recall and false-positive rates, decision and network alone}.
 
 Edge cases among the shared real files (PROVENANCE.md), flagged in the per-file lines: a QSO
-at z = 6.39 with ZWARNING = 5 (unreliable pipeline answer), a "QSO" at z = 0.0018, and an
-spSpec whose target type was QSO but whose pipeline class is GALAXY.
+at z = 6.39 with ZWARNING = 5 (a sky fibre, listed and not counted), a "QSO" at z = 0.0018
+(counted as the pipeline labels it, although its position is that of SN 2000ch, a luminous
+blue variable star in NGC 3432: Wagner et al. 2004, PASP 116, 326), and an spSpec whose target
+type was QSO but whose pipeline class is GALAXY.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 EDGE_CASES = {
     "spec-7457-56746-0001.fits": "a sky fibre: OBJTYPE SKY, ZWARNING=5 (SKY), pipeline QSO z=6.39",
-    "spec-8851-57460-0020.fits": "QSO at z=0.0018",
+    "spec-8851-57460-0020.fits": "pipeline QSO at z=0.0018, at the position of SN 2000ch, a luminous blue variable star in NGC 3432",
     "spSpec-51630-0266-638.fit": "target QSO, pipeline GALAXY",
+    "spec-8958-57514-0135.fits": "pipeline QSO z=0.098 from one narrow line (sigma 265 km/s) at PSF r 22.4 (M_r ~ -16 at that z); its non-QSO answer: a galaxy at z=0.934 ([O II])",
 }
 
 

@@ -67,14 +67,16 @@ def _loop_reference(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
     """The best χ² of each family per spectrum by np.linalg.lstsq at every trial."""
     from spectransfer.config import DEFAULT_GRID as GRID
     from spectransfer.ml.refine import _scan, template_on_grid
-    from spectransfer.ml.spectype import STAR_TYPES, _trials
+    from spectransfer.ml.spectype import STAR_LINE_FWHM_KMS, STAR_LINES, STAR_TYPES, _trials, _with_lines
 
     grid_n = flux.shape[1]
     tr = _trials(GRID)
     fams = [[(t, tr["qso"][(tr["qso"] >= t.lo) & (tr["qso"] < t.hi)]) for t in _scan(GRID).templates]]
     fams.append([(template_on_grid("galaxy", 0, int(tr["galaxy"][-1]) + 1, GRID), tr["galaxy"])])
     lo, hi = int(tr["star"][0]), int(tr["star"][-1]) + 1
-    fams.append([(template_on_grid(s, lo, hi, GRID), tr["star"]) for s in STAR_TYPES])
+    star_lines = tuple(STAR_LINES.items())
+    # each star type alone, and with its Balmer emission vector (amplitude > 0 only)
+    fams.append([(t, tr["star"]) for s in STAR_TYPES for t in _with_lines(s, lo, hi, GRID, star_lines, STAR_LINE_FWHM_KMS)])
     best = np.full((flux.shape[0], 3), np.inf)
     for i in range(flux.shape[0]):
         sw = np.sqrt(ivar[i])
@@ -85,7 +87,7 @@ def _loop_reference(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
                     start = t.hi - 1 - m
                     design = np.column_stack([t.ext[:, start : start + grid_n].T, np.ones(grid_n)])
                     sol, *_ = np.linalg.lstsq(design * sw[:, None], flux[i] * sw, rcond=None)
-                    if sol[0] * sign <= 0:
+                    if sol[0] * sign <= 0 or (t.name.endswith("+lines") and sol[t.k - 1] <= 0):
                         continue
                     best[i, k] = min(best[i, k], float(np.sum(ivar[i] * (flux[i] - design @ sol) ** 2)))
     return best
