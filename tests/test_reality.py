@@ -23,6 +23,11 @@ def _with_a_cut_file(real_data: Path, out: Path) -> list[Path]:
     image[3, :400] = 1  # ANDMASK BADCCD: a flagged loss, which the reader does not restore
     hdr["FIBERID"] = 250
     fits.PrimaryHDU(image, header=hdr).writeto(out / "cut" / "spec-55862-B6212_sp06-250.fits")
+    # and a DR7 spSpec its pipeline classed as sky (SPEC_CLN 5): a class that names no object
+    with fits.open(real_data / "sdss" / "spSpec-51630-0266-633.fit") as hdul:
+        hdul[0].header["SPEC_CLN"] = 5
+        hdul[0].header["FIBERID"] = 640
+        hdul.writeto(out / "cut" / "spSpec-51630-0266-640.fit")
     return [real_data / "sdss", real_data / "lamost", out / "cut"]
 
 
@@ -31,7 +36,7 @@ def test_reality_check_counts_by_the_files_own_class(real_data: Path, tmp_path: 
     folders = _with_a_cut_file(real_data, tmp_path / "extra")
     rep = reality_check(run, folders, threshold=0.5, engine="onnx", refine="none")
     files = {r["file"]: r for r in rep["files"]}
-    n_files = len(list((real_data / "sdss").iterdir())) + len(list((real_data / "lamost").iterdir())) + 1
+    n_files = len(list((real_data / "sdss").iterdir())) + len(list((real_data / "lamost").iterdir())) + 2
     assert len(files) + len(rep["not_scored"]) == n_files
     # the reference: each SDSS spec file's own HDU2 CLASS
     for f in sorted((real_data / "sdss").glob("spec-*.fits")):
@@ -54,6 +59,7 @@ def test_reality_check_counts_by_the_files_own_class(real_data: Path, tmp_path: 
     with fits.open(real_data / "sdss" / "spec-7457-56746-0001.fits") as hdul:
         assert hdul[2].data["OBJTYPE"][0].strip() == "SKY" and int(hdul[2].data["ZWARNING"][0]) & 1
     assert files["spec-7457-56746-0001.fits"]["pipeline_class"] is None
+    assert files["spSpec-51630-0266-640.fit"]["pipeline_class"] is None and files["spSpec-51630-0266-640.fit"]["cut"] is None
     assert rep["n_real"] == len(counted) == sum(c["n"] for c in rep["per_class"].values())
     assert rep["all_files_n"] == len(labelled)
     everything = [r for r in labelled if r["pipeline_class"] == "QSO"]

@@ -132,8 +132,10 @@ def reality_at_depth(
 
 # SDSS ZWARNING bit 0, SKY: the fibre was placed on blank sky. The pipeline still fits it and
 # names a class (a BOSS sky fibre in the shared files: CLASS QSO at z 6.39, S/N 0.26, OBJTYPE
-# SKY), but that class names no object, so such a file is listed and not counted.
+# SKY), but that class names no object, so such a file is listed and not counted; so is a DR7
+# spSpec whose SPEC_CLN says sky (5), for the same reason.
 ZWARNING_SKY = 1
+NO_OBJECT = (None, "", "UNKNOWN", "SKY")  # pipeline classes that name no object
 
 
 def _file_row(r: pd.Series) -> dict[str, Any]:
@@ -141,7 +143,7 @@ def _file_row(r: pd.Series) -> dict[str, Any]:
     cls = None if cls is None or pd.isna(cls) else str(cls).strip().upper()
     zwarning = r.get("ZWARNING")
     sky = zwarning is not None and not pd.isna(zwarning) and int(zwarning) >= 0 and bool(int(zwarning) & ZWARNING_SKY)
-    known = cls not in (None, "", "UNKNOWN") and not sky
+    known = cls not in NO_OBJECT and not sky
     truth = cls == "QSO"
     said = bool(r["IS_QSO"])
     z_pred, z_pipe = r.get("Z_PRED"), r.get("Z")
