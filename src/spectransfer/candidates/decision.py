@@ -1,9 +1,9 @@
 """The quasar decision: the network's P(QSO), with real-spectrum templates where it is unsure.
 
 The network is trained on simulated spectra; on real ones its probabilities are less sure
-than they look (a z = 0.51 galaxy at P 0.74 among the shared SDSS files, in an earlier run). The redrock templates were built from real spectra, so their family fit
-(``ml.spectype``: the lowest χ² among quasar, galaxy and star templates) errs in other
-places. DESI combines QuasarNET and redrock for the same reason. Here a spectrum whose
+than they look (a z = 0.51 galaxy at P 0.74 among the shared SDSS files, in an earlier run).
+The redrock templates were built from real spectra, so their family fit (``ml.spectype``:
+the lowest χ² among quasar, galaxy and star templates) errs in other places. DESI combines QuasarNET and redrock for the same reason. Here a spectrum whose
 calibrated P_QSO lies in the UNCERTAIN band (discover's default: a survey's millions are mostly
 sure) or every spectrum (``--templates all``, classify's default: a handful of files) is
 fitted, and where one family is decisive the family decides IS_QSO; elsewhere the network

@@ -266,6 +266,10 @@ class Store:
             self._meta = self._sources(read_table(self.path / "meta.parquet", self.schema))
         return self._meta
 
+    def _meta_in_memory(self) -> bool:
+        """Whether meta is best taken from memory (already read, or no meta.parquet to stream)."""
+        return self._meta is not None or not (self.path / "meta.parquet").exists()
+
     def _meta_columns(self, columns: list[str]) -> pa.Table:
         """Only ``columns`` of meta.parquet, in file order (``survey`` dictionary-encoded)."""
         path = self.path / "meta.parquet"
@@ -276,7 +280,7 @@ class Store:
 
     def live_rows(self, survey: str | None = None) -> np.ndarray:
         """The ``row`` column of meta.parquet in file order (of one survey), without reading the rest."""
-        if self._meta is not None or not (self.path / "meta.parquet").exists():
+        if self._meta_in_memory():
             m = self.meta
             keep = (m["survey"] == survey).to_numpy() if survey is not None else slice(None)
             return m["row"].to_numpy(dtype=np.int64)[keep]
@@ -291,10 +295,9 @@ class Store:
     def live_surveys(self) -> pd.Categorical:
         """The ``survey`` of every row of meta.parquet in file order (as ``live_rows()`` orders
         them), a byte a spectrum, without reading the rest; a missing survey is ''."""
-        in_memory = self._meta is not None or not (self.path / "meta.parquet").exists()
-        col = (self.meta["survey"] if in_memory else self._meta_columns(["survey"]).column("survey").to_pandas()).astype(
-            "category"
-        )
+        col = (
+            self.meta["survey"] if self._meta_in_memory() else self._meta_columns(["survey"]).column("survey").to_pandas()
+        ).astype("category")
         if col.isna().any():
             if "" not in col.cat.categories:
                 col = col.cat.add_categories([""])
@@ -304,7 +307,7 @@ class Store:
     def iter_meta(self, batch_size: int = 65536) -> Iterator[pd.DataFrame]:
         """meta.parquet in file order as conformed frames of at most ``batch_size`` rows (memory: one batch)."""
         path = self.path / "meta.parquet"
-        if self._meta is not None or not path.exists():
+        if self._meta_in_memory():
             meta = self.meta
             for a in range(0, len(meta), batch_size):
                 yield meta.iloc[a : a + batch_size].reset_index(drop=True)

@@ -34,9 +34,9 @@ LAMOST also a quadratic in wavelength, a red-arm step at the arm join and a hump
 arms' overlap (``surveys.Survey``: calibration_order, arm_join, arm_overlap), because its
 relative flux calibration errs by ~10% in shape and its two arms are spliced with their own
 scales, leaving residuals where they overlap (a broad hump there in a real K5 star was Mg II
-at z 1.08 to the quasar templates, decisively; with the hump term it is a star). Without them, the family with the most
-freedom (the quasar PCA, many bases over z 0-7) absorbs a LAMOST calibration error that the
-galaxy and star bases cannot, and wins: on a simulated LAMOST-like survey the quasar family
+at z 1.08 to the quasar templates, decisively; with the hump term it is a star). Without them,
+the family with the most freedom (the quasar PCA, many bases over z 0-7) absorbs a LAMOST
+calibration error that the galaxy and star bases cannot, and wins: on a simulated LAMOST-like survey the quasar family
 was decisive for 4.6% of the galaxies and 2.8% of the stars (the network: 0.5%, 0.3%); with
 the terms, 0.5% and 1.2%, quasars found 97.6% (was 98.2%); the shared real files' decisions
 are the same either way (see the README).
@@ -237,7 +237,8 @@ def fit_spectype(
     scan = _scan(grid)
     gal = (template_on_grid("galaxy", 0, int(tr["galaxy"][-1]) + 1, grid),)
     lo, hi = int(tr["star"][0]), int(tr["star"][-1]) + 1
-    stars = [(template_on_grid(name, lo, hi, grid),) for name in STAR_TYPES]
+    # each star type alone and with Balmer emission at its own velocity (an emission-line star)
+    star_pairs = [_with_lines(name, lo, hi, grid, tuple(STAR_LINES.items()), STAR_LINE_FWHM_KMS) for name in STAR_TYPES]
     chi2 = np.full((n, 3), np.inf)
     chi2_bl, gain_bl = np.full(n, np.inf), np.zeros(n)
     m_best = np.zeros((n, 3))
@@ -250,16 +251,10 @@ def fit_spectype(
             f, w = np.asarray(flux[sl], dtype=np.float64), np.asarray(ivar[sl], dtype=np.float64)
             chi2[sl, 0], m_best[sl, 0], _ = _family(f, w, tr["qso"], scan.templates, workers, terms)
             chi2[sl, 1], m_best[sl, 1], host = _family(f, w, tr["galaxy"], gal, workers, terms)  # trials 0, 1, ...
-            per_type = [_family(f, w, tr["star"], s, workers, terms) for s in stars]
-            # each type with Balmer emission at its own velocity (an emission-line star), where it fits better
+            per_type = [_family(f, w, tr["star"], (pair[0],), workers, terms) for pair in star_pairs]
+            # the emission-line star where it fits better than the star alone
             c = np.stack(
-                [
-                    _plus_lines(
-                        f, w, _with_lines(name, lo, hi, grid, tuple(STAR_LINES.items()), STAR_LINE_FWHM_KMS), workers, terms, p[2]
-                    )[0]
-                    for name, p in zip(STAR_TYPES, per_type, strict=True)
-                ],
-                axis=1,
+                [_plus_lines(f, w, pair, workers, terms, p[2])[0] for pair, p in zip(star_pairs, per_type, strict=True)], axis=1
             )
             k = np.argmin(c, axis=1)
             ix = np.arange(c.shape[0])

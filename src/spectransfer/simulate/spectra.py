@@ -68,8 +68,8 @@ class Instrument:
     the 16 such real files no pixel with ivar > 0 has flux <= 0, and faint ones lose their
     whole blue end below 4000-4700 A that way; the readers give those pixels back, see
     ``surveys.lamost_image.restore_zeroed``): a pixel is zeroed where any of
-    ``n_exposures`` exposures averaged into it was <= 0; ``fixed_gaps`` are wavelength ranges masked in a share of spectra
-    (LAMOST DR1-DR3: 7580-7680 A in 9 of 17); ``long_gap`` is the share that loses a long
+    ``n_exposures`` exposures averaged into it was <= 0; ``fixed_gaps`` are wavelength ranges
+    masked in a share of spectra (LAMOST DR1-DR3: 7580-7680 A in 9 of 17); ``long_gap`` is the share that loses a long
     stretch anywhere (1 of 17 LAMOST lost 5600-7540 A); ``red_nodata_px`` bounds the red
     pixels without data (LAMOST: 13-50 in 14 of 17 files; more would end the spectrum short of
     the grid's 8915 A, and such spectra are cut at ingest).

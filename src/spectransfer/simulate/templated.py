@@ -23,12 +23,12 @@ real spectra look like rather than hand-built caricatures:
   z 0.9-1.3 quasars' observed 4100-4500 / 7300-7700 A flux ratio median 3.8 (10% above 12)
   where the composite gives 2.4 and the real z 0.97 quasar of the shared files 1.4. So each
   LOZ draw's continuum is bent blueward of rest 3025 A (f_lambda times (lambda/3025)^d there,
-  3025 A the centre of the red slope window) to a 2200-3000 A slope drawn from the SDSS quasars' (alpha_nu = QSO_ALPHA_NU, Vanden Berk
-  et al. 2001, AJ 122, 549; spread as Richards et al. 2003, AJ 126, 1131); redward of 3000 A,
-  which the real quasars' spectra covered, the draws are kept (bending from 4200 A instead
-  reddened their 3000-4200 A shape too, and the demo's network lost real z 0.4-0.5 quasars
-  at low S/N). On top: Lyman-alpha
-  forest fluctuations about the template's mean absorption (tau_eff of Faucher-Giguere et al.
+  3025 A the centre of the red slope window) to a 2200-3000 A slope drawn from the SDSS
+  quasars' (alpha_nu = QSO_ALPHA_NU, Vanden Berk et al. 2001, AJ 122, 549; spread as Richards
+  et al. 2003, AJ 126, 1131); redward of 3000 A, which the real quasars' spectra covered, the
+  draws are kept (bending from 4200 A instead reddened their 3000-4200 A shape too, and the
+  demo's network lost real z 0.4-0.5 quasars at low S/N). On top: Lyman-alpha forest
+  fluctuations about the template's mean absorption (tau_eff of Faucher-Giguere et al.
   2008), broad absorption troughs for BAL quasars, and a random continuum tilt (rest-frame
   f_lambda ~ lambda^delta, delta ~ N(0, 0.15): the slope and dust-reddening spread the four
   PCA vectors leave out).
